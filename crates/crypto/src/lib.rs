@@ -1,0 +1,211 @@
+//! # blockproof-crypto
+//!
+//! The keys of a blockproof repository and the three things done with them.
+//!
+//! ## Model
+//!
+//! - A repository has one random 64-byte **master secret**, made at `init`. It never
+//!   leaves memory unwrapped: each **key slot** ([`keyslot`]) holds it sealed under a key
+//!   derived from a passphrase with Argon2id. Any slot opens the repository.
+//! - Two 32-byte keys are derived from the master secret with BLAKE3's `derive_key`
+//!   (domain-separated contexts, see [`Keys::from_secret`]):
+//!   - the **sealing key** for XChaCha20-Poly1305, which encrypts and authenticates every
+//!     object but the repository id and the key slots;
+//!   - the **id key** for keyed BLAKE3, which names chunks: ids reveal nothing about
+//!     content to someone without the key, and equal plaintexts get equal ids, which is
+//!     what deduplication needs.
+//!
+//! ## Why XChaCha20-Poly1305 with random nonces
+//!
+//! A repository seals one blob per new chunk, forever, from many hosts at once, with one
+//! key. With 96-bit random nonces (AES-GCM, ChaCha20-Poly1305) the collision risk reaches
+//! the usual 2^-32 bound after about 2^32 messages — 256 TiB of 64 KiB chunks, reachable by
+//! a large repository, and a nonce collision under GCM leaks the authentication key.
+//! XChaCha20's 192-bit nonces make random nonces safe for any realistic number of
+//! messages (2^-32 after ~2^80), with no counter state to coordinate between writers and
+//! no per-object key derivation. It is constant-time in software on every CPU.
+//!
+//! ## Invariants
+//!
+//! - `open` fails with [`CryptoError::Authentication`] on any flipped bit in the nonce,
+//!   ciphertext, tag or associated data; it never returns unauthenticated bytes.
+//! - Sealed layout: `nonce(24) | ciphertext | tag(16)` ([`blockproof_format::SEAL_OVERHEAD`]).
+
+pub mod keyslot;
+
+use blockproof_format::{Id, NONCE_LEN, SEAL_OVERHEAD, TAG_LEN};
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use rand::RngCore;
+
+pub use keyslot::{create_slot, open_slot};
+
+/// Length of the master secret.
+pub const MASTER_SECRET_LEN: usize = blockproof_format::keyslot::MASTER_SECRET_LEN;
+
+/// BLAKE3 `derive_key` contexts (pinned: changing one makes every repository unreadable).
+pub const SEAL_KEY_CONTEXT: &str = "blockproof 2026-11-22 repository sealing key v1";
+pub const ID_KEY_CONTEXT: &str = "blockproof 2026-11-22 chunk id key v1";
+
+/// Errors of the crypto layer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    #[error("authentication failed: the data was modified or belongs elsewhere")]
+    Authentication,
+    #[error("wrong password: no key slot opens with it")]
+    WrongPassword,
+    #[error("key derivation failed: {0}")]
+    Kdf(String),
+}
+
+/// The random master secret of a repository.
+pub struct MasterSecret(pub [u8; MASTER_SECRET_LEN]);
+
+impl MasterSecret {
+    pub fn random() -> Self {
+        let mut s = [0u8; MASTER_SECRET_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut s);
+        MasterSecret(s)
+    }
+}
+
+/// The working keys derived from the master secret.
+#[derive(Clone)]
+pub struct Keys {
+    cipher: XChaCha20Poly1305,
+    id_key: [u8; 32],
+}
+
+impl Keys {
+    pub fn from_secret(secret: &MasterSecret) -> Self {
+        let seal = blake3::derive_key(SEAL_KEY_CONTEXT, &secret.0);
+        let id_key = blake3::derive_key(ID_KEY_CONTEXT, &secret.0);
+        Keys {
+            cipher: XChaCha20Poly1305::new(&seal.into()),
+            id_key,
+        }
+    }
+
+    /// The id of a blob: keyed BLAKE3 of its plaintext.
+    pub fn blob_id(&self, plaintext: &[u8]) -> Id {
+        Id(*blake3::keyed_hash(&self.id_key, plaintext).as_bytes())
+    }
+
+    /// Seals `plaintext`, appending `nonce | ciphertext | tag` to `out`.
+    pub fn seal_into(&self, ad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
+        seal_with(&self.cipher, ad, plaintext, out)
+    }
+
+    /// Seals `plaintext` into a new buffer.
+    pub fn seal(&self, ad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
+        self.seal_into(ad, plaintext, &mut out);
+        out
+    }
+
+    /// Opens `nonce | ciphertext | tag`, returning the plaintext only if authentic.
+    pub fn open(&self, ad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        open_with(&self.cipher, ad, sealed)
+    }
+}
+
+pub(crate) fn seal_with(
+    cipher: &XChaCha20Poly1305,
+    ad: &[u8],
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    out.reserve(plaintext.len() + SEAL_OVERHEAD);
+    out.extend_from_slice(&nonce);
+    let start = out.len();
+    out.extend_from_slice(plaintext);
+    let tag = cipher
+        .encrypt_in_place_detached(XNonce::from_slice(&nonce), ad, &mut out[start..])
+        .expect("XChaCha20-Poly1305 accepts any length below 256 GiB");
+    out.extend_from_slice(&tag);
+}
+
+pub(crate) fn open_with(
+    cipher: &XChaCha20Poly1305,
+    ad: &[u8],
+    sealed: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    if sealed.len() < SEAL_OVERHEAD {
+        return Err(CryptoError::Authentication);
+    }
+    let (nonce, rest) = sealed.split_at(NONCE_LEN);
+    let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
+    let mut buf = ct.to_vec();
+    cipher
+        .decrypt_in_place_detached(
+            XNonce::from_slice(nonce),
+            ad,
+            &mut buf,
+            Tag::from_slice(tag),
+        )
+        .map_err(|_| CryptoError::Authentication)?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Keys {
+        Keys::from_secret(&MasterSecret([7u8; 64]))
+    }
+
+    #[test]
+    fn seal_open_round_trip_and_tamper_detection() {
+        let k = keys();
+        let sealed = k.seal(b"ad", b"hello world");
+        assert_eq!(sealed.len(), 11 + SEAL_OVERHEAD);
+        assert_eq!(k.open(b"ad", &sealed).unwrap(), b"hello world");
+        assert_eq!(
+            k.open(b"other ad", &sealed),
+            Err(CryptoError::Authentication)
+        );
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x01;
+            assert_eq!(
+                k.open(b"ad", &bad),
+                Err(CryptoError::Authentication),
+                "flip at {i}"
+            );
+        }
+        assert_eq!(
+            k.open(b"ad", &sealed[..10]),
+            Err(CryptoError::Authentication)
+        );
+        let other = Keys::from_secret(&MasterSecret([8u8; 64]));
+        assert_eq!(other.open(b"ad", &sealed), Err(CryptoError::Authentication));
+    }
+
+    #[test]
+    fn nonces_are_fresh() {
+        let k = keys();
+        assert_ne!(
+            k.seal(b"", b"x")[..NONCE_LEN],
+            k.seal(b"", b"x")[..NONCE_LEN]
+        );
+    }
+
+    #[test]
+    fn blob_ids_are_keyed_and_pinned() {
+        let k = keys();
+        let id = k.blob_id(b"chunk");
+        assert_eq!(id, k.blob_id(b"chunk"));
+        assert_ne!(
+            id,
+            Keys::from_secret(&MasterSecret([8u8; 64])).blob_id(b"chunk")
+        );
+        assert_ne!(id.0, *blake3::hash(b"chunk").as_bytes());
+        // Pins the derivation: same secret, same id, in every future version.
+        let expected =
+            blake3::keyed_hash(&blake3::derive_key(ID_KEY_CONTEXT, &[7u8; 64]), b"chunk");
+        assert_eq!(id.0, *expected.as_bytes());
+    }
+}

@@ -1,0 +1,157 @@
+//! Snapshot manifests: one restore point of one vm.
+//!
+//! A snapshot file is an [`Envelope`](crate::Envelope) with magic `BPSN` whose plaintext
+//! is the JSON of [`Snapshot`]. The snapshot id is the BLAKE3 hash of the file bytes. A
+//! snapshot is written last, after every pack and index file it needs is durable, so a
+//! visible snapshot is always complete. Unknown JSON fields are ignored, so later
+//! versions may add fields without a version bump; removing or re-typing one needs one.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Id;
+
+/// Whether the snapshot is known to equal its source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotStatus {
+    /// Nothing contradicts it.
+    Ok,
+    /// Verification found the source and the backup differ (see the disks' mismatches).
+    Tainted,
+}
+
+impl SnapshotStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotStatus::Ok => "ok",
+            SnapshotStatus::Tainted => "tainted",
+        }
+    }
+}
+
+/// A byte range of a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteRange {
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// How a disk was read for this snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadMode {
+    /// Every byte of the source was read.
+    Full,
+    /// Only the ranges a change source reported were read.
+    Incremental,
+}
+
+/// Counters recorded with each disk of a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStats {
+    /// Bytes read from the source to back it up.
+    pub bytes_read: u64,
+    /// Chunks that were all zeros (not stored).
+    pub zero_chunks: u64,
+    /// Chunks whose content the repository did not hold before.
+    pub new_chunks: u64,
+    /// Plaintext bytes of those new chunks.
+    pub new_bytes: u64,
+    /// Bytes those new chunks take in the repository (compressed and sealed).
+    pub stored_bytes: u64,
+}
+
+/// One disk of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskEntry {
+    /// The disk's stable identity, never its position.
+    pub id: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Root of the fixed index tree ([`crate::tree`]); [`Id::ZERO`] when all zeros.
+    pub index_root: Id,
+    /// Ids per index page.
+    pub index_fanout: u32,
+    /// The snapshot this disk's parent chunk list came from, if any.
+    pub parent: Option<Id>,
+    /// Where the disk was read from, for the operator's information.
+    pub source: String,
+    /// The change source used (`none`, `bitmap:NAME`, `changes:FILE`, ...).
+    pub cbt: String,
+    pub mode: ReadMode,
+    #[serde(default)]
+    pub stats: DiskStats,
+    /// Ranges where verification found source and backup differ.
+    #[serde(default)]
+    pub mismatches: Vec<ByteRange>,
+}
+
+/// A restore point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub vm: String,
+    /// RFC 3339 time the backup started.
+    pub time: String,
+    pub hostname: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub status: SnapshotStatus,
+    pub disks: Vec<DiskEntry>,
+    /// The blockproof version that wrote it.
+    pub program: String,
+}
+
+impl Snapshot {
+    pub fn disk(&self, id: &str) -> Option<&DiskEntry> {
+        self.disks.iter().find(|d| d.id == id)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a snapshot always serializes")
+    }
+
+    pub fn from_json(buf: &[u8]) -> Result<Self, crate::FormatError> {
+        serde_json::from_slice(buf).map_err(|e| crate::FormatError::Malformed {
+            what: "snapshot manifest",
+            detail: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_field_names_are_stable() {
+        let s = Snapshot {
+            vm: "web".into(),
+            time: "2026-11-22T10:00:00Z".into(),
+            hostname: "h".into(),
+            tags: vec![],
+            status: SnapshotStatus::Ok,
+            disks: vec![DiskEntry {
+                id: "sda".into(),
+                size: 10,
+                chunk_size: 65536,
+                index_root: Id::ZERO,
+                index_fanout: 1024,
+                parent: None,
+                source: "/x".into(),
+                cbt: "none".into(),
+                mode: ReadMode::Full,
+                stats: DiskStats::default(),
+                mismatches: vec![],
+            }],
+            program: "blockproof 0.1.0".into(),
+        };
+        let j: serde_json::Value = serde_json::from_slice(&s.to_json()).unwrap();
+        assert_eq!(j["status"], "ok");
+        assert_eq!(j["disks"][0]["mode"], "full");
+        assert_eq!(j["disks"][0]["index_root"], "0".repeat(64));
+        assert_eq!(Snapshot::from_json(&s.to_json()).unwrap(), s);
+        assert!(Snapshot::from_json(b"{").is_err());
+    }
+}

@@ -1,0 +1,123 @@
+//! The blob index: where every blob lives.
+
+use std::collections::HashMap;
+
+use blockproof_format::{BlobEntry, BlobKind, Id, IndexFile};
+
+use crate::blob::open_blob;
+use crate::{RepoError, Repository};
+use blockproof_store::Kind;
+
+/// Where one blob lives: a pack (by position in [`BlobIndex::packs`]) and its entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobLocation {
+    pub pack: u32,
+    pub entry: BlobEntry,
+}
+
+/// The union of all index files: blob id → location. Memory is about 100 bytes per
+/// blob; see docs/ARCHITECTURE.md for the plan to page it.
+#[derive(Default)]
+pub struct BlobIndex {
+    packs: Vec<Id>,
+    pack_pos: HashMap<Id, u32>,
+    blobs: HashMap<Id, BlobLocation>,
+    /// The index files this was loaded from.
+    files: Vec<String>,
+}
+
+impl BlobIndex {
+    /// Loads every index file of the repository. A damaged index file is an error.
+    pub fn load(repo: &Repository) -> Result<Self, RepoError> {
+        let mut idx = BlobIndex::default();
+        for name in repo.backend().list(Kind::Index)? {
+            let file = repo.read_index_file(&name)?;
+            for (pack, entries) in &file.packs {
+                idx.add_pack(*pack, entries);
+            }
+            idx.files.push(name);
+        }
+        Ok(idx)
+    }
+
+    /// Adds the blobs of one pack. A blob already known keeps its first location.
+    pub fn add_pack(&mut self, pack: Id, entries: &[BlobEntry]) {
+        let next = self.packs.len() as u32;
+        let pos = *self.pack_pos.entry(pack).or_insert(next);
+        if pos == next {
+            self.packs.push(pack);
+        }
+        for e in entries {
+            self.blobs.entry(e.id).or_insert(BlobLocation { pack: pos, entry: *e });
+        }
+    }
+
+    pub fn contains(&self, id: &Id) -> bool {
+        self.blobs.contains_key(id)
+    }
+
+    /// The pack id and entry of a blob.
+    pub fn get(&self, id: &Id) -> Option<(Id, BlobEntry)> {
+        self.blobs.get(id).map(|l| (self.packs[l.pack as usize], l.entry))
+    }
+
+    /// All packs the index knows.
+    pub fn packs(&self) -> &[Id] {
+        &self.packs
+    }
+
+    /// All index files it was loaded from.
+    pub fn files(&self) -> &[String] {
+        &self.files
+    }
+
+    /// Number of blobs.
+    pub fn len(&self) -> usize {
+        self.blobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blobs.is_empty()
+    }
+
+    /// Iterates over (blob id, pack id, entry).
+    pub fn iter(&self) -> impl Iterator<Item = (&Id, Id, &BlobEntry)> + '_ {
+        self.blobs.iter().map(|(id, l)| (id, self.packs[l.pack as usize], &l.entry))
+    }
+
+    /// Decodes an index file's plaintext into this index (used by loaders that skip
+    /// damaged files, such as `check`).
+    pub fn add_file(&mut self, name: String, file: &IndexFile) {
+        for (pack, entries) in &file.packs {
+            self.add_pack(*pack, entries);
+        }
+        self.files.push(name);
+    }
+}
+
+/// Reads blobs through the index, verifying each one.
+pub struct BlobReader<'a> {
+    repo: &'a Repository,
+    index: &'a BlobIndex,
+}
+
+impl<'a> BlobReader<'a> {
+    pub fn new(repo: &'a Repository, index: &'a BlobIndex) -> Self {
+        BlobReader { repo, index }
+    }
+
+    /// Reads a blob: authenticated, decompressed and re-hashed against its id.
+    pub fn read(&self, id: &Id, kind: BlobKind) -> Result<Vec<u8>, RepoError> {
+        let (pack, entry) = self.index.get(id).ok_or(RepoError::MissingBlob(*id))?;
+        if entry.kind != kind {
+            return Err(RepoError::corrupt(format!("blob {id}"), format!("is a {:?} blob, expected {kind:?}", entry.kind)));
+        }
+        let mut buf = vec![0u8; entry.length as usize];
+        self.repo.backend().read_at(Kind::Pack, &pack.to_hex(), entry.offset, &mut buf)?;
+        open_blob(self.repo.keys(), &entry, &buf, &format!("pack {pack} offset {}", entry.offset))
+    }
+
+    pub fn index(&self) -> &BlobIndex {
+        self.index
+    }
+}

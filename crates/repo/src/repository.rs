@@ -1,0 +1,230 @@
+//! Creating and opening repositories; config, key slots, index files and snapshots.
+
+use std::time::SystemTime;
+
+use blockproof_crypto::{create_slot, open_slot, CryptoError, Keys, MasterSecret};
+use blockproof_format::config::{DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL};
+use blockproof_format::{
+    Envelope, Id, IndexFile, KdfParams, KeySlot, ObjectMagic, RepoConfig, RepoHeader, Snapshot, FORMAT_VERSION,
+};
+use blockproof_store::{Backend, Kind};
+use rand::RngCore;
+
+use crate::pack_writer::seal_index;
+use crate::RepoError;
+
+/// Settings of a new repository.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    pub chunk_size: u32,
+    pub pack_size: u32,
+    pub zstd_level: i32,
+    pub kdf: KdfParams,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            pack_size: DEFAULT_PACK_SIZE,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+            kdf: KdfParams::DEFAULT,
+        }
+    }
+}
+
+/// A snapshot with its id.
+#[derive(Clone, Debug)]
+pub struct SnapshotInfo {
+    pub id: Id,
+    pub snapshot: Snapshot,
+}
+
+/// An unlocked repository.
+pub struct Repository {
+    backend: Box<dyn Backend>,
+    keys: Keys,
+    header: RepoHeader,
+    config: RepoConfig,
+}
+
+fn kdf_err(e: CryptoError) -> RepoError {
+    match e {
+        CryptoError::WrongPassword => RepoError::WrongPassword,
+        other => RepoError::Kdf(other.to_string()),
+    }
+}
+
+impl Repository {
+    /// Initialises a repository in an empty backend: writes the key slot, then the
+    /// config (the config file is what makes a directory a repository).
+    pub fn init(backend: Box<dyn Backend>, password: &[u8], opts: &InitOptions) -> Result<Self, RepoError> {
+        if !backend.list(Kind::Config)?.is_empty() {
+            return Err(RepoError::Invalid(format!("{} already holds a repository", backend.location())));
+        }
+        let config = RepoConfig {
+            version: FORMAT_VERSION,
+            chunk_size: opts.chunk_size,
+            pack_size: opts.pack_size,
+            zstd_level: opts.zstd_level,
+            created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        };
+        config.validate().map_err(|e| RepoError::Invalid(e.to_string()))?;
+        let secret = MasterSecret::random();
+        let slot = create_slot(&secret, password, opts.kdf).map_err(kdf_err)?;
+        let slot_bytes = slot.encode();
+        backend.write(Kind::Key, &blake3::hash(&slot_bytes).to_hex(), &slot_bytes)?;
+        let keys = Keys::from_secret(&secret);
+        let mut repo_id = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut repo_id);
+        let header = RepoHeader { repo_id: Id(repo_id) };
+        let sealed = keys.seal(&header.ad(), &serde_json_vec(&config));
+        backend.write(Kind::Config, "config", &header.encode(&sealed))?;
+        Ok(Repository { backend, keys, header, config })
+    }
+
+    /// Opens a repository with a password, trying every key slot.
+    pub fn open(backend: Box<dyn Backend>, password: &[u8]) -> Result<Self, RepoError> {
+        let cfg_bytes = backend.read(Kind::Config, "config")?;
+        let (header, sealed) = RepoHeader::decode(&cfg_bytes).map_err(|e| RepoError::corrupt("repository config", e))?;
+        let mut slots = backend.list(Kind::Key)?;
+        slots.sort();
+        if slots.is_empty() {
+            return Err(RepoError::corrupt("repository", "has no key slots"));
+        }
+        let mut last_err = RepoError::WrongPassword;
+        for name in slots {
+            let bytes = backend.read(Kind::Key, &name)?;
+            let slot = match KeySlot::decode(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    last_err = RepoError::corrupt(format!("key slot {name}"), e);
+                    continue;
+                }
+            };
+            match open_slot(&slot, password) {
+                Ok(secret) => {
+                    let keys = Keys::from_secret(&secret);
+                    let plain = keys
+                        .open(&header.ad(), sealed)
+                        .map_err(|e| RepoError::corrupt("repository config", format!("settings: {e}")))?;
+                    let config: RepoConfig = serde_json::from_slice(&plain)
+                        .map_err(|e| RepoError::corrupt("repository config", format!("settings: {e}")))?;
+                    config.validate().map_err(|e| RepoError::corrupt("repository config", e))?;
+                    return Ok(Repository { backend, keys, header, config });
+                }
+                Err(CryptoError::WrongPassword) => {}
+                Err(e) => last_err = kdf_err(e),
+            }
+        }
+        Err(last_err)
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    pub fn id(&self) -> Id {
+        self.header.repo_id
+    }
+
+    /// Reads, authenticates and decodes an index file, checking its name is its hash.
+    pub fn read_index_file(&self, name: &str) -> Result<IndexFile, RepoError> {
+        let what = || format!("index file {name}");
+        let bytes = self.backend.read(Kind::Index, name)?;
+        check_name(name, &bytes).map_err(|d| RepoError::corrupt(what(), d))?;
+        let (ad, sealed) = Envelope::decode(ObjectMagic::Index, &bytes).map_err(|e| RepoError::corrupt(what(), e))?;
+        let plain = self.keys.open(ad, sealed).map_err(|e| RepoError::corrupt(what(), e))?;
+        IndexFile::decode(&plain).map_err(|e| RepoError::corrupt(what(), e))
+    }
+
+    /// Writes an index file durably; returns its id.
+    pub fn write_index_file(&self, index: &IndexFile) -> Result<Id, RepoError> {
+        let bytes = seal_index(self, index);
+        let id = Id(*blake3::hash(&bytes).as_bytes());
+        self.backend.write(Kind::Index, &id.to_hex(), &bytes)?;
+        Ok(id)
+    }
+
+    /// Seals and writes a snapshot manifest. Call only after everything it references is
+    /// durable: from this moment the snapshot is visible.
+    pub fn save_snapshot(&self, snapshot: &Snapshot) -> Result<Id, RepoError> {
+        let header = ObjectMagic::Snapshot.header();
+        let bytes = Envelope::encode(ObjectMagic::Snapshot, &self.keys.seal(&header, &snapshot.to_json()));
+        let id = Id(*blake3::hash(&bytes).as_bytes());
+        self.backend.write(Kind::Snapshot, &id.to_hex(), &bytes)?;
+        Ok(id)
+    }
+
+    /// Loads one snapshot by its full id.
+    pub fn load_snapshot(&self, name: &str) -> Result<SnapshotInfo, RepoError> {
+        let what = || format!("snapshot {name}");
+        let bytes = self.backend.read(Kind::Snapshot, name)?;
+        check_name(name, &bytes).map_err(|d| RepoError::corrupt(what(), d))?;
+        let (ad, sealed) = Envelope::decode(ObjectMagic::Snapshot, &bytes).map_err(|e| RepoError::corrupt(what(), e))?;
+        let plain = self.keys.open(ad, sealed).map_err(|e| RepoError::corrupt(what(), e))?;
+        let snapshot = Snapshot::from_json(&plain).map_err(|e| RepoError::corrupt(what(), e))?;
+        let id = name.parse().map_err(|e| RepoError::corrupt(what(), e))?;
+        Ok(SnapshotInfo { id, snapshot })
+    }
+
+    /// All snapshots, oldest first (by time, then id). A damaged snapshot is an error.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, RepoError> {
+        let mut out = Vec::new();
+        for name in self.backend.list(Kind::Snapshot)? {
+            out.push(self.load_snapshot(&name)?);
+        }
+        out.sort_by(|a, b| a.snapshot.time.cmp(&b.snapshot.time).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Resolves a snapshot reference: a full id, a unique id prefix, or `VM:latest`.
+    pub fn resolve_snapshot(&self, reference: &str) -> Result<SnapshotInfo, RepoError> {
+        if let Some(vm) = reference.strip_suffix(":latest") {
+            return self
+                .snapshots()?
+                .into_iter()
+                .rev()
+                .find(|s| s.snapshot.vm == vm)
+                .ok_or_else(|| RepoError::NotFound(format!("no snapshot of vm {vm:?}")));
+        }
+        let lower = reference.to_ascii_lowercase();
+        if lower.is_empty() || !lower.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(RepoError::Invalid(format!(
+                "invalid snapshot reference {reference:?}: use an id, an id prefix or VM:latest"
+            )));
+        }
+        let names: Vec<String> = self.backend.list(Kind::Snapshot)?.into_iter().filter(|n| n.starts_with(&lower)).collect();
+        match names.as_slice() {
+            [one] => self.load_snapshot(one),
+            [] => Err(RepoError::NotFound(format!("no snapshot matches {reference:?}"))),
+            _ => Err(RepoError::Invalid(format!(
+                "snapshot prefix {reference:?} is ambiguous ({} matches); give more digits",
+                names.len()
+            ))),
+        }
+    }
+}
+
+/// Checks that a file named by the hash of its bytes still hashes to its name.
+/// Files named by the hash of their bytes must still hash to their name.
+pub fn check_name(name: &str, bytes: &[u8]) -> Result<(), String> {
+    let actual = blake3::hash(bytes).to_hex();
+    if actual.as_str() == name {
+        Ok(())
+    } else {
+        Err(format!("content hash {} does not match its name (file damaged or truncated)", &actual[..16]))
+    }
+}
+
+fn serde_json_vec(config: &RepoConfig) -> Vec<u8> {
+    serde_json::to_vec(config).expect("config serializes")
+}

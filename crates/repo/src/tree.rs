@@ -1,0 +1,197 @@
+//! Building and reading fixed index trees (layout in [`blockproof_format::tree`]).
+
+use blockproof_format::tree::{decode_page, level_sizes, page_len};
+use blockproof_format::{BlobKind, Id};
+
+use crate::{BlobReader, RepoError};
+
+/// Builds a tree from chunk ids pushed in disk order, emitting each page as soon as it
+/// is full: memory is one page per level, whatever the disk size.
+pub struct TreeWriter {
+    fanout: usize,
+    chunks: u64,
+    pushed: u64,
+    levels: Vec<Vec<Id>>,
+}
+
+impl TreeWriter {
+    pub fn new(chunks: u64, fanout: u32) -> Self {
+        let levels = level_sizes(chunks, fanout).iter().map(|_| Vec::with_capacity(fanout as usize)).collect();
+        TreeWriter { fanout: fanout as usize, chunks, pushed: 0, levels }
+    }
+
+    fn top(&self) -> usize {
+        self.levels.len() - 1
+    }
+
+    /// Appends the next chunk id; `store` is called with each completed page and returns
+    /// its blob id (pages of all-zero ids are not passed to it).
+    pub fn push<E>(&mut self, id: Id, store: &mut impl FnMut(&[Id]) -> Result<Id, E>) -> Result<(), E> {
+        assert!(self.pushed < self.chunks, "more chunk ids than chunks");
+        self.pushed += 1;
+        self.levels[0].push(id);
+        let mut level = 0;
+        while level < self.top() && self.levels[level].len() == self.fanout {
+            self.emit(level, store)?;
+            level += 1;
+        }
+        Ok(())
+    }
+
+    fn emit<E>(&mut self, level: usize, store: &mut impl FnMut(&[Id]) -> Result<Id, E>) -> Result<(), E> {
+        let page = &self.levels[level];
+        let id = if page.iter().all(Id::is_zero) { Id::ZERO } else { store(page)? };
+        self.levels[level].clear();
+        self.levels[level + 1].push(id);
+        Ok(())
+    }
+
+    /// Stores the partial pages and the root page; returns the root id.
+    pub fn finish<E>(mut self, store: &mut impl FnMut(&[Id]) -> Result<Id, E>) -> Result<Id, E> {
+        assert_eq!(self.pushed, self.chunks, "tree finished before every chunk id was pushed");
+        for level in 0..self.top() {
+            if !self.levels[level].is_empty() {
+                self.emit(level, store)?;
+            }
+        }
+        let root = &self.levels[self.top()];
+        if root.iter().all(Id::is_zero) {
+            Ok(Id::ZERO)
+        } else {
+            store(root)
+        }
+    }
+}
+
+/// Reads a tree lazily, keeping the last page of each level: sequential reads load each
+/// page once; random reads load one path (at most one page per level).
+pub struct TreeReader<'a> {
+    reader: &'a BlobReader<'a>,
+    root: Id,
+    fanout: u32,
+    sizes: Vec<u64>,
+    cache: Vec<Option<(u64, Vec<Id>)>>,
+}
+
+impl<'a> TreeReader<'a> {
+    pub fn new(reader: &'a BlobReader<'a>, root: Id, chunks: u64, fanout: u32) -> Result<Self, RepoError> {
+        if !(blockproof_format::tree::MIN_FANOUT..=blockproof_format::tree::MAX_FANOUT).contains(&fanout) {
+            return Err(RepoError::corrupt("fixed index", format!("fanout {fanout} out of range")));
+        }
+        let sizes = level_sizes(chunks, fanout);
+        let cache = vec![None; sizes.len()];
+        Ok(TreeReader { reader, root, fanout, sizes, cache })
+    }
+
+    /// Number of chunks.
+    pub fn chunks(&self) -> u64 {
+        self.sizes[0]
+    }
+
+    /// Number of leaf pages.
+    pub fn leaf_pages(&self) -> u64 {
+        self.sizes[0].div_ceil(u64::from(self.fanout))
+    }
+
+    fn load(&mut self, level: usize, page: u64) -> Result<(), RepoError> {
+        if matches!(&self.cache[level], Some((p, _)) if *p == page) {
+            return Ok(());
+        }
+        let f = u64::from(self.fanout);
+        let id = if level == self.sizes.len() - 1 {
+            self.root
+        } else {
+            self.load(level + 1, page / f)?;
+            self.cache[level + 1].as_ref().expect("loaded above").1[(page % f) as usize]
+        };
+        let len = page_len(self.sizes[level], page, self.fanout);
+        let ids = if id.is_zero() {
+            vec![Id::ZERO; len]
+        } else {
+            let plain = self.reader.read(&id, BlobKind::Tree)?;
+            decode_page(&plain, len).map_err(|e| RepoError::corrupt(format!("index page {id}"), e))?
+        };
+        self.cache[level] = Some((page, ids));
+        Ok(())
+    }
+
+    /// The chunk ids of leaf page `page` (chunks `page * fanout ..`).
+    pub fn leaf(&mut self, page: u64) -> Result<&[Id], RepoError> {
+        self.load(0, page)?;
+        Ok(&self.cache[0].as_ref().expect("loaded").1)
+    }
+
+    /// The id of one chunk.
+    pub fn chunk(&mut self, index: u64) -> Result<Id, RepoError> {
+        let f = u64::from(self.fanout);
+        Ok(self.leaf(index / f)?[(index % f) as usize])
+    }
+
+    /// Calls `visit` with the id of every stored (non-zero) page of the tree, top-down.
+    pub fn visit_pages(&mut self, visit: &mut impl FnMut(Id)) -> Result<(), RepoError> {
+        let f = u64::from(self.fanout);
+        for level in (0..self.sizes.len()).rev() {
+            let pages = self.sizes[level].div_ceil(f).max(1);
+            for page in 0..pages {
+                let id = if level == self.sizes.len() - 1 {
+                    self.root
+                } else {
+                    self.load(level + 1, page / f)?;
+                    self.cache[level + 1].as_ref().expect("loaded").1[(page % f) as usize]
+                };
+                if !id.is_zero() {
+                    visit(id);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(ids: &[Id], fanout: u32) -> (Id, Vec<Vec<Id>>) {
+        let mut pages = Vec::new();
+        let mut store = |p: &[Id]| -> Result<Id, ()> {
+            pages.push(p.to_vec());
+            Ok(Id([pages.len() as u8; 32]))
+        };
+        let mut w = TreeWriter::new(ids.len() as u64, fanout);
+        for id in ids {
+            w.push(*id, &mut store).unwrap();
+        }
+        let root = w.finish(&mut store).unwrap();
+        (root, pages)
+    }
+
+    #[test]
+    fn page_counts_follow_geometry() {
+        let ids: Vec<Id> = (1..=10u8).map(|i| Id([i; 32])).collect();
+        // fanout 4: 3 leaves (4,4,2), one root of 3.
+        let (root, pages) = build(&ids, 4);
+        assert_eq!(pages.len(), 4);
+        assert_eq!(pages[0], ids[0..4]);
+        assert_eq!(pages[2], ids[8..10]);
+        assert_eq!(pages[3].len(), 3);
+        assert_eq!(root, Id([4; 32]));
+        // fits in one page: the root is the only page.
+        let (_, pages) = build(&ids[..3], 4);
+        assert_eq!(pages, vec![ids[..3].to_vec()]);
+    }
+
+    #[test]
+    fn zero_pages_are_not_stored() {
+        let mut ids = vec![Id::ZERO; 8];
+        ids.push(Id([1; 32]));
+        let (_, pages) = build(&ids, 4);
+        // leaves 0 and 1 are all zero; leaf 2 and the root are stored.
+        assert_eq!(pages.len(), 2);
+        assert_eq!(pages[1], vec![Id::ZERO, Id::ZERO, Id([1; 32])]);
+        let (root, pages) = build(&[Id::ZERO; 9], 4);
+        assert_eq!((root, pages.len()), (Id::ZERO, 0));
+        let (root, pages) = build(&[], 4);
+        assert_eq!((root, pages.len()), (Id::ZERO, 0));
+    }
+}

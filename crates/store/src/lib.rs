@@ -1,0 +1,113 @@
+//! # blockproof-store
+//!
+//! Where repository files live. The rest of blockproof sees storage only through the
+//! small [`Backend`] trait: named, immutable files grouped by [`Kind`]. Encryption,
+//! packing and indexing are layers above; a backend stores opaque bytes.
+//!
+//! ## Durability rules (every backend must keep them)
+//!
+//! 1. [`Backend::write`] is atomic and durable: when it returns `Ok`, the whole file is
+//!    on stable storage under its final name; a crash at any moment leaves either no file
+//!    under that name or the complete file, never a prefix. (Local: temporary file in
+//!    `tmp/`, `fsync`, `rename`, `fsync` of the directory.)
+//! 2. Files are immutable. Names of content-addressed kinds are hashes of the content,
+//!    so writing an existing name again writes the same bytes and is harmless.
+//! 3. Callers order their writes so a reader never sees a reference to a missing file:
+//!    packs before the index files that list them, both before the snapshot that uses
+//!    them. A crash between steps leaves only unreferenced files, which `check` reports
+//!    and garbage collection removes.
+//! 4. [`Backend::list`] returns only complete files (temporary files are invisible).
+//!
+//! ## Layout of [`LocalBackend`]
+//!
+//! ```text
+//! REPO/config            Kind::Config (single file; the name is ignored)
+//! REPO/keys/<name>       Kind::Key
+//! REPO/data/<xx>/<name>  Kind::Pack, fanned out by the first two hex digits
+//! REPO/index/<name>      Kind::Index
+//! REPO/snapshots/<name>  Kind::Snapshot
+//! REPO/locks/<name>      Kind::Lock
+//! REPO/tmp/              temporary files of writes in progress (safe to delete when
+//!                        no blockproof process runs)
+//! ```
+
+mod local;
+
+pub use local::LocalBackend;
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// The kinds of repository files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Config,
+    Key,
+    Pack,
+    Index,
+    Snapshot,
+    Lock,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Config => "config",
+            Kind::Key => "key",
+            Kind::Pack => "pack",
+            Kind::Index => "index",
+            Kind::Snapshot => "snapshot",
+            Kind::Lock => "lock",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Errors of a storage backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} {name} not found")]
+    NotFound { kind: Kind, name: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+}
+
+/// Storage of named immutable files, grouped by kind. See the crate doc for the rules.
+pub trait Backend: Send + Sync {
+    /// A human-readable location (a path or URL) for messages.
+    fn location(&self) -> String;
+    /// Reads a whole file.
+    fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>, StoreError>;
+    /// Reads exactly `buf.len()` bytes at `offset`; a short file is an error.
+    fn read_at(
+        &self,
+        kind: Kind,
+        name: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), StoreError>;
+    /// The size of a file in bytes.
+    fn size(&self, kind: Kind, name: &str) -> Result<u64, StoreError>;
+    /// Writes a whole file atomically and durably.
+    fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError>;
+    /// Names of all complete files of a kind, in no particular order.
+    fn list(&self, kind: Kind) -> Result<Vec<String>, StoreError>;
+    /// Removes a file; removing a missing file is not an error.
+    fn remove(&self, kind: Kind, name: &str) -> Result<(), StoreError>;
+}

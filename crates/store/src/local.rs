@@ -1,0 +1,313 @@
+//! The local-directory backend.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rand::Rng;
+
+use crate::{Backend, Kind, StoreError};
+
+/// Open pack files kept for `read_at` (restore and check read many blobs per pack).
+const OPEN_FILE_CACHE: usize = 64;
+
+/// A repository in a local directory (or a mounted network filesystem with POSIX
+/// rename semantics).
+pub struct LocalBackend {
+    root: PathBuf,
+    open_files: Mutex<HashMap<String, Arc<File>>>,
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+const DIRS: [&str; 5] = ["keys", "data", "index", "snapshots", "locks"];
+
+impl LocalBackend {
+    /// Creates the directory layout for a new repository. Fails if `root` exists and
+    /// is not an empty directory.
+    pub fn create(root: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let root = root.as_ref().to_path_buf();
+        match fs::read_dir(&root) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(StoreError::Invalid(format!(
+                        "{} already exists and is not empty; refusing to initialise a repository there",
+                        root.display()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?
+            }
+            Err(e) => return Err(io_err(&root, e)),
+        }
+        for d in DIRS.iter().chain(["tmp"].iter()) {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(|e| io_err(&p, e))?;
+        }
+        for i in 0..=255u8 {
+            let p = root.join("data").join(format!("{i:02x}"));
+            fs::create_dir_all(&p).map_err(|e| io_err(&p, e))?;
+        }
+        sync_dir(&root)?;
+        Ok(Self::at(root))
+    }
+
+    /// Opens an existing repository directory.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let root = root.as_ref().to_path_buf();
+        if !root.join("config").is_file() {
+            return Err(StoreError::Invalid(format!(
+                "{} is not a blockproof repository (no config file)",
+                root.display()
+            )));
+        }
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+        Ok(Self::at(root))
+    }
+
+    fn at(root: PathBuf) -> Self {
+        LocalBackend {
+            root,
+            open_files: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The repository directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn dir(&self, kind: Kind) -> PathBuf {
+        match kind {
+            Kind::Config => self.root.clone(),
+            Kind::Key => self.root.join("keys"),
+            Kind::Pack => self.root.join("data"),
+            Kind::Index => self.root.join("index"),
+            Kind::Snapshot => self.root.join("snapshots"),
+            Kind::Lock => self.root.join("locks"),
+        }
+    }
+
+    /// The path of a file. Names are checked so they cannot leave the repository.
+    pub fn path(&self, kind: Kind, name: &str) -> Result<PathBuf, StoreError> {
+        if kind == Kind::Config {
+            return Ok(self.root.join("config"));
+        }
+        let valid = name.len() >= 2
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !valid {
+            return Err(StoreError::Invalid(format!("invalid {kind} name {name:?}")));
+        }
+        Ok(match kind {
+            Kind::Pack => self.dir(kind).join(&name[..2]).join(name),
+            _ => self.dir(kind).join(name),
+        })
+    }
+
+    fn open_cached(&self, kind: Kind, name: &str) -> Result<Arc<File>, StoreError> {
+        let key = format!("{kind}/{name}");
+        if let Some(f) = self.open_files.lock().expect("cache lock").get(&key) {
+            return Ok(f.clone());
+        }
+        let path = self.path(kind, name)?;
+        let f = Arc::new(File::open(&path).map_err(|e| self.map_open_err(kind, name, &path, e))?);
+        let mut cache = self.open_files.lock().expect("cache lock");
+        if cache.len() >= OPEN_FILE_CACHE {
+            cache.clear();
+        }
+        cache.insert(key, f.clone());
+        Ok(f)
+    }
+
+    fn map_open_err(&self, kind: Kind, name: &str, path: &Path, e: std::io::Error) -> StoreError {
+        if e.kind() == ErrorKind::NotFound {
+            StoreError::NotFound {
+                kind,
+                name: name.to_string(),
+            }
+        } else {
+            io_err(path, e)
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, e))
+}
+
+impl Backend for LocalBackend {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>, StoreError> {
+        let path = self.path(kind, name)?;
+        let mut f = File::open(&path).map_err(|e| self.map_open_err(kind, name, &path, e))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).map_err(|e| io_err(&path, e))?;
+        Ok(buf)
+    }
+
+    fn read_at(
+        &self,
+        kind: Kind,
+        name: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), StoreError> {
+        let f = self.open_cached(kind, name)?;
+        f.read_exact_at(buf, offset).map_err(|e| {
+            let path = self.path(kind, name).unwrap_or_default();
+            if e.kind() == ErrorKind::UnexpectedEof {
+                io_err(
+                    &path,
+                    std::io::Error::new(
+                        ErrorKind::UnexpectedEof,
+                        format!("file too short for {} bytes at offset {offset}", buf.len()),
+                    ),
+                )
+            } else {
+                io_err(&path, e)
+            }
+        })
+    }
+
+    fn size(&self, kind: Kind, name: &str) -> Result<u64, StoreError> {
+        let path = self.path(kind, name)?;
+        fs::metadata(&path)
+            .map(|m| m.len())
+            .map_err(|e| self.map_open_err(kind, name, &path, e))
+    }
+
+    fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError> {
+        let path = self.path(kind, name)?;
+        let tmp = self.root.join("tmp").join(format!(
+            "{}-{:016x}",
+            kind.name(),
+            rand::thread_rng().gen::<u64>()
+        ));
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| io_err(&tmp, e))?;
+            f.write_all(data).map_err(|e| io_err(&tmp, e))?;
+            f.sync_all().map_err(|e| io_err(&tmp, e))?;
+            drop(f);
+            fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+            sync_dir(
+                path.parent()
+                    .expect("repository files have a parent directory"),
+            )
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn list(&self, kind: Kind) -> Result<Vec<String>, StoreError> {
+        if kind == Kind::Config {
+            return Ok(if self.root.join("config").is_file() {
+                vec!["config".into()]
+            } else {
+                vec![]
+            });
+        }
+        let dir = self.dir(kind);
+        let mut dirs = vec![dir.clone()];
+        if kind == Kind::Pack {
+            dirs = fs::read_dir(&dir)
+                .map_err(|e| io_err(&dir, e))?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                .map(|e| e.path())
+                .collect();
+        }
+        let mut out = Vec::new();
+        for d in dirs {
+            for entry in fs::read_dir(&d).map_err(|e| io_err(&d, e))? {
+                let entry = entry.map_err(|e| io_err(&d, e))?;
+                if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                    if let Some(n) = entry.file_name().to_str() {
+                        out.push(n.to_string());
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove(&self, kind: Kind, name: &str) -> Result<(), StoreError> {
+        let path = self.path(kind, name)?;
+        self.open_files
+            .lock()
+            .expect("cache lock")
+            .remove(&format!("{kind}/{name}"));
+        match fs::remove_file(&path) {
+            Ok(()) => sync_dir(path.parent().expect("parent")),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&path, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_read_list_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let b = LocalBackend::create(&root).unwrap();
+        b.write(Kind::Config, "config", b"cfg").unwrap();
+        let name = "ab".repeat(32);
+        b.write(Kind::Pack, &name, b"0123456789").unwrap();
+        assert!(root.join("data/ab").join(&name).is_file());
+        assert_eq!(b.read(Kind::Pack, &name).unwrap(), b"0123456789");
+        let mut buf = [0u8; 3];
+        b.read_at(Kind::Pack, &name, 4, &mut buf).unwrap();
+        assert_eq!(&buf, b"456");
+        let mut big = [0u8; 20];
+        assert!(b.read_at(Kind::Pack, &name, 0, &mut big).is_err());
+        assert_eq!(b.size(Kind::Pack, &name).unwrap(), 10);
+        assert_eq!(b.list(Kind::Pack).unwrap(), vec![name.clone()]);
+        assert!(b.list(Kind::Snapshot).unwrap().is_empty());
+        assert_eq!(
+            fs::read_dir(root.join("tmp")).unwrap().count(),
+            0,
+            "no temporary file left behind"
+        );
+        b.remove(Kind::Pack, &name).unwrap();
+        b.remove(Kind::Pack, &name).unwrap();
+        assert!(b.read(Kind::Pack, &name).unwrap_err().is_not_found());
+        let reopened = LocalBackend::open(&root).unwrap();
+        assert_eq!(reopened.read(Kind::Config, "x").unwrap(), b"cfg");
+    }
+
+    #[test]
+    fn refuses_bad_names_and_non_empty_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::create(dir.path().join("r")).unwrap();
+        assert!(b.write(Kind::Snapshot, "../escape", b"x").is_err());
+        assert!(b.write(Kind::Snapshot, "a", b"x").is_err());
+        assert!(LocalBackend::create(dir.path().join("r")).is_err());
+        assert!(LocalBackend::open(dir.path()).is_err());
+    }
+}
