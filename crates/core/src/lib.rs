@@ -1,1 +1,105 @@
-//! stub
+//! # blockproof-core
+//!
+//! The operations of blockproof, each shaped the same way: an `*Options` struct in, a
+//! `*Report` struct out, progress through the [`Progress`] trait. The CLI is a thin
+//! layer over these functions; so will be any other front end.
+//!
+//! | operation        | options            | report            |
+//! |------------------|--------------------|-------------------|
+//! | [`backup()`]     | [`BackupOptions`]  | [`BackupReport`]  |
+//! | [`restore()`]    | [`RestoreOptions`] | [`RestoreReport`] |
+//! | [`check()`]      | [`CheckOptions`]   | [`CheckReport`]   |
+//!
+//! ## Invariants
+//!
+//! - Backup reads sources only through [`blockproof_source::BlockSource`] (read-only).
+//! - Backup makes a snapshot visible only after every pack and index file it references
+//!   is durable; an interrupted backup leaves only unreferenced packs.
+//! - Restore writes a regular file through a temporary file renamed into place on
+//!   success: a failed restore leaves no file that looks complete. Every chunk is
+//!   authenticated and re-hashed against its id before it is written.
+//! - Check reports every problem it finds (it does not stop at the first).
+
+pub mod backup;
+pub mod budget;
+pub mod check;
+mod pipeline;
+pub mod restore;
+
+pub use backup::{backup, BackupOptions, BackupReport, Coverage, DiskInput, DiskReport};
+pub use budget::Budget;
+pub use check::{check, CheckOptions, CheckReport};
+pub use restore::{restore, RestoreOptions, RestoreReport};
+
+use std::path::PathBuf;
+
+use blockproof_repo::RepoError;
+use blockproof_source::SourceError;
+
+/// Errors of the operations.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The request itself is wrong (bad names, unknown disk, existing target).
+    #[error("{0}")]
+    Invalid(String),
+    /// Stored data failed verification during a restore; names the disk range.
+    #[error("disk {disk}: bytes {offset}..{end} cannot be restored: {cause}")]
+    DamagedRange { disk: String, offset: u64, end: u64, cause: RepoError },
+    #[error("the pack writer stopped unexpectedly")]
+    WriterGone,
+}
+
+impl From<blockproof_store::StoreError> for CoreError {
+    fn from(e: blockproof_store::StoreError) -> Self {
+        CoreError::Repo(e.into())
+    }
+}
+
+impl CoreError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        CoreError::Io { path: path.into(), source }
+    }
+
+    /// Whether the error is the caller's (exit code 2 in the CLI) rather than the
+    /// repository's or the system's.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, CoreError::Invalid(_))
+    }
+}
+
+/// Progress of a long operation, reported in bytes. Implementations must be cheap:
+/// `advance` is called once per chunk.
+pub trait Progress: Send + Sync {
+    /// A new phase starts (`what` is a short label such as "backup sda").
+    fn begin(&self, what: &str, total: u64);
+    fn advance(&self, amount: u64);
+    fn end(&self);
+}
+
+/// A [`Progress`] that shows nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn begin(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn end(&self) {}
+}
+
+/// This machine's host name, for snapshot manifests.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The number of worker threads for chunk processing.
+pub(crate) fn workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 16)
+}

@@ -9,13 +9,9 @@ use rand::RngCore;
 
 use crate::{open_with, seal_with, CryptoError, MasterSecret, MASTER_SECRET_LEN};
 
-fn derive(
-    password: &[u8],
-    salt: &[u8; SALT_LEN],
-    p: &KdfParams,
-) -> Result<XChaCha20Poly1305, CryptoError> {
-    let params = Params::new(p.m_cost_kib, p.t_cost, p.p_cost, Some(32))
-        .map_err(|e| CryptoError::Kdf(e.to_string()))?;
+fn derive(password: &[u8], salt: &[u8; SALT_LEN], p: &KdfParams) -> Result<XChaCha20Poly1305, CryptoError> {
+    let params =
+        Params::new(p.m_cost_kib, p.t_cost, p.p_cost, Some(32)).map_err(|e| CryptoError::Kdf(e.to_string()))?;
     let mut key = [0u8; 32];
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
         .hash_password_into(password, salt, &mut key)
@@ -24,37 +20,20 @@ fn derive(
 }
 
 /// Wraps `secret` in a new key slot for `password`.
-pub fn create_slot(
-    secret: &MasterSecret,
-    password: &[u8],
-    params: KdfParams,
-) -> Result<KeySlot, CryptoError> {
+pub fn create_slot(secret: &MasterSecret, password: &[u8], params: KdfParams) -> Result<KeySlot, CryptoError> {
     let mut salt = [0u8; SALT_LEN];
     rand::rngs::OsRng.fill_bytes(&mut salt);
     let cipher = derive(password, &salt, &params)?;
     let mut sealed = Vec::new();
-    seal_with(
-        &cipher,
-        &KeySlot::ad(&params, &salt),
-        &secret.0,
-        &mut sealed,
-    );
-    Ok(KeySlot {
-        params,
-        salt,
-        sealed,
-    })
+    seal_with(&cipher, &KeySlot::ad(&params, &salt), &secret.0, &mut sealed);
+    Ok(KeySlot { params, salt, sealed })
 }
 
 /// Opens a key slot with `password`. A wrong password is [`CryptoError::WrongPassword`].
 pub fn open_slot(slot: &KeySlot, password: &[u8]) -> Result<MasterSecret, CryptoError> {
     let cipher = derive(password, &slot.salt, &slot.params)?;
-    let plain = open_with(
-        &cipher,
-        &KeySlot::ad(&slot.params, &slot.salt),
-        &slot.sealed,
-    )
-    .map_err(|_| CryptoError::WrongPassword)?;
+    let plain = open_with(&cipher, &KeySlot::ad(&slot.params, &slot.salt), &slot.sealed)
+        .map_err(|_| CryptoError::WrongPassword)?;
     let mut s = [0u8; MASTER_SECRET_LEN];
     if plain.len() != MASTER_SECRET_LEN {
         return Err(CryptoError::WrongPassword);
@@ -73,29 +52,14 @@ mod tests {
         let slot = create_slot(&secret, b"correct horse", KdfParams::MIN).unwrap();
         let decoded = KeySlot::decode(&slot.encode()).unwrap();
         assert_eq!(open_slot(&decoded, b"correct horse").unwrap().0, secret.0);
-        assert_eq!(
-            open_slot(&decoded, b"wrong").err(),
-            Some(CryptoError::WrongPassword)
-        );
+        assert_eq!(open_slot(&decoded, b"wrong").err(), Some(CryptoError::WrongPassword));
     }
 
     #[test]
     fn params_are_authenticated() {
         let secret = MasterSecret([3u8; 64]);
-        let mut slot = create_slot(
-            &secret,
-            b"pw",
-            KdfParams {
-                m_cost_kib: 2048,
-                t_cost: 1,
-                p_cost: 1,
-            },
-        )
-        .unwrap();
+        let mut slot = create_slot(&secret, b"pw", KdfParams { m_cost_kib: 2048, t_cost: 1, p_cost: 1 }).unwrap();
         slot.params.m_cost_kib = 1024; // a downgrade attempt
-        assert_eq!(
-            open_slot(&slot, b"pw").err(),
-            Some(CryptoError::WrongPassword)
-        );
+        assert_eq!(open_slot(&slot, b"pw").err(), Some(CryptoError::WrongPassword));
     }
 }

@@ -80,10 +80,7 @@ impl Keys {
     pub fn from_secret(secret: &MasterSecret) -> Self {
         let seal = blake3::derive_key(SEAL_KEY_CONTEXT, &secret.0);
         let id_key = blake3::derive_key(ID_KEY_CONTEXT, &secret.0);
-        Keys {
-            cipher: XChaCha20Poly1305::new(&seal.into()),
-            id_key,
-        }
+        Keys { cipher: XChaCha20Poly1305::new(&seal.into()), id_key }
     }
 
     /// The id of a blob: keyed BLAKE3 of its plaintext.
@@ -109,12 +106,7 @@ impl Keys {
     }
 }
 
-pub(crate) fn seal_with(
-    cipher: &XChaCha20Poly1305,
-    ad: &[u8],
-    plaintext: &[u8],
-    out: &mut Vec<u8>,
-) {
+pub(crate) fn seal_with(cipher: &XChaCha20Poly1305, ad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
     let mut nonce = [0u8; NONCE_LEN];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     out.reserve(plaintext.len() + SEAL_OVERHEAD);
@@ -127,11 +119,7 @@ pub(crate) fn seal_with(
     out.extend_from_slice(&tag);
 }
 
-pub(crate) fn open_with(
-    cipher: &XChaCha20Poly1305,
-    ad: &[u8],
-    sealed: &[u8],
-) -> Result<Vec<u8>, CryptoError> {
+pub(crate) fn open_with(cipher: &XChaCha20Poly1305, ad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
     if sealed.len() < SEAL_OVERHEAD {
         return Err(CryptoError::Authentication);
     }
@@ -139,12 +127,7 @@ pub(crate) fn open_with(
     let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
     let mut buf = ct.to_vec();
     cipher
-        .decrypt_in_place_detached(
-            XNonce::from_slice(nonce),
-            ad,
-            &mut buf,
-            Tag::from_slice(tag),
-        )
+        .decrypt_in_place_detached(XNonce::from_slice(nonce), ad, &mut buf, Tag::from_slice(tag))
         .map_err(|_| CryptoError::Authentication)?;
     Ok(buf)
 }
@@ -163,23 +146,13 @@ mod tests {
         let sealed = k.seal(b"ad", b"hello world");
         assert_eq!(sealed.len(), 11 + SEAL_OVERHEAD);
         assert_eq!(k.open(b"ad", &sealed).unwrap(), b"hello world");
-        assert_eq!(
-            k.open(b"other ad", &sealed),
-            Err(CryptoError::Authentication)
-        );
+        assert_eq!(k.open(b"other ad", &sealed), Err(CryptoError::Authentication));
         for i in 0..sealed.len() {
             let mut bad = sealed.clone();
             bad[i] ^= 0x01;
-            assert_eq!(
-                k.open(b"ad", &bad),
-                Err(CryptoError::Authentication),
-                "flip at {i}"
-            );
+            assert_eq!(k.open(b"ad", &bad), Err(CryptoError::Authentication), "flip at {i}");
         }
-        assert_eq!(
-            k.open(b"ad", &sealed[..10]),
-            Err(CryptoError::Authentication)
-        );
+        assert_eq!(k.open(b"ad", &sealed[..10]), Err(CryptoError::Authentication));
         let other = Keys::from_secret(&MasterSecret([8u8; 64]));
         assert_eq!(other.open(b"ad", &sealed), Err(CryptoError::Authentication));
     }
@@ -187,10 +160,7 @@ mod tests {
     #[test]
     fn nonces_are_fresh() {
         let k = keys();
-        assert_ne!(
-            k.seal(b"", b"x")[..NONCE_LEN],
-            k.seal(b"", b"x")[..NONCE_LEN]
-        );
+        assert_ne!(k.seal(b"", b"x")[..NONCE_LEN], k.seal(b"", b"x")[..NONCE_LEN]);
     }
 
     #[test]
@@ -198,14 +168,10 @@ mod tests {
         let k = keys();
         let id = k.blob_id(b"chunk");
         assert_eq!(id, k.blob_id(b"chunk"));
-        assert_ne!(
-            id,
-            Keys::from_secret(&MasterSecret([8u8; 64])).blob_id(b"chunk")
-        );
+        assert_ne!(id, Keys::from_secret(&MasterSecret([8u8; 64])).blob_id(b"chunk"));
         assert_ne!(id.0, *blake3::hash(b"chunk").as_bytes());
         // Pins the derivation: same secret, same id, in every future version.
-        let expected =
-            blake3::keyed_hash(&blake3::derive_key(ID_KEY_CONTEXT, &[7u8; 64]), b"chunk");
+        let expected = blake3::keyed_hash(&blake3::derive_key(ID_KEY_CONTEXT, &[7u8; 64]), b"chunk");
         assert_eq!(id.0, *expected.as_bytes());
     }
 }

@@ -43,10 +43,7 @@ impl RepoConfig {
     pub fn validate(&self) -> Result<(), FormatError> {
         let cs = self.chunk_size;
         if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
-            return Err(FormatError::Malformed {
-                what: "repository config",
-                detail: format!("chunk size {cs}"),
-            });
+            return Err(FormatError::Malformed { what: "repository config", detail: format!("chunk size {cs}") });
         }
         if self.pack_size < cs {
             return Err(FormatError::Malformed {
@@ -101,9 +98,7 @@ mod tests {
 
     #[test]
     fn header_round_trip() {
-        let h = RepoHeader {
-            repo_id: Id([4; 32]),
-        };
+        let h = RepoHeader { repo_id: Id([4; 32]) };
         let f = h.encode(&[0u8; 50]);
         assert_eq!(&f[..6], b"BPRC\x01\x00");
         let (h2, sealed) = RepoHeader::decode(&f).unwrap();

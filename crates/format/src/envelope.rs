@@ -59,10 +59,7 @@ impl ObjectMagic {
         }
         let version = r.u16()?;
         if version != FORMAT_VERSION {
-            return Err(FormatError::UnsupportedVersion {
-                what: self.name(),
-                version,
-            });
+            return Err(FormatError::UnsupportedVersion { what: self.name(), version });
         }
         Ok(&buf[6..])
     }
@@ -84,11 +81,7 @@ impl Envelope {
     pub fn decode(magic: ObjectMagic, file: &[u8]) -> Result<(&[u8], &[u8]), FormatError> {
         let sealed = magic.check(file)?;
         if sealed.len() < SEAL_OVERHEAD {
-            return Err(FormatError::Truncated {
-                what: magic.name(),
-                needed: 6 + SEAL_OVERHEAD,
-                have: file.len(),
-            });
+            return Err(FormatError::Truncated { what: magic.name(), needed: 6 + SEAL_OVERHEAD, have: file.len() });
         }
         Ok((&file[..6], sealed))
     }
@@ -119,9 +112,7 @@ mod tests {
         assert_eq!(sealed.len(), 40);
         assert_eq!(
             Envelope::decode(ObjectMagic::Snapshot, &f).unwrap_err(),
-            FormatError::BadMagic {
-                what: "snapshot file"
-            }
+            FormatError::BadMagic { what: "snapshot file" }
         );
         let mut v2 = f.clone();
         v2[4] = 2;
@@ -129,13 +120,7 @@ mod tests {
             Envelope::decode(ObjectMagic::Index, &v2),
             Err(FormatError::UnsupportedVersion { version: 2, .. })
         ));
-        assert!(matches!(
-            Envelope::decode(ObjectMagic::Index, &f[..20]),
-            Err(FormatError::Truncated { .. })
-        ));
-        assert!(matches!(
-            Envelope::decode(ObjectMagic::Index, &f[..3]),
-            Err(FormatError::Truncated { .. })
-        ));
+        assert!(matches!(Envelope::decode(ObjectMagic::Index, &f[..20]), Err(FormatError::Truncated { .. })));
+        assert!(matches!(Envelope::decode(ObjectMagic::Index, &f[..3]), Err(FormatError::Truncated { .. })));
     }
 }

@@ -67,9 +67,7 @@ mod tests {
             length: 1000,
             raw_length: 960,
         };
-        let idx = IndexFile {
-            packs: vec![(Id([1; 32]), vec![e, e]), (Id([2; 32]), vec![])],
-        };
+        let idx = IndexFile { packs: vec![(Id([1; 32]), vec![e, e]), (Id([2; 32]), vec![])] };
         let buf = idx.encode();
         assert_eq!(buf.len(), 4 + 36 * 2 + 2 * BLOB_ENTRY_LEN);
         assert_eq!(IndexFile::decode(&buf).unwrap(), idx);

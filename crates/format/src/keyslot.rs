@@ -34,17 +34,9 @@ pub struct KdfParams {
 impl KdfParams {
     /// The default for new key slots: 64 MiB, 3 passes, 1 lane (OWASP's second
     /// recommended Argon2id configuration is 46 MiB/1 pass; we spend more).
-    pub const DEFAULT: KdfParams = KdfParams {
-        m_cost_kib: 64 * 1024,
-        t_cost: 3,
-        p_cost: 1,
-    };
+    pub const DEFAULT: KdfParams = KdfParams { m_cost_kib: 64 * 1024, t_cost: 3, p_cost: 1 };
     /// The smallest parameters accepted when opening a slot: weaker slots are refused.
-    pub const MIN: KdfParams = KdfParams {
-        m_cost_kib: 1024,
-        t_cost: 1,
-        p_cost: 1,
-    };
+    pub const MIN: KdfParams = KdfParams { m_cost_kib: 1024, t_cost: 1, p_cost: 1 };
     /// The largest accepted (4 GiB), so a hostile slot cannot exhaust memory.
     pub const MAX_M_COST_KIB: u32 = 4 * 1024 * 1024;
 }
@@ -84,11 +76,7 @@ impl KeySlot {
         if kdf != KDF_ARGON2ID {
             return Err(r.malformed(format!("unknown key derivation function {kdf}")));
         }
-        let params = KdfParams {
-            m_cost_kib: r.u32()?,
-            t_cost: r.u32()?,
-            p_cost: r.u32()?,
-        };
+        let params = KdfParams { m_cost_kib: r.u32()?, t_cost: r.u32()?, p_cost: r.u32()? };
         if params.m_cost_kib < KdfParams::MIN.m_cost_kib
             || params.m_cost_kib > KdfParams::MAX_M_COST_KIB
             || params.t_cost < 1
@@ -101,11 +89,7 @@ impl KeySlot {
         let salt = r.array()?;
         let sealed = r.take(MASTER_SECRET_LEN + SEAL_OVERHEAD)?.to_vec();
         r.finish()?;
-        Ok(KeySlot {
-            params,
-            salt,
-            sealed,
-        })
+        Ok(KeySlot { params, salt, sealed })
     }
 }
 
@@ -117,11 +101,7 @@ mod tests {
     fn layout_is_pinned() {
         assert_eq!(KEYSLOT_AD_LEN, 51);
         assert_eq!(KEYSLOT_LEN, 155);
-        let slot = KeySlot {
-            params: KdfParams::DEFAULT,
-            salt: [9; 32],
-            sealed: vec![1; 104],
-        };
+        let slot = KeySlot { params: KdfParams::DEFAULT, salt: [9; 32], sealed: vec![1; 104] };
         let buf = slot.encode();
         assert_eq!(buf.len(), KEYSLOT_LEN);
         assert_eq!(&buf[..7], b"BPKS\x01\x00\x01");
@@ -130,32 +110,16 @@ mod tests {
 
     #[test]
     fn rejects_weak_or_hostile_params() {
-        let weak = KeySlot {
-            params: KdfParams {
-                m_cost_kib: 8,
-                t_cost: 1,
-                p_cost: 1,
-            },
-            salt: [0; 32],
-            sealed: vec![0; 104],
-        };
+        let weak =
+            KeySlot { params: KdfParams { m_cost_kib: 8, t_cost: 1, p_cost: 1 }, salt: [0; 32], sealed: vec![0; 104] };
         assert!(KeySlot::decode(&weak.encode()).is_err());
         let huge = KeySlot {
-            params: KdfParams {
-                m_cost_kib: u32::MAX,
-                t_cost: 1,
-                p_cost: 1,
-            },
+            params: KdfParams { m_cost_kib: u32::MAX, t_cost: 1, p_cost: 1 },
             salt: [0; 32],
             sealed: vec![0; 104],
         };
         assert!(KeySlot::decode(&huge.encode()).is_err());
-        let ok = KeySlot {
-            params: KdfParams::MIN,
-            salt: [0; 32],
-            sealed: vec![0; 104],
-        }
-        .encode();
+        let ok = KeySlot { params: KdfParams::MIN, salt: [0; 32], sealed: vec![0; 104] }.encode();
         for cut in 0..ok.len() {
             assert!(KeySlot::decode(&ok[..cut]).is_err());
         }

@@ -61,16 +61,10 @@ pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 pub enum FormatError {
     #[error("not a blockproof {what} (bad magic)")]
     BadMagic { what: &'static str },
-    #[error(
-        "unsupported {what} format version {version} (this build reads version {FORMAT_VERSION})"
-    )]
+    #[error("unsupported {what} format version {version} (this build reads version {FORMAT_VERSION})")]
     UnsupportedVersion { what: &'static str, version: u16 },
     #[error("truncated {what}: needed {needed} bytes, have {have}")]
-    Truncated {
-        what: &'static str,
-        needed: usize,
-        have: usize,
-    },
+    Truncated { what: &'static str, needed: usize, have: usize },
     #[error("malformed {what}: {detail}")]
     Malformed { what: &'static str, detail: String },
     #[error("invalid id {0:?}: expected 64 hexadecimal digits")]
@@ -90,15 +84,11 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or(FormatError::Truncated {
-                what: self.what,
-                needed: self.pos.saturating_add(n),
-                have: self.buf.len(),
-            })?;
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(FormatError::Truncated {
+            what: self.what,
+            needed: self.pos.saturating_add(n),
+            have: self.buf.len(),
+        })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -134,17 +124,11 @@ impl<'a> Reader<'a> {
         if self.remaining() == 0 {
             Ok(())
         } else {
-            Err(FormatError::Malformed {
-                what: self.what,
-                detail: format!("{} trailing bytes", self.remaining()),
-            })
+            Err(FormatError::Malformed { what: self.what, detail: format!("{} trailing bytes", self.remaining()) })
         }
     }
 
     pub(crate) fn malformed(&self, detail: impl Into<String>) -> FormatError {
-        FormatError::Malformed {
-            what: self.what,
-            detail: detail.into(),
-        }
+        FormatError::Malformed { what: self.what, detail: detail.into() }
     }
 }

@@ -113,10 +113,8 @@ impl Snapshot {
     }
 
     pub fn from_json(buf: &[u8]) -> Result<Self, crate::FormatError> {
-        serde_json::from_slice(buf).map_err(|e| crate::FormatError::Malformed {
-            what: "snapshot manifest",
-            detail: e.to_string(),
-        })
+        serde_json::from_slice(buf)
+            .map_err(|e| crate::FormatError::Malformed { what: "snapshot manifest", detail: e.to_string() })
     }
 }
 

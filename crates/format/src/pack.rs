@@ -68,7 +68,7 @@ pub fn blob_ad(kind: BlobKind, id: &Id) -> [u8; 33] {
 }
 
 /// Where a blob lives inside its pack and how to decode it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BlobEntry {
     pub kind: BlobKind,
     pub compression: Compression,
@@ -93,8 +93,7 @@ impl BlobEntry {
 
     pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, FormatError> {
         let kind = r.u8()?;
-        let kind = BlobKind::from_u8(kind)
-            .ok_or_else(|| r.malformed(format!("unknown blob kind {kind}")))?;
+        let kind = BlobKind::from_u8(kind).ok_or_else(|| r.malformed(format!("unknown blob kind {kind}")))?;
         let compression = r.u8()?;
         let compression = Compression::from_u8(compression)
             .ok_or_else(|| r.malformed(format!("unknown compression {compression}")))?;
@@ -105,14 +104,7 @@ impl BlobEntry {
         if (length as usize) < SEAL_OVERHEAD {
             return Err(r.malformed(format!("blob {} shorter than its seal", id.short())));
         }
-        Ok(BlobEntry {
-            kind,
-            compression,
-            id,
-            offset,
-            length,
-            raw_length,
-        })
+        Ok(BlobEntry { kind, compression, id, offset, length, raw_length })
     }
 
     /// End offset of the sealed blob in its pack.
@@ -168,11 +160,7 @@ mod tests {
 
     fn entry(i: u8) -> BlobEntry {
         BlobEntry {
-            kind: if i % 2 == 0 {
-                BlobKind::Data
-            } else {
-                BlobKind::Tree
-            },
+            kind: if i % 2 == 0 { BlobKind::Data } else { BlobKind::Tree },
             compression: Compression::Zstd,
             id: Id([i; 32]),
             offset: 6 + u64::from(i) * 100,

@@ -118,6 +118,9 @@ mod tests {
         assert!(open_blob(&keys, &entry_for(&b), &bytes, "t").is_err());
         // A blob sealed under a wrong id (a writer bug) is caught by the re-hash.
         let liar = codec.seal(BlobKind::Data, Id([7; 32]), &data);
-        assert!(open_blob(&keys, &entry_for(&liar), &liar.bytes, "t").unwrap_err().to_string().contains("does not match"));
+        assert!(open_blob(&keys, &entry_for(&liar), &liar.bytes, "t")
+            .unwrap_err()
+            .to_string()
+            .contains("does not match"));
     }
 }

@@ -110,7 +110,10 @@ impl<'a> BlobReader<'a> {
     pub fn read(&self, id: &Id, kind: BlobKind) -> Result<Vec<u8>, RepoError> {
         let (pack, entry) = self.index.get(id).ok_or(RepoError::MissingBlob(*id))?;
         if entry.kind != kind {
-            return Err(RepoError::corrupt(format!("blob {id}"), format!("is a {:?} blob, expected {kind:?}", entry.kind)));
+            return Err(RepoError::corrupt(
+                format!("blob {id}"),
+                format!("is a {:?} blob, expected {kind:?}", entry.kind),
+            ));
         }
         let mut buf = vec![0u8; entry.length as usize];
         self.repo.backend().read_at(Kind::Pack, &pack.to_hex(), entry.offset, &mut buf)?;

@@ -118,7 +118,8 @@ pub fn read_pack_header(repo: &Repository, name: &str, file: &[u8]) -> Result<Ve
         return Err(RepoError::corrupt(what(), "truncated"));
     }
     let trailer: [u8; 4] = file[len - 4..].try_into().expect("4 bytes");
-    let range = blockproof_format::pack::header_range(len as u64, trailer).map_err(|e| RepoError::corrupt(what(), e))?;
+    let range =
+        blockproof_format::pack::header_range(len as u64, trailer).map_err(|e| RepoError::corrupt(what(), e))?;
     let plain = repo
         .keys()
         .open(&ObjectMagic::Pack.header(), &file[range.start as usize..range.end as usize])

@@ -86,7 +86,8 @@ impl Repository {
     /// Opens a repository with a password, trying every key slot.
     pub fn open(backend: Box<dyn Backend>, password: &[u8]) -> Result<Self, RepoError> {
         let cfg_bytes = backend.read(Kind::Config, "config")?;
-        let (header, sealed) = RepoHeader::decode(&cfg_bytes).map_err(|e| RepoError::corrupt("repository config", e))?;
+        let (header, sealed) =
+            RepoHeader::decode(&cfg_bytes).map_err(|e| RepoError::corrupt("repository config", e))?;
         let mut slots = backend.list(Kind::Key)?;
         slots.sort();
         if slots.is_empty() {
@@ -169,7 +170,8 @@ impl Repository {
         let what = || format!("snapshot {name}");
         let bytes = self.backend.read(Kind::Snapshot, name)?;
         check_name(name, &bytes).map_err(|d| RepoError::corrupt(what(), d))?;
-        let (ad, sealed) = Envelope::decode(ObjectMagic::Snapshot, &bytes).map_err(|e| RepoError::corrupt(what(), e))?;
+        let (ad, sealed) =
+            Envelope::decode(ObjectMagic::Snapshot, &bytes).map_err(|e| RepoError::corrupt(what(), e))?;
         let plain = self.keys.open(ad, sealed).map_err(|e| RepoError::corrupt(what(), e))?;
         let snapshot = Snapshot::from_json(&plain).map_err(|e| RepoError::corrupt(what(), e))?;
         let id = name.parse().map_err(|e| RepoError::corrupt(what(), e))?;
@@ -202,7 +204,8 @@ impl Repository {
                 "invalid snapshot reference {reference:?}: use an id, an id prefix or VM:latest"
             )));
         }
-        let names: Vec<String> = self.backend.list(Kind::Snapshot)?.into_iter().filter(|n| n.starts_with(&lower)).collect();
+        let names: Vec<String> =
+            self.backend.list(Kind::Snapshot)?.into_iter().filter(|n| n.starts_with(&lower)).collect();
         match names.as_slice() {
             [one] => self.load_snapshot(one),
             [] => Err(RepoError::NotFound(format!("no snapshot matches {reference:?}"))),

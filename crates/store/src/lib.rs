@@ -74,10 +74,7 @@ pub enum StoreError {
     #[error("{kind} {name} not found")]
     NotFound { kind: Kind, name: String },
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Invalid(String),
 }
@@ -95,13 +92,7 @@ pub trait Backend: Send + Sync {
     /// Reads a whole file.
     fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>, StoreError>;
     /// Reads exactly `buf.len()` bytes at `offset`; a short file is an error.
-    fn read_at(
-        &self,
-        kind: Kind,
-        name: &str,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), StoreError>;
+    fn read_at(&self, kind: Kind, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), StoreError>;
     /// The size of a file in bytes.
     fn size(&self, kind: Kind, name: &str) -> Result<u64, StoreError>;
     /// Writes a whole file atomically and durably.

@@ -22,10 +22,7 @@ pub struct LocalBackend {
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> StoreError {
-    StoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    StoreError::Io { path: path.to_path_buf(), source }
 }
 
 const DIRS: [&str; 5] = ["keys", "data", "index", "snapshots", "locks"];
@@ -44,9 +41,7 @@ impl LocalBackend {
                     )));
                 }
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?
-            }
+            Err(e) if e.kind() == ErrorKind::NotFound => fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?,
             Err(e) => return Err(io_err(&root, e)),
         }
         for d in DIRS.iter().chain(["tmp"].iter()) {
@@ -76,10 +71,7 @@ impl LocalBackend {
     }
 
     fn at(root: PathBuf) -> Self {
-        LocalBackend {
-            root,
-            open_files: Mutex::new(HashMap::new()),
-        }
+        LocalBackend { root, open_files: Mutex::new(HashMap::new()) }
     }
 
     /// The repository directory.
@@ -103,10 +95,7 @@ impl LocalBackend {
         if kind == Kind::Config {
             return Ok(self.root.join("config"));
         }
-        let valid = name.len() >= 2
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let valid = name.len() >= 2 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !valid {
             return Err(StoreError::Invalid(format!("invalid {kind} name {name:?}")));
         }
@@ -133,10 +122,7 @@ impl LocalBackend {
 
     fn map_open_err(&self, kind: Kind, name: &str, path: &Path, e: std::io::Error) -> StoreError {
         if e.kind() == ErrorKind::NotFound {
-            StoreError::NotFound {
-                kind,
-                name: name.to_string(),
-            }
+            StoreError::NotFound { kind, name: name.to_string() }
         } else {
             io_err(path, e)
         }
@@ -144,9 +130,7 @@ impl LocalBackend {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir, e))
 }
 
 impl Backend for LocalBackend {
@@ -162,13 +146,7 @@ impl Backend for LocalBackend {
         Ok(buf)
     }
 
-    fn read_at(
-        &self,
-        kind: Kind,
-        name: &str,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), StoreError> {
+    fn read_at(&self, kind: Kind, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         let f = self.open_cached(kind, name)?;
         f.read_exact_at(buf, offset).map_err(|e| {
             let path = self.path(kind, name).unwrap_or_default();
@@ -188,32 +166,19 @@ impl Backend for LocalBackend {
 
     fn size(&self, kind: Kind, name: &str) -> Result<u64, StoreError> {
         let path = self.path(kind, name)?;
-        fs::metadata(&path)
-            .map(|m| m.len())
-            .map_err(|e| self.map_open_err(kind, name, &path, e))
+        fs::metadata(&path).map(|m| m.len()).map_err(|e| self.map_open_err(kind, name, &path, e))
     }
 
     fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError> {
         let path = self.path(kind, name)?;
-        let tmp = self.root.join("tmp").join(format!(
-            "{}-{:016x}",
-            kind.name(),
-            rand::thread_rng().gen::<u64>()
-        ));
+        let tmp = self.root.join("tmp").join(format!("{}-{:016x}", kind.name(), rand::thread_rng().gen::<u64>()));
         let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(|e| io_err(&tmp, e))?;
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io_err(&tmp, e))?;
             f.write_all(data).map_err(|e| io_err(&tmp, e))?;
             f.sync_all().map_err(|e| io_err(&tmp, e))?;
             drop(f);
             fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
-            sync_dir(
-                path.parent()
-                    .expect("repository files have a parent directory"),
-            )
+            sync_dir(path.parent().expect("repository files have a parent directory"))
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -223,11 +188,7 @@ impl Backend for LocalBackend {
 
     fn list(&self, kind: Kind) -> Result<Vec<String>, StoreError> {
         if kind == Kind::Config {
-            return Ok(if self.root.join("config").is_file() {
-                vec!["config".into()]
-            } else {
-                vec![]
-            });
+            return Ok(if self.root.join("config").is_file() { vec!["config".into()] } else { vec![] });
         }
         let dir = self.dir(kind);
         let mut dirs = vec![dir.clone()];
@@ -255,10 +216,7 @@ impl Backend for LocalBackend {
 
     fn remove(&self, kind: Kind, name: &str) -> Result<(), StoreError> {
         let path = self.path(kind, name)?;
-        self.open_files
-            .lock()
-            .expect("cache lock")
-            .remove(&format!("{kind}/{name}"));
+        self.open_files.lock().expect("cache lock").remove(&format!("{kind}/{name}"));
         match fs::remove_file(&path) {
             Ok(()) => sync_dir(path.parent().expect("parent")),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
@@ -289,11 +247,7 @@ mod tests {
         assert_eq!(b.size(Kind::Pack, &name).unwrap(), 10);
         assert_eq!(b.list(Kind::Pack).unwrap(), vec![name.clone()]);
         assert!(b.list(Kind::Snapshot).unwrap().is_empty());
-        assert_eq!(
-            fs::read_dir(root.join("tmp")).unwrap().count(),
-            0,
-            "no temporary file left behind"
-        );
+        assert_eq!(fs::read_dir(root.join("tmp")).unwrap().count(), 0, "no temporary file left behind");
         b.remove(Kind::Pack, &name).unwrap();
         b.remove(Kind::Pack, &name).unwrap();
         assert!(b.read(Kind::Pack, &name).unwrap_err().is_not_found());

@@ -1,0 +1,237 @@
+//! One function per command: parse arguments, call blockproof-core, print the report.
+
+use anyhow::{Context, Result};
+use blockproof_core::budget::parse_size;
+use blockproof_core::{BackupOptions, Budget, CheckOptions, RestoreOptions};
+use blockproof_format::KdfParams;
+use blockproof_repo::{InitOptions, Repository};
+use blockproof_store::LocalBackend;
+use serde::Serialize;
+
+use crate::args::{BackupArgs, CheckArgs, Cli, Command, InitArgs, RepoArgs, RestoreArgs, SnapshotsArgs};
+use crate::disk_spec::DiskSpec;
+use crate::{exit, password, progress, Usage};
+
+pub fn run(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Command::Init(a) => init(a),
+        Command::Backup(a) => backup(a),
+        Command::Snapshots(a) => snapshots(a),
+        Command::Restore(a) => restore(a),
+        Command::Check(a) => check(a),
+        Command::Demo(a) => crate::demo::run(a),
+    }
+}
+
+/// Opens the repository named by `--repo` with the user's password.
+pub fn open_repo(args: &RepoArgs) -> Result<Repository> {
+    let backend = LocalBackend::open(&args.repo)?;
+    let pw = password::password(args.password_file.as_deref(), false)?;
+    Ok(Repository::open(Box::new(backend), &pw)?)
+}
+
+/// `1.5 GiB`-style sizes for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn init(a: InitArgs) -> Result<u8> {
+    let chunk_size = parse_size(&a.chunk_size)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| Usage(format!("invalid --chunk-size {:?}", a.chunk_size)))?;
+    let kdf = KdfParams { m_cost_kib: a.kdf_memory.saturating_mul(1024), t_cost: a.kdf_iterations, p_cost: 1 };
+    if kdf.m_cost_kib < KdfParams::MIN.m_cost_kib || kdf.m_cost_kib > KdfParams::MAX_M_COST_KIB || kdf.t_cost == 0 {
+        return Err(Usage("--kdf-memory must be 1..4096 MiB and --kdf-iterations at least 1".into()).into());
+    }
+    let opts = InitOptions { chunk_size, kdf, ..InitOptions::default() };
+    if !chunk_size.is_power_of_two() || !(4096..=4 << 20).contains(&chunk_size) {
+        return Err(Usage(format!("--chunk-size must be a power of two from 4KiB to 4MiB, not {chunk_size}")).into());
+    }
+    let pw = password::password(a.repo.password_file.as_deref(), true)?;
+    let backend = LocalBackend::create(&a.repo.repo)?;
+    let repo = Repository::init(Box::new(backend), &pw, &opts)?;
+    if a.json {
+        print_json(&serde_json::json!({
+            "repository": repo.id(),
+            "path": a.repo.repo,
+            "chunk_size": repo.config().chunk_size,
+        }))?;
+    } else {
+        println!(
+            "created repository {} at {} (chunk size {})",
+            repo.id().short(),
+            a.repo.repo.display(),
+            human_bytes(u64::from(repo.config().chunk_size))
+        );
+        println!("keep the password safe: without it the data cannot be read by anyone.");
+    }
+    Ok(exit::OK)
+}
+
+fn backup(a: BackupArgs) -> Result<u8> {
+    if let Some(v) = &a.verify {
+        Budget::parse(v).map_err(Usage)?;
+    }
+    let specs = a.disks.iter().map(|s| DiskSpec::parse(s)).collect::<Result<Vec<_>, _>>()?;
+    let repo = open_repo(&a.repo)?;
+    let disks = specs.into_iter().map(DiskSpec::open).collect::<Result<Vec<_>>>()?;
+    let opts = BackupOptions { vm: a.vm, disks, tags: a.tags, hostname: blockproof_core::hostname() };
+    let progress = progress::for_stderr();
+    let report = blockproof_core::backup(&repo, opts, progress.as_ref())?;
+    if a.json {
+        print_json(&report)?;
+    } else {
+        println!("snapshot {} of vm {} saved ({})", report.snapshot.short(), report.vm, report.status.as_str());
+        for d in &report.disks {
+            println!(
+                "  disk {}: {} read, {} new data ({} stored), {} zero chunks, mode {:?}",
+                d.id,
+                human_bytes(d.bytes_read),
+                human_bytes(d.new_bytes),
+                human_bytes(d.stored_bytes),
+                d.zero_chunks,
+                d.mode
+            );
+        }
+        println!(
+            "  {} written in {} pack files, {:.1} s",
+            human_bytes(report.bytes_written),
+            report.packs_written,
+            report.duration_seconds
+        );
+    }
+    Ok(exit::OK)
+}
+
+#[derive(Serialize)]
+struct SnapshotRow<'a> {
+    id: String,
+    vm: &'a str,
+    time: &'a str,
+    status: &'a str,
+    hostname: &'a str,
+    tags: &'a [String],
+    disks: Vec<SnapshotDisk<'a>>,
+}
+
+#[derive(Serialize)]
+struct SnapshotDisk<'a> {
+    id: &'a str,
+    size: u64,
+    chunk_size: u32,
+    parent: Option<String>,
+}
+
+fn snapshots(a: SnapshotsArgs) -> Result<u8> {
+    let repo = open_repo(&a.repo)?;
+    let all = repo.snapshots()?;
+    let rows: Vec<SnapshotRow> = all
+        .iter()
+        .filter(|s| a.vm.as_ref().is_none_or(|vm| &s.snapshot.vm == vm))
+        .map(|s| SnapshotRow {
+            id: s.id.to_hex(),
+            vm: &s.snapshot.vm,
+            time: &s.snapshot.time,
+            status: s.snapshot.status.as_str(),
+            hostname: &s.snapshot.hostname,
+            tags: &s.snapshot.tags,
+            disks: s
+                .snapshot
+                .disks
+                .iter()
+                .map(|d| SnapshotDisk {
+                    id: &d.id,
+                    size: d.size,
+                    chunk_size: d.chunk_size,
+                    parent: d.parent.map(|p| p.to_hex()),
+                })
+                .collect(),
+        })
+        .collect();
+    if a.json {
+        print_json(&rows)?;
+        return Ok(exit::OK);
+    }
+    println!("{:<10} {:<21} {:<16} {:<8} disks", "id", "time", "vm", "status");
+    for r in &rows {
+        let disks: Vec<String> = r.disks.iter().map(|d| format!("{} ({})", d.id, human_bytes(d.size))).collect();
+        println!("{:<10} {:<21} {:<16} {:<8} {}", &r.id[..8], r.time, r.vm, r.status, disks.join(", "));
+    }
+    println!("{} snapshot(s)", rows.len());
+    Ok(exit::OK)
+}
+
+fn restore(a: RestoreArgs) -> Result<u8> {
+    let repo = open_repo(&a.repo)?;
+    let opts = RestoreOptions { snapshot: a.snapshot, disk: a.disk, target: a.to, force: a.force };
+    let progress = progress::for_stderr();
+    let report = blockproof_core::restore(&repo, &opts, progress.as_ref())?;
+    if a.json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "restored disk {} of snapshot {} to {} ({}, {} written, {} zero chunks {})",
+            report.disk,
+            report.snapshot.short(),
+            report.target.display(),
+            human_bytes(report.size),
+            human_bytes(report.bytes_written),
+            report.zero_chunks,
+            if report.block_device { "written as zeros" } else { "left as holes" }
+        );
+    }
+    Ok(exit::OK)
+}
+
+fn check(a: CheckArgs) -> Result<u8> {
+    let read_data = a.read_data.as_deref().map(Budget::parse).transpose().map_err(Usage)?;
+    let repo = open_repo(&a.repo)?;
+    let progress = progress::for_stderr();
+    let report =
+        blockproof_core::check(&repo, &CheckOptions { read_data }, progress.as_ref()).context("check could not run")?;
+    if a.json {
+        print_json(&report)?;
+    } else {
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
+        for e in &report.errors {
+            eprintln!("error: {e}");
+        }
+        print!(
+            "{} snapshots, {} index files, {} packs, {} blobs, {} referenced chunks",
+            report.snapshots, report.index_files, report.packs, report.blobs, report.referenced_chunks
+        );
+        if let Some(r) = &report.read_data {
+            print!(
+                "; read {} of {} packs ({}), {} blobs verified",
+                r.packs_checked,
+                r.packs_total,
+                human_bytes(r.bytes_read),
+                r.blobs_checked
+            );
+        }
+        println!();
+        println!(
+            "{}",
+            if report.ok { "no errors found".to_string() } else { format!("{} error(s) found", report.errors.len()) }
+        );
+    }
+    Ok(if report.ok { exit::OK } else { exit::ERROR })
+}

@@ -1,0 +1,137 @@
+//! Budgets: how much extra reading an operation may do (`--read-data=BUDGET`, and
+//! `--verify BUDGET` once verification lands).
+//!
+//! Syntax: `10%` | `2GiB` | `500ios` | `30s` | `all` | `none`, or several joined by
+//! commas; when several limits are given the smallest wins.
+
+use std::time::Duration;
+
+/// A parsed budget. `None` fields are unlimited.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Budget {
+    /// Fraction of the total, 0.0..=1.0.
+    pub fraction: Option<f64>,
+    pub bytes: Option<u64>,
+    /// Read operations (for check: pack files).
+    pub ios: Option<u64>,
+    pub time: Option<Duration>,
+    /// `none`: nothing at all.
+    pub nothing: bool,
+}
+
+impl Budget {
+    /// Unlimited.
+    pub fn all() -> Self {
+        Budget::default()
+    }
+
+    pub fn is_unlimited(&self) -> bool {
+        !self.nothing && self.fraction.is_none() && self.bytes.is_none() && self.ios.is_none() && self.time.is_none()
+    }
+
+    /// The byte limit for a total of `total` bytes (fraction and bytes, smallest wins).
+    pub fn byte_limit(&self, total: u64) -> u64 {
+        if self.nothing {
+            return 0;
+        }
+        let by_fraction = self.fraction.map(|f| (total as f64 * f).ceil() as u64);
+        [by_fraction, self.bytes].into_iter().flatten().min().unwrap_or(u64::MAX).min(total)
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut b = Budget::default();
+        if s.trim().is_empty() {
+            return Err("empty budget".into());
+        }
+        for part in s.split(',') {
+            let p = part.trim().to_ascii_lowercase();
+            let bad = || format!("invalid budget {part:?}: use 10%, 2GiB, 500ios, 30s, all or none");
+            if p == "all" {
+                continue;
+            } else if p == "none" {
+                b.nothing = true;
+            } else if let Some(n) = p.strip_suffix('%') {
+                let v: f64 = n.trim().parse().map_err(|_| bad())?;
+                if !(0.0..=100.0).contains(&v) {
+                    return Err(format!("invalid budget {part:?}: a percentage must be between 0 and 100"));
+                }
+                b.fraction = Some(b.fraction.map_or(v / 100.0, |f: f64| f.min(v / 100.0)));
+            } else if let Some(n) = p.strip_suffix("ios") {
+                let v: u64 = n.trim().parse().map_err(|_| bad())?;
+                b.ios = Some(b.ios.map_or(v, |x| x.min(v)));
+            } else if let Some(v) = parse_duration(&p) {
+                b.time = Some(b.time.map_or(v, |x| x.min(v)));
+            } else {
+                let v = parse_size(&p).ok_or_else(bad)?;
+                b.bytes = Some(b.bytes.map_or(v, |x| x.min(v)));
+            }
+        }
+        Ok(b)
+    }
+}
+
+fn parse_duration(p: &str) -> Option<Duration> {
+    let (num, mult) = if let Some(n) = p.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = p.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = p.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = p.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        return None;
+    };
+    let v: f64 = num.trim().parse().ok()?;
+    (v >= 0.0 && v.is_finite()).then(|| Duration::from_secs_f64(v * mult))
+}
+
+/// Parses `2GiB`, `500MB`, `4096`, `1.5TiB` (binary and decimal units).
+pub fn parse_size(p: &str) -> Option<u64> {
+    let p = p.trim().to_ascii_lowercase();
+    let idx = p.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(p.len());
+    let (num, unit) = p.split_at(idx);
+    let v: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "kb" => 1e3,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "mb" => 1e6,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "gb" => 1e9,
+        "t" | "tib" => 1024f64.powi(4),
+        "tb" => 1e12,
+        _ => return None,
+    };
+    (v >= 0.0 && v.is_finite()).then(|| (v * mult) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_form() {
+        assert_eq!(Budget::parse("10%").unwrap().fraction, Some(0.1));
+        assert_eq!(Budget::parse("2GiB").unwrap().bytes, Some(2 << 30));
+        assert_eq!(Budget::parse("500ios").unwrap().ios, Some(500));
+        assert_eq!(Budget::parse("30s").unwrap().time, Some(Duration::from_secs(30)));
+        assert_eq!(Budget::parse("5m").unwrap().time, Some(Duration::from_secs(300)));
+        assert!(Budget::parse("all").unwrap().is_unlimited());
+        assert!(Budget::parse("none").unwrap().nothing);
+        let b = Budget::parse("10%,1MiB,20%").unwrap();
+        assert_eq!(b.fraction, Some(0.1));
+        assert_eq!(b.byte_limit(100 << 20), 1 << 20);
+        assert_eq!(b.byte_limit(1 << 20), 104858);
+        assert_eq!(Budget::parse("none").unwrap().byte_limit(100), 0);
+        assert_eq!(Budget::all().byte_limit(100), 100);
+    }
+
+    #[test]
+    fn rejects_nonsense() {
+        for bad in ["", "abc", "150%", "-5%", "10xb", "5ios5", ","] {
+            assert!(Budget::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

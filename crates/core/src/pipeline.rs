@@ -1,0 +1,186 @@
+//! The chunk pipeline of a backup: one reader thread, one worker per core (zero test,
+//! keyed hash, dedup, compression, sealing), a pack-writer thread, and the calling thread
+//! putting chunk ids back in disk order to build the fixed index tree.
+//!
+//! ```text
+//! reader ──(chunk no, bytes)──▶ workers ──(chunk no, id)──▶ caller: reorder → TreeWriter
+//!                                  │                                    │ (index pages)
+//!                                  └──────── sealed blobs ──────────────┴──▶ pack writer
+//! ```
+//!
+//! All channels are bounded, so memory is a few chunks per thread whatever the disk size.
+//! Any error stops every stage: a closed channel makes the sender give up.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use blockproof_format::tree::{chunk_count, encode_page, DEFAULT_FANOUT};
+use blockproof_format::{BlobKind, Id};
+use blockproof_repo::{BlobCodec, BlobIndex, Repository, SealedBlob, TreeWriter};
+use blockproof_source::BlockSource;
+use crossbeam_channel::{bounded, Sender};
+
+use crate::{workers, CoreError, Progress};
+
+/// Blob ids already stored or being stored by this backup, shared by all stages so
+/// that a chunk seen twice is sealed once.
+pub(crate) struct Dedup<'a> {
+    index: &'a BlobIndex,
+    new: Mutex<HashSet<Id>>,
+}
+
+impl<'a> Dedup<'a> {
+    pub(crate) fn new(index: &'a BlobIndex) -> Self {
+        Dedup { index, new: Mutex::new(HashSet::new()) }
+    }
+
+    /// True if the blob must be stored now (first sighting).
+    fn claim(&self, id: Id) -> bool {
+        !self.index.contains(&id) && self.new.lock().expect("dedup lock").insert(id)
+    }
+}
+
+/// Counters of one disk.
+#[derive(Default)]
+pub(crate) struct DiskCounters {
+    pub bytes_read: AtomicU64,
+    pub zero_chunks: AtomicU64,
+    pub new_chunks: AtomicU64,
+    pub new_bytes: AtomicU64,
+    pub stored_bytes: AtomicU64,
+}
+
+pub(crate) struct DiskResult {
+    pub root: Id,
+    pub chunks: u64,
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    let words = buf.chunks_exact(16);
+    let tail = words.remainder();
+    words.into_iter().all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Reads every chunk of `source`, stores the new ones, and returns the tree root.
+pub(crate) fn store_disk(
+    repo: &Repository,
+    dedup: &Dedup<'_>,
+    source: &dyn BlockSource,
+    blobs: &Sender<SealedBlob>,
+    counters: &DiskCounters,
+    progress: &dyn Progress,
+) -> Result<DiskResult, CoreError> {
+    let chunk_size = repo.config().chunk_size as usize;
+    let size = source.size();
+    let n = chunk_count(size, chunk_size as u32);
+    let nworkers = workers();
+    let level = repo.config().zstd_level;
+
+    std::thread::scope(|s| {
+        let (work_tx, work_rx) = bounded::<(u64, Vec<u8>)>(nworkers * 2);
+        let (res_tx, res_rx) = bounded::<Result<(u64, Id), CoreError>>(nworkers * 4);
+        let (pool_tx, pool_rx) = bounded::<Vec<u8>>(nworkers * 4 + 4);
+
+        let reader_res = res_tx.clone();
+        s.spawn(move || {
+            for i in 0..n {
+                let offset = i * chunk_size as u64;
+                let len = (size - offset).min(chunk_size as u64) as usize;
+                let mut buf = pool_rx.try_recv().unwrap_or_default();
+                buf.resize(len, 0);
+                if let Err(e) = source.read_at(&mut buf, offset) {
+                    let _ = reader_res.send(Err(e.into()));
+                    return;
+                }
+                counters.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+                if work_tx.send((i, buf)).is_err() {
+                    return;
+                }
+            }
+        });
+
+        for _ in 0..nworkers {
+            let (work_rx, res_tx, pool_tx) = (work_rx.clone(), res_tx.clone(), pool_tx.clone());
+            let mut codec = BlobCodec::new(repo.keys().clone(), level);
+            s.spawn(move || {
+                for (i, buf) in work_rx.iter() {
+                    let result = if is_zero(&buf) {
+                        counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
+                        Ok((i, Id::ZERO))
+                    } else {
+                        let id = codec.keys().blob_id(&buf);
+                        if dedup.claim(id) {
+                            let sealed = codec.seal(BlobKind::Data, id, &buf);
+                            counters.new_chunks.fetch_add(1, Ordering::Relaxed);
+                            counters.new_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                            counters.stored_bytes.fetch_add(sealed.bytes.len() as u64, Ordering::Relaxed);
+                            if blobs.send(sealed).is_err() {
+                                let _ = res_tx.send(Err(CoreError::WriterGone));
+                                return;
+                            }
+                        }
+                        Ok((i, id))
+                    };
+                    let _ = pool_tx.try_send(buf);
+                    if res_tx.send(result).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(res_tx);
+        drop(work_rx);
+
+        let mut codec = BlobCodec::new(repo.keys().clone(), level);
+        let mut store_page = |ids: &[Id]| -> Result<Id, CoreError> {
+            let page = encode_page(ids);
+            let id = codec.keys().blob_id(&page);
+            if dedup.claim(id) {
+                blobs.send(codec.seal(BlobKind::Tree, id, &page)).map_err(|_| CoreError::WriterGone)?;
+            }
+            Ok(id)
+        };
+        let mut tree = TreeWriter::new(n, DEFAULT_FANOUT);
+        let mut pending = BTreeMap::new();
+        let mut next = 0u64;
+        for r in res_rx.iter() {
+            let (i, id) = r?;
+            pending.insert(i, id);
+            while let Some(id) = pending.remove(&next) {
+                tree.push(id, &mut store_page)?;
+                let len = (size - next * chunk_size as u64).min(chunk_size as u64);
+                progress.advance(len);
+                next += 1;
+            }
+            if next == n {
+                break;
+            }
+        }
+        if next != n {
+            return Err(CoreError::WriterGone);
+        }
+        let root = tree.finish(&mut store_page)?;
+        Ok(DiskResult { root, chunks: n })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn zero_test_handles_every_alignment() {
+        let mut buf = vec![0u8; 1000];
+        for start in 0..17 {
+            assert!(is_zero(&buf[start..]));
+        }
+        for pos in [0, 1, 15, 16, 500, 999] {
+            buf[pos] = 1;
+            for start in 0..=pos.min(16) {
+                assert!(!is_zero(&buf[start..]), "pos {pos} start {start}");
+            }
+            buf[pos] = 0;
+        }
+    }
+}

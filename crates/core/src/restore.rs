@@ -1,0 +1,243 @@
+//! Restore: write one disk of a snapshot to a sparse raw file or a block device.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use blockproof_format::tree::chunk_count;
+use blockproof_format::{BlobKind, Id, SnapshotStatus};
+use blockproof_repo::{BlobIndex, BlobReader, Repository, TreeReader};
+use crossbeam_channel::bounded;
+use serde::Serialize;
+
+use crate::{workers, CoreError, Progress};
+
+/// What to restore, and where.
+pub struct RestoreOptions {
+    /// A snapshot id, unique prefix, or `VM:latest`.
+    pub snapshot: String,
+    pub disk: String,
+    pub target: PathBuf,
+    /// Overwrite an existing regular file.
+    pub force: bool,
+}
+
+/// The result of a restore.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestoreReport {
+    pub snapshot: Id,
+    pub disk: String,
+    pub target: PathBuf,
+    pub size: u64,
+    pub chunks: u64,
+    pub zero_chunks: u64,
+    /// Bytes written (zero chunks of a regular file are left as holes).
+    pub bytes_written: u64,
+    pub status: SnapshotStatus,
+    pub block_device: bool,
+}
+
+enum Target {
+    /// A temporary file renamed over `final_path` on success.
+    File {
+        file: File,
+        temp: PathBuf,
+        final_path: PathBuf,
+    },
+    Device {
+        file: File,
+    },
+}
+
+impl Target {
+    fn open(path: &Path, size: u64, force: bool) -> Result<Self, CoreError> {
+        match fs::metadata(path) {
+            Ok(m) if m.file_type().is_block_device() => {
+                let mut file = OpenOptions::new().write(true).open(path).map_err(|e| CoreError::io(path, e))?;
+                let dev_size = file.seek(SeekFrom::End(0)).map_err(|e| CoreError::io(path, e))?;
+                if dev_size < size {
+                    return Err(CoreError::Invalid(format!(
+                        "{} holds {dev_size} bytes, the disk needs {size}",
+                        path.display()
+                    )));
+                }
+                return Ok(Target::Device { file });
+            }
+            Ok(m) if m.is_file() && !force => {
+                return Err(CoreError::Invalid(format!(
+                    "{} already exists; use --force to overwrite it",
+                    path.display()
+                )))
+            }
+            Ok(m) if !m.is_file() => {
+                return Err(CoreError::Invalid(format!(
+                    "{} is neither a regular file nor a block device",
+                    path.display()
+                )))
+            }
+            _ => {}
+        }
+        let name =
+            path.file_name().ok_or_else(|| CoreError::Invalid(format!("{} is not a file path", path.display())))?;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let temp = dir.join(format!(".{}.blockproof-{:08x}.partial", name.to_string_lossy(), rand::random::<u32>()));
+        let file = OpenOptions::new().write(true).create_new(true).open(&temp).map_err(|e| CoreError::io(&temp, e))?;
+        // A sparse file of the right size: zero chunks stay holes.
+        file.set_len(size).map_err(|e| CoreError::io(&temp, e))?;
+        Ok(Target::File { file, temp, final_path: path.to_path_buf() })
+    }
+
+    fn file(&self) -> &File {
+        match self {
+            Target::File { file, .. } | Target::Device { file } => file,
+        }
+    }
+
+    fn commit(self) -> Result<(), CoreError> {
+        match self {
+            Target::Device { file } => file.sync_all().map_err(|e| CoreError::io("block device", e)),
+            Target::File { file, temp, final_path } => {
+                file.sync_all().map_err(|e| CoreError::io(&temp, e))?;
+                fs::rename(&temp, &final_path).map_err(|e| CoreError::io(&final_path, e))
+            }
+        }
+    }
+
+    fn abort(self) {
+        if let Target::File { temp, .. } = self {
+            let _ = fs::remove_file(temp);
+        }
+    }
+}
+
+/// Restores one disk of a snapshot.
+pub fn restore(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progress) -> Result<RestoreReport, CoreError> {
+    let info = repo.resolve_snapshot(&opts.snapshot)?;
+    let disk = info.snapshot.disk(&opts.disk).ok_or_else(|| {
+        let ids: Vec<_> = info.snapshot.disks.iter().map(|d| d.id.as_str()).collect();
+        CoreError::Invalid(format!(
+            "snapshot {} has no disk {:?} (it has: {})",
+            info.id.short(),
+            opts.disk,
+            ids.join(", ")
+        ))
+    })?;
+    let index = BlobIndex::load(repo)?;
+    let target = Target::open(&opts.target, disk.size, opts.force)?;
+    let is_device = matches!(target, Target::Device { .. });
+    progress.begin(&format!("restore {}", disk.id), disk.size);
+    let result = write_chunks(repo, &index, disk, target.file(), is_device, progress);
+    progress.end();
+    match result {
+        Ok((chunks, zero_chunks, bytes_written)) => {
+            target.commit()?;
+            Ok(RestoreReport {
+                snapshot: info.id,
+                disk: disk.id.clone(),
+                target: opts.target.clone(),
+                size: disk.size,
+                chunks,
+                zero_chunks,
+                bytes_written,
+                status: info.snapshot.status,
+                block_device: is_device,
+            })
+        }
+        Err(e) => {
+            target.abort();
+            Err(e)
+        }
+    }
+}
+
+fn write_chunks(
+    repo: &Repository,
+    index: &BlobIndex,
+    disk: &blockproof_format::DiskEntry,
+    out: &File,
+    write_zeros: bool,
+    progress: &dyn Progress,
+) -> Result<(u64, u64, u64), CoreError> {
+    let reader = BlobReader::new(repo, index);
+    let cs = u64::from(disk.chunk_size);
+    let n = chunk_count(disk.size, disk.chunk_size);
+    let mut tree = TreeReader::new(&reader, disk.index_root, n, disk.index_fanout)?;
+    let range_err = |i: u64, cause| CoreError::DamagedRange {
+        disk: disk.id.clone(),
+        offset: i * cs,
+        end: ((i + 1) * cs).min(disk.size),
+        cause,
+    };
+    let first_error: Mutex<Option<CoreError>> = Mutex::new(None);
+    let written = std::sync::atomic::AtomicU64::new(0);
+    let mut zero_chunks = 0u64;
+    let zeros = vec![0u8; disk.chunk_size as usize];
+
+    std::thread::scope(|s| -> Result<(), CoreError> {
+        let (tx, rx) = bounded::<(u64, Id)>(workers() * 4);
+        for _ in 0..workers() {
+            let rx = rx.clone();
+            let (reader, first_error, written, zeros) = (&reader, &first_error, &written, &zeros);
+            s.spawn(move || {
+                for (i, id) in rx.iter() {
+                    let offset = i * cs;
+                    let len = (disk.size - offset).min(cs) as usize;
+                    let data = if id.is_zero() {
+                        Ok(std::borrow::Cow::Borrowed(&zeros[..len]))
+                    } else {
+                        reader.read(&id, BlobKind::Data).map(std::borrow::Cow::Owned)
+                    };
+                    let res = data.map_err(|e| range_err(i, e)).and_then(|d| {
+                        if d.len() != len {
+                            return Err(range_err(
+                                i,
+                                blockproof_repo::RepoError::Corrupt {
+                                    what: format!("blob {id}"),
+                                    detail: format!("holds {} bytes, the chunk has {len}", d.len()),
+                                },
+                            ));
+                        }
+                        out.write_all_at(&d, offset).map_err(|e| CoreError::io("restore target", e))
+                    });
+                    match res {
+                        Ok(()) => {
+                            written.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            first_error.lock().expect("error lock").get_or_insert(e);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        drop(rx);
+        let fanout = u64::from(disk.index_fanout);
+        for page in 0..tree.leaf_pages() {
+            let ids = tree.leaf(page).map_err(|e| range_err(page * fanout, e))?.to_vec();
+            for (k, id) in ids.into_iter().enumerate() {
+                let i = page * fanout + k as u64;
+                progress.advance((disk.size - i * cs).min(cs));
+                if id.is_zero() {
+                    zero_chunks += 1;
+                    if !write_zeros {
+                        continue;
+                    }
+                }
+                if first_error.lock().expect("error lock").is_some() || tx.send((i, id)).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(e) = first_error.into_inner().expect("error lock") {
+        return Err(e);
+    }
+    Ok((n, zero_chunks, written.into_inner()))
+}
