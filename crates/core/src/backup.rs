@@ -97,7 +97,7 @@ fn validate_name(kind: &str, name: &str) -> Result<(), CoreError> {
 /// Backs up every disk of `opts` into one new snapshot.
 pub fn backup(repo: &Repository, opts: BackupOptions, progress: &dyn Progress) -> Result<BackupReport, CoreError> {
     let started = Instant::now();
-    let time = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
     validate_name("vm name", &opts.vm)?;
     if opts.disks.is_empty() {
         return Err(CoreError::Invalid("a backup needs at least one --disk".into()));

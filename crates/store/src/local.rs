@@ -177,7 +177,16 @@ impl Backend for LocalBackend {
             f.write_all(data).map_err(|e| io_err(&tmp, e))?;
             f.sync_all().map_err(|e| io_err(&tmp, e))?;
             drop(f);
-            fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+            if let Err(e) = fs::rename(&tmp, &path) {
+                // A directory can be missing in a copied repository (git and some sync
+                // tools drop empty directories): create it and retry once.
+                if e.kind() != ErrorKind::NotFound {
+                    return Err(io_err(&path, e));
+                }
+                let parent = path.parent().expect("repository files have a parent directory");
+                fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
+                fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+            }
             sync_dir(path.parent().expect("repository files have a parent directory"))
         })();
         if result.is_err() {
@@ -191,6 +200,9 @@ impl Backend for LocalBackend {
             return Ok(if self.root.join("config").is_file() { vec!["config".into()] } else { vec![] });
         }
         let dir = self.dir(kind);
+        if !dir.is_dir() {
+            return Ok(Vec::new());
+        }
         let mut dirs = vec![dir.clone()];
         if kind == Kind::Pack {
             dirs = fs::read_dir(&dir)
@@ -253,6 +265,20 @@ mod tests {
         assert!(b.read(Kind::Pack, &name).unwrap_err().is_not_found());
         let reopened = LocalBackend::open(&root).unwrap();
         assert_eq!(reopened.read(Kind::Config, "x").unwrap(), b"cfg");
+    }
+
+    #[test]
+    fn tolerates_missing_empty_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let b = LocalBackend::create(&root).unwrap();
+        b.write(Kind::Config, "config", b"cfg").unwrap();
+        fs::remove_dir(root.join("snapshots")).unwrap();
+        fs::remove_dir(root.join("data/cd")).unwrap();
+        assert!(b.list(Kind::Snapshot).unwrap().is_empty());
+        b.write(Kind::Pack, &"cd".repeat(32), b"x").unwrap();
+        b.write(Kind::Snapshot, &"ef".repeat(32), b"y").unwrap();
+        assert_eq!(b.list(Kind::Pack).unwrap().len(), 1);
     }
 
     #[test]
