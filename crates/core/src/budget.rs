@@ -104,7 +104,7 @@ pub fn parse_size(p: &str) -> Option<u64> {
         "tb" => 1e12,
         _ => return None,
     };
-    (v >= 0.0 && v.is_finite()).then(|| (v * mult) as u64)
+    (v >= 0.0 && v.is_finite()).then_some((v * mult) as u64)
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ impl ObjectMagic {
     }
 
     /// Checks the magic and version at the start of `buf`; returns the bytes after them.
-    pub fn check<'a>(self, buf: &'a [u8]) -> Result<&'a [u8], FormatError> {
+    pub fn check(self, buf: &[u8]) -> Result<&[u8], FormatError> {
         let mut r = Reader::new(buf, self.name());
         let magic: [u8; 4] = r.array()?;
         if magic != self.bytes() {

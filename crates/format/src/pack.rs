@@ -160,7 +160,7 @@ mod tests {
 
     fn entry(i: u8) -> BlobEntry {
         BlobEntry {
-            kind: if i % 2 == 0 { BlobKind::Data } else { BlobKind::Tree },
+            kind: if i.is_multiple_of(2) { BlobKind::Data } else { BlobKind::Tree },
             compression: Compression::Zstd,
             id: Id([i; 32]),
             offset: 6 + u64::from(i) * 100,

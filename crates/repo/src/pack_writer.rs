@@ -10,6 +10,9 @@ use crate::{RepoError, Repository, SealedBlob};
 /// interrupted long backup leaves most of its packs indexed.
 const PACKS_PER_INDEX_FILE: usize = 64;
 
+/// Packs written, each with the entries of its blobs.
+pub type WrittenPacks = Vec<(Id, Vec<BlobEntry>)>;
+
 /// What a [`PackWriter`] wrote.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PackWriterStats {
@@ -28,8 +31,8 @@ pub struct PackWriter<'a> {
     repo: &'a Repository,
     buf: Vec<u8>,
     entries: Vec<BlobEntry>,
-    pending_index: Vec<(Id, Vec<BlobEntry>)>,
-    written: Vec<(Id, Vec<BlobEntry>)>,
+    pending_index: WrittenPacks,
+    written: WrittenPacks,
     stats: PackWriterStats,
 }
 
@@ -101,7 +104,7 @@ impl<'a> PackWriter<'a> {
     }
 
     /// Writes the last pack and index file. Returns every pack written with its blobs.
-    pub fn finish(mut self) -> Result<(Vec<(Id, Vec<BlobEntry>)>, PackWriterStats), RepoError> {
+    pub fn finish(mut self) -> Result<(WrittenPacks, PackWriterStats), RepoError> {
         self.flush_pack()?;
         self.flush_index()?;
         Ok((self.written, self.stats))
