@@ -17,6 +17,8 @@ for align in 64 4; do
   cp --sparse=always "$work/base.img" "$work/changed-$align.img"
   python3 "$here/mutate.py" "$work/changed-$align.img" 0.02 64 "$align" 7 > "$work/changed-$align.bytes"
 done
+# Let the writeback of the generated images finish so it does not slow the backups.
+sync
 repo_bytes() { find "$1" -type f -printf '%s\n' | awk '{s+=$1} END {print s+0}'; }
 repo_files() { find "$1" -type f | wc -l; }
 
@@ -27,6 +29,7 @@ for cs in 32KiB 64KiB 128KiB 256KiB 1MiB 4MiB; do
   for align in 64 4; do
     repo="$work/repo-$cs-$align"
     "$bin" init --repo "$repo" --chunk-size "$cs" --kdf-memory 8 --kdf-iterations 1 >/dev/null
+    cat "$work/base.img" > /dev/null   # same page-cache state for every chunk size
     start=$(date +%s.%N)
     "$bin" backup --repo "$repo" --vm bench --disk "id=d0,source=$work/base.img" >/dev/null
     end=$(date +%s.%N)

@@ -171,7 +171,8 @@ fn snapshots(a: SnapshotsArgs) -> Result<u8> {
     println!("{:<10} {:<21} {:<16} {:<8} disks", "id", "time", "vm", "status");
     for r in &rows {
         let disks: Vec<String> = r.disks.iter().map(|d| format!("{} ({})", d.id, human_bytes(d.size))).collect();
-        println!("{:<10} {:<21} {:<16} {:<8} {}", &r.id[..8], r.time, r.vm, r.status, disks.join(", "));
+        let time = r.time.get(..19).map_or(r.time.to_string(), |t| format!("{t}Z"));
+        println!("{:<10} {:<21} {:<16} {:<8} {}", &r.id[..8], time, r.vm, r.status, disks.join(", "));
     }
     println!("{} snapshot(s)", rows.len());
     Ok(exit::OK)

@@ -120,7 +120,7 @@ pub fn backup(repo: &Repository, opts: BackupOptions, progress: &dyn Progress) -
     let dedup = Dedup::new(&index);
     let chunk_size = repo.config().chunk_size;
 
-    let (blob_tx, blob_rx) = bounded::<SealedBlob>(crate::workers() * 4);
+    let (blob_tx, blob_rx) = bounded::<SealedBlob>(64);
     let (entries, writer_stats) = std::thread::scope(|s| {
         let writer = s.spawn(move || {
             let mut w = PackWriter::new(repo);

@@ -78,9 +78,9 @@ pub(crate) fn store_disk(
     let level = repo.config().zstd_level;
 
     std::thread::scope(|s| {
-        let (work_tx, work_rx) = bounded::<(u64, Vec<u8>)>(nworkers * 2);
-        let (res_tx, res_rx) = bounded::<Result<(u64, Id), CoreError>>(nworkers * 4);
-        let (pool_tx, pool_rx) = bounded::<Vec<u8>>(nworkers * 4 + 4);
+        let (work_tx, work_rx) = bounded::<(u64, Vec<u8>)>(64);
+        let (res_tx, res_rx) = bounded::<Result<(u64, Id), CoreError>>(128);
+        let (pool_tx, pool_rx) = bounded::<Vec<u8>>(256);
 
         let reader_res = res_tx.clone();
         s.spawn(move || {

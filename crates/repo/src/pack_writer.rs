@@ -74,17 +74,19 @@ impl<'a> PackWriter<'a> {
         if self.entries.is_empty() {
             return Ok(());
         }
-        let mut file = std::mem::take(&mut self.buf);
+        // The pack is built in `self.buf`, which keeps its capacity for the next pack.
+        let file = &mut self.buf;
         let header = encode_entries(&self.entries);
         let before = file.len();
-        self.repo.keys().seal_into(&ObjectMagic::Pack.header(), &header, &mut file);
+        self.repo.keys().seal_into(&ObjectMagic::Pack.header(), &header, file);
         let header_len = (file.len() - before) as u32;
         file.extend_from_slice(&header_len.to_le_bytes());
         debug_assert!(file.len() > PACK_HEADER_LEN);
-        let id = Id(*blake3::hash(&file).as_bytes());
-        self.repo.backend().write(Kind::Pack, &id.to_hex(), &file)?;
+        let id = Id(*blake3::hash(file).as_bytes());
+        self.repo.backend().write(Kind::Pack, &id.to_hex(), file)?;
         self.stats.packs += 1;
         self.stats.pack_bytes += file.len() as u64;
+        file.clear();
         self.pending_index.push((id, std::mem::take(&mut self.entries)));
         if self.pending_index.len() >= PACKS_PER_INDEX_FILE {
             self.flush_index()?;
