@@ -51,6 +51,9 @@ pub struct InitArgs {
     /// Chunk size for disks in this repository (a power of two, 4KiB to 4MiB).
     #[arg(long, default_value = "64KiB", value_name = "SIZE")]
     pub chunk_size: String,
+    /// Target size of pack files (chunks are grouped into packs of about this size).
+    #[arg(long, default_value = "16MiB", value_name = "SIZE")]
+    pub pack_size: String,
     /// Argon2id memory cost of the key slot, in MiB.
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     pub kdf_memory: u32,

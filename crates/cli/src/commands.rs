@@ -59,10 +59,14 @@ fn init(a: InitArgs) -> Result<u8> {
     if kdf.m_cost_kib < KdfParams::MIN.m_cost_kib || kdf.m_cost_kib > KdfParams::MAX_M_COST_KIB || kdf.t_cost == 0 {
         return Err(Usage("--kdf-memory must be 1..4096 MiB and --kdf-iterations at least 1".into()).into());
     }
-    let opts = InitOptions { chunk_size, kdf, ..InitOptions::default() };
     if !chunk_size.is_power_of_two() || !(4096..=4 << 20).contains(&chunk_size) {
         return Err(Usage(format!("--chunk-size must be a power of two from 4KiB to 4MiB, not {chunk_size}")).into());
     }
+    let pack_size = parse_size(&a.pack_size)
+        .and_then(|v| u32::try_from(v).ok())
+        .filter(|&v| (chunk_size..=1 << 30).contains(&v))
+        .ok_or_else(|| Usage(format!("invalid --pack-size {:?}: from the chunk size to 1GiB", a.pack_size)))?;
+    let opts = InitOptions { chunk_size, pack_size, kdf, ..InitOptions::default() };
     let pw = password::password(a.repo.password_file.as_deref(), true)?;
     let backend = LocalBackend::create(&a.repo.repo)?;
     let repo = Repository::init(Box::new(backend), &pw, &opts)?;

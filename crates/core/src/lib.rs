@@ -66,10 +66,10 @@ impl CoreError {
         CoreError::Io { path: path.into(), source }
     }
 
-    /// Whether the error is the caller's (exit code 2 in the CLI) rather than the
-    /// repository's or the system's.
+    /// Whether the error is the caller's (exit code 2 in the CLI: a bad request, an
+    /// unknown snapshot or disk) rather than the repository's or the system's.
     pub fn is_usage(&self) -> bool {
-        matches!(self, CoreError::Invalid(_))
+        matches!(self, CoreError::Invalid(_) | CoreError::Repo(RepoError::NotFound(_) | RepoError::Invalid(_)))
     }
 }
 

@@ -1,0 +1,236 @@
+//! Test harness for the `blockproof` binary, in the style of ripgrep's tests/util.rs:
+//! a [`Dir`] owns a temporary directory; [`TestCommand`] builds and runs one invocation
+//! and asserts on its exit code and output.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use rand::{Rng, RngCore, SeedableRng};
+
+pub const PASSWORD: &str = "test password";
+/// A marker string written into test images: it must never appear in a repository.
+pub const MARKER: &[u8] = b"BLOCKPROOF-PLAINTEXT-MARKER-7f3a";
+
+/// A temporary working directory with a repository path inside it.
+pub struct Dir {
+    tmp: tempfile::TempDir,
+}
+
+impl Dir {
+    pub fn new() -> Self {
+        Dir { tmp: tempfile::Builder::new().prefix("blockproof-test-").tempdir().unwrap() }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    pub fn repo(&self) -> PathBuf {
+        self.join("repo")
+    }
+
+    /// A command with `--repo` not yet added (subcommand first).
+    pub fn cmd(&self, sub: &str) -> TestCommand {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_blockproof"));
+        c.arg(sub).current_dir(self.path()).env("BLOCKPROOF_PASSWORD", PASSWORD).env_remove("BLOCKPROOF_REPO");
+        TestCommand { cmd: c }
+    }
+
+    /// A command on this directory's repository.
+    pub fn repo_cmd(&self, sub: &str) -> TestCommand {
+        let mut c = self.cmd(sub);
+        c.arg("--repo").arg(self.repo());
+        c
+    }
+
+    /// Initialises the repository with a fast KDF.
+    pub fn init(&self) {
+        self.repo_cmd("init").args(["--kdf-memory", "8", "--kdf-iterations", "1"]).ok();
+    }
+
+    /// Backs up one disk; returns the parsed JSON report.
+    pub fn backup(&self, vm: &str, disks: &[(&str, &Path)]) -> serde_json::Value {
+        let mut c = self.repo_cmd("backup");
+        c.args(["--vm", vm, "--json"]);
+        for (id, path) in disks {
+            c.arg("--disk").arg(format!("id={id},source={}", path.display()));
+        }
+        c.json()
+    }
+
+    /// Restores a disk to `name` inside the directory; returns the target path.
+    pub fn restore(&self, snap: &str, disk: &str, name: &str) -> PathBuf {
+        let to = self.join(name);
+        self.repo_cmd("restore").arg(snap).args(["--disk", disk, "--to"]).arg(&to).ok();
+        to
+    }
+
+    pub fn snapshots(&self) -> Vec<serde_json::Value> {
+        self.repo_cmd("snapshots").arg("--json").json().as_array().unwrap().clone()
+    }
+
+    /// Every file below the repository.
+    pub fn repo_files(&self) -> Vec<PathBuf> {
+        files(&self.repo())
+    }
+
+    /// Sum of the sizes of the repository's files.
+    pub fn repo_bytes(&self) -> u64 {
+        self.repo_files().iter().map(|f| fs::metadata(f).unwrap().len()).sum()
+    }
+
+    /// Pack files, sorted.
+    pub fn packs(&self) -> Vec<PathBuf> {
+        files(&self.repo().join("data"))
+    }
+}
+
+pub fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(files(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// One invocation of the binary.
+pub struct TestCommand {
+    cmd: Command,
+}
+
+impl TestCommand {
+    pub fn arg(&mut self, a: impl AsRef<std::ffi::OsStr>) -> &mut Self {
+        self.cmd.arg(a);
+        self
+    }
+
+    pub fn args<I, S>(&mut self, args: I) -> &mut Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.cmd.args(args);
+        self
+    }
+
+    pub fn env(&mut self, k: &str, v: &str) -> &mut Self {
+        self.cmd.env(k, v);
+        self
+    }
+
+    pub fn output(&mut self) -> Output {
+        self.cmd.stdin(Stdio::null()).output().expect("run blockproof")
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&mut self) -> String {
+        let out = self.output();
+        assert!(
+            out.status.success(),
+            "{:?} failed ({:?}):\nstdout: {}\nstderr: {}",
+            self.cmd,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and asserts success; parses stdout as JSON.
+    pub fn json(&mut self) -> serde_json::Value {
+        let out = self.ok();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+
+    /// Runs and asserts the exit code; returns (stdout, stderr).
+    pub fn code(&mut self, code: i32) -> (String, String) {
+        let out = self.output();
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+        assert_eq!(out.status.code(), Some(code), "{:?}\nstdout: {stdout}\nstderr: {stderr}", self.cmd);
+        (stdout, stderr)
+    }
+
+    /// Runs and asserts a failure with exactly one line on stderr; returns that line.
+    pub fn fails_with_one_line(&mut self, code: i32) -> String {
+        let (_, stderr) = self.code(code);
+        assert_eq!(stderr.lines().count(), 1, "expected one line on stderr, got: {stderr}");
+        assert!(stderr.starts_with("blockproof: error: "), "{stderr}");
+        stderr
+    }
+
+    pub fn spawn(&mut self) -> Child {
+        self.cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn blockproof")
+    }
+}
+
+/// A deterministic disk image: per 1 MiB block zeros, random bytes, text-like data with
+/// the marker, or a copy of an earlier block (duplicates). `size` is any byte count.
+pub fn mixed_image(size: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut img = vec![0u8; size];
+    let words: [&[u8]; 8] = [b"kernel ", b"backup ", b"volume ", b"snapshot ", b"block ", b"disk ", b"log ", MARKER];
+    let mib = 1 << 20;
+    let blocks = size.div_ceil(mib);
+    for b in 0..blocks {
+        let start = b * mib;
+        let end = (start + mib).min(size);
+        match rng.gen_range(0..20) {
+            0..=6 => {}
+            7..=11 => rng.fill_bytes(&mut img[start..end]),
+            12..=18 => {
+                let mut p = start;
+                while p < end {
+                    let w = words[rng.gen_range(0..words.len())];
+                    let n = w.len().min(end - p);
+                    img[p..p + n].copy_from_slice(&w[..n]);
+                    p += n;
+                }
+            }
+            _ if b > 0 => {
+                let src = rng.gen_range(0..b) * mib;
+                let len = end - start;
+                img.copy_within(src..src + len, start);
+            }
+            _ => {}
+        }
+    }
+    // The first sector looks like an MBR and always carries the marker.
+    img[..MARKER.len()].copy_from_slice(MARKER);
+    img
+}
+
+/// Overwrites `count` non-overlapping, `align`-aligned 64 KiB blocks with random data;
+/// returns the bytes changed.
+pub fn scatter_writes(img: &mut [u8], count: usize, align: usize, seed: u64) -> u64 {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let w = 64 << 10;
+    let slots = (img.len() - w) / align;
+    let mut used = std::collections::HashSet::new();
+    let mut done = 0;
+    while done < count {
+        let off = rng.gen_range(0..slots) * align;
+        if (off / 4096..(off + w) / 4096).any(|p| used.contains(&p)) {
+            continue;
+        }
+        used.extend(off / 4096..(off + w) / 4096);
+        rng.fill_bytes(&mut img[off..off + w]);
+        done += 1;
+    }
+    (count * w) as u64
+}
+
+pub fn hash(path: &Path) -> blake3::Hash {
+    blake3::hash(&fs::read(path).unwrap())
+}
