@@ -231,3 +231,111 @@ pub fn check_name(name: &str, bytes: &[u8]) -> Result<(), String> {
 fn serde_json_vec(config: &RepoConfig) -> Vec<u8> {
     serde_json::to_vec(config).expect("config serializes")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BlobCodec, BlobIndex, BlobReader, PackWriter, TreeReader, TreeWriter};
+    use blockproof_format::manifest::ReadMode;
+    use blockproof_format::{BlobKind, DiskEntry, SnapshotStatus};
+    use blockproof_store::LocalBackend;
+
+    fn fast() -> InitOptions {
+        InitOptions { kdf: KdfParams::MIN, pack_size: 64 * 1024, ..InitOptions::default() }
+    }
+
+    #[test]
+    fn init_open_and_wrong_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("r");
+        let repo = Repository::init(Box::new(LocalBackend::create(&root).unwrap()), b"pw", &fast()).unwrap();
+        let id = repo.id();
+        let again = Repository::open(Box::new(LocalBackend::open(&root).unwrap()), b"pw").unwrap();
+        assert_eq!(again.id(), id);
+        assert_eq!(again.config(), repo.config());
+        assert!(matches!(
+            Repository::open(Box::new(LocalBackend::open(&root).unwrap()), b"nope"),
+            Err(RepoError::WrongPassword)
+        ));
+        assert!(Repository::init(Box::new(LocalBackend::open(&root).unwrap()), b"pw", &fast()).is_err());
+    }
+
+    #[test]
+    fn blobs_trees_and_snapshots_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo =
+            Repository::init(Box::new(LocalBackend::create(dir.path().join("r")).unwrap()), b"pw", &fast()).unwrap();
+        let mut codec = BlobCodec::new(repo.keys().clone(), 1);
+        let mut writer = PackWriter::new(&repo);
+        // 3000 chunks: three levels with fanout 32, several packs of 64 KiB.
+        let chunks: Vec<Vec<u8>> = (0..3000u32).map(|i| format!("chunk {i} ").repeat(50).into_bytes()).collect();
+        let mut ids = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let id = if i % 10 == 0 { Id::ZERO } else { repo.keys().blob_id(c) };
+            if !id.is_zero() {
+                writer.add(codec.seal(BlobKind::Data, id, c)).unwrap();
+            }
+            ids.push(id);
+        }
+        let mut pages = Vec::new();
+        let mut store = |p: &[Id]| -> Result<Id, RepoError> {
+            let bytes = blockproof_format::tree::encode_page(p);
+            let id = repo.keys().blob_id(&bytes);
+            pages.push(codec.seal(BlobKind::Tree, id, &bytes));
+            Ok(id)
+        };
+        let mut tree = TreeWriter::new(ids.len() as u64, 32);
+        for id in &ids {
+            tree.push(*id, &mut store).unwrap();
+        }
+        let root = tree.finish(&mut store).unwrap();
+        for p in pages {
+            writer.add(p).unwrap();
+        }
+        let (packs, stats) = writer.finish().unwrap();
+        assert!(stats.packs > 1 && stats.index_files == 1, "{stats:?}");
+        assert_eq!(packs.len() as u64, stats.packs);
+
+        let index = BlobIndex::load(&repo).unwrap();
+        let reader = BlobReader::new(&repo, &index);
+        let mut tr = TreeReader::new(&reader, root, ids.len() as u64, 32).unwrap();
+        for (i, id) in ids.iter().enumerate().rev().step_by(7) {
+            assert_eq!(tr.chunk(i as u64).unwrap(), *id);
+            if !id.is_zero() {
+                assert_eq!(reader.read(id, BlobKind::Data).unwrap(), chunks[i]);
+                assert!(reader.read(id, BlobKind::Tree).is_err(), "kind is checked");
+            }
+        }
+        let mut visited = 0;
+        tr.visit_pages(&mut |_| visited += 1).unwrap();
+        assert_eq!(visited, 94 + 3 + 1, "leaves, level-1 pages and the root");
+
+        let snap = Snapshot {
+            vm: "vm".into(),
+            time: "2026-11-22T12:00:00.000001Z".into(),
+            hostname: "h".into(),
+            tags: vec![],
+            status: SnapshotStatus::Ok,
+            disks: vec![DiskEntry {
+                id: "d".into(),
+                size: 3000 * 64,
+                chunk_size: 65536,
+                index_root: root,
+                index_fanout: 32,
+                parent: None,
+                source: "x".into(),
+                cbt: "none".into(),
+                mode: ReadMode::Full,
+                stats: Default::default(),
+                mismatches: vec![],
+            }],
+            program: "test".into(),
+        };
+        let id = repo.save_snapshot(&snap).unwrap();
+        assert_eq!(repo.load_snapshot(&id.to_hex()).unwrap().snapshot, snap);
+        assert_eq!(repo.resolve_snapshot(&id.to_hex()[..6]).unwrap().id, id);
+        assert_eq!(repo.resolve_snapshot("vm:latest").unwrap().id, id);
+        assert!(matches!(repo.resolve_snapshot("other:latest"), Err(RepoError::NotFound(_))));
+        assert!(matches!(repo.resolve_snapshot("zz"), Err(RepoError::Invalid(_))));
+    }
+}
