@@ -56,8 +56,12 @@ fn init(a: InitArgs) -> Result<u8> {
         .and_then(|v| u32::try_from(v).ok())
         .ok_or_else(|| Usage(format!("invalid --chunk-size {:?}", a.chunk_size)))?;
     let kdf = KdfParams { m_cost_kib: a.kdf_memory.saturating_mul(1024), t_cost: a.kdf_iterations, p_cost: 1 };
-    if kdf.m_cost_kib < KdfParams::MIN.m_cost_kib || kdf.m_cost_kib > KdfParams::MAX_M_COST_KIB || kdf.t_cost == 0 {
-        return Err(Usage("--kdf-memory must be 1..4096 MiB and --kdf-iterations at least 1".into()).into());
+    if !kdf.in_range() {
+        return Err(Usage(format!(
+            "--kdf-memory must be 1..4096 MiB and --kdf-iterations 1..{}",
+            KdfParams::MAX_T_COST
+        ))
+        .into());
     }
     if !chunk_size.is_power_of_two() || !(4096..=4 << 20).contains(&chunk_size) {
         return Err(Usage(format!("--chunk-size must be a power of two from 4KiB to 4MiB, not {chunk_size}")).into());

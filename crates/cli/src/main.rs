@@ -32,15 +32,39 @@ pub mod exit {
 }
 
 fn main() -> ExitCode {
-    let cli = args::Cli::parse();
+    let cli = match args::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => err.exit(), // --help, --version
+        Err(err) => {
+            // clap's message up to its usage block, on one line.
+            let rendered = err.to_string();
+            let lines: Vec<&str> = rendered.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+            eprintln!("blockproof: error: {}", lines.join(" ").trim_start_matches("error: "));
+            return ExitCode::from(exit::USAGE);
+        }
+    };
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             let usage = err.downcast_ref::<Usage>().is_some()
                 || err.downcast_ref::<blockproof_core::CoreError>().is_some_and(|e| e.is_usage());
-            let msg = format!("{err:#}").replace('\n', " ");
+            let msg = one_line(&err);
             eprintln!("blockproof: error: {msg}");
             ExitCode::from(if usage { exit::USAGE } else { exit::ERROR })
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: library errors often embed their
+/// source in their own message, so a cause already contained in the text is not repeated.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut msg = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+    }
+    msg.replace('\n', " ")
 }

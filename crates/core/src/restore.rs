@@ -86,7 +86,7 @@ impl Target {
             _ => PathBuf::from("."),
         };
         let temp = dir.join(format!(".{}.blockproof-{:08x}.partial", name.to_string_lossy(), rand::random::<u32>()));
-        let file = OpenOptions::new().write(true).create_new(true).open(&temp).map_err(|e| CoreError::io(&temp, e))?;
+        let file = OpenOptions::new().write(true).create_new(true).open(&temp).map_err(|e| CoreError::io(path, e))?;
         // A sparse file of the right size: zero chunks stay holes.
         file.set_len(size).map_err(|e| CoreError::io(&temp, e))?;
         Ok(Target::File { file, temp, final_path: path.to_path_buf() })
@@ -103,7 +103,13 @@ impl Target {
             Target::Device { file } => file.sync_all().map_err(|e| CoreError::io("block device", e)),
             Target::File { file, temp, final_path } => {
                 file.sync_all().map_err(|e| CoreError::io(&temp, e))?;
-                fs::rename(&temp, &final_path).map_err(|e| CoreError::io(&final_path, e))
+                fs::rename(&temp, &final_path).map_err(|e| CoreError::io(&final_path, e))?;
+                // The rename is durable only once the directory is.
+                let dir = match final_path.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| CoreError::io(&dir, e))
             }
         }
     }

@@ -21,6 +21,9 @@ fn derive(password: &[u8], salt: &[u8; SALT_LEN], p: &KdfParams) -> Result<XChaC
 
 /// Wraps `secret` in a new key slot for `password`.
 pub fn create_slot(secret: &MasterSecret, password: &[u8], params: KdfParams) -> Result<KeySlot, CryptoError> {
+    if !params.in_range() {
+        return Err(CryptoError::Kdf(format!("Argon2id parameters out of the readable range: {params:?}")));
+    }
     let mut salt = [0u8; SALT_LEN];
     rand::rngs::OsRng.fill_bytes(&mut salt);
     let cipher = derive(password, &salt, &params)?;

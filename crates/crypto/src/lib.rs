@@ -173,5 +173,7 @@ mod tests {
         // Pins the derivation: same secret, same id, in every future version.
         let expected = blake3::keyed_hash(&blake3::derive_key(ID_KEY_CONTEXT, &[7u8; 64]), b"chunk");
         assert_eq!(id.0, *expected.as_bytes());
+        // ... and as literal bytes, so a changed context string fails here too.
+        assert_eq!(format!("{id}"), "6e221070010e8ddf49facd49b2d7a2f77251a757b785e33e30f53104a2ab093b");
     }
 }

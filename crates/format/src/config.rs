@@ -41,6 +41,16 @@ pub struct RepoConfig {
 
 impl RepoConfig {
     pub fn validate(&self) -> Result<(), FormatError> {
+        if self.version != crate::FORMAT_VERSION {
+            return Err(FormatError::Malformed {
+                what: "repository config",
+                detail: format!(
+                    "format version {} (this blockproof reads version {})",
+                    self.version,
+                    crate::FORMAT_VERSION
+                ),
+            });
+        }
         let cs = self.chunk_size;
         if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
             return Err(FormatError::Malformed { what: "repository config", detail: format!("chunk size {cs}") });

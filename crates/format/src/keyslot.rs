@@ -39,6 +39,18 @@ impl KdfParams {
     pub const MIN: KdfParams = KdfParams { m_cost_kib: 1024, t_cost: 1, p_cost: 1 };
     /// The largest accepted (4 GiB), so a hostile slot cannot exhaust memory.
     pub const MAX_M_COST_KIB: u32 = 4 * 1024 * 1024;
+    /// The most passes accepted.
+    pub const MAX_T_COST: u32 = 64;
+    /// The most lanes accepted.
+    pub const MAX_P_COST: u32 = 16;
+
+    /// Whether a reader accepts these parameters; the same bounds apply when a slot is
+    /// created, so no slot is ever written that cannot be opened.
+    pub fn in_range(&self) -> bool {
+        (KdfParams::MIN.m_cost_kib..=KdfParams::MAX_M_COST_KIB).contains(&self.m_cost_kib)
+            && (1..=KdfParams::MAX_T_COST).contains(&self.t_cost)
+            && (1..=KdfParams::MAX_P_COST).contains(&self.p_cost)
+    }
 }
 
 /// A decoded key slot.
@@ -77,13 +89,7 @@ impl KeySlot {
             return Err(r.malformed(format!("unknown key derivation function {kdf}")));
         }
         let params = KdfParams { m_cost_kib: r.u32()?, t_cost: r.u32()?, p_cost: r.u32()? };
-        if params.m_cost_kib < KdfParams::MIN.m_cost_kib
-            || params.m_cost_kib > KdfParams::MAX_M_COST_KIB
-            || params.t_cost < 1
-            || params.t_cost > 64
-            || params.p_cost < 1
-            || params.p_cost > 16
-        {
+        if !params.in_range() {
             return Err(r.malformed(format!("Argon2id parameters out of range: {params:?}")));
         }
         let salt = r.array()?;

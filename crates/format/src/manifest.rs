@@ -112,9 +112,21 @@ impl Snapshot {
         serde_json::to_vec(self).expect("a snapshot always serializes")
     }
 
+    /// Decodes and validates a manifest: every disk's geometry must be one a reader can
+    /// walk (chunk size a power of two in range, fan-out in range), whatever the JSON says.
     pub fn from_json(buf: &[u8]) -> Result<Self, crate::FormatError> {
-        serde_json::from_slice(buf)
-            .map_err(|e| crate::FormatError::Malformed { what: "snapshot manifest", detail: e.to_string() })
+        let bad = |detail: String| crate::FormatError::Malformed { what: "snapshot manifest", detail };
+        let snap: Snapshot = serde_json::from_slice(buf).map_err(|e| bad(e.to_string()))?;
+        for d in &snap.disks {
+            let cs = d.chunk_size;
+            if !cs.is_power_of_two() || !(crate::config::MIN_CHUNK_SIZE..=crate::config::MAX_CHUNK_SIZE).contains(&cs) {
+                return Err(bad(format!("disk {}: chunk size {cs}", d.id)));
+            }
+            if !(crate::tree::MIN_FANOUT..=crate::tree::MAX_FANOUT).contains(&d.index_fanout) {
+                return Err(bad(format!("disk {}: index fan-out {}", d.id, d.index_fanout)));
+            }
+        }
+        Ok(snap)
     }
 }
 
@@ -151,5 +163,14 @@ mod tests {
         assert_eq!(j["disks"][0]["index_root"], "0".repeat(64));
         assert_eq!(Snapshot::from_json(&s.to_json()).unwrap(), s);
         assert!(Snapshot::from_json(b"{").is_err());
+
+        // Geometry a reader cannot walk is refused at decode, not discovered by a panic.
+        for (cs, fanout) in [(0, 1024), (3000, 1024), (65536, 0), (65536, 1), (65536, 1 << 20)] {
+            let mut bad = s.clone();
+            bad.disks[0].chunk_size = cs;
+            bad.disks[0].index_fanout = fanout;
+            let err = Snapshot::from_json(&bad.to_json()).unwrap_err().to_string();
+            assert!(err.contains("disk sda"), "{err}");
+        }
     }
 }

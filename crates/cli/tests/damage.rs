@@ -1,0 +1,187 @@
+//! Damaged repositories, beyond a flipped byte in any pack (corruption.rs): a damaged
+//! chunk is pinned to the exact disk range it holds and spares the snapshots that do not
+//! use it; and damage of any kind to any file of the repository is an error, never a
+//! panic and never wrong bytes (DESIGN.md §8).
+
+mod harness;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use harness::{hash, mixed_image, Dir};
+use rand::{Rng, RngCore, SeedableRng};
+
+const CHUNK: usize = 64 << 10;
+
+/// Overwrites `count` distinct whole chunks with random data; returns their numbers.
+fn rewrite_chunks(img: &mut [u8], count: usize, seed: u64) -> BTreeSet<usize> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut chosen = BTreeSet::new();
+    while chosen.len() < count {
+        chosen.insert(rng.gen_range(0..img.len() / CHUNK));
+    }
+    for &c in &chosen {
+        rng.fill_bytes(&mut img[c * CHUNK..(c + 1) * CHUNK]);
+    }
+    chosen
+}
+
+/// The `A..B` after "bytes " in an error line.
+fn byte_range(line: &str) -> Option<(u64, u64)> {
+    let rest = &line[line.find("bytes ")? + "bytes ".len()..];
+    let token: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    let (a, b) = token.split_once("..")?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+fn partial_files(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.to_string_lossy().contains("partial")).collect()
+}
+
+/// The pack written by an incremental holds only the rewritten chunks (and the index page
+/// written after them). A flipped byte in its middle hits one of those chunks: restore of
+/// the incremental fails naming exactly that chunk's range; the first snapshot, which
+/// does not use the pack, still restores bit-exact.
+#[test]
+fn damaged_chunk_of_an_incremental_names_its_range_and_spares_older_snapshots() {
+    let dir = Dir::new();
+    dir.init();
+    let img = dir.join("d.img");
+    let mut data = mixed_image(32 << 20, 61);
+    fs::write(&img, &data).unwrap();
+    let v1 = hash(&img);
+    let first = dir.backup("v", &[("d", &img)]);
+    let old_packs: BTreeSet<_> = dir.packs().into_iter().collect();
+
+    let changed = rewrite_chunks(&mut data, 40, 62);
+    fs::write(&img, &data).unwrap();
+    let second = dir.backup("v", &[("d", &img)]);
+    assert_eq!(second["disks"][0]["new_chunks"], 40, "{second}");
+    let new_packs: Vec<_> = dir.packs().into_iter().filter(|p| !old_packs.contains(p)).collect();
+    assert_eq!(new_packs.len(), 1, "the incremental wrote one pack: {new_packs:?}");
+    let pack = &new_packs[0];
+    let name = pack.file_name().unwrap().to_str().unwrap().to_string();
+
+    let f = fs::OpenOptions::new().read(true).write(true).open(pack).unwrap();
+    let at = f.metadata().unwrap().len() / 2;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x80], at).unwrap();
+
+    let (stdout, stderr) = dir.repo_cmd("check").arg("--read-data").code(1);
+    assert!(stderr.contains(&name), "check --read-data names pack {name}:\n{stdout}\n{stderr}");
+
+    let (s1, s2) = (first["snapshot"].as_str().unwrap(), second["snapshot"].as_str().unwrap());
+    assert_eq!(hash(&dir.restore(s1, "d", "first.img")), v1, "the first snapshot does not use the damaged pack");
+
+    let target = dir.join("second.img");
+    let line = dir.repo_cmd("restore").arg(s2).args(["--disk", "d", "--to"]).arg(&target).fails_with_one_line(1);
+    let (from, to) = byte_range(&line).unwrap_or_else(|| panic!("no byte range in: {line}"));
+    let chunk = (from / CHUNK as u64) as usize;
+    assert!(
+        from % CHUNK as u64 == 0 && to == from + CHUNK as u64 && changed.contains(&chunk),
+        "range {from}..{to} is not one of the rewritten chunks {changed:?}: {line}"
+    );
+    assert!(!target.exists(), "a failed restore leaves no target file");
+    assert!(partial_files(dir.path()).is_empty(), "{:?}", partial_files(dir.path()));
+}
+
+type Damage = (&'static str, fn(&Path));
+
+const DAMAGES: [Damage; 5] = [
+    ("flip a byte in the middle", |p| {
+        let mut b = fs::read(p).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x04;
+        fs::write(p, b).unwrap();
+    }),
+    ("flip a byte of the magic", |p| {
+        let mut b = fs::read(p).unwrap();
+        b[1] ^= 0x01;
+        fs::write(p, b).unwrap();
+    }),
+    ("truncate to half", |p| {
+        let b = fs::read(p).unwrap();
+        fs::write(p, &b[..b.len() / 2]).unwrap();
+    }),
+    ("empty", |p| fs::write(p, b"").unwrap()),
+    ("delete", |p| fs::remove_file(p).unwrap()),
+];
+
+/// Every file of a repository (config, key slot, packs, index files, snapshots), every
+/// kind of damage: `check --read-data` reports it (exit 1; a deleted snapshot file is a
+/// forgotten snapshot); `restore` of each snapshot
+/// either fails with one line and leaves no file, or returns exactly the right bytes;
+/// `snapshots` never panics. Each file is put back before the next damage.
+#[test]
+fn any_damage_to_any_file_is_an_error_never_a_panic_or_wrong_bytes() {
+    let dir = Dir::new();
+    // Small packs: the snapshots' chunks spread over several of them.
+    dir.repo_cmd("init").args(["--kdf-memory", "8", "--kdf-iterations", "1", "--pack-size", "512KiB"]).ok();
+    let img = dir.join("d.img");
+    let mut data = mixed_image(3 << 20, 63);
+    fs::write(&img, &data).unwrap();
+    let mut versions = vec![data.clone()];
+    let mut snaps = vec![dir.backup("v", &[("d", &img)])["snapshot"].as_str().unwrap().to_string()];
+    rewrite_chunks(&mut data, 6, 64);
+    fs::write(&img, &data).unwrap();
+    versions.push(data.clone());
+    snaps.push(dir.backup("v", &[("d", &img)])["snapshot"].as_str().unwrap().to_string());
+    dir.repo_cmd("check").arg("--read-data").ok();
+
+    let files = dir.repo_files();
+    let kinds = ["config", "keys/", "data/", "index/", "snapshots/"];
+    for kind in kinds {
+        let n = files.iter().filter(|f| f.strip_prefix(dir.repo()).unwrap().starts_with(kind)).count();
+        assert!(n > 0, "the repository has a {kind} file: {files:?}");
+    }
+    let target = dir.join("out.img");
+    for file in &files {
+        let rel = file.strip_prefix(dir.repo()).unwrap().display().to_string();
+        let original = fs::read(file).unwrap();
+        for (what, damage) in DAMAGES {
+            let case = format!("{rel}: {what}");
+            damage(file);
+
+            // A deleted snapshot file is indistinguishable from a forgotten snapshot: with
+            // no catalog outside the repository, nothing says it existed.
+            let forgotten = what == "delete" && rel.starts_with("snapshots/");
+            let out = dir.repo_cmd("check").args(["--read-data"]).output();
+            let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            let expect = if forgotten { 0 } else { 1 };
+            assert_eq!(out.status.code(), Some(expect), "{case}: check --read-data:\n{stdout}\n{stderr}");
+            assert!(!stderr.contains("panicked"), "{case}: check panicked: {stderr}");
+
+            let out = dir.repo_cmd("snapshots").output();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(matches!(out.status.code(), Some(0 | 1)), "{case}: snapshots exited {:?}: {stderr}", out.status);
+
+            for (snap, version) in snaps.iter().zip(&versions) {
+                let out = dir.repo_cmd("restore").arg(snap).args(["--disk", "d", "--to"]).arg(&target).output();
+                let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+                match out.status.code() {
+                    Some(0) => {
+                        assert!(
+                            fs::read(&target).unwrap() == *version,
+                            "{case}: restore of {snap} returned wrong bytes"
+                        );
+                        fs::remove_file(&target).unwrap();
+                    }
+                    Some(1) => {
+                        assert_eq!(stderr.lines().count(), 1, "{case}: one line expected: {stderr}");
+                        assert!(stderr.starts_with("blockproof: error: "), "{case}: {stderr}");
+                        assert!(!target.exists(), "{case}: a failed restore left {}", target.display());
+                    }
+                    // Only a deleted snapshot file may look like an unknown snapshot.
+                    Some(2) if forgotten => {}
+                    code => panic!("{case}: restore of {snap} exited {code:?}: {stderr}"),
+                }
+                assert!(partial_files(dir.path()).is_empty(), "{case}: {:?}", partial_files(dir.path()));
+            }
+            fs::write(file, &original).unwrap();
+        }
+    }
+    dir.repo_cmd("check").arg("--read-data").ok();
+}

@@ -1,0 +1,200 @@
+//! How blockproof talks when it is called wrongly or the system says no (DESIGN.md §5,
+//! §8): exit code 2 for usage and 1 for errors, one clear line on stderr either way, the
+//! offending argument or path named and the cause stated once; `--help` documents the
+//! contract's options. (Disk-spec, vm-name, budget and restore-target usage errors are in
+//! backup_restore.rs.)
+
+mod harness;
+
+use std::fs;
+
+use harness::{mixed_image, Dir};
+
+/// Errors found by the argument parser are usage errors like any other: exit 2 and one
+/// line that names what is wrong, not a multi-line usage dump.
+#[test]
+fn argument_parser_errors_are_one_line_exit_2() {
+    let dir = Dir::new();
+    dir.init();
+    let img = dir.join("d.img");
+    fs::write(&img, mixed_image(1 << 20, 91)).unwrap();
+    let spec = format!("id=d,source={}", img.display());
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["backup", "--vm", "v", "--disk", &spec, "--no-such-flag"], "--no-such-flag"),
+        (vec!["backup", "--vm", "v"], "--disk"),
+        (vec!["restore", "--disk", "d", "--to", "x.img"], "SNAPSHOT"),
+        (vec!["restore", "v:latest", "--disk", "d", "--to"], "--to"),
+        (vec!["check", "--read-data", "all"], "all"),
+        (vec!["init", "--kdf-memory", "lots"], "--kdf-memory"),
+    ];
+    let mut problems = Vec::new();
+    for (args, names) in cases {
+        let mut cmd = dir.cmd(args[0]);
+        cmd.arg("--repo").arg(dir.repo()).args(&args[1..]);
+        problems.extend(one_line_error(&mut cmd, 2, names).err().map(|p| format!("{args:?}: {p}")));
+    }
+    problems
+        .extend(one_line_error(&mut dir.cmd("frobnicate"), 2, "frobnicate").err().map(|p| format!("frobnicate: {p}")));
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
+
+/// The error line if `cmd` failed as it should (the exit code, one line on stderr in
+/// blockproof's own format, naming `names`); otherwise what is wrong.
+fn one_line_error(cmd: &mut harness::TestCommand, code: i32, names: &str) -> Result<String, String> {
+    let out = cmd.output();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    if out.status.code() != Some(code) {
+        Err(format!("exit {:?}, expected {code}: {stderr}", out.status.code()))
+    } else if stderr.lines().count() != 1 || !stderr.starts_with("blockproof: error: ") {
+        Err(format!("expected one line \"blockproof: error: ...\", got {} lines:\n{stderr}", stderr.lines().count()))
+    } else if !stderr.contains(names) {
+        Err(format!("the error does not name {names}: {stderr}"))
+    } else {
+        Ok(stderr)
+    }
+}
+
+/// A failed system call is reported once, with the path: anyhow's `{:#}` already appends
+/// an error's source, so a message that also embeds it says "(os error 2)" twice.
+#[test]
+fn system_errors_name_the_path_and_state_the_cause_once() {
+    let dir = Dir::new();
+    dir.init();
+    let img = dir.join("d.img");
+    fs::write(&img, mixed_image(1 << 20, 92)).unwrap();
+    dir.backup("v", &[("d", &img)]);
+    let missing_dir = dir.join("no-such-dir");
+    let target = missing_dir.join("x.img");
+    let not_a_dir = dir.join("plain-file");
+    fs::write(&not_a_dir, b"x").unwrap();
+
+    let cases: Vec<(harness::TestCommand, String)> = vec![
+        (
+            {
+                let mut c = dir.repo_cmd("backup");
+                c.args(["--vm", "v", "--disk", "id=d,source=/no/such/disk.img"]);
+                c
+            },
+            "/no/such/disk.img".into(),
+        ),
+        (
+            {
+                let mut c = dir.repo_cmd("restore");
+                c.args(["v:latest", "--disk", "d", "--to"]).arg(&target);
+                c
+            },
+            missing_dir.display().to_string(),
+        ),
+        (
+            {
+                let mut c = dir.cmd("init");
+                c.arg("--repo").arg(not_a_dir.join("repo")).args(["--kdf-memory", "8"]);
+                c
+            },
+            not_a_dir.display().to_string(),
+        ),
+    ];
+    let mut problems = Vec::new();
+    for (mut cmd, path) in cases {
+        match one_line_error(&mut cmd, 1, &path) {
+            Err(p) => problems.push(p),
+            Ok(line) if line.matches("(os error").count() != 1 => {
+                problems.push(format!("the cause is not stated exactly once: {}", line.trim_end()))
+            }
+            Ok(_) => {}
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Bad sources, names and passwords: never a panic, one line naming the culprit.
+#[test]
+fn bad_inputs_are_clear_one_line_errors() {
+    let dir = Dir::new();
+    dir.init();
+    let img = dir.join("d.img");
+    fs::write(&img, mixed_image(1 << 20, 93)).unwrap();
+    let spec = format!("id=d,source={}", img.display());
+    let not_a_repo = dir.join("empty-dir");
+    fs::create_dir(&not_a_repo).unwrap();
+    let empty_pw = dir.join("empty-pw");
+    fs::write(&empty_pw, b"\n").unwrap();
+
+    let backup = |disks: &[&str]| {
+        let mut c = dir.repo_cmd("backup");
+        c.args(["--vm", "v"]);
+        for d in disks {
+            c.args(["--disk", d]);
+        }
+        c
+    };
+    let dir_spec = format!("id=d,source={}", dir.path().display());
+    let cases: Vec<(harness::TestCommand, i32, &str)> = vec![
+        (backup(&[&dir_spec]), 1, "not a regular file"),
+        (backup(&["id=d,source=/dev/null"]), 1, "/dev/null"),
+        (backup(&[&spec, &spec]), 2, "twice"),
+        (backup(&[&format!("{spec},cbt=bitmap:nightly")]), 2, "bitmap:nightly"),
+        (backup(&["id=d,source=disk.qcow2"]), 2, "qemu-img convert"),
+        (
+            {
+                let mut c = dir.cmd("snapshots");
+                c.arg("--repo").arg(&not_a_repo);
+                c
+            },
+            1,
+            "not a blockproof repository",
+        ),
+        (
+            {
+                let mut c = dir.repo_cmd("snapshots");
+                c.arg("--password-file").arg(dir.join("no-such-file"));
+                c
+            },
+            1,
+            "no-such-file",
+        ),
+        (
+            {
+                let mut c = dir.repo_cmd("snapshots");
+                c.arg("--password-file").arg(&empty_pw);
+                c
+            },
+            1,
+            "empty",
+        ),
+        (
+            {
+                let mut c = dir.repo_cmd("snapshots");
+                c.env("BLOCKPROOF_PASSWORD", "");
+                c
+            },
+            1,
+            "empty",
+        ),
+    ];
+    for (mut cmd, code, says) in cases {
+        let line = cmd.fails_with_one_line(code);
+        assert!(line.contains(says), "the error says {says:?}: {line}");
+    }
+    assert!(dir.snapshots().is_empty(), "no failed backup left a snapshot");
+}
+
+#[test]
+fn help_documents_the_contract_options() {
+    let dir = Dir::new();
+    for (sub, options) in [
+        ("init", &["--repo", "--password-file"][..]),
+        ("backup", &["--repo", "--vm", "--disk", "--verify", "--full", "--json", "id=", "source="]),
+        ("snapshots", &["--repo", "--vm", "--json"]),
+        ("restore", &["--repo", "--disk", "--to", "--force", "latest"]),
+        ("check", &["--repo", "--read-data", "--json"]),
+        ("demo", &[]),
+    ] {
+        let help = dir.cmd(sub).arg("--help").ok();
+        for o in options {
+            assert!(help.contains(o), "{sub} --help mentions {o}:\n{help}");
+        }
+    }
+    let version = dir.cmd("--version").ok();
+    assert!(version.starts_with("blockproof "), "{version}");
+}
