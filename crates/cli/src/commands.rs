@@ -96,10 +96,9 @@ fn backup(a: BackupArgs) -> Result<u8> {
     if let Some(v) = &a.verify {
         Budget::parse(v).map_err(Usage)?;
     }
-    let specs = a.disks.iter().map(|s| DiskSpec::parse(s)).collect::<Result<Vec<_>, _>>()?;
+    let disks = a.disks.iter().map(|s| DiskSpec::parse(s)?.input()).collect::<Result<Vec<_>, _>>()?;
     let repo = open_repo(&a.repo)?;
-    let disks = specs.into_iter().map(DiskSpec::open).collect::<Result<Vec<_>>>()?;
-    let opts = BackupOptions { vm: a.vm, disks, tags: a.tags, hostname: blockproof_core::hostname() };
+    let opts = BackupOptions { vm: a.vm, disks, tags: a.tags, hostname: blockproof_core::hostname(), full: a.full };
     let progress = progress::for_stderr();
     let report = blockproof_core::backup(&repo, opts, progress.as_ref())?;
     if a.json {
@@ -107,15 +106,21 @@ fn backup(a: BackupArgs) -> Result<u8> {
     } else {
         println!("snapshot {} of vm {} saved ({})", report.snapshot.short(), report.vm, report.status.as_str());
         for d in &report.disks {
+            let mode = match (&d.full_reason, d.mode) {
+                (Some(why), _) => format!("full read: {why}"),
+                (None, _) => format!("incremental: {} chunks reported changed", d.cbt_reported_chunks),
+            };
             println!(
-                "  disk {}: {} read, {} new data ({} stored), {} zero chunks, mode {:?}",
+                "  disk {}: {} read, {} new data ({} stored), {} zero chunks; {mode}",
                 d.id,
                 human_bytes(d.bytes_read),
                 human_bytes(d.new_bytes),
                 human_bytes(d.stored_bytes),
                 d.zero_chunks,
-                d.mode
             );
+        }
+        for w in &report.warnings {
+            eprintln!("blockproof: warning: {w}");
         }
         println!(
             "  {} written in {} pack files, {:.1} s",

@@ -76,9 +76,10 @@ fn backup_once(repo: &Repository, disk: &Path) -> Result<blockproof_core::Backup
     let source = RawFile::open(disk)?;
     let opts = BackupOptions {
         vm: "demo-vm".into(),
-        disks: vec![DiskInput { id: "scsi0-6000c29d".into(), source: Box::new(source), cbt: "none".into() }],
+        disks: vec![DiskInput::source("scsi0-6000c29d", Box::new(source))],
         tags: vec!["demo".into()],
         hostname: blockproof_core::hostname(),
+        full: false,
     };
     Ok(blockproof_core::backup(repo, opts, &NoProgress)?)
 }

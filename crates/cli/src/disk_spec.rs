@@ -1,9 +1,7 @@
 //! Parsing `--disk id=ID,source=SOURCE[,cbt=CBT]`.
 
-use std::path::PathBuf;
-
 use blockproof_core::DiskInput;
-use blockproof_source::RawFile;
+use blockproof_source::Cbt;
 
 use crate::Usage;
 
@@ -21,7 +19,7 @@ impl DiskSpec {
         for part in spec.split(',') {
             let (key, value) = part
                 .split_once('=')
-                .ok_or_else(|| Usage(format!("invalid disk spec {spec:?}: expected id=ID,source=PATH[,cbt=none]")))?;
+                .ok_or_else(|| Usage(format!("invalid disk spec {spec:?}: expected id=ID,source=SOURCE[,cbt=CBT]")))?;
             let slot = match key.trim() {
                 "id" => &mut id,
                 "source" => &mut source,
@@ -38,21 +36,13 @@ impl DiskSpec {
         Ok(DiskSpec { id, source, cbt: cbt.unwrap_or_else(|| "none".into()) })
     }
 
-    /// Opens the source read-only.
-    pub fn open(self) -> anyhow::Result<DiskInput> {
-        if self.source.starts_with("nbd:") || self.source.starts_with("nbd+unix:") {
-            return Err(Usage(format!("disk {}: NBD sources are not supported yet", self.id)).into());
-        }
-        let lower = self.source.to_ascii_lowercase();
-        if [".qcow2", ".vmdk", ".vhdx", ".vdi"].iter().any(|ext| lower.ends_with(ext)) {
-            return Err(Usage(format!(
-                "disk {}: image formats other than raw are not supported yet; convert with qemu-img convert -O raw",
-                self.id
-            ))
-            .into());
-        }
-        let raw = RawFile::open(PathBuf::from(&self.source))?;
-        Ok(DiskInput { id: self.id, source: Box::new(raw), cbt: self.cbt })
+    /// Checks the source and change source and makes the disk input; the source is
+    /// opened by the backup, once the parent restore point is known.
+    pub fn input(self) -> Result<DiskInput, Usage> {
+        let cbt: Cbt = self.cbt.parse().map_err(|e| Usage(format!("disk {}: {e}", self.id)))?;
+        let spec =
+            blockproof_source::DiskSpec::new(&self.source, cbt).map_err(|e| Usage(format!("disk {}: {e}", self.id)))?;
+        Ok(DiskInput::spec(self.id, spec))
     }
 }
 

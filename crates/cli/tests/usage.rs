@@ -134,7 +134,11 @@ fn bad_inputs_are_clear_one_line_errors() {
         (backup(&["id=d,source=/dev/null"]), 1, "/dev/null"),
         (backup(&[&spec, &spec]), 2, "twice"),
         (backup(&[&format!("{spec},cbt=bitmap:nightly")]), 2, "bitmap:nightly"),
-        (backup(&["id=d,source=disk.qcow2"]), 2, "qemu-img convert"),
+        (backup(&["id=d,source=disk.qcow2"]), 1, "cannot open source disk.qcow2"),
+        (backup(&["id=d,source=disk.vmdk,cbt=bitmap:auto"]), 2, "bitmap:auto needs a .qcow2"),
+        (backup(&[&format!("{spec},cbt=changes:")]), 2, "unknown change source"),
+        (backup(&[&format!("{spec},cbt=changes:/no/such.json")]), 1, "/no/such.json"),
+        (backup(&["id=d,source=nbd+unix:///x?socket=/no/such.sock"]), 1, "/no/such.sock"),
         (
             {
                 let mut c = dir.cmd("snapshots");

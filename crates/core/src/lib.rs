@@ -24,9 +24,10 @@ pub mod backup;
 pub mod budget;
 pub mod check;
 mod pipeline;
+mod plan;
 pub mod restore;
 
-pub use backup::{backup, BackupOptions, BackupReport, Coverage, DiskInput, DiskReport};
+pub use backup::{backup, BackupOptions, BackupReport, Coverage, DiskInput, DiskReport, OpenFn};
 pub use budget::Budget;
 pub use check::{check, CheckOptions, CheckReport};
 pub use restore::{restore, RestoreOptions, RestoreReport};
@@ -69,7 +70,12 @@ impl CoreError {
     /// Whether the error is the caller's (exit code 2 in the CLI: a bad request, an
     /// unknown snapshot or disk) rather than the repository's or the system's.
     pub fn is_usage(&self) -> bool {
-        matches!(self, CoreError::Invalid(_) | CoreError::Repo(RepoError::NotFound(_) | RepoError::Invalid(_)))
+        matches!(
+            self,
+            CoreError::Invalid(_)
+                | CoreError::Source(SourceError::Invalid(_))
+                | CoreError::Repo(RepoError::NotFound(_) | RepoError::Invalid(_))
+        )
     }
 }
 

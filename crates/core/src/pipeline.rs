@@ -1,6 +1,8 @@
-//! The chunk pipeline of a backup: one reader thread, one worker per core (zero test,
-//! keyed hash, dedup, compression, sealing), a pack-writer thread, and the calling thread
-//! putting chunk ids back in disk order to build the fixed index tree.
+//! The chunk pipeline of a backup: one reader thread (reading the chunks the plan says to
+//! read, several requests in flight where the source can), one worker per core (zero
+//! test, keyed hash, dedup, compression, sealing), a pack-writer thread, and the calling
+//! thread putting chunk ids in disk order — read ones as they arrive, zero and inherited
+//! ones from the plan and the parent's tree — to build the fixed index tree.
 //!
 //! ```text
 //! reader ──(chunk no, bytes)──▶ workers ──(chunk no, id)──▶ caller: reorder → TreeWriter
@@ -12,15 +14,17 @@
 //! Any error stops every stage: a closed channel makes the sender give up.
 
 use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use blockproof_format::tree::{chunk_count, encode_page, DEFAULT_FANOUT};
 use blockproof_format::{BlobKind, Id};
-use blockproof_repo::{BlobCodec, BlobIndex, Repository, SealedBlob, TreeWriter};
+use blockproof_repo::{BlobCodec, BlobIndex, Repository, SealedBlob, TreeReader, TreeWriter};
 use blockproof_source::BlockSource;
 use crossbeam_channel::{bounded, Sender};
 
+use crate::plan::{Action, ChunkPlan};
 use crate::{workers, CoreError, Progress};
 
 /// Blob ids already stored or being stored by this backup, shared by all stages so
@@ -62,46 +66,47 @@ fn is_zero(buf: &[u8]) -> bool {
     words.into_iter().all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0) && tail.iter().all(|&b| b == 0)
 }
 
-/// Reads every chunk of `source`, stores the new ones, and returns the tree root.
+/// Backs up one disk by `plan`: reads the chunks it says to read and stores the new ones,
+/// takes zero chunks as [`Id::ZERO`] and inherited ones from `parent`, and returns the root
+/// of the new fixed index tree.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn store_disk(
     repo: &Repository,
     dedup: &Dedup<'_>,
-    source: &dyn BlockSource,
+    source: &mut dyn BlockSource,
+    plan: &ChunkPlan,
+    mut parent: Option<&mut TreeReader<'_>>,
     blobs: &Sender<SealedBlob>,
     counters: &DiskCounters,
     progress: &dyn Progress,
 ) -> Result<DiskResult, CoreError> {
-    let chunk_size = repo.config().chunk_size as usize;
+    let chunk_size = repo.config().chunk_size as u64;
     let size = source.size();
     let n = chunk_count(size, chunk_size as u32);
     let nworkers = workers();
     let level = repo.config().zstd_level;
+    let chunk_len = |i: u64| (size - i * chunk_size).min(chunk_size);
 
     std::thread::scope(|s| {
         let (work_tx, work_rx) = bounded::<(u64, Vec<u8>)>(64);
         let (res_tx, res_rx) = bounded::<Result<(u64, Id), CoreError>>(128);
-        let (pool_tx, pool_rx) = bounded::<Vec<u8>>(256);
 
         let reader_res = res_tx.clone();
+        let reads: Vec<Range<u64>> =
+            plan.runs.iter().filter(|(_, a)| *a == Action::Read).map(|(r, _)| r.clone()).collect();
         s.spawn(move || {
-            for i in 0..n {
-                let offset = i * chunk_size as u64;
-                let len = (size - offset).min(chunk_size as u64) as usize;
-                let mut buf = pool_rx.try_recv().unwrap_or_default();
-                buf.resize(len, 0);
-                if let Err(e) = source.read_at(&mut buf, offset) {
-                    let _ = reader_res.send(Err(e.into()));
-                    return;
-                }
-                counters.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-                if work_tx.send((i, buf)).is_err() {
-                    return;
-                }
+            let mut ranges = reads.into_iter().flatten().map(|i| (i * chunk_size, chunk_len(i) as usize));
+            let mut sink = |offset: u64, buf: Vec<u8>| {
+                counters.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                work_tx.send((offset / chunk_size, buf)).is_ok()
+            };
+            if let Err(e) = source.read_ranges(&mut ranges, &mut sink) {
+                let _ = reader_res.send(Err(e.into()));
             }
         });
 
         for _ in 0..nworkers {
-            let (work_rx, res_tx, pool_tx) = (work_rx.clone(), res_tx.clone(), pool_tx.clone());
+            let (work_rx, res_tx) = (work_rx.clone(), res_tx.clone());
             let mut codec = BlobCodec::new(repo.keys().clone(), level);
             s.spawn(move || {
                 for (i, buf) in work_rx.iter() {
@@ -122,7 +127,6 @@ pub(crate) fn store_disk(
                         }
                         Ok((i, id))
                     };
-                    let _ = pool_tx.try_send(buf);
                     if res_tx.send(result).is_err() {
                         return;
                     }
@@ -142,23 +146,31 @@ pub(crate) fn store_disk(
             Ok(id)
         };
         let mut tree = TreeWriter::new(n, DEFAULT_FANOUT);
+        // Results of reads arrive out of order; they wait here until their turn.
         let mut pending = BTreeMap::new();
-        let mut next = 0u64;
-        for r in res_rx.iter() {
-            let (i, id) = r?;
-            pending.insert(i, id);
-            while let Some(id) = pending.remove(&next) {
+        for (run, action) in &plan.runs {
+            for i in run.clone() {
+                let id = match action {
+                    Action::Zero => Id::ZERO,
+                    Action::Inherit => {
+                        let parent =
+                            parent.as_deref_mut().ok_or(CoreError::Invalid("no parent to inherit from".into()))?;
+                        parent.chunk(i)?
+                    }
+                    Action::Read => loop {
+                        if let Some(id) = pending.remove(&i) {
+                            break id;
+                        }
+                        let (j, id) = res_rx.recv().map_err(|_| CoreError::WriterGone)??;
+                        pending.insert(j, id);
+                    },
+                };
+                if *action != Action::Read && id == Id::ZERO {
+                    counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
+                }
                 tree.push(id, &mut store_page)?;
-                let len = (size - next * chunk_size as u64).min(chunk_size as u64);
-                progress.advance(len);
-                next += 1;
+                progress.advance(chunk_len(i));
             }
-            if next == n {
-                break;
-            }
-        }
-        if next != n {
-            return Err(CoreError::WriterGone);
         }
         let root = tree.finish(&mut store_page)?;
         Ok(DiskResult { root, chunks: n })

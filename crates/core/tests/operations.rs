@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use blockproof_core::{backup, check, restore, BackupOptions, CheckOptions, DiskInput, NoProgress, RestoreOptions};
 use blockproof_format::KdfParams;
 use blockproof_repo::{InitOptions, Repository};
-use blockproof_source::{BlockSource, SourceError};
+use blockproof_source::{BlockSource, Changes, OpenedDisk, SourceError};
 use blockproof_store::LocalBackend;
 
 /// A disk in memory that can be told to fail after some reads.
@@ -14,6 +14,7 @@ struct MemDisk {
     data: Vec<u8>,
     fail_after: Option<u64>,
     reads: AtomicU64,
+    zero: Vec<(u64, u64)>,
 }
 
 impl BlockSource for MemDisk {
@@ -21,18 +22,30 @@ impl BlockSource for MemDisk {
         self.data.len() as u64
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
-        let n = self.reads.fetch_add(1, Ordering::SeqCst);
-        if self.fail_after.is_some_and(|f| n >= f) {
-            return Err(SourceError::Read {
-                what: "memdisk".into(),
-                offset,
-                len: buf.len(),
-                source: std::io::Error::other("injected EIO"),
-            });
+    fn read_ranges(
+        &mut self,
+        ranges: &mut dyn Iterator<Item = (u64, usize)>,
+        sink: &mut dyn FnMut(u64, Vec<u8>) -> bool,
+    ) -> Result<(), SourceError> {
+        for (offset, len) in ranges {
+            let n = self.reads.fetch_add(1, Ordering::SeqCst);
+            if self.fail_after.is_some_and(|f| n >= f) {
+                return Err(SourceError::Read {
+                    what: "memdisk".into(),
+                    offset,
+                    len,
+                    source: std::io::Error::other("injected EIO"),
+                });
+            }
+            if !sink(offset, self.data[offset as usize..offset as usize + len].to_vec()) {
+                break;
+            }
         }
-        buf.copy_from_slice(&self.data[offset as usize..offset as usize + buf.len()]);
         Ok(())
+    }
+
+    fn zero_ranges(&mut self) -> Result<Vec<(u64, u64)>, SourceError> {
+        Ok(self.zero.clone())
     }
 
     fn describe(&self) -> String {
@@ -41,10 +54,25 @@ impl BlockSource for MemDisk {
 }
 
 fn disk(data: Vec<u8>, fail_after: Option<u64>) -> DiskInput {
+    DiskInput::source("d", Box::new(MemDisk { data, fail_after, reads: AtomicU64::new(0), zero: vec![] }))
+}
+
+/// A disk whose change source reports `changes` (`None`: no parent state, read all)
+/// and whose allocation map reports `zero`.
+fn tracked(data: Vec<u8>, changes: Option<Vec<(u64, u64)>>, zero: Vec<(u64, u64)>) -> DiskInput {
+    let source = Box::new(MemDisk { data, fail_after: None, reads: AtomicU64::new(0), zero });
     DiskInput {
         id: "d".into(),
-        source: Box::new(MemDisk { data, fail_after, reads: AtomicU64::new(0) }),
-        cbt: "none".into(),
+        cbt: "changes:test".into(),
+        open: Box::new(move |_| {
+            let changes = match changes {
+                Some(r) => Changes::ranges(r),
+                None => Changes::All { reason: "test".into() },
+            };
+            let mut opened = OpenedDisk::full(source, "unused");
+            opened.changes = changes;
+            Ok(opened)
+        }),
     }
 }
 
@@ -58,7 +86,7 @@ fn repo(dir: &std::path::Path) -> Repository {
 }
 
 fn opts(d: DiskInput) -> BackupOptions {
-    BackupOptions { vm: "vm".into(), disks: vec![d], tags: vec![], hostname: "test".into() }
+    BackupOptions { vm: "vm".into(), disks: vec![d], tags: vec![], hostname: "test".into(), full: false }
 }
 
 #[test]
@@ -107,4 +135,74 @@ fn identical_disks_are_stored_once() {
     assert_eq!(again.disks[0].new_chunks, 0);
     assert_eq!(again.packs_written, 0, "nothing new: not even an index page");
     assert_eq!(again.disks[0].parent, Some(first.snapshot));
+}
+
+fn restored(repo: &Repository, dir: &std::path::Path, snapshot: &str) -> Vec<u8> {
+    let target = dir.join(format!("restored-{snapshot}"));
+    restore(
+        repo,
+        &RestoreOptions { snapshot: snapshot.into(), disk: "d".into(), target: target.clone(), force: false },
+        &NoProgress,
+    )
+    .unwrap();
+    std::fs::read(&target).unwrap()
+}
+
+/// An honest change list: only the chunks it touches are read, the rest are inherited, and
+/// the incremental restores bit-exact; what the allocation map calls zero is not read.
+#[test]
+fn incremental_reads_only_reported_chunks_and_restores_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let cs = 65536u64;
+    let mut data = content((4 << 20) + 100); // 65 chunks, the last one short
+    let first = backup(&repo, opts(tracked(data.clone(), None, vec![])), &NoProgress).unwrap();
+    assert_eq!(first.disks[0].full_reason.as_deref(), Some("test"));
+    assert_eq!(first.disks[0].bytes_read, data.len() as u64);
+
+    // Change bytes in chunks 3, 10 and 11 and the short last chunk; report exactly those.
+    for (off, len) in [(3 * cs + 5, 10u64), (10 * cs + cs - 1, 2), (64 * cs + 50, 50)] {
+        for b in &mut data[off as usize..(off + len) as usize] {
+            *b = b.wrapping_add(77);
+        }
+    }
+    let changes = vec![(3 * cs + 5, 10), (10 * cs + cs - 1, 2), (64 * cs + 50, 50)];
+    let r = backup(&repo, opts(tracked(data.clone(), Some(changes.clone()), vec![])), &NoProgress).unwrap();
+    let d = &r.disks[0];
+    assert_eq!(d.mode, blockproof_format::manifest::ReadMode::Incremental, "{:?}", d.full_reason);
+    assert_eq!(d.cbt_reported_chunks, 4);
+    assert_eq!(d.bytes_read, 3 * cs + 100);
+    assert_eq!(d.parent, Some(first.snapshot));
+    assert_eq!(restored(&repo, dir.path(), &r.snapshot.to_hex()), data);
+    assert_eq!(restored(&repo, dir.path(), &first.snapshot.to_hex()[..12]), content((4 << 20) + 100));
+
+    // Chunks 20..30 now read as zero per the allocation map: neither read nor inherited.
+    data[20 * cs as usize..30 * cs as usize].fill(0);
+    let r = backup(&repo, opts(tracked(data.clone(), Some(vec![]), vec![(20 * cs, 10 * cs)])), &NoProgress).unwrap();
+    assert_eq!((r.disks[0].bytes_read, r.disks[0].cbt_reported_chunks), (0, 0));
+    assert_eq!(restored(&repo, dir.path(), &r.snapshot.to_hex()), data);
+
+    // A resized disk is read in full, and says why.
+    data.extend_from_slice(&[9u8; 4096]);
+    let r = backup(&repo, opts(tracked(data.clone(), Some(vec![]), vec![])), &NoProgress).unwrap();
+    let why = r.disks[0].full_reason.clone().unwrap();
+    assert!(why.contains("size changed"), "{why}");
+    assert_eq!(r.disks[0].bytes_read, data.len() as u64);
+    assert_eq!(restored(&repo, dir.path(), &r.snapshot.to_hex()), data);
+    let c = check(&repo, &CheckOptions { read_data: Some(Default::default()) }, &NoProgress).unwrap();
+    assert!(c.ok, "{:?}", c.errors);
+}
+
+/// `--full` overrides a change list, and says so.
+#[test]
+fn full_flag_overrides_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let data = content(1 << 20);
+    backup(&repo, opts(tracked(data.clone(), None, vec![])), &NoProgress).unwrap();
+    let mut o = opts(tracked(data.clone(), Some(vec![]), vec![]));
+    o.full = true;
+    let r = backup(&repo, o, &NoProgress).unwrap();
+    assert_eq!(r.disks[0].full_reason.as_deref(), Some("--full was given"));
+    assert_eq!(r.disks[0].bytes_read, data.len() as u64);
 }

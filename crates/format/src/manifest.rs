@@ -78,9 +78,16 @@ pub struct DiskEntry {
     pub parent: Option<Id>,
     /// Where the disk was read from, for the operator's information.
     pub source: String,
-    /// The change source used (`none`, `bitmap:NAME`, `changes:FILE`, ...).
+    /// The change source used (`none`, `bitmap:NAME`, `bitmap:auto`, `changes:FILE`).
     pub cbt: String,
+    /// State the change source left for the next run (`bitmap:auto`: the name of the
+    /// bitmap recording writes since this restore point).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cbt_state: Option<String>,
     pub mode: ReadMode,
+    /// Why every chunk was read (`mode: full`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_reason: Option<String>,
     #[serde(default)]
     pub stats: DiskStats,
     /// Ranges where verification found source and backup differ.
@@ -151,7 +158,9 @@ mod tests {
                 parent: None,
                 source: "/x".into(),
                 cbt: "none".into(),
+                cbt_state: None,
                 mode: ReadMode::Full,
+                full_reason: Some("cbt=none".into()),
                 stats: DiskStats::default(),
                 mismatches: vec![],
             }],

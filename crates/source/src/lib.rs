@@ -1,19 +1,49 @@
 //! # blockproof-source
 //!
-//! Block sources: what a backup reads. A [`BlockSource`] is a fixed-size, random-access,
-//! read-only view of one disk at one point in time.
+//! What a backup reads, and what it is told has changed.
+//!
+//! ## Model
+//!
+//! - A [`BlockSource`] is a fixed-size, read-only view of one disk at one point in time:
+//!   a raw image file or block device ([`RawFile`]), or an NBD export ([`NbdSource`]),
+//!   possibly served by a private `qemu-nbd` that blockproof started for an image file
+//!   ([`QemuNbd`]). It reads lists of ranges, so a source that can keep several requests
+//!   in flight (NBD) does, and it may know which regions read as zeros (NBD
+//!   `base:allocation`).
+//! - A [`Cbt`] is the change source of a disk spec (`none`, `bitmap:NAME`, `bitmap:auto`,
+//!   `changes:FILE`). [`DiskSpec::open`] opens the source for a disk, consulting the state
+//!   the parent restore point recorded ([`ParentCbt`]), and returns an [`OpenedDisk`]: the
+//!   source, the [`Changes`] since the parent (or why everything must be read), and the
+//!   state to record for the next run. Once the snapshot is committed (and the source is
+//!   dropped), [`OpenedDisk::committed`] finishes what the change source needs (for
+//!   `bitmap:auto`, removing the bitmap that was just exported).
 //!
 //! ## Invariants
 //!
-//! - A source is opened read-only, always (seed 004: a backup host must never be able
-//!   to write to production volumes). [`RawFile`] opens with `O_RDONLY` and nothing else;
-//!   no code path in blockproof asks a source for write access.
-//! - `read_at` fills the whole buffer or fails: a short read (the disk shrank under us)
-//!   is an error, never silently zero-filled data.
+//! - A source is opened read-only, always (seed 004: a backup host must never be able to
+//!   write to production volumes). [`RawFile`] opens with `O_RDONLY`; qemu-nbd is started
+//!   with `--read-only`; the NBD client has no write command. The only writes blockproof
+//!   makes to an image are `bitmap:auto`'s bitmap additions and removals, through
+//!   `qemu-img bitmap`, which never touch guest data.
+//! - A read fills the whole range or fails: a short read (the disk shrank under us) is an
+//!   error, never silently zero-filled data.
 //! - `size` is fixed when the source is opened; a backup never reads past it.
+//! - Doubt means a full read: a change source that cannot be trusted (missing or
+//!   inconsistent bitmap, unreadable state) yields [`Changes::All`] with the reason,
+//!   never an error and never a silent incremental.
+//! - A qemu-nbd started by blockproof dies with its guard, and with the blockproof process
+//!   itself (`PR_SET_PDEATHSIG`), on every exit path.
 
+mod changes;
+mod disk;
+mod nbd;
+mod qemu;
 mod raw;
 
+pub use changes::{ChangeList, Changes};
+pub use disk::{AfterCommit, Cbt, DiskSpec, OpenedDisk, ParentCbt};
+pub use nbd::NbdSource;
+pub use qemu::{add_bitmap, image_bitmaps, image_format, remove_bitmap, Bitmap, QemuNbd};
 pub use raw::RawFile;
 
 use std::path::PathBuf;
@@ -29,14 +59,52 @@ pub enum SourceError {
     Read { what: String, offset: u64, len: usize, source: std::io::Error },
     #[error("read at offset {offset} is past the end of {what} ({size} bytes)")]
     OutOfRange { what: String, offset: u64, size: u64 },
+    #[error("{what}: {source}")]
+    Nbd { what: String, source: blockproof_nbd::Error },
+    /// A qemu tool failed or could not be run.
+    #[error("{0}")]
+    Qemu(String),
+    /// The disk spec or its change source is unusable as given (a usage error).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A read-only disk at one point in time.
-pub trait BlockSource: Send + Sync {
+pub trait BlockSource: Send {
     /// Size of the disk in bytes.
     fn size(&self) -> u64;
-    /// Fills `buf` with the bytes at `offset`.
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError>;
+
     /// What it is, for reports and messages (a path or URI).
     fn describe(&self) -> String;
+
+    /// Reads `ranges` (`(offset, length)`) and hands each range's bytes to `sink`, in the
+    /// order given. A source that can overlap requests does. `sink` returns false to stop
+    /// early (not an error).
+    fn read_ranges(
+        &mut self,
+        ranges: &mut dyn Iterator<Item = (u64, usize)>,
+        sink: &mut dyn FnMut(u64, Vec<u8>) -> bool,
+    ) -> Result<(), SourceError>;
+
+    /// Regions known to read as zeros, as sorted, disjoint `(offset, length)` ranges
+    /// (`base:allocation`); empty when the source cannot tell.
+    fn zero_ranges(&mut self) -> Result<Vec<(u64, u64)>, SourceError> {
+        Ok(Vec::new())
+    }
+
+    /// Fills `buf` with the bytes at `offset`.
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
+        let mut got = None;
+        self.read_ranges(&mut std::iter::once((offset, buf.len())), &mut |_, data| {
+            got = Some(data);
+            false
+        })?;
+        match got {
+            Some(data) if data.len() == buf.len() => {
+                buf.copy_from_slice(&data);
+                Ok(())
+            }
+            _ => Err(SourceError::OutOfRange { what: self.describe(), offset, size: self.size() }),
+        }
+    }
 }

@@ -35,20 +35,31 @@ impl BlockSource for RawFile {
         self.size
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
-        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.size) {
-            return Err(SourceError::OutOfRange { what: self.describe(), offset, size: self.size });
-        }
-        self.file.read_exact_at(buf, offset).map_err(|source| SourceError::Read {
-            what: self.describe(),
-            offset,
-            len: buf.len(),
-            source,
-        })
-    }
-
     fn describe(&self) -> String {
         self.path.display().to_string()
+    }
+
+    fn read_ranges(
+        &mut self,
+        ranges: &mut dyn Iterator<Item = (u64, usize)>,
+        sink: &mut dyn FnMut(u64, Vec<u8>) -> bool,
+    ) -> Result<(), SourceError> {
+        for (offset, len) in ranges {
+            if offset.checked_add(len as u64).is_none_or(|end| end > self.size) {
+                return Err(SourceError::OutOfRange { what: self.describe(), offset, size: self.size });
+            }
+            let mut buf = vec![0u8; len];
+            self.file.read_exact_at(&mut buf, offset).map_err(|source| SourceError::Read {
+                what: self.describe(),
+                offset,
+                len,
+                source,
+            })?;
+            if !sink(offset, buf) {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -61,7 +72,7 @@ mod tests {
     fn reads_exact_ranges_and_refuses_past_end() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"0123456789").unwrap();
-        let src = RawFile::open(f.path()).unwrap();
+        let mut src = RawFile::open(f.path()).unwrap();
         assert_eq!(src.size(), 10);
         let mut buf = [0u8; 4];
         src.read_at(&mut buf, 3).unwrap();
@@ -73,7 +84,7 @@ mod tests {
     fn shrinking_source_is_an_error_not_zeros() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(&[1u8; 100]).unwrap();
-        let src = RawFile::open(f.path()).unwrap();
+        let mut src = RawFile::open(f.path()).unwrap();
         f.as_file().set_len(10).unwrap();
         let mut buf = [0u8; 50];
         assert!(matches!(src.read_at(&mut buf, 20), Err(SourceError::Read { .. })));

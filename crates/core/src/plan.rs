@@ -1,0 +1,174 @@
+//! Which chunks of a disk a backup reads, which are zero without reading, and which
+//! inherit their id from the parent restore point.
+//!
+//! A chunk is **zero** when the source says its bytes read as zeros (NBD
+//! `base:allocation`), whatever the change source says: that is the state of the disk at
+//! this point in time. Otherwise it is **read** in a full backup, or when it overlaps a
+//! changed range in an incremental one; every other chunk **inherits** the parent's id.
+//! All sets are kept as sorted runs of chunk numbers, so a plan is small however large
+//! the disk.
+
+use std::ops::Range;
+
+/// What happens to a run of chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    Read,
+    Zero,
+    Inherit,
+}
+
+/// The plan of one disk: runs covering chunks `0..n` in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ChunkPlan {
+    pub runs: Vec<(Range<u64>, Action)>,
+    /// Chunks overlapping a changed range (incremental plans only).
+    pub cbt_reported: u64,
+}
+
+/// Chunks wholly inside the byte ranges (the last, short chunk counts when a range
+/// reaches the end of the disk).
+fn chunks_inside(ranges: &[(u64, u64)], size: u64, cs: u64) -> Vec<Range<u64>> {
+    let n = size.div_ceil(cs);
+    let mut out = Vec::new();
+    for &(off, len) in ranges {
+        let end = off.saturating_add(len).min(size);
+        let first = off.div_ceil(cs);
+        let last = if end == size { n } else { end / cs };
+        if first < last {
+            push_run(&mut out, first..last);
+        }
+    }
+    out
+}
+
+/// Chunks overlapping the byte ranges.
+fn chunks_touching(ranges: &[(u64, u64)], size: u64, cs: u64) -> Vec<Range<u64>> {
+    let n = size.div_ceil(cs);
+    let mut out = Vec::new();
+    for &(off, len) in ranges {
+        if len == 0 || off >= size {
+            continue;
+        }
+        let end = off.saturating_add(len).min(size);
+        push_run(&mut out, off / cs..end.div_ceil(cs).min(n));
+    }
+    out
+}
+
+/// Appends a run to sorted runs, merging overlaps (input sorted by start).
+fn push_run(runs: &mut Vec<Range<u64>>, r: Range<u64>) {
+    match runs.last_mut() {
+        Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+        _ => runs.push(r),
+    }
+}
+
+/// `a` minus `b`, both sorted and disjoint.
+fn subtract(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for r in a {
+        let mut start = r.start;
+        while j < b.len() && b[j].end <= start {
+            j += 1;
+        }
+        let mut k = j;
+        while k < b.len() && b[k].start < r.end {
+            if b[k].start > start {
+                out.push(start..b[k].start);
+            }
+            start = start.max(b[k].end);
+            k += 1;
+        }
+        if start < r.end {
+            out.push(start..r.end);
+        }
+    }
+    out
+}
+
+impl ChunkPlan {
+    /// `changed`: the changed byte ranges of an incremental, `None` for a full read.
+    /// `zero`: byte ranges that read as zeros.
+    pub fn new(size: u64, chunk_size: u32, zero: &[(u64, u64)], changed: Option<&[(u64, u64)]>) -> ChunkPlan {
+        let cs = chunk_size as u64;
+        let n = size.div_ceil(cs);
+        let zero = chunks_inside(zero, size, cs);
+        let (wanted, cbt_reported) = match changed {
+            None => (std::iter::once(0..n).collect(), 0),
+            Some(c) => {
+                let t = chunks_touching(c, size, cs);
+                let count = t.iter().map(|r| r.end - r.start).sum();
+                (t, count)
+            }
+        };
+        let read = subtract(&wanted, &zero);
+        // Interleave the three kinds into runs covering 0..n.
+        let mut marks: Vec<(Range<u64>, Action)> = zero.into_iter().map(|r| (r, Action::Zero)).collect();
+        marks.extend(read.into_iter().map(|r| (r, Action::Read)));
+        marks.sort_by_key(|(r, _)| r.start);
+        let mut runs = Vec::with_capacity(marks.len() * 2 + 1);
+        let mut at = 0;
+        for (r, action) in marks {
+            if r.start > at {
+                runs.push((at..r.start, Action::Inherit));
+            }
+            at = r.end;
+            runs.push((r, action));
+        }
+        if at < n {
+            runs.push((at..n, Action::Inherit));
+        }
+        ChunkPlan { runs, cbt_reported }
+    }
+
+    /// Chunks with this action.
+    pub fn count(&self, action: Action) -> u64 {
+        self.runs.iter().filter(|(_, a)| *a == action).map(|(r, _)| r.end - r.start).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Action::*;
+    use super::*;
+
+    #[test]
+    fn full_plan_reads_everything_but_zero_extents() {
+        // 10 chunks of 100 bytes, the last one short (size 950).
+        let p = ChunkPlan::new(950, 100, &[(150, 300), (900, 50)], None);
+        assert_eq!(p.runs, vec![(0..2, Read), (2..4, Zero), (4..9, Read), (9..10, Zero)]);
+        assert_eq!((p.count(Read), p.count(Zero), p.count(Inherit), p.cbt_reported), (7, 3, 0, 0));
+    }
+
+    #[test]
+    fn incremental_reads_chunks_touching_changes_and_inherits_the_rest() {
+        let changed = [(0, 1), (250, 100), (999, 1)];
+        let p = ChunkPlan::new(1000, 100, &[], Some(&changed));
+        assert_eq!(p.runs, vec![(0..1, Read), (1..2, Inherit), (2..4, Read), (4..9, Inherit), (9..10, Read)]);
+        assert_eq!(p.cbt_reported, 4);
+        // A zero extent wins over a change: it is the state of the disk now.
+        let p = ChunkPlan::new(1000, 100, &[(200, 100)], Some(&changed));
+        assert_eq!(
+            p.runs,
+            vec![(0..1, Read), (1..2, Inherit), (2..3, Zero), (3..4, Read), (4..9, Inherit), (9..10, Read)]
+        );
+        assert_eq!(p.count(Zero), 1);
+        // Nothing changed: everything is inherited.
+        assert_eq!(ChunkPlan::new(1000, 100, &[], Some(&[])).runs, vec![(0..10, Inherit)]);
+    }
+
+    #[test]
+    fn subtraction_of_runs() {
+        assert_eq!(subtract(&[0..10], &[2..3, 5..7, 9..12]), vec![0..2, 3..5, 7..9]);
+        assert_eq!(subtract(&[0..3, 5..8], &[0..8]), Vec::<Range<u64>>::new());
+        assert_eq!(subtract(&[0..3, 5..8], &[]), vec![0..3, 5..8]);
+        assert_eq!(subtract(&[0..3, 5..8], &[2..6]), vec![0..2, 6..8]);
+    }
+
+    #[test]
+    fn empty_disk() {
+        assert_eq!(ChunkPlan::new(0, 100, &[], None).runs, vec![]);
+    }
+}

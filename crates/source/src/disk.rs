@@ -1,0 +1,308 @@
+//! Disk specs: a source and its change source, opened against the parent's recorded state.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use blockproof_nbd::Uri;
+
+use crate::nbd::BitmapOutcome;
+use crate::qemu::{add_bitmap, image_bitmaps, image_format, remove_bitmap};
+use crate::{BlockSource, ChangeList, Changes, NbdSource, QemuNbd, RawFile, SourceError};
+
+/// The bitmaps `bitmap:auto` owns are named `blockproof-<n>`.
+const AUTO_PREFIX: &str = "blockproof-";
+
+/// A change source (`cbt=` of a disk spec).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cbt {
+    /// Read everything.
+    None,
+    /// The dirty bitmap NAME exported by the NBD server (or in the qcow2 image).
+    Bitmap(String),
+    /// A rotation of persistent bitmaps in a qcow2 image, owned by blockproof.
+    AutoBitmap,
+    /// A VMware DiskChangeInfo JSON file.
+    Changes(PathBuf),
+}
+
+impl FromStr for Cbt {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cbt, String> {
+        match s.split_once(':') {
+            None if s == "none" => Ok(Cbt::None),
+            Some(("bitmap", "auto")) => Ok(Cbt::AutoBitmap),
+            Some(("bitmap", name)) if valid_bitmap_name(name) => Ok(Cbt::Bitmap(name.to_string())),
+            Some(("bitmap", name)) => Err(format!("invalid bitmap name {name:?}")),
+            Some(("changes", file)) if !file.is_empty() => Ok(Cbt::Changes(PathBuf::from(file))),
+            _ => Err(format!("unknown change source {s:?}: use none, bitmap:NAME, bitmap:auto or changes:FILE")),
+        }
+    }
+}
+
+impl fmt::Display for Cbt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cbt::None => f.write_str("none"),
+            Cbt::Bitmap(name) => write!(f, "bitmap:{name}"),
+            Cbt::AutoBitmap => f.write_str("bitmap:auto"),
+            Cbt::Changes(p) => write!(f, "changes:{}", p.display()),
+        }
+    }
+}
+
+fn valid_bitmap_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 1023 && !name.chars().any(|c| c.is_control())
+}
+
+/// What the parent restore point of a disk recorded about its change source.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParentCbt {
+    /// The change source the parent used, as written in its manifest.
+    pub cbt: String,
+    /// The state it left for this run (`bitmap:auto`: the bitmap recording since then).
+    pub state: Option<String>,
+}
+
+/// Where a disk's bytes come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Location {
+    Raw(PathBuf),
+    Nbd(Uri),
+    Image { path: PathBuf, format: &'static str },
+}
+
+/// A disk to open: its source and change source.
+#[derive(Clone, Debug)]
+pub struct DiskSpec {
+    location: Location,
+    cbt: Cbt,
+}
+
+/// An opened disk: the source, what changed, and what to record for the next run.
+pub struct OpenedDisk {
+    pub source: Box<dyn BlockSource>,
+    pub changes: Changes,
+    /// State recorded with the snapshot for the next run.
+    pub cbt_state: Option<String>,
+    /// What to do once the snapshot is committed and `source` dropped.
+    pub after_commit: AfterCommit,
+}
+
+/// Work left for after the commit.
+#[derive(Debug, Default)]
+pub struct AfterCommit {
+    /// `bitmap:auto`: remove every blockproof bitmap of this image except `keep`.
+    prune_bitmaps: Option<(PathBuf, String)>,
+}
+
+impl AfterCommit {
+    /// Runs it. Failing here leaves extra bitmaps, which the next run removes.
+    pub fn run(self) -> Result<(), SourceError> {
+        if let Some((image, keep)) = self.prune_bitmaps {
+            for b in image_bitmaps(&image)? {
+                if auto_number(&b.name).is_some() && b.name != keep {
+                    remove_bitmap(&image, &b.name)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn auto_number(name: &str) -> Option<u64> {
+    name.strip_prefix(AUTO_PREFIX)?.parse().ok()
+}
+
+impl OpenedDisk {
+    /// A disk already opened, with no change information (every chunk is read).
+    pub fn full(source: Box<dyn BlockSource>, reason: &str) -> OpenedDisk {
+        OpenedDisk {
+            source,
+            changes: Changes::All { reason: reason.into() },
+            cbt_state: None,
+            after_commit: AfterCommit::default(),
+        }
+    }
+}
+
+impl DiskSpec {
+    /// Parses a source (`nbd://…`, `nbd+unix://…`, an image path by extension, or a raw
+    /// path) and checks that the change source suits it. Nothing is opened yet.
+    pub fn new(source: &str, cbt: Cbt) -> Result<DiskSpec, SourceError> {
+        let location = if source.starts_with("nbd:") || source.starts_with("nbd+") {
+            Location::Nbd(Uri::parse(source).map_err(|e| SourceError::Invalid(e.to_string()))?)
+        } else {
+            let path = PathBuf::from(source);
+            match image_format(&path) {
+                Some(format) => Location::Image { path, format },
+                None => Location::Raw(path),
+            }
+        };
+        let fits = match (&cbt, &location) {
+            (Cbt::Bitmap(_), Location::Raw(_)) => Err("bitmap:NAME needs an NBD source or a qcow2 image"),
+            (Cbt::Bitmap(_), Location::Image { format, .. }) if *format != "qcow2" => {
+                Err("bitmap:NAME needs an NBD source or a qcow2 image")
+            }
+            (Cbt::AutoBitmap, Location::Image { format: "qcow2", .. }) => Ok(()),
+            (Cbt::AutoBitmap, _) => Err("bitmap:auto needs a .qcow2 image path"),
+            _ => Ok(()),
+        };
+        fits.map_err(|why| SourceError::Invalid(format!("cbt={cbt} for {source}: {why}")))?;
+        Ok(DiskSpec { location, cbt })
+    }
+
+    pub fn cbt(&self) -> &Cbt {
+        &self.cbt
+    }
+
+    /// The source as given.
+    pub fn describe(&self) -> String {
+        match &self.location {
+            Location::Raw(p) | Location::Image { path: p, .. } => p.display().to_string(),
+            Location::Nbd(uri) => uri.to_string(),
+        }
+    }
+
+    /// Opens the disk. `parent` is what the parent restore point of this disk recorded,
+    /// `None` when there is none.
+    pub fn open(&self, parent: Option<&ParentCbt>) -> Result<OpenedDisk, SourceError> {
+        let what = self.describe();
+        if let Location::Image { path, .. } = &self.location {
+            // A clear error for a missing image, before any bitmap work or qemu-nbd.
+            std::fs::File::open(path).map_err(|source| SourceError::Open { path: path.clone(), source })?;
+        }
+        match (&self.location, &self.cbt) {
+            (Location::Image { path, .. }, Cbt::AutoBitmap) => open_auto(path, parent),
+            (Location::Image { path, .. }, Cbt::Bitmap(name)) => {
+                let bitmaps = image_bitmaps(path)?;
+                let unusable = match bitmaps.iter().find(|b| &b.name == name) {
+                    None => Some(format!("the image has no bitmap {name:?}")),
+                    Some(b) if b.inconsistent() => Some(inconsistent(name)),
+                    Some(_) => None,
+                };
+                let server = QemuNbd::start(path, "qcow2", unusable.is_none().then_some(name.as_str()))?;
+                let uri = server.uri();
+                let bitmap = unusable.is_none().then_some(name.as_str());
+                let (source, outcome) = NbdSource::connect(&uri, what, bitmap, Some(server))?;
+                with_bitmap(source, outcome, unusable)
+            }
+            (Location::Image { path, format }, cbt) => {
+                let server = QemuNbd::start(path, format, None)?;
+                let (source, _) = NbdSource::connect(&server.uri(), what, None, Some(server))?;
+                simple(Box::new(source), cbt)
+            }
+            (Location::Nbd(uri), Cbt::Bitmap(name)) => {
+                let (source, outcome) = NbdSource::connect(uri, what, Some(name), None)?;
+                with_bitmap(source, outcome, None)
+            }
+            (Location::Nbd(uri), cbt) => {
+                let (source, _) = NbdSource::connect(uri, what, None, None)?;
+                simple(Box::new(source), cbt)
+            }
+            (Location::Raw(path), cbt) => simple(Box::new(RawFile::open(path)?), cbt),
+        }
+    }
+}
+
+fn inconsistent(name: &str) -> String {
+    format!("bitmap {name:?} is inconsistent (left in-use by a program that did not close the image cleanly)")
+}
+
+/// `none` and `changes:FILE`, which work the same for every source.
+fn simple(source: Box<dyn BlockSource>, cbt: &Cbt) -> Result<OpenedDisk, SourceError> {
+    match cbt {
+        Cbt::Changes(file) => {
+            let list = ChangeList::load(file)?;
+            let changes = list.changes(source.size());
+            Ok(OpenedDisk { source, changes, cbt_state: None, after_commit: AfterCommit::default() })
+        }
+        _ => Ok(OpenedDisk::full(source, "cbt=none")),
+    }
+}
+
+fn with_bitmap(
+    mut source: NbdSource,
+    outcome: BitmapOutcome,
+    unusable: Option<String>,
+) -> Result<OpenedDisk, SourceError> {
+    let changes = match (unusable, outcome) {
+        (Some(reason), _) | (None, BitmapOutcome::Missing(reason)) => Changes::All { reason },
+        (None, BitmapOutcome::Granted) => Changes::ranges(source.dirty_ranges()?),
+    };
+    Ok(OpenedDisk { source: Box::new(source), changes, cbt_state: None, after_commit: AfterCommit::default() })
+}
+
+/// `bitmap:auto`: export the bitmap the parent left recording, start the next one, and
+/// after the commit keep only the next one. See the crate doc for the failure cases.
+fn open_auto(image: &Path, parent: Option<&ParentCbt>) -> Result<OpenedDisk, SourceError> {
+    let bitmaps = image_bitmaps(image)?;
+    let ours: Vec<_> = bitmaps.iter().filter(|b| auto_number(&b.name).is_some()).collect();
+    let prev = match parent {
+        None => Err("no earlier restore point of this disk".to_string()),
+        Some(p) if p.cbt != Cbt::AutoBitmap.to_string() => {
+            Err(format!("the previous restore point used cbt={}, not bitmap:auto", p.cbt))
+        }
+        Some(ParentCbt { state: None, .. }) => Err("the previous restore point recorded no bitmap".to_string()),
+        Some(ParentCbt { state: Some(name), .. }) => match ours.iter().find(|b| &b.name == name) {
+            None => Err(format!("bitmap {name:?} is missing from the image")),
+            Some(b) if b.inconsistent() => Err(inconsistent(name)),
+            Some(_) => Ok(name.clone()),
+        },
+    };
+    // Bitmaps of failed runs, and an unusable previous one, are of no use to anyone.
+    for b in &ours {
+        if prev.as_ref().ok() != Some(&b.name) {
+            remove_bitmap(image, &b.name)?;
+        }
+    }
+    let next_no = ours.iter().filter_map(|b| auto_number(&b.name)).max().unwrap_or(0) + 1;
+    let next = format!("{AUTO_PREFIX}{next_no}");
+    // From here on, every write to the image is recorded for the next run.
+    add_bitmap(image, &next)?;
+    let server = QemuNbd::start(image, "qcow2", prev.as_ref().ok().map(String::as_str))?;
+    let (source, outcome) = NbdSource::connect(
+        &server.uri(),
+        image.display().to_string(),
+        prev.as_ref().ok().map(String::as_str),
+        Some(server),
+    )?;
+    let mut opened = with_bitmap(source, outcome, prev.err())?;
+    opened.cbt_state = Some(next.clone());
+    opened.after_commit = AfterCommit { prune_bitmaps: Some((image.to_path_buf(), next)) };
+    Ok(opened)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_sources_parse_and_print() {
+        for s in ["none", "bitmap:nightly", "bitmap:auto", "changes:/tmp/c.json"] {
+            assert_eq!(s.parse::<Cbt>().unwrap().to_string(), s);
+        }
+        for s in ["", "bitmap:", "changes:", "rct:x", "bitmaps:x", "None"] {
+            assert!(s.parse::<Cbt>().is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn change_sources_must_suit_the_source() {
+        let ok = |src: &str, cbt: &str| DiskSpec::new(src, cbt.parse().unwrap()).is_ok();
+        assert!(ok("/d.img", "none") && ok("/d.img", "changes:/c.json"));
+        assert!(!ok("/d.img", "bitmap:b") && !ok("/d.img", "bitmap:auto"));
+        assert!(ok("/d.qcow2", "bitmap:b") && ok("/d.qcow2", "bitmap:auto"));
+        assert!(!ok("/d.vmdk", "bitmap:auto") && !ok("/d.vmdk", "bitmap:b") && ok("/d.vmdk", "changes:/c"));
+        assert!(ok("nbd+unix:///e?socket=/s", "bitmap:b") && !ok("nbd://h/e", "bitmap:auto"));
+        assert!(DiskSpec::new("nbd://", Cbt::None).is_err());
+    }
+
+    #[test]
+    fn auto_bitmap_names() {
+        assert_eq!(auto_number("blockproof-12"), Some(12));
+        assert_eq!(auto_number("blockproof-x"), None);
+        assert_eq!(auto_number("nightly"), None);
+    }
+}

@@ -1,0 +1,230 @@
+//! The qemu tools blockproof drives: a private, read-only `qemu-nbd` for image files, and
+//! `qemu-img` for the persistent dirty bitmaps of qcow2 images.
+
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::SourceError;
+
+/// How long qemu-nbd may take to listen on its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The qemu format of an image path, from its extension (`None` for raw).
+pub fn image_format(path: &Path) -> Option<&'static str> {
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    match ext.as_str() {
+        "qcow2" => Some("qcow2"),
+        "vmdk" => Some("vmdk"),
+        "vhdx" => Some("vhdx"),
+        "vdi" => Some("vdi"),
+        _ => None,
+    }
+}
+
+/// A `qemu-nbd --read-only` serving one image on a unix socket in a private directory.
+/// Dropping it stops the server; so does the death of this process (`PR_SET_PDEATHSIG`).
+pub struct QemuNbd {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    image: PathBuf,
+}
+
+impl QemuNbd {
+    /// Starts qemu-nbd for `image` (of qemu format `format`), exporting the dirty bitmap
+    /// `bitmap` if given, and waits until it accepts connections.
+    pub fn start(image: &Path, format: &str, bitmap: Option<&str>) -> Result<QemuNbd, SourceError> {
+        let dir = tempfile::Builder::new()
+            .prefix("blockproof-nbd-")
+            .tempdir()
+            .map_err(|e| SourceError::Qemu(format!("cannot create a private socket directory: {e}")))?;
+        let socket = dir.path().join("nbd.sock");
+        let log_path = dir.path().join("qemu-nbd.log");
+        let log = File::create(&log_path).map_err(|e| SourceError::Qemu(format!("{}: {e}", log_path.display())))?;
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.arg("--read-only")
+            .arg("--persistent")
+            .arg("--shared=8")
+            .arg("--format")
+            .arg(format)
+            .arg("--socket")
+            .arg(&socket);
+        if let Some(b) = bitmap {
+            cmd.arg("--bitmap").arg(b);
+        }
+        cmd.arg("--").arg(image).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it makes
+        // the kernel send SIGTERM to qemu-nbd when the thread that spawned it dies.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child =
+            cmd.spawn().map_err(|e| SourceError::Qemu(format!("cannot run qemu-nbd (install qemu-utils): {e}")))?;
+        let mut server = QemuNbd { child, dir, socket, image: image.to_path_buf() };
+        server.wait_ready(&log_path)?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self, log: &Path) -> Result<(), SourceError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let msg = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+                return Err(SourceError::Qemu(format!(
+                    "qemu-nbd could not serve {} ({status}): {msg}",
+                    self.image.display()
+                )));
+            }
+            if UnixStream::connect(&self.socket).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(SourceError::Qemu(format!(
+                    "qemu-nbd did not listen on {} within {}s",
+                    self.socket.display(),
+                    START_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The NBD URI of the export.
+    pub fn uri(&self) -> blockproof_nbd::Uri {
+        blockproof_nbd::Uri::unix(&self.socket, "")
+    }
+
+    /// The image served.
+    pub fn image(&self) -> &Path {
+        &self.image
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = &self.dir; // removed after this
+    }
+}
+
+/// A persistent dirty bitmap of a qcow2 image, as `qemu-img info` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Bitmap {
+    pub name: String,
+    #[serde(default)]
+    pub flags: Vec<String>,
+    #[serde(default)]
+    pub granularity: u64,
+}
+
+impl Bitmap {
+    /// Left `in-use` by a program that did not close the image cleanly: its content
+    /// cannot be trusted (and qemu refuses to export it).
+    pub fn inconsistent(&self) -> bool {
+        self.flags.iter().any(|f| f == "in-use")
+    }
+
+    /// Recording writes (`auto`), as opposed to disabled.
+    pub fn enabled(&self) -> bool {
+        self.flags.iter().any(|f| f == "auto")
+    }
+}
+
+#[derive(Deserialize)]
+struct ImageInfo {
+    #[serde(rename = "format-specific")]
+    format_specific: Option<FormatSpecific>,
+}
+
+#[derive(Deserialize)]
+struct FormatSpecific {
+    #[serde(rename = "type")]
+    kind: String,
+    data: Option<FormatData>,
+}
+
+#[derive(Deserialize)]
+struct FormatData {
+    #[serde(default)]
+    bitmaps: Vec<Bitmap>,
+}
+
+fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, SourceError> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| SourceError::Qemu(format!("cannot run qemu-img (install qemu-utils): {e}")))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let msg = err.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+        let words: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        return Err(SourceError::Qemu(format!("qemu-img {} failed: {msg}", words.join(" "))));
+    }
+    Ok(out.stdout)
+}
+
+/// The persistent bitmaps of a qcow2 image (none for other formats).
+pub fn image_bitmaps(image: &Path) -> Result<Vec<Bitmap>, SourceError> {
+    let out = qemu_img(&["info".as_ref(), "--output=json".as_ref(), "--".as_ref(), image.as_os_str()])?;
+    let info: ImageInfo = serde_json::from_slice(&out)
+        .map_err(|e| SourceError::Qemu(format!("cannot parse qemu-img info of {}: {e}", image.display())))?;
+    Ok(info.format_specific.filter(|f| f.kind == "qcow2").and_then(|f| f.data).map(|d| d.bitmaps).unwrap_or_default())
+}
+
+/// Adds an enabled persistent bitmap to a qcow2 image (which nothing else may hold open).
+pub fn add_bitmap(image: &Path, name: &str) -> Result<(), SourceError> {
+    qemu_img(&["bitmap".as_ref(), "--add".as_ref(), "--".as_ref(), image.as_os_str(), name.as_ref()]).map(drop)
+}
+
+/// Removes a persistent bitmap (also an inconsistent one).
+pub fn remove_bitmap(image: &Path, name: &str) -> Result<(), SourceError> {
+    qemu_img(&["bitmap".as_ref(), "--remove".as_ref(), "--".as_ref(), image.as_os_str(), name.as_ref()]).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_from_extensions() {
+        assert_eq!(image_format(Path::new("/a/b.QCOW2")), Some("qcow2"));
+        assert_eq!(image_format(Path::new("x.vmdk")), Some("vmdk"));
+        assert_eq!(image_format(Path::new("x.vhdx")), Some("vhdx"));
+        assert_eq!(image_format(Path::new("x.vdi")), Some("vdi"));
+        assert_eq!(image_format(Path::new("x.img")), None);
+        assert_eq!(image_format(Path::new("/dev/sda")), None);
+    }
+
+    #[test]
+    fn bitmap_flags() {
+        let info: ImageInfo = serde_json::from_str(
+            r#"{"format-specific": {"type": "qcow2", "data": {"compat": "1.1",
+                "bitmaps": [{"flags": ["in-use", "auto"], "name": "b1", "granularity": 65536},
+                            {"flags": [], "name": "b2", "granularity": 65536}]}}}"#,
+        )
+        .unwrap();
+        let b = info.format_specific.unwrap().data.unwrap().bitmaps;
+        assert!(b[0].inconsistent() && b[0].enabled());
+        assert!(!b[1].inconsistent() && !b[1].enabled());
+    }
+}
