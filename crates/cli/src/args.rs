@@ -72,15 +72,24 @@ pub struct BackupArgs {
     /// Name of the vm; its disks are backed up together into one snapshot.
     #[arg(long)]
     pub vm: String,
-    /// A disk: id=ID,source=PATH[,cbt=none]. Repeat for each disk. The id is the disk's
-    /// stable identity (never its position): incrementals follow it.
+    /// A disk: id=ID,source=SOURCE[,cbt=CBT][,verify=BUDGET]. Repeat for each disk. The
+    /// id is the disk's stable identity (never its position): incrementals follow it.
+    /// SOURCE: a raw file or block device, nbd://HOST:PORT/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH, or a .qcow2/.vmdk/.vhdx/.vdi image. CBT: none,
+    /// bitmap:NAME, bitmap:auto (qcow2) or changes:FILE (VMware change list JSON).
     #[arg(long = "disk", value_name = "SPEC", required = true)]
     pub disks: Vec<String>,
-    /// Budget for verifying unchanged chunks against the source (10% | 2GiB | 500ios |
-    /// 30s | all | none, comma-separated, the smallest wins). A full read already
-    /// confirms every chunk; sampling applies to incrementals.
+    /// Budget for comparing chunks change tracking called unchanged with the source, per
+    /// disk and run (10% | 2GiB | 500ios | 30s | all | none, comma-separated, the
+    /// smallest wins; default 5%). The first chunk of each disk is compared every run
+    /// unless the budget is none. A mismatch stores the snapshot as tainted and exits 3.
     #[arg(long, value_name = "BUDGET")]
     pub verify: Option<String>,
+    /// What to do when verification finds a mismatch: keep (commit the tainted snapshot;
+    /// the next backup reads the disk in full) or heal (also re-read the disk in full now
+    /// and commit a second, clean snapshot).
+    #[arg(long, value_name = "keep|heal", default_value = "keep", value_parser = ["keep", "heal"])]
+    pub on_mismatch: String,
     /// Read every block of every disk (an active full).
     #[arg(long)]
     pub full: bool,

@@ -2,7 +2,8 @@
 
 use anyhow::{Context, Result};
 use blockproof_core::budget::parse_size;
-use blockproof_core::{BackupOptions, Budget, CheckOptions, RestoreOptions};
+use blockproof_core::{BackupOptions, Budget, CheckOptions, OnMismatch, RestoreOptions};
+use blockproof_format::SnapshotStatus;
 use blockproof_format::KdfParams;
 use blockproof_repo::{InitOptions, Repository};
 use blockproof_store::LocalBackend;
@@ -93,12 +94,22 @@ fn init(a: InitArgs) -> Result<u8> {
 }
 
 fn backup(a: BackupArgs) -> Result<u8> {
-    if let Some(v) = &a.verify {
-        Budget::parse(v).map_err(Usage)?;
-    }
+    let verify = match &a.verify {
+        Some(v) => Budget::parse(v).map_err(Usage)?,
+        None => blockproof_core::default_verify_budget(),
+    };
+    let on_mismatch = if a.on_mismatch == "heal" { OnMismatch::Heal } else { OnMismatch::Keep };
     let disks = a.disks.iter().map(|s| DiskSpec::parse(s)?.input()).collect::<Result<Vec<_>, _>>()?;
     let repo = open_repo(&a.repo)?;
-    let opts = BackupOptions { vm: a.vm, disks, tags: a.tags, hostname: blockproof_core::hostname(), full: a.full };
+    let opts = BackupOptions {
+        vm: a.vm,
+        disks,
+        tags: a.tags,
+        hostname: blockproof_core::hostname(),
+        full: a.full,
+        verify,
+        on_mismatch,
+    };
     let progress = progress::for_stderr();
     let report = blockproof_core::backup(&repo, opts, progress.as_ref())?;
     if a.json {
@@ -118,9 +129,22 @@ fn backup(a: BackupArgs) -> Result<u8> {
                 human_bytes(d.stored_bytes),
                 d.zero_chunks,
             );
+            if d.verified_chunks > 0 {
+                println!(
+                    "    verified {} unchanged chunks ({}) against the source: {}",
+                    d.verified_chunks,
+                    human_bytes(d.verified_bytes),
+                    if d.mismatches.is_empty() { "all equal".to_string() } else { format!("{} ranges differ", d.mismatches.len()) }
+                );
+            }
+            let c = &d.coverage;
+            println!(
+                "    coverage: {} chunks, {} never confirmed, oldest confirmed {} runs ago, all confirmed within {} runs",
+                c.chunks, c.never_confirmed, c.oldest_confirmed_runs_ago, c.full_coverage_within_runs
+            );
         }
-        for w in &report.warnings {
-            eprintln!("blockproof: warning: {w}");
+        if let Some(h) = report.healed_snapshot {
+            println!("snapshot {} of vm {} saved (ok): the tainted disks re-read in full", h.short(), report.vm);
         }
         println!(
             "  {} written in {} pack files, {:.1} s",
@@ -128,6 +152,29 @@ fn backup(a: BackupArgs) -> Result<u8> {
             report.packs_written,
             report.duration_seconds
         );
+    }
+    for w in &report.warnings {
+        eprintln!("blockproof: warning: {w}");
+    }
+    if report.status != SnapshotStatus::Ok {
+        for d in report.disks.iter().filter(|d| !d.mismatches.is_empty()) {
+            let ranges: Vec<String> = d.mismatches.iter().take(4).map(|r| format!("{}+{}", r.offset, r.length)).collect();
+            let more = if d.mismatches.len() > 4 { format!(" and {} more", d.mismatches.len() - 4) } else { String::new() };
+            eprintln!(
+                "blockproof: MISMATCH: disk {} of snapshot {} differs from its source at bytes {}{more}; \
+                 the snapshot is kept and marked tainted{}. {}",
+                d.id,
+                report.snapshot.short(),
+                ranges.join(", "),
+                if d.suspect_snapshots.is_empty() {
+                    String::new()
+                } else {
+                    format!("; earlier snapshots that may share the stale data: {}", d.suspect_snapshots.iter().map(|s| s.short()).collect::<Vec<_>>().join(", "))
+                },
+                d.advice.as_deref().unwrap_or("")
+            );
+        }
+        return Ok(exit::TAINTED);
     }
     Ok(exit::OK)
 }

@@ -80,6 +80,8 @@ fn backup_once(repo: &Repository, disk: &Path) -> Result<blockproof_core::Backup
         tags: vec!["demo".into()],
         hostname: blockproof_core::hostname(),
         full: false,
+        verify: blockproof_core::default_verify_budget(),
+        on_mismatch: blockproof_core::OnMismatch::Keep,
     };
     Ok(blockproof_core::backup(repo, opts, &NoProgress)?)
 }

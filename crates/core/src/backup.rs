@@ -1,20 +1,31 @@
-//! Backup: read the disks of a vm and commit one snapshot.
+//! Backup: read the disks of a vm, verify a sample of what change tracking called
+//! unchanged, and commit one snapshot (two when a mismatch is healed).
+//!
+//! Per disk: open it against what its parent recorded, plan it ([`crate::plan`]), run
+//! the chunk pipeline, update its confirmation state ([`crate::confirm`]) with the chunks
+//! read, sample inherited chunks against the still-open source ([`crate::verify`]), and
+//! store the state with the snapshot. A mismatch makes the snapshot `tainted` (nothing is
+//! deleted), names the sector-exact ranges and the earlier restore points that may share
+//! the stale content, and makes the next backup of the disk a full read; with
+//! [`OnMismatch::Heal`] the same run re-reads the tainted disks in full from the same
+//! source handles and commits a second, clean snapshot.
 
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
-use blockproof_format::manifest::{DiskStats, ReadMode};
-use blockproof_format::tree::chunk_count;
-use blockproof_format::tree::DEFAULT_FANOUT;
+use blockproof_format::manifest::{ByteRange, Coverage, DiskStats, ReadMode};
+use blockproof_format::tree::{chunk_count, DEFAULT_FANOUT};
 use blockproof_format::{DiskEntry, Id, Snapshot, SnapshotStatus};
-use blockproof_repo::{BlobIndex, BlobReader, PackWriter, Repository, SealedBlob, SnapshotInfo, TreeReader};
+use blockproof_repo::{BlobIndex, BlobReader, Repository, SealedBlob, SnapshotInfo, TreeReader};
 use blockproof_source::{AfterCommit, BlockSource, Changes, DiskSpec, OpenedDisk, ParentCbt, SourceError};
-use crossbeam_channel::bounded;
+use crossbeam_channel::Sender;
 use serde::Serialize;
 
-use crate::pipeline::{store_disk, Dedup, DiskCounters};
+use crate::confirm::ConfirmState;
+use crate::pipeline::{store_disk, with_pack_writer, BlobSink, Dedup, DiskCounters};
 use crate::plan::{Action, ChunkPlan};
-use crate::{CoreError, Progress};
+use crate::verify::{chunk_limit, differing_ranges, merge_ranges, sample, select};
+use crate::{Budget, CoreError, Progress};
 
 /// Opens a disk, given what its parent restore point recorded about the change source.
 pub type OpenFn = Box<dyn FnOnce(Option<&ParentCbt>) -> Result<OpenedDisk, SourceError> + Send>;
@@ -27,12 +38,15 @@ pub struct DiskInput {
     pub cbt: String,
     /// Opens the source once the parent is known.
     pub open: OpenFn,
+    /// This disk's verification budget, instead of the backup's.
+    pub verify: Option<Budget>,
 }
 
 impl DiskInput {
     /// A disk opened from a [`DiskSpec`].
     pub fn spec(id: impl Into<String>, spec: DiskSpec) -> DiskInput {
-        DiskInput { id: id.into(), cbt: spec.cbt().to_string(), open: Box::new(move |parent| spec.open(parent)) }
+        let cbt = spec.cbt().to_string();
+        DiskInput { id: id.into(), cbt, open: Box::new(move |parent| spec.open(parent)), verify: None }
     }
 
     /// An already open source, read in full (`cbt=none`).
@@ -41,8 +55,24 @@ impl DiskInput {
             id: id.into(),
             cbt: "none".into(),
             open: Box::new(move |_| Ok(OpenedDisk::full(source, "cbt=none"))),
+            verify: None,
         }
     }
+}
+
+/// What a backup does when verification finds source and backup differ.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnMismatch {
+    /// Commit the tainted snapshot and stop (the next backup of the disk is full).
+    #[default]
+    Keep,
+    /// Also re-read the tainted disks in full now and commit a second, clean snapshot.
+    Heal,
+}
+
+/// The verification budget when none is given: 5% of each disk per run.
+pub fn default_verify_budget() -> Budget {
+    Budget { fraction: Some(0.05), ..Budget::default() }
 }
 
 /// What to back up.
@@ -53,15 +83,9 @@ pub struct BackupOptions {
     pub hostname: String,
     /// Read every chunk whatever the change source says.
     pub full: bool,
-}
-
-/// How much of a disk has been confirmed against its source.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Coverage {
-    pub chunks: u64,
-    pub never_confirmed: u64,
-    pub oldest_confirmed_runs_ago: u64,
-    pub full_coverage_within_runs: u64,
+    /// How much of what change tracking called unchanged to compare with the source.
+    pub verify: Budget,
+    pub on_mismatch: OnMismatch,
 }
 
 /// The result for one disk. Field names are part of the JSON contract (DESIGN.md §5).
@@ -76,7 +100,7 @@ pub struct DiskReport {
     pub cbt_overreported_chunks: u64,
     pub verified_chunks: u64,
     pub verified_bytes: u64,
-    pub mismatches: Vec<blockproof_format::manifest::ByteRange>,
+    pub mismatches: Vec<ByteRange>,
     pub suspect_snapshots: Vec<Id>,
     pub coverage: Coverage,
     pub next_mode: ReadMode,
@@ -84,8 +108,12 @@ pub struct DiskReport {
     pub full_reason: Option<String>,
     /// The change source used.
     pub cbt: String,
+    /// What the operator should do after a mismatch.
+    pub advice: Option<String>,
     /// The snapshot holding this disk id before this one.
     pub parent: Option<Id>,
+    /// This disk's run number.
+    pub run: u64,
     pub chunks: u64,
     pub zero_chunks: u64,
     pub new_chunks: u64,
@@ -102,12 +130,14 @@ pub struct BackupReport {
     pub status: SnapshotStatus,
     pub time: String,
     pub disks: Vec<DiskReport>,
+    /// With `--on-mismatch=heal`: the clean snapshot committed after the tainted one.
+    pub healed_snapshot: Option<Id>,
     /// Pack files and bytes written by this backup (data and index pages).
     pub packs_written: u64,
     pub bytes_written: u64,
     pub duration_seconds: f64,
-    /// Things that went wrong after the commit and did not affect the restore point
-    /// (e.g. an old bitmap that could not be removed; the next run removes it).
+    /// Things that did not affect the restore point (e.g. an old bitmap that could not be
+    /// removed, a confirmation state rebuilt from scratch).
     pub warnings: Vec<String>,
 }
 
@@ -126,14 +156,8 @@ fn validate_name(kind: &str, name: &str) -> Result<(), CoreError> {
 }
 
 /// Why a disk must be read in full although its change source reported changes.
-fn full_read_reason(
-    opts_full: bool,
-    parent: Option<&SnapshotInfo>,
-    disk_id: &str,
-    size: u64,
-    chunk_size: u32,
-) -> Option<String> {
-    if opts_full {
+fn full_read_reason(full: bool, parent: Option<&SnapshotInfo>, disk_id: &str, size: u64, cs: u32) -> Option<String> {
+    if full {
         return Some("--full was given".into());
     }
     let Some(p) = parent else {
@@ -143,8 +167,11 @@ fn full_read_reason(
     if entry.size != size {
         return Some(format!("the disk size changed from {} to {size} bytes", entry.size));
     }
-    if entry.chunk_size != chunk_size {
-        return Some(format!("the chunk size changed from {} to {chunk_size} bytes", entry.chunk_size));
+    if entry.chunk_size != cs {
+        return Some(format!("the chunk size changed from {} to {cs} bytes", entry.chunk_size));
+    }
+    if let Some(why) = &entry.next_full {
+        return Some(why.clone());
     }
     if p.snapshot.status != SnapshotStatus::Ok {
         return Some(format!("the previous restore point {} is tainted", p.id));
@@ -152,27 +179,9 @@ fn full_read_reason(
     None
 }
 
-/// Runs since the last full read of a disk, following its parent chain (0 for a full read
-/// now): every chunk was confirmed against the source at most that many runs ago.
-fn runs_since_full(snapshots: &[SnapshotInfo], parent: Option<Id>, disk_id: &str) -> u64 {
-    let mut runs = 1;
-    let mut at = parent;
-    while let Some(id) = at {
-        let Some(entry) = snapshots.iter().find(|s| s.id == id).and_then(|s| s.snapshot.disk(disk_id)) else {
-            break;
-        };
-        if entry.mode == ReadMode::Full {
-            return runs;
-        }
-        runs += 1;
-        at = entry.parent;
-    }
-    runs
-}
-
 /// One disk, opened and planned.
 struct Prepared<'a> {
-    input_id: String,
+    id: String,
     cbt: String,
     parent: Option<&'a SnapshotInfo>,
     source: Box<dyn BlockSource>,
@@ -182,27 +191,34 @@ struct Prepared<'a> {
     full_reason: Option<String>,
     cbt_state: Option<String>,
     after_commit: AfterCommit,
+    budget: Budget,
+    run: u64,
+}
+
+impl Prepared<'_> {
+    fn parent_entry(&self) -> Option<&DiskEntry> {
+        self.parent.and_then(|p| p.snapshot.disk(&self.id))
+    }
 }
 
 fn prepare<'a>(
     input: DiskInput,
     vm: &str,
     snapshots: &'a [SnapshotInfo],
+    opts: &BackupOptions,
     chunk_size: u32,
-    full: bool,
 ) -> Result<Prepared<'a>, CoreError> {
     // Parent: the latest snapshot of this vm holding the same disk id (never a position;
     // a disk moved to another vm starts over with a full read).
     let parent = snapshots.iter().rev().find(|s| s.snapshot.vm == vm && s.snapshot.disk(&input.id).is_some());
-    let parent_cbt = parent
-        .and_then(|p| p.snapshot.disk(&input.id))
-        .map(|d| ParentCbt { cbt: d.cbt.clone(), state: d.cbt_state.clone() });
+    let parent_entry = parent.and_then(|p| p.snapshot.disk(&input.id));
+    let parent_cbt = parent_entry.map(|d| ParentCbt { cbt: d.cbt.clone(), state: d.cbt_state.clone() });
     let mut opened = (input.open)(parent_cbt.as_ref())?;
     let size = opened.source.size();
     let zero = opened.source.zero_ranges()?;
     let (changed, full_reason) = match &opened.changes {
         Changes::All { reason } => (None, Some(reason.clone())),
-        Changes::Ranges(r) => match full_read_reason(full, parent, &input.id, size, chunk_size) {
+        Changes::Ranges(r) => match full_read_reason(opts.full, parent, &input.id, size, chunk_size) {
             Some(reason) => (None, Some(reason)),
             None => (Some(r.as_slice()), None),
         },
@@ -210,7 +226,7 @@ fn prepare<'a>(
     let plan = ChunkPlan::new(size, chunk_size, &zero, changed);
     Ok(Prepared {
         describe: opened.source.describe(),
-        input_id: input.id,
+        id: input.id,
         cbt: input.cbt,
         parent,
         source: opened.source,
@@ -219,11 +235,243 @@ fn prepare<'a>(
         full_reason,
         cbt_state: opened.cbt_state.take(),
         after_commit: opened.after_commit,
+        budget: input.verify.unwrap_or_else(|| opts.verify.clone()),
+        run: parent_entry.map_or(0, |e| e.run) + 1,
     })
 }
 
+/// What backing up one disk produced.
+struct DiskOutcome {
+    entry: DiskEntry,
+    report: DiskReport,
+}
+
+/// Context shared by every disk of a backup.
+struct Ctx<'a, 'd> {
+    repo: &'a Repository,
+    reader: &'a BlobReader<'a>,
+    dedup: &'a Dedup<'d>,
+    snapshots: &'a [SnapshotInfo],
+    progress: &'a dyn Progress,
+    chunk_size: u32,
+    warnings: Vec<String>,
+}
+
+impl Ctx<'_, '_> {
+    /// Reads, verifies and stores one disk; returns its manifest entry and report.
+    fn disk(&mut self, d: &mut Prepared<'_>, blobs: &Sender<SealedBlob>) -> Result<DiskOutcome, CoreError> {
+        let n = chunk_count(d.size, self.chunk_size);
+        let run = d.run as u32;
+        let incremental = d.full_reason.is_none();
+        let parent_entry = d.parent_entry().filter(|_| incremental).cloned();
+        let mut parent_tree = match &parent_entry {
+            Some(e) => Some(TreeReader::new(self.reader, e.index_root, n, e.index_fanout)?),
+            None => None,
+        };
+        let (mut state, warning) = match d.parent_entry() {
+            Some(e) => ConfirmState::load(self.reader, e, n),
+            None => (ConfirmState::never(n), None),
+        };
+        self.warnings.extend(warning);
+        let previous = state.clone();
+
+        let counters = DiskCounters::default();
+        self.progress.begin(&format!("backup {}", d.id), d.size);
+        let result = store_disk(
+            self.repo,
+            self.dedup,
+            d.source.as_mut(),
+            &d.plan,
+            parent_tree.as_mut(),
+            blobs,
+            &counters,
+            self.progress,
+        );
+        self.progress.end();
+        let result = result?;
+        for (r, action) in &d.plan.runs {
+            if *action != Action::Inherit {
+                r.clone().for_each(|c| state.confirm(c, run));
+            }
+        }
+
+        // Verification: a sample of the inherited chunks against the same source handle.
+        let candidates: Vec<_> =
+            d.plan.runs.iter().filter(|(_, a)| *a == Action::Inherit).map(|(r, _)| r.clone()).collect();
+        let limit = chunk_limit(&d.budget, n, self.chunk_size);
+        let (mut verified_chunks, mut verified_bytes) = (0, 0);
+        let mut mismatches = Vec::new();
+        let mut suspects = Vec::new();
+        if let (Some(tree), false) = (parent_tree.as_mut(), d.budget.nothing) {
+            let selected = select(&previous.last, &candidates, limit, &mut rand::thread_rng());
+            // The ids the new restore point inherited, fetched in disk order.
+            let mut order: Vec<usize> = (0..selected.len()).collect();
+            order.sort_unstable_by_key(|&k| selected[k]);
+            let mut expected = vec![Id::ZERO; selected.len()];
+            for k in order {
+                expected[k] = tree.chunk(selected[k])?;
+            }
+            self.progress.begin(&format!("verify {}", d.id), selected.len() as u64 * u64::from(self.chunk_size));
+            let sampled =
+                sample(d.source.as_mut(), self.repo.keys(), self.chunk_size, &selected, &expected, d.budget.time);
+            self.progress.end();
+            let sampled = sampled?;
+            verified_chunks = sampled.chunks;
+            verified_bytes = sampled.bytes;
+            for c in &sampled.confirmed {
+                state.confirm(*c, run);
+            }
+            let cs = u64::from(self.chunk_size);
+            for (c, actual) in &sampled.mismatched {
+                let want = expected[selected.iter().position(|s| s == c).expect("selected")];
+                mismatches.extend(differing_ranges(self.reader, want, actual, c * cs));
+                // Not confirmed: the restore point holds stale content here.
+                state.confirm(*c, 0);
+                for s in self.suspects(&d.id, parent_entry.as_ref(), d.parent.map(|p| p.id), *c, want, previous.last[*c as usize])? {
+                    if !suspects.contains(&s) {
+                        suspects.push(s);
+                    }
+                }
+            }
+        }
+        let mismatches = merge_ranges(mismatches);
+
+        // Chunks sampled per run under this budget: the bound's denominator. A time-only
+        // budget is judged by what it achieved now (unknown after a full read).
+        let per_run = match limit {
+            _ if d.budget.nothing => None,
+            Some(l) => Some(l),
+            None if d.budget.time.is_some() => incremental.then_some(verified_chunks),
+            None => Some(n),
+        };
+        let coverage = state.coverage(run, per_run);
+        let confirm_root = state.store(&mut BlobSink::new(self.repo, self.dedup, blobs))?;
+
+        let tainted = !mismatches.is_empty();
+        let next_full = tainted.then(|| {
+            format!("verification found change tracking lying about disk {} in run {}", d.id, d.run)
+        });
+        let advice = tainted.then(|| advice(&d.cbt));
+        let stats = DiskStats {
+            bytes_read: counters.bytes_read.load(Ordering::Relaxed),
+            zero_chunks: counters.zero_chunks.load(Ordering::Relaxed),
+            new_chunks: counters.new_chunks.load(Ordering::Relaxed),
+            new_bytes: counters.new_bytes.load(Ordering::Relaxed),
+            stored_bytes: counters.stored_bytes.load(Ordering::Relaxed),
+        };
+        let mode = if incremental { ReadMode::Incremental } else { ReadMode::Full };
+        let parent = d.parent.map(|p| p.id);
+        let report = DiskReport {
+            id: d.id.clone(),
+            mode,
+            size: d.size,
+            chunk_size: self.chunk_size,
+            bytes_read: stats.bytes_read,
+            cbt_reported_chunks: d.plan.cbt_reported,
+            cbt_overreported_chunks: counters.overreported.load(Ordering::Relaxed),
+            verified_chunks,
+            verified_bytes,
+            mismatches: mismatches.clone(),
+            suspect_snapshots: suspects,
+            coverage: coverage.clone(),
+            next_mode: if d.cbt == "none" || tainted { ReadMode::Full } else { ReadMode::Incremental },
+            full_reason: d.full_reason.clone(),
+            cbt: d.cbt.clone(),
+            advice,
+            parent,
+            run: d.run,
+            chunks: result.chunks,
+            zero_chunks: stats.zero_chunks,
+            new_chunks: stats.new_chunks,
+            new_bytes: stats.new_bytes,
+            stored_bytes: stats.stored_bytes,
+        };
+        let entry = DiskEntry {
+            id: d.id.clone(),
+            size: d.size,
+            chunk_size: self.chunk_size,
+            index_root: result.root,
+            index_fanout: DEFAULT_FANOUT,
+            parent,
+            source: d.describe.clone(),
+            cbt: d.cbt.clone(),
+            // After a mismatch a bitmap rotation restarts: the next run records no bitmap.
+            cbt_state: if tainted { None } else { d.cbt_state.clone() },
+            mode,
+            full_reason: d.full_reason.clone(),
+            stats,
+            mismatches,
+            run: d.run,
+            confirm_root,
+            coverage: Some(coverage),
+            next_full,
+        };
+        Ok(DiskOutcome { entry, report })
+    }
+
+    /// Earlier restore points of the disk, from `parent` back, that hold `id` at `chunk`
+    /// and were taken after the chunk was last confirmed (`confirmed_run`).
+    fn suspects(
+        &self,
+        disk: &str,
+        parent: Option<&DiskEntry>,
+        parent_id: Option<Id>,
+        chunk: u64,
+        id: Id,
+        confirmed_run: u32,
+    ) -> Result<Vec<Id>, CoreError> {
+        let mut out = Vec::new();
+        let (mut at, mut at_id) = (parent.cloned(), parent_id);
+        while let (Some(e), Some(sid)) = (at, at_id) {
+            if e.run <= u64::from(confirmed_run) || chunk >= chunk_count(e.size, e.chunk_size) {
+                break;
+            }
+            let mut tree = TreeReader::new(self.reader, e.index_root, chunk_count(e.size, e.chunk_size), e.index_fanout)?;
+            if tree.chunk(chunk)? == id {
+                out.push(sid);
+            }
+            at_id = e.parent;
+            at = e.parent.and_then(|p| self.snapshots.iter().find(|s| s.id == p)).and_then(|s| s.snapshot.disk(disk)).cloned();
+        }
+        Ok(out)
+    }
+
+    /// Re-reads a tainted disk in full from the same source handle.
+    fn heal(&mut self, d: &mut Prepared<'_>, first: Id, blobs: &Sender<SealedBlob>) -> Result<DiskOutcome, CoreError> {
+        let zero = d.source.zero_ranges()?;
+        d.plan = ChunkPlan::new(d.size, self.chunk_size, &zero, None);
+        d.full_reason = Some(format!("healing: verification found snapshot {} differs from the source", first.short()));
+        d.run += 1;
+        d.parent = None;
+        let mut out = self.disk(d, blobs)?;
+        out.entry.parent = Some(first);
+        out.report.parent = Some(first);
+        out.entry.next_full = Some(format!("change tracking of disk {} was caught lying; the next backup reads it in full", d.id));
+        out.entry.cbt_state = None;
+        out.report.next_mode = ReadMode::Full;
+        Ok(out)
+    }
+}
+
+/// What the operator should do after change tracking was caught lying.
+fn advice(cbt: &str) -> String {
+    if cbt == "bitmap:auto" {
+        "blockproof reset its bitmap rotation; the next backup of this disk reads it in full".into()
+    } else if cbt.starts_with("changes:") || cbt.starts_with("bitmap:") {
+        format!(
+            "change tracking ({cbt}) reported changed data as unchanged: reset CBT on the hypervisor (VMware: \
+             disable and re-enable change tracking; libvirt: delete the checkpoints and start a new chain) before \
+             trusting incrementals; the next backup of this disk reads it in full"
+        )
+    } else {
+        "the source changed between the read and the verification, or the disk is not a stable snapshot; \
+         back up from a snapshot"
+            .into()
+    }
+}
+
 /// Backs up every disk of `opts` into one new snapshot.
-pub fn backup(repo: &Repository, opts: BackupOptions, progress: &dyn Progress) -> Result<BackupReport, CoreError> {
+pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progress) -> Result<BackupReport, CoreError> {
     let started = Instant::now();
     let time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
     validate_name("vm name", &opts.vm)?;
@@ -244,147 +492,70 @@ pub fn backup(repo: &Repository, opts: BackupOptions, progress: &dyn Progress) -
     let chunk_size = repo.config().chunk_size;
 
     // Open every disk first: together they are the vm at one point in time.
+    let inputs = std::mem::take(&mut opts.disks);
     let mut prepared = Vec::new();
-    for input in opts.disks {
-        prepared.push(prepare(input, &opts.vm, &snapshots, chunk_size, opts.full)?);
+    for input in inputs {
+        prepared.push(prepare(input, &opts.vm, &snapshots, &opts, chunk_size)?);
     }
+    let mut ctx = Ctx { repo, reader: &reader, dedup: &dedup, snapshots: &snapshots, progress, chunk_size, warnings: vec![] };
 
-    let (blob_tx, blob_rx) = bounded::<SealedBlob>(64);
-    let (results, writer_stats) = std::thread::scope(|s| {
-        let writer = s.spawn(move || {
-            let mut w = PackWriter::new(repo);
-            for blob in blob_rx.iter() {
-                w.add(blob)?;
-            }
-            w.finish()
-        });
-        let mut results = Vec::new();
-        let mut result = Ok(());
-        for disk in &mut prepared {
-            let counters = DiskCounters::default();
-            progress.begin(&format!("backup {}", disk.input_id), disk.size);
-            let r = (|| {
-                let mut parent_tree = match (disk.parent, disk.plan.count(Action::Inherit)) {
-                    (Some(p), inherit) if inherit > 0 => {
-                        let e = p.snapshot.disk(&disk.input_id).expect("a parent holds the disk");
-                        Some(TreeReader::new(&reader, e.index_root, chunk_count(e.size, e.chunk_size), e.index_fanout)?)
-                    }
-                    _ => None,
-                };
-                store_disk(
-                    repo,
-                    &dedup,
-                    disk.source.as_mut(),
-                    &disk.plan,
-                    parent_tree.as_mut(),
-                    &blob_tx,
-                    &counters,
-                    progress,
-                )
-            })();
-            progress.end();
-            match r {
-                Ok(r) => results.push((r, counters)),
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        drop(blob_tx);
-        let written = writer.join().expect("pack writer thread panicked");
-        match (result, written) {
-            // A writer failure explains any pipeline error that followed it.
-            (_, Err(e)) => Err(CoreError::from(e)),
-            (Err(e), _) => Err(e),
-            (Ok(()), Ok((_, stats))) => Ok((results, stats)),
-        }
-    })?;
-
-    let mut disks = Vec::new();
-    let mut reports = Vec::new();
-    let mut after = Vec::new();
-    for (disk, (result, c)) in prepared.into_iter().zip(results) {
-        let stats = DiskStats {
-            bytes_read: c.bytes_read.load(Ordering::Relaxed),
-            zero_chunks: c.zero_chunks.load(Ordering::Relaxed),
-            new_chunks: c.new_chunks.load(Ordering::Relaxed),
-            new_bytes: c.new_bytes.load(Ordering::Relaxed),
-            stored_bytes: c.stored_bytes.load(Ordering::Relaxed),
-        };
-        let mode = if disk.full_reason.is_some() { ReadMode::Full } else { ReadMode::Incremental };
-        let parent = disk.parent.map(|p| p.id);
-        let runs = if mode == ReadMode::Full { 0 } else { runs_since_full(&snapshots, parent, &disk.input_id) };
-        reports.push(DiskReport {
-            id: disk.input_id.clone(),
-            mode,
-            size: disk.size,
-            chunk_size,
-            bytes_read: stats.bytes_read,
-            cbt_reported_chunks: disk.plan.cbt_reported,
-            cbt_overreported_chunks: 0,
-            verified_chunks: 0,
-            verified_bytes: 0,
-            mismatches: vec![],
-            suspect_snapshots: vec![],
-            // Every chunk was confirmed against the source at the last full read, at
-            // most `runs` runs ago; the chunks read now, in this run.
-            coverage: Coverage {
-                chunks: result.chunks,
-                never_confirmed: 0,
-                oldest_confirmed_runs_ago: runs,
-                full_coverage_within_runs: runs + 1,
-            },
-            next_mode: if disk.cbt == "none" { ReadMode::Full } else { ReadMode::Incremental },
-            full_reason: disk.full_reason.clone(),
-            cbt: disk.cbt.clone(),
-            parent,
-            chunks: result.chunks,
-            zero_chunks: stats.zero_chunks,
-            new_chunks: stats.new_chunks,
-            new_bytes: stats.new_bytes,
-            stored_bytes: stats.stored_bytes,
-        });
-        disks.push(DiskEntry {
-            id: disk.input_id,
-            size: disk.size,
-            chunk_size,
-            index_root: result.root,
-            index_fanout: DEFAULT_FANOUT,
-            parent,
-            source: disk.describe,
-            cbt: disk.cbt,
-            cbt_state: disk.cbt_state,
-            mode,
-            full_reason: disk.full_reason,
-            stats,
-            mismatches: vec![],
-        });
-        // Close the source (and stop a qemu-nbd serving it) before the commit's aftermath.
-        drop(disk.source);
-        after.push(disk.after_commit);
-    }
+    let (outcomes, stats) =
+        with_pack_writer(repo, |tx| prepared.iter_mut().map(|d| ctx.disk(d, tx)).collect::<Result<Vec<_>, _>>())?;
+    let tainted = outcomes.iter().any(|o| !o.entry.mismatches.is_empty());
+    let status = if tainted { SnapshotStatus::Tainted } else { SnapshotStatus::Ok };
     let snapshot = Snapshot {
         vm: opts.vm.clone(),
         time: time.clone(),
-        hostname: opts.hostname,
-        tags: opts.tags,
-        status: SnapshotStatus::Ok,
-        disks,
+        hostname: opts.hostname.clone(),
+        tags: opts.tags.clone(),
+        status,
+        disks: outcomes.iter().map(|o| o.entry.clone()).collect(),
         program: format!("blockproof {}", env!("CARGO_PKG_VERSION")),
     };
     // Every pack and index file is durable (the writer finished): commit.
     let id = repo.save_snapshot(&snapshot)?;
-    let warnings = after.into_iter().filter_map(|a| a.run().err().map(|e| e.to_string())).collect();
-    Ok(BackupReport {
+    let mut report = BackupReport {
         snapshot: id,
-        vm: opts.vm,
-        status: SnapshotStatus::Ok,
+        vm: opts.vm.clone(),
+        status,
         time,
-        disks: reports,
-        packs_written: writer_stats.packs,
-        bytes_written: writer_stats.pack_bytes,
-        duration_seconds: started.elapsed().as_secs_f64(),
-        warnings,
-    })
+        disks: outcomes.iter().map(|o| o.report.clone()).collect(),
+        healed_snapshot: None,
+        packs_written: stats.packs,
+        bytes_written: stats.pack_bytes,
+        duration_seconds: 0.0,
+        warnings: vec![],
+    };
+
+    if tainted && opts.on_mismatch == OnMismatch::Heal {
+        let heal_time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+        let (entries, heal_stats) = with_pack_writer(repo, |tx| {
+            let mut entries = Vec::new();
+            for (d, o) in prepared.iter_mut().zip(&outcomes) {
+                if o.entry.mismatches.is_empty() {
+                    let mut e = o.entry.clone();
+                    e.parent = Some(id);
+                    e.run += 1;
+                    entries.push(e);
+                } else {
+                    entries.push(ctx.heal(d, id, tx)?.entry);
+                }
+            }
+            Ok(entries)
+        })?;
+        let healed = Snapshot { time: heal_time, status: SnapshotStatus::Ok, disks: entries, ..snapshot };
+        report.healed_snapshot = Some(repo.save_snapshot(&healed)?);
+        report.packs_written += heal_stats.packs;
+        report.bytes_written += heal_stats.pack_bytes;
+    }
+
+    // Close the sources (stopping any qemu-nbd) before what comes after the commit.
+    let mut warnings = std::mem::take(&mut ctx.warnings);
+    for d in prepared {
+        drop(d.source);
+        warnings.extend(d.after_commit.run().err().map(|e| e.to_string()));
+    }
+    report.warnings = warnings;
+    report.duration_seconds = started.elapsed().as_secs_f64();
+    Ok(report)
 }

@@ -23,11 +23,16 @@
 pub mod backup;
 pub mod budget;
 pub mod check;
+mod confirm;
 mod pipeline;
 mod plan;
+mod verify;
 pub mod restore;
 
-pub use backup::{backup, BackupOptions, BackupReport, Coverage, DiskInput, DiskReport, OpenFn};
+pub use backup::{
+    backup, default_verify_budget, BackupOptions, BackupReport, DiskInput, DiskReport, OnMismatch, OpenFn,
+};
+pub use blockproof_format::manifest::Coverage;
 pub use budget::Budget;
 pub use check::{check, CheckOptions, CheckReport};
 pub use restore::{restore, RestoreOptions, RestoreReport};

@@ -20,7 +20,9 @@ use std::sync::Mutex;
 
 use blockproof_format::tree::{chunk_count, encode_page, DEFAULT_FANOUT};
 use blockproof_format::{BlobKind, Id};
-use blockproof_repo::{BlobCodec, BlobIndex, Repository, SealedBlob, TreeReader, TreeWriter};
+use blockproof_repo::{
+    BlobCodec, BlobIndex, PackWriter, PackWriterStats, Repository, SealedBlob, TreeReader, TreeWriter,
+};
 use blockproof_source::BlockSource;
 use crossbeam_channel::{bounded, Sender};
 
@@ -45,9 +47,66 @@ impl<'a> Dedup<'a> {
     }
 }
 
+/// Runs `work` with a pack writer thread fed by the sender it is given; returns what
+/// `work` returned and the writer's statistics once every pack and index file is durable.
+/// A writer failure is reported in preference to a failure of `work`, which it explains.
+pub(crate) fn with_pack_writer<T>(
+    repo: &Repository,
+    work: impl FnOnce(&Sender<SealedBlob>) -> Result<T, CoreError>,
+) -> Result<(T, PackWriterStats), CoreError> {
+    let (tx, rx) = bounded::<SealedBlob>(64);
+    std::thread::scope(|s| {
+        let writer = s.spawn(move || {
+            let mut w = PackWriter::new(repo);
+            for blob in rx.iter() {
+                w.add(blob)?;
+            }
+            w.finish()
+        });
+        let result = work(&tx);
+        drop(tx);
+        let written = writer.join().expect("pack writer thread panicked");
+        match (result, written) {
+            (_, Err(e)) => Err(CoreError::from(e)),
+            (Err(e), _) => Err(e),
+            (Ok(t), Ok((_, stats))) => Ok((t, stats)),
+        }
+    })
+}
+
+/// Seals metadata blobs (index and confirmation pages) and hands new ones to the pack
+/// writer.
+pub(crate) struct BlobSink<'a, 'd> {
+    codec: BlobCodec,
+    dedup: &'a Dedup<'d>,
+    tx: &'a Sender<SealedBlob>,
+}
+
+impl<'a, 'd> BlobSink<'a, 'd> {
+    pub(crate) fn new(repo: &Repository, dedup: &'a Dedup<'d>, tx: &'a Sender<SealedBlob>) -> Self {
+        BlobSink { codec: BlobCodec::new(repo.keys().clone(), repo.config().zstd_level), dedup, tx }
+    }
+
+    /// Stores `plain` as a blob of `kind` (once per repository); returns its id.
+    pub(crate) fn put(&mut self, kind: BlobKind, plain: &[u8]) -> Result<Id, CoreError> {
+        let id = self.codec.keys().blob_id(plain);
+        if self.dedup.claim(id) {
+            self.tx.send(self.codec.seal(kind, id, plain)).map_err(|_| CoreError::WriterGone)?;
+        }
+        Ok(id)
+    }
+
+    /// Stores one page of a fixed index tree.
+    pub(crate) fn page(&mut self, ids: &[Id]) -> Result<Id, CoreError> {
+        self.put(BlobKind::Tree, &encode_page(ids))
+    }
+}
+
 /// Counters of one disk.
 #[derive(Default)]
 pub(crate) struct DiskCounters {
+    /// Read chunks whose id equals the parent's: change tracking over-reported them.
+    pub overreported: AtomicU64,
     pub bytes_read: AtomicU64,
     pub zero_chunks: AtomicU64,
     pub new_chunks: AtomicU64,
@@ -60,7 +119,7 @@ pub(crate) struct DiskResult {
     pub chunks: u64,
 }
 
-fn is_zero(buf: &[u8]) -> bool {
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
     let words = buf.chunks_exact(16);
     let tail = words.remainder();
     words.into_iter().all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0) && tail.iter().all(|&b| b == 0)
@@ -68,7 +127,8 @@ fn is_zero(buf: &[u8]) -> bool {
 
 /// Backs up one disk by `plan`: reads the chunks it says to read and stores the new ones,
 /// takes zero chunks as [`Id::ZERO`] and inherited ones from `parent`, and returns the root
-/// of the new fixed index tree.
+/// of the new fixed index tree. With a parent (an incremental), read chunks whose id is
+/// the parent's are counted as over-reported.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn store_disk(
     repo: &Repository,
@@ -136,15 +196,8 @@ pub(crate) fn store_disk(
         drop(res_tx);
         drop(work_rx);
 
-        let mut codec = BlobCodec::new(repo.keys().clone(), level);
-        let mut store_page = |ids: &[Id]| -> Result<Id, CoreError> {
-            let page = encode_page(ids);
-            let id = codec.keys().blob_id(&page);
-            if dedup.claim(id) {
-                blobs.send(codec.seal(BlobKind::Tree, id, &page)).map_err(|_| CoreError::WriterGone)?;
-            }
-            Ok(id)
-        };
+        let mut sink = BlobSink::new(repo, dedup, blobs);
+        let mut store_page = |ids: &[Id]| sink.page(ids);
         let mut tree = TreeWriter::new(n, DEFAULT_FANOUT);
         // Results of reads arrive out of order; they wait here until their turn.
         let mut pending = BTreeMap::new();
@@ -157,13 +210,21 @@ pub(crate) fn store_disk(
                             parent.as_deref_mut().ok_or(CoreError::Invalid("no parent to inherit from".into()))?;
                         parent.chunk(i)?
                     }
-                    Action::Read => loop {
-                        if let Some(id) = pending.remove(&i) {
-                            break id;
+                    Action::Read => {
+                        let id = loop {
+                            if let Some(id) = pending.remove(&i) {
+                                break id;
+                            }
+                            let (j, id) = res_rx.recv().map_err(|_| CoreError::WriterGone)??;
+                            pending.insert(j, id);
+                        };
+                        if let Some(parent) = parent.as_deref_mut() {
+                            if parent.chunk(i)? == id {
+                                counters.overreported.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
-                        let (j, id) = res_rx.recv().map_err(|_| CoreError::WriterGone)??;
-                        pending.insert(j, id);
-                    },
+                        id
+                    }
                 };
                 if *action != Action::Read && id == Id::ZERO {
                     counters.zero_chunks.fetch_add(1, Ordering::Relaxed);

@@ -124,6 +124,7 @@ impl ChunkPlan {
     }
 
     /// Chunks with this action.
+    #[cfg(test)]
     pub fn count(&self, action: Action) -> u64 {
         self.runs.iter().filter(|(_, a)| *a == action).map(|(r, _)| r.end - r.start).sum()
     }

@@ -73,6 +73,7 @@ fn tracked(data: Vec<u8>, changes: Option<Vec<(u64, u64)>>, zero: Vec<(u64, u64)
             opened.changes = changes;
             Ok(opened)
         }),
+        verify: None,
     }
 }
 
@@ -86,7 +87,15 @@ fn repo(dir: &std::path::Path) -> Repository {
 }
 
 fn opts(d: DiskInput) -> BackupOptions {
-    BackupOptions { vm: "vm".into(), disks: vec![d], tags: vec![], hostname: "test".into(), full: false }
+    BackupOptions {
+        vm: "vm".into(),
+        disks: vec![d],
+        tags: vec![],
+        hostname: "test".into(),
+        full: false,
+        verify: blockproof_core::default_verify_budget(),
+        on_mismatch: blockproof_core::OnMismatch::Keep,
+    }
 }
 
 #[test]
@@ -133,7 +142,9 @@ fn identical_disks_are_stored_once() {
     assert!(first.disks[0].new_chunks > 0);
     let again = backup(&repo, opts(disk(data, None)), &NoProgress).unwrap();
     assert_eq!(again.disks[0].new_chunks, 0);
-    assert_eq!(again.packs_written, 0, "nothing new: not even an index page");
+    // Nothing new but the disk's confirmation state (one small page: every chunk was
+    // confirmed at run 2 now); the index pages are the parent's.
+    assert!(again.packs_written <= 1 && again.bytes_written < 2048, "{} bytes", again.bytes_written);
     assert_eq!(again.disks[0].parent, Some(first.snapshot));
 }
 

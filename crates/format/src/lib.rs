@@ -30,6 +30,7 @@
 //!   means "this chunk (or this whole subtree) is zeros".
 
 pub mod config;
+pub mod confirm;
 pub mod envelope;
 pub mod id;
 pub mod index;

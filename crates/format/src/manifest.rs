@@ -93,6 +93,35 @@ pub struct DiskEntry {
     /// Ranges where verification found source and backup differ.
     #[serde(default)]
     pub mismatches: Vec<ByteRange>,
+    /// This disk's run number: its parent's plus one (1 for a disk's first restore point).
+    /// Confirmation state records runs.
+    #[serde(default)]
+    pub run: u64,
+    /// Root of the confirmation state tree ([`crate::confirm`]); absent: never confirmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm_root: Option<Id>,
+    /// How much of the disk had been confirmed against its source after this run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<Coverage>,
+    /// Why the next backup of this disk must read it in full (its change tracking was
+    /// caught lying), if it must.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_full: Option<String>,
+}
+
+/// How much of a disk has been confirmed against its source. Field names are part of
+/// the JSON contract (DESIGN.md §5).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coverage {
+    /// Chunks of the disk.
+    pub chunks: u64,
+    /// Chunks never confirmed against the source.
+    pub never_confirmed: u64,
+    /// Runs since the least recently confirmed chunk was confirmed (among confirmed ones).
+    pub oldest_confirmed_runs_ago: u64,
+    /// The bound: with this run's budget, every chunk is confirmed at least once in any
+    /// window of this many runs (0: never, verification is off).
+    pub full_coverage_within_runs: u64,
 }
 
 /// A restore point.
@@ -163,6 +192,10 @@ mod tests {
                 full_reason: Some("cbt=none".into()),
                 stats: DiskStats::default(),
                 mismatches: vec![],
+                run: 1,
+                confirm_root: None,
+                coverage: None,
+                next_full: None,
             }],
             program: "blockproof 0.1.0".into(),
         };

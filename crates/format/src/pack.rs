@@ -29,6 +29,8 @@ pub enum BlobKind {
     Data = 0,
     /// One page of a fixed index.
     Tree = 1,
+    /// One page of a disk's confirmation state ([`crate::confirm`]).
+    Confirm = 2,
 }
 
 impl BlobKind {
@@ -36,6 +38,7 @@ impl BlobKind {
         match v {
             0 => Some(BlobKind::Data),
             1 => Some(BlobKind::Tree),
+            2 => Some(BlobKind::Confirm),
             _ => None,
         }
     }

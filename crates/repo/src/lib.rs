@@ -62,7 +62,7 @@ pub enum RepoError {
 }
 
 impl RepoError {
-    pub(crate) fn corrupt(what: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+    pub fn corrupt(what: impl Into<String>, detail: impl std::fmt::Display) -> Self {
         RepoError::Corrupt { what: what.into(), detail: detail.to_string() }
     }
 }

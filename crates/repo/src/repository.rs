@@ -330,6 +330,10 @@ mod tests {
                 full_reason: None,
                 stats: Default::default(),
                 mismatches: vec![],
+                run: 1,
+                confirm_root: None,
+                coverage: None,
+                next_full: None,
             }],
             program: "test".into(),
         };

@@ -1,0 +1,298 @@
+//! Sampled verification: read chunks that change tracking called unchanged from the same
+//! source handle (the same point in time) and compare them with the ids the new restore
+//! point inherited.
+//!
+//! **Selection** is least-recently-confirmed first. Candidates are ordered by the run at
+//! which they were last confirmed (never confirmed first); among equals the order is
+//! random, by segments of [`SEGMENT`] consecutive chunks taken in a random order (so reads
+//! stay sequential within a segment and a selection needs memory for the segments, not
+//! for every chunk). The first chunk of the disk is always selected, whatever the budget
+//! (`none` excepted). With `B` chunks sampled per run, every chunk is confirmed within
+//! `ceil(chunks / B)` runs (docs/VERIFICATION.md has the proof).
+//!
+//! **Comparison** hashes each chunk with the repository's keyed hash (an all-zero chunk is
+//! [`Id::ZERO`]) and compares with the inherited id. A mismatch is narrowed to the
+//! 512-byte sectors that differ, by comparing with the stored chunk's bytes.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use blockproof_format::manifest::ByteRange;
+use blockproof_format::{BlobKind, Id};
+use blockproof_repo::BlobReader;
+use blockproof_source::BlockSource;
+use crossbeam_channel::bounded;
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+use crate::pipeline::is_zero;
+use crate::{workers, Budget, CoreError};
+
+/// Chunks per segment of the random tie-break (4 MiB of 64 KiB chunks).
+pub(crate) const SEGMENT: u64 = 64;
+
+/// The granularity of reported mismatch ranges: a disk sector.
+pub(crate) const SECTOR: usize = 512;
+
+/// How many chunks a budget allows per run for a disk of `chunks` chunks of `chunk_size`
+/// (`None`: no count limit, only time, or everything).
+pub(crate) fn chunk_limit(budget: &Budget, chunks: u64, chunk_size: u32) -> Option<u64> {
+    if budget.nothing {
+        return Some(0);
+    }
+    let by_fraction = budget.fraction.map(|f| ((chunks as f64) * f).round() as u64);
+    let by_bytes = budget.bytes.map(|b| b / u64::from(chunk_size));
+    [by_fraction, by_bytes, budget.ios].into_iter().flatten().min()
+}
+
+/// Picks up to `limit` chunks among `candidates` (sorted, disjoint runs of chunk numbers),
+/// least recently confirmed first, plus chunk 0 when it is a candidate. Returns them in
+/// priority order.
+pub(crate) fn select(last: &[u32], candidates: &[Range<u64>], limit: Option<u64>, rng: &mut impl Rng) -> Vec<u64> {
+    let total: u64 = candidates.iter().map(|r| r.end - r.start).sum();
+    let limit = limit.unwrap_or(total).min(total);
+    let mut out = Vec::new();
+    let first_is_candidate = candidates.first().is_some_and(|r| r.start == 0 && r.end > 0);
+    if first_is_candidate {
+        out.push(0);
+    }
+    if limit == 0 {
+        return out;
+    }
+    // Histogram of last-confirmed runs, to find the run `t` at which the budget runs out.
+    let mut hist: BTreeMap<u32, u64> = BTreeMap::new();
+    for r in candidates {
+        for c in r.clone() {
+            *hist.entry(last[c as usize]).or_default() += 1;
+        }
+    }
+    let mut below = 0u64;
+    let mut threshold = u32::MAX;
+    for (&run, &n) in &hist {
+        if below + n >= limit {
+            threshold = run;
+            break;
+        }
+        below += n;
+    }
+    // Everything confirmed before `threshold`, oldest first...
+    let mut older: Vec<(u32, u64)> = Vec::with_capacity(below as usize);
+    for r in candidates {
+        for c in r.clone() {
+            let run = last[c as usize];
+            if run < threshold {
+                older.push((run, c));
+            }
+        }
+    }
+    older.sort_unstable();
+    out.extend(older.into_iter().map(|(_, c)| c).filter(|&c| c != 0 || !first_is_candidate));
+    // ...then the rest among those confirmed at `threshold`, by random segments.
+    let mut rest = limit - below;
+    if rest > 0 && threshold != u32::MAX {
+        let chunks = last.len() as u64;
+        let mut segments: Vec<u64> = (0..chunks.div_ceil(SEGMENT)).collect();
+        segments.shuffle(rng);
+        for seg in segments {
+            let (lo, hi) = (seg * SEGMENT, ((seg + 1) * SEGMENT).min(chunks));
+            let first_run = candidates.partition_point(|r| r.end <= lo);
+            for r in &candidates[first_run..] {
+                if r.start >= hi {
+                    break;
+                }
+                for c in r.start.max(lo)..r.end.min(hi) {
+                    if rest > 0 && last[c as usize] == threshold && !(c == 0 && first_is_candidate) {
+                        out.push(c);
+                        rest -= 1;
+                    }
+                }
+            }
+            if rest == 0 {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// What sampling found.
+#[derive(Debug, Default)]
+pub(crate) struct Sampled {
+    /// Chunks compared and found equal.
+    pub confirmed: Vec<u64>,
+    /// Chunks compared and found different, with the bytes read from the source.
+    pub mismatched: Vec<(u64, Vec<u8>)>,
+    pub bytes: u64,
+    pub chunks: u64,
+}
+
+/// Reads `selected` (in priority order) from `source` and compares each with
+/// `expected(chunk)`, until done or `deadline` passes.
+pub(crate) fn sample(
+    source: &mut dyn BlockSource,
+    keys: &blockproof_crypto::Keys,
+    chunk_size: u32,
+    selected: &[u64],
+    expected: &[Id],
+    time: Option<Duration>,
+) -> Result<Sampled, CoreError> {
+    let cs = u64::from(chunk_size);
+    let size = source.size();
+    let started = Instant::now();
+    let mut out = Sampled::default();
+    std::thread::scope(|s| {
+        let (work_tx, work_rx) = bounded::<(usize, Vec<u8>)>(32);
+        let (res_tx, res_rx) = bounded::<(usize, bool, Vec<u8>)>(64);
+        for _ in 0..workers() {
+            let (work_rx, res_tx) = (work_rx.clone(), res_tx.clone());
+            s.spawn(move || {
+                for (k, buf) in work_rx.iter() {
+                    let id = if is_zero(&buf) { Id::ZERO } else { keys.blob_id(&buf) };
+                    let same = id == expected[k];
+                    let keep = if same { Vec::new() } else { buf };
+                    if res_tx.send((k, same, keep)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(res_tx);
+        drop(work_rx);
+        let reader = s.spawn(move || -> Result<(), CoreError> {
+            let mut ranges = selected.iter().map(|&c| (c * cs, (size - c * cs).min(cs) as usize));
+            let mut k = 0usize;
+            let mut sink = |_offset: u64, buf: Vec<u8>| {
+                let ok = work_tx.send((k, buf)).is_ok();
+                k += 1;
+                // The first chunk is always compared; then the deadline may stop us.
+                ok && !time.is_some_and(|t| k > 1 && started.elapsed() >= t)
+            };
+            source.read_ranges(&mut ranges, &mut sink)?;
+            Ok(())
+        });
+        for (k, same, buf) in res_rx.iter() {
+            out.chunks += 1;
+            let c = selected[k];
+            out.bytes += (size - c * cs).min(cs);
+            if same {
+                out.confirmed.push(c);
+            } else {
+                out.mismatched.push((c, buf));
+            }
+        }
+        reader.join().expect("verification reader panicked")
+    })?;
+    out.confirmed.sort_unstable();
+    out.mismatched.sort_unstable_by_key(|(c, _)| *c);
+    Ok(out)
+}
+
+/// The 512-byte sectors where `actual` (read from the source at `offset`) differs from
+/// the stored chunk `expected`, merged into byte ranges.
+pub(crate) fn differing_ranges(
+    reader: &BlobReader<'_>,
+    expected: Id,
+    actual: &[u8],
+    offset: u64,
+) -> Vec<ByteRange> {
+    let stored = if expected.is_zero() { Ok(vec![0u8; actual.len()]) } else { reader.read(&expected, BlobKind::Data) };
+    let Ok(stored) = stored.map_err(|_| ()).and_then(|s| if s.len() == actual.len() { Ok(s) } else { Err(()) }) else {
+        // The stored chunk cannot be read back: the whole chunk is the range.
+        return vec![ByteRange { offset, length: actual.len() as u64 }];
+    };
+    let mut out: Vec<ByteRange> = Vec::new();
+    for (i, (a, b)) in actual.chunks(SECTOR).zip(stored.chunks(SECTOR)).enumerate() {
+        if a != b {
+            let start = offset + (i * SECTOR) as u64;
+            match out.last_mut() {
+                Some(r) if r.offset + r.length == start => r.length += a.len() as u64,
+                _ => out.push(ByteRange { offset: start, length: a.len() as u64 }),
+            }
+        }
+    }
+    out
+}
+
+/// Merges touching ranges (input sorted).
+pub(crate) fn merge_ranges(ranges: Vec<ByteRange>) -> Vec<ByteRange> {
+    let mut out: Vec<ByteRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(l) if l.offset + l.length == r.offset => l.length += r.length,
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn rng() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(7)
+    }
+
+    #[test]
+    fn budgets_become_chunk_counts() {
+        let b = |s: &str| Budget::parse(s).unwrap();
+        assert_eq!(chunk_limit(&b("25%"), 100, 65536), Some(25));
+        assert_eq!(chunk_limit(&b("10%,1MiB"), 1000, 65536), Some(16));
+        assert_eq!(chunk_limit(&b("7ios,50%"), 100, 65536), Some(7));
+        assert_eq!(chunk_limit(&b("none"), 100, 65536), Some(0));
+        assert_eq!(chunk_limit(&b("all"), 100, 65536), None);
+        assert_eq!(chunk_limit(&b("30s"), 100, 65536), None);
+    }
+
+    #[test]
+    fn least_recently_confirmed_first_and_first_chunk_always() {
+        // Chunks 0..10; candidates all but 4..6 (those were read).
+        let last = [5, 1, 0, 3, 9, 9, 2, 0, 4, 1];
+        let cands = [0..4, 6..10];
+        let sel = select(&last, &cands, Some(4), &mut rng());
+        assert_eq!(sel[0], 0, "the first chunk leads");
+        assert_eq!(&sel[1..], &[2, 7, 1, 9][..4.min(sel.len() - 1)]);
+        assert_eq!(sel.len(), 5);
+        // Budget zero: only the first chunk.
+        assert_eq!(select(&last, &cands, Some(0), &mut rng()), vec![0]);
+        // Unlimited: every candidate once, oldest first.
+        let all = select(&last, &cands, None, &mut rng());
+        assert_eq!(all.len(), 8);
+        let mut sorted = all.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 1, 2, 3, 6, 7, 8, 9]);
+        // Chunk 0 not a candidate: not selected.
+        assert!(!select(&last, &[1..10], Some(3), &mut rng()).contains(&0));
+    }
+
+    #[test]
+    fn ties_are_random_but_complete_over_runs() {
+        // 1000 chunks all confirmed at run 1; sampling 250 a run, confirming as we go,
+        // covers every chunk in exactly 4 runs, whatever the random order.
+        let mut last = vec![1u32; 1000];
+        let mut r = rng();
+        let first = select(&last, &[0..1000], Some(250), &mut r);
+        for run in 2..=5u32 {
+            let sel = select(&last, &[0..1000], Some(250), &mut r);
+            assert!(sel.len() <= 251);
+            for c in sel {
+                last[c as usize] = run;
+            }
+        }
+        assert!(last.iter().all(|&x| x >= 2), "every chunk confirmed within 4 runs");
+        let again = select(&vec![1u32; 1000], &[0..1000], Some(250), &mut rand::rngs::StdRng::seed_from_u64(8));
+        assert_ne!(first, again, "ties are broken randomly");
+    }
+
+    #[test]
+    fn mismatch_ranges_are_sector_exact() {
+        let merged = merge_ranges(vec![
+            ByteRange { offset: 0, length: 512 },
+            ByteRange { offset: 512, length: 512 },
+            ByteRange { offset: 4096, length: 512 },
+        ]);
+        assert_eq!(merged, vec![ByteRange { offset: 0, length: 1024 }, ByteRange { offset: 4096, length: 512 }]);
+    }
+}
