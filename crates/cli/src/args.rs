@@ -37,6 +37,12 @@ pub enum Command {
     Snapshots(SnapshotsArgs),
     /// Restore one disk of a snapshot to a file or block device.
     Restore(RestoreArgs),
+    /// Per vm, the latest snapshot and how much of each disk has been confirmed against
+    /// its source.
+    Status(StatusArgs),
+    /// Compare a snapshot with its sources now, without taking a backup (exit 3 when they
+    /// differ). Reads only; nothing is written.
+    Verify(VerifyArgs),
     /// Check the repository's structure, and with --read-data its stored data.
     Check(CheckArgs),
     /// A self-contained tour: back up a generated disk, change it, back up again,
@@ -96,6 +102,36 @@ pub struct BackupArgs {
     /// A tag to attach to the snapshot (repeatable).
     #[arg(long = "tag")]
     pub tags: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Only this vm.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Print a JSON array.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Snapshot id, unique id prefix, or VM:latest.
+    pub snapshot: String,
+    /// A disk and its source now: id=ID,source=SOURCE (cbt= is ignored). Repeatable.
+    #[arg(long = "disk", value_name = "SPEC", required = true)]
+    pub disks: Vec<String>,
+    /// How much to compare per disk (10% | 2GiB | 500ios | 30s | all | none; default 5%),
+    /// least recently confirmed chunks first, the first chunk always.
+    #[arg(long, value_name = "BUDGET")]
+    pub verify: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -3,8 +3,8 @@
 use anyhow::{Context, Result};
 use blockproof_core::budget::parse_size;
 use blockproof_core::{BackupOptions, Budget, CheckOptions, OnMismatch, RestoreOptions};
-use blockproof_format::SnapshotStatus;
 use blockproof_format::KdfParams;
+use blockproof_format::SnapshotStatus;
 use blockproof_repo::{InitOptions, Repository};
 use blockproof_store::LocalBackend;
 use serde::Serialize;
@@ -19,6 +19,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Backup(a) => backup(a),
         Command::Snapshots(a) => snapshots(a),
         Command::Restore(a) => restore(a),
+        Command::Status(a) => crate::audit::status(a),
+        Command::Verify(a) => crate::audit::verify(a),
         Command::Check(a) => check(a),
         Command::Demo(a) => crate::demo::run(a),
     }
@@ -47,7 +49,7 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-fn print_json<T: Serialize>(value: &T) -> Result<()> {
+pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
@@ -134,7 +136,11 @@ fn backup(a: BackupArgs) -> Result<u8> {
                     "    verified {} unchanged chunks ({}) against the source: {}",
                     d.verified_chunks,
                     human_bytes(d.verified_bytes),
-                    if d.mismatches.is_empty() { "all equal".to_string() } else { format!("{} ranges differ", d.mismatches.len()) }
+                    if d.mismatches.is_empty() {
+                        "all equal".to_string()
+                    } else {
+                        format!("{} ranges differ", d.mismatches.len())
+                    }
                 );
             }
             let c = &d.coverage;
@@ -158,8 +164,10 @@ fn backup(a: BackupArgs) -> Result<u8> {
     }
     if report.status != SnapshotStatus::Ok {
         for d in report.disks.iter().filter(|d| !d.mismatches.is_empty()) {
-            let ranges: Vec<String> = d.mismatches.iter().take(4).map(|r| format!("{}+{}", r.offset, r.length)).collect();
-            let more = if d.mismatches.len() > 4 { format!(" and {} more", d.mismatches.len() - 4) } else { String::new() };
+            let ranges: Vec<String> =
+                d.mismatches.iter().take(4).map(|r| format!("{}+{}", r.offset, r.length)).collect();
+            let more =
+                if d.mismatches.len() > 4 { format!(" and {} more", d.mismatches.len() - 4) } else { String::new() };
             eprintln!(
                 "blockproof: MISMATCH: disk {} of snapshot {} differs from its source at bytes {}{more}; \
                  the snapshot is kept and marked tainted{}. {}",
@@ -169,7 +177,10 @@ fn backup(a: BackupArgs) -> Result<u8> {
                 if d.suspect_snapshots.is_empty() {
                     String::new()
                 } else {
-                    format!("; earlier snapshots that may share the stale data: {}", d.suspect_snapshots.iter().map(|s| s.short()).collect::<Vec<_>>().join(", "))
+                    format!(
+                        "; earlier snapshots that may share the stale data: {}",
+                        d.suspect_snapshots.iter().map(|s| s.short()).collect::<Vec<_>>().join(", ")
+                    )
                 },
                 d.advice.as_deref().unwrap_or("")
             );

@@ -18,9 +18,9 @@ impl DiskSpec {
     pub fn parse(spec: &str) -> Result<Self, Usage> {
         let (mut id, mut source, mut cbt, mut verify) = (None, None, None, None);
         for part in spec.split(',') {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| Usage(format!("invalid disk spec {spec:?}: expected id=ID,source=SOURCE[,cbt=CBT][,verify=BUDGET]")))?;
+            let (key, value) = part.split_once('=').ok_or_else(|| {
+                Usage(format!("invalid disk spec {spec:?}: expected id=ID,source=SOURCE[,cbt=CBT][,verify=BUDGET]"))
+            })?;
             let slot = match key.trim() {
                 "id" => &mut id,
                 "source" => &mut source,
@@ -36,6 +36,12 @@ impl DiskSpec {
         let source =
             source.filter(|s| !s.is_empty()).ok_or_else(|| Usage(format!("disk spec {spec:?} needs source=PATH")))?;
         Ok(DiskSpec { id, source, cbt: cbt.unwrap_or_else(|| "none".into()), verify })
+    }
+
+    /// The disk with its source only: change tracking is ignored (for `verify`).
+    pub fn input_without_cbt(mut self) -> Result<DiskInput, Usage> {
+        self.cbt = "none".into();
+        self.input()
     }
 
     /// Checks the source and change source and makes the disk input; the source is

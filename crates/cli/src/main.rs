@@ -1,6 +1,7 @@
 //! The `blockproof` command: a thin layer over blockproof-core.
 
 mod args;
+mod audit;
 mod commands;
 mod demo;
 mod disk_spec;

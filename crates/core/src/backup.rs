@@ -327,7 +327,14 @@ impl Ctx<'_, '_> {
                 mismatches.extend(differing_ranges(self.reader, want, actual, c * cs));
                 // Not confirmed: the restore point holds stale content here.
                 state.confirm(*c, 0);
-                for s in self.suspects(&d.id, parent_entry.as_ref(), d.parent.map(|p| p.id), *c, want, previous.last[*c as usize])? {
+                for s in self.suspects(
+                    &d.id,
+                    parent_entry.as_ref(),
+                    d.parent.map(|p| p.id),
+                    *c,
+                    want,
+                    previous.last[*c as usize],
+                )? {
                     if !suspects.contains(&s) {
                         suspects.push(s);
                     }
@@ -348,9 +355,8 @@ impl Ctx<'_, '_> {
         let confirm_root = state.store(&mut BlobSink::new(self.repo, self.dedup, blobs))?;
 
         let tainted = !mismatches.is_empty();
-        let next_full = tainted.then(|| {
-            format!("verification found change tracking lying about disk {} in run {}", d.id, d.run)
-        });
+        let next_full =
+            tainted.then(|| format!("verification found change tracking lying about disk {} in run {}", d.id, d.run));
         let advice = tainted.then(|| advice(&d.cbt));
         let stats = DiskStats {
             bytes_read: counters.bytes_read.load(Ordering::Relaxed),
@@ -426,12 +432,17 @@ impl Ctx<'_, '_> {
             if e.run <= u64::from(confirmed_run) || chunk >= chunk_count(e.size, e.chunk_size) {
                 break;
             }
-            let mut tree = TreeReader::new(self.reader, e.index_root, chunk_count(e.size, e.chunk_size), e.index_fanout)?;
+            let mut tree =
+                TreeReader::new(self.reader, e.index_root, chunk_count(e.size, e.chunk_size), e.index_fanout)?;
             if tree.chunk(chunk)? == id {
                 out.push(sid);
             }
             at_id = e.parent;
-            at = e.parent.and_then(|p| self.snapshots.iter().find(|s| s.id == p)).and_then(|s| s.snapshot.disk(disk)).cloned();
+            at = e
+                .parent
+                .and_then(|p| self.snapshots.iter().find(|s| s.id == p))
+                .and_then(|s| s.snapshot.disk(disk))
+                .cloned();
         }
         Ok(out)
     }
@@ -446,7 +457,8 @@ impl Ctx<'_, '_> {
         let mut out = self.disk(d, blobs)?;
         out.entry.parent = Some(first);
         out.report.parent = Some(first);
-        out.entry.next_full = Some(format!("change tracking of disk {} was caught lying; the next backup reads it in full", d.id));
+        out.entry.next_full =
+            Some(format!("change tracking of disk {} was caught lying; the next backup reads it in full", d.id));
         out.entry.cbt_state = None;
         out.report.next_mode = ReadMode::Full;
         Ok(out)
@@ -497,7 +509,8 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
     for input in inputs {
         prepared.push(prepare(input, &opts.vm, &snapshots, &opts, chunk_size)?);
     }
-    let mut ctx = Ctx { repo, reader: &reader, dedup: &dedup, snapshots: &snapshots, progress, chunk_size, warnings: vec![] };
+    let mut ctx =
+        Ctx { repo, reader: &reader, dedup: &dedup, snapshots: &snapshots, progress, chunk_size, warnings: vec![] };
 
     let (outcomes, stats) =
         with_pack_writer(repo, |tx| prepared.iter_mut().map(|d| ctx.disk(d, tx)).collect::<Result<Vec<_>, _>>())?;

@@ -72,7 +72,8 @@ impl ConfirmState {
         let pages = page_count(self.last.len() as u64);
         let mut tree = TreeWriter::new(pages, DEFAULT_FANOUT);
         for page in self.last.chunks(ENTRIES_PER_PAGE as usize) {
-            let id = if page.iter().all(|&r| r == 0) { Id::ZERO } else { sink.put(BlobKind::Confirm, &encode_page(page))? };
+            let id =
+                if page.iter().all(|&r| r == 0) { Id::ZERO } else { sink.put(BlobKind::Confirm, &encode_page(page))? };
             tree.push(id, &mut |ids: &[Id]| sink.page(ids))?;
         }
         let root = tree.finish(&mut |ids: &[Id]| sink.page(ids))?;

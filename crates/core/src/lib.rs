@@ -20,15 +20,18 @@
 //!   authenticated and re-hashed against its id before it is written.
 //! - Check reports every problem it finds (it does not stop at the first).
 
+pub mod audit;
 pub mod backup;
 pub mod budget;
 pub mod check;
 mod confirm;
 mod pipeline;
 mod plan;
-mod verify;
 pub mod restore;
+pub mod status;
+mod verify;
 
+pub use audit::{verify, DiskVerifyReport, VerifyOptions, VerifyReport};
 pub use backup::{
     backup, default_verify_budget, BackupOptions, BackupReport, DiskInput, DiskReport, OnMismatch, OpenFn,
 };
@@ -36,6 +39,7 @@ pub use blockproof_format::manifest::Coverage;
 pub use budget::Budget;
 pub use check::{check, CheckOptions, CheckReport};
 pub use restore::{restore, RestoreOptions, RestoreReport};
+pub use status::{status, DiskStatus, VmStatus};
 
 use std::path::PathBuf;
 

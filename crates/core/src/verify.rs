@@ -47,23 +47,25 @@ pub(crate) fn chunk_limit(budget: &Budget, chunks: u64, chunk_size: u32) -> Opti
 }
 
 /// Picks up to `limit` chunks among `candidates` (sorted, disjoint runs of chunk numbers),
-/// least recently confirmed first, plus chunk 0 when it is a candidate. Returns them in
-/// priority order.
+/// least recently confirmed first, plus chunk 0 (on top of the limit) when it is a
+/// candidate. Returns them in priority order.
 pub(crate) fn select(last: &[u32], candidates: &[Range<u64>], limit: Option<u64>, rng: &mut impl Rng) -> Vec<u64> {
-    let total: u64 = candidates.iter().map(|r| r.end - r.start).sum();
+    let first_is_candidate = candidates.first().is_some_and(|r| r.start == 0 && r.end > 0);
+    let total: u64 = candidates.iter().map(|r| r.end - r.start).sum::<u64>() - u64::from(first_is_candidate);
     let limit = limit.unwrap_or(total).min(total);
     let mut out = Vec::new();
-    let first_is_candidate = candidates.first().is_some_and(|r| r.start == 0 && r.end > 0);
+    // The first chunk leads, on top of the budget (which then covers the others).
     if first_is_candidate {
         out.push(0);
     }
     if limit == 0 {
         return out;
     }
+    let others = |r: &Range<u64>| r.start.max(u64::from(first_is_candidate))..r.end;
     // Histogram of last-confirmed runs, to find the run `t` at which the budget runs out.
     let mut hist: BTreeMap<u32, u64> = BTreeMap::new();
     for r in candidates {
-        for c in r.clone() {
+        for c in others(r) {
             *hist.entry(last[c as usize]).or_default() += 1;
         }
     }
@@ -79,7 +81,7 @@ pub(crate) fn select(last: &[u32], candidates: &[Range<u64>], limit: Option<u64>
     // Everything confirmed before `threshold`, oldest first...
     let mut older: Vec<(u32, u64)> = Vec::with_capacity(below as usize);
     for r in candidates {
-        for c in r.clone() {
+        for c in others(r) {
             let run = last[c as usize];
             if run < threshold {
                 older.push((run, c));
@@ -87,7 +89,7 @@ pub(crate) fn select(last: &[u32], candidates: &[Range<u64>], limit: Option<u64>
         }
     }
     older.sort_unstable();
-    out.extend(older.into_iter().map(|(_, c)| c).filter(|&c| c != 0 || !first_is_candidate));
+    out.extend(older.into_iter().map(|(_, c)| c));
     // ...then the rest among those confirmed at `threshold`, by random segments.
     let mut rest = limit - below;
     if rest > 0 && threshold != u32::MAX {
@@ -101,8 +103,9 @@ pub(crate) fn select(last: &[u32], candidates: &[Range<u64>], limit: Option<u64>
                 if r.start >= hi {
                     break;
                 }
+                let r = others(r);
                 for c in r.start.max(lo)..r.end.min(hi) {
-                    if rest > 0 && last[c as usize] == threshold && !(c == 0 && first_is_candidate) {
+                    if rest > 0 && last[c as usize] == threshold {
                         out.push(c);
                         rest -= 1;
                     }
@@ -190,12 +193,7 @@ pub(crate) fn sample(
 
 /// The 512-byte sectors where `actual` (read from the source at `offset`) differs from
 /// the stored chunk `expected`, merged into byte ranges.
-pub(crate) fn differing_ranges(
-    reader: &BlobReader<'_>,
-    expected: Id,
-    actual: &[u8],
-    offset: u64,
-) -> Vec<ByteRange> {
+pub(crate) fn differing_ranges(reader: &BlobReader<'_>, expected: Id, actual: &[u8], offset: u64) -> Vec<ByteRange> {
     let stored = if expected.is_zero() { Ok(vec![0u8; actual.len()]) } else { reader.read(&expected, BlobKind::Data) };
     let Ok(stored) = stored.map_err(|_| ()).and_then(|s| if s.len() == actual.len() { Ok(s) } else { Err(()) }) else {
         // The stored chunk cannot be read back: the whole chunk is the range.
@@ -253,8 +251,7 @@ mod tests {
         let cands = [0..4, 6..10];
         let sel = select(&last, &cands, Some(4), &mut rng());
         assert_eq!(sel[0], 0, "the first chunk leads");
-        assert_eq!(&sel[1..], &[2, 7, 1, 9][..4.min(sel.len() - 1)]);
-        assert_eq!(sel.len(), 5);
+        assert_eq!(sel, vec![0, 2, 7, 1, 9], "the first chunk comes on top of the budget");
         // Budget zero: only the first chunk.
         assert_eq!(select(&last, &cands, Some(0), &mut rng()), vec![0]);
         // Unlimited: every candidate once, oldest first.
@@ -276,12 +273,13 @@ mod tests {
         let first = select(&last, &[0..1000], Some(250), &mut r);
         for run in 2..=5u32 {
             let sel = select(&last, &[0..1000], Some(250), &mut r);
-            assert!(sel.len() <= 251);
+            assert_eq!(sel.len(), 251);
             for c in sel {
                 last[c as usize] = run;
             }
         }
         assert!(last.iter().all(|&x| x >= 2), "every chunk confirmed within 4 runs");
+        assert_eq!(select(&last, &[0..1000], Some(0), &mut r), vec![0]);
         let again = select(&vec![1u32; 1000], &[0..1000], Some(250), &mut rand::rngs::StdRng::seed_from_u64(8));
         assert_ne!(first, again, "ties are broken randomly");
     }

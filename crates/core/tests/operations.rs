@@ -217,3 +217,93 @@ fn full_flag_overrides_changes() {
     assert_eq!(r.disks[0].full_reason.as_deref(), Some("--full was given"));
     assert_eq!(r.disks[0].bytes_read, data.len() as u64);
 }
+
+/// A change hidden from change tracking, not sampled for two runs (`--verify none`), then
+/// caught by a full sample: both restore points taken since the chunk was last confirmed
+/// are suspects; the first (a full read) is not.
+#[test]
+fn suspects_are_the_restore_points_since_the_last_confirmation() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let cs = 65536usize;
+    let mut data = content(2 << 20);
+    let first = backup(&repo, opts(tracked(data.clone(), None, vec![])), &NoProgress).unwrap();
+    data[5 * cs + 100] ^= 0xff; // the lie: changed, never reported
+    let mut quiet = Vec::new();
+    for _ in 0..2 {
+        let mut o = opts(tracked(data.clone(), Some(vec![]), vec![]));
+        o.verify = blockproof_core::Budget::parse("none").unwrap();
+        let r = backup(&repo, o, &NoProgress).unwrap();
+        assert_eq!((r.disks[0].verified_chunks, r.status), (0, blockproof_format::SnapshotStatus::Ok));
+        quiet.push(r.snapshot);
+    }
+    let mut o = opts(tracked(data.clone(), Some(vec![]), vec![]));
+    o.verify = blockproof_core::Budget::parse("all").unwrap();
+    o.on_mismatch = blockproof_core::OnMismatch::Heal;
+    let r = backup(&repo, o, &NoProgress).unwrap();
+    let d = &r.disks[0];
+    assert_eq!(r.status, blockproof_format::SnapshotStatus::Tainted);
+    assert_eq!(d.verified_chunks, 32, "every inherited chunk");
+    assert_eq!(d.mismatches, vec![blockproof_format::manifest::ByteRange { offset: 5 * 65536, length: 512 }]);
+    let mut suspects = d.suspect_snapshots.clone();
+    suspects.sort();
+    quiet.sort();
+    assert_eq!(suspects, quiet);
+    assert!(!d.suspect_snapshots.contains(&first.snapshot));
+    // The healed snapshot restores the source; the tainted one still holds the stale byte.
+    let healed = r.healed_snapshot.expect("healed");
+    assert_eq!(restored(&repo, dir.path(), &healed.to_hex()), data);
+    assert_ne!(restored(&repo, dir.path(), &r.snapshot.to_hex()), data);
+    // And the next backup reads the disk in full, saying why.
+    let next = backup(&repo, opts(tracked(data.clone(), Some(vec![]), vec![])), &NoProgress).unwrap();
+    assert!(next.disks[0].full_reason.as_deref().unwrap_or("").contains("lying"), "{:?}", next.disks[0].full_reason);
+}
+
+/// `verify` compares a snapshot with a source without writing anything.
+#[test]
+fn verify_compares_without_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let mut data = content(1 << 20);
+    let r = backup(&repo, opts(disk(data.clone(), None)), &NoProgress).unwrap();
+    let files = |p: &std::path::Path| walk(p);
+    let before = files(&dir.path().join("repo"));
+    let all = blockproof_core::Budget::parse("all").unwrap();
+    let v = |data: Vec<u8>| {
+        blockproof_core::verify(
+            &repo,
+            blockproof_core::VerifyOptions {
+                snapshot: r.snapshot.to_hex(),
+                disks: vec![disk(data, None)],
+                budget: all.clone(),
+            },
+            &NoProgress,
+        )
+        .unwrap()
+    };
+    let ok = v(data.clone());
+    assert!(ok.ok);
+    assert_eq!(ok.disks[0].verified_chunks, 16);
+    data[3 * 65536 + 1000] ^= 1;
+    let bad = v(data);
+    assert!(!bad.ok);
+    assert_eq!(
+        bad.disks[0].mismatches,
+        vec![blockproof_format::manifest::ByteRange { offset: 3 * 65536 + 512, length: 512 }]
+    );
+    assert_eq!(files(&dir.path().join("repo")), before, "verify writes nothing");
+}
+
+fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(p).unwrap() {
+        let e = e.unwrap().path();
+        if e.is_dir() {
+            out.extend(walk(&e));
+        } else {
+            out.push(e);
+        }
+    }
+    out.sort();
+    out
+}

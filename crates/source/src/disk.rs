@@ -7,7 +7,7 @@ use std::str::FromStr;
 use blockproof_nbd::Uri;
 
 use crate::nbd::BitmapOutcome;
-use crate::qemu::{add_bitmap, image_bitmaps, image_format, remove_bitmap};
+use crate::qemu::{add_bitmap, chain_bitmaps, image_bitmaps, image_format, remove_bitmap};
 use crate::{BlockSource, ChangeList, Changes, NbdSource, QemuNbd, RawFile, SourceError};
 
 /// The bitmaps `bitmap:auto` owns are named `blockproof-<n>`.
@@ -176,7 +176,7 @@ impl DiskSpec {
         match (&self.location, &self.cbt) {
             (Location::Image { path, .. }, Cbt::AutoBitmap) => open_auto(path, parent),
             (Location::Image { path, .. }, Cbt::Bitmap(name)) => {
-                let bitmaps = image_bitmaps(path)?;
+                let bitmaps = chain_bitmaps(path)?;
                 let unusable = match bitmaps.iter().find(|b| &b.name == name) {
                     None => Some(format!("the image has no bitmap {name:?}")),
                     Some(b) if b.inconsistent() => Some(inconsistent(name)),

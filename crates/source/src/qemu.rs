@@ -191,6 +191,27 @@ pub fn image_bitmaps(image: &Path) -> Result<Vec<Bitmap>, SourceError> {
     Ok(info.format_specific.filter(|f| f.kind == "qcow2").and_then(|f| f.data).map(|d| d.bitmaps).unwrap_or_default())
 }
 
+/// The persistent bitmaps of a qcow2 image and of its backing chain, top first: what
+/// `qemu-nbd --bitmap NAME` can export (it searches the backing chain too).
+pub fn chain_bitmaps(image: &Path) -> Result<Vec<Bitmap>, SourceError> {
+    let out = qemu_img(&[
+        "info".as_ref(),
+        "--output=json".as_ref(),
+        "--backing-chain".as_ref(),
+        "--".as_ref(),
+        image.as_os_str(),
+    ])?;
+    let chain: Vec<ImageInfo> = serde_json::from_slice(&out)
+        .map_err(|e| SourceError::Qemu(format!("cannot parse qemu-img info of {}: {e}", image.display())))?;
+    Ok(chain
+        .into_iter()
+        .filter_map(|i| i.format_specific)
+        .filter(|f| f.kind == "qcow2")
+        .filter_map(|f| f.data)
+        .flat_map(|d| d.bitmaps)
+        .collect())
+}
+
 /// Adds an enabled persistent bitmap to a qcow2 image (which nothing else may hold open).
 pub fn add_bitmap(image: &Path, name: &str) -> Result<(), SourceError> {
     qemu_img(&["bitmap".as_ref(), "--add".as_ref(), "--".as_ref(), image.as_os_str(), name.as_ref()]).map(drop)

@@ -3,6 +3,8 @@
 //! and asserts on its exit code and output.
 #![allow(dead_code)]
 
+pub mod qemu;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,90 @@
+//! `status` and `verify`: what has been proven about the backups, and a proof on demand.
+
+use anyhow::Result;
+use blockproof_core::{Budget, VerifyOptions};
+
+use crate::args::{StatusArgs, VerifyArgs};
+use crate::commands::{human_bytes, open_repo, print_json};
+use crate::disk_spec::DiskSpec;
+use crate::{exit, progress, Usage};
+
+pub fn status(a: StatusArgs) -> Result<u8> {
+    let repo = open_repo(&a.repo)?;
+    let vms = blockproof_core::status(&repo, a.vm.as_deref())?;
+    if a.json {
+        print_json(&vms)?;
+        return Ok(exit::OK);
+    }
+    for v in &vms {
+        println!(
+            "vm {}: latest snapshot {} at {} ({}), {} snapshot(s)",
+            v.vm,
+            v.snapshot.short(),
+            v.time.get(..19).unwrap_or(&v.time),
+            v.status.as_str(),
+            v.snapshots
+        );
+        for d in &v.disks {
+            let next = match &d.next_full_reason {
+                Some(why) => format!("next backup: full ({why})"),
+                None => "next backup: incremental".to_string(),
+            };
+            println!("  disk {} ({}, cbt={}, run {}): {next}", d.id, human_bytes(d.size), d.cbt, d.run);
+            match &d.coverage {
+                Some(c) => println!(
+                    "    {} chunks, {} never confirmed, oldest confirmed {} runs ago; every chunk confirmed within {} runs",
+                    c.chunks, c.never_confirmed, c.oldest_confirmed_runs_ago, c.full_coverage_within_runs
+                ),
+                None => println!("    no coverage recorded (written before verification existed)"),
+            }
+            if !d.mismatches.is_empty() {
+                println!("    TAINTED: {} range(s) differ from the source", d.mismatches.len());
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+pub fn verify(a: VerifyArgs) -> Result<u8> {
+    let budget = match &a.verify {
+        Some(v) => Budget::parse(v).map_err(Usage)?,
+        None => blockproof_core::default_verify_budget(),
+    };
+    let disks = a.disks.iter().map(|s| DiskSpec::parse(s)?.input_without_cbt()).collect::<Result<Vec<_>, _>>()?;
+    let repo = open_repo(&a.repo)?;
+    let progress = progress::for_stderr();
+    let report =
+        blockproof_core::verify(&repo, VerifyOptions { snapshot: a.snapshot, disks, budget }, progress.as_ref())?;
+    if a.json {
+        print_json(&report)?;
+    } else {
+        for d in &report.disks {
+            println!(
+                "disk {} of snapshot {}: compared {} of {} chunks ({}): {}",
+                d.id,
+                report.snapshot.short(),
+                d.verified_chunks,
+                d.chunks,
+                human_bytes(d.verified_bytes),
+                if d.mismatches.is_empty() {
+                    "equal".to_string()
+                } else {
+                    format!("{} ranges DIFFER", d.mismatches.len())
+                }
+            );
+        }
+    }
+    if !report.ok {
+        for d in report.disks.iter().filter(|d| !d.mismatches.is_empty()) {
+            let r: Vec<String> = d.mismatches.iter().take(4).map(|m| format!("{}+{}", m.offset, m.length)).collect();
+            eprintln!(
+                "blockproof: MISMATCH: disk {} of snapshot {} differs from the source at bytes {}",
+                d.id,
+                report.snapshot.short(),
+                r.join(", ")
+            );
+        }
+        return Ok(exit::TAINTED);
+    }
+    Ok(exit::OK)
+}
