@@ -29,7 +29,7 @@ mod pipeline;
 mod plan;
 pub mod restore;
 pub mod status;
-mod verify;
+pub mod verify;
 
 pub use audit::{verify, DiskVerifyReport, VerifyOptions, VerifyReport};
 pub use backup::{

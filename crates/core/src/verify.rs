@@ -30,14 +30,14 @@ use crate::pipeline::is_zero;
 use crate::{workers, Budget, CoreError};
 
 /// Chunks per segment of the random tie-break (4 MiB of 64 KiB chunks).
-pub(crate) const SEGMENT: u64 = 64;
+pub const SEGMENT: u64 = 64;
 
 /// The granularity of reported mismatch ranges: a disk sector.
-pub(crate) const SECTOR: usize = 512;
+pub const SECTOR: usize = 512;
 
 /// How many chunks a budget allows per run for a disk of `chunks` chunks of `chunk_size`
 /// (`None`: no count limit, only time, or everything).
-pub(crate) fn chunk_limit(budget: &Budget, chunks: u64, chunk_size: u32) -> Option<u64> {
+pub fn chunk_limit(budget: &Budget, chunks: u64, chunk_size: u32) -> Option<u64> {
     if budget.nothing {
         return Some(0);
     }
@@ -49,7 +49,7 @@ pub(crate) fn chunk_limit(budget: &Budget, chunks: u64, chunk_size: u32) -> Opti
 /// Picks up to `limit` chunks among `candidates` (sorted, disjoint runs of chunk numbers),
 /// least recently confirmed first, plus chunk 0 (on top of the limit) when it is a
 /// candidate. Returns them in priority order.
-pub(crate) fn select(last: &[u32], candidates: &[Range<u64>], limit: Option<u64>, rng: &mut impl Rng) -> Vec<u64> {
+pub fn select(last: &[u32], candidates: &[Range<u64>], limit: Option<u64>, rng: &mut impl Rng) -> Vec<u64> {
     let first_is_candidate = candidates.first().is_some_and(|r| r.start == 0 && r.end > 0);
     let total: u64 = candidates.iter().map(|r| r.end - r.start).sum::<u64>() - u64::from(first_is_candidate);
     let limit = limit.unwrap_or(total).min(total);
