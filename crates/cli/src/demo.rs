@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use blockproof_core::{BackupOptions, CheckOptions, DiskInput, NoProgress, RestoreOptions};
+use std::process::Command;
+
+use blockproof_core::{BackupOptions, Budget, CheckOptions, DiskInput, NoProgress, OnMismatch, RestoreOptions};
 use blockproof_format::KdfParams;
 use blockproof_repo::{InitOptions, Repository};
-use blockproof_source::RawFile;
+use blockproof_source::Cbt;
 use blockproof_store::LocalBackend;
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -20,6 +22,7 @@ use crate::exit;
 const DISK_SIZE: u64 = 96 << 20;
 const WRITE_SIZE: u64 = 64 << 10;
 const PASSWORD: &[u8] = b"demo password";
+const DISK_ID: &str = "scsi0-6000c29d";
 
 fn step(n: u32, text: &str) {
     println!("\n{n}. {text}");
@@ -58,30 +61,65 @@ fn make_disk(path: &Path, rng: &mut rand::rngs::StdRng) -> Result<()> {
     Ok(())
 }
 
-/// Overwrites `count` scattered 64 KiB blocks with new random data.
-fn change_blocks(path: &Path, count: u64, rng: &mut rand::rngs::StdRng) -> Result<()> {
-    let f = OpenOptions::new().write(true).open(path)?;
-    let mut buf = vec![0u8; WRITE_SIZE as usize];
-    let blocks = DISK_SIZE / WRITE_SIZE;
-    for i in 0..count {
-        rng.fill_bytes(&mut buf);
-        let block = (i * blocks / count + rng.gen_range(0..blocks / count)) % blocks;
-        f.write_all_at(&buf, block * WRITE_SIZE)?;
+/// Runs a qemu tool, failing with its message.
+fn qemu(program: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program} (the demo needs qemu-utils)"))?;
+    if !out.status.success() {
+        bail!("{program} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
-    f.sync_all()?;
     Ok(())
 }
 
-fn backup_once(repo: &Repository, disk: &Path) -> Result<blockproof_core::BackupReport> {
-    let source = RawFile::open(disk)?;
+/// The guest writes: `count` scattered 64 KiB blocks of new random data, through qemu-io
+/// (so the image's enabled dirty bitmaps record them).
+fn guest_writes(image: &Path, dir: &Path, count: u64, rng: &mut rand::rngs::StdRng) -> Result<()> {
+    let blocks = DISK_SIZE / WRITE_SIZE;
+    let mut args: Vec<std::ffi::OsString> = vec!["-f".into(), "qcow2".into()];
+    let mut buf = vec![0u8; WRITE_SIZE as usize];
+    for i in 0..count {
+        rng.fill_bytes(&mut buf);
+        let data = dir.join(format!("write-{i}.bin"));
+        fs::write(&data, &buf)?;
+        let block = (i * blocks / count + rng.gen_range(0..blocks / count)) % blocks;
+        args.push("-c".into());
+        args.push(format!("write -s {} {} {WRITE_SIZE}", data.display(), block * WRITE_SIZE).into());
+    }
+    args.push(image.into());
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    qemu("qemu-io", &refs)?;
+    for i in 0..count {
+        fs::remove_file(dir.join(format!("write-{i}.bin")))?;
+    }
+    Ok(())
+}
+
+/// BLAKE3 of the image's guest-visible bytes (converted to raw by qemu-img).
+fn image_hash(image: &Path, dir: &Path) -> Result<blake3::Hash> {
+    let raw = dir.join("image-now.raw");
+    qemu("qemu-img", &["convert".as_ref(), "-O".as_ref(), "raw".as_ref(), image.as_os_str(), raw.as_os_str()])?;
+    let h = hash_file(&raw)?;
+    fs::remove_file(raw)?;
+    Ok(h)
+}
+
+fn backup_once(
+    repo: &Repository,
+    image: &Path,
+    verify: &str,
+    on_mismatch: OnMismatch,
+) -> Result<blockproof_core::BackupReport> {
+    let spec = blockproof_source::DiskSpec::new(&image.display().to_string(), Cbt::AutoBitmap)?;
     let opts = BackupOptions {
         vm: "demo-vm".into(),
-        disks: vec![DiskInput::source("scsi0-6000c29d", Box::new(source))],
+        disks: vec![DiskInput::spec(DISK_ID, spec)],
         tags: vec!["demo".into()],
         hostname: blockproof_core::hostname(),
         full: false,
-        verify: blockproof_core::default_verify_budget(),
-        on_mismatch: blockproof_core::OnMismatch::Keep,
+        verify: Budget::parse(verify).map_err(anyhow::Error::msg)?,
+        on_mismatch,
     };
     Ok(blockproof_core::backup(repo, opts, &NoProgress)?)
 }
@@ -104,8 +142,7 @@ fn repo_size(root: &Path) -> u64 {
 
 fn restore_and_compare(repo: &Repository, snap: &str, dir: &Path, name: &str, expected: blake3::Hash) -> Result<()> {
     let target = dir.join(name);
-    let opts =
-        RestoreOptions { snapshot: snap.into(), disk: "scsi0-6000c29d".into(), target: target.clone(), force: true };
+    let opts = RestoreOptions { snapshot: snap.into(), disk: DISK_ID.into(), target: target.clone(), force: true };
     let t = Instant::now();
     let r = blockproof_core::restore(repo, &opts, &NoProgress)?;
     let got = hash_file(&target)?;
@@ -143,13 +180,16 @@ pub fn run(a: DemoArgs) -> Result<u8> {
         }
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
-    let disk = dir.join("vm-disk.raw");
+    let raw = dir.join("vm-disk.raw");
+    let disk = dir.join("vm-disk.qcow2");
     let repo_dir = dir.join("repository");
     println!("blockproof demo: working in {}", dir.display());
 
-    step(1, "Making a virtual disk: partition table, text files, binary data, a duplicate file, empty space");
-    make_disk(&disk, &mut rng)?;
-    let v1 = hash_file(&disk)?;
+    step(1, "Making a virtual disk (qcow2): partition table, text files, binary data, a duplicate file, empty space");
+    make_disk(&raw, &mut rng)?;
+    qemu("qemu-img", &["convert".as_ref(), "-O".as_ref(), "qcow2".as_ref(), raw.as_os_str(), disk.as_os_str()])?;
+    fs::remove_file(&raw)?;
+    let v1 = image_hash(&disk, &dir)?;
     println!("   {} ({})", disk.display(), human_bytes(DISK_SIZE));
 
     step(2, "Creating an encrypted repository (Argon2id key slot, XChaCha20-Poly1305, keyed BLAKE3 chunk ids)");
@@ -157,42 +197,113 @@ pub fn run(a: DemoArgs) -> Result<u8> {
     let repo = Repository::init(Box::new(LocalBackend::create(&repo_dir)?), PASSWORD, &opts)?;
     println!("   repository {} with {} chunks", repo.id().short(), human_bytes(u64::from(repo.config().chunk_size)));
 
-    step(3, "First backup of the disk (reads every block; zeros and duplicates are not stored)");
-    let r1 = backup_once(&repo, &disk)?;
+    step(3, "First backup, cbt=bitmap:auto: blockproof adds a dirty bitmap to the image and reads it all over NBD");
+    let r1 = backup_once(&repo, &disk, "25%", OnMismatch::Keep)?;
     let d = &r1.disks[0];
     println!(
-        "   snapshot {}: read {}, {} empty chunks skipped, {} of new data stored as {} (compressed, deduplicated, encrypted)",
+        "   snapshot {}: read {} through a private read-only qemu-nbd ({} unallocated chunks not even read),",
         r1.snapshot.short(),
         human_bytes(d.bytes_read),
         d.zero_chunks,
+    );
+    println!(
+        "   {} of new data stored as {} (compressed, deduplicated, encrypted)",
         human_bytes(d.new_bytes),
         human_bytes(d.stored_bytes)
     );
     let size_after_first = repo_size(&repo_dir);
 
-    step(4, "The guest writes: 1% of the disk changes in scattered 64 KiB blocks");
+    step(4, "The guest writes (qemu-io): 1% of the disk changes in scattered 64 KiB blocks; the bitmap records them");
     let changed = (DISK_SIZE / WRITE_SIZE) / 100;
-    change_blocks(&disk, changed, &mut rng)?;
-    let v2 = hash_file(&disk)?;
+    guest_writes(&disk, &dir, changed, &mut rng)?;
+    let v2 = image_hash(&disk, &dir)?;
     println!("   {} blocks rewritten ({})", changed, human_bytes(changed * WRITE_SIZE));
 
-    step(5, "Second backup: only the changed chunks are new");
-    let r2 = backup_once(&repo, &disk)?;
+    step(5, "Incremental backup: reads only what the bitmap reports, then verifies a 25% sample of the rest");
+    let r2 = backup_once(&repo, &disk, "25%", OnMismatch::Keep)?;
+    let d = &r2.disks[0];
     let growth = repo_size(&repo_dir) - size_after_first;
     println!(
-        "   snapshot {}: {} new chunks; the repository grew by {} for {} changed ({:.2}x)",
+        "   snapshot {}: read {} ({} chunks reported), repository grew by {} for {} changed ({:.2}x);",
         r2.snapshot.short(),
-        r2.disks[0].new_chunks,
+        human_bytes(d.bytes_read),
+        d.cbt_reported_chunks,
         human_bytes(growth),
         human_bytes(changed * WRITE_SIZE),
         growth as f64 / (changed * WRITE_SIZE) as f64
+    );
+    println!(
+        "   compared {} unchanged chunks with the source: all equal; every chunk is confirmed within {} runs",
+        d.verified_chunks, d.coverage.full_coverage_within_runs
     );
 
     step(6, "Restoring both restore points and comparing them with the disk as it was");
     restore_and_compare(&repo, &r1.snapshot.to_hex(), &dir, "restore-1.raw", v1)?;
     restore_and_compare(&repo, &r2.snapshot.to_hex(), &dir, "restore-2.raw", v2)?;
 
-    step(7, "Checking the repository: every stored blob is decrypted and re-hashed against its id");
+    step(7, "Change tracking lies: a write made while the bitmap is disabled (qemu-img bitmap --disable, qemu-io, --enable)");
+    let bitmap = blockproof_source::image_bitmaps(&disk)?
+        .into_iter()
+        .map(|b| b.name)
+        .find(|n| n.starts_with("blockproof-"))
+        .context("no blockproof bitmap in the image")?;
+    let lie_at = 40 * WRITE_SIZE + 8192;
+    qemu("qemu-img", &["bitmap".as_ref(), "--disable".as_ref(), disk.as_os_str(), bitmap.as_ref()])?;
+    let pattern = format!("write -P 0x42 {lie_at} 4096");
+    qemu("qemu-io", &["-f".as_ref(), "qcow2".as_ref(), "-c".as_ref(), pattern.as_ref(), disk.as_os_str()])?;
+    qemu("qemu-img", &["bitmap".as_ref(), "--enable".as_ref(), disk.as_os_str(), bitmap.as_ref()])?;
+    let v3 = image_hash(&disk, &dir)?;
+    println!("   4 KiB written at byte {lie_at}; bitmap {bitmap} never saw it: every incremental would now inherit stale data");
+
+    step(8, "Incrementals with --verify 25% --on-mismatch=heal until the sample reaches the stale chunk");
+    let mut caught = None;
+    for run in 1..=8 {
+        let r = backup_once(&repo, &disk, "25%", OnMismatch::Heal)?;
+        let d = &r.disks[0];
+        println!(
+            "   run {run}: snapshot {} read {}, compared {} unchanged chunks: {}",
+            r.snapshot.short(),
+            human_bytes(d.bytes_read),
+            d.verified_chunks,
+            if d.mismatches.is_empty() { "all equal".to_string() } else { "MISMATCH".to_string() }
+        );
+        if !d.mismatches.is_empty() {
+            caught = Some((run, r));
+            break;
+        }
+    }
+    let (run, r) = caught.context("the lie was not caught within 8 runs")?;
+    let d = &r.disks[0];
+    let bound = d.coverage.full_coverage_within_runs;
+    for m in &d.mismatches {
+        println!(
+            "   differs from the source: bytes {}..{} ({} bytes, exact to the sector)",
+            m.offset,
+            m.offset + m.length,
+            m.length
+        );
+    }
+    println!(
+        "   caught in run {run} (the bound is {bound} runs); snapshot {} kept as {}, exit code 3 from the CLI",
+        r.snapshot.short(),
+        r.status.as_str()
+    );
+    if !d.suspect_snapshots.is_empty() {
+        let s: Vec<String> = d.suspect_snapshots.iter().map(|s| s.short()).collect();
+        println!("   earlier restore points that may hold the same stale data: {}", s.join(", "));
+    }
+    println!("   {}", d.advice.as_deref().unwrap_or(""));
+    let healed = r.healed_snapshot.context("no healed snapshot")?;
+    println!(
+        "   healed: snapshot {healed} re-read the disk in full from the same source snapshot",
+        healed = healed.short()
+    );
+    if run > bound {
+        bail!("caught after the bound");
+    }
+    restore_and_compare(&repo, &healed.to_hex(), &dir, "restore-healed.raw", v3)?;
+
+    step(9, "Checking the repository: every stored blob is decrypted and re-hashed against its id");
     let check = blockproof_core::check(&repo, &CheckOptions { read_data: Some(Default::default()) }, &NoProgress)?;
     let rd = check.read_data.clone().unwrap_or_default();
     println!(
@@ -206,8 +317,8 @@ pub fn run(a: DemoArgs) -> Result<u8> {
         bail!("check found errors: {}", check.errors.join("; "));
     }
 
-    step(8, "Damaging one byte of the repository, as a failing disk or an attacker would");
-    let pack = first_pack(&repo_dir)?;
+    step(10, "Damaging one byte of the repository, as a failing disk or an attacker would");
+    let pack = largest_pack(&repo_dir)?;
     let f = OpenOptions::new().read(true).write(true).open(&pack)?;
     let len = f.metadata()?.len();
     let mut byte = [0u8; 1];
@@ -218,15 +329,10 @@ pub fn run(a: DemoArgs) -> Result<u8> {
     for e in &check.errors {
         println!("     {e}");
     }
-    // Every stored blob belongs to one of the two snapshots: at least one restore must fail.
+    // The largest pack holds the first backup's data: a restore must fail.
     let mut refused = 0;
     for (snap, name) in [(&r1.snapshot, "restore-1-damaged.raw"), (&r2.snapshot, "restore-2-damaged.raw")] {
-        let bad = RestoreOptions {
-            snapshot: snap.to_hex(),
-            disk: "scsi0-6000c29d".into(),
-            target: dir.join(name),
-            force: true,
-        };
+        let bad = RestoreOptions { snapshot: snap.to_hex(), disk: DISK_ID.into(), target: dir.join(name), force: true };
         match blockproof_core::restore(&repo, &bad, &NoProgress) {
             Ok(_) => println!("   restore of snapshot {} does not use the damaged chunk: it succeeds", snap.short()),
             Err(e) => {
@@ -245,23 +351,25 @@ pub fn run(a: DemoArgs) -> Result<u8> {
     f.write_all_at(&byte, len / 2)?;
 
     println!("\nProved in {:.1} s:", started.elapsed().as_secs_f64());
-    println!("  - both restore points restore bit-exact (BLAKE3 of the whole disk);");
-    println!("  - an incremental after a 1% change stored about the changed bytes, not the disk;");
+    println!("  - restore points restore bit-exact (BLAKE3 of the whole disk against qemu-img's view of it);");
+    println!("  - an incremental read only what the dirty bitmap reported and stored about the changed bytes;");
+    println!("  - a write the bitmap never saw was caught by sampling within the reported bound, with its");
+    println!("    exact bytes, the restore point marked tainted, and a healed restore point that is bit-exact;");
     println!("  - every stored blob authenticates and matches its id; one flipped byte is caught,");
     println!("    and restore fails loudly instead of returning wrong bytes.");
-    println!("Next in blockproof: changed-block tracking (QEMU dirty bitmaps, VMware change lists) with");
-    println!("sampled verification of the blocks CBT calls unchanged, to catch CBT that lies.");
     if a.dir.is_none() {
         println!("(the demo's temporary directory is removed; use --dir DIR to keep it)");
     }
     Ok(exit::OK)
 }
 
-fn first_pack(repo: &Path) -> Result<PathBuf> {
-    let mut packs: Vec<PathBuf> = fs::read_dir(repo.join("data"))?
+/// The largest pack: a full one, written by the first backup, holding chunks every
+/// restore point uses.
+fn largest_pack(repo: &Path) -> Result<PathBuf> {
+    let packs = fs::read_dir(repo.join("data"))?
         .filter_map(|e| e.ok())
-        .flat_map(|d| fs::read_dir(d.path()).into_iter().flatten().filter_map(|e| e.ok()).map(|e| e.path()))
-        .collect();
-    packs.sort();
-    packs.into_iter().next().context("the repository has no pack file")
+        .flat_map(|d| fs::read_dir(d.path()).into_iter().flatten().filter_map(|e| e.ok()).map(|e| e.path()));
+    packs
+        .max_by_key(|p| (fs::metadata(p).map(|m| m.len()).unwrap_or(0), p.clone()))
+        .context("the repository has no pack file")
 }

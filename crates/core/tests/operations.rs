@@ -307,3 +307,28 @@ fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
     out.sort();
     out
 }
+
+/// A time budget stops sampling at its deadline (here at once: only the first chunk and
+/// the one in hand), a per-disk budget overrides the backup's, and the bound follows
+/// what was sampled.
+#[test]
+fn time_and_per_disk_budgets() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let data = content(4 << 20); // 64 chunks
+    backup(&repo, opts(tracked(data.clone(), None, vec![])), &NoProgress).unwrap();
+    let mut o = opts(tracked(data.clone(), Some(vec![]), vec![]));
+    o.verify = blockproof_core::Budget::parse("0s").unwrap();
+    let r = backup(&repo, o, &NoProgress).unwrap();
+    let d = &r.disks[0];
+    assert!((1..=2).contains(&d.verified_chunks), "{}", d.verified_chunks);
+    assert_eq!(d.coverage.full_coverage_within_runs, 64u64.div_ceil(d.verified_chunks));
+
+    let mut input = tracked(data.clone(), Some(vec![]), vec![]);
+    input.verify = Some(blockproof_core::Budget::parse("8ios").unwrap());
+    let mut o = opts(input);
+    o.verify = blockproof_core::Budget::parse("all").unwrap();
+    let r = backup(&repo, o, &NoProgress).unwrap();
+    assert_eq!(r.disks[0].verified_chunks, 9, "8 plus the first chunk");
+    assert_eq!(r.disks[0].coverage.full_coverage_within_runs, 8);
+}
