@@ -40,6 +40,18 @@ pub enum Command {
     /// Per vm, the latest snapshot and how much of each disk has been confirmed against
     /// its source.
     Status(StatusArgs),
+    /// Remove snapshots, by id or by a retention policy per vm (data is freed by gc).
+    Forget(ForgetArgs),
+    /// Garbage collection: delete packs no snapshot needs, repack sparse ones. Safe while
+    /// backups run: what they may still use is deferred to a later gc.
+    #[command(alias = "prune")]
+    Gc(GcArgs),
+    /// Protect a snapshot from forget.
+    Protect(SnapshotRefArgs),
+    /// Lift a snapshot's protection.
+    Unprotect(SnapshotRefArgs),
+    /// Remove stale locks (of processes that are gone), or with --all every lock.
+    Unlock(UnlockArgs),
     /// Compare a snapshot with its sources now, without taking a backup (exit 3 when they
     /// differ). Reads only; nothing is written.
     Verify(VerifyArgs),
@@ -105,6 +117,76 @@ pub struct BackupArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Snapshots to forget (ids, unique prefixes, VM:latest); or use --keep-* options.
+    pub snapshots: Vec<String>,
+    /// Keep the N newest snapshots (per vm).
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the last N hours that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N days that have one (UTC).
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N months that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N years that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Apply the policy to this vm only.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run gc afterwards.
+    #[arg(long)]
+    pub prune: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Repack a pack when at least this share of it is unreferenced (e.g. 25%).
+    #[arg(long, value_name = "PERCENT", default_value = "25%")]
+    pub repack_threshold: String,
+    /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotRefArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Snapshot id, unique id prefix, or VM:latest.
+    pub snapshot: String,
+}
+
+#[derive(Args, Debug)]
+pub struct UnlockArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Remove every lock, also those of processes that may still run (dangerous).
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Args, Debug)]

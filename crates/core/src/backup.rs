@@ -16,7 +16,7 @@ use std::time::{Instant, SystemTime};
 use blockproof_format::manifest::{ByteRange, Coverage, DiskStats, ReadMode};
 use blockproof_format::tree::{chunk_count, DEFAULT_FANOUT};
 use blockproof_format::{DiskEntry, Id, Snapshot, SnapshotStatus};
-use blockproof_repo::{BlobIndex, BlobReader, Repository, SealedBlob, SnapshotInfo, TreeReader};
+use blockproof_repo::{BlobIndex, BlobReader, LockKind, Repository, SealedBlob, SnapshotInfo, TreeReader};
 use blockproof_source::{AfterCommit, BlockSource, Changes, DiskSpec, OpenedDisk, ParentCbt, SourceError};
 use crossbeam_channel::Sender;
 use serde::Serialize;
@@ -482,6 +482,22 @@ fn advice(cbt: &str) -> String {
     }
 }
 
+/// For tests of concurrency and crashes: with `BLOCKPROOF_PAUSE_BEFORE_COMMIT=PATH` in
+/// the environment, a backup that has written all its data waits, before committing its
+/// snapshot, until the file PATH exists (it creates `PATH.waiting` while it waits).
+fn pause_before_commit() {
+    if let Some(path) = std::env::var_os("BLOCKPROOF_PAUSE_BEFORE_COMMIT") {
+        let path = std::path::PathBuf::from(path);
+        let mut waiting = path.clone().into_os_string();
+        waiting.push(".waiting");
+        let _ = std::fs::write(&waiting, b"");
+        while !path.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_file(&waiting);
+    }
+}
+
 /// Backs up every disk of `opts` into one new snapshot.
 pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progress) -> Result<BackupReport, CoreError> {
     let started = Instant::now();
@@ -497,8 +513,12 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
         }
     }
 
+    // A shared lock tells garbage collection this backup may use what it sees; packs a gc
+    // already plans to delete are left out of deduplication (stored again if needed).
+    let _lock = repo.lock(LockKind::Shared, &format!("backup of vm {}", opts.vm))?;
+    let planned = crate::gc::planned_packs(repo)?;
     let snapshots = repo.snapshots()?;
-    let index = BlobIndex::load(repo)?;
+    let index = BlobIndex::load_excluding(repo, &planned)?;
     let dedup = Dedup::new(&index);
     let reader = BlobReader::new(repo, &index);
     let chunk_size = repo.config().chunk_size;
@@ -514,6 +534,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
 
     let (outcomes, stats) =
         with_pack_writer(repo, |tx| prepared.iter_mut().map(|d| ctx.disk(d, tx)).collect::<Result<Vec<_>, _>>())?;
+    pause_before_commit();
     let tainted = outcomes.iter().any(|o| !o.entry.mismatches.is_empty());
     let status = if tainted { SnapshotStatus::Tainted } else { SnapshotStatus::Ok };
     let snapshot = Snapshot {

@@ -25,6 +25,8 @@ pub mod backup;
 pub mod budget;
 pub mod check;
 mod confirm;
+pub mod forget;
+pub mod gc;
 mod pipeline;
 mod plan;
 pub mod restore;
@@ -38,6 +40,8 @@ pub use backup::{
 pub use blockproof_format::manifest::Coverage;
 pub use budget::Budget;
 pub use check::{check, CheckOptions, CheckReport};
+pub use forget::{forget, protected, set_protected, ForgetOptions, ForgetReport, KeepPolicy};
+pub use gc::{gc, GcOptions, GcReport};
 pub use restore::{restore, RestoreOptions, RestoreReport};
 pub use status::{status, DiskStatus, VmStatus};
 

@@ -19,6 +19,10 @@ pub enum ObjectMagic {
     Index,
     /// `snapshots/*`: a snapshot manifest.
     Snapshot,
+    /// `locks/*`: a repository lock.
+    Lock,
+    /// `state/*`: a small mutable document (gc plan, protection marker).
+    State,
 }
 
 impl ObjectMagic {
@@ -29,6 +33,8 @@ impl ObjectMagic {
             ObjectMagic::Pack => *b"BPPK",
             ObjectMagic::Index => *b"BPIX",
             ObjectMagic::Snapshot => *b"BPSN",
+            ObjectMagic::Lock => *b"BPLK",
+            ObjectMagic::State => *b"BPST",
         }
     }
 
@@ -39,6 +45,8 @@ impl ObjectMagic {
             ObjectMagic::Pack => "pack file",
             ObjectMagic::Index => "index file",
             ObjectMagic::Snapshot => "snapshot file",
+            ObjectMagic::Lock => "lock file",
+            ObjectMagic::State => "state file",
         }
     }
 
@@ -100,6 +108,8 @@ mod tests {
         assert_eq!(&ObjectMagic::Pack.bytes(), b"BPPK");
         assert_eq!(&ObjectMagic::Index.bytes(), b"BPIX");
         assert_eq!(&ObjectMagic::Snapshot.bytes(), b"BPSN");
+        assert_eq!(&ObjectMagic::Lock.bytes(), b"BPLK");
+        assert_eq!(&ObjectMagic::State.bytes(), b"BPST");
         assert_eq!(FORMAT_VERSION, 1);
         assert_eq!(ObjectMagic::Index.header(), [b'B', b'P', b'I', b'X', 1, 0]);
     }

@@ -29,10 +29,22 @@ pub struct BlobIndex {
 impl BlobIndex {
     /// Loads every index file of the repository. A damaged index file is an error.
     pub fn load(repo: &Repository) -> Result<Self, RepoError> {
+        Self::load_excluding(repo, &std::collections::HashSet::new())
+    }
+
+    /// Loads the index without the blobs of `excluded` packs (those garbage collection
+    /// plans to delete: a backup must not deduplicate against them).
+    pub fn load_excluding(repo: &Repository, excluded: &std::collections::HashSet<Id>) -> Result<Self, RepoError> {
         let mut idx = BlobIndex::default();
         for name in repo.backend().list(Kind::Index)? {
-            let file = repo.read_index_file(&name)?;
-            for (pack, entries) in &file.packs {
+            // An index file replaced by garbage collection between listing and reading
+            // is skipped: its successor, if listed, holds what is still needed.
+            let file = match repo.read_index_file(&name) {
+                Ok(f) => f,
+                Err(RepoError::Store(e)) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            for (pack, entries) in file.packs.iter().filter(|(p, _)| !excluded.contains(p)) {
                 idx.add_pack(*pack, entries);
             }
             idx.files.push(name);

@@ -28,12 +28,14 @@
 
 pub mod blob;
 pub mod index;
+pub mod lock;
 pub mod pack_writer;
 pub mod repository;
 pub mod tree;
 
 pub use blob::{BlobCodec, SealedBlob};
 pub use index::{BlobIndex, BlobLocation, BlobReader};
+pub use lock::{Lock, LockInfo, LockKind};
 pub use pack_writer::{PackWriter, PackWriterStats};
 pub use repository::{InitOptions, Repository, SnapshotInfo};
 pub use tree::{TreeReader, TreeWriter};
@@ -59,6 +61,9 @@ pub enum RepoError {
     Invalid(String),
     #[error("key derivation failed: {0}")]
     Kdf(String),
+    /// Another process holds a conflicting lock (the message names it).
+    #[error("{0}")]
+    Locked(String),
 }
 
 impl RepoError {

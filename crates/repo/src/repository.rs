@@ -42,7 +42,7 @@ pub struct SnapshotInfo {
 
 /// An unlocked repository.
 pub struct Repository {
-    backend: Box<dyn Backend>,
+    backend: std::sync::Arc<dyn Backend>,
     keys: Keys,
     header: RepoHeader,
     config: RepoConfig,
@@ -80,7 +80,7 @@ impl Repository {
         let header = RepoHeader { repo_id: Id(repo_id) };
         let sealed = keys.seal(&header.ad(), &serde_json_vec(&config));
         backend.write(Kind::Config, "config", &header.encode(&sealed))?;
-        Ok(Repository { backend, keys, header, config })
+        Ok(Repository { backend: backend.into(), keys, header, config })
     }
 
     /// Opens a repository with a password, trying every key slot.
@@ -112,7 +112,7 @@ impl Repository {
                     let config: RepoConfig = serde_json::from_slice(&plain)
                         .map_err(|e| RepoError::corrupt("repository config", format!("settings: {e}")))?;
                     config.validate().map_err(|e| RepoError::corrupt("repository config", e))?;
-                    return Ok(Repository { backend, keys, header, config });
+                    return Ok(Repository { backend: backend.into(), keys, header, config });
                 }
                 Err(CryptoError::WrongPassword) => {}
                 Err(e) => last_err = kdf_err(e),
@@ -123,6 +123,11 @@ impl Repository {
 
     pub fn backend(&self) -> &dyn Backend {
         self.backend.as_ref()
+    }
+
+    /// A shared handle on the backend, for threads that outlive a borrow.
+    pub fn backend_arc(&self) -> std::sync::Arc<dyn Backend> {
+        self.backend.clone()
     }
 
     pub fn keys(&self) -> &Keys {
@@ -165,6 +170,20 @@ impl Repository {
         Ok(id)
     }
 
+    /// Seals `plain` as a small document of `kind` (lock or state) under `name`,
+    /// replacing any previous one (atomically).
+    pub fn write_doc(&self, kind: Kind, magic: ObjectMagic, name: &str, plain: &[u8]) -> Result<(), RepoError> {
+        write_doc(self.backend.as_ref(), &self.keys, kind, magic, name, plain)
+    }
+
+    /// Reads and opens a document written by [`Repository::write_doc`].
+    pub fn read_doc(&self, kind: Kind, magic: ObjectMagic, name: &str) -> Result<Vec<u8>, RepoError> {
+        let what = || format!("{} {name}", magic.name());
+        let bytes = self.backend.read(kind, name)?;
+        let (ad, sealed) = Envelope::decode(magic, &bytes).map_err(|e| RepoError::corrupt(what(), e))?;
+        self.keys.open(ad, sealed).map_err(|e| RepoError::corrupt(what(), e))
+    }
+
     /// Loads one snapshot by its full id.
     pub fn load_snapshot(&self, name: &str) -> Result<SnapshotInfo, RepoError> {
         let what = || format!("snapshot {name}");
@@ -178,11 +197,16 @@ impl Repository {
         Ok(SnapshotInfo { id, snapshot })
     }
 
-    /// All snapshots, oldest first (by time, then id). A damaged snapshot is an error.
+    /// All snapshots, oldest first (by time, then id). A damaged snapshot is an error; one
+    /// removed (by `forget`) between listing and reading is skipped.
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, RepoError> {
         let mut out = Vec::new();
         for name in self.backend.list(Kind::Snapshot)? {
-            out.push(self.load_snapshot(&name)?);
+            match self.load_snapshot(&name) {
+                Ok(s) => out.push(s),
+                Err(RepoError::Store(e)) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
         }
         out.sort_by(|a, b| a.snapshot.time.cmp(&b.snapshot.time).then(a.id.cmp(&b.id)));
         Ok(out)
@@ -215,6 +239,21 @@ impl Repository {
             ))),
         }
     }
+}
+
+/// Seals and writes a small document (see [`Repository::write_doc`]).
+pub fn write_doc(
+    backend: &dyn Backend,
+    keys: &Keys,
+    kind: Kind,
+    magic: ObjectMagic,
+    name: &str,
+    plain: &[u8],
+) -> Result<(), RepoError> {
+    let header = magic.header();
+    let bytes = Envelope::encode(magic, &keys.seal(&header, plain));
+    backend.write(kind, name, &bytes)?;
+    Ok(())
 }
 
 /// Checks that a file named by the hash of its bytes still hashes to its name.

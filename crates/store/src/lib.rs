@@ -27,6 +27,7 @@
 //! REPO/index/<name>      Kind::Index
 //! REPO/snapshots/<name>  Kind::Snapshot
 //! REPO/locks/<name>      Kind::Lock
+//! REPO/state/<name>      Kind::State
 //! REPO/tmp/              temporary files of writes in progress (safe to delete when
 //!                        no blockproof process runs)
 //! ```
@@ -47,6 +48,8 @@ pub enum Kind {
     Index,
     Snapshot,
     Lock,
+    /// Small mutable documents: garbage-collection plans, snapshot protection markers.
+    State,
 }
 
 impl Kind {
@@ -58,6 +61,7 @@ impl Kind {
             Kind::Index => "index",
             Kind::Snapshot => "snapshot",
             Kind::Lock => "lock",
+            Kind::State => "state",
         }
     }
 }

@@ -87,6 +87,7 @@ impl LocalBackend {
             Kind::Index => self.root.join("index"),
             Kind::Snapshot => self.root.join("snapshots"),
             Kind::Lock => self.root.join("locks"),
+            Kind::State => self.root.join("state"),
         }
     }
 

@@ -175,6 +175,12 @@ impl TestCommand {
     pub fn spawn(&mut self) -> Child {
         self.cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn blockproof")
     }
+
+    /// Starts the command with stdout and stderr captured (read them with
+    /// `wait_with_output`).
+    pub fn spawn_piped(&mut self) -> Child {
+        self.cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn blockproof")
+    }
 }
 
 /// A deterministic disk image: per 1 MiB block zeros, random bytes, text-like data with

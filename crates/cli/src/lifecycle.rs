@@ -1,0 +1,125 @@
+//! `forget`, `gc`, `protect`/`unprotect` and `unlock`: the lifecycle of restore points.
+
+use anyhow::Result;
+use blockproof_core::{ForgetOptions, GcOptions, GcReport, KeepPolicy};
+use blockproof_store::Kind;
+
+use crate::args::{ForgetArgs, GcArgs, SnapshotRefArgs, UnlockArgs};
+use crate::commands::{human_bytes, open_repo, print_json};
+use crate::{exit, progress, Usage};
+
+fn print_gc(r: &GcReport) {
+    let verb = if r.dry_run { "would free" } else { "freed" };
+    println!(
+        "gc: {} snapshots reference {} blobs in {} packs; {verb} {} in {} packs ({} repacked, {} copied)",
+        r.snapshots,
+        r.referenced_blobs,
+        r.packs,
+        human_bytes(r.bytes_freed),
+        r.packs_deleted,
+        r.packs_repacked,
+        human_bytes(r.bytes_repacked)
+    );
+    if r.packs_deferred > 0 {
+        println!(
+            "gc: {} packs ({}) deferred: backups that were running may still use them; a later gc removes them",
+            r.packs_deferred,
+            human_bytes(r.bytes_deferred)
+        );
+    }
+}
+
+fn parse_threshold(s: &str) -> Result<f64, Usage> {
+    let v: f64 = s
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| Usage(format!("invalid --repack-threshold {s:?}: use a percentage such as 25%")))?;
+    if !(0.0..=100.0).contains(&v) {
+        return Err(Usage(format!("invalid --repack-threshold {s:?}: between 0% and 100%")));
+    }
+    Ok(v / 100.0)
+}
+
+pub fn gc(a: GcArgs) -> Result<u8> {
+    let opts = GcOptions { repack_threshold: parse_threshold(&a.repack_threshold)?, dry_run: a.dry_run };
+    let repo = open_repo(&a.repo)?;
+    let progress = progress::for_stderr();
+    let r = blockproof_core::gc(&repo, &opts, progress.as_ref())?;
+    if a.json {
+        print_json(&r)?;
+    } else {
+        print_gc(&r);
+    }
+    Ok(exit::OK)
+}
+
+pub fn forget(a: ForgetArgs) -> Result<u8> {
+    let policy = KeepPolicy {
+        last: a.keep_last,
+        hourly: a.keep_hourly,
+        daily: a.keep_daily,
+        weekly: a.keep_weekly,
+        monthly: a.keep_monthly,
+        yearly: a.keep_yearly,
+    };
+    if a.snapshots.is_empty() == policy.is_empty() {
+        return Err(Usage("give snapshots to forget or --keep-* options (not both)".into()).into());
+    }
+    let opts = ForgetOptions { snapshots: a.snapshots, policy, vm: a.vm, dry_run: a.dry_run };
+    let repo = open_repo(&a.repo)?;
+    let r = blockproof_core::forget(&repo, &opts)?;
+    let gc = if a.prune && !a.dry_run {
+        let progress = progress::for_stderr();
+        Some(blockproof_core::gc(&repo, &GcOptions::default(), progress.as_ref())?)
+    } else {
+        None
+    };
+    if a.json {
+        print_json(&serde_json::json!({"forget": r, "gc": gc}))?;
+        return Ok(exit::OK);
+    }
+    for d in &r.kept {
+        println!(
+            "keep   {} {} {:<24} {}",
+            d.id.short(),
+            d.vm,
+            d.time.get(..19).unwrap_or(&d.time),
+            d.reasons.join(", ")
+        );
+    }
+    let verb = if r.dry_run { "would remove" } else { "remove" };
+    for d in &r.removed {
+        println!("{verb} {} {} {}", d.id.short(), d.vm, d.time.get(..19).unwrap_or(&d.time));
+    }
+    println!("{} kept, {} {}", r.kept.len(), r.removed.len(), if r.dry_run { "would be removed" } else { "removed" });
+    if let Some(g) = &gc {
+        print_gc(g);
+    }
+    Ok(exit::OK)
+}
+
+pub fn protect(a: SnapshotRefArgs, on: bool) -> Result<u8> {
+    let repo = open_repo(&a.repo)?;
+    let id = blockproof_core::set_protected(&repo, &a.snapshot, on)?;
+    println!("snapshot {} {}", id.short(), if on { "protected" } else { "no longer protected" });
+    Ok(exit::OK)
+}
+
+pub fn unlock(a: UnlockArgs) -> Result<u8> {
+    let repo = open_repo(&a.repo)?;
+    let before = repo.locks()?;
+    if a.all {
+        for (name, _) in &before {
+            repo.backend().remove(Kind::Lock, name)?;
+        }
+        println!("removed {} lock(s)", before.len());
+    } else {
+        let live = repo.live_locks()?;
+        println!("removed {} stale lock(s)", before.len() - live.len());
+        for (_, l) in &live {
+            println!("still held: {}", l.describe());
+        }
+    }
+    Ok(exit::OK)
+}

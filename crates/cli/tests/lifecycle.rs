@@ -1,0 +1,235 @@
+//! The lifecycle of restore points: forget by id and by policy, protection, garbage
+//! collection that frees what only forgotten snapshots used, gc racing a backup (driven
+//! deterministically with the pause hook), two backups and a gc at once, locks.
+
+mod harness;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use harness::{hash, mixed_image, scatter_writes, Dir};
+use serde_json::Value;
+
+fn image(dir: &Dir, name: &str, size: usize, seed: u64) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, mixed_image(size, seed)).unwrap();
+    p
+}
+
+fn snap_id(report: &Value) -> String {
+    report["snapshot"].as_str().unwrap().to_string()
+}
+
+fn check_all(dir: &Dir) {
+    let r = dir.repo_cmd("check").args(["--read-data", "--json"]).json();
+    assert_eq!(r["ok"], true, "{r}");
+}
+
+/// Forget + gc: what only forgotten snapshots referenced goes (≥ 90% of it), the kept
+/// snapshots restore bit-exact, and check --read-data passes.
+#[test]
+fn forget_and_gc_free_what_only_forgotten_snapshots_used() {
+    let dir = Dir::new();
+    dir.init();
+    let keep = image(&dir, "keep.img", 16 << 20, 1);
+    let gone = image(&dir, "gone.img", 16 << 20, 2);
+    let k = dir.backup("keep", &[("d", &keep)]);
+    let before_gone = dir.repo_bytes();
+    let g = dir.backup("gone", &[("d", &gone)]);
+    let only_gone = dir.repo_bytes() - before_gone;
+
+    let dry = dir.repo_cmd("forget").args(["gone:latest", "--dry-run", "--json"]).json();
+    assert_eq!(dry["forget"]["removed"][0]["id"], g["snapshot"]);
+    assert_eq!(dir.snapshots().len(), 2, "a dry run removes nothing");
+
+    let out = dir.repo_cmd("forget").args(["gone:latest", "--prune", "--json"]).json();
+    assert_eq!(out["forget"]["removed"].as_array().unwrap().len(), 1);
+    let freed = before_gone + only_gone - dir.repo_bytes();
+    assert!(freed as f64 >= 0.9 * only_gone as f64, "freed {freed} of {only_gone}");
+    assert_eq!(out["gc"]["packs_deferred"], 0);
+    check_all(&dir);
+    let restored = dir.restore(&snap_id(&k), "d", "keep-restored.img");
+    assert_eq!(hash(&restored), hash(&keep));
+}
+
+/// Partly used packs are repacked: after forgetting one of two vms whose chunks share
+/// packs, gc copies the live blobs and frees the rest.
+#[test]
+fn sparse_packs_are_repacked() {
+    let dir = Dir::new();
+    dir.repo_cmd("init").args(["--kdf-memory", "8", "--kdf-iterations", "1", "--pack-size", "1MiB"]).ok();
+    // Two disks in one backup: their chunks interleave in the same packs.
+    let a = image(&dir, "a.img", 8 << 20, 3);
+    let b = image(&dir, "b.img", 8 << 20, 4);
+    let both = dir.backup("v", &[("a", &a), ("b", &b)]);
+    let only_a = dir.backup("w", &[("a", &a)]);
+    dir.repo_cmd("forget").arg(snap_id(&both)).ok();
+    let r = dir.repo_cmd("gc").arg("--json").json();
+    assert!(r["packs_repacked"].as_u64().unwrap() > 0 || r["packs_deleted"].as_u64().unwrap() > 0, "{r}");
+    check_all(&dir);
+    assert_eq!(hash(&dir.restore(&snap_id(&only_a), "a", "a.out")), hash(&a));
+    // Everything b alone used is gone: a second gc finds nothing more to do.
+    let again = dir.repo_cmd("gc").arg("--json").json();
+    assert_eq!((again["packs_deleted"].as_u64(), again["packs_repacked"].as_u64()), (Some(0), Some(0)), "{again}");
+}
+
+/// Retention policies per vm, and protection.
+#[test]
+fn keep_policies_and_protection() {
+    let dir = Dir::new();
+    dir.init();
+    let img = image(&dir, "d.img", 1 << 20, 5);
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(snap_id(&dir.backup("v", &[("d", &img)])));
+    }
+    let other = snap_id(&dir.backup("w", &[("d", &img)]));
+    dir.repo_cmd("protect").arg(&ids[0][..12]).ok();
+    let r = dir.repo_cmd("forget").args(["--keep-last", "2", "--vm", "v", "--json"]).json();
+    let removed: Vec<&str> =
+        r["forget"]["removed"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(removed, vec![ids[1].as_str()], "the oldest is protected, the newest two kept");
+    let left: Vec<String> = dir.snapshots().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    assert!(left.contains(&ids[0]) && left.contains(&other) && !left.contains(&ids[1]));
+    let line = dir.repo_cmd("forget").arg(&ids[0]).fails_with_one_line(2);
+    assert!(line.contains("protected"), "{line}");
+    dir.repo_cmd("unprotect").arg(&ids[0]).ok();
+    dir.repo_cmd("forget").arg(&ids[0]).ok();
+    dir.repo_cmd("forget").fails_with_one_line(2);
+}
+
+fn wait_for(path: &Path) {
+    for _ in 0..3000 {
+        if path.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{} never appeared", path.display());
+}
+
+/// A gc that runs while a backup is between deduplicating and committing never deletes a
+/// chunk that backup then references: it defers, and the backup restores bit-exact.
+#[test]
+fn gc_during_a_backup_defers_what_the_backup_uses() {
+    let dir = Dir::new();
+    dir.init();
+    let img = image(&dir, "d.img", 16 << 20, 6);
+    let first = dir.backup("old", &[("d", &img)]);
+    // The new backup deduplicates against everything `old` stored, then pauses.
+    let gate = dir.join("go");
+    let mut c = dir.repo_cmd("backup");
+    c.args(["--vm", "new", "--json", "--disk"]).arg(format!("id=d,source={}", img.display()));
+    c.env("BLOCKPROOF_PAUSE_BEFORE_COMMIT", gate.to_str().unwrap());
+    let child = c.spawn_piped();
+    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
+
+    // Meanwhile the only snapshot referencing that data is forgotten and gc runs.
+    dir.repo_cmd("forget").arg(snap_id(&first)).ok();
+    let r = dir.repo_cmd("gc").arg("--json").json();
+    assert_eq!(r["packs_deleted"], 0, "{r}");
+    assert!(r["packs_deferred"].as_u64().unwrap() > 0, "{r}");
+
+    fs::write(&gate, b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["disks"][0]["new_chunks"], 0, "it deduplicated against the old data");
+    check_all(&dir);
+    assert_eq!(hash(&dir.restore(&snap_id(&report), "d", "new.img")), hash(&img));
+
+    // Now the deferred plan is swept: the packs are referenced again, so nothing goes.
+    let r = dir.repo_cmd("gc").arg("--json").json();
+    assert_eq!((r["packs_deleted"].as_u64(), r["packs_deferred"].as_u64()), (Some(0), Some(0)), "{r}");
+    check_all(&dir);
+}
+
+/// A backup that starts after gc planned a deletion does not deduplicate against the
+/// planned packs: it stores what it needs again, and the sweep removes the old packs.
+#[test]
+fn backups_after_a_plan_do_not_use_planned_packs() {
+    let dir = Dir::new();
+    dir.init();
+    let img = image(&dir, "d.img", 8 << 20, 7);
+    let old = dir.backup("old", &[("d", &img)]);
+    // A backup of another vm holds a lock, so the plan cannot be swept at once.
+    let other = image(&dir, "o.img", 1 << 20, 8);
+    let gate = dir.join("go");
+    let mut c = dir.repo_cmd("backup");
+    c.args(["--vm", "other", "--disk"]).arg(format!("id=d,source={}", other.display()));
+    c.env("BLOCKPROOF_PAUSE_BEFORE_COMMIT", gate.to_str().unwrap());
+    let holder = c.spawn_piped();
+    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
+    dir.repo_cmd("forget").arg(snap_id(&old)).ok();
+    let r = dir.repo_cmd("gc").arg("--json").json();
+    assert!(r["packs_deferred"].as_u64().unwrap() > 0, "{r}");
+
+    let new = dir.backup("new", &[("d", &img)]);
+    assert!(new["disks"][0]["new_chunks"].as_u64().unwrap() > 0, "planned packs are not reused");
+    fs::write(&gate, b"").unwrap();
+    assert!(holder.wait_with_output().unwrap().status.success());
+    let r = dir.repo_cmd("gc").arg("--json").json();
+    assert!(r["packs_deleted"].as_u64().unwrap() > 0, "{r}");
+    check_all(&dir);
+    assert_eq!(hash(&dir.restore(&snap_id(&new), "d", "new.img")), hash(&img));
+}
+
+/// Two backups of different vms and a gc at the same time: nothing is lost.
+#[test]
+fn two_backups_and_a_gc_at_once() {
+    let dir = Dir::new();
+    dir.init();
+    let a = image(&dir, "a.img", 16 << 20, 9);
+    let b = image(&dir, "b.img", 16 << 20, 10);
+    let old = dir.backup("a", &[("d", &a)]);
+    let mut data = fs::read(&a).unwrap();
+    scatter_writes(&mut data, 32, 4096, 11);
+    fs::write(&a, &data).unwrap();
+    for round in 0..3 {
+        let spawn = |vm: &str, img: &Path| {
+            let mut c = dir.repo_cmd("backup");
+            c.args(["--vm", vm, "--json", "--disk"]).arg(format!("id=d,source={}", img.display()));
+            c.spawn_piped()
+        };
+        let (ca, cb) = (spawn("a", &a), spawn("b", &b));
+        if round == 0 {
+            dir.repo_cmd("forget").arg(snap_id(&old)).ok();
+        }
+        let gc = dir.repo_cmd("gc").output();
+        assert!(gc.status.success(), "{}", String::from_utf8_lossy(&gc.stderr));
+        for (child, img) in [(ca, &a), (cb, &b)] {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(hash(&dir.restore(&snap_id(&r), "d", "x.img")), hash(img), "round {round}");
+            fs::remove_file(dir.join("x.img")).unwrap();
+        }
+        check_all(&dir);
+    }
+}
+
+/// One gc at a time; stale locks (of processes that are gone) are ignored and removed.
+#[test]
+fn locks_name_their_holder_and_stale_ones_go() {
+    let dir = Dir::new();
+    dir.init();
+    let img = image(&dir, "d.img", 4 << 20, 12);
+    let gate = dir.join("go");
+    let mut c = dir.repo_cmd("backup");
+    c.args(["--vm", "v", "--disk"]).arg(format!("id=d,source={}", img.display()));
+    c.env("BLOCKPROOF_PAUSE_BEFORE_COMMIT", gate.to_str().unwrap());
+    let child = c.spawn_piped();
+    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
+    let locks = harness::files(&dir.repo().join("locks"));
+    assert_eq!(locks.len(), 1, "the running backup holds a lock");
+    // A copy of that lock stands for a backup of a process that died: pid reuse aside,
+    // the holder is gone once the child exits.
+    let stale = dir.repo().join("locks").join("0123456789abcdef0123456789abcdef");
+    fs::copy(&locks[0], &stale).unwrap();
+    fs::write(&gate, b"").unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+    let out = dir.repo_cmd("unlock").ok();
+    assert!(out.contains("removed 1 stale lock"), "{out}");
+    assert!(harness::files(&dir.repo().join("locks")).is_empty());
+}

@@ -1,0 +1,295 @@
+//! Forget: remove snapshots by id or by a retention policy, and protect snapshots from it.
+//!
+//! A policy keeps, per vm, the `last` N snapshots and the newest snapshot of each of the
+//! last N hours, days, ISO weeks, months and years that have snapshots — the semantics of
+//! restic's `forget --keep-*` and Proxmox Backup Server's prune, with calendar periods in
+//! UTC. A snapshot kept by any rule is kept; protected snapshots are always kept.
+//! Forgetting removes only snapshot files: the data they alone referenced is removed by
+//! garbage collection ([`crate::gc`]). Tainted snapshots follow the policy like any other:
+//! nothing is ever deleted *because* of a mismatch.
+
+use std::collections::{BTreeMap, HashSet};
+
+use blockproof_format::{Id, ObjectMagic};
+use blockproof_repo::{LockKind, Repository, SnapshotInfo};
+use blockproof_store::Kind;
+use serde::{Deserialize, Serialize};
+
+use crate::CoreError;
+
+/// How many of each period to keep (`None`: the rule is off).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeepPolicy {
+    pub last: Option<u32>,
+    pub hourly: Option<u32>,
+    pub daily: Option<u32>,
+    pub weekly: Option<u32>,
+    pub monthly: Option<u32>,
+    pub yearly: Option<u32>,
+}
+
+impl KeepPolicy {
+    pub fn is_empty(&self) -> bool {
+        *self == KeepPolicy::default()
+    }
+}
+
+/// What to forget.
+#[derive(Clone, Debug, Default)]
+pub struct ForgetOptions {
+    /// Snapshots to forget by reference (id, prefix, `VM:latest`).
+    pub snapshots: Vec<String>,
+    /// Or a policy, applied per vm.
+    pub policy: KeepPolicy,
+    /// Only this vm's snapshots.
+    pub vm: Option<String>,
+    pub dry_run: bool,
+}
+
+/// One snapshot and why it is kept or removed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Decision {
+    pub id: Id,
+    pub vm: String,
+    pub time: String,
+    pub reasons: Vec<String>,
+}
+
+/// What forget did (or would do, with `dry_run`).
+#[derive(Clone, Debug, Serialize)]
+pub struct ForgetReport {
+    pub dry_run: bool,
+    pub kept: Vec<Decision>,
+    pub removed: Vec<Decision>,
+}
+
+/// The marker of a protected snapshot (`state/protect-<id>`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Protection {
+    snapshot: Id,
+    time: String,
+    host: String,
+}
+
+fn protect_name(id: &Id) -> String {
+    format!("protect-{}", id.to_hex())
+}
+
+/// The protected snapshots.
+pub fn protected(repo: &Repository) -> Result<HashSet<Id>, CoreError> {
+    let mut out = HashSet::new();
+    for name in repo.backend().list(Kind::State)? {
+        if let Some(hex) = name.strip_prefix("protect-") {
+            if let Ok(id) = hex.parse() {
+                out.insert(id);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Protects a snapshot from forget (`on`) or lifts the protection.
+pub fn set_protected(repo: &Repository, reference: &str, on: bool) -> Result<Id, CoreError> {
+    let info = repo.resolve_snapshot(reference)?;
+    let name = protect_name(&info.id);
+    if on {
+        let p = Protection {
+            snapshot: info.id,
+            time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            host: crate::hostname(),
+        };
+        repo.write_doc(Kind::State, ObjectMagic::State, &name, &serde_json::to_vec(&p).expect("serializes"))?;
+    } else {
+        repo.backend().remove(Kind::State, &name)?;
+    }
+    Ok(info.id)
+}
+
+/// Calendar fields of a UTC time: (year, month, day, hour, iso year, iso week).
+fn calendar(time: &str) -> Option<(i64, u32, u32, u32, i64, u32)> {
+    let t = humantime::parse_rfc3339_weak(time).ok()?;
+    let secs = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+    let days = secs.div_euclid(86400);
+    let hour = (secs.rem_euclid(86400) / 3600) as u32;
+    let (y, m, d) = civil_from_days(days);
+    // ISO week: the week (Monday first) containing the year's first Thursday is week 1.
+    let weekday = (days + 3).rem_euclid(7) as i64; // 0 = Monday (1970-01-01 was a Thursday)
+    let thursday = days - weekday + 3;
+    let (iso_year, _, _) = civil_from_days(thursday);
+    let jan1 = days_from_civil(iso_year, 1, 1);
+    let week = ((thursday - jan1) / 7 + 1) as u32;
+    Some((y, m, d, hour, iso_year, week))
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from(if m > 2 { m - 3 } else { m + 9 });
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+/// Applies the policy to one vm's snapshots (oldest first); returns the reasons each
+/// kept snapshot is kept, by index.
+fn apply_policy(snaps: &[&SnapshotInfo], policy: &KeepPolicy) -> BTreeMap<usize, Vec<String>> {
+    let mut keep: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    let newest_first: Vec<usize> = (0..snaps.len()).rev().collect();
+    if let Some(n) = policy.last {
+        for &i in newest_first.iter().take(n as usize) {
+            keep.entry(i).or_default().push("last".into());
+        }
+    }
+    type Bucket = fn(&(i64, u32, u32, u32, i64, u32)) -> (i64, u32, u32, u32);
+    let rules: [(&str, Option<u32>, Bucket); 5] = [
+        ("hourly", policy.hourly, |c| (c.0, c.1, c.2, c.3)),
+        ("daily", policy.daily, |c| (c.0, c.1, c.2, 0)),
+        ("weekly", policy.weekly, |c| (c.4, c.5, 0, 0)),
+        ("monthly", policy.monthly, |c| (c.0, c.1, 0, 0)),
+        ("yearly", policy.yearly, |c| (c.0, 0, 0, 0)),
+    ];
+    for (name, count, bucket) in rules {
+        let Some(count) = count else { continue };
+        let mut seen = Vec::new();
+        for &i in &newest_first {
+            let Some(cal) = calendar(&snaps[i].snapshot.time) else { continue };
+            let b = bucket(&cal);
+            if seen.len() as u32 >= count {
+                break;
+            }
+            if !seen.contains(&b) {
+                seen.push(b);
+                keep.entry(i).or_default().push(name.into());
+            }
+        }
+    }
+    keep
+}
+
+fn decision(s: &SnapshotInfo, reasons: Vec<String>) -> Decision {
+    Decision { id: s.id, vm: s.snapshot.vm.clone(), time: s.snapshot.time.clone(), reasons }
+}
+
+/// Forgets snapshots by reference or by policy.
+pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport, CoreError> {
+    if opts.snapshots.is_empty() == opts.policy.is_empty() {
+        return Err(CoreError::Invalid(
+            "give either snapshots to forget or a policy (--keep-last, --keep-daily, ...), not both or neither".into(),
+        ));
+    }
+    let _lock = if opts.dry_run { None } else { Some(repo.lock(LockKind::Shared, "forget")?) };
+    let protected = protected(repo)?;
+    let all = repo.snapshots()?;
+    let mut kept = Vec::new();
+    let mut removed = Vec::new();
+    if !opts.snapshots.is_empty() {
+        let mut ids = Vec::new();
+        for r in &opts.snapshots {
+            let s = repo.resolve_snapshot(r)?;
+            if protected.contains(&s.id) {
+                return Err(CoreError::Invalid(format!(
+                    "snapshot {} is protected; run blockproof unprotect {} first",
+                    s.id.short(),
+                    s.id.short()
+                )));
+            }
+            if !ids.contains(&s.id) {
+                ids.push(s.id);
+                removed.push(decision(&s, vec!["named".into()]));
+            }
+        }
+    } else {
+        let mut vms: Vec<&str> = all.iter().map(|s| s.snapshot.vm.as_str()).collect();
+        vms.dedup();
+        vms.sort_unstable();
+        vms.dedup();
+        for vm in vms.into_iter().filter(|v| opts.vm.as_deref().is_none_or(|w| w == *v)) {
+            let snaps: Vec<&SnapshotInfo> = all.iter().filter(|s| s.snapshot.vm == vm).collect();
+            let mut keep = apply_policy(&snaps, &opts.policy);
+            for (i, s) in snaps.iter().enumerate() {
+                if protected.contains(&s.id) {
+                    keep.entry(i).or_default().push("protected".into());
+                }
+            }
+            for (i, s) in snaps.iter().enumerate() {
+                match keep.remove(&i) {
+                    Some(reasons) => kept.push(decision(s, reasons)),
+                    None => removed.push(decision(s, vec![])),
+                }
+            }
+        }
+    }
+    if !opts.dry_run {
+        for d in &removed {
+            repo.backend().remove(Kind::Snapshot, &d.id.to_hex())?;
+        }
+    }
+    Ok(ForgetReport { dry_run: opts.dry_run, kept, removed })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_and_iso_weeks() {
+        assert_eq!(calendar("2026-11-22T16:05:00Z"), Some((2026, 11, 22, 16, 2026, 47)));
+        // 2021-01-03 (a Sunday) belongs to ISO week 53 of 2020; 2024-12-30 to week 1 of 2025.
+        assert_eq!(calendar("2021-01-03T00:00:00Z").map(|c| (c.4, c.5)), Some((2020, 53)));
+        assert_eq!(calendar("2024-12-30T23:59:59.123456Z").map(|c| (c.4, c.5)), Some((2025, 1)));
+        assert_eq!(calendar("2024-02-29T12:00:00Z").map(|c| (c.0, c.1, c.2)), Some((2024, 2, 29)));
+        for d in [-1000, 0, 59, 365 * 30, 20000] {
+            let (y, m, dd) = civil_from_days(d);
+            assert_eq!(days_from_civil(y, m, dd), d);
+        }
+    }
+
+    fn snap(time: &str) -> SnapshotInfo {
+        SnapshotInfo {
+            id: Id(*blake3::hash(time.as_bytes()).as_bytes()),
+            snapshot: blockproof_format::Snapshot {
+                vm: "v".into(),
+                time: time.into(),
+                hostname: "h".into(),
+                tags: vec![],
+                status: blockproof_format::SnapshotStatus::Ok,
+                disks: vec![],
+                program: "t".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn policy_keeps_newest_per_period() {
+        // Two snapshots a day for ten days (oldest first).
+        let times: Vec<String> =
+            (1..=10).flat_map(|d| [format!("2026-11-{d:02}T01:00:00Z"), format!("2026-11-{d:02}T13:00:00Z")]).collect();
+        let infos: Vec<SnapshotInfo> = times.iter().map(|t| snap(t)).collect();
+        let refs: Vec<&SnapshotInfo> = infos.iter().collect();
+        let p = KeepPolicy { last: Some(2), daily: Some(3), ..Default::default() };
+        let keep = apply_policy(&refs, &p);
+        let kept: Vec<usize> = keep.keys().copied().collect();
+        // last 2: 19, 18; daily 3: newest of days 10, 9, 8 = 19, 17, 15.
+        assert_eq!(kept, vec![15, 17, 18, 19]);
+        assert_eq!(keep[&19], vec!["last".to_string(), "daily".to_string()]);
+        let weekly = apply_policy(&refs, &KeepPolicy { weekly: Some(2), ..Default::default() });
+        // ISO weeks: Nov 1 (Sunday) is week 44, Nov 2-8 week 45, Nov 9-10 week 46.
+        assert_eq!(weekly.keys().copied().collect::<Vec<_>>(), vec![15, 19]);
+        let monthly = apply_policy(&refs, &KeepPolicy { monthly: Some(5), yearly: Some(1), ..Default::default() });
+        assert_eq!(monthly.keys().copied().collect::<Vec<_>>(), vec![19]);
+    }
+}

@@ -1,0 +1,322 @@
+//! Garbage collection: remove the packs no snapshot needs, safely while backups run.
+//!
+//! ## Two phases
+//!
+//! 1. **Mark and plan.** Under the gc lock (one gc at a time), walk every snapshot's
+//!    trees (index pages, chunks, confirmation pages) into the set of referenced blobs.
+//!    Packs with no referenced blob, and packs no index lists (left by crashed backups,
+//!    or being written right now), are *planned* for deletion; packs whose unreferenced
+//!    share reaches the repack threshold have their referenced blobs copied into new
+//!    packs first and are planned too. The plan is a sealed document `state/gc-plan-*`
+//!    with its creation time.
+//! 2. **Sweep.** A plan may be carried out once no backup that could use its packs is
+//!    still running: no live shared lock was created before the plan (plus a margin for
+//!    clock skew). Backups that start after a plan exists never deduplicate against
+//!    planned packs (they load the index without them), so only backups older than the
+//!    plan matter — and once they have finished, their snapshots are visible. The sweep
+//!    marks again and deletes a planned pack only if every blob in it that is referenced
+//!    now has another copy in a pack that stays. It writes new index files without the
+//!    deleted packs, removes the old index files, then the packs, then the plan.
+//!
+//! A gc that finds its plan not yet safe leaves it for the next gc and says so.
+//!
+//! | running \ starting | backup | forget | gc | check / restore |
+//! |---|---|---|---|---|
+//! | backup | yes | yes | yes (defers what the backup may use) | yes |
+//! | forget | yes | yes | yes (marks what is still listed) | yes |
+//! | gc | yes (skips planned packs) | yes | no (gc lock) | yes, but a restore of a snapshot forgotten meanwhile may fail |
+//!
+//! ## Crash safety
+//!
+//! Every step leaves a consistent repository: a plan is only a list; new packs and index
+//! files are durable before anything is removed; old index files go before their packs,
+//! so a crash leaves at worst unindexed packs (planned by the next gc) or blobs listed
+//! twice (harmless).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use blockproof_format::tree::{chunk_count, decode_page, level_sizes, page_len, DEFAULT_FANOUT};
+use blockproof_format::{BlobEntry, BlobKind, Id, IndexFile, ObjectMagic};
+use blockproof_repo::lock::now_secs;
+use blockproof_repo::{BlobIndex, BlobReader, LockKind, PackWriter, Repository, SealedBlob};
+use blockproof_store::Kind;
+use serde::{Deserialize, Serialize};
+
+use crate::{CoreError, Progress};
+
+/// Backups whose lock is younger than a plan by less than this still block its sweep
+/// (clocks of different hosts may disagree).
+pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// What to do.
+#[derive(Clone, Debug)]
+pub struct GcOptions {
+    /// Repack a pack when at least this fraction of its bytes is unreferenced.
+    pub repack_threshold: f64,
+    /// Only report what would be done.
+    pub dry_run: bool,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions { repack_threshold: 0.25, dry_run: false }
+    }
+}
+
+/// What gc did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub snapshots: u64,
+    pub referenced_blobs: u64,
+    pub packs: u64,
+    /// Packs removed and the bytes that freed.
+    pub packs_deleted: u64,
+    pub bytes_freed: u64,
+    /// Packs whose live blobs were copied into new packs.
+    pub packs_repacked: u64,
+    pub bytes_repacked: u64,
+    pub index_files_rewritten: u64,
+    /// Packs planned but not yet removed: backups that were running may still use them.
+    pub packs_deferred: u64,
+    pub bytes_deferred: u64,
+}
+
+/// A deletion plan (`state/gc-plan-<random>`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Plan {
+    created: u64,
+    host: String,
+    packs: Vec<Id>,
+}
+
+const PLAN_PREFIX: &str = "gc-plan-";
+
+/// Packs named by any gc plan: backups do not deduplicate against them.
+pub fn planned_packs(repo: &Repository) -> Result<HashSet<Id>, CoreError> {
+    Ok(plans(repo)?.into_iter().flat_map(|(_, p)| p.packs).collect())
+}
+
+fn plans(repo: &Repository) -> Result<Vec<(String, Plan)>, CoreError> {
+    let mut out = Vec::new();
+    for name in repo.backend().list(Kind::State)? {
+        if !name.starts_with(PLAN_PREFIX) {
+            continue;
+        }
+        match repo.read_doc(Kind::State, ObjectMagic::State, &name) {
+            Ok(bytes) => {
+                let plan = serde_json::from_slice(&bytes)
+                    .map_err(|e| blockproof_repo::RepoError::corrupt(format!("gc plan {name}"), e))?;
+                out.push((name, plan));
+            }
+            Err(blockproof_repo::RepoError::Store(e)) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
+
+/// The index files with their content.
+fn index_files(repo: &Repository) -> Result<Vec<(String, IndexFile)>, CoreError> {
+    let mut out = Vec::new();
+    for name in repo.backend().list(Kind::Index)? {
+        out.push((name.clone(), repo.read_index_file(&name)?));
+    }
+    Ok(out)
+}
+
+/// Every blob some snapshot references (chunks, index pages, confirmation pages).
+fn mark(repo: &Repository, index: &BlobIndex) -> Result<(HashSet<Id>, u64), CoreError> {
+    let reader = BlobReader::new(repo, index);
+    let snapshots = repo.snapshots()?;
+    let mut seen = HashSet::new();
+    for s in &snapshots {
+        for d in &s.snapshot.disks {
+            walk(&reader, d.index_root, chunk_count(d.size, d.chunk_size), d.index_fanout, &mut seen)?;
+            if let Some(root) = d.confirm_root {
+                let pages = blockproof_format::confirm::page_count(chunk_count(d.size, d.chunk_size));
+                walk(&reader, root, pages, DEFAULT_FANOUT, &mut seen)?;
+            }
+        }
+    }
+    Ok((seen, snapshots.len() as u64))
+}
+
+/// Adds a tree's pages and leaves to `seen`; a page already seen is not read again (its
+/// content, and so its subtree, is determined by its id).
+fn walk(reader: &BlobReader<'_>, root: Id, leaves: u64, fanout: u32, seen: &mut HashSet<Id>) -> Result<(), CoreError> {
+    let sizes = level_sizes(leaves, fanout);
+    let mut stack = vec![(sizes.len() - 1, 0u64, root)];
+    while let Some((level, page, id)) = stack.pop() {
+        if id.is_zero() || !seen.insert(id) {
+            continue;
+        }
+        let plain = reader.read(&id, BlobKind::Tree)?;
+        let ids = decode_page(&plain, page_len(sizes[level], page, fanout))
+            .map_err(|e| blockproof_repo::RepoError::corrupt(format!("index page {id}"), e))?;
+        for (k, child) in ids.into_iter().enumerate() {
+            if level == 0 {
+                if !child.is_zero() {
+                    seen.insert(child);
+                }
+            } else {
+                stack.push((level - 1, page * u64::from(fanout) + k as u64, child));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs garbage collection.
+pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Result<GcReport, CoreError> {
+    let _lock = repo.lock(LockKind::Gc, "gc")?;
+    let mut report = GcReport { dry_run: opts.dry_run, ..GcReport::default() };
+
+    // Carry out earlier plans that have become safe.
+    if !opts.dry_run {
+        for (name, plan) in plans(repo)? {
+            sweep(repo, &name, &plan, &mut report)?;
+        }
+    }
+
+    // Mark.
+    let files = index_files(repo)?;
+    let index = BlobIndex::load(repo)?;
+    let (referenced, snapshots) = mark(repo, &index)?;
+    report.snapshots = snapshots;
+    report.referenced_blobs = referenced.len() as u64;
+    let already: HashSet<Id> = planned_packs(repo)?;
+
+    // Plan.
+    let mut pack_entries: HashMap<Id, Vec<BlobEntry>> = HashMap::new();
+    for (_, f) in &files {
+        for (pack, entries) in &f.packs {
+            pack_entries.entry(*pack).or_insert_with(|| entries.clone());
+        }
+    }
+    let stored: Vec<String> = repo.backend().list(Kind::Pack)?;
+    report.packs = stored.len() as u64;
+    let mut doomed = Vec::new();
+    let mut repack = Vec::new();
+    for name in &stored {
+        let Ok(pack) = name.parse::<Id>() else { continue };
+        if already.contains(&pack) {
+            continue;
+        }
+        match pack_entries.get(&pack) {
+            None => doomed.push(pack), // unindexed: a crashed backup's, or one being written
+            Some(entries) => {
+                let total: u64 = entries.iter().map(|e| u64::from(e.length)).sum();
+                let dead: u64 =
+                    entries.iter().filter(|e| !referenced.contains(&e.id)).map(|e| u64::from(e.length)).sum();
+                if dead == total {
+                    doomed.push(pack);
+                } else if total > 0 && dead as f64 / total as f64 >= opts.repack_threshold {
+                    repack.push(pack);
+                }
+            }
+        }
+    }
+    if opts.dry_run {
+        report.packs_deleted = doomed.len() as u64;
+        report.packs_repacked = repack.len() as u64;
+        for p in doomed.iter().chain(&repack) {
+            report.bytes_freed += repo.backend().size(Kind::Pack, &p.to_hex()).unwrap_or(0);
+        }
+        return Ok(report);
+    }
+
+    // Repack: copy the live blobs of sparse packs into new packs (durable, indexed).
+    if !repack.is_empty() {
+        progress.begin("repack", repack.len() as u64);
+        let mut writer = PackWriter::new(repo);
+        for pack in &repack {
+            for e in pack_entries[pack].iter().filter(|e| referenced.contains(&e.id)) {
+                let mut bytes = vec![0u8; e.length as usize];
+                repo.backend().read_at(Kind::Pack, &pack.to_hex(), e.offset, &mut bytes)?;
+                report.bytes_repacked += u64::from(e.length);
+                writer.add(SealedBlob {
+                    kind: e.kind,
+                    id: e.id,
+                    compression: e.compression,
+                    raw_length: e.raw_length,
+                    bytes,
+                })?;
+            }
+            progress.advance(1);
+        }
+        writer.finish()?;
+        progress.end();
+        report.packs_repacked = repack.len() as u64;
+    }
+
+    doomed.extend(repack);
+    if !doomed.is_empty() {
+        let plan = Plan { created: now_secs(), host: crate::hostname(), packs: doomed };
+        let name = format!("{PLAN_PREFIX}{}", hex::encode(rand::random::<[u8; 8]>()));
+        let bytes = serde_json::to_vec(&plan).expect("a plan serializes");
+        repo.write_doc(Kind::State, ObjectMagic::State, &name, &bytes)?;
+        sweep(repo, &name, &plan, &mut report)?;
+    }
+    Ok(report)
+}
+
+/// Carries out a plan if it is safe now; otherwise counts it as deferred.
+fn sweep(repo: &Repository, name: &str, plan: &Plan, report: &mut GcReport) -> Result<(), CoreError> {
+    let blocking = repo
+        .live_locks()?
+        .into_iter()
+        .any(|(_, l)| l.kind == LockKind::Shared && l.created <= plan.created + CLOCK_SKEW.as_secs());
+    if blocking {
+        report.packs_deferred += plan.packs.len() as u64;
+        for p in &plan.packs {
+            report.bytes_deferred += repo.backend().size(Kind::Pack, &p.to_hex()).unwrap_or(0);
+        }
+        return Ok(());
+    }
+    // Mark again: snapshots committed since the plan count.
+    let files = index_files(repo)?;
+    let index = BlobIndex::load(repo)?;
+    let (referenced, _) = mark(repo, &index)?;
+    let planned: HashSet<Id> = plan.packs.iter().copied().collect();
+    // Where else each blob lives.
+    let mut elsewhere: HashSet<Id> = HashSet::new();
+    for (_, f) in &files {
+        for (pack, entries) in &f.packs {
+            if !planned.contains(pack) {
+                elsewhere.extend(entries.iter().map(|e| e.id));
+            }
+        }
+    }
+    let mut deletable: HashSet<Id> = HashSet::new();
+    for pack in &plan.packs {
+        let entries = files.iter().flat_map(|(_, f)| f.packs.iter()).find(|(p, _)| p == pack).map(|(_, e)| e);
+        let needed =
+            entries.is_some_and(|es| es.iter().any(|e| referenced.contains(&e.id) && !elsewhere.contains(&e.id)));
+        if !needed {
+            deletable.insert(*pack);
+        }
+    }
+    // New index files without the deleted packs, then remove the old ones.
+    for (fname, f) in &files {
+        if !f.packs.iter().any(|(p, _)| deletable.contains(p)) {
+            continue;
+        }
+        let kept: Vec<(Id, Vec<BlobEntry>)> = f.packs.iter().filter(|(p, _)| !deletable.contains(p)).cloned().collect();
+        if !kept.is_empty() {
+            repo.write_index_file(&IndexFile { packs: kept })?;
+        }
+        repo.backend().remove(Kind::Index, fname)?;
+        report.index_files_rewritten += 1;
+    }
+    for pack in &deletable {
+        let hex = pack.to_hex();
+        let size = repo.backend().size(Kind::Pack, &hex).unwrap_or(0);
+        repo.backend().remove(Kind::Pack, &hex)?;
+        report.packs_deleted += 1;
+        report.bytes_freed += size;
+    }
+    repo.backend().remove(Kind::State, name)?;
+    Ok(())
+}
