@@ -52,6 +52,9 @@ pub enum Command {
     Unprotect(SnapshotRefArgs),
     /// Remove stale locks (of processes that are gone), or with --all every lock.
     Unlock(UnlockArgs),
+    /// Manage key slots: the passphrases that open the repository.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Compare a snapshot with its sources now, without taking a backup (exit 3 when they
     /// differ). Reads only; nothing is written.
     Verify(VerifyArgs),
@@ -178,6 +181,52 @@ pub struct SnapshotRefArgs {
     pub repo: RepoArgs,
     /// Snapshot id, unique id prefix, or VM:latest.
     pub snapshot: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// List the key slots.
+    List(KeyListArgs),
+    /// Add a key slot for a new passphrase (from BLOCKPROOF_NEW_PASSWORD,
+    /// --new-password-file, or a prompt).
+    Add(KeyAddArgs),
+    /// Remove a key slot by its id prefix (never the last one).
+    Remove(KeyRemoveArgs),
+    /// Change the passphrase of the slot that opens the repository: add a slot for the
+    /// new passphrase, then remove the old slot.
+    Passwd(KeyAddArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct KeyListArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Print a JSON array.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KeyAddArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Read the new passphrase from the first line of this file.
+    #[arg(long, value_name = "FILE")]
+    pub new_password_file: Option<PathBuf>,
+    /// Argon2id memory for the new slot, in MiB.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    pub kdf_memory: u32,
+    /// Argon2id passes for the new slot.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub kdf_iterations: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct KeyRemoveArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The slot's id or a unique prefix of it (see key list).
+    pub slot: String,
 }
 
 #[derive(Args, Debug)]

@@ -25,6 +25,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Protect(a) => crate::lifecycle::protect(a, true),
         Command::Unprotect(a) => crate::lifecycle::protect(a, false),
         Command::Unlock(a) => crate::lifecycle::unlock(a),
+        Command::Key(k) => crate::lifecycle::key(k),
         Command::Verify(a) => crate::audit::verify(a),
         Command::Check(a) => check(a),
         Command::Demo(a) => crate::demo::run(a),

@@ -4,7 +4,7 @@ use anyhow::Result;
 use blockproof_core::{ForgetOptions, GcOptions, GcReport, KeepPolicy};
 use blockproof_store::Kind;
 
-use crate::args::{ForgetArgs, GcArgs, SnapshotRefArgs, UnlockArgs};
+use crate::args::{ForgetArgs, GcArgs, KeyAddArgs, KeyCommand, SnapshotRefArgs, UnlockArgs};
 use crate::commands::{human_bytes, open_repo, print_json};
 use crate::{exit, progress, Usage};
 
@@ -119,6 +119,69 @@ pub fn unlock(a: UnlockArgs) -> Result<u8> {
         println!("removed {} stale lock(s)", before.len() - live.len());
         for (_, l) in &live {
             println!("still held: {}", l.describe());
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn new_slot_password(a: &KeyAddArgs) -> Result<(Vec<u8>, blockproof_format::KdfParams)> {
+    let kdf = blockproof_format::KdfParams {
+        m_cost_kib: a.kdf_memory.saturating_mul(1024),
+        t_cost: a.kdf_iterations,
+        p_cost: 1,
+    };
+    if !kdf.in_range() {
+        return Err(Usage("--kdf-memory must be 1..4096 MiB and --kdf-iterations 1..64".into()).into());
+    }
+    let pw = crate::password::secret(
+        "BLOCKPROOF_NEW_PASSWORD",
+        "--new-password-file",
+        a.new_password_file.as_deref(),
+        "new password",
+        true,
+    )?;
+    Ok((pw, kdf))
+}
+
+pub fn key(k: KeyCommand) -> Result<u8> {
+    match k {
+        KeyCommand::List(a) => {
+            let repo = open_repo(&a.repo)?;
+            let slots = repo.key_slots()?;
+            if a.json {
+                print_json(&slots)?;
+            } else {
+                for s in &slots {
+                    println!(
+                        "{} {} Argon2id {} MiB, {} passes, {} lane(s){}",
+                        if s.current { "*" } else { " " },
+                        &s.name[..16],
+                        s.m_cost_kib / 1024,
+                        s.t_cost,
+                        s.p_cost,
+                        if s.current { "  (opened this session)" } else { "" }
+                    );
+                }
+            }
+        }
+        KeyCommand::Add(a) => {
+            let repo = open_repo(&a.repo)?;
+            let (pw, kdf) = new_slot_password(&a)?;
+            let name = repo.add_key(&pw, kdf)?;
+            println!("added key slot {}", &name[..16]);
+        }
+        KeyCommand::Remove(a) => {
+            let repo = open_repo(&a.repo)?;
+            let name = repo.remove_key(&a.slot)?;
+            println!("removed key slot {}", &name[..16]);
+        }
+        KeyCommand::Passwd(a) => {
+            let repo = open_repo(&a.repo)?;
+            let (pw, kdf) = new_slot_password(&a)?;
+            let old = repo.current_slot().to_string();
+            let name = repo.add_key(&pw, kdf)?;
+            repo.remove_key(&old)?;
+            println!("passphrase changed: key slot {} replaces {}", &name[..16], &old[..16]);
         }
     }
     Ok(exit::OK)

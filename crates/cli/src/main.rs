@@ -49,7 +49,8 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             let usage = err.downcast_ref::<Usage>().is_some()
-                || err.downcast_ref::<blockproof_core::CoreError>().is_some_and(|e| e.is_usage());
+                || err.downcast_ref::<blockproof_core::CoreError>().is_some_and(|e| e.is_usage())
+                || err.downcast_ref::<blockproof_repo::RepoError>().is_some_and(|e| e.is_usage());
             let msg = one_line(&err);
             eprintln!("blockproof: error: {msg}");
             ExitCode::from(if usage { exit::USAGE } else { exit::ERROR })

@@ -233,3 +233,36 @@ fn locks_name_their_holder_and_stale_ones_go() {
     assert!(out.contains("removed 1 stale lock"), "{out}");
     assert!(harness::files(&dir.repo().join("locks")).is_empty());
 }
+
+/// Key slots: add a second passphrase, open with it, change one, never remove the last.
+#[test]
+fn key_slots_add_passwd_remove() {
+    let dir = Dir::new();
+    dir.init();
+    let fast = ["--kdf-memory", "8", "--kdf-iterations", "1"];
+    let key = |sub: &str| {
+        let mut c = dir.cmd("key");
+        c.arg(sub).arg("--repo").arg(dir.repo());
+        c
+    };
+    key("add").args(fast).env("BLOCKPROOF_NEW_PASSWORD", "second").ok();
+    let list = key("list").args(["--json"]).json();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let mut with_second = dir.repo_cmd("snapshots");
+    with_second.env("BLOCKPROOF_PASSWORD", "second");
+    with_second.ok();
+    // Change the second passphrase; the old one no longer opens, the new one does.
+    key("passwd").args(fast).env("BLOCKPROOF_PASSWORD", "second").env("BLOCKPROOF_NEW_PASSWORD", "third").ok();
+    dir.repo_cmd("snapshots").env("BLOCKPROOF_PASSWORD", "second").fails_with_one_line(1);
+    dir.repo_cmd("snapshots").env("BLOCKPROOF_PASSWORD", "third").ok();
+    // Remove the original slot (opened with the new passphrase), then the last one is kept.
+    let list = key("list").args(["--json"]).env("BLOCKPROOF_PASSWORD", "third").json();
+    let original =
+        list.as_array().unwrap().iter().find(|s| s["current"] == false).unwrap()["name"].as_str().unwrap().to_string();
+    key("remove").args([&original[..10]]).env("BLOCKPROOF_PASSWORD", "third").ok();
+    dir.repo_cmd("snapshots").fails_with_one_line(1);
+    let last = key("list").args(["--json"]).env("BLOCKPROOF_PASSWORD", "third").json();
+    let only = last[0]["name"].as_str().unwrap().to_string();
+    let line = key("remove").args([&only[..10]]).env("BLOCKPROOF_PASSWORD", "third").fails_with_one_line(2);
+    assert!(line.contains("only key slot"), "{line}");
+}

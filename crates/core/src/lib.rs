@@ -83,12 +83,8 @@ impl CoreError {
     /// Whether the error is the caller's (exit code 2 in the CLI: a bad request, an
     /// unknown snapshot or disk) rather than the repository's or the system's.
     pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            CoreError::Invalid(_)
-                | CoreError::Source(SourceError::Invalid(_))
-                | CoreError::Repo(RepoError::NotFound(_) | RepoError::Invalid(_))
-        )
+        matches!(self, CoreError::Invalid(_) | CoreError::Source(SourceError::Invalid(_)))
+            || matches!(self, CoreError::Repo(e) if e.is_usage())
     }
 }
 

@@ -28,6 +28,7 @@
 
 pub mod blob;
 pub mod index;
+pub mod keys;
 pub mod lock;
 pub mod pack_writer;
 pub mod repository;
@@ -67,6 +68,12 @@ pub enum RepoError {
 }
 
 impl RepoError {
+    /// Whether the caller asked for something wrong (an unknown or ambiguous name, an
+    /// invalid request) rather than the repository or the system failing.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, RepoError::NotFound(_) | RepoError::Invalid(_))
+    }
+
     pub fn corrupt(what: impl Into<String>, detail: impl std::fmt::Display) -> Self {
         RepoError::Corrupt { what: what.into(), detail: detail.to_string() }
     }

@@ -46,6 +46,10 @@ pub struct Repository {
     keys: Keys,
     header: RepoHeader,
     config: RepoConfig,
+    /// The master secret, kept to wrap it in new key slots.
+    pub(crate) secret: MasterSecret,
+    /// The key slot that opened this session.
+    pub(crate) slot: String,
 }
 
 fn kdf_err(e: CryptoError) -> RepoError {
@@ -73,14 +77,15 @@ impl Repository {
         let secret = MasterSecret::random();
         let slot = create_slot(&secret, password, opts.kdf).map_err(kdf_err)?;
         let slot_bytes = slot.encode();
-        backend.write(Kind::Key, &blake3::hash(&slot_bytes).to_hex(), &slot_bytes)?;
+        let slot_name = blake3::hash(&slot_bytes).to_hex().to_string();
+        backend.write(Kind::Key, &slot_name, &slot_bytes)?;
         let keys = Keys::from_secret(&secret);
         let mut repo_id = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut repo_id);
         let header = RepoHeader { repo_id: Id(repo_id) };
         let sealed = keys.seal(&header.ad(), &serde_json_vec(&config));
         backend.write(Kind::Config, "config", &header.encode(&sealed))?;
-        Ok(Repository { backend: backend.into(), keys, header, config })
+        Ok(Repository { backend: backend.into(), keys, header, config, secret, slot: slot_name })
     }
 
     /// Opens a repository with a password, trying every key slot.
@@ -112,7 +117,7 @@ impl Repository {
                     let config: RepoConfig = serde_json::from_slice(&plain)
                         .map_err(|e| RepoError::corrupt("repository config", format!("settings: {e}")))?;
                     config.validate().map_err(|e| RepoError::corrupt("repository config", e))?;
-                    return Ok(Repository { backend: backend.into(), keys, header, config });
+                    return Ok(Repository { backend: backend.into(), keys, header, config, secret, slot: name });
                 }
                 Err(CryptoError::WrongPassword) => {}
                 Err(e) => last_err = kdf_err(e),
