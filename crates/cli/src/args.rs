@@ -40,6 +40,9 @@ pub enum Command {
     /// Per vm, the latest snapshot and how much of each disk has been confirmed against
     /// its source.
     Status(StatusArgs),
+    /// Stored against protected bytes, deduplication, growth of the last runs, per vm and
+    /// disk.
+    Stats(StatusArgs),
     /// Remove snapshots, by id or by a retention policy per vm (data is freed by gc).
     Forget(ForgetArgs),
     /// Garbage collection: delete packs no snapshot needs, repack sparse ones. Safe while
@@ -52,6 +55,9 @@ pub enum Command {
     Unprotect(SnapshotRefArgs),
     /// Remove stale locks (of processes that are gone), or with --all every lock.
     Unlock(UnlockArgs),
+    /// Copy snapshots to a second repository (another site; other keys allowed). Only what
+    /// the target lacks is transferred.
+    Copy(CopyArgs),
     /// Manage key slots: the passphrases that open the repository.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -181,6 +187,24 @@ pub struct SnapshotRefArgs {
     pub repo: RepoArgs,
     /// Snapshot id, unique id prefix, or VM:latest.
     pub snapshot: String,
+}
+
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The target repository (a directory). Its password comes from
+    /// BLOCKPROOF_TO_PASSWORD, --to-password-file, or a prompt.
+    #[arg(long, value_name = "REPO2")]
+    pub to: PathBuf,
+    /// Read the target's password from the first line of this file.
+    #[arg(long, value_name = "FILE")]
+    pub to_password_file: Option<PathBuf>,
+    /// Snapshots to copy (ids, prefixes, VM:latest); default: all.
+    pub snapshots: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -45,6 +45,57 @@ pub fn status(a: StatusArgs) -> Result<u8> {
     Ok(exit::OK)
 }
 
+pub fn stats(a: StatusArgs) -> Result<u8> {
+    let repo = open_repo(&a.repo)?;
+    let s = blockproof_core::stats(&repo, a.vm.as_deref())?;
+    if a.json {
+        print_json(&s)?;
+        return Ok(exit::OK);
+    }
+    println!(
+        "{} snapshots protect {} (logical); {} of distinct data; stored in {} ({} packs, {} blobs)",
+        s.snapshots,
+        human_bytes(s.logical_bytes),
+        human_bytes(s.unique_bytes),
+        human_bytes(s.stored_bytes),
+        s.packs,
+        s.blobs
+    );
+    println!(
+        "deduplication and compression: {:.1}x (logical / stored); compression alone {:.2}x",
+        s.dedup_ratio, s.compression_ratio
+    );
+    for v in &s.vms {
+        println!(
+            "vm {}: {} snapshots, {} logical, {} distinct",
+            v.vm,
+            v.snapshots,
+            human_bytes(v.logical_bytes),
+            human_bytes(v.unique_bytes)
+        );
+        for d in &v.disks {
+            println!(
+                "  disk {} ({}): {} distinct in {} chunks",
+                d.id,
+                human_bytes(d.size),
+                human_bytes(d.unique_bytes),
+                d.unique_chunks
+            );
+        }
+        for g in &v.growth {
+            println!(
+                "  {} {}: read {}, added {} ({} stored)",
+                g.snapshot.short(),
+                g.time.get(..19).unwrap_or(&g.time),
+                human_bytes(g.bytes_read),
+                human_bytes(g.new_bytes),
+                human_bytes(g.stored_bytes)
+            );
+        }
+    }
+    Ok(exit::OK)
+}
+
 pub fn verify(a: VerifyArgs) -> Result<u8> {
     let budget = match &a.verify {
         Some(v) => Budget::parse(v).map_err(Usage)?,

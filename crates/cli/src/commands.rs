@@ -26,6 +26,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Unprotect(a) => crate::lifecycle::protect(a, false),
         Command::Unlock(a) => crate::lifecycle::unlock(a),
         Command::Key(k) => crate::lifecycle::key(k),
+        Command::Copy(a) => crate::lifecycle::copy(a),
+        Command::Stats(a) => crate::audit::stats(a),
         Command::Verify(a) => crate::audit::verify(a),
         Command::Check(a) => check(a),
         Command::Demo(a) => crate::demo::run(a),

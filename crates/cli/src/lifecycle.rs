@@ -4,7 +4,7 @@ use anyhow::Result;
 use blockproof_core::{ForgetOptions, GcOptions, GcReport, KeepPolicy};
 use blockproof_store::Kind;
 
-use crate::args::{ForgetArgs, GcArgs, KeyAddArgs, KeyCommand, SnapshotRefArgs, UnlockArgs};
+use crate::args::{CopyArgs, ForgetArgs, GcArgs, KeyAddArgs, KeyCommand, SnapshotRefArgs, UnlockArgs};
 use crate::commands::{human_bytes, open_repo, print_json};
 use crate::{exit, progress, Usage};
 
@@ -183,6 +183,39 @@ pub fn key(k: KeyCommand) -> Result<u8> {
             repo.remove_key(&old)?;
             println!("passphrase changed: key slot {} replaces {}", &name[..16], &old[..16]);
         }
+    }
+    Ok(exit::OK)
+}
+
+pub fn copy(a: CopyArgs) -> Result<u8> {
+    let src = open_repo(&a.repo)?;
+    let pw = crate::password::secret(
+        "BLOCKPROOF_TO_PASSWORD",
+        "--to-password-file",
+        a.to_password_file.as_deref(),
+        "target repository password",
+        false,
+    )?;
+    let backend =
+        blockproof_store::LocalBackend::open(&a.to).map_err(|e| anyhow::anyhow!("{}: {e}", a.to.display()))?;
+    let dst = blockproof_repo::Repository::open(Box::new(backend), &pw)?;
+    let progress = progress::for_stderr();
+    let r =
+        blockproof_core::copy(&src, &dst, &blockproof_core::CopyOptions { snapshots: a.snapshots }, progress.as_ref())?;
+    if a.json {
+        print_json(&r)?;
+    } else {
+        for c in &r.copied {
+            println!("copied snapshot {} of vm {} as {}", c.source.short(), c.vm, c.target.short());
+        }
+        println!(
+            "{} copied, {} already there; {} chunks read, {} new in the target, {} written",
+            r.copied.len(),
+            r.skipped.len(),
+            r.chunks_read,
+            r.chunks_new,
+            human_bytes(r.bytes_written)
+        );
     }
     Ok(exit::OK)
 }

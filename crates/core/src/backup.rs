@@ -545,6 +545,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
         status,
         disks: outcomes.iter().map(|o| o.entry.clone()).collect(),
         program: format!("blockproof {}", env!("CARGO_PKG_VERSION")),
+        copied_from: None,
     };
     // Every pack and index file is durable (the writer finished): commit.
     let id = repo.save_snapshot(&snapshot)?;

@@ -269,6 +269,7 @@ mod tests {
                 status: blockproof_format::SnapshotStatus::Ok,
                 disks: vec![],
                 program: "t".into(),
+                copied_from: None,
             },
         }
     }

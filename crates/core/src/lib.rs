@@ -25,11 +25,13 @@ pub mod backup;
 pub mod budget;
 pub mod check;
 mod confirm;
+pub mod copy;
 pub mod forget;
 pub mod gc;
 mod pipeline;
 mod plan;
 pub mod restore;
+pub mod stats;
 pub mod status;
 pub mod verify;
 
@@ -40,9 +42,11 @@ pub use backup::{
 pub use blockproof_format::manifest::Coverage;
 pub use budget::Budget;
 pub use check::{check, CheckOptions, CheckReport};
+pub use copy::{copy, CopyOptions, CopyReport};
 pub use forget::{forget, protected, set_protected, ForgetOptions, ForgetReport, KeepPolicy};
 pub use gc::{gc, GcOptions, GcReport};
 pub use restore::{restore, RestoreOptions, RestoreReport};
+pub use stats::{stats, RepoStats};
 pub use status::{status, DiskStatus, VmStatus};
 
 use std::path::PathBuf;

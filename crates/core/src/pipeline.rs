@@ -41,6 +41,11 @@ impl<'a> Dedup<'a> {
         Dedup { index, new: Mutex::new(HashSet::new()) }
     }
 
+    /// Whether the blob is stored or being stored.
+    pub(crate) fn contains(&self, id: &Id) -> bool {
+        self.index.contains(id) || self.new.lock().expect("dedup lock").contains(id)
+    }
+
     /// True if the blob must be stored now (first sighting).
     fn claim(&self, id: Id) -> bool {
         !self.index.contains(&id) && self.new.lock().expect("dedup lock").insert(id)

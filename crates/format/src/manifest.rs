@@ -137,6 +137,10 @@ pub struct Snapshot {
     pub disks: Vec<DiskEntry>,
     /// The blockproof version that wrote it.
     pub program: String,
+    /// For a snapshot made by `copy`: the id of the snapshot it was copied from, in the
+    /// source repository (a later copy skips it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copied_from: Option<Id>,
 }
 
 impl Snapshot {
@@ -198,6 +202,7 @@ mod tests {
                 next_full: None,
             }],
             program: "blockproof 0.1.0".into(),
+            copied_from: None,
         };
         let j: serde_json::Value = serde_json::from_slice(&s.to_json()).unwrap();
         assert_eq!(j["status"], "ok");

@@ -380,6 +380,7 @@ mod tests {
                 next_full: None,
             }],
             program: "test".into(),
+            copied_from: None,
         };
         let id = repo.save_snapshot(&snap).unwrap();
         assert_eq!(repo.load_snapshot(&id.to_hex()).unwrap().snapshot, snap);
