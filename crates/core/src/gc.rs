@@ -81,7 +81,12 @@ pub struct GcReport {
     /// Packs planned but not yet removed: backups that were running may still use them.
     pub packs_deferred: u64,
     pub bytes_deferred: u64,
+    /// Temporary files of interrupted writes removed (older than [`TEMP_AGE`]).
+    pub temporary_files_removed: u64,
 }
+
+/// Temporary files older than this belong to writers that died.
+pub const TEMP_AGE: Duration = Duration::from_secs(3600);
 
 /// A deletion plan (`state/gc-plan-<random>`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -175,6 +180,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
 
     // Carry out earlier plans that have become safe.
     if !opts.dry_run {
+        report.temporary_files_removed = repo.backend().clean_temporary(TEMP_AGE)?;
         for (name, plan) in plans(repo)? {
             sweep(repo, &name, &plan, &mut report)?;
         }

@@ -105,4 +105,10 @@ pub trait Backend: Send + Sync {
     fn list(&self, kind: Kind) -> Result<Vec<String>, StoreError>;
     /// Removes a file; removing a missing file is not an error.
     fn remove(&self, kind: Kind, name: &str) -> Result<(), StoreError>;
+    /// Removes temporary files of writes that were interrupted (their writer died) and
+    /// are older than `age`; returns how many. Backends without temporary files do nothing.
+    fn clean_temporary(&self, age: std::time::Duration) -> Result<u64, StoreError> {
+        let _ = age;
+        Ok(0)
+    }
 }

@@ -236,6 +236,18 @@ impl Backend for LocalBackend {
             Err(e) => Err(io_err(&path, e)),
         }
     }
+
+    fn clean_temporary(&self, age: std::time::Duration) -> Result<u64, StoreError> {
+        let dir = self.root.join("tmp");
+        let mut removed = 0;
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let old = entry.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+            if old.is_some_and(|e| e > age) && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
 }
 
 #[cfg(test)]
@@ -290,5 +302,20 @@ mod tests {
         assert!(b.write(Kind::Snapshot, "a", b"x").is_err());
         assert!(LocalBackend::create(dir.path().join("r")).is_err());
         assert!(LocalBackend::open(dir.path()).is_err());
+    }
+
+    #[test]
+    fn old_temporary_files_are_cleaned_new_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let b = LocalBackend::create(d.path().join("r")).unwrap();
+        let tmp = d.path().join("r").join("tmp");
+        let old = tmp.join("pack-0000000000000001");
+        let new = tmp.join("pack-0000000000000002");
+        std::fs::write(&old, b"x").unwrap();
+        std::fs::write(&new, b"y").unwrap();
+        let f = std::fs::File::options().write(true).open(&old).unwrap();
+        f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200)).unwrap();
+        assert_eq!(b.clean_temporary(std::time::Duration::from_secs(3600)).unwrap(), 1);
+        assert!(!old.exists() && new.exists());
     }
 }
