@@ -3,6 +3,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::{BlockSource, SourceError};
@@ -37,6 +38,41 @@ impl BlockSource for RawFile {
 
     fn describe(&self) -> String {
         self.path.display().to_string()
+    }
+
+    /// The holes of a sparse regular file (`SEEK_DATA`/`SEEK_HOLE`): they read as zeros,
+    /// so they need not be read at all. Block devices report none.
+    fn zero_ranges(&mut self) -> Result<Vec<(u64, u64)>, SourceError> {
+        if !self.file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+            return Ok(Vec::new());
+        }
+        let fd = self.file.as_raw_fd();
+        let mut holes = Vec::new();
+        let mut at = 0u64;
+        while at < self.size {
+            // SAFETY: lseek on a file descriptor we own; it only moves the file offset,
+            // which this type never uses (all reads are positional).
+            let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::ENXIO) {
+                    holes.push((at, self.size - at)); // no data after `at`
+                    break;
+                }
+                return Ok(Vec::new()); // the filesystem cannot tell: read everything
+            }
+            let data = (data as u64).min(self.size);
+            if data > at {
+                holes.push((at, data - at));
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Ok(Vec::new());
+            }
+            at = (hole as u64).min(self.size).max(data + 1);
+        }
+        Ok(holes)
     }
 
     fn read_ranges(
@@ -88,6 +124,22 @@ mod tests {
         f.as_file().set_len(10).unwrap();
         let mut buf = [0u8; 50];
         assert!(matches!(src.read_at(&mut buf, 20), Err(SourceError::Read { .. })));
+    }
+
+    #[test]
+    fn holes_of_sparse_files_are_zero_ranges() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let mib = 1u64 << 20;
+        f.as_file().set_len(8 * mib).unwrap();
+        f.as_file().write_all_at(&[1u8; 4096], 2 * mib).unwrap();
+        f.as_file().write_all_at(&[2u8; 4096], 6 * mib).unwrap();
+        let mut src = RawFile::open(f.path()).unwrap();
+        let holes = src.zero_ranges().unwrap();
+        // Exact boundaries depend on the filesystem's block size; the data must not be in
+        // a hole, and most of the file must be.
+        let in_hole = |o: u64| holes.iter().any(|&(s, l)| o >= s && o < s + l);
+        assert!(!in_hole(2 * mib) && !in_hole(6 * mib) && !in_hole(6 * mib + 4095));
+        assert!(in_hole(0) && in_hole(4 * mib) && in_hole(8 * mib - 1), "{holes:?}");
     }
 
     #[test]
