@@ -64,6 +64,7 @@ repo_bytes() { du -sb "$1" | cut -f1; }
 measure() {
   local image=$1 step=$2 tool=$3 repo=$4 read=$5; shift 6
   cat "$work/$image.img" > /dev/null 2>&1 || true
+  sync # the previous step's writeback must not be billed to this one
   local before=0
   [ -e "$repo" ] && before=$(repo_bytes "$repo")
   /usr/bin/time -f "%e %U %S %M" -o "$work/time" "$@" > "$work/out" 2> "$work/err" || {

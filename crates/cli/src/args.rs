@@ -85,7 +85,7 @@ pub struct InitArgs {
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     pub kdf_memory: u32,
     /// Argon2id passes over memory.
-    #[arg(long, default_value_t = 3, value_name = "N")]
+    #[arg(long, default_value_t = 1, value_name = "N")]
     pub kdf_iterations: u32,
     /// Print the result as JSON.
     #[arg(long)]
@@ -241,7 +241,7 @@ pub struct KeyAddArgs {
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     pub kdf_memory: u32,
     /// Argon2id passes for the new slot.
-    #[arg(long, default_value_t = 3, value_name = "N")]
+    #[arg(long, default_value_t = 1, value_name = "N")]
     pub kdf_iterations: u32,
 }
 

@@ -4,6 +4,8 @@ use blockproof_format::pack::{encode_entries, PACK_HEADER_LEN};
 use blockproof_format::{BlobEntry, Envelope, Id, IndexFile, ObjectMagic};
 use blockproof_store::Kind;
 
+use blockproof_store::StoreError;
+
 use crate::{RepoError, Repository, SealedBlob};
 
 /// Write an index file at least every this many packs, so memory stays bounded and an
@@ -24,9 +26,10 @@ pub struct PackWriterStats {
 }
 
 /// Appends sealed blobs to a pack until it reaches the repository's pack size, then
-/// writes it durably; every [`PACKS_PER_INDEX_FILE`] packs and at [`PackWriter::finish`]
-/// writes an index file for the packs written so far. Packs are durable before the index
-/// file that lists them is written.
+/// hands it to a background thread that writes it durably while the next pack fills;
+/// every [`PACKS_PER_INDEX_FILE`] packs and at [`PackWriter::finish`] writes an index file
+/// for the packs written so far. Packs are durable before the index file that lists them
+/// is written.
 pub struct PackWriter<'a> {
     repo: &'a Repository,
     buf: Vec<u8>,
@@ -34,6 +37,75 @@ pub struct PackWriter<'a> {
     pending_index: WrittenPacks,
     written: WrittenPacks,
     stats: PackWriterStats,
+    uploads: Uploads,
+}
+
+/// Packs being written by a background thread while the next one fills: the writer
+/// never waits for a pack's `fsync` (or upload) unless [`UPLOADS_IN_FLIGHT`] are pending
+/// or an index file is about to name them.
+struct Uploads {
+    tx: Option<crossbeam_channel::Sender<(Id, Vec<u8>)>>,
+    done: crossbeam_channel::Receiver<(Result<(), StoreError>, Vec<u8>)>,
+    in_flight: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Packs written in the background at most (each holds a pack-sized buffer).
+const UPLOADS_IN_FLIGHT: usize = 2;
+
+impl Uploads {
+    fn new(backend: std::sync::Arc<dyn blockproof_store::Backend>) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded::<(Id, Vec<u8>)>(UPLOADS_IN_FLIGHT);
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        let thread = std::thread::spawn(move || {
+            for (id, file) in rx.iter() {
+                let r = backend.write(Kind::Pack, &id.to_hex(), &file);
+                if done_tx.send((r, file)).is_err() {
+                    return;
+                }
+            }
+        });
+        Uploads { tx: Some(tx), done, in_flight: 0, thread: Some(thread) }
+    }
+
+    /// Hands a finished pack over; returns a spare buffer when one came back.
+    fn send(&mut self, id: Id, file: Vec<u8>) -> Result<Option<Vec<u8>>, RepoError> {
+        let mut spare = None;
+        if self.in_flight >= UPLOADS_IN_FLIGHT {
+            spare = Some(self.wait_one()?);
+        }
+        self.tx
+            .as_ref()
+            .expect("open")
+            .send((id, file))
+            .map_err(|_| RepoError::Invalid("pack upload thread gone".into()))?;
+        self.in_flight += 1;
+        Ok(spare)
+    }
+
+    fn wait_one(&mut self) -> Result<Vec<u8>, RepoError> {
+        let (r, buf) = self.done.recv().map_err(|_| RepoError::Invalid("pack upload thread gone".into()))?;
+        self.in_flight -= 1;
+        r?;
+        Ok(buf)
+    }
+
+    /// Waits until every pack handed over is durable.
+    fn drain(&mut self) -> Result<(), RepoError> {
+        while self.in_flight > 0 {
+            self.wait_one()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Uploads {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl<'a> PackWriter<'a> {
@@ -45,6 +117,7 @@ impl<'a> PackWriter<'a> {
             pending_index: Vec::new(),
             written: Vec::new(),
             stats: PackWriterStats::default(),
+            uploads: Uploads::new(repo.backend_arc()),
         }
     }
 
@@ -83,10 +156,13 @@ impl<'a> PackWriter<'a> {
         file.extend_from_slice(&header_len.to_le_bytes());
         debug_assert!(file.len() > PACK_HEADER_LEN);
         let id = Id(*blake3::hash(file).as_bytes());
-        self.repo.backend().write(Kind::Pack, &id.to_hex(), file)?;
         self.stats.packs += 1;
         self.stats.pack_bytes += file.len() as u64;
-        file.clear();
+        let full = std::mem::take(file);
+        if let Some(mut spare) = self.uploads.send(id, full)? {
+            spare.clear();
+            self.buf = spare;
+        }
         self.pending_index.push((id, std::mem::take(&mut self.entries)));
         if self.pending_index.len() >= PACKS_PER_INDEX_FILE {
             self.flush_index()?;
@@ -98,6 +174,8 @@ impl<'a> PackWriter<'a> {
         if self.pending_index.is_empty() {
             return Ok(());
         }
+        // Every pack the index names must be durable first.
+        self.uploads.drain()?;
         let index = IndexFile { packs: std::mem::take(&mut self.pending_index) };
         self.repo.write_index_file(&index)?;
         self.stats.index_files += 1;

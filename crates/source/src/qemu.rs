@@ -60,10 +60,10 @@ impl QemuNbd {
         }
         cmd.arg("--").arg(image).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it makes
-        // the kernel send SIGTERM to qemu-nbd when the thread that spawned it dies.
+        // the kernel kill qemu-nbd (read-only, nothing to flush) when the thread that spawned it dies.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
