@@ -6,14 +6,18 @@
 //! disk's fixed index reads back, and every chunk it names is in the index.
 //! Data (`read_data`): each selected pack is read whole; its name must be its hash, its
 //! header must authenticate and agree with the index, and every blob must authenticate,
-//! decompress and re-hash to its id. With a budget, packs are chosen at random until the
-//! budget is spent.
+//! decompress and re-hash to its id. With a budget, packs are chosen least recently
+//! verified first (never verified first, ties at random) until the budget is spent; the
+//! rotation is kept in `state/check` (per pack, the data-check run that last verified
+//! it), so a nightly `--read-data=3%` reads the whole repository every 34 nights. The
+//! state is advisory: lost or unreadable, the rotation starts over with a warning; two
+//! checks at once simply both save theirs (the last one wins — harmless).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 use blockproof_format::tree::chunk_count;
-use blockproof_format::Id;
+use blockproof_format::{Id, ObjectMagic};
 use blockproof_repo::blob::open_blob;
 use blockproof_repo::pack_writer::read_pack_header;
 use blockproof_repo::repository::check_name;
@@ -38,6 +42,45 @@ pub struct ReadDataReport {
     pub packs_total: u64,
     pub blobs_checked: u64,
     pub bytes_read: u64,
+    /// This data check's number (every `check --read-data` counts one).
+    pub run: u64,
+    /// Packs never verified, after this run.
+    pub packs_never_checked: u64,
+    /// Runs since the least recently verified pack was verified.
+    pub oldest_checked_runs_ago: u64,
+    /// With this budget, every pack is verified within this many runs (0: never).
+    pub full_coverage_within_runs: u64,
+}
+
+/// The rotation of data checks (`state/check`): per pack, the run that last verified it.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+struct CheckState {
+    run: u64,
+    packs: BTreeMap<String, u64>,
+}
+
+const CHECK_STATE: &str = "check";
+
+impl CheckState {
+    /// The saved state; a missing one is new, an unreadable one is new with a warning.
+    fn load(repo: &Repository, warnings: &mut Vec<String>) -> CheckState {
+        match repo.read_doc(Kind::State, ObjectMagic::State, CHECK_STATE) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                warnings.push(format!("the data-check rotation state is unreadable ({e}); starting over"));
+                CheckState::default()
+            }),
+            Err(blockproof_repo::RepoError::Store(e)) if e.is_not_found() => CheckState::default(),
+            Err(e) => {
+                warnings.push(format!("the data-check rotation state is unreadable ({e}); starting over"));
+                CheckState::default()
+            }
+        }
+    }
+
+    fn save(&self, repo: &Repository) -> Result<(), CoreError> {
+        let bytes = serde_json::to_vec(self).expect("the state serializes");
+        Ok(repo.write_doc(Kind::State, ObjectMagic::State, CHECK_STATE, &bytes)?)
+    }
 }
 
 /// The result of a check. `ok` is false when `errors` is not empty.
@@ -122,6 +165,11 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
             if let Err(e) = check_tree(&reader, disk, &mut referenced) {
                 report.errors.push(format!("{place}: {e}"));
             }
+            // The confirmation state is advisory: damage there is a warning.
+            let n = chunk_count(disk.size, disk.chunk_size);
+            if let (_, Some(w)) = crate::confirm::ConfirmState::load(&reader, disk, n) {
+                report.warnings.push(format!("{place}: {w}"));
+            }
         }
     }
     progress.end();
@@ -133,7 +181,12 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     report.referenced_chunks = referenced.len() as u64;
 
     if let Some(budget) = &opts.read_data {
-        report.read_data = Some(read_data(repo, &index, &stored, budget, &mut report.errors, progress));
+        let mut state = CheckState::load(repo, &mut report.warnings);
+        let r = read_data(repo, &index, &stored, budget, &mut state, &mut report.errors, progress);
+        if !budget.nothing {
+            state.save(repo)?;
+        }
+        report.read_data = Some(r);
     }
     report.ok = report.errors.is_empty();
     Ok(report)
@@ -157,23 +210,28 @@ fn check_tree(
     Ok(())
 }
 
+/// Reads and verifies packs within the budget, least recently verified first (never
+/// verified first, ties in random order), and records in `state` the packs that passed.
 fn read_data(
     repo: &Repository,
     index: &BlobIndex,
     stored: &HashMap<String, u64>,
     budget: &Budget,
+    state: &mut CheckState,
     errors: &mut Vec<String>,
     progress: &dyn Progress,
 ) -> ReadDataReport {
     let started = Instant::now();
+    state.run += 1;
+    let run = state.run;
+    // Packs that no longer exist leave the rotation; new ones join it as never checked.
+    state.packs.retain(|name, _| stored.contains_key(name));
     let mut packs: Vec<(&String, u64)> = stored.iter().map(|(n, s)| (n, *s)).collect();
-    packs.sort();
-    if !budget.is_unlimited() {
-        packs.shuffle(&mut rand::thread_rng());
-    }
+    packs.shuffle(&mut rand::thread_rng());
+    packs.sort_by_key(|(n, _)| state.packs.get(*n).copied().unwrap_or(0));
     let total: u64 = packs.iter().map(|p| p.1).sum();
     let byte_limit = budget.byte_limit(total);
-    let mut r = ReadDataReport { packs_total: packs.len() as u64, ..Default::default() };
+    let mut r = ReadDataReport { packs_total: packs.len() as u64, run, ..Default::default() };
     let by_pack: HashMap<Id, Vec<&blockproof_format::BlobEntry>> =
         index.iter().fold(HashMap::new(), |mut m, (_, p, e)| {
             m.entry(p).or_default().push(e);
@@ -189,6 +247,7 @@ fn read_data(
         }
         progress.advance(size);
         r.packs_checked += 1;
+        let errors_before = errors.len();
         let file = match repo.backend().read(Kind::Pack, name) {
             Ok(f) => f,
             Err(e) => {
@@ -222,7 +281,21 @@ fn read_data(
                 }
             }
         }
+        // Only a pack that passed counts as verified: a damaged one stays first in line.
+        if errors.len() == errors_before {
+            state.packs.insert(name.clone(), run);
+        }
     }
     progress.end();
+    let n = stored.len() as u64;
+    r.packs_never_checked = stored.keys().filter(|k| !state.packs.contains_key(*k)).count() as u64;
+    let oldest = if r.packs_never_checked > 0 { 0 } else { state.packs.values().copied().min().unwrap_or(run) };
+    r.oldest_checked_runs_ago = run - oldest.min(run);
+    r.full_coverage_within_runs = match r.packs_checked {
+        _ if budget.nothing => 0,
+        0 if n == 0 => 1,
+        0 => 0,
+        k => n.div_ceil(k),
+    };
     r
 }
