@@ -131,6 +131,7 @@ impl ChunkPlan {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // one-run candidate lists are the point
 mod tests {
     use super::Action::*;
     use super::*;

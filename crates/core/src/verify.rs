@@ -225,6 +225,7 @@ pub(crate) fn merge_ranges(ranges: Vec<ByteRange>) -> Vec<ByteRange> {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // one-run candidate lists are the point
 mod tests {
     use super::*;
     use rand::SeedableRng;
