@@ -34,15 +34,15 @@ pub enum Command {
     /// Back up the disks of a vm into one new snapshot.
     Backup(BackupArgs),
     /// List snapshots, oldest first.
-    Snapshots(SnapshotsArgs),
+    Snapshots(VmArgs),
     /// Restore one disk of a snapshot to a file or block device.
     Restore(RestoreArgs),
     /// Per vm, the latest snapshot and how much of each disk has been confirmed against
     /// its source.
-    Status(StatusArgs),
+    Status(VmArgs),
     /// Stored against protected bytes, deduplication, growth of the last runs, per vm and
     /// disk.
-    Stats(StatusArgs),
+    Stats(VmArgs),
     /// Remove snapshots, by id or by a retention policy per vm (data is freed by gc).
     Forget(ForgetArgs),
     /// Garbage collection: delete packs no snapshot needs, repack sparse ones. Safe while
@@ -263,18 +263,6 @@ pub struct UnlockArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct StatusArgs {
-    #[command(flatten)]
-    pub repo: RepoArgs,
-    /// Only this vm.
-    #[arg(long)]
-    pub vm: Option<String>,
-    /// Print a JSON array.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug)]
 pub struct VerifyArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
@@ -292,11 +280,12 @@ pub struct VerifyArgs {
     pub json: bool,
 }
 
+/// A repository and, optionally, one vm (snapshots, status, stats).
 #[derive(Args, Debug)]
-pub struct SnapshotsArgs {
+pub struct VmArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// Only snapshots of this vm.
+    /// Only this vm.
     #[arg(long)]
     pub vm: Option<String>,
     /// Print a JSON array.

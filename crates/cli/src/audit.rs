@@ -3,12 +3,12 @@
 use anyhow::Result;
 use blockproof_core::{Budget, VerifyOptions};
 
-use crate::args::{StatusArgs, VerifyArgs};
+use crate::args::{VerifyArgs, VmArgs};
 use crate::commands::{human_bytes, open_repo, print_json};
 use crate::disk_spec::DiskSpec;
 use crate::{exit, progress, Usage};
 
-pub fn status(a: StatusArgs) -> Result<u8> {
+pub fn status(a: VmArgs) -> Result<u8> {
     let repo = open_repo(&a.repo)?;
     let vms = blockproof_core::status(&repo, a.vm.as_deref())?;
     if a.json {
@@ -45,7 +45,7 @@ pub fn status(a: StatusArgs) -> Result<u8> {
     Ok(exit::OK)
 }
 
-pub fn stats(a: StatusArgs) -> Result<u8> {
+pub fn stats(a: VmArgs) -> Result<u8> {
     let repo = open_repo(&a.repo)?;
     let s = blockproof_core::stats(&repo, a.vm.as_deref())?;
     if a.json {

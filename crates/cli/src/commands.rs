@@ -9,7 +9,7 @@ use blockproof_repo::{InitOptions, Repository};
 use blockproof_store::LocalBackend;
 use serde::Serialize;
 
-use crate::args::{BackupArgs, CheckArgs, Cli, Command, InitArgs, RepoArgs, RestoreArgs, SnapshotsArgs};
+use crate::args::{BackupArgs, CheckArgs, Cli, Command, InitArgs, RepoArgs, RestoreArgs, VmArgs};
 use crate::disk_spec::DiskSpec;
 use crate::{exit, password, progress, Usage};
 
@@ -217,7 +217,7 @@ struct SnapshotDisk<'a> {
     parent: Option<String>,
 }
 
-fn snapshots(a: SnapshotsArgs) -> Result<u8> {
+fn snapshots(a: VmArgs) -> Result<u8> {
     let repo = open_repo(&a.repo)?;
     let all = repo.snapshots()?;
     let rows: Vec<SnapshotRow> = all
