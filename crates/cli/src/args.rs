@@ -37,6 +37,9 @@ pub enum Command {
     Snapshots(VmArgs),
     /// Restore one disk of a snapshot to a file or block device.
     Restore(RestoreArgs),
+    /// Serve a snapshot's disks as read-only NBD exports (named by disk id), for
+    /// qemu-img, qemu-nbd clients, nbdcopy, or a VM booting from a qcow2 overlay.
+    ServeNbd(ServeArgs),
     /// Per vm, the latest snapshot and how much of each disk has been confirmed against
     /// its source.
     Status(VmArgs),
@@ -278,6 +281,26 @@ pub struct VerifyArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Snapshot id, unique id prefix, or VM:latest.
+    pub snapshot: String,
+    /// Export only this disk (default: every disk of the snapshot).
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Listen on this unix socket (clients: nbd+unix:///DISK?socket=PATH).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Listen on this TCP address, e.g. 127.0.0.1:10809 (clients: nbd://HOST:PORT/DISK).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// Memory for cached chunks, in MiB (default 64).
+    #[arg(long, value_name = "MIB")]
+    pub cache_mib: Option<usize>,
 }
 
 /// A repository and, optionally, one vm (snapshots, status, stats).

@@ -8,6 +8,7 @@ mod disk_spec;
 mod lifecycle;
 mod password;
 mod progress;
+mod serve;
 
 use std::process::ExitCode;
 

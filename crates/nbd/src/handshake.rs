@@ -10,31 +10,31 @@ use std::io::{self, Read, Write};
 
 use crate::error::{Error, ProtocolError};
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+pub(crate) const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+pub(crate) const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
-const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub(crate) const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 
-const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-const FLAG_NO_ZEROES: u16 = 1 << 1;
+pub(crate) const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub(crate) const FLAG_NO_ZEROES: u16 = 1 << 1;
 const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
-const FLAG_C_NO_ZEROES: u32 = 1 << 1;
+pub(crate) const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const OPT_SET_META_CONTEXT: u32 = 10;
+pub(crate) const OPT_EXPORT_NAME: u32 = 1;
+pub(crate) const OPT_GO: u32 = 7;
+pub(crate) const OPT_STRUCTURED_REPLY: u32 = 8;
+pub(crate) const OPT_SET_META_CONTEXT: u32 = 10;
 
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_META_CONTEXT: u32 = 4;
-const REP_ERR_BIT: u32 = 1 << 31;
-const REP_ERR_UNSUP: u32 = REP_ERR_BIT | 1;
+pub(crate) const REP_ACK: u32 = 1;
+pub(crate) const REP_INFO: u32 = 3;
+pub(crate) const REP_META_CONTEXT: u32 = 4;
+pub(crate) const REP_ERR_BIT: u32 = 1 << 31;
+pub(crate) const REP_ERR_UNSUP: u32 = REP_ERR_BIT | 1;
 const REP_ERR_TLS_REQD: u32 = REP_ERR_BIT | 5;
-const REP_ERR_UNKNOWN: u32 = REP_ERR_BIT | 6;
+pub(crate) const REP_ERR_UNKNOWN: u32 = REP_ERR_BIT | 6;
 
-const INFO_EXPORT: u16 = 0;
-const INFO_BLOCK_SIZE: u16 = 3;
+pub(crate) const INFO_EXPORT: u16 = 0;
+pub(crate) const INFO_BLOCK_SIZE: u16 = 3;
 
 /// Transmission flag: the export is read-only.
 pub const FLAG_READ_ONLY: u16 = 1 << 1;

@@ -1,6 +1,7 @@
 //! # blockproof-nbd
 //!
-//! A synchronous, pure-Rust NBD client for reading VM disks: what blockproof uses to read
+//! A synchronous, pure-Rust NBD client for reading VM disks (and, in [`serve`], a small
+//! read-only NBD server for exporting backups): what blockproof uses to read
 //! an export of qemu-nbd, libvirt's `backup-begin` pull mode or any NBD server, together
 //! with its allocation map (`base:allocation`) and its changed-block map (a qemu dirty
 //! bitmap, `qemu:dirty-bitmap:NAME`).
@@ -83,6 +84,7 @@ mod handshake;
 mod inflight;
 mod reply;
 mod request;
+mod server;
 mod transport;
 mod uri;
 
@@ -92,4 +94,5 @@ pub use extent::{
     dirty_bitmap_context, ranges_where, BlockStatus, Extent, BASE_ALLOCATION, STATE_DIRTY, STATE_HOLE, STATE_ZERO,
 };
 pub use handshake::{BlockSize, ExportInfo, MetaContext, FLAG_CAN_MULTI_CONN, FLAG_READ_ONLY, MAX_REQUEST};
+pub use server::{serve, Export, Exports};
 pub use uri::{Endpoint, Uri, UriError, DEFAULT_PORT};

@@ -21,17 +21,17 @@ use crate::error::ProtocolError;
 use crate::extent::Extent;
 use crate::request::Command;
 
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+pub(crate) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub(crate) const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
-const FLAG_DONE: u16 = 1 << 0;
+pub(crate) const FLAG_DONE: u16 = 1 << 0;
 
-const TYPE_NONE: u16 = 0;
-const TYPE_OFFSET_DATA: u16 = 1;
-const TYPE_OFFSET_HOLE: u16 = 2;
-const TYPE_BLOCK_STATUS: u16 = 5;
+pub(crate) const TYPE_NONE: u16 = 0;
+pub(crate) const TYPE_OFFSET_DATA: u16 = 1;
+pub(crate) const TYPE_OFFSET_HOLE: u16 = 2;
+pub(crate) const TYPE_BLOCK_STATUS: u16 = 5;
 const TYPE_ERROR_BIT: u16 = 1 << 15;
-const TYPE_ERROR: u16 = TYPE_ERROR_BIT | 1;
+pub(crate) const TYPE_ERROR: u16 = TYPE_ERROR_BIT | 1;
 const TYPE_ERROR_OFFSET: u16 = TYPE_ERROR_BIT | 2;
 
 /// Largest error chunk payload accepted (messages are at most 4096 bytes).

@@ -12,7 +12,7 @@
 
 use crate::error::Error;
 
-const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub(crate) const REQUEST_MAGIC: u32 = 0x2560_9513;
 
 /// The encoded size of a request header.
 pub(crate) const REQUEST_LEN: usize = 28;
