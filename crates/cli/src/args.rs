@@ -332,6 +332,16 @@ pub struct RestoreArgs {
     /// Replace an existing regular file.
     #[arg(long)]
     pub force: bool,
+    /// Restore only from this byte offset of the disk (with --length; 64KiB, 1GiB, ...),
+    /// written at the same offset of the target.
+    #[arg(long, value_name = "SIZE", requires = "length")]
+    pub offset: Option<String>,
+    /// Restore only this many bytes (with --offset).
+    #[arg(long, value_name = "SIZE", requires = "offset")]
+    pub length: Option<String>,
+    /// Target format: raw (sparse file or block device) or qcow2 (through qemu-img).
+    #[arg(long, value_name = "raw|qcow2", default_value = "raw", value_parser = ["raw", "qcow2"])]
+    pub format: String,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use blockproof_core::budget::parse_size;
-use blockproof_core::{BackupOptions, Budget, CheckOptions, OnMismatch, RestoreOptions};
+use blockproof_core::{BackupOptions, Budget, CheckOptions, OnMismatch, RestoreFormat, RestoreOptions};
 use blockproof_format::KdfParams;
 use blockproof_format::SnapshotStatus;
 use blockproof_repo::{InitOptions, Repository};
@@ -259,10 +259,27 @@ fn snapshots(a: VmArgs) -> Result<u8> {
 }
 
 fn restore(a: RestoreArgs) -> Result<u8> {
+    let size =
+        |s: &str| parse_size(s).ok_or_else(|| Usage(format!("invalid size {s:?}: use bytes or 64KiB, 1GiB, ...")));
+    let range = match (&a.offset, &a.length) {
+        (Some(o), Some(l)) => Some((size(o)?, size(l)?)),
+        _ => None,
+    };
+    let format = if a.format == "qcow2" { RestoreFormat::Qcow2 } else { RestoreFormat::Raw };
     let repo = open_repo(&a.repo)?;
-    let opts = RestoreOptions { snapshot: a.snapshot, disk: a.disk, target: a.to, force: a.force };
+    let opts = RestoreOptions { snapshot: a.snapshot, disk: a.disk, target: a.to, force: a.force, range, format };
     let progress = progress::for_stderr();
     let report = blockproof_core::restore(&repo, &opts, progress.as_ref())?;
+    if !report.mismatches.is_empty() {
+        let r: Vec<String> = report.mismatches.iter().take(4).map(|m| format!("{}+{}", m.offset, m.length)).collect();
+        eprintln!(
+            "blockproof: warning: snapshot {} is tainted: disk {} differs from its source at bytes {}{}",
+            report.snapshot.short(),
+            report.disk,
+            r.join(", "),
+            if report.mismatches.len() > 4 { " and more" } else { "" }
+        );
+    }
     if a.json {
         print_json(&report)?;
     } else {

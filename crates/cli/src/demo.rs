@@ -142,7 +142,13 @@ fn repo_size(root: &Path) -> u64 {
 
 fn restore_and_compare(repo: &Repository, snap: &str, dir: &Path, name: &str, expected: blake3::Hash) -> Result<()> {
     let target = dir.join(name);
-    let opts = RestoreOptions { snapshot: snap.into(), disk: DISK_ID.into(), target: target.clone(), force: true };
+    let opts = RestoreOptions {
+        snapshot: snap.into(),
+        disk: DISK_ID.into(),
+        target: target.clone(),
+        force: true,
+        ..Default::default()
+    };
     let t = Instant::now();
     let r = blockproof_core::restore(repo, &opts, &NoProgress)?;
     let got = hash_file(&target)?;
@@ -332,7 +338,13 @@ pub fn run(a: DemoArgs) -> Result<u8> {
     // The largest pack holds the first backup's data: a restore must fail.
     let mut refused = 0;
     for (snap, name) in [(&r1.snapshot, "restore-1-damaged.raw"), (&r2.snapshot, "restore-2-damaged.raw")] {
-        let bad = RestoreOptions { snapshot: snap.to_hex(), disk: DISK_ID.into(), target: dir.join(name), force: true };
+        let bad = RestoreOptions {
+            snapshot: snap.to_hex(),
+            disk: DISK_ID.into(),
+            target: dir.join(name),
+            force: true,
+            ..Default::default()
+        };
         match blockproof_core::restore(&repo, &bad, &NoProgress) {
             Ok(_) => println!("   restore of snapshot {} does not use the damaged chunk: it succeeds", snap.short()),
             Err(e) => {

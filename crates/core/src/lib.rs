@@ -47,7 +47,7 @@ pub use copy::{copy, CopyOptions, CopyReport};
 pub use forget::{forget, protected, set_protected, ForgetOptions, ForgetReport, KeepPolicy};
 pub use gc::{gc, GcOptions, GcReport};
 pub use image::DiskImage;
-pub use restore::{restore, RestoreOptions, RestoreReport};
+pub use restore::{restore, RestoreFormat, RestoreOptions, RestoreReport};
 pub use stats::{stats, RepoStats};
 pub use status::{status, DiskStatus, VmStatus};
 

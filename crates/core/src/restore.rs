@@ -14,7 +14,19 @@ use serde::Serialize;
 
 use crate::{workers, CoreError, Progress};
 
+/// The format of a restored file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreFormat {
+    /// A sparse raw image (or the bytes of a block device).
+    #[default]
+    Raw,
+    /// A qcow2 image (zero chunks unallocated), converted by qemu-img.
+    Qcow2,
+}
+
 /// What to restore, and where.
+#[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
     /// A snapshot id, unique prefix, or `VM:latest`.
     pub snapshot: String,
@@ -22,6 +34,10 @@ pub struct RestoreOptions {
     pub target: PathBuf,
     /// Overwrite an existing regular file.
     pub force: bool,
+    /// Only these bytes of the disk (`offset`, `length`), written at the same offset of the
+    /// target; the rest of a new file stays a hole.
+    pub range: Option<(u64, u64)>,
+    pub format: RestoreFormat,
 }
 
 /// The result of a restore.
@@ -37,6 +53,12 @@ pub struct RestoreReport {
     pub bytes_written: u64,
     pub status: SnapshotStatus,
     pub block_device: bool,
+    pub format: RestoreFormat,
+    /// The restored byte range, when only part of the disk was restored.
+    pub range: Option<(u64, u64)>,
+    /// Ranges where verification found this restore point differs from its source (a
+    /// tainted snapshot restores, with a warning).
+    pub mismatches: Vec<blockproof_format::manifest::ByteRange>,
 }
 
 enum Target {
@@ -133,11 +155,24 @@ pub fn restore(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progress
             ids.join(", ")
         ))
     })?;
+    let range = match opts.range {
+        Some((off, len)) if off.checked_add(len).is_none_or(|end| end > disk.size) || len == 0 => {
+            return Err(CoreError::Invalid(format!(
+                "the range {off}+{len} is not inside disk {} ({} bytes)",
+                disk.id, disk.size
+            )));
+        }
+        Some(r) => r,
+        None => (0, disk.size),
+    };
     let index = BlobIndex::load(repo)?;
+    if opts.format == RestoreFormat::Qcow2 {
+        return restore_qcow2(repo, opts, &info, disk, progress);
+    }
     let target = Target::open(&opts.target, disk.size, opts.force)?;
     let is_device = matches!(target, Target::Device { .. });
-    progress.begin(&format!("restore {}", disk.id), disk.size);
-    let result = write_chunks(repo, &index, disk, target.file(), is_device, progress);
+    progress.begin(&format!("restore {}", disk.id), range.1);
+    let result = write_chunks(repo, &index, disk, target.file(), is_device, range, progress);
     progress.end();
     match result {
         Ok((chunks, zero_chunks, bytes_written)) => {
@@ -152,6 +187,9 @@ pub fn restore(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progress
                 bytes_written,
                 status: info.snapshot.status,
                 block_device: is_device,
+                format: RestoreFormat::Raw,
+                range: opts.range,
+                mismatches: disk.mismatches.clone(),
             })
         }
         Err(e) => {
@@ -159,6 +197,45 @@ pub fn restore(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progress
             Err(e)
         }
     }
+}
+
+/// Restores to a sparse raw file next to the target, then converts it with qemu-img
+/// (zero chunks stay unallocated) and renames the result into place.
+fn restore_qcow2(
+    repo: &Repository,
+    opts: &RestoreOptions,
+    info: &blockproof_repo::SnapshotInfo,
+    disk: &blockproof_format::DiskEntry,
+    progress: &dyn Progress,
+) -> Result<RestoreReport, CoreError> {
+    if opts.target.exists() && !opts.force {
+        return Err(CoreError::Invalid(format!(
+            "{} already exists; use --force to overwrite it",
+            opts.target.display()
+        )));
+    }
+    let name = opts.target.file_name().ok_or_else(|| CoreError::Invalid("the target is not a file path".into()))?;
+    let dir = match opts.target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tag = rand::random::<u32>();
+    let raw = dir.join(format!(".{}.blockproof-{tag:08x}.raw", name.to_string_lossy()));
+    let qcow = dir.join(format!(".{}.blockproof-{tag:08x}.qcow2", name.to_string_lossy()));
+    let raw_opts = RestoreOptions { target: raw.clone(), format: RestoreFormat::Raw, force: false, ..opts.clone() };
+    let result = restore(repo, &raw_opts, progress).and_then(|mut r| {
+        blockproof_source::qemu_img_convert(&raw, "raw", &qcow, "qcow2")?;
+        File::open(&qcow).and_then(|f| f.sync_all()).map_err(|e| CoreError::io(&qcow, e))?;
+        fs::rename(&qcow, &opts.target).map_err(|e| CoreError::io(&opts.target, e))?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| CoreError::io(&dir, e))?;
+        r.target = opts.target.clone();
+        r.format = RestoreFormat::Qcow2;
+        Ok(r)
+    });
+    let _ = fs::remove_file(&raw);
+    let _ = fs::remove_file(&qcow);
+    let _ = (info, disk);
+    result
 }
 
 /// Bytes written between two writeback kicks.
@@ -181,6 +258,7 @@ fn write_chunks(
     disk: &blockproof_format::DiskEntry,
     out: &File,
     write_zeros: bool,
+    range: (u64, u64),
     progress: &dyn Progress,
 ) -> Result<(u64, u64, u64), CoreError> {
     let reader = BlobReader::new(repo, index);
@@ -223,8 +301,7 @@ fn write_chunks(
             let (reader, first_error) = (&reader, &first_error);
             s.spawn(move || {
                 for (i, id) in rx.iter() {
-                    let offset = i * cs;
-                    let len = (disk.size - offset).min(cs) as usize;
+                    let (offset, len) = (i * cs, (disk.size - i * cs).min(cs) as usize);
                     let data = if id.is_zero() { Ok(vec![0u8; len]) } else { reader.read(&id, BlobKind::Data) };
                     let res = data.map_err(|e| range_err(i, e)).and_then(|d| {
                         if d.len() == len {
@@ -239,8 +316,17 @@ fn write_chunks(
                             ))
                         }
                     });
+                    // Only the part inside the range is written (edges of a partial restore).
+                    let res = res.map(|d| {
+                        let (lo, hi) = (range.0.max(offset), (range.0 + range.1).min(offset + len as u64));
+                        if lo == offset && hi == offset + len as u64 {
+                            (offset, d)
+                        } else {
+                            (lo, d[(lo - offset) as usize..(hi - offset) as usize].to_vec())
+                        }
+                    });
                     match res {
-                        Ok(d) => {
+                        Ok((offset, d)) => {
                             if wtx.send((offset, d)).is_err() {
                                 return;
                             }
@@ -256,11 +342,15 @@ fn write_chunks(
         drop(wtx);
         drop(rx);
         let fanout = u64::from(disk.index_fanout);
-        for page in 0..tree.leaf_pages() {
+        let (first, last) = (range.0 / cs, (range.0 + range.1).div_ceil(cs));
+        for page in first / fanout..last.div_ceil(fanout).min(tree.leaf_pages()) {
             let ids = tree.leaf(page).map_err(|e| range_err(page * fanout, e))?.to_vec();
             for (k, id) in ids.into_iter().enumerate() {
                 let i = page * fanout + k as u64;
-                progress.advance((disk.size - i * cs).min(cs));
+                if i < first || i >= last {
+                    continue;
+                }
+                progress.advance((disk.size - i * cs).min(cs).min(range.1));
                 if id.is_zero() {
                     zero_chunks += 1;
                     if !write_zeros {

@@ -43,7 +43,7 @@ mod raw;
 pub use changes::{ChangeList, Changes};
 pub use disk::{AfterCommit, Cbt, DiskSpec, OpenedDisk, ParentCbt};
 pub use nbd::NbdSource;
-pub use qemu::{add_bitmap, image_bitmaps, image_format, remove_bitmap, Bitmap, QemuNbd};
+pub use qemu::{add_bitmap, image_bitmaps, image_format, qemu_img_convert, remove_bitmap, Bitmap, QemuNbd};
 pub use raw::RawFile;
 
 use std::path::PathBuf;

@@ -212,6 +212,23 @@ pub fn chain_bitmaps(image: &Path) -> Result<Vec<Bitmap>, SourceError> {
         .collect())
 }
 
+/// Converts an image (`qemu-img convert -f SRC_FMT -O DST_FMT`); unallocated or zero
+/// regions of the source stay unallocated in the result.
+pub fn qemu_img_convert(src: &Path, src_format: &str, dst: &Path, dst_format: &str) -> Result<(), SourceError> {
+    qemu_img(&[
+        "convert".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        src_format.as_ref(),
+        "-O".as_ref(),
+        dst_format.as_ref(),
+        "--".as_ref(),
+        src.as_os_str(),
+        dst.as_os_str(),
+    ])
+    .map(drop)
+}
+
 /// Adds an enabled persistent bitmap to a qcow2 image (which nothing else may hold open).
 pub fn add_bitmap(image: &Path, name: &str) -> Result<(), SourceError> {
     qemu_img(&["bitmap".as_ref(), "--add".as_ref(), "--".as_ref(), image.as_os_str(), name.as_ref()]).map(drop)
