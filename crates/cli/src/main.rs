@@ -6,6 +6,7 @@ mod commands;
 mod demo;
 mod disk_spec;
 mod lifecycle;
+mod files;
 mod password;
 mod progress;
 
