@@ -5,8 +5,8 @@ mod audit;
 mod commands;
 mod demo;
 mod disk_spec;
-mod lifecycle;
 mod files;
+mod lifecycle;
 mod password;
 mod progress;
 
