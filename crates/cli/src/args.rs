@@ -72,6 +72,15 @@ pub enum Command {
     /// A self-contained tour: back up a generated disk, change it, back up again,
     /// restore both and prove them bit-exact.
     Demo(DemoArgs),
+    /// List a disk's partitions and the filesystems on them.
+    Partitions(crate::files::PartitionsArgs),
+    /// List a directory (or show a file) inside a disk's filesystem, without mounting.
+    Ls(crate::files::LsArgs),
+    /// Write a file from inside a disk's filesystem to standard output.
+    Cat(crate::files::CatArgs),
+    /// Copy files and directories out of a disk's filesystem into a directory, with
+    /// their times (and modes, on ext2/3/4).
+    RestoreFiles(crate::files::RestoreFilesArgs),
 }
 
 #[derive(Args, Debug)]

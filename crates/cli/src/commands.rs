@@ -32,6 +32,10 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Verify(a) => crate::audit::verify(a),
         Command::Check(a) => check(a),
         Command::Demo(a) => crate::demo::run(a),
+        Command::Partitions(a) => crate::files::partitions(a),
+        Command::Ls(a) => crate::files::ls(a),
+        Command::Cat(a) => crate::files::cat(a),
+        Command::RestoreFiles(a) => crate::files::restore_files(a),
     }
 }
 

@@ -5,6 +5,7 @@ mod audit;
 mod commands;
 mod demo;
 mod disk_spec;
+mod files;
 mod lifecycle;
 mod password;
 mod progress;
