@@ -189,3 +189,34 @@ fn files_come_back_from_a_backed_up_and_restored_disk() {
         assert_restored(&to, p == 1, &format!("restored disk, partition {p}"));
     }
 }
+
+/// The contract: after a backup, `ls SNAP --disk ID` lists the files and `restore-files`
+/// returns them byte-identical, from each of the three filesystems, read straight from the
+/// repository (no restore of the disk, no mount, no root).
+#[test]
+fn files_come_straight_from_a_snapshot() {
+    let dir = Dir::new();
+    dir.init();
+    let snap = dir.backup("fileserver", &[("os", image())])["snapshot"].as_str().unwrap().to_string();
+    let on_snap = |sub: &str, p: u32| {
+        let mut c = dir.cmd(sub);
+        c.arg("--repo").arg(dir.repo()).arg(&snap).args(["--disk", "os", "--partition", &p.to_string()]);
+        c
+    };
+    let parts = {
+        let mut c = dir.cmd("partitions");
+        c.arg("--repo").arg(dir.repo()).arg("fileserver:latest").args(["--disk", "os"]);
+        c.ok()
+    };
+    assert!(parts.contains("ext4") && parts.contains("fat32") && parts.contains("ntfs"), "{parts}");
+    for p in 1..=3u32 {
+        let listing = on_snap("ls", p).arg("/dir/sub").ok();
+        assert!(listing.contains("deep.txt"), "partition {p}: {listing}");
+        assert_eq!(on_snap("cat", p).arg("/dir/sub/deep.txt").ok(), "nested two levels down\n");
+        let to = dir.join(&format!("snapfiles{p}"));
+        on_snap("restore-files", p).args(["/", "--to"]).arg(&to).ok();
+        assert_restored(&to, p == 1, &format!("snapshot, partition {p}"));
+    }
+    let line = dir.cmd("ls").arg("--repo").arg(dir.repo()).arg(&snap).args(["--disk", "nope"]).fails_with_one_line(2);
+    assert!(line.contains("no disk"), "{line}");
+}
