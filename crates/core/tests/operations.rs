@@ -111,7 +111,13 @@ fn backup_restore_check_round_trip() {
     let target = dir.path().join("out");
     let rr = restore(
         &repo,
-        &RestoreOptions { snapshot: r.snapshot.to_hex(), disk: "d".into(), target: target.clone(), force: false },
+        &RestoreOptions {
+            snapshot: r.snapshot.to_hex(),
+            disk: "d".into(),
+            target: target.clone(),
+            force: false,
+            ..Default::default()
+        },
         &NoProgress,
     )
     .unwrap();
@@ -152,7 +158,13 @@ fn restored(repo: &Repository, dir: &std::path::Path, snapshot: &str) -> Vec<u8>
     let target = dir.join(format!("restored-{snapshot}"));
     restore(
         repo,
-        &RestoreOptions { snapshot: snapshot.into(), disk: "d".into(), target: target.clone(), force: false },
+        &RestoreOptions {
+            snapshot: snapshot.into(),
+            disk: "d".into(),
+            target: target.clone(),
+            force: false,
+            ..Default::default()
+        },
         &NoProgress,
     )
     .unwrap();
