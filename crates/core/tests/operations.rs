@@ -3,7 +3,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use blockproof_core::{backup, check, restore, BackupOptions, CheckOptions, DiskInput, NoProgress, RestoreOptions};
+use blockproof_core::{
+    backup, check, restore, BackupOptions, CheckOptions, DiskInput, NoProgress, RestoreFormat, RestoreOptions,
+};
 use blockproof_format::KdfParams;
 use blockproof_repo::{InitOptions, Repository};
 use blockproof_source::{BlockSource, Changes, OpenedDisk, SourceError};
@@ -111,7 +113,14 @@ fn backup_restore_check_round_trip() {
     let target = dir.path().join("out");
     let rr = restore(
         &repo,
-        &RestoreOptions { snapshot: r.snapshot.to_hex(), disk: "d".into(), target: target.clone(), force: false },
+        &RestoreOptions {
+            snapshot: r.snapshot.to_hex(),
+            disk: "d".into(),
+            target: target.clone(),
+            force: false,
+            range: None,
+            format: RestoreFormat::Raw,
+        },
         &NoProgress,
     )
     .unwrap();
@@ -152,7 +161,14 @@ fn restored(repo: &Repository, dir: &std::path::Path, snapshot: &str) -> Vec<u8>
     let target = dir.join(format!("restored-{snapshot}"));
     restore(
         repo,
-        &RestoreOptions { snapshot: snapshot.into(), disk: "d".into(), target: target.clone(), force: false },
+        &RestoreOptions {
+            snapshot: snapshot.into(),
+            disk: "d".into(),
+            target: target.clone(),
+            force: false,
+            range: None,
+            format: RestoreFormat::Raw,
+        },
         &NoProgress,
     )
     .unwrap();
