@@ -118,10 +118,7 @@ impl Disk {
                     self.partitions.iter().filter(|p| p.filesystem.is_some_and(FsKind::is_readable)).collect();
                 match readable[..] {
                     [only] => Ok(only),
-                    [] => Err(FsError::Unsupported {
-                        index: self.partitions.first().map_or(0, |p| p.index),
-                        what: format!("no readable filesystem (partitions: {})", available()),
-                    }),
+                    [] => Err(FsError::NoReadableFilesystem { available: available() }),
                     _ => Err(FsError::Ambiguous { count: readable.len(), available: available() }),
                 }
             }

@@ -28,6 +28,9 @@ pub enum FsError {
     /// Several filesystems and no choice made.
     #[error("the disk has {count} filesystems ({available}); choose one by its partition number")]
     Ambiguous { count: usize, available: String },
+    /// No partition holds a filesystem this crate can read.
+    #[error("no readable filesystem on the disk (it has: {available}); readable: ext2/3/4, FAT12/16/32, NTFS")]
+    NoReadableFilesystem { available: String },
     /// A partition whose content this crate cannot read.
     #[error("partition {index} holds {what}, which cannot be read (readable: ext2/3/4, FAT12/16/32, NTFS)")]
     Unsupported { index: u32, what: String },
