@@ -80,7 +80,7 @@ pub enum FsError {
 
 impl FsError {
     /// True when the error is the caller's: an unknown partition or path, a directory
-    /// where a file was asked for, a bad path, an existing target. blockproof maps these
+    /// where a file was asked for, a bad path, something in the target's way. blockproof maps these
     /// to exit code 2; everything else (damage, I/O) is 1.
     pub fn is_usage(&self) -> bool {
         matches!(
@@ -93,6 +93,7 @@ impl FsError {
                 | FsError::NotAFile { .. }
                 | FsError::InvalidPath { .. }
                 | FsError::TargetExists { .. }
+                | FsError::TargetNotDirectory { .. }
         )
     }
 
