@@ -73,7 +73,8 @@ impl ReadAt for SnapshotDisk {
 pub struct PartitionChoice {
     /// The partition to read, numbered as `blockproof partitions` shows (GPT entry
     /// number; MBR 1-4, logical from 5; 0 for a filesystem on the whole disk). Default:
-    /// the only readable filesystem on the disk.
+    /// the only readable filesystem on the disk, EFI system and Windows recovery
+    /// partitions passed over.
     #[arg(long, value_name = "N")]
     pub partition: Option<u32>,
 }

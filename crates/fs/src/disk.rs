@@ -93,7 +93,8 @@ impl Disk {
         &self.partitions
     }
 
-    /// The partition `index`, or with `None` the only one holding a readable filesystem.
+    /// The partition `index`, or with `None` the only one holding a readable filesystem,
+    /// passing over EFI system and Windows recovery partitions when that leaves one.
     pub fn select(&self, index: Option<u32>) -> Result<&Partition, FsError> {
         let available = || {
             let list: Vec<String> = self
@@ -116,12 +117,12 @@ impl Disk {
             None => {
                 let readable: Vec<&Partition> =
                     self.partitions.iter().filter(|p| p.filesystem.is_some_and(FsKind::is_readable)).collect();
-                match readable[..] {
-                    [only] => Ok(only),
-                    [] => Err(FsError::Unsupported {
-                        index: self.partitions.first().map_or(0, |p| p.index),
-                        what: format!("no readable filesystem (partitions: {})", available()),
-                    }),
+                // EFI system and Windows recovery partitions hold firmware and tools, not
+                // the files anyone comes for: passed over when that leaves one.
+                let main: Vec<&Partition> = readable.iter().copied().filter(|p| !is_auxiliary(p)).collect();
+                match (&readable[..], &main[..]) {
+                    ([only], _) | (_, [only]) => Ok(only),
+                    ([], _) => Err(FsError::NoReadableFilesystem { available: available() }),
                     _ => Err(FsError::Ambiguous { count: readable.len(), available: available() }),
                 }
             }
@@ -146,6 +147,14 @@ impl fmt::Debug for Disk {
     }
 }
 
+/// An EFI system or Windows recovery partition (by GPT type GUID or MBR type byte).
+fn is_auxiliary(p: &Partition) -> bool {
+    matches!(
+        p.type_id.as_str(),
+        "C12A7328-F81F-11D2-BA4B-00A0C93EC93B" | "DE94BBA4-06D1-4D40-A16A-BFD50179D6AC" | "0xef" | "0x27"
+    )
+}
+
 /// A filesystem on the whole disk, as partition 0.
 fn whole_disk(src: &Arc<dyn ReadAt>) -> Result<Option<Partition>, FsError> {
     let size = src.size();
@@ -164,6 +173,53 @@ fn whole_disk(src: &Arc<dyn ReadAt>) -> Result<Option<Partition>, FsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fs_kind::FatType;
+
+    fn part(index: u32, type_id: &str, filesystem: Option<FsKind>) -> Partition {
+        Partition {
+            index,
+            start: u64::from(index) << 20,
+            size: 1 << 20,
+            type_id: type_id.to_string(),
+            type_name: String::new(),
+            name: None,
+            filesystem,
+        }
+    }
+
+    fn disk(partitions: Vec<Partition>) -> Disk {
+        Disk { src: Arc::new(Vec::new()), table: TableKind::Gpt, partitions }
+    }
+
+    #[test]
+    fn the_default_is_the_one_filesystem_that_is_not_firmware_or_recovery() {
+        const EFI: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+        const RECOVERY: &str = "DE94BBA4-06D1-4D40-A16A-BFD50179D6AC";
+        const DATA: &str = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7";
+        let fat = Some(FsKind::Fat(FatType::Fat32));
+        let windows = disk(vec![
+            part(1, EFI, fat),
+            part(2, "E3C9E316-0B5C-4DB8-817D-F92DF00215AE", None),
+            part(3, DATA, Some(FsKind::Ntfs)),
+            part(4, RECOVERY, Some(FsKind::Ntfs)),
+        ]);
+        assert_eq!(windows.select(None).unwrap().index, 3);
+        assert_eq!(windows.select(Some(1)).unwrap().index, 1);
+        // Only firmware: that is what there is.
+        assert_eq!(
+            disk(vec![part(1, EFI, fat), part(2, DATA, Some(FsKind::Other("xfs")))]).select(None).unwrap().index,
+            1
+        );
+        let linux = disk(vec![part(1, EFI, fat), part(2, DATA, fat), part(3, DATA, fat)]);
+        let err = linux.select(None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the disk has 3 filesystems (1: fat32, 2: fat32, 3: fat32); choose one by its partition number"
+        );
+        let err = disk(vec![part(1, DATA, None), part(2, DATA, Some(FsKind::Other("xfs")))]).select(None).unwrap_err();
+        assert!(matches!(err, FsError::NoReadableFilesystem { .. }) && !err.is_usage(), "{err}");
+        assert!(err.to_string().contains("1: no filesystem, 2: xfs"), "{err}");
+    }
 
     #[test]
     fn an_empty_or_garbage_disk_has_nothing() {

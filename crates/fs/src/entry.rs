@@ -53,8 +53,8 @@ impl FsPath {
         self.parts.last().map_or(&[], Vec::as_slice)
     }
 
-    /// This path with one more component. The name must already be checked as one plain
-    /// component (see [`check_name`]).
+    /// This path with one more component. The name must already be known to be one plain
+    /// component: not empty, `.` or `..`, and without `/` or NUL.
     pub fn join(&self, name: &[u8]) -> FsPath {
         let mut parts = self.parts.clone();
         parts.push(name.to_vec());

@@ -28,6 +28,9 @@ pub enum FsError {
     /// Several filesystems and no choice made.
     #[error("the disk has {count} filesystems ({available}); choose one by its partition number")]
     Ambiguous { count: usize, available: String },
+    /// No partition holds a filesystem this crate can read.
+    #[error("no readable filesystem on the disk (it has: {available}); readable: ext2/3/4, FAT12/16/32, NTFS")]
+    NoReadableFilesystem { available: String },
     /// A partition whose content this crate cannot read.
     #[error("partition {index} holds {what}, which cannot be read (readable: ext2/3/4, FAT12/16/32, NTFS)")]
     Unsupported { index: u32, what: String },
@@ -77,7 +80,7 @@ pub enum FsError {
 
 impl FsError {
     /// True when the error is the caller's: an unknown partition or path, a directory
-    /// where a file was asked for, a bad path, an existing target. blockproof maps these
+    /// where a file was asked for, a bad path, something in the target's way. blockproof maps these
     /// to exit code 2; everything else (damage, I/O) is 1.
     pub fn is_usage(&self) -> bool {
         matches!(
@@ -90,6 +93,7 @@ impl FsError {
                 | FsError::NotAFile { .. }
                 | FsError::InvalidPath { .. }
                 | FsError::TargetExists { .. }
+                | FsError::TargetNotDirectory { .. }
         )
     }
 

@@ -311,6 +311,35 @@ mod tests {
         assert!(read_mbr(&src).unwrap().is_none());
     }
 
+    /// A GPT written by the `gpt` crate itself on a disk of 4096-byte blocks.
+    fn gpt_4k(damage_primary: bool) -> Arc<dyn ReadAt> {
+        use gpt::{partition_types, GptConfig};
+        let device = std::io::Cursor::new(vec![0u8; 8 << 20]);
+        let mut disk = GptConfig::new()
+            .writable(true)
+            .logical_block_size(LogicalBlockSize::Lb4096)
+            .create_from_device(device, None)
+            .unwrap();
+        disk.add_partition("data", 1 << 20, partition_types::LINUX_FS, 0, None).unwrap();
+        let mut bytes = disk.write().unwrap().into_inner();
+        if damage_primary {
+            bytes[4096 + 40] ^= 0xFF;
+        }
+        Arc::new(bytes)
+    }
+
+    #[test]
+    fn gpt_on_4096_byte_blocks_and_its_backup_header() {
+        for damage in [false, true] {
+            let (kind, parts) = read_gpt(&gpt_4k(damage)).unwrap().unwrap();
+            assert_eq!(kind, TableKind::Gpt);
+            assert_eq!(parts.len(), 1, "damaged primary: {damage}");
+            let p = &parts[0];
+            assert_eq!((p.index, p.size, p.start % 4096), (1, 1 << 20, 0));
+            assert_eq!((p.type_name.as_str(), p.name.as_deref()), ("Linux filesystem", Some("data")));
+        }
+    }
+
     #[test]
     fn a_protective_mbr_without_gpt_is_damage() {
         let mut disk = vec![0u8; 64 * 512];
