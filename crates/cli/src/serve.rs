@@ -14,6 +14,11 @@ use crate::args::ServeArgs;
 use crate::commands::open_repo;
 use crate::Usage;
 
+/// A client connection, unix or TCP.
+trait ReadWrite: io::Read + io::Write + Send {}
+
+impl<T: io::Read + io::Write + Send> ReadWrite for T {}
+
 struct ImageExport<'a>(DiskImage<'a>);
 
 impl Export for ImageExport<'_> {
@@ -58,17 +63,9 @@ pub fn serve_nbd(a: ServeArgs) -> Result<u8> {
         bail!(Usage(format!("snapshot {} has no disk {:?}", info.id.short(), a.disk.unwrap_or_default())));
     }
     let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
-    std::thread::scope(|s| -> Result<()> {
-        if let Some(path) = &a.socket {
-            let _ = std::fs::remove_file(path);
-            let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-            eprintln!(
-                "serving snapshot {} read-only: exports {} on nbd+unix:///EXPORT?socket={} (Ctrl-C stops)",
-                info.id.short(),
-                names.join(", "),
-                path.display()
-            );
-            for stream in listener.incoming() {
+    let serve_all = |streams: &mut dyn Iterator<Item = io::Result<Box<dyn ReadWrite>>>| -> Result<()> {
+        std::thread::scope(|s| {
+            for stream in streams {
                 let mut stream = stream?;
                 let exports = &exports;
                 s.spawn(move || {
@@ -77,26 +74,32 @@ pub fn serve_nbd(a: ServeArgs) -> Result<u8> {
                     }
                 });
             }
-        } else if let Some(addr) = &a.listen {
-            let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-            eprintln!(
-                "serving snapshot {} read-only: exports {} on nbd://{}/EXPORT (Ctrl-C stops)",
-                info.id.short(),
-                names.join(", "),
-                listener.local_addr()?
-            );
-            for stream in listener.incoming() {
-                let mut stream = stream?;
-                let _ = stream.set_nodelay(true);
-                let exports = &exports;
-                s.spawn(move || {
-                    if let Err(e) = blockproof_nbd::serve(&mut stream, exports) {
-                        eprintln!("blockproof: nbd client dropped: {e}");
-                    }
-                });
-            }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        })
+    };
+    let snap = info.id.short();
+    if let Some(path) = &a.socket {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        eprintln!(
+            "serving snapshot {snap} read-only: exports {} on nbd+unix:///EXPORT?socket={} (Ctrl-C stops)",
+            names.join(", "),
+            path.display()
+        );
+        serve_all(&mut listener.incoming().map(|s| s.map(|s| Box::new(s) as Box<dyn ReadWrite>)))?;
+    } else if let Some(addr) = &a.listen {
+        let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+        eprintln!(
+            "serving snapshot {snap} read-only: exports {} on nbd://{}/EXPORT (Ctrl-C stops)",
+            names.join(", "),
+            listener.local_addr()?
+        );
+        serve_all(&mut listener.incoming().map(|s| {
+            s.map(|s| {
+                let _ = s.set_nodelay(true);
+                Box::new(s) as Box<dyn ReadWrite>
+            })
+        }))?;
+    }
     Ok(crate::exit::OK)
 }
