@@ -108,6 +108,8 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     for name in backend.list(Kind::Index)? {
         match repo.read_index_file(&name) {
             Ok(file) => index.add_file(name, &file),
+            // Replaced by a gc running at the same time: its successor is listed too.
+            Err(blockproof_repo::RepoError::Store(e)) if e.is_not_found() => {}
             Err(e) => report.errors.push(e.to_string()),
         }
     }
@@ -155,6 +157,8 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
         progress.advance(1);
         let info = match repo.load_snapshot(&name) {
             Ok(i) => i,
+            // Forgotten while this check ran.
+            Err(blockproof_repo::RepoError::Store(e)) if e.is_not_found() => continue,
             Err(e) => {
                 report.errors.push(e.to_string());
                 continue;
