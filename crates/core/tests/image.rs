@@ -47,7 +47,7 @@ fn content(chunks: usize, tail: usize) -> Vec<u8> {
     (0..chunks * CS + tail)
         .map(|i| {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            if (i / CS) % 3 == 0 {
+            if (i / CS).is_multiple_of(3) {
                 0
             } else {
                 (x >> 56) as u8
