@@ -35,7 +35,11 @@ impl Export for ImageExport<'_> {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.read_at(buf, offset).map_err(|e| io::Error::other(e.to_string()))
+        self.0.read_at(buf, offset).map_err(|e| {
+            // The client gets EIO with this message; the operator should see it too.
+            eprintln!("blockproof: error: {e}");
+            io::Error::other(e.to_string())
+        })
     }
 
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
