@@ -1,5 +1,6 @@
-//! Restore beyond a whole raw file: a partial range, a qcow2 image, and a tainted
-//! snapshot that restores with a warning naming the suspect ranges.
+//! Restore beyond a whole raw file: a partial range, a qcow2 image (zero chunks left
+//! unallocated, a partial range, targets it must not replace), and a tainted snapshot that
+//! restores with a warning naming the suspect ranges.
 
 mod harness;
 
@@ -91,4 +92,66 @@ fn tainted_snapshot_restores_with_a_warning() {
     assert!(res.status.success());
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(stderr.contains("tainted") && stderr.contains("0+512"), "{stderr}");
+}
+
+/// qcow2 restores leave zero chunks unallocated, take a partial range, refuse to replace
+/// what they must not, and replace a file with `--force`.
+#[test]
+fn qcow2_target_is_sparse_partial_and_careful() {
+    let dir = Dir::new();
+    dir.init();
+    let img = dir.join("d.img");
+    let data = mixed_image(8 << 20, 44);
+    fs::write(&img, &data).unwrap();
+    let r = dir.backup("v", &[("d", &img)]);
+    let snap = r["snapshot"].as_str().unwrap();
+    let out = dir.join("r.qcow2");
+    let restore = |extra: &[&str]| {
+        let mut c = dir.repo_cmd("restore");
+        c.arg(snap).args(["--disk", "d", "--format", "qcow2", "--json"]).args(extra).arg("--to").arg(&out);
+        c
+    };
+    restore(&[]).ok();
+    // Every zero MiB of the source is unallocated in the qcow2 (qemu-img map: data false).
+    let map: serde_json::Value =
+        serde_json::from_str(&qemu("qemu-img", &["map", "--output=json", out.to_str().unwrap()])).unwrap();
+    let allocated = |pos: u64| {
+        map.as_array().unwrap().iter().any(|e| {
+            let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            e["data"] == true && start <= pos && pos < start + len
+        })
+    };
+    let zero_mibs: Vec<u64> =
+        (0..8u64).filter(|m| data[(*m as usize) << 20..][..1 << 20].iter().all(|&b| b == 0)).collect();
+    assert!(!zero_mibs.is_empty(), "the image has zero MiBs");
+    for m in 0..8u64 {
+        assert_eq!(allocated((m << 20) + 4096), !zero_mibs.contains(&m), "MiB {m}: {map}");
+    }
+
+    // It exists now: refused without --force (nothing changed), replaced with it.
+    let before = hash(&out);
+    let line = restore(&[]).fails_with_one_line(2);
+    assert!(line.contains("--force"), "{line}");
+    assert_eq!(hash(&out), before);
+    let report: serde_json::Value =
+        serde_json::from_str(&restore(&["--force", "--offset", "1MiB", "--length", "64KiB"]).ok()).unwrap();
+    assert_eq!((report["format"].as_str(), report["range"][0].as_u64()), (Some("qcow2"), Some(1 << 20)));
+    let raw = dir.join("part.raw");
+    qemu("qemu-img", &["convert", "-O", "raw", out.to_str().unwrap(), raw.to_str().unwrap()]);
+    let got = fs::read(&raw).unwrap();
+    assert_eq!(got.len(), data.len());
+    assert_eq!(&got[1 << 20..(1 << 20) + 65536], &data[1 << 20..(1 << 20) + 65536]);
+    assert!(got[..1 << 20].iter().chain(&got[(1 << 20) + 65536..]).all(|&b| b == 0));
+
+    // A directory (or a device) is never a qcow2 target, --force or not.
+    let d = dir.join("adir");
+    fs::create_dir(&d).unwrap();
+    let line = dir
+        .repo_cmd("restore")
+        .arg(snap)
+        .args(["--disk", "d", "--format", "qcow2", "--force", "--to"])
+        .arg(&d)
+        .fails_with_one_line(2);
+    assert!(line.contains("not a regular file"), "{line}");
+    assert!(d.is_dir());
 }

@@ -1,67 +1,139 @@
-//! Random access to one disk of a snapshot: any byte range, chunk by chunk, every chunk
-//! authenticated and re-hashed against its id before its bytes are used, zero chunks
-//! without I/O, and a bounded in-memory cache of recently read chunks. Shared by the
-//! clients of `serve-nbd` (and by file-level restore): the tree of chunk ids and the cache
-//! sit behind locks; reading and checking a chunk happens outside them, so clients overlap.
+//! Random access to one disk of a snapshot: [`DiskImage`].
+//!
+//! ## Model
+//!
+//! A disk of a snapshot is a fixed index tree of chunk ids (`DiskEntry::index_root`) over
+//! blobs in packs. `DiskImage` answers `read_at(buf, offset)` for any byte range by walking
+//! the chunks the range touches: a chunk whose id is the zero id is zeros, without I/O; any
+//! other is read through [`BlobReader`], which authenticates it, decompresses it and
+//! re-hashes it against its id, and is then checked to have the chunk's exact length.
+//! [`DiskImage::allocation`] and [`DiskImage::is_zero_range`] answer from the ids alone,
+//! which is what NBD `base:allocation` and holes in a read reply need.
+//!
+//! ## Sharing and memory
+//!
+//! One `DiskImage` serves many threads (every `serve-nbd` client of one export, or the
+//! file-level restore of another engineer's crate): all methods take `&self`.
+//!
+//! - **Chunk cache**: recently read chunks, bounded in bytes (`cache_bytes`, default
+//!   [`DEFAULT_CACHE_BYTES`]), least recently used evicted first. Entries are `Arc`s, so a
+//!   reader copies out of a chunk without holding the lock, and eviction never invalidates
+//!   a chunk being copied.
+//! - **Leaf pages**: the last [`LEAF_PAGES`] leaf pages of chunk ids (at most 32 KiB each),
+//!   also least recently used first, so clients streaming different regions do not make
+//!   each other reload index pages. Below them, one `TreeReader` (one cached page per
+//!   level) behind a mutex loads pages on a miss.
+//! - **No lock is held during blob I/O or decryption.** A read of several missing chunks
+//!   fetches them on up to `workers()` scoped threads (a 2 MiB NBD request is 32 chunks),
+//!   each writing into its own disjoint part of the caller's buffer. Two clients missing the
+//!   same chunk at the same moment may both read it; both get the same verified bytes.
+//!
+//! Memory: `cache_bytes` + at most `LEAF_PAGES` × the page size (2 MiB with the default
+//! fanout) + the chunks in flight of the reads running now.
+//!
+//! ## Errors
+//!
+//! A range past the end of the disk is [`CoreError::Invalid`]. Anything wrong with stored
+//! data — a blob that fails authentication or its hash, a chunk of the wrong length, a
+//! damaged index page — is [`CoreError::DamagedRange`] naming the disk bytes affected. No
+//! method returns unverified bytes, and none panics on repository content.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use blockproof_format::tree::chunk_count;
 use blockproof_format::{BlobKind, DiskEntry, Id};
-use blockproof_repo::{BlobReader, TreeReader};
+use blockproof_repo::{BlobReader, RepoError, TreeReader};
 
-use crate::CoreError;
+use crate::{workers, CoreError};
 
-/// Chunks kept in memory by default: 64 MiB of 64 KiB chunks.
+/// Chunks kept in memory by default: 64 MiB (1024 chunks of 64 KiB).
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+/// Leaf pages of chunk ids kept in memory (64 × 1024 ids cover 4 GiB of 64 KiB chunks).
+pub const LEAF_PAGES: usize = 64;
 
-/// A chunk cache bounded in bytes, evicting the oldest insertions first.
-struct Cache {
-    chunks: HashMap<u64, Arc<Vec<u8>>>,
-    order: VecDeque<u64>,
-    bytes: usize,
+/// A map bounded by the total weight of its values, evicting the least recently used.
+struct Lru<V> {
+    map: HashMap<u64, (V, usize, u64)>,
+    /// Last use → key.
+    order: BTreeMap<u64, u64>,
+    tick: u64,
+    weight: usize,
     limit: usize,
 }
 
-impl Cache {
-    fn get(&self, i: u64) -> Option<Arc<Vec<u8>>> {
-        self.chunks.get(&i).cloned()
+impl<V: Clone> Lru<V> {
+    fn new(limit: usize) -> Self {
+        Lru { map: HashMap::new(), order: BTreeMap::new(), tick: 0, weight: 0, limit }
     }
 
-    fn put(&mut self, i: u64, data: Arc<Vec<u8>>) {
-        if self.chunks.contains_key(&i) || data.len() > self.limit {
+    fn get(&mut self, key: u64) -> Option<V> {
+        self.tick += 1;
+        let (v, _, used) = self.map.get_mut(&key)?;
+        self.order.remove(used);
+        *used = self.tick;
+        self.order.insert(self.tick, key);
+        Some(v.clone())
+    }
+
+    fn put(&mut self, key: u64, value: V, weight: usize) {
+        if weight > self.limit || self.map.contains_key(&key) {
             return;
         }
-        while self.bytes + data.len() > self.limit {
-            let Some(old) = self.order.pop_front() else { break };
-            if let Some(d) = self.chunks.remove(&old) {
-                self.bytes -= d.len();
+        while self.weight + weight > self.limit {
+            let Some((_, old)) = self.order.pop_first() else { break };
+            if let Some((_, w, _)) = self.map.remove(&old) {
+                self.weight -= w;
             }
         }
-        self.bytes += data.len();
-        self.order.push_back(i);
-        self.chunks.insert(i, data);
+        self.tick += 1;
+        self.weight += weight;
+        self.order.insert(self.tick, key);
+        self.map.insert(key, (value, weight, self.tick));
     }
 }
 
-/// One disk of a snapshot, readable at any offset.
+/// One missing chunk of a read: where its bytes go.
+struct Fetch<'b> {
+    chunk: u64,
+    id: Id,
+    within: usize,
+    out: &'b mut [u8],
+}
+
+/// One disk of a snapshot, readable at any offset by any number of threads.
 pub struct DiskImage<'a> {
     reader: &'a BlobReader<'a>,
     entry: DiskEntry,
     tree: Mutex<TreeReader<'a>>,
-    cache: Mutex<Cache>,
+    leaves: Mutex<Lru<Arc<Vec<Id>>>>,
+    cache: Mutex<Lru<Arc<Vec<u8>>>>,
+    threads: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent state (every update is
+    // completed before anything can panic), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<'a> DiskImage<'a> {
-    /// Opens `entry` (a disk of a snapshot) for reading through `reader`.
+    /// Opens `entry` (a disk of a snapshot) for reading through `reader`, caching up to
+    /// `cache_bytes` of chunks (0: no chunk cache).
     pub fn new(reader: &'a BlobReader<'a>, entry: &DiskEntry, cache_bytes: usize) -> Result<Self, CoreError> {
         let n = chunk_count(entry.size, entry.chunk_size);
         let tree = TreeReader::new(reader, entry.index_root, n, entry.index_fanout)?;
-        let cache = Cache { chunks: HashMap::new(), order: VecDeque::new(), bytes: 0, limit: cache_bytes };
-        Ok(DiskImage { reader, entry: entry.clone(), tree: Mutex::new(tree), cache: Mutex::new(cache) })
+        Ok(DiskImage {
+            reader,
+            entry: entry.clone(),
+            tree: Mutex::new(tree),
+            leaves: Mutex::new(Lru::new(LEAF_PAGES)),
+            cache: Mutex::new(Lru::new(cache_bytes)),
+            threads: workers(),
+        })
     }
 
+    /// The disk's size in bytes.
     pub fn size(&self) -> u64 {
         self.entry.size
     }
@@ -75,78 +147,196 @@ impl<'a> DiskImage<'a> {
         &self.entry
     }
 
-    fn id(&self, i: u64) -> Result<Id, CoreError> {
-        Ok(self.tree.lock().expect("tree lock").chunk(i)?)
+    /// Bytes of chunks held in the cache now (at most the `cache_bytes` given to `new`).
+    pub fn cached_bytes(&self) -> usize {
+        lock(&self.cache).weight
     }
 
-    /// The bytes of chunk `i` (`None` for a zero chunk).
-    fn chunk(&self, i: u64) -> Result<Option<Arc<Vec<u8>>>, CoreError> {
-        if let Some(c) = self.cache.lock().expect("cache lock").get(i) {
-            return Ok(Some(c));
-        }
-        let id = self.id(i)?;
-        if id.is_zero() {
-            return Ok(None);
-        }
-        let data = self.reader.read(&id, BlobKind::Data).map_err(|cause| CoreError::DamagedRange {
+    fn damaged(&self, first_chunk: u64, chunks: u64, cause: RepoError) -> CoreError {
+        let cs = self.chunk_size();
+        CoreError::DamagedRange {
             disk: self.entry.id.clone(),
-            offset: i * self.chunk_size(),
-            end: ((i + 1) * self.chunk_size()).min(self.size()),
+            offset: first_chunk * cs,
+            end: (first_chunk + chunks).saturating_mul(cs).min(self.size()),
             cause,
-        })?;
-        let want = (self.size() - i * self.chunk_size()).min(self.chunk_size()) as usize;
+        }
+    }
+
+    /// The chunk ids of leaf page `page`.
+    fn leaf(&self, page: u64) -> Result<Arc<Vec<Id>>, CoreError> {
+        let cached = lock(&self.leaves).get(page);
+        if let Some(ids) = cached {
+            return Ok(ids);
+        }
+        let fanout = u64::from(self.entry.index_fanout);
+        let ids = lock(&self.tree).leaf(page).map(|ids| Arc::new(ids.to_vec()));
+        let ids = ids.map_err(|e| self.damaged(page * fanout, fanout, e))?;
+        lock(&self.leaves).put(page, ids.clone(), 1);
+        Ok(ids)
+    }
+
+    fn id(&self, chunk: u64) -> Result<Id, CoreError> {
+        let fanout = u64::from(self.entry.index_fanout);
+        let ids = self.leaf(chunk / fanout)?;
+        ids.get((chunk % fanout) as usize)
+            .copied()
+            .ok_or_else(|| self.damaged(chunk, 1, RepoError::corrupt("index page", "shorter than its geometry")))
+    }
+
+    /// Reads, verifies and caches one stored chunk.
+    fn fetch(&self, chunk: u64, id: &Id) -> Result<Arc<Vec<u8>>, CoreError> {
+        let data = self.reader.read(id, BlobKind::Data).map_err(|e| self.damaged(chunk, 1, e))?;
+        let want = (self.size() - chunk * self.chunk_size()).min(self.chunk_size()) as usize;
         if data.len() != want {
-            return Err(CoreError::Invalid(format!(
-                "chunk {i} of disk {} has {} bytes, not {want}",
-                self.entry.id,
-                data.len()
-            )));
+            let detail = format!("holds {} bytes, the chunk has {want}", data.len());
+            return Err(self.damaged(chunk, 1, RepoError::corrupt(format!("blob {id}"), detail)));
         }
         let data = Arc::new(data);
-        self.cache.lock().expect("cache lock").put(i, data.clone());
-        Ok(Some(data))
+        lock(&self.cache).put(chunk, data.clone(), want);
+        Ok(data)
     }
 
-    /// Fills `buf` with the bytes at `offset`.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), CoreError> {
-        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.size()) {
-            return Err(CoreError::Invalid(format!(
-                "read of {} bytes at {offset} is past the end of the disk",
-                buf.len()
-            )));
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), CoreError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(CoreError::Invalid(format!(
+                "bytes {offset}+{len} are not inside disk {} ({} bytes)",
+                self.entry.id,
+                self.size()
+            ))),
         }
+    }
+
+    /// Fills `buf` with the disk's bytes at `offset`. Zero chunks cost no I/O; missing
+    /// chunks are fetched in parallel when there are several.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), CoreError> {
+        self.check_range(offset, buf.len() as u64)?;
         let cs = self.chunk_size();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let (i, within) = (at / cs, (at % cs) as usize);
-            let n = (cs as usize - within).min(buf.len() - done);
-            match self.chunk(i)? {
-                Some(c) => buf[done..done + n].copy_from_slice(&c[within..within + n]),
-                None => buf[done..done + n].fill(0),
+        let mut missing = Vec::new();
+        let (mut rest, mut at) = (buf, offset);
+        while !rest.is_empty() {
+            let (chunk, within) = (at / cs, (at % cs) as usize);
+            let n = (cs as usize - within).min(rest.len());
+            let (out, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            rest = tail;
+            at += n as u64;
+            let cached = lock(&self.cache).get(chunk);
+            if let Some(c) = cached {
+                out.copy_from_slice(&c[within..within + n]);
+                continue;
             }
-            done += n;
+            let id = self.id(chunk)?;
+            if id.is_zero() {
+                out.fill(0);
+            } else {
+                missing.push(Fetch { chunk, id, within, out });
+            }
+        }
+        let threads = self.threads.min(missing.len());
+        if threads <= 1 {
+            return missing.into_iter().try_for_each(|f| self.fill(f));
+        }
+        let queue = Mutex::new(missing);
+        let first_error: Mutex<Option<CoreError>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    loop {
+                        // (The guard must not live through `fill`: no lock during I/O.)
+                        let next = lock(&queue).pop();
+                        let Some(f) = next else { break };
+                        if let Err(e) = self.fill(f) {
+                            lock(&first_error).get_or_insert(e);
+                            lock(&queue).clear();
+                        }
+                    }
+                });
+            }
+        });
+        match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn fill(&self, f: Fetch<'_>) -> Result<(), CoreError> {
+        let data = self.fetch(f.chunk, &f.id)?;
+        let n = f.out.len();
+        f.out.copy_from_slice(&data[f.within..f.within + n]);
+        Ok(())
+    }
+
+    /// Calls `visit(first byte, end, is_zero)` for each chunk overlapping
+    /// `offset..offset + len` (clipped to it), in order, until it returns `false`.
+    fn walk(&self, offset: u64, len: u64, visit: &mut dyn FnMut(u64, u64, bool) -> bool) -> Result<(), CoreError> {
+        self.check_range(offset, len)?;
+        let (cs, fanout) = (self.chunk_size(), u64::from(self.entry.index_fanout));
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let page = at / cs / fanout;
+            let ids = self.leaf(page)?;
+            let page_end = ((page + 1) * fanout).saturating_mul(cs).min(end);
+            while at < page_end {
+                let chunk = at / cs;
+                let next = ((chunk + 1) * cs).min(end);
+                let id = ids.get((chunk % fanout) as usize).ok_or_else(|| {
+                    self.damaged(chunk, 1, RepoError::corrupt("index page", "shorter than its geometry"))
+                })?;
+                if !visit(at, next, id.is_zero()) {
+                    return Ok(());
+                }
+                at = next;
+            }
         }
         Ok(())
     }
 
-    /// The zero and data ranges covering `offset..offset + len`: `(length, is_zero)`,
-    /// merged, by chunk.
+    /// The zero and data ranges covering `offset..offset + len`, in order and merged:
+    /// `(length, is_zero)`. Answered from the chunk ids alone (no chunk is read).
     pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, CoreError> {
-        let cs = self.chunk_size();
-        let end = (offset + len).min(self.size());
         let mut out: Vec<(u64, bool)> = Vec::new();
-        let mut at = offset;
-        while at < end {
-            let i = at / cs;
-            let next = ((i + 1) * cs).min(end);
-            let zero = self.id(i)?.is_zero();
+        self.walk(offset, len, &mut |start, end, zero| {
             match out.last_mut() {
-                Some((l, z)) if *z == zero => *l += next - at,
-                _ => out.push((next - at, zero)),
+                Some((l, z)) if *z == zero => *l += end - start,
+                _ => out.push((end - start, zero)),
             }
-            at = next;
-        }
+            true
+        })?;
         Ok(out)
+    }
+
+    /// Whether every byte of `offset..offset + len` lies in a zero chunk (no chunk is read).
+    pub fn is_zero_range(&self, offset: u64, len: u64) -> Result<bool, CoreError> {
+        let mut all_zero = true;
+        self.walk(offset, len, &mut |_, _, zero| {
+            all_zero &= zero;
+            zero
+        })?;
+        Ok(all_zero)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lru;
+
+    #[test]
+    fn lru_evicts_the_least_recently_used_within_its_weight() {
+        let mut c = Lru::new(10);
+        c.put(1, 'a', 4);
+        c.put(2, 'b', 4);
+        assert_eq!(c.get(1), Some('a')); // 2 is now the least recently used
+        c.put(3, 'c', 4);
+        assert_eq!((c.get(1), c.get(2), c.get(3)), (Some('a'), None, Some('c')));
+        assert_eq!(c.weight, 8);
+        c.put(4, 'd', 11); // heavier than the limit: not kept, nothing evicted
+        assert_eq!((c.get(4), c.weight), (None, 8));
+        c.put(5, 'e', 10);
+        assert_eq!((c.get(1), c.get(3), c.get(5), c.weight), (None, None, Some('e'), 10));
+        assert_eq!((c.map.len(), c.order.len()), (1, 1));
+        let mut none = Lru::new(0);
+        none.put(1, 'x', 1);
+        assert_eq!(none.get(1), None);
     }
 }

@@ -165,10 +165,10 @@ pub fn restore(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progress
         Some(r) => r,
         None => (0, disk.size),
     };
-    let index = BlobIndex::load(repo)?;
     if opts.format == RestoreFormat::Qcow2 {
-        return restore_qcow2(repo, opts, &info, disk, progress);
+        return restore_qcow2(repo, opts, progress);
     }
+    let index = BlobIndex::load(repo)?;
     let target = Target::open(&opts.target, disk.size, opts.force)?;
     let is_device = matches!(target, Target::Device { .. });
     progress.begin(&format!("restore {}", disk.id), range.1);
@@ -204,15 +204,22 @@ pub fn restore(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progress
 fn restore_qcow2(
     repo: &Repository,
     opts: &RestoreOptions,
-    info: &blockproof_repo::SnapshotInfo,
-    disk: &blockproof_format::DiskEntry,
     progress: &dyn Progress,
 ) -> Result<RestoreReport, CoreError> {
-    if opts.target.exists() && !opts.force {
-        return Err(CoreError::Invalid(format!(
-            "{} already exists; use --force to overwrite it",
-            opts.target.display()
-        )));
+    match fs::metadata(&opts.target) {
+        Ok(m) if !m.is_file() => {
+            return Err(CoreError::Invalid(format!(
+                "{} is not a regular file: a qcow2 restore writes a new file (restore raw to a block device)",
+                opts.target.display()
+            )))
+        }
+        Ok(_) if !opts.force => {
+            return Err(CoreError::Invalid(format!(
+                "{} already exists; use --force to overwrite it",
+                opts.target.display()
+            )))
+        }
+        _ => {}
     }
     let name = opts.target.file_name().ok_or_else(|| CoreError::Invalid("the target is not a file path".into()))?;
     let dir = match opts.target.parent() {
@@ -234,7 +241,6 @@ fn restore_qcow2(
     });
     let _ = fs::remove_file(&raw);
     let _ = fs::remove_file(&qcow);
-    let _ = (info, disk);
     result
 }
 

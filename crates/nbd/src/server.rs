@@ -3,12 +3,24 @@
 //! Each export is an [`Export`] (its size, a read, and which ranges are zeros), named.
 //! [`serve`] runs one client's session over any stream: options (`NBD_OPT_GO`, `INFO`,
 //! `EXPORT_NAME`, `LIST`, `ABORT`, `STRUCTURED_REPLY`, `SET_META_CONTEXT`,
-//! `LIST_META_CONTEXT`), then requests (`READ`, `BLOCK_STATUS`, `FLUSH`, `DISC`; writes,
-//! trims and zero-writes answer `EPERM`). With structured replies, zero ranges of a read go
-//! out as `OFFSET_HOLE` chunks (nothing on the wire) and `base:allocation` reports them
-//! as holes. The server never trusts the client: every length is bounded before anything
-//! is read or allocated, and a client that breaks the protocol is disconnected with an
-//! error, never a panic.
+//! `LIST_META_CONTEXT`), then requests (`READ`, `BLOCK_STATUS`, `FLUSH`, `DISC`). With
+//! structured replies, zero ranges of a read go out as `OFFSET_HOLE` chunks (nothing on the
+//! wire) and `base:allocation` reports them as holes (`NBD_STATE_HOLE | NBD_STATE_ZERO`).
+//!
+//! ## Invariants
+//!
+//! - Read-only: the export is announced with `NBD_FLAG_READ_ONLY`; `WRITE`, `TRIM` and
+//!   `WRITE_ZEROES` answer `EPERM` (a write's data is read and dropped, so the session goes
+//!   on); unknown commands answer `EINVAL`. [`Export`] has no write method at all.
+//! - A request outside the export (or longer than [`MAX_REQUEST`]) answers `EINVAL`; an
+//!   [`Export`] error answers `EIO` with its message. Neither ends the session.
+//! - The client is never trusted: every length is bounded before anything is read or
+//!   allocated (options at 64 KiB, requests and write data at [`MAX_REQUEST`]). A client
+//!   that breaks the protocol (bad magic, truncated option, unknown export after
+//!   `NBD_OPT_EXPORT_NAME`) ends its own session with an error — never a panic, and never
+//!   affecting other sessions: each runs on its own stream, sharing only the exports.
+//! - Wire constants are the client's (`handshake`, `reply`, `request`), so both sides of
+//!   the crate speak from one list.
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -34,8 +46,11 @@ const REP_ERR_INVALID: u32 = REP_ERR_BIT | 3;
 const FLAG_HAS_FLAGS: u16 = 1 << 0;
 const FLAG_SEND_FLUSH: u16 = 1 << 2;
 const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
 const CMD_BLOCK_STATUS: u16 = 7;
 const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 const EPERM: u32 = 1;
@@ -168,6 +183,9 @@ pub fn serve<S: Read + Write>(stream: &mut S, exports: &Exports<'_>) -> io::Resu
                 }
                 option_reply(stream, option, REP_ACK, &[])?;
             }
+            OPT_STRUCTURED_REPLY if !data.is_empty() => {
+                option_reply(stream, option, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")?
+            }
             OPT_STRUCTURED_REPLY => {
                 structured = true;
                 option_reply(stream, option, REP_ACK, &[])?;
@@ -177,7 +195,15 @@ pub fn serve<S: Read + Write>(stream: &mut S, exports: &Exports<'_>) -> io::Resu
                     option_reply(stream, option, REP_ERR_INVALID, b"structured replies first")?;
                     continue;
                 }
-                let _export = p.string()?;
+                let export = p.string()?;
+                if find(&export).is_none() {
+                    option_reply(stream, option, REP_ERR_UNKNOWN, format!("no export named {export:?}").as_bytes())?;
+                    continue;
+                }
+                if option == OPT_SET_META_CONTEXT {
+                    // Each SET replaces what an earlier one selected.
+                    allocation = false;
+                }
                 let queries = p.u32()?;
                 let mut grant = queries == 0 && option == OPT_LIST_META_CONTEXT;
                 for _ in 0..queries {
@@ -274,6 +300,17 @@ fn transmission<S: Read + Write>(s: &mut S, export: &dyn Export, structured: boo
         let in_range = offset.checked_add(u64::from(len)).is_some_and(|end| end <= size);
         match kind {
             CMD_DISC => return Ok(()),
+            // A write carries its data: it is read and dropped, so the next request
+            // header is found where the client put it.
+            CMD_WRITE if len > MAX_REQUEST => return Err(protocol(format!("write of {len} bytes"))),
+            CMD_WRITE => {
+                let skipped = io::copy(&mut Read::by_ref(s).take(u64::from(len)), &mut io::sink())?;
+                if skipped != u64::from(len) {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "write request without its data"));
+                }
+                error_reply(s, structured, cookie, EPERM, "the export is read-only")?
+            }
+            CMD_TRIM | CMD_WRITE_ZEROES => error_reply(s, structured, cookie, EPERM, "the export is read-only")?,
             CMD_FLUSH => simple_or_done(s, structured, cookie)?,
             CMD_READ if !in_range || len > MAX_REQUEST => {
                 error_reply(s, structured, cookie, EINVAL, "read outside the export")?
@@ -303,7 +340,7 @@ fn transmission<S: Read + Write>(s: &mut S, export: &dyn Export, structured: boo
                 }
                 chunk(s, cookie, FLAG_DONE, TYPE_BLOCK_STATUS, &[&d])?;
             }
-            _ => error_reply(s, structured, cookie, EPERM, "the export is read-only")?,
+            _ => error_reply(s, structured, cookie, EINVAL, &format!("command {kind} is not supported"))?,
         }
         s.flush()?;
     }
@@ -355,108 +392,4 @@ fn read(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct Mem(u64);
-
-    impl Export for Mem {
-        fn size(&self) -> u64 {
-            self.0
-        }
-        fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-            for (k, b) in buf.iter_mut().enumerate() {
-                *b = ((offset + k as u64) % 251) as u8;
-            }
-            Ok(())
-        }
-        fn allocation(&self, _: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
-            Ok(vec![(len / 2, true), (len - len / 2, false)])
-        }
-    }
-
-    /// A client's bytes in, the server's bytes out.
-    struct Duplex(io::Cursor<Vec<u8>>, Vec<u8>);
-
-    impl Read for Duplex {
-        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
-            self.0.read(b)
-        }
-    }
-
-    impl Write for Duplex {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.1.extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn session(input: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        let exports: Exports<'_> = vec![("d".into(), Arc::new(Mem(1 << 20)))];
-        let mut d = Duplex(io::Cursor::new(input), Vec::new());
-        let r = serve(&mut d, &exports);
-        (r, d.1)
-    }
-
-    fn option(code: u32, data: &[u8]) -> Vec<u8> {
-        let mut v = IHAVEOPT.to_be_bytes().to_vec();
-        v.extend_from_slice(&code.to_be_bytes());
-        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        v.extend_from_slice(data);
-        v
-    }
-
-    #[test]
-    fn export_name_then_read_and_disconnect() {
-        let mut input = 3u32.to_be_bytes().to_vec(); // fixed newstyle, no zeroes
-        input.extend(option(OPT_EXPORT_NAME, b"d"));
-        for (cmd, off, len) in [(CMD_READ, 10u64, 20u32), (2, 0, 0)] {
-            input.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-            input.extend_from_slice(&0u16.to_be_bytes());
-            input.extend_from_slice(&cmd.to_be_bytes());
-            input.extend_from_slice(&7u64.to_be_bytes());
-            input.extend_from_slice(&off.to_be_bytes());
-            input.extend_from_slice(&len.to_be_bytes());
-        }
-        let (r, out) = session(input);
-        r.unwrap();
-        // hello (18) + size and flags (10) + simple reply (16) + 20 bytes of data
-        assert_eq!(out.len(), 18 + 10 + 16 + 20);
-        assert_eq!(&out[28..32], &SIMPLE_REPLY_MAGIC.to_be_bytes());
-        assert_eq!(out[44], 10);
-    }
-
-    #[test]
-    fn unknown_export_and_bad_magic_are_errors_not_panics() {
-        let mut input = 3u32.to_be_bytes().to_vec();
-        input.extend(option(OPT_EXPORT_NAME, b"nope"));
-        assert!(session(input).0.is_err());
-        let mut input = 3u32.to_be_bytes().to_vec();
-        input.extend_from_slice(&[0xff; 16]);
-        assert!(session(input).0.is_err());
-    }
-
-    #[test]
-    fn random_client_input_never_panics() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        for round in 0..3000 {
-            let mut input = 3u32.to_be_bytes().to_vec();
-            // Half the rounds start with a valid option, then garbage.
-            if round % 2 == 0 {
-                input.extend(option([OPT_GO, OPT_STRUCTURED_REPLY, OPT_LIST, OPT_SET_META_CONTEXT][round % 4], b""));
-            }
-            let n = (next() % 96) as usize;
-            input.extend((0..n).map(|_| next() as u8));
-            let _ = session(input);
-        }
-    }
-}
+mod tests;
