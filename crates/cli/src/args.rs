@@ -19,12 +19,39 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct RepoArgs {
-    /// Repository location (a directory).
+    /// Repository location: a directory, or s3://BUCKET/PREFIX (credentials and region
+    /// from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).
     #[arg(long, env = "BLOCKPROOF_REPO", value_name = "REPO")]
-    pub repo: PathBuf,
+    pub repo: String,
     /// Read the password from the first line of this file.
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// How to reach repositories on object storage (ignored for directories).
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// S3 endpoint of a non-AWS service (MinIO, Garage, Ceph), e.g. http://127.0.0.1:3900.
+    #[arg(long, env = "BLOCKPROOF_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// Path-style bucket addressing (always used when --s3-endpoint is given).
+    #[arg(long, env = "BLOCKPROOF_S3_PATH_STYLE")]
+    pub s3_path_style: bool,
+    /// Give up on a failing S3 request after retrying this many seconds.
+    #[arg(long, env = "BLOCKPROOF_S3_RETRY_TIMEOUT", value_name = "SECS", default_value_t = 120)]
+    pub s3_retry_timeout: u64,
+    /// Pack uploads in flight at once.
+    #[arg(long, env = "BLOCKPROOF_S3_UPLOADS", value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub s3_uploads: u16,
+    /// Local cache of index files and manifests of S3 repositories (disposable).
+    #[arg(long, env = "BLOCKPROOF_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Do not cache index files and manifests locally.
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -205,10 +232,11 @@ pub struct SnapshotRefArgs {
 pub struct CopyArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// The target repository (a directory). Its password comes from
-    /// BLOCKPROOF_TO_PASSWORD, --to-password-file, or a prompt.
+    /// The target repository (a directory or s3://BUCKET/PREFIX, reached with the same
+    /// S3 options). Its password comes from BLOCKPROOF_TO_PASSWORD, --to-password-file,
+    /// or a prompt.
     #[arg(long, value_name = "REPO2")]
-    pub to: PathBuf,
+    pub to: String,
     /// Read the target's password from the first line of this file.
     #[arg(long, value_name = "FILE")]
     pub to_password_file: Option<PathBuf>,

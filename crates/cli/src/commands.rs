@@ -6,7 +6,6 @@ use blockproof_core::{BackupOptions, Budget, CheckOptions, OnMismatch, RestoreFo
 use blockproof_format::KdfParams;
 use blockproof_format::SnapshotStatus;
 use blockproof_repo::{InitOptions, Repository};
-use blockproof_store::LocalBackend;
 use serde::Serialize;
 
 use crate::args::{BackupArgs, CheckArgs, Cli, Command, InitArgs, RepoArgs, RestoreArgs, VmArgs};
@@ -41,9 +40,9 @@ pub fn run(cli: Cli) -> Result<u8> {
 
 /// Opens the repository named by `--repo` with the user's password.
 pub fn open_repo(args: &RepoArgs) -> Result<Repository> {
-    let backend = LocalBackend::open(&args.repo)?;
+    let backend = crate::location::backend(&args.repo, &args.store, false)?;
     let pw = password::password(args.password_file.as_deref(), false)?;
-    Ok(Repository::open(Box::new(backend), &pw)?)
+    Ok(Repository::open(backend, &pw)?)
 }
 
 /// `1.5 GiB`-style sizes for people.
@@ -88,8 +87,8 @@ fn init(a: InitArgs) -> Result<u8> {
         .ok_or_else(|| Usage(format!("invalid --pack-size {:?}: from the chunk size to 1GiB", a.pack_size)))?;
     let opts = InitOptions { chunk_size, pack_size, kdf, ..InitOptions::default() };
     let pw = password::password(a.repo.password_file.as_deref(), true)?;
-    let backend = LocalBackend::create(&a.repo.repo)?;
-    let repo = Repository::init(Box::new(backend), &pw, &opts)?;
+    let backend = crate::location::backend(&a.repo.repo, &a.repo.store, true)?;
+    let repo = Repository::init(backend, &pw, &opts)?;
     if a.json {
         print_json(&serde_json::json!({
             "repository": repo.id(),
@@ -100,7 +99,7 @@ fn init(a: InitArgs) -> Result<u8> {
         println!(
             "created repository {} at {} (chunk size {})",
             repo.id().short(),
-            a.repo.repo.display(),
+            a.repo.repo,
             human_bytes(u64::from(repo.config().chunk_size))
         );
         println!("keep the password safe: without it the data cannot be read by anyone.");

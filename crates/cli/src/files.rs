@@ -27,12 +27,14 @@ use crate::{exit, Usage};
 /// with `--image`, a raw disk image file or block device (then no SNAP is given).
 #[derive(Args, Debug)]
 pub struct DiskSource {
-    /// Repository location (a directory).
+    /// Repository location (a directory or s3://BUCKET/PREFIX).
     #[arg(long, env = "BLOCKPROOF_REPO", value_name = "REPO")]
-    pub repo: Option<PathBuf>,
+    pub repo: Option<String>,
     /// Read the password from the first line of this file.
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: crate::args::StoreArgs,
     /// The disk id of the snapshot to read.
     #[arg(long, value_name = "ID")]
     pub disk: Option<String>,
@@ -153,7 +155,11 @@ pub fn open_disk(source: &DiskSource, snapshot: Option<&str>) -> Result<Box<dyn 
     let (Some(repo), Some(snapshot), Some(disk)) = (&source.repo, snapshot, &source.disk) else {
         return Err(Usage("give --repo REPO, a snapshot and --disk ID (or --image PATH)".into()).into());
     };
-    let args = crate::args::RepoArgs { repo: repo.clone(), password_file: source.password_file.clone() };
+    let args = crate::args::RepoArgs {
+        repo: repo.clone(),
+        password_file: source.password_file.clone(),
+        store: source.store.clone(),
+    };
     // The repository, its index and the reader live as long as this command: they are
     // leaked on purpose, so the disk reader can be a plain 'static value.
     let repo: &'static Repository = Box::leak(Box::new(open_repo(&args)?));

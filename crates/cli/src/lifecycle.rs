@@ -197,8 +197,8 @@ pub fn copy(a: CopyArgs) -> Result<u8> {
         false,
     )?;
     let backend =
-        blockproof_store::LocalBackend::open(&a.to).map_err(|e| anyhow::anyhow!("{}: {e}", a.to.display()))?;
-    let dst = blockproof_repo::Repository::open(Box::new(backend), &pw)?;
+        crate::location::backend(&a.to, &a.repo.store, false).map_err(|e| anyhow::anyhow!("{}: {e}", a.to))?;
+    let dst = blockproof_repo::Repository::open(backend, &pw)?;
     let progress = progress::for_stderr();
     let r =
         blockproof_core::copy(&src, &dst, &blockproof_core::CopyOptions { snapshots: a.snapshots }, progress.as_ref())?;

@@ -7,6 +7,7 @@ mod demo;
 mod disk_spec;
 mod files;
 mod lifecycle;
+mod location;
 mod password;
 mod progress;
 mod serve;
@@ -47,7 +48,9 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
-    match commands::run(cli) {
+    let result = commands::run(cli);
+    location::report_requests();
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             let usage = err.downcast_ref::<Usage>().is_some()

@@ -124,3 +124,9 @@ pub fn hostname() -> String {
 pub(crate) fn workers() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 16)
 }
+
+/// Threads that read blobs from `repo`: one per core, more on a remote store whose
+/// requests spend their time waiting.
+pub(crate) fn readers(repo: &blockproof_repo::Repository) -> usize {
+    workers().max(repo.backend().parallelism()).min(16)
+}

@@ -12,7 +12,7 @@ use blockproof_repo::{BlobIndex, BlobReader, Repository, TreeReader};
 use crossbeam_channel::bounded;
 use serde::Serialize;
 
-use crate::{workers, CoreError, Progress};
+use crate::{CoreError, Progress};
 
 /// The format of a restored file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -302,7 +302,7 @@ fn write_chunks(
                 }
             }
         });
-        for _ in 0..workers() {
+        for _ in 0..crate::readers(repo) {
             let (rx, wtx) = (rx.clone(), wtx.clone());
             let (reader, first_error) = (&reader, &first_error);
             s.spawn(move || {

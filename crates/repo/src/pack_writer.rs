@@ -40,38 +40,46 @@ pub struct PackWriter<'a> {
     uploads: Uploads,
 }
 
-/// Packs being written by a background thread while the next one fills: the writer
-/// never waits for a pack's `fsync` (or upload) unless [`UPLOADS_IN_FLIGHT`] are pending
-/// or an index file is about to name them.
+/// Packs being written by background threads while the next one fills: the writer
+/// never waits for a pack's `fsync` (or upload) unless `limit` are pending or an index
+/// file is about to name them. A local disk gets one writer thread; a remote store gets
+/// as many as its [`Backend::parallelism`](blockproof_store::Backend::parallelism)
+/// asks for, to fill the link.
 struct Uploads {
     tx: Option<crossbeam_channel::Sender<(Id, Vec<u8>)>>,
     done: crossbeam_channel::Receiver<(Result<(), StoreError>, Vec<u8>)>,
     in_flight: usize,
-    thread: Option<std::thread::JoinHandle<()>>,
+    limit: usize,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
-
-/// Packs written in the background at most (each holds a pack-sized buffer).
-const UPLOADS_IN_FLIGHT: usize = 2;
 
 impl Uploads {
     fn new(backend: std::sync::Arc<dyn blockproof_store::Backend>) -> Self {
-        let (tx, rx) = crossbeam_channel::bounded::<(Id, Vec<u8>)>(UPLOADS_IN_FLIGHT);
+        let writers = backend.parallelism().clamp(1, 16);
+        // Each pending pack holds a pack-sized buffer: writers + 1 bounds the memory.
+        let limit = writers + 1;
+        let (tx, rx) = crossbeam_channel::bounded::<(Id, Vec<u8>)>(limit);
         let (done_tx, done) = crossbeam_channel::unbounded();
-        let thread = std::thread::spawn(move || {
-            for (id, file) in rx.iter() {
-                let r = backend.write(Kind::Pack, &id.to_hex(), &file);
-                if done_tx.send((r, file)).is_err() {
-                    return;
-                }
-            }
-        });
-        Uploads { tx: Some(tx), done, in_flight: 0, thread: Some(thread) }
+        let threads = (0..writers)
+            .map(|_| {
+                let (rx, done_tx, backend) = (rx.clone(), done_tx.clone(), backend.clone());
+                std::thread::spawn(move || {
+                    for (id, file) in rx.iter() {
+                        let r = backend.write(Kind::Pack, &id.to_hex(), &file);
+                        if done_tx.send((r, file)).is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Uploads { tx: Some(tx), done, in_flight: 0, limit, threads }
     }
 
     /// Hands a finished pack over; returns a spare buffer when one came back.
     fn send(&mut self, id: Id, file: Vec<u8>) -> Result<Option<Vec<u8>>, RepoError> {
         let mut spare = None;
-        if self.in_flight >= UPLOADS_IN_FLIGHT {
+        if self.in_flight >= self.limit {
             spare = Some(self.wait_one()?);
         }
         self.tx
@@ -102,7 +110,7 @@ impl Uploads {
 impl Drop for Uploads {
     fn drop(&mut self) {
         self.tx.take();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }

@@ -31,9 +31,21 @@
 //! REPO/tmp/              temporary files of writes in progress (safe to delete when
 //!                        no blockproof process runs)
 //! ```
+//!
+//! [`relative_path`] gives this layout without the root; object-store backends use it
+//! as the object key under their prefix, so a repository directory copied into a bucket
+//! (or back) is a valid repository.
+//!
+//! ## Caching
+//!
+//! [`ReadCache`] wraps any backend and keeps index files and snapshot manifests in a
+//! local directory. Both are immutable and named by the BLAKE3 hash of their bytes, so a
+//! cached copy is checked against its name on every read and the cache is disposable.
 
+mod cache;
 mod local;
 
+pub use cache::ReadCache;
 pub use local::LocalBackend;
 
 use std::fmt;
@@ -66,6 +78,25 @@ impl Kind {
     }
 }
 
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 7] =
+        [Kind::Config, Kind::Key, Kind::Pack, Kind::Index, Kind::Snapshot, Kind::Lock, Kind::State];
+
+    /// The directory of this kind under the repository root (empty for the config file).
+    pub fn dir(self) -> &'static str {
+        match self {
+            Kind::Config => "",
+            Kind::Key => "keys",
+            Kind::Pack => "data",
+            Kind::Index => "index",
+            Kind::Snapshot => "snapshots",
+            Kind::Lock => "locks",
+            Kind::State => "state",
+        }
+    }
+}
+
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -81,12 +112,32 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Invalid(String),
+    /// A remote store failed (after its retries); the message names the object.
+    #[error("{0}")]
+    Remote(String),
 }
 
 impl StoreError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
     }
+}
+
+/// The path of a file relative to the repository root (see the layout above). Names
+/// are checked so they cannot leave the repository: at least two characters of
+/// `[A-Za-z0-9_-]`.
+pub fn relative_path(kind: Kind, name: &str) -> Result<String, StoreError> {
+    if kind == Kind::Config {
+        return Ok("config".into());
+    }
+    let valid = name.len() >= 2 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(StoreError::Invalid(format!("invalid {kind} name {name:?}")));
+    }
+    Ok(match kind {
+        Kind::Pack => format!("{}/{}/{name}", kind.dir(), &name[..2]),
+        _ => format!("{}/{name}", kind.dir()),
+    })
 }
 
 /// Storage of named immutable files, grouped by kind. See the crate doc for the rules.
@@ -110,5 +161,11 @@ pub trait Backend: Send + Sync {
     fn clean_temporary(&self, age: std::time::Duration) -> Result<u64, StoreError> {
         let _ = age;
         Ok(0)
+    }
+    /// How many requests are worth running at once: whole-file writes of packs, and
+    /// blob reads of a restore (a remote store hides its latency and fills its link with
+    /// several; a local disk gains nothing beyond one writer per pack).
+    fn parallelism(&self) -> usize {
+        1
     }
 }

@@ -80,30 +80,12 @@ impl LocalBackend {
     }
 
     fn dir(&self, kind: Kind) -> PathBuf {
-        match kind {
-            Kind::Config => self.root.clone(),
-            Kind::Key => self.root.join("keys"),
-            Kind::Pack => self.root.join("data"),
-            Kind::Index => self.root.join("index"),
-            Kind::Snapshot => self.root.join("snapshots"),
-            Kind::Lock => self.root.join("locks"),
-            Kind::State => self.root.join("state"),
-        }
+        self.root.join(kind.dir())
     }
 
     /// The path of a file. Names are checked so they cannot leave the repository.
     pub fn path(&self, kind: Kind, name: &str) -> Result<PathBuf, StoreError> {
-        if kind == Kind::Config {
-            return Ok(self.root.join("config"));
-        }
-        let valid = name.len() >= 2 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !valid {
-            return Err(StoreError::Invalid(format!("invalid {kind} name {name:?}")));
-        }
-        Ok(match kind {
-            Kind::Pack => self.dir(kind).join(&name[..2]).join(name),
-            _ => self.dir(kind).join(name),
-        })
+        Ok(self.root.join(crate::relative_path(kind, name)?))
     }
 
     fn open_cached(&self, kind: Kind, name: &str) -> Result<Arc<File>, StoreError> {

@@ -3,6 +3,7 @@
 //! and asserts on its exit code and output.
 #![allow(dead_code)]
 
+pub mod garage;
 pub mod qemu;
 
 use std::fs;
@@ -15,14 +16,30 @@ pub const PASSWORD: &str = "test password";
 /// A marker string written into test images: it must never appear in a repository.
 pub const MARKER: &[u8] = b"BLOCKPROOF-PLAINTEXT-MARKER-7f3a";
 
-/// A temporary working directory with a repository path inside it.
+/// A temporary working directory with a repository path inside it, or with a repository
+/// on an S3 store ([`Dir::on_s3`]).
 pub struct Dir {
     tmp: tempfile::TempDir,
+    s3: Option<(String, Vec<(&'static str, String)>)>,
 }
 
 impl Dir {
     pub fn new() -> Self {
-        Dir { tmp: tempfile::Builder::new().prefix("blockproof-test-").tempdir().unwrap() }
+        Dir { tmp: tempfile::Builder::new().prefix("blockproof-test-").tempdir().unwrap(), s3: None }
+    }
+
+    /// A directory whose repository is `url` (s3://BUCKET/PREFIX) on `garage`; commands get
+    /// the node's credentials and endpoint, and a cache directory inside this directory.
+    pub fn on_s3(garage: &garage::Garage, url: &str) -> Self {
+        Dir { s3: Some((url.to_string(), garage.env())), ..Dir::new() }
+    }
+
+    /// The `--repo` argument: the S3 URL or the directory.
+    pub fn repo_location(&self) -> std::ffi::OsString {
+        match &self.s3 {
+            Some((url, _)) => url.into(),
+            None => self.repo().into(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -41,13 +58,16 @@ impl Dir {
     pub fn cmd(&self, sub: &str) -> TestCommand {
         let mut c = Command::new(env!("CARGO_BIN_EXE_blockproof"));
         c.arg(sub).current_dir(self.path()).env("BLOCKPROOF_PASSWORD", PASSWORD).env_remove("BLOCKPROOF_REPO");
+        if let Some((_, env)) = &self.s3 {
+            c.envs(env.iter().map(|(k, v)| (k, v))).env("BLOCKPROOF_CACHE_DIR", self.join("s3-cache"));
+        }
         TestCommand { cmd: c }
     }
 
     /// A command on this directory's repository.
     pub fn repo_cmd(&self, sub: &str) -> TestCommand {
         let mut c = self.cmd(sub);
-        c.arg("--repo").arg(self.repo());
+        c.arg("--repo").arg(self.repo_location());
         c
     }
 

@@ -1,0 +1,64 @@
+//! Repository locations: a directory or `s3://BUCKET/PREFIX`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use blockproof_s3::{RequestCounts, S3Backend, S3Location, S3Options};
+use blockproof_store::{Backend, LocalBackend, ReadCache};
+
+use crate::args::StoreArgs;
+
+/// Request counters of the S3 repositories this process opened, printed on exit when
+/// `BLOCKPROOF_S3_STATS` is set (the figures of docs/OBJECT-STORAGE.md's cost model).
+static S3_COUNTS: Mutex<Vec<Arc<RequestCounts>>> = Mutex::new(Vec::new());
+
+/// Opens (or, with `create`, prepares) the repository at `location`.
+pub fn backend(location: &str, store: &StoreArgs, create: bool) -> Result<Box<dyn Backend>> {
+    if !S3Location::is_s3_url(location) {
+        let backend = if create { LocalBackend::create(location) } else { LocalBackend::open(location) };
+        return Ok(Box::new(backend?));
+    }
+    let parsed = S3Location::parse(location).map_err(|e| crate::Usage(e.to_string()))?;
+    let options = S3Options {
+        endpoint: store.s3_endpoint.clone(),
+        path_style: store.s3_path_style,
+        retry_timeout: Duration::from_secs(store.s3_retry_timeout),
+        uploads: usize::from(store.s3_uploads),
+    };
+    let s3 = if create { S3Backend::create(parsed, &options) } else { S3Backend::open(parsed, &options) }?;
+    S3_COUNTS.lock().expect("counts lock").push(s3.counts());
+    if store.no_cache {
+        return Ok(Box::new(s3));
+    }
+    let dir = cache_dir(store.cache_dir.clone(), location, store.s3_endpoint.as_deref());
+    let cached = ReadCache::new(Box::new(s3), &dir).with_context(|| format!("cache directory {}", dir.display()))?;
+    Ok(Box::new(cached))
+}
+
+/// `--cache-dir`, else `$XDG_CACHE_HOME/blockproof` or `~/.cache/blockproof`, then one
+/// directory per repository location.
+fn cache_dir(explicit: Option<PathBuf>, location: &str, endpoint: Option<&str>) -> PathBuf {
+    let base = explicit.unwrap_or_else(|| {
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(std::env::temp_dir)
+            .join("blockproof")
+    });
+    let key = format!("{}|{location}", endpoint.unwrap_or(""));
+    base.join(&blake3::hash(key.as_bytes()).to_hex()[..16])
+}
+
+/// Prints the S3 request counters to stderr as one JSON line, if asked for.
+pub fn report_requests() {
+    if std::env::var_os("BLOCKPROOF_S3_STATS").is_none() {
+        return;
+    }
+    for counts in S3_COUNTS.lock().expect("counts lock").iter() {
+        let map: serde_json::Map<String, serde_json::Value> =
+            counts.snapshot().into_iter().map(|(k, v)| (k.to_string(), v.into())).collect();
+        eprintln!("blockproof: s3 requests: {}", serde_json::Value::Object(map));
+    }
+}

@@ -1,0 +1,53 @@
+//! # blockproof-s3
+//!
+//! Repositories on S3-compatible object storage (AWS S3, Ceph RGW, MinIO, Garage, Wasabi,
+//! Backblaze B2), as an implementation of blockproof-store's [`Backend`] trait. The
+//! layers above — chunking, encryption, verification, locks, gc — are unchanged.
+//!
+//! ## Model
+//!
+//! A repository at `s3://BUCKET/PREFIX` is the local directory layout
+//! ([`blockproof_store::relative_path`]) under the key prefix: `PREFIX/config`,
+//! `PREFIX/keys/…`, `PREFIX/data/XX/…`, `PREFIX/index/…`, `PREFIX/snapshots/…`,
+//! `PREFIX/locks/…`, `PREFIX/state/…`. A repository directory copied into a bucket is
+//! therefore a valid S3 repository, and the reverse.
+//!
+//! ## Invariants (how the durability rules of the trait hold without rename)
+//!
+//! - **Atomic writes**: every file is one PUT under its final name (a multipart upload
+//!   above [`backend::MULTIPART_THRESHOLD`], which becomes visible only when completed).
+//!   S3 never shows a partial object, so no temporary names and no rename are needed. A
+//!   writer killed mid-upload leaves at most an incomplete multipart upload, invisible to
+//!   listings; a bucket lifecycle rule (`AbortIncompleteMultipartUpload`) reclaims it.
+//! - **Content-derived names**: packs, index files and snapshots are named by the hash of
+//!   their bytes, so a retried or repeated PUT writes identical bytes. Snapshots are
+//!   committed by writing the manifest last.
+//! - **Retries**: requests failing with 5xx, timeouts or refused connections are retried
+//!   with exponential back-off (100 ms doubling to 10 s) for [`S3Options::retry_timeout`];
+//!   then the operation fails with a one-line error naming the object.
+//! - **Eventual listing**: nothing relies on a listing being complete at once. Locks and
+//!   gc plans are time-based (see docs/LIFECYCLE.md and docs/OBJECT-STORAGE.md).
+//! - **Parallel uploads**: [`Backend::parallelism`] asks the pack writer for
+//!   [`S3Options::uploads`] concurrent PUTs to fill the link.
+
+pub mod backend;
+mod location;
+
+pub use backend::{RequestCounts, S3Backend};
+pub use blockproof_store::Backend;
+pub use location::{S3Location, S3Options};
+
+/// Errors opening an S3 repository.
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    #[error("{0}")]
+    Url(String),
+    #[error("S3 configuration: {0}")]
+    Config(String),
+    #[error("{0} is not a blockproof repository (no config object)")]
+    NotARepository(String),
+    #[error("{0} already holds objects; refusing to initialise a repository there")]
+    NotEmpty(String),
+    #[error(transparent)]
+    Store(#[from] blockproof_store::StoreError),
+}

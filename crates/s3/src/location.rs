@@ -1,0 +1,105 @@
+//! Where an S3 repository is and how to reach it.
+
+use std::time::Duration;
+
+use crate::S3Error;
+
+/// `s3://BUCKET/PREFIX`: a bucket and a key prefix (possibly empty) under which the
+/// repository's objects live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Location {
+    pub bucket: String,
+    /// Without leading or trailing slashes; empty for the bucket's root.
+    pub prefix: String,
+}
+
+impl S3Location {
+    /// Whether `s` names an S3 repository (rather than a directory).
+    pub fn is_s3_url(s: &str) -> bool {
+        s.starts_with("s3://")
+    }
+
+    /// Parses `s3://BUCKET[/PREFIX]`.
+    pub fn parse(s: &str) -> Result<Self, S3Error> {
+        let rest =
+            s.strip_prefix("s3://").ok_or_else(|| S3Error::Url(format!("{s:?} is not an s3://BUCKET/PREFIX URL")))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let bucket_ok = (3..=63).contains(&bucket.len())
+            && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && !bucket.starts_with(['-', '.'])
+            && !bucket.ends_with(['-', '.']);
+        if !bucket_ok {
+            return Err(S3Error::Url(format!(
+                "{s:?}: invalid bucket name {bucket:?} (3 to 63 characters of a-z, 0-9, '-' and '.')"
+            )));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
+            return Err(S3Error::Url(format!("{s:?}: invalid prefix {prefix:?}")));
+        }
+        Ok(S3Location { bucket: bucket.into(), prefix: prefix.into() })
+    }
+
+    /// The object key of a repository-relative path.
+    pub fn key(&self, relative: &str) -> String {
+        if self.prefix.is_empty() {
+            relative.to_string()
+        } else {
+            format!("{}/{relative}", self.prefix)
+        }
+    }
+}
+
+impl std::fmt::Display for S3Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.prefix.is_empty() {
+            write!(f, "s3://{}", self.bucket)
+        } else {
+            write!(f, "s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+/// How to reach the store. Credentials and region come from the usual `AWS_*`
+/// environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_SESSION_TOKEN`, `AWS_REGION` or `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`).
+#[derive(Clone, Debug)]
+pub struct S3Options {
+    /// `http(s)://host:port` of an S3-compatible service; `None` for AWS (or
+    /// `AWS_ENDPOINT_URL`).
+    pub endpoint: Option<String>,
+    /// Address buckets as `endpoint/bucket/key` rather than `bucket.endpoint/key`.
+    /// Always on when an endpoint is given (MinIO, Garage and Ceph expect it).
+    pub path_style: bool,
+    /// Give up on a request that keeps failing (5xx, timeouts, refused connections)
+    /// after this long, retrying with exponential back-off until then.
+    pub retry_timeout: Duration,
+    /// Whole-object uploads in flight at once.
+    pub uploads: usize,
+}
+
+impl Default for S3Options {
+    fn default() -> Self {
+        S3Options { endpoint: None, path_style: false, retry_timeout: Duration::from_secs(120), uploads: 4 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bucket_and_prefix() {
+        let l = S3Location::parse("s3://backups/site-a/vms/").unwrap();
+        assert_eq!((l.bucket.as_str(), l.prefix.as_str()), ("backups", "site-a/vms"));
+        assert_eq!(l.key("data/ab/abcd"), "site-a/vms/data/ab/abcd");
+        assert_eq!(l.to_string(), "s3://backups/site-a/vms");
+        let root = S3Location::parse("s3://backups").unwrap();
+        assert_eq!(root.key("config"), "config");
+        assert_eq!(root.to_string(), "s3://backups");
+        for bad in ["/tmp/repo", "s3://", "s3://A_B/x", "s3://-ab", "s3://ok-bucket/../x", "s3://ok-bucket/a//b"] {
+            assert!(S3Location::parse(bad).is_err(), "{bad}");
+        }
+        assert!(S3Location::is_s3_url("s3://x") && !S3Location::is_s3_url("/s3://x"));
+    }
+}
