@@ -5,6 +5,7 @@
 # incremental after 1% changed (change list), restore and check --read-data.
 #
 # usage: bench/s3.sh [--size MIB] [--runs N]     (default 2048 MiB, 3 runs of each backup)
+# Needs taskset (util-linux) for the "separate" placement.
 # Needs garage (cargo install garage --locked). Prints Markdown; not part of CI.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -37,24 +38,42 @@ timed() {
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 mib() { awk -v b="$1" 'BEGIN {printf "%.0f", b/1048576}'; }
 
-echo "| run | local dir (s) | Garage s3:// (s) |"
-echo "|---|---|---|"
-: > "$work/local.t"; : > "$work/s3.t"
+gpid=$(cat "$work/garage/garage.pid")
+garage_cpu() { awk '{printf "%.2f", ($14+$15)/100}' "/proc/$gpid/stat"; }
+# Two placements: "shared" lets blockproof and Garage compete for every core (Garage's own
+# MD5 and BLAKE2 hashing then take CPU from the backup); "separate" pins blockproof to core
+# 0 and Garage to core 1, as when the store is another machine.
+echo "| run | placement | local dir (s) | Garage s3:// (s) | s3 / local throughput | Garage CPU (s) |"
+echo "|---|---|---|---|---|---|"
+: > "$work/shared.r"; : > "$work/separate.r"
+n=0
 for i in $(seq "$runs"); do
-  rm -rf "$work/local"
-  "$bp" init --repo "$work/local" --kdf-memory 8 --kdf-iterations 1 >/dev/null
-  read -r lt _ _ < <(timed "$bp" backup --repo "$work/local" --vm v --disk "id=d,source=$work/mixed.img")
-  "$bp" init --repo "s3://bench/run$i" --kdf-memory 8 --kdf-iterations 1 >/dev/null
-  read -r st srss sreq < <(timed "$bp" backup --repo "s3://bench/run$i" --vm v --disk "id=d,source=$work/mixed.img")
-  echo "$lt" >> "$work/local.t"; echo "$st" >> "$work/s3.t"
-  echo "| $i | $lt | $st |"
-  full_req=$sreq; full_rss=$srss
+  for placement in shared separate; do
+    n=$((n + 1))
+    if [ "$placement" = shared ]; then pin=(); taskset -apc 0-$(($(nproc) - 1)) "$gpid" >/dev/null
+    else pin=(taskset -c 0); taskset -apc 1 "$gpid" >/dev/null; fi
+    rm -rf "$work/local"
+    "$bp" init --repo "$work/local" --kdf-memory 8 --kdf-iterations 1 >/dev/null
+    read -r lt _ _ < <(timed "${pin[@]}" "$bp" backup --repo "$work/local" --vm v --disk "id=d,source=$work/mixed.img")
+    "$bp" init --repo "s3://bench/run$n" --kdf-memory 8 --kdf-iterations 1 >/dev/null
+    c0=$(garage_cpu)
+    read -r st srss sreq < <(timed "${pin[@]}" "$bp" backup --repo "s3://bench/run$n" --vm v --disk "id=d,source=$work/mixed.img")
+    gc=$(awk -v a="$c0" -v b="$(garage_cpu)" 'BEGIN{printf "%.1f", b-a}')
+    ratio=$(awk -v a="$lt" -v b="$st" 'BEGIN{printf "%.0f%%", 100*a/b}')
+    echo "$lt $st" >> "$work/$placement.r"
+    echo "| $i | $placement | $lt | $st | $ratio | $gc |"
+    full_req=$sreq; full_rss=$srss
+  done
 done
-lm=$(median < "$work/local.t"); sm=$(median < "$work/s3.t")
+taskset -apc 0-$(($(nproc) - 1)) "$gpid" >/dev/null
 echo
-echo "median: local $lm s ($(awk -v s="$size" -v t="$lm" 'BEGIN{printf "%.0f", s/t}') MiB/s), s3 $sm s ($(awk -v s="$size" -v t="$sm" 'BEGIN{printf "%.0f", s/t}') MiB/s): s3 at $(awk -v a="$lm" -v b="$sm" 'BEGIN{printf "%.0f", 100*a/b}')% of local; peak RSS to s3 $((full_rss / 1024)) MiB"
+for placement in shared separate; do
+  lm=$(cut -d' ' -f1 < "$work/$placement.r" | median); sm=$(cut -d' ' -f2 < "$work/$placement.r" | median)
+  echo "- $placement, medians: local $lm s ($(awk -v s="$size" -v t="$lm" 'BEGIN{printf "%.0f", s/t}') MiB/s of image), s3 $sm s ($(awk -v s="$size" -v t="$sm" 'BEGIN{printf "%.0f", s/t}') MiB/s): s3 at $(awk -v a="$lm" -v b="$sm" 'BEGIN{printf "%.0f", 100*a/b}')% of local"
+done
+echo "- peak RSS of the last backup to s3: $((full_rss / 1024)) MiB"
 echo
-repo="s3://bench/run$runs"
+repo="s3://bench/run$n"
 changes="$work/changes.json"
 changed=$(python3 "$here/mutate.py" "$work/mixed.img" 0.01 64 64 11 --changes "$changes")
 read -r it _ ireq < <(timed "$bp" backup --repo "$repo" --vm v --disk "id=d,source=$work/mixed.img,cbt=changes:$changes")

@@ -44,6 +44,12 @@ fn check_ok(dir: &Dir) -> Value {
     r
 }
 
+/// The request counters a command printed with `BLOCKPROOF_S3_STATS=1`.
+fn requests(stderr: &str) -> Value {
+    let line = stderr.lines().find_map(|l| l.strip_prefix("blockproof: s3 requests: ")).expect("request counts");
+    serde_json::from_str(line).unwrap()
+}
+
 /// A VMware-style change list naming `areas`.
 fn change_list(path: &Path, size: usize, areas: &[(u64, u64)]) {
     let a: Vec<Value> = areas.iter().map(|(s, l)| serde_json::json!({"start": s, "length": l})).collect();
@@ -84,6 +90,20 @@ fn full_cycle_on_s3() {
     assert_eq!(inc["disks"][0]["mode"], "incremental", "{inc}");
     assert_eq!(inc["disks"][0]["bytes_read"], 2 * CHUNK, "{inc}");
     assert_restores(&dir, &snap(&inc), "d", &img);
+    // Restore fetches pack regions, not one GET per chunk (192 chunks here).
+    let out = dir.join("counted.img");
+    let run = dir
+        .repo_cmd("restore")
+        .arg(snap(&inc))
+        .args(["--disk", "d", "--to"])
+        .arg(&out)
+        .env("BLOCKPROOF_S3_STATS", "1")
+        .output();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let gets = requests(&String::from_utf8_lossy(&run.stderr))["get"].as_u64().unwrap();
+    assert!(gets <= 24, "{gets} GETs for 192 chunks");
+    assert_eq!(hash(&out), hash(&img));
+    fs::remove_file(&out).unwrap();
 
     // A lie: a write the change list leaves out is caught by full verification.
     let hidden = (CHUNK * 150, CHUNK);
@@ -153,11 +173,7 @@ fn large_packs_are_uploaded_in_parts() {
         .env("BLOCKPROOF_S3_STATS", "1")
         .output();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stats: Value = serde_json::from_str(
-        stderr.lines().find_map(|l| l.strip_prefix("blockproof: s3 requests: ")).expect("request counts"),
-    )
-    .unwrap();
+    let stats = requests(&String::from_utf8_lossy(&out.stderr));
     assert!(stats["multipart_part"].as_u64().unwrap() >= 5, "{stats}");
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_restores(&dir, &snap(&r), "d", &img);

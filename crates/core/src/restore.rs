@@ -282,7 +282,9 @@ fn write_chunks(
     let mut zero_chunks = 0u64;
 
     std::thread::scope(|s| -> Result<(), CoreError> {
-        let (tx, rx) = bounded::<(u64, Id)>(64);
+        // Chunks go to the readers in batches of consecutive chunks, which read_many
+        // fetches with about one request per pack region.
+        let (tx, rx) = bounded::<Vec<(u64, Id)>>(4);
         // One thread writes, in the order chunks arrive: parallel writers to one file
         // contend on its inode lock and cost more system time than they save.
         let (wtx, wrx) = bounded::<(u64, Vec<u8>)>(64);
@@ -306,40 +308,45 @@ fn write_chunks(
             let (rx, wtx) = (rx.clone(), wtx.clone());
             let (reader, first_error) = (&reader, &first_error);
             s.spawn(move || {
-                for (i, id) in rx.iter() {
-                    let (offset, len) = (i * cs, (disk.size - i * cs).min(cs) as usize);
-                    let data = if id.is_zero() { Ok(vec![0u8; len]) } else { reader.read(&id, BlobKind::Data) };
-                    let res = data.map_err(|e| range_err(i, e)).and_then(|d| {
-                        if d.len() == len {
-                            Ok(d)
-                        } else {
-                            Err(range_err(
-                                i,
-                                blockproof_repo::RepoError::Corrupt {
-                                    what: format!("blob {id}"),
-                                    detail: format!("holds {} bytes, the chunk has {len}", d.len()),
-                                },
-                            ))
-                        }
-                    });
-                    // Only the part inside the range is written (edges of a partial restore).
-                    let res = res.map(|d| {
-                        let (lo, hi) = (range.0.max(offset), (range.0 + range.1).min(offset + len as u64));
-                        if lo == offset && hi == offset + len as u64 {
-                            (offset, d)
-                        } else {
-                            (lo, d[(lo - offset) as usize..(hi - offset) as usize].to_vec())
-                        }
-                    });
-                    match res {
-                        Ok((offset, d)) => {
-                            if wtx.send((offset, d)).is_err() {
+                for batch in rx.iter() {
+                    let batch: Vec<(u64, Id)> = batch;
+                    let stored: Vec<Id> = batch.iter().map(|(_, id)| *id).filter(|id| !id.is_zero()).collect();
+                    let mut blobs = reader.read_many(&stored, BlobKind::Data).into_iter();
+                    for (i, id) in batch {
+                        let (offset, len) = (i * cs, (disk.size - i * cs).min(cs) as usize);
+                        let data = if id.is_zero() { Ok(vec![0u8; len]) } else { blobs.next().expect("one per id") };
+                        let res = data.map_err(|e| range_err(i, e)).and_then(|d| {
+                            if d.len() == len {
+                                Ok(d)
+                            } else {
+                                Err(range_err(
+                                    i,
+                                    blockproof_repo::RepoError::Corrupt {
+                                        what: format!("blob {id}"),
+                                        detail: format!("holds {} bytes, the chunk has {len}", d.len()),
+                                    },
+                                ))
+                            }
+                        });
+                        // Only the part inside the range is written (edges of a partial restore).
+                        let res = res.map(|d| {
+                            let (lo, hi) = (range.0.max(offset), (range.0 + range.1).min(offset + len as u64));
+                            if lo == offset && hi == offset + len as u64 {
+                                (offset, d)
+                            } else {
+                                (lo, d[(lo - offset) as usize..(hi - offset) as usize].to_vec())
+                            }
+                        });
+                        match res {
+                            Ok((offset, d)) => {
+                                if wtx.send((offset, d)).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                first_error.lock().expect("error lock").get_or_insert(e);
                                 return;
                             }
-                        }
-                        Err(e) => {
-                            first_error.lock().expect("error lock").get_or_insert(e);
-                            return;
                         }
                     }
                 }
@@ -349,6 +356,9 @@ fn write_chunks(
         drop(rx);
         let fanout = u64::from(disk.index_fanout);
         let (first, last) = (range.0 / cs, (range.0 + range.1).div_ceil(cs));
+        // About 4 MiB of chunks per batch.
+        let batch_len = ((4u64 << 20) / cs).max(1) as usize;
+        let mut batch = Vec::with_capacity(batch_len);
         for page in first / fanout..last.div_ceil(fanout).min(tree.leaf_pages()) {
             let ids = tree.leaf(page).map_err(|e| range_err(page * fanout, e))?.to_vec();
             for (k, id) in ids.into_iter().enumerate() {
@@ -363,10 +373,17 @@ fn write_chunks(
                         continue;
                     }
                 }
-                if first_error.lock().expect("error lock").is_some() || tx.send((i, id)).is_err() {
-                    return Ok(());
+                batch.push((i, id));
+                if batch.len() == batch_len {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_len));
+                    if first_error.lock().expect("error lock").is_some() || tx.send(full).is_err() {
+                        return Ok(());
+                    }
                 }
             }
+        }
+        if !batch.is_empty() {
+            let _ = tx.send(batch);
         }
         Ok(())
     })?;

@@ -113,7 +113,12 @@ impl S3Backend {
             .with_timeout(Duration::from_secs(300))
             .with_connect_timeout(Duration::from_secs(5))
             .with_allow_http(options.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
+        // The payload is not part of the signature (UNSIGNED-PAYLOAD): hashing every pack
+        // with SHA-256 on both ends would cost more CPU than compressing it, and buys
+        // nothing — TLS protects the transfer and every pack is authenticated (AEAD) and
+        // named by its hash, which `check` verifies.
         let store = builder
+            .with_unsigned_payload(true)
             .with_virtual_hosted_style_request(!(options.path_style || endpoint_set))
             .with_retry(retry)
             .with_client_options(client)
