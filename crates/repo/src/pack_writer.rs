@@ -65,8 +65,13 @@ impl Uploads {
                 let (rx, done_tx, backend) = (rx.clone(), done_tx.clone(), backend.clone());
                 std::thread::spawn(move || {
                     for (id, file) in rx.iter() {
-                        let r = backend.write(Kind::Pack, &id.to_hex(), &file);
-                        if done_tx.send((r, file)).is_err() {
+                        // A backend that keeps the buffer (an object store sends it as
+                        // is) hands back nothing; the next pack then allocates anew.
+                        let (r, spare) = match backend.write_owned(Kind::Pack, &id.to_hex(), file) {
+                            Ok(back) => (Ok(()), back.unwrap_or_default()),
+                            Err(e) => (Err(e), Vec::new()),
+                        };
+                        if done_tx.send((r, spare)).is_err() {
                             return;
                         }
                     }

@@ -160,18 +160,33 @@ impl S3Backend {
         }
     }
 
-    async fn put_multipart(&self, path: &Path, data: &[u8]) -> Result<(), object_store::Error> {
+    async fn put_multipart(&self, path: &Path, data: bytes::Bytes) -> Result<(), object_store::Error> {
         let upload = self.store.put_multipart(path).await?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        for part in data.chunks(PART_SIZE) {
+        let mut at = 0;
+        while at < data.len() {
             if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
                 let _ = writer.abort().await;
                 return Err(e);
             }
-            writer.write(part);
+            let end = (at + PART_SIZE).min(data.len());
+            writer.put(data.slice(at..end));
             RequestCounts::add(&self.counts.multipart_part, 1);
+            at = end;
         }
         writer.finish().await.map(|_| ())
+    }
+
+    /// One PUT, or a multipart upload above [`MULTIPART_THRESHOLD`]; no copy of `data`.
+    fn put(&self, path: &Path, data: bytes::Bytes) -> Result<(), StoreError> {
+        RequestCounts::add(&self.counts.bytes_up, data.len() as u64);
+        RequestCounts::add(&self.counts.put, 1);
+        let result = if data.len() <= MULTIPART_THRESHOLD {
+            self.runtime.block_on(self.store.put(path, PutPayload::from(data))).map(|_| ())
+        } else {
+            self.runtime.block_on(self.put_multipart(path, data))
+        };
+        result.map_err(|e| self.remote("PUT", path.as_ref(), e))
     }
 }
 
@@ -229,17 +244,13 @@ impl Backend for S3Backend {
     /// One PUT (or a multipart upload, completed by one final request): S3 makes the
     /// object visible whole or not at all, which is the atomicity rule without a rename.
     fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError> {
-        let path = self.path(kind, name)?;
-        RequestCounts::add(&self.counts.bytes_up, data.len() as u64);
-        let result = if data.len() <= MULTIPART_THRESHOLD {
-            RequestCounts::add(&self.counts.put, 1);
-            let payload = PutPayload::from(bytes::Bytes::copy_from_slice(data));
-            self.runtime.block_on(self.store.put(&path, payload)).map(|_| ())
-        } else {
-            RequestCounts::add(&self.counts.put, 1);
-            self.runtime.block_on(self.put_multipart(&path, data))
-        };
-        result.map_err(|e| self.remote("PUT", path.as_ref(), e))
+        self.put(&self.path(kind, name)?, bytes::Bytes::copy_from_slice(data))
+    }
+
+    /// Packs are handed over whole: the PUT sends the pack writer's buffer itself.
+    fn write_owned(&self, kind: Kind, name: &str, data: Vec<u8>) -> Result<Option<Vec<u8>>, StoreError> {
+        self.put(&self.path(kind, name)?, bytes::Bytes::from(data))?;
+        Ok(None)
     }
 
     fn list(&self, kind: Kind) -> Result<Vec<String>, StoreError> {

@@ -101,6 +101,14 @@ impl Backend for ReadCache {
         Ok(())
     }
 
+    fn write_owned(&self, kind: Kind, name: &str, data: Vec<u8>) -> Result<Option<Vec<u8>>, StoreError> {
+        if CACHED.contains(&kind) {
+            self.write(kind, name, &data)?;
+            return Ok(Some(data));
+        }
+        self.inner.write_owned(kind, name, data)
+    }
+
     fn list(&self, kind: Kind) -> Result<Vec<String>, StoreError> {
         let names = self.inner.list(kind)?;
         if CACHED.contains(&kind) {

@@ -152,6 +152,13 @@ pub trait Backend: Send + Sync {
     fn size(&self, kind: Kind, name: &str) -> Result<u64, StoreError>;
     /// Writes a whole file atomically and durably.
     fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError>;
+    /// Writes a whole file like [`Backend::write`], taking its buffer. A backend that can
+    /// send the bytes without copying them (an object store) keeps the buffer; others
+    /// write it and hand it back for reuse.
+    fn write_owned(&self, kind: Kind, name: &str, data: Vec<u8>) -> Result<Option<Vec<u8>>, StoreError> {
+        self.write(kind, name, &data)?;
+        Ok(Some(data))
+    }
     /// Names of all complete files of a kind, in no particular order.
     fn list(&self, kind: Kind) -> Result<Vec<String>, StoreError>;
     /// Removes a file; removing a missing file is not an error.
