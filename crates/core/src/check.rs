@@ -214,6 +214,57 @@ fn check_tree(
     Ok(())
 }
 
+/// What reading one pack found.
+struct PackVerdict {
+    bytes_read: u64,
+    blobs_checked: u64,
+    errors: Vec<String>,
+}
+
+/// Reads one pack whole and verifies it: its name is its hash, its header authenticates
+/// and agrees with the index, every blob opens and re-hashes to its id.
+fn verify_pack(
+    repo: &Repository,
+    name: &str,
+    by_pack: &HashMap<Id, Vec<&blockproof_format::BlobEntry>>,
+) -> PackVerdict {
+    let mut v = PackVerdict { bytes_read: 0, blobs_checked: 0, errors: Vec::new() };
+    let file = match repo.backend().read(Kind::Pack, name) {
+        Ok(f) => f,
+        Err(e) => {
+            v.errors.push(format!("pack {name}: {e}"));
+            return v;
+        }
+    };
+    v.bytes_read = file.len() as u64;
+    if let Err(d) = check_name(name, &file) {
+        v.errors.push(format!("pack {name}: {d}"));
+    }
+    let entries = match read_pack_header(repo, name, &file) {
+        Ok(e) => e,
+        Err(e) => {
+            v.errors.push(e.to_string());
+            return v;
+        }
+    };
+    for e in &entries {
+        v.blobs_checked += 1;
+        let sealed = &file[e.offset as usize..e.end() as usize];
+        if let Err(err) = open_blob(repo.keys(), e, sealed, &format!("pack {name} offset {}", e.offset)) {
+            v.errors.push(err.to_string());
+        }
+    }
+    if let Ok(id) = name.parse::<Id>() {
+        let header: HashSet<_> = entries.iter().collect();
+        for e in by_pack.get(&id).into_iter().flatten() {
+            if !header.contains(*e) {
+                v.errors.push(format!("pack {name}: index entry for blob {} disagrees with the pack header", e.id));
+            }
+        }
+    }
+    v
+}
+
 /// Reads and verifies packs within the budget, least recently verified first (never
 /// verified first, ties in random order), and records in `state` the packs that passed.
 fn read_data(
@@ -242,53 +293,50 @@ fn read_data(
             m
         });
     progress.begin("check data", byte_limit);
+    // The byte and pack-count limits pick the packs up front (each tested before the
+    // pack, as documented); the time limit is tested by the readers before each pack.
+    let mut chosen = Vec::new();
+    let mut planned_bytes = 0u64;
     for (name, size) in packs {
-        let over_bytes = r.bytes_read >= byte_limit;
-        let over_ios = budget.ios.is_some_and(|n| r.packs_checked >= n);
-        let over_time = budget.time.is_some_and(|t| started.elapsed() >= t);
-        if budget.nothing || over_bytes || over_ios || over_time {
+        let over_bytes = planned_bytes >= byte_limit;
+        let over_ios = budget.ios.is_some_and(|n| chosen.len() as u64 >= n);
+        if budget.nothing || over_bytes || over_ios {
             break;
         }
-        progress.advance(size);
-        r.packs_checked += 1;
-        let errors_before = errors.len();
-        let file = match repo.backend().read(Kind::Pack, name) {
-            Ok(f) => f,
-            Err(e) => {
-                errors.push(format!("pack {name}: {e}"));
-                continue;
-            }
-        };
-        r.bytes_read += file.len() as u64;
-        if let Err(d) = check_name(name, &file) {
-            errors.push(format!("pack {name}: {d}"));
-        }
-        let entries = match read_pack_header(repo, name, &file) {
-            Ok(e) => e,
-            Err(e) => {
-                errors.push(e.to_string());
-                continue;
-            }
-        };
-        for e in &entries {
-            r.blobs_checked += 1;
-            let sealed = &file[e.offset as usize..e.end() as usize];
-            if let Err(err) = open_blob(repo.keys(), e, sealed, &format!("pack {name} offset {}", e.offset)) {
-                errors.push(err.to_string());
-            }
-        }
-        if let Ok(id) = name.parse::<Id>() {
-            let header: HashSet<_> = entries.iter().collect();
-            for e in by_pack.get(&id).into_iter().flatten() {
-                if !header.contains(*e) {
-                    errors.push(format!("pack {name}: index entry for blob {} disagrees with the pack header", e.id));
+        planned_bytes += size;
+        chosen.push((name, size));
+    }
+    // Packs are verified in parallel (one per core, more on a remote store), each
+    // reader holding one whole pack: at most 256 MiB of packs in memory at once.
+    let largest = chosen.iter().map(|c| c.1).max().unwrap_or(1).max(1);
+    let readers = crate::readers(repo).min(((256u64 << 20) / largest).max(1) as usize);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: std::sync::Mutex<Vec<(usize, PackVerdict)>> = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..readers {
+            s.spawn(|| loop {
+                if budget.time.is_some_and(|t| started.elapsed() >= t) {
+                    return;
                 }
-            }
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(name, size)) = chosen.get(k) else { return };
+                let verdict = verify_pack(repo, name, &by_pack);
+                progress.advance(size);
+                results.lock().expect("results lock").push((k, verdict));
+            });
         }
+    });
+    let mut results = results.into_inner().expect("results lock");
+    results.sort_by_key(|(k, _)| *k);
+    for (k, v) in results {
+        r.packs_checked += 1;
+        r.bytes_read += v.bytes_read;
+        r.blobs_checked += v.blobs_checked;
         // Only a pack that passed counts as verified: a damaged one stays first in line.
-        if errors.len() == errors_before {
-            state.packs.insert(name.clone(), run);
+        if v.errors.is_empty() {
+            state.packs.insert(chosen[k].0.clone(), run);
         }
+        errors.extend(v.errors);
     }
     progress.end();
     let n = stored.len() as u64;
