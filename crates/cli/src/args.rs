@@ -40,10 +40,10 @@ pub struct StoreArgs {
     #[arg(long, env = "BLOCKPROOF_S3_PATH_STYLE")]
     pub s3_path_style: bool,
     /// Give up on a failing S3 request after retrying this many seconds.
-    #[arg(long, env = "BLOCKPROOF_S3_RETRY_TIMEOUT", value_name = "SECS", default_value_t = 120)]
+    #[arg(long, env = "BLOCKPROOF_S3_RETRY_TIMEOUT", value_name = "SECS", default_value_t = blockproof_s3::S3Options::DEFAULT_RETRY_TIMEOUT_SECS)]
     pub s3_retry_timeout: u64,
     /// Pack uploads in flight at once.
-    #[arg(long, env = "BLOCKPROOF_S3_UPLOADS", value_name = "N", default_value_t = 4,
+    #[arg(long, env = "BLOCKPROOF_S3_UPLOADS", value_name = "N", default_value_t = blockproof_s3::S3Options::DEFAULT_UPLOADS,
           value_parser = clap::value_parser!(u16).range(1..=16))]
     pub s3_uploads: u16,
     /// Local cache of index files and manifests of S3 repositories (disposable).

@@ -277,6 +277,27 @@ fn write_chunks(
         end: ((i + 1) * cs).min(disk.size),
         cause,
     };
+    // What chunk `i` puts where: its blob (None for a zero chunk) checked for the chunk's
+    // length, cut to the restored range at the edges of a partial restore.
+    let chunk_bytes = |i: u64, id: Id, blob: Option<Result<Vec<u8>, blockproof_repo::RepoError>>| {
+        let (offset, len) = (i * cs, (disk.size - i * cs).min(cs) as usize);
+        let d = blob.unwrap_or_else(|| Ok(vec![0u8; len])).map_err(|e| range_err(i, e))?;
+        if d.len() != len {
+            return Err(range_err(
+                i,
+                blockproof_repo::RepoError::Corrupt {
+                    what: format!("blob {id}"),
+                    detail: format!("holds {} bytes, the chunk has {len}", d.len()),
+                },
+            ));
+        }
+        let (lo, hi) = (range.0.max(offset), (range.0 + range.1).min(offset + len as u64));
+        Ok(if lo == offset && hi == offset + len as u64 {
+            (offset, d)
+        } else {
+            (lo, d[(lo - offset) as usize..(hi - offset) as usize].to_vec())
+        })
+    };
     let first_error: Mutex<Option<CoreError>> = Mutex::new(None);
     let written = std::sync::atomic::AtomicU64::new(0);
     let mut zero_chunks = 0u64;
@@ -306,40 +327,16 @@ fn write_chunks(
         });
         for _ in 0..crate::readers(repo) {
             let (rx, wtx) = (rx.clone(), wtx.clone());
-            let (reader, first_error) = (&reader, &first_error);
+            let (reader, first_error, chunk_bytes) = (&reader, &first_error, &chunk_bytes);
             s.spawn(move || {
                 for batch in rx.iter() {
-                    let batch: Vec<(u64, Id)> = batch;
                     let stored: Vec<Id> = batch.iter().map(|(_, id)| *id).filter(|id| !id.is_zero()).collect();
                     let mut blobs = reader.read_many(&stored, BlobKind::Data).into_iter();
                     for (i, id) in batch {
-                        let (offset, len) = (i * cs, (disk.size - i * cs).min(cs) as usize);
-                        let data = if id.is_zero() { Ok(vec![0u8; len]) } else { blobs.next().expect("one per id") };
-                        let res = data.map_err(|e| range_err(i, e)).and_then(|d| {
-                            if d.len() == len {
-                                Ok(d)
-                            } else {
-                                Err(range_err(
-                                    i,
-                                    blockproof_repo::RepoError::Corrupt {
-                                        what: format!("blob {id}"),
-                                        detail: format!("holds {} bytes, the chunk has {len}", d.len()),
-                                    },
-                                ))
-                            }
-                        });
-                        // Only the part inside the range is written (edges of a partial restore).
-                        let res = res.map(|d| {
-                            let (lo, hi) = (range.0.max(offset), (range.0 + range.1).min(offset + len as u64));
-                            if lo == offset && hi == offset + len as u64 {
-                                (offset, d)
-                            } else {
-                                (lo, d[(lo - offset) as usize..(hi - offset) as usize].to_vec())
-                            }
-                        });
-                        match res {
-                            Ok((offset, d)) => {
-                                if wtx.send((offset, d)).is_err() {
+                        let data = if id.is_zero() { None } else { Some(blobs.next().expect("one per id")) };
+                        match chunk_bytes(i, id, data) {
+                            Ok(write) => {
+                                if wtx.send(write).is_err() {
                                     return;
                                 }
                             }

@@ -6,7 +6,7 @@ use blockproof_format::{BlobEntry, BlobKind, Id, IndexFile};
 
 use crate::blob::open_blob;
 use crate::{RepoError, Repository};
-use blockproof_store::Kind;
+use blockproof_store::{Kind, StoreError};
 
 /// Blobs of one pack this close together are fetched with one read (the bytes between are
 /// read and dropped).
@@ -142,8 +142,9 @@ impl<'a> BlobReader<'a> {
     /// that lie close together (gaps up to [`COALESCE_GAP`]) are fetched with one ranged
     /// read of at most [`MAX_SPAN`] bytes. On a remote store this turns a restore's
     /// per-chunk GETs into about one GET per pack region. Each result is verified like
-    /// [`BlobReader::read`]; a failed span read falls back to reading its blobs one by
-    /// one, so an error stays attached to the blob it concerns.
+    /// [`BlobReader::read`]. A span read that finds its pack missing or short falls back to
+    /// reading the blobs one by one, so the error stays attached to the blobs it concerns;
+    /// a remote store's failure is given to every blob of the span at once.
     pub fn read_many(&self, ids: &[Id], kind: BlobKind) -> Vec<Result<Vec<u8>, RepoError>> {
         let mut out: Vec<Option<Result<Vec<u8>, RepoError>>> = (0..ids.len()).map(|_| None).collect();
         let mut located: Vec<(Id, BlobEntry, usize)> = Vec::with_capacity(ids.len());
@@ -169,25 +170,35 @@ impl<'a> BlobReader<'a> {
                 end += 1;
             }
             let members = &located[start..end];
-            let mut span = vec![0u8; (hi - lo) as usize];
-            let name = pack.to_hex();
-            if members.len() > 1 && self.repo.backend().read_at(Kind::Pack, &name, lo, &mut span).is_ok() {
-                for (_, entry, k) in members {
-                    let at = (entry.offset - lo) as usize;
-                    let sealed = &span[at..at + entry.length as usize];
-                    out[*k] = Some(open_blob(
-                        self.repo.keys(),
-                        entry,
-                        sealed,
-                        &format!("pack {pack} offset {}", entry.offset),
-                    ));
-                }
-            } else {
-                for (_, entry, k) in members {
-                    out[*k] = Some(self.read(&entry.id, kind));
+            start = end;
+            if members.len() > 1 {
+                let mut span = vec![0u8; (hi - lo) as usize];
+                match self.repo.backend().read_at(Kind::Pack, &pack.to_hex(), lo, &mut span) {
+                    Ok(()) => {
+                        for (_, entry, k) in members {
+                            let at = (entry.offset - lo) as usize;
+                            let sealed = &span[at..at + entry.length as usize];
+                            let where_ = format!("pack {pack} offset {}", entry.offset);
+                            out[*k] = Some(open_blob(self.repo.keys(), entry, sealed, &where_));
+                        }
+                        continue;
+                    }
+                    // The store itself failed (after its retries): every blob would fail
+                    // the same way, each after as long a wait.
+                    Err(StoreError::Remote(msg)) => {
+                        for (_, _, k) in members {
+                            out[*k] = Some(Err(StoreError::Remote(msg.clone()).into()));
+                        }
+                        continue;
+                    }
+                    // A missing or short pack: blob by blob, so the error lands on the
+                    // blobs it concerns.
+                    Err(_) => {}
                 }
             }
-            start = end;
+            for (_, entry, k) in members {
+                out[*k] = Some(self.read(&entry.id, kind));
+            }
         }
         out.into_iter().map(|r| r.expect("every blob was read")).collect()
     }

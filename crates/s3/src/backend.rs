@@ -93,10 +93,15 @@ impl S3Backend {
 
     fn connect(location: S3Location, options: &S3Options) -> Result<Self, S3Error> {
         let mut builder = AmazonS3Builder::from_env().with_bucket_name(&location.bucket);
-        if let Some(endpoint) = &options.endpoint {
-            builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
+        // The endpoint in effect: the option, else what `from_env` took from the
+        // environment. It decides plain HTTP and path-style addressing.
+        let endpoint = options
+            .endpoint
+            .clone()
+            .or_else(|| ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"].iter().find_map(|v| std::env::var(v).ok()));
+        if let Some(e) = &options.endpoint {
+            builder = builder.with_endpoint(e);
         }
-        let endpoint_set = options.endpoint.is_some() || std::env::var_os("AWS_ENDPOINT_URL").is_some();
         if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
             builder = builder.with_region("us-east-1");
         }
@@ -112,14 +117,14 @@ impl S3Backend {
         let client = ClientOptions::new()
             .with_timeout(Duration::from_secs(300))
             .with_connect_timeout(Duration::from_secs(5))
-            .with_allow_http(options.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
+            .with_allow_http(endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
         // The payload is not part of the signature (UNSIGNED-PAYLOAD): hashing every pack
         // with SHA-256 on both ends would cost more CPU than compressing it, and buys
         // nothing — TLS protects the transfer and every pack is authenticated (AEAD) and
         // named by its hash, which `check` verifies.
         let store = builder
             .with_unsigned_payload(true)
-            .with_virtual_hosted_style_request(!(options.path_style || endpoint_set))
+            .with_virtual_hosted_style_request(!(options.path_style || endpoint.is_some()))
             .with_retry(retry)
             .with_client_options(client)
             .build()
@@ -208,7 +213,8 @@ impl Backend for S3Backend {
             .block_on(async { self.store.get(&path).await?.bytes().await })
             .map_err(|e| self.map("GET", kind, name, &path, e))?;
         RequestCounts::add(&self.counts.bytes_down, bytes.len() as u64);
-        Ok(bytes.to_vec())
+        // Reuses the response's buffer when it is the only owner (a whole pack, say).
+        Ok(Vec::from(bytes))
     }
 
     fn read_at(&self, kind: Kind, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {

@@ -78,9 +78,21 @@ pub struct S3Options {
     pub uploads: usize,
 }
 
+impl S3Options {
+    /// Default of [`S3Options::retry_timeout`], in seconds.
+    pub const DEFAULT_RETRY_TIMEOUT_SECS: u64 = 120;
+    /// Default of [`S3Options::uploads`].
+    pub const DEFAULT_UPLOADS: u16 = 4;
+}
+
 impl Default for S3Options {
     fn default() -> Self {
-        S3Options { endpoint: None, path_style: false, retry_timeout: Duration::from_secs(120), uploads: 4 }
+        S3Options {
+            endpoint: None,
+            path_style: false,
+            retry_timeout: Duration::from_secs(Self::DEFAULT_RETRY_TIMEOUT_SECS),
+            uploads: usize::from(Self::DEFAULT_UPLOADS),
+        }
     }
 }
 

@@ -76,12 +76,6 @@ impl Kind {
             Kind::State => "state",
         }
     }
-}
-
-impl Kind {
-    /// Every kind.
-    pub const ALL: [Kind; 7] =
-        [Kind::Config, Kind::Key, Kind::Pack, Kind::Index, Kind::Snapshot, Kind::Lock, Kind::State];
 
     /// The directory of this kind under the repository root (empty for the config file).
     pub fn dir(self) -> &'static str {

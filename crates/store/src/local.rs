@@ -25,7 +25,8 @@ fn io_err(path: &Path, source: std::io::Error) -> StoreError {
     StoreError::Io { path: path.to_path_buf(), source }
 }
 
-const DIRS: [&str; 5] = ["keys", "data", "index", "snapshots", "locks"];
+/// The directories `create` makes (`state/` appears with its first document).
+const DIRS: [Kind; 5] = [Kind::Key, Kind::Pack, Kind::Index, Kind::Snapshot, Kind::Lock];
 
 impl LocalBackend {
     /// Creates the directory layout for a new repository. Fails if `root` exists and
@@ -44,7 +45,7 @@ impl LocalBackend {
             Err(e) if e.kind() == ErrorKind::NotFound => fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?,
             Err(e) => return Err(io_err(&root, e)),
         }
-        for d in DIRS.iter().chain(["tmp"].iter()) {
+        for d in DIRS.iter().map(|k| k.dir()).chain(["tmp"]) {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(|e| io_err(&p, e))?;
         }
