@@ -8,23 +8,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use harness::{hash, mixed_image, scatter_writes, Dir};
+use harness::{hash, scatter_writes, snap_id, Dir};
 use serde_json::Value;
-
-fn image(dir: &Dir, name: &str, size: usize, seed: u64) -> PathBuf {
-    let p = dir.join(name);
-    fs::write(&p, mixed_image(size, seed)).unwrap();
-    p
-}
-
-fn snap_id(report: &Value) -> String {
-    report["snapshot"].as_str().unwrap().to_string()
-}
-
-fn check_all(dir: &Dir) {
-    let r = dir.repo_cmd("check").args(["--read-data", "--json"]).json();
-    assert_eq!(r["ok"], true, "{r}");
-}
 
 /// Forget + gc: what only forgotten snapshots referenced goes (≥ 90% of it), the kept
 /// snapshots restore bit-exact, and check --read-data passes.
@@ -32,8 +17,8 @@ fn check_all(dir: &Dir) {
 fn forget_and_gc_free_what_only_forgotten_snapshots_used() {
     let dir = Dir::new();
     dir.init();
-    let keep = image(&dir, "keep.img", 16 << 20, 1);
-    let gone = image(&dir, "gone.img", 16 << 20, 2);
+    let keep = dir.image("keep.img", 16 << 20, 1);
+    let gone = dir.image("gone.img", 16 << 20, 2);
     let k = dir.backup("keep", &[("d", &keep)]);
     let before_gone = dir.repo_bytes();
     let g = dir.backup("gone", &[("d", &gone)]);
@@ -48,7 +33,7 @@ fn forget_and_gc_free_what_only_forgotten_snapshots_used() {
     let freed = before_gone + only_gone - dir.repo_bytes();
     assert!(freed as f64 >= 0.9 * only_gone as f64, "freed {freed} of {only_gone}");
     assert_eq!(out["gc"]["packs_deferred"], 0);
-    check_all(&dir);
+    dir.check_all();
     let restored = dir.restore(&snap_id(&k), "d", "keep-restored.img");
     assert_eq!(hash(&restored), hash(&keep));
 }
@@ -60,14 +45,14 @@ fn sparse_packs_are_repacked() {
     let dir = Dir::new();
     dir.repo_cmd("init").args(["--kdf-memory", "8", "--kdf-iterations", "1", "--pack-size", "1MiB"]).ok();
     // Two disks in one backup: their chunks interleave in the same packs.
-    let a = image(&dir, "a.img", 8 << 20, 3);
-    let b = image(&dir, "b.img", 8 << 20, 4);
+    let a = dir.image("a.img", 8 << 20, 3);
+    let b = dir.image("b.img", 8 << 20, 4);
     let both = dir.backup("v", &[("a", &a), ("b", &b)]);
     let only_a = dir.backup("w", &[("a", &a)]);
     dir.repo_cmd("forget").arg(snap_id(&both)).ok();
     let r = dir.repo_cmd("gc").arg("--json").json();
     assert!(r["packs_repacked"].as_u64().unwrap() > 0 || r["packs_deleted"].as_u64().unwrap() > 0, "{r}");
-    check_all(&dir);
+    dir.check_all();
     assert_eq!(hash(&dir.restore(&snap_id(&only_a), "a", "a.out")), hash(&a));
     // Everything b alone used is gone: a second gc finds nothing more to do.
     let again = dir.repo_cmd("gc").arg("--json").json();
@@ -79,7 +64,7 @@ fn sparse_packs_are_repacked() {
 fn keep_policies_and_protection() {
     let dir = Dir::new();
     dir.init();
-    let img = image(&dir, "d.img", 1 << 20, 5);
+    let img = dir.image("d.img", 1 << 20, 5);
     let mut ids = Vec::new();
     for _ in 0..4 {
         ids.push(snap_id(&dir.backup("v", &[("d", &img)])));
@@ -115,7 +100,7 @@ fn wait_for(path: &Path) {
 fn gc_during_a_backup_defers_what_the_backup_uses() {
     let dir = Dir::new();
     dir.init();
-    let img = image(&dir, "d.img", 16 << 20, 6);
+    let img = dir.image("d.img", 16 << 20, 6);
     let first = dir.backup("old", &[("d", &img)]);
     // The new backup deduplicates against everything `old` stored, then pauses.
     let gate = dir.join("go");
@@ -136,13 +121,13 @@ fn gc_during_a_backup_defers_what_the_backup_uses() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["disks"][0]["new_chunks"], 0, "it deduplicated against the old data");
-    check_all(&dir);
+    dir.check_all();
     assert_eq!(hash(&dir.restore(&snap_id(&report), "d", "new.img")), hash(&img));
 
     // Now the deferred plan is swept: the packs are referenced again, so nothing goes.
     let r = dir.repo_cmd("gc").arg("--json").json();
     assert_eq!((r["packs_deleted"].as_u64(), r["packs_deferred"].as_u64()), (Some(0), Some(0)), "{r}");
-    check_all(&dir);
+    dir.check_all();
 }
 
 /// A backup that starts after gc planned a deletion does not deduplicate against the
@@ -151,10 +136,10 @@ fn gc_during_a_backup_defers_what_the_backup_uses() {
 fn backups_after_a_plan_do_not_use_planned_packs() {
     let dir = Dir::new();
     dir.init();
-    let img = image(&dir, "d.img", 8 << 20, 7);
+    let img = dir.image("d.img", 8 << 20, 7);
     let old = dir.backup("old", &[("d", &img)]);
     // A backup of another vm holds a lock, so the plan cannot be swept at once.
-    let other = image(&dir, "o.img", 1 << 20, 8);
+    let other = dir.image("o.img", 1 << 20, 8);
     let gate = dir.join("go");
     let mut c = dir.repo_cmd("backup");
     c.args(["--vm", "other", "--disk"]).arg(format!("id=d,source={}", other.display()));
@@ -171,7 +156,7 @@ fn backups_after_a_plan_do_not_use_planned_packs() {
     assert!(holder.wait_with_output().unwrap().status.success());
     let r = dir.repo_cmd("gc").arg("--json").json();
     assert!(r["packs_deleted"].as_u64().unwrap() > 0, "{r}");
-    check_all(&dir);
+    dir.check_all();
     assert_eq!(hash(&dir.restore(&snap_id(&new), "d", "new.img")), hash(&img));
 }
 
@@ -180,8 +165,8 @@ fn backups_after_a_plan_do_not_use_planned_packs() {
 fn two_backups_and_a_gc_at_once() {
     let dir = Dir::new();
     dir.init();
-    let a = image(&dir, "a.img", 16 << 20, 9);
-    let b = image(&dir, "b.img", 16 << 20, 10);
+    let a = dir.image("a.img", 16 << 20, 9);
+    let b = dir.image("b.img", 16 << 20, 10);
     let old = dir.backup("a", &[("d", &a)]);
     let mut data = fs::read(&a).unwrap();
     scatter_writes(&mut data, 32, 4096, 11);
@@ -205,7 +190,7 @@ fn two_backups_and_a_gc_at_once() {
             assert_eq!(hash(&dir.restore(&snap_id(&r), "d", "x.img")), hash(img), "round {round}");
             fs::remove_file(dir.join("x.img")).unwrap();
         }
-        check_all(&dir);
+        dir.check_all();
     }
 }
 
@@ -214,7 +199,7 @@ fn two_backups_and_a_gc_at_once() {
 fn locks_name_their_holder_and_stale_ones_go() {
     let dir = Dir::new();
     dir.init();
-    let img = image(&dir, "d.img", 4 << 20, 12);
+    let img = dir.image("d.img", 4 << 20, 12);
     let gate = dir.join("go");
     let mut c = dir.repo_cmd("backup");
     c.args(["--vm", "v", "--disk"]).arg(format!("id=d,source={}", img.display()));
@@ -281,7 +266,7 @@ fn copy_to_a_second_repository_with_other_keys() {
         .args(["--kdf-memory", "8", "--kdf-iterations", "1"])
         .env("BLOCKPROOF_PASSWORD", "other")
         .ok();
-    let img = image(&dir, "d.img", 8 << 20, 13);
+    let img = dir.image("d.img", 8 << 20, 13);
     let first = dir.backup("v", &[("d", &img)]);
     let copy = |extra: &[&str]| {
         let mut c = dir.repo_cmd("copy");
@@ -328,7 +313,7 @@ fn copy_to_a_second_repository_with_other_keys() {
 fn stats_show_deduplication_and_growth() {
     let dir = Dir::new();
     dir.init();
-    let img = image(&dir, "d.img", 4 << 20, 15);
+    let img = dir.image("d.img", 4 << 20, 15);
     dir.backup("v", &[("d", &img)]);
     dir.backup("v", &[("d", &img)]);
     let s = dir.repo_cmd("stats").arg("--json").json();

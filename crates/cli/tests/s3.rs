@@ -7,53 +7,22 @@
 mod harness;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use harness::garage::Garage;
-use harness::{hash, mixed_image, scatter_writes, Dir};
+use harness::qemu::{assert_restores, backup, CHUNK};
+use harness::{change_list, hash, scatter_writes, snap_id, Dir};
 use serde_json::Value;
-
-const CHUNK: u64 = 65536;
-
-fn image(dir: &Dir, name: &str, size: usize, seed: u64) -> PathBuf {
-    let p = dir.join(name);
-    fs::write(&p, mixed_image(size, seed)).unwrap();
-    p
-}
 
 fn init(dir: &Dir, extra: &[&str]) {
     dir.repo_cmd("init").args(["--kdf-memory", "8", "--kdf-iterations", "1"]).args(extra).ok();
-}
-
-fn snap(r: &Value) -> String {
-    r["snapshot"].as_str().unwrap().to_string()
-}
-
-fn assert_restores(dir: &Dir, id: &str, disk: &str, truth: &Path) {
-    let out = dir.join("restored.img");
-    let _ = fs::remove_file(&out);
-    dir.restore(id, disk, "restored.img");
-    assert_eq!(hash(&out), hash(truth), "snapshot {id} disk {disk}");
-    fs::remove_file(&out).unwrap();
-}
-
-fn check_ok(dir: &Dir) -> Value {
-    let r = dir.repo_cmd("check").args(["--read-data", "--json"]).json();
-    assert_eq!(r["ok"], true, "{r}");
-    r
 }
 
 /// The request counters a command printed with `BLOCKPROOF_S3_STATS=1`.
 fn requests(stderr: &str) -> Value {
     let line = stderr.lines().find_map(|l| l.strip_prefix("blockproof: s3 requests: ")).expect("request counts");
     serde_json::from_str(line).unwrap()
-}
-
-/// A VMware-style change list naming `areas`.
-fn change_list(path: &Path, size: usize, areas: &[(u64, u64)]) {
-    let a: Vec<Value> = areas.iter().map(|(s, l)| serde_json::json!({"start": s, "length": l})).collect();
-    fs::write(path, serde_json::json!({"startOffset": 0, "length": size, "changedArea": a}).to_string()).unwrap();
 }
 
 /// The whole cycle on s3://: init, full backup, incremental with a change list, a lying
@@ -71,11 +40,11 @@ fn full_cycle_on_s3() {
     assert!(line.contains("not a blockproof repository"), "{line}");
 
     let size = 12 << 20;
-    let img = image(&dir, "d.img", size, 1);
+    let img = dir.image("d.img", size, 1);
     let list = dir.join("changes.json");
     let spec = format!("id=d,source={},cbt=changes:{}", img.display(), list.display());
     change_list(&list, size, &[]);
-    let full = dir.repo_cmd("backup").args(["--vm", "vm", "--json", "--disk", &spec]).json();
+    let full = backup(&dir, "vm", std::slice::from_ref(&spec));
     assert_eq!(full["disks"][0]["mode"], "full", "{full}");
 
     // An honest incremental: only the listed chunks are read.
@@ -86,15 +55,15 @@ fn full_cycle_on_s3() {
     }
     fs::write(&img, &data).unwrap();
     change_list(&list, size, &areas);
-    let inc = dir.repo_cmd("backup").args(["--vm", "vm", "--json", "--disk", &spec]).json();
+    let inc = backup(&dir, "vm", std::slice::from_ref(&spec));
     assert_eq!(inc["disks"][0]["mode"], "incremental", "{inc}");
     assert_eq!(inc["disks"][0]["bytes_read"], 2 * CHUNK, "{inc}");
-    assert_restores(&dir, &snap(&inc), "d", &img);
+    assert_restores(&dir, &inc["snapshot"], "d", &img);
     // Restore fetches pack regions, not one GET per chunk (192 chunks here).
     let out = dir.join("counted.img");
     let run = dir
         .repo_cmd("restore")
-        .arg(snap(&inc))
+        .arg(snap_id(&inc))
         .args(["--disk", "d", "--to"])
         .arg(&out)
         .env("BLOCKPROOF_S3_STATS", "1")
@@ -116,17 +85,17 @@ fn full_cycle_on_s3() {
     let lie: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(lie["status"], "tainted");
     assert_eq!(lie["disks"][0]["mismatches"][0]["offset"], hidden.0, "{lie}");
-    let healed = lie["healed_snapshot"].as_str().unwrap().to_string();
-    assert_restores(&dir, &healed, "d", &img);
-    check_ok(&dir);
+    let healed = &lie["healed_snapshot"];
+    assert_restores(&dir, healed, "d", &img);
+    dir.check_all();
 
     // Forget everything before the healed snapshot; gc frees it; what is left restores.
-    dir.repo_cmd("forget").args([snap(&full), snap(&inc), snap(&lie)]).ok();
+    dir.repo_cmd("forget").args([snap_id(&full), snap_id(&inc), snap_id(&lie)]).ok();
     let gc = dir.repo_cmd("gc").arg("--json").json();
     assert_eq!(gc["packs_deferred"], 0, "{gc}");
     assert_eq!(dir.snapshots().len(), 1);
-    check_ok(&dir);
-    assert_restores(&dir, &healed, "d", &img);
+    dir.check_all();
+    assert_restores(&dir, healed, "d", &img);
 
     // Copy S3 -> directory -> S3 (another prefix, other keys): bit-exact at each end.
     let local = dir.join("local-repo");
@@ -162,22 +131,14 @@ fn large_packs_are_uploaded_in_parts() {
     let dir = Dir::on_s3(&garage, "s3://large/repo");
     init(&dir, &["--pack-size", "1GiB"]);
     // Incompressible, so the single pack holds all 80 MiB.
-    let img = dir.join("random.img");
-    let mut data = vec![0u8; 80 << 20];
-    rand::RngCore::fill_bytes(&mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5), &mut data);
-    fs::write(&img, &data).unwrap();
-    let out = dir
-        .repo_cmd("backup")
-        .args(["--vm", "big", "--json", "--disk"])
-        .arg(format!("id=d,source={}", img.display()))
-        .env("BLOCKPROOF_S3_STATS", "1")
-        .output();
+    let img = dir.random_image("random.img", 80 << 20, 5);
+    let out = dir.backup_cmd("big", &[("d", &img)]).env("BLOCKPROOF_S3_STATS", "1").output();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stats = requests(&String::from_utf8_lossy(&out.stderr));
     assert!(stats["multipart_part"].as_u64().unwrap() >= 5, "{stats}");
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_restores(&dir, &snap(&r), "d", &img);
-    check_ok(&dir);
+    assert_restores(&dir, &r["snapshot"], "d", &img);
+    dir.check_all();
 }
 
 /// Three backup processes of different vms into one S3 repository at the same time, twice
@@ -189,8 +150,8 @@ fn three_concurrent_backups_then_gc() {
     let dir = Dir::on_s3(&garage, "s3://shared/cluster");
     init(&dir, &["--pack-size", "2MiB"]);
     let vms = ["web", "db", "mail"];
-    let images: Vec<PathBuf> = vms.iter().enumerate().map(|(i, vm)| image(&dir, vm, 12 << 20, 20 + i as u64)).collect();
-    let mut rounds: Vec<Vec<String>> = Vec::new();
+    let images: Vec<PathBuf> = vms.iter().enumerate().map(|(i, vm)| dir.image(vm, 12 << 20, 20 + i as u64)).collect();
+    let mut rounds: Vec<Vec<Value>> = Vec::new();
     for round in 0..2 {
         if round == 1 {
             for (i, img) in images.iter().enumerate() {
@@ -199,30 +160,23 @@ fn three_concurrent_backups_then_gc() {
                 fs::write(img, &data).unwrap();
             }
         }
-        let children: Vec<_> = vms
-            .iter()
-            .zip(&images)
-            .map(|(vm, img)| {
-                let mut c = dir.repo_cmd("backup");
-                c.args(["--vm", vm, "--json", "--disk"]).arg(format!("id=d,source={}", img.display()));
-                c.spawn_piped()
-            })
-            .collect();
+        let children: Vec<_> =
+            vms.iter().zip(&images).map(|(vm, img)| dir.backup_cmd(vm, &[("d", img)]).spawn_piped()).collect();
         let ids = children
             .into_iter()
             .map(|child| {
                 let out = child.wait_with_output().unwrap();
                 assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-                snap(&serde_json::from_slice(&out.stdout).unwrap())
+                serde_json::from_slice::<Value>(&out.stdout).unwrap()["snapshot"].clone()
             })
             .collect();
         rounds.push(ids);
     }
-    dir.repo_cmd("forget").arg(&rounds[0][1]).ok();
+    dir.repo_cmd("forget").arg(rounds[0][1].as_str().unwrap()).ok();
     let gc = dir.repo_cmd("gc").arg("--json").json();
     assert_eq!(gc["packs_deferred"], 0, "{gc}");
     assert_eq!(dir.snapshots().len(), 5);
-    check_ok(&dir);
+    dir.check_all();
     for (i, img) in images.iter().enumerate() {
         assert_restores(&dir, &rounds[1][i], "d", img);
     }
@@ -236,15 +190,10 @@ fn server_killed_during_a_backup() {
     let Some(mut garage) = Garage::start(&["crash"]) else { return };
     let dir = Dir::on_s3(&garage, "s3://crash/repo");
     init(&dir, &["--pack-size", "1MiB"]);
-    let img = dir.join("d.img");
-    let mut data = vec![0u8; 96 << 20];
-    rand::RngCore::fill_bytes(&mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7), &mut data);
-    fs::write(&img, &data).unwrap();
+    let img = dir.random_image("d.img", 96 << 20, 7);
     let base = garage.data_bytes();
-    let mut c = dir.repo_cmd("backup");
-    c.args(["--vm", "v", "--s3-uploads", "1", "--s3-retry-timeout", "3", "--disk"])
-        .arg(format!("id=d,source={}", img.display()));
-    let child = c.spawn_piped();
+    let child =
+        dir.backup_cmd("v", &[("d", &img)]).args(["--s3-uploads", "1", "--s3-retry-timeout", "3"]).spawn_piped();
     let deadline = Instant::now() + Duration::from_secs(60);
     while garage.data_bytes() < base + (2 << 20) {
         assert!(Instant::now() < deadline, "the backup never uploaded");
@@ -261,9 +210,9 @@ fn server_killed_during_a_backup() {
     assert!(line.contains("s3://crash/repo"), "{line}");
 
     garage.restart();
-    check_ok(&dir);
+    dir.check_all();
     assert!(dir.snapshots().is_empty(), "no snapshot was committed");
     let r = dir.backup("v", &[("d", &img)]);
-    assert_restores(&dir, &snap(&r), "d", &img);
-    check_ok(&dir);
+    assert_restores(&dir, &r["snapshot"], "d", &img);
+    dir.check_all();
 }

@@ -134,11 +134,7 @@ fn change_list_missing_an_area_is_caught() {
     let mut data = mixed_image(size, 23);
     std::fs::write(&img, &data).unwrap();
     let list = dir.join("changes.json");
-    let write_list = |areas: &[(u64, u64)]| {
-        let a: Vec<Value> = areas.iter().map(|(s, l)| serde_json::json!({"start": s, "length": l})).collect();
-        let j = serde_json::json!({"startOffset": 0, "length": size, "changedArea": a});
-        std::fs::write(&list, j.to_string()).unwrap();
-    };
+    let write_list = |areas: &[(u64, u64)]| harness::change_list(&list, size, areas);
     let spec = [format!("id=d,source={},cbt=changes:{}", img.display(), list.display())];
     write_list(&[]);
     run_backup(&dir, "vm", &spec, &["--verify", "25%"]);

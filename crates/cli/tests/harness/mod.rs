@@ -76,14 +76,41 @@ impl Dir {
         self.repo_cmd("init").args(["--kdf-memory", "8", "--kdf-iterations", "1"]).ok();
     }
 
-    /// Backs up one disk; returns the parsed JSON report.
-    pub fn backup(&self, vm: &str, disks: &[(&str, &Path)]) -> serde_json::Value {
+    /// A backup of `disks` (id, source) with `--json`, not yet run.
+    pub fn backup_cmd(&self, vm: &str, disks: &[(&str, &Path)]) -> TestCommand {
         let mut c = self.repo_cmd("backup");
         c.args(["--vm", vm, "--json"]);
         for (id, path) in disks {
             c.arg("--disk").arg(format!("id={id},source={}", path.display()));
         }
-        c.json()
+        c
+    }
+
+    /// Backs up disks; returns the parsed JSON report.
+    pub fn backup(&self, vm: &str, disks: &[(&str, &Path)]) -> serde_json::Value {
+        self.backup_cmd(vm, disks).json()
+    }
+
+    /// Writes a [`mixed_image`] of `size` bytes to `name` inside the directory.
+    pub fn image(&self, name: &str, size: usize, seed: u64) -> PathBuf {
+        let p = self.join(name);
+        fs::write(&p, mixed_image(size, seed)).unwrap();
+        p
+    }
+
+    /// Writes `size` random (incompressible) bytes to `name` inside the directory.
+    pub fn random_image(&self, name: &str, size: usize, seed: u64) -> PathBuf {
+        let mut data = vec![0u8; size];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+        let p = self.join(name);
+        fs::write(&p, data).unwrap();
+        p
+    }
+
+    /// `check --read-data --json` passes.
+    pub fn check_all(&self) {
+        let r = self.repo_cmd("check").args(["--read-data", "--json"]).json();
+        assert_eq!(r["ok"], true, "{r}");
     }
 
     /// Restores a disk to `name` inside the directory; returns the target path.
@@ -124,6 +151,19 @@ pub fn files(dir: &Path) -> Vec<PathBuf> {
     }
     out.sort();
     out
+}
+
+/// The snapshot id of a backup report.
+pub fn snap_id(report: &serde_json::Value) -> String {
+    report["snapshot"].as_str().unwrap().to_string()
+}
+
+/// Writes a VMware-style change list (for `cbt=changes:FILE`) naming `areas`
+/// (start, length) of a disk of `size` bytes.
+pub fn change_list(path: &Path, size: usize, areas: &[(u64, u64)]) {
+    let a: Vec<serde_json::Value> = areas.iter().map(|(s, l)| serde_json::json!({"start": s, "length": l})).collect();
+    let json = serde_json::json!({"startOffset": 0, "length": size, "changedArea": a});
+    fs::write(path, json.to_string()).unwrap();
 }
 
 /// One invocation of the binary.
