@@ -120,6 +120,10 @@ pub struct InitArgs {
     /// Target size of pack files (chunks are grouped into packs of about this size).
     #[arg(long, default_value = "16MiB", value_name = "SIZE")]
     pub pack_size: String,
+    /// Compression of new chunks: lz4 (fastest; the default), zstd (smaller, about half
+    /// the speed) or zstd:LEVEL (-7 to 22). Fixed for the repository's life.
+    #[arg(long, default_value = "lz4", value_name = "CODEC")]
+    pub compression: String,
     /// Argon2id memory cost of the key slot, in MiB.
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     pub kdf_memory: u32,

@@ -3,7 +3,8 @@
 use anyhow::{Context, Result};
 use blockproof_core::budget::parse_size;
 use blockproof_core::{BackupOptions, Budget, CheckOptions, OnMismatch, RestoreFormat, RestoreOptions};
-use blockproof_format::KdfParams;
+use blockproof_format::config::{DEFAULT_ZSTD_LEVEL, ZSTD_LEVELS};
+use blockproof_format::{Codec, KdfParams, RepoConfig};
 use blockproof_format::SnapshotStatus;
 use blockproof_repo::{InitOptions, Repository};
 use serde::Serialize;
@@ -85,7 +86,9 @@ fn init(a: InitArgs) -> Result<u8> {
         .and_then(|v| u32::try_from(v).ok())
         .filter(|&v| (chunk_size..=1 << 30).contains(&v))
         .ok_or_else(|| Usage(format!("invalid --pack-size {:?}: from the chunk size to 1GiB", a.pack_size)))?;
-    let opts = InitOptions { chunk_size, pack_size, kdf, ..InitOptions::default() };
+    let (compression, zstd_level) = parse_compression(&a.compression)
+        .ok_or_else(|| Usage(format!("invalid --compression {:?}: lz4, zstd or zstd:LEVEL (-7 to 22)", a.compression)))?;
+    let opts = InitOptions { chunk_size, pack_size, kdf, compression, zstd_level, ..InitOptions::default() };
     let pw = password::password(a.repo.password_file.as_deref(), true)?;
     let backend = crate::location::backend(&a.repo.repo, &a.repo.store, true)?;
     let repo = Repository::init(backend, &pw, &opts)?;
@@ -94,17 +97,37 @@ fn init(a: InitArgs) -> Result<u8> {
             "repository": repo.id(),
             "path": a.repo.repo,
             "chunk_size": repo.config().chunk_size,
+            "compression": compression_name(repo.config()),
         }))?;
     } else {
         println!(
-            "created repository {} at {} (chunk size {})",
+            "created repository {} at {} (chunk size {}, {} compression)",
             repo.id().short(),
             a.repo.repo,
-            human_bytes(u64::from(repo.config().chunk_size))
+            human_bytes(u64::from(repo.config().chunk_size)),
+            compression_name(repo.config())
         );
         println!("keep the password safe: without it the data cannot be read by anyone.");
     }
     Ok(exit::OK)
+}
+
+/// `lz4`, `zstd` (level 1) or `zstd:LEVEL`.
+fn parse_compression(s: &str) -> Option<(Codec, i32)> {
+    match s.split_once(':') {
+        None if s == "lz4" => Some((Codec::Lz4, DEFAULT_ZSTD_LEVEL)),
+        None if s == "zstd" => Some((Codec::Zstd, DEFAULT_ZSTD_LEVEL)),
+        Some(("zstd", level)) => level.parse().ok().filter(|l| ZSTD_LEVELS.contains(l)).map(|l| (Codec::Zstd, l)),
+        _ => None,
+    }
+}
+
+/// How `init` names a repository's compression.
+pub(crate) fn compression_name(c: &RepoConfig) -> String {
+    match c.compression {
+        Codec::Lz4 => "lz4".into(),
+        Codec::Zstd => format!("zstd:{}", c.zstd_level),
+    }
 }
 
 fn backup(a: BackupArgs) -> Result<u8> {

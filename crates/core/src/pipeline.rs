@@ -89,7 +89,7 @@ pub(crate) struct BlobSink<'a, 'd> {
 
 impl<'a, 'd> BlobSink<'a, 'd> {
     pub(crate) fn new(repo: &Repository, dedup: &'a Dedup<'d>, tx: &'a Sender<SealedBlob>) -> Self {
-        BlobSink { codec: BlobCodec::new(repo.keys().clone(), repo.config().zstd_level), dedup, tx }
+        BlobSink { codec: BlobCodec::for_repo(repo), dedup, tx }
     }
 
     /// Stores `plain` as a blob of `kind` (once per repository); returns its id.
@@ -149,7 +149,6 @@ pub(crate) fn store_disk(
     let size = source.size();
     let n = chunk_count(size, chunk_size as u32);
     let nworkers = workers();
-    let level = repo.config().zstd_level;
     let chunk_len = |i: u64| (size - i * chunk_size).min(chunk_size);
 
     std::thread::scope(|s| {
@@ -172,7 +171,7 @@ pub(crate) fn store_disk(
 
         for _ in 0..nworkers {
             let (work_rx, res_tx) = (work_rx.clone(), res_tx.clone());
-            let mut codec = BlobCodec::new(repo.keys().clone(), level);
+            let mut codec = BlobCodec::for_repo(repo);
             s.spawn(move || {
                 for (i, buf) in work_rx.iter() {
                     let result = if is_zero(&buf) {

@@ -3,20 +3,18 @@
 use argon2::{Algorithm, Argon2, Params, Version};
 use blockproof_format::keyslot::SALT_LEN;
 use blockproof_format::{KdfParams, KeySlot};
-use chacha20poly1305::aead::KeyInit;
-use chacha20poly1305::XChaCha20Poly1305;
 use rand::RngCore;
 
-use crate::{open_with, seal_with, CryptoError, MasterSecret, MASTER_SECRET_LEN};
+use crate::{CryptoError, MasterSecret, SealKey, MASTER_SECRET_LEN};
 
-fn derive(password: &[u8], salt: &[u8; SALT_LEN], p: &KdfParams) -> Result<XChaCha20Poly1305, CryptoError> {
+fn derive(password: &[u8], salt: &[u8; SALT_LEN], p: &KdfParams) -> Result<SealKey, CryptoError> {
     let params =
         Params::new(p.m_cost_kib, p.t_cost, p.p_cost, Some(32)).map_err(|e| CryptoError::Kdf(e.to_string()))?;
     let mut key = [0u8; 32];
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
         .hash_password_into(password, salt, &mut key)
         .map_err(|e| CryptoError::Kdf(e.to_string()))?;
-    Ok(XChaCha20Poly1305::new(&key.into()))
+    Ok(SealKey::new(key))
 }
 
 /// Wraps `secret` in a new key slot for `password`.
@@ -28,15 +26,15 @@ pub fn create_slot(secret: &MasterSecret, password: &[u8], params: KdfParams) ->
     rand::rngs::OsRng.fill_bytes(&mut salt);
     let cipher = derive(password, &salt, &params)?;
     let mut sealed = Vec::new();
-    seal_with(&cipher, &KeySlot::ad(&params, &salt), &secret.0, &mut sealed);
+    cipher.seal_into(&KeySlot::ad(&params, &salt), &secret.0, &mut sealed);
     Ok(KeySlot { params, salt, sealed })
 }
 
 /// Opens a key slot with `password`. A wrong password is [`CryptoError::WrongPassword`].
 pub fn open_slot(slot: &KeySlot, password: &[u8]) -> Result<MasterSecret, CryptoError> {
     let cipher = derive(password, &slot.salt, &slot.params)?;
-    let plain = open_with(&cipher, &KeySlot::ad(&slot.params, &slot.salt), &slot.sealed)
-        .map_err(|_| CryptoError::WrongPassword)?;
+    let plain =
+        cipher.open(&KeySlot::ad(&slot.params, &slot.salt), &slot.sealed).map_err(|_| CryptoError::WrongPassword)?;
     let mut s = [0u8; MASTER_SECRET_LEN];
     if plain.len() != MASTER_SECRET_LEN {
         return Err(CryptoError::WrongPassword);

@@ -31,12 +31,13 @@
 //!   ciphertext, tag or associated data; it never returns unauthenticated bytes.
 //! - Sealed layout: `nonce(24) | ciphertext | tag(16)` ([`blockproof_format::SEAL_OVERHEAD`]).
 
+pub mod aead;
 pub mod keyslot;
 
-use blockproof_format::{Id, NONCE_LEN, SEAL_OVERHEAD, TAG_LEN};
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use blockproof_format::{Id, SEAL_OVERHEAD};
 use rand::RngCore;
+
+pub use aead::SealKey;
 
 pub use keyslot::{create_slot, open_slot};
 
@@ -72,7 +73,7 @@ impl MasterSecret {
 /// The working keys derived from the master secret.
 #[derive(Clone)]
 pub struct Keys {
-    cipher: XChaCha20Poly1305,
+    cipher: SealKey,
     id_key: [u8; 32],
 }
 
@@ -80,7 +81,7 @@ impl Keys {
     pub fn from_secret(secret: &MasterSecret) -> Self {
         let seal = blake3::derive_key(SEAL_KEY_CONTEXT, &secret.0);
         let id_key = blake3::derive_key(ID_KEY_CONTEXT, &secret.0);
-        Keys { cipher: XChaCha20Poly1305::new(&seal.into()), id_key }
+        Keys { cipher: SealKey::new(seal), id_key }
     }
 
     /// The id of a blob: keyed BLAKE3 of its plaintext.
@@ -90,7 +91,7 @@ impl Keys {
 
     /// Seals `plaintext`, appending `nonce | ciphertext | tag` to `out`.
     pub fn seal_into(&self, ad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
-        seal_with(&self.cipher, ad, plaintext, out)
+        self.cipher.seal_into(ad, plaintext, out)
     }
 
     /// Seals `plaintext` into a new buffer.
@@ -102,34 +103,8 @@ impl Keys {
 
     /// Opens `nonce | ciphertext | tag`, returning the plaintext only if authentic.
     pub fn open(&self, ad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        open_with(&self.cipher, ad, sealed)
+        self.cipher.open(ad, sealed)
     }
-}
-
-pub(crate) fn seal_with(cipher: &XChaCha20Poly1305, ad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
-    let mut nonce = [0u8; NONCE_LEN];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
-    out.reserve(plaintext.len() + SEAL_OVERHEAD);
-    out.extend_from_slice(&nonce);
-    let start = out.len();
-    out.extend_from_slice(plaintext);
-    let tag = cipher
-        .encrypt_in_place_detached(XNonce::from_slice(&nonce), ad, &mut out[start..])
-        .expect("XChaCha20-Poly1305 accepts any length below 256 GiB");
-    out.extend_from_slice(&tag);
-}
-
-pub(crate) fn open_with(cipher: &XChaCha20Poly1305, ad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
-    if sealed.len() < SEAL_OVERHEAD {
-        return Err(CryptoError::Authentication);
-    }
-    let (nonce, rest) = sealed.split_at(NONCE_LEN);
-    let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
-    let mut buf = ct.to_vec();
-    cipher
-        .decrypt_in_place_detached(XNonce::from_slice(nonce), ad, &mut buf, Tag::from_slice(tag))
-        .map_err(|_| CryptoError::Authentication)?;
-    Ok(buf)
 }
 
 #[cfg(test)]
@@ -160,7 +135,8 @@ mod tests {
     #[test]
     fn nonces_are_fresh() {
         let k = keys();
-        assert_ne!(k.seal(b"", b"x")[..NONCE_LEN], k.seal(b"", b"x")[..NONCE_LEN]);
+        let n = blockproof_format::NONCE_LEN;
+        assert_ne!(k.seal(b"", b"x")[..n], k.seal(b"", b"x")[..n]);
     }
 
     #[test]

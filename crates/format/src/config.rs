@@ -5,7 +5,9 @@
 //! ```
 //!
 //! The AD of the seal is the 38 bytes before the nonce. The plaintext is the JSON of
-//! [`RepoConfig`].
+//! [`RepoConfig`]. The header's version is the repository's format version (1 or 2) and
+//! must equal the settings' `version`: a build that does not know it refuses the
+//! repository before reading anything else.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,8 +20,23 @@ pub const CONFIG_AD_LEN: usize = 6 + 32;
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 /// Default target size of a pack file.
 pub const DEFAULT_PACK_SIZE: u32 = 16 * 1024 * 1024;
-/// Default zstd level.
+/// Default zstd level (for repositories whose codec is zstd).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+/// zstd levels accepted in the settings (negative levels are zstd's "fast" levels).
+pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = -7..=22;
+
+/// The compressor a repository uses for new blobs. Blobs that do not shrink by 1/32 are
+/// stored uncompressed whatever the codec; readers accept every codec in every blob.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// zstd at the settings' `zstd_level` (the only codec of version 1 repositories,
+    /// whose settings have no `compression` field).
+    #[default]
+    Zstd,
+    /// LZ4 block format (version 2): about twice zstd -1's speed for a larger output.
+    Lz4,
+}
 /// Chunk sizes accepted: powers of two from 4 KiB to 4 MiB.
 pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
 pub const MAX_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
@@ -33,23 +50,35 @@ pub struct RepoConfig {
     pub chunk_size: u32,
     /// Pack files are closed once they reach this many bytes.
     pub pack_size: u32,
-    /// zstd level used for new blobs.
+    /// zstd level used for new blobs when the codec is zstd.
     pub zstd_level: i32,
+    /// Codec of new blobs (version 2; absent in version 1 settings, which mean zstd).
+    #[serde(default, skip_serializing_if = "is_zstd")]
+    pub compression: Codec,
     /// RFC 3339 creation time.
     pub created: String,
 }
 
+fn is_zstd(c: &Codec) -> bool {
+    *c == Codec::Zstd
+}
+
 impl RepoConfig {
     pub fn validate(&self) -> Result<(), FormatError> {
-        if self.version != crate::FORMAT_VERSION {
-            return Err(FormatError::Malformed {
-                what: "repository config",
-                detail: format!(
-                    "format version {} (this blockproof reads version {})",
-                    self.version,
-                    crate::FORMAT_VERSION
-                ),
-            });
+        let malformed = |detail: String| FormatError::Malformed { what: "repository config", detail };
+        if !(crate::MIN_FORMAT_VERSION..=crate::FORMAT_VERSION).contains(&self.version) {
+            return Err(malformed(format!(
+                "format version {} (this blockproof reads versions {} to {})",
+                self.version,
+                crate::MIN_FORMAT_VERSION,
+                crate::FORMAT_VERSION
+            )));
+        }
+        if self.version < 2 && self.compression != Codec::Zstd {
+            return Err(malformed(format!("{:?} compression in a version {} repository", self.compression, self.version)));
+        }
+        if !ZSTD_LEVELS.contains(&self.zstd_level) {
+            return Err(malformed(format!("zstd level {}", self.zstd_level)));
         }
         let cs = self.chunk_size;
         if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
@@ -69,13 +98,15 @@ impl RepoConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RepoHeader {
     pub repo_id: Id,
+    /// The repository's format version (equal to the settings' `version`).
+    pub version: u16,
 }
 
 impl RepoHeader {
     /// The AD of the sealed settings: magic, version and repository id.
     pub fn ad(&self) -> [u8; CONFIG_AD_LEN] {
         let mut out = [0u8; CONFIG_AD_LEN];
-        out[..6].copy_from_slice(&ObjectMagic::Config.header());
+        out[..6].copy_from_slice(&ObjectMagic::Config.header_with(self.version));
         out[6..].copy_from_slice(&self.repo_id.0);
         out
     }
@@ -88,7 +119,7 @@ impl RepoHeader {
 
     /// Returns the header and the sealed settings.
     pub fn decode(buf: &[u8]) -> Result<(Self, &[u8]), FormatError> {
-        let rest = ObjectMagic::Config.check(buf)?;
+        let (version, rest) = ObjectMagic::Config.check_version(buf)?;
         if rest.len() < 32 + SEAL_OVERHEAD {
             return Err(FormatError::Truncated {
                 what: "repository config",
@@ -98,7 +129,7 @@ impl RepoHeader {
         }
         let mut id = [0u8; 32];
         id.copy_from_slice(&rest[..32]);
-        Ok((RepoHeader { repo_id: Id(id) }, &rest[32..]))
+        Ok((RepoHeader { repo_id: Id(id), version }, &rest[32..]))
     }
 }
 
@@ -108,9 +139,9 @@ mod tests {
 
     #[test]
     fn header_round_trip() {
-        let h = RepoHeader { repo_id: Id([4; 32]) };
+        let h = RepoHeader { repo_id: Id([4; 32]), version: 2 };
         let f = h.encode(&[0u8; 50]);
-        assert_eq!(&f[..6], b"BPRC\x01\x00");
+        assert_eq!(&f[..6], b"BPRC\x02\x00");
         let (h2, sealed) = RepoHeader::decode(&f).unwrap();
         assert_eq!(h2, h);
         assert_eq!(sealed.len(), 50);
@@ -124,12 +155,36 @@ mod tests {
             chunk_size: DEFAULT_CHUNK_SIZE,
             pack_size: DEFAULT_PACK_SIZE,
             zstd_level: 1,
+            compression: Codec::Zstd,
             created: "2026-11-22T00:00:00Z".into(),
         };
         assert!(c.validate().is_ok());
+        c.compression = Codec::Lz4;
+        assert!(c.validate().is_err(), "LZ4 needs version 2");
+        c.version = 2;
+        assert!(c.validate().is_ok());
+        c.version = 3;
+        assert!(c.validate().is_err());
+        c.version = 1;
+        c.compression = Codec::Zstd;
         c.chunk_size = 3000;
         assert!(c.validate().is_err());
         c.chunk_size = 8 * 1024 * 1024;
         assert!(c.validate().is_err());
+    }
+}
+
+#[cfg(test)]
+mod codec_tests {
+    use super::*;
+
+    #[test]
+    fn version_1_settings_mean_zstd_and_lz4_is_spelled_out() {
+        let v1 = r#"{"version":1,"chunk_size":65536,"pack_size":16777216,"zstd_level":1,"created":"x"}"#;
+        let c: RepoConfig = serde_json::from_str(v1).unwrap();
+        assert_eq!(c.compression, Codec::Zstd);
+        assert_eq!(serde_json::to_string(&c).unwrap(), v1, "a version 1 config re-encodes unchanged");
+        let v2 = RepoConfig { version: 2, compression: Codec::Lz4, ..c };
+        assert!(serde_json::to_string(&v2).unwrap().contains(r#""compression":"lz4""#));
     }
 }

@@ -4,7 +4,7 @@
 //! where `sealed` is `nonce | ciphertext | tag` and the 6 header bytes are the AEAD's
 //! associated data, so an object of one kind cannot be passed off as another.
 
-use crate::{FormatError, Reader, FORMAT_VERSION, SEAL_OVERHEAD};
+use crate::{FormatError, Reader, FORMAT_VERSION, LAYOUT_VERSION, MIN_FORMAT_VERSION, SEAL_OVERHEAD};
 
 /// The magic numbers of the repository's files (pinned by tests and docs/FORMAT.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,26 +50,46 @@ impl ObjectMagic {
         }
     }
 
-    /// The 6 header bytes written by this build: magic and [`FORMAT_VERSION`].
+    /// The 6 header bytes of a file of this kind: magic and [`LAYOUT_VERSION`]. (The
+    /// config's header carries the repository's version instead: [`Self::header_with`].)
     pub fn header(self) -> [u8; 6] {
+        self.header_with(LAYOUT_VERSION)
+    }
+
+    /// Magic and an explicit version.
+    pub fn header_with(self, version: u16) -> [u8; 6] {
         let mut h = [0u8; 6];
         h[..4].copy_from_slice(&self.bytes());
-        h[4..].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        h[4..].copy_from_slice(&version.to_le_bytes());
         h
+    }
+
+    /// The versions a reader accepts in a header of this kind: the repository versions
+    /// for the config, the layout version for every other file.
+    fn readable(self) -> std::ops::RangeInclusive<u16> {
+        match self {
+            ObjectMagic::Config => MIN_FORMAT_VERSION..=FORMAT_VERSION,
+            _ => LAYOUT_VERSION..=LAYOUT_VERSION,
+        }
     }
 
     /// Checks the magic and version at the start of `buf`; returns the bytes after them.
     pub fn check(self, buf: &[u8]) -> Result<&[u8], FormatError> {
+        self.check_version(buf).map(|(_, rest)| rest)
+    }
+
+    /// Like [`Self::check`], also returning the version found.
+    pub fn check_version(self, buf: &[u8]) -> Result<(u16, &[u8]), FormatError> {
         let mut r = Reader::new(buf, self.name());
         let magic: [u8; 4] = r.array()?;
         if magic != self.bytes() {
             return Err(FormatError::BadMagic { what: self.name() });
         }
         let version = r.u16()?;
-        if version != FORMAT_VERSION {
+        if !self.readable().contains(&version) {
             return Err(FormatError::UnsupportedVersion { what: self.name(), version });
         }
-        Ok(&buf[6..])
+        Ok((version, &buf[6..]))
     }
 }
 
@@ -110,8 +130,11 @@ mod tests {
         assert_eq!(&ObjectMagic::Snapshot.bytes(), b"BPSN");
         assert_eq!(&ObjectMagic::Lock.bytes(), b"BPLK");
         assert_eq!(&ObjectMagic::State.bytes(), b"BPST");
-        assert_eq!(FORMAT_VERSION, 1);
+        assert_eq!(FORMAT_VERSION, 2);
+        assert_eq!(MIN_FORMAT_VERSION, 1);
+        assert_eq!(LAYOUT_VERSION, 1);
         assert_eq!(ObjectMagic::Index.header(), [b'B', b'P', b'I', b'X', 1, 0]);
+        assert_eq!(ObjectMagic::Config.header_with(2), [b'B', b'P', b'R', b'C', 2, 0]);
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub mod manifest;
 pub mod pack;
 pub mod tree;
 
-pub use config::{RepoConfig, RepoHeader};
+pub use config::{Codec, RepoConfig, RepoHeader};
 pub use envelope::{Envelope, ObjectMagic};
 pub use id::Id;
 pub use index::IndexFile;
@@ -47,8 +47,16 @@ pub use keyslot::{KdfParams, KeySlot};
 pub use manifest::{DiskEntry, Snapshot, SnapshotStatus};
 pub use pack::{BlobEntry, BlobKind, Compression};
 
-/// The format version written by this build, for every object kind.
-pub const FORMAT_VERSION: u16 = 1;
+/// The newest repository format version this build reads; new repositories get it.
+/// It is written in the config file's header and settings. Version 2 added LZ4 blobs and
+/// the `compression` setting; it changed no byte layout.
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest repository format version this build reads (and writes into).
+pub const MIN_FORMAT_VERSION: u16 = 1;
+/// The version in the header of every file but the config: the format version that
+/// introduced the byte layouts in use (a file's header names its layout, the config names
+/// the repository's version).
+pub const LAYOUT_VERSION: u16 = 1;
 
 /// Length of the nonce of XChaCha20-Poly1305.
 pub const NONCE_LEN: usize = 24;
@@ -62,7 +70,9 @@ pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 pub enum FormatError {
     #[error("not a blockproof {what} (bad magic)")]
     BadMagic { what: &'static str },
-    #[error("unsupported {what} format version {version} (this build reads version {FORMAT_VERSION})")]
+    #[error(
+        "unsupported {what} format version {version} (this build reads versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION})"
+    )]
     UnsupportedVersion { what: &'static str, version: u16 },
     #[error("truncated {what}: needed {needed} bytes, have {have}")]
     Truncated { what: &'static str, needed: usize, have: usize },

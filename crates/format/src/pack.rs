@@ -49,6 +49,9 @@ impl BlobKind {
 pub enum Compression {
     None = 0,
     Zstd = 1,
+    /// LZ4 block format (no frame, no size prefix: the entry's `raw_length` is the
+    /// output size). Format version 2 and later.
+    Lz4 = 2,
 }
 
 impl Compression {
@@ -56,6 +59,7 @@ impl Compression {
         match v {
             0 => Some(Compression::None),
             1 => Some(Compression::Zstd),
+            2 => Some(Compression::Lz4),
             _ => None,
         }
     }

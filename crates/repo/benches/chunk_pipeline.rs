@@ -30,7 +30,7 @@ fn stages(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(65536));
     for (name, data) in chunks() {
         g.bench_with_input(BenchmarkId::new("keyed_blake3", name), &data, |b, d| b.iter(|| keys.blob_id(d)));
-        let mut codec = BlobCodec::new(keys.clone(), 1);
+        let mut codec = BlobCodec::new(keys.clone(), blockproof_format::Codec::Zstd, 1);
         let id = keys.blob_id(&data);
         g.bench_with_input(BenchmarkId::new("compress_and_seal", name), &data, |b, d| {
             b.iter(|| codec.seal(BlobKind::Data, id, d))

@@ -2,7 +2,7 @@
 
 use blockproof_crypto::Keys;
 use blockproof_format::pack::blob_ad;
-use blockproof_format::{BlobEntry, BlobKind, Compression, Id, SEAL_OVERHEAD};
+use blockproof_format::{BlobEntry, BlobKind, Codec, Compression, Id, SEAL_OVERHEAD};
 
 use crate::RepoError;
 
@@ -17,50 +17,97 @@ pub struct SealedBlob {
     pub bytes: Vec<u8>,
 }
 
+/// A compressor with its reusable state.
+enum Compressor {
+    Zstd(Box<zstd::bulk::Compressor<'static>>),
+    Lz4,
+}
+
+impl Compressor {
+    fn compression(&self) -> Compression {
+        match self {
+            Compressor::Zstd(_) => Compression::Zstd,
+            Compressor::Lz4 => Compression::Lz4,
+        }
+    }
+
+    /// Compresses `input` into `out`, returning the compressed length (None if the
+    /// codec failed, which only an undersized buffer could cause).
+    fn compress(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+        match self {
+            Compressor::Zstd(z) => {
+                out.clear();
+                out.reserve(zstd::zstd_safe::compress_bound(input.len()));
+                z.compress_to_buffer(input, out).ok()
+            }
+            Compressor::Lz4 => {
+                // The buffer only grows, so it is zero-filled once per thread, not per blob.
+                let bound = lz4_flex::block::get_maximum_output_size(input.len());
+                if out.len() < bound {
+                    out.resize(bound, 0);
+                }
+                lz4_flex::block::compress_into(input, out).ok()
+            }
+        }
+    }
+}
+
 /// Per-thread compression and sealing state (a zstd context is not shared between
 /// threads; each pipeline worker owns one codec).
 pub struct BlobCodec {
     keys: Keys,
-    compressor: zstd::bulk::Compressor<'static>,
+    compressor: Compressor,
     scratch: Vec<u8>,
 }
 
 impl BlobCodec {
-    pub fn new(keys: Keys, zstd_level: i32) -> Self {
-        let compressor = zstd::bulk::Compressor::new(zstd_level).expect("zstd accepts levels 1..=22");
+    /// A codec compressing with `codec` (`zstd_level` applies to zstd only).
+    pub fn new(keys: Keys, codec: Codec, zstd_level: i32) -> Self {
+        let compressor = match codec {
+            Codec::Zstd => Compressor::Zstd(Box::new(
+                zstd::bulk::Compressor::new(zstd_level).expect("zstd accepts the levels the config validates"),
+            )),
+            Codec::Lz4 => Compressor::Lz4,
+        };
         BlobCodec { keys, compressor, scratch: Vec::new() }
+    }
+
+    /// The codec a repository's settings ask for.
+    pub fn for_repo(repo: &crate::Repository) -> Self {
+        let config = repo.config();
+        Self::new(repo.keys().clone(), config.compression, config.zstd_level)
     }
 
     pub fn keys(&self) -> &Keys {
         &self.keys
     }
 
-    /// Whether compressing `plaintext` is worth trying: a large blob whose first 4 KiB do
-    /// not compress by 1/32 is taken for incompressible (random, encrypted or already
-    /// compressed data) and stored as is — a quarter of a typical disk, at a sixteenth of
-    /// the cost of compressing it whole.
+    /// Whether compressing `plaintext` is worth trying. With zstd, a large blob whose
+    /// first 4 KiB do not compress by 1/32 is taken for incompressible (random, encrypted
+    /// or already compressed data) and stored as is — a quarter of a typical disk, at a
+    /// sixteenth of the cost of compressing it whole. LZ4 needs no sample: it skips
+    /// through incompressible input at about 8 GB/s, faster than the sample would save.
     fn worth_compressing(&mut self, plaintext: &[u8]) -> bool {
         const SAMPLE: usize = 4096;
-        if plaintext.len() < 4 * SAMPLE {
+        if plaintext.len() < 4 * SAMPLE || matches!(self.compressor, Compressor::Lz4) {
             return true;
         }
-        self.scratch.clear();
-        self.scratch.reserve(zstd::zstd_safe::compress_bound(SAMPLE));
-        self.compressor.compress_to_buffer(&plaintext[..SAMPLE], &mut self.scratch).is_ok()
-            && self.scratch.len() < SAMPLE - SAMPLE / 32
+        matches!(self.compressor.compress(&plaintext[..SAMPLE], &mut self.scratch), Some(n) if n < SAMPLE - SAMPLE / 32)
     }
 
     /// Compresses (when that saves at least 1/32) and seals a blob whose id is known.
     pub fn seal(&mut self, kind: BlobKind, id: Id, plaintext: &[u8]) -> SealedBlob {
-        let try_it = self.worth_compressing(plaintext);
-        let bound = zstd::zstd_safe::compress_bound(plaintext.len());
-        self.scratch.clear();
-        self.scratch.reserve(bound);
-        let compressed = try_it
-            && self.compressor.compress_to_buffer(plaintext, &mut self.scratch).is_ok()
-            && self.scratch.len() < plaintext.len() - plaintext.len() / 32;
-        let (compression, body) =
-            if compressed { (Compression::Zstd, &self.scratch[..]) } else { (Compression::None, plaintext) };
+        let compressed = if self.worth_compressing(plaintext) {
+            self.compressor
+                .compress(plaintext, &mut self.scratch)
+                .filter(|&n| n < plaintext.len() - plaintext.len() / 32)
+        } else {
+            None
+        };
+        let (compression, body) = match compressed {
+            Some(n) => (self.compressor.compression(), &self.scratch[..n]),
+            None => (Compression::None, plaintext),
+        };
         let mut bytes = Vec::with_capacity(body.len() + SEAL_OVERHEAD);
         self.keys.seal_into(&blob_ad(kind, &id), body, &mut bytes);
         SealedBlob { kind, id, compression, raw_length: plaintext.len() as u32, bytes }
@@ -75,6 +122,8 @@ pub fn open_blob(keys: &Keys, entry: &BlobEntry, sealed: &[u8], where_: &str) ->
     let plain = match entry.compression {
         Compression::None => body,
         Compression::Zstd => zstd::bulk::decompress(&body, entry.raw_length as usize)
+            .map_err(|e| RepoError::corrupt(what(), format!("decompression failed: {e}")))?,
+        Compression::Lz4 => lz4_flex::block::decompress(&body, entry.raw_length as usize)
             .map_err(|e| RepoError::corrupt(what(), format!("decompression failed: {e}")))?,
     };
     if plain.len() != entry.raw_length as usize {
@@ -103,25 +152,35 @@ mod tests {
     }
 
     #[test]
-    fn compressible_and_random_blobs_round_trip() {
+    fn compressible_and_random_blobs_round_trip_with_every_codec() {
         let keys = Keys::from_secret(&MasterSecret([1; 64]));
-        let mut codec = BlobCodec::new(keys.clone(), 1);
-        let text = b"the quick brown fox ".repeat(1000);
-        let id = keys.blob_id(&text);
-        let b = codec.seal(BlobKind::Data, id, &text);
-        assert_eq!(b.compression, Compression::Zstd);
-        assert!(b.bytes.len() < text.len() / 4);
-        assert_eq!(open_blob(&keys, &entry_for(&b), &b.bytes, "test").unwrap(), text);
+        for (codec, expect) in [(Codec::Zstd, Compression::Zstd), (Codec::Lz4, Compression::Lz4)] {
+            let mut codec = BlobCodec::new(keys.clone(), codec, 1);
+            let text = b"the quick brown fox ".repeat(1000);
+            let id = keys.blob_id(&text);
+            let b = codec.seal(BlobKind::Data, id, &text);
+            assert_eq!(b.compression, expect);
+            assert!(b.bytes.len() < text.len() / 4);
+            assert_eq!(open_blob(&keys, &entry_for(&b), &b.bytes, "test").unwrap(), text);
 
-        let random: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-        let b = codec.seal(BlobKind::Data, keys.blob_id(&random), &random);
-        assert_eq!(open_blob(&keys, &entry_for(&b), &b.bytes, "test").unwrap(), random);
+            let random: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+            let b = codec.seal(BlobKind::Data, keys.blob_id(&random), &random);
+            assert_eq!(b.compression, Compression::None, "incompressible data is stored as is");
+            assert_eq!(open_blob(&keys, &entry_for(&b), &b.bytes, "test").unwrap(), random);
+
+            // A compressed blob whose recorded length is wrong fails to decompress, clearly.
+            let b = codec.seal(BlobKind::Data, id, &text);
+            let mut e = entry_for(&b);
+            e.raw_length -= 1;
+            let err = open_blob(&keys, &e, &b.bytes, "test").unwrap_err().to_string();
+            assert!(err.contains("decompression failed") || err.contains("bytes, index says"), "{err}");
+        }
     }
 
     #[test]
     fn wrong_kind_or_id_or_bytes_fail() {
         let keys = Keys::from_secret(&MasterSecret([1; 64]));
-        let mut codec = BlobCodec::new(keys.clone(), 1);
+        let mut codec = BlobCodec::new(keys.clone(), Codec::Zstd, 1);
         let data = vec![5u8; 1000];
         let b = codec.seal(BlobKind::Data, keys.blob_id(&data), &data);
         let mut e = entry_for(&b);

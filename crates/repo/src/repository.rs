@@ -4,6 +4,7 @@ use std::time::SystemTime;
 
 use blockproof_crypto::{create_slot, open_slot, CryptoError, Keys, MasterSecret};
 use blockproof_format::config::{DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL};
+use blockproof_format::Codec;
 use blockproof_format::{
     Envelope, Id, IndexFile, KdfParams, KeySlot, ObjectMagic, RepoConfig, RepoHeader, Snapshot, FORMAT_VERSION,
 };
@@ -19,6 +20,7 @@ pub struct InitOptions {
     pub chunk_size: u32,
     pub pack_size: u32,
     pub zstd_level: i32,
+    pub compression: Codec,
     pub kdf: KdfParams,
 }
 
@@ -28,6 +30,7 @@ impl Default for InitOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             pack_size: DEFAULT_PACK_SIZE,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            compression: Codec::Lz4,
             kdf: KdfParams::DEFAULT,
         }
     }
@@ -71,6 +74,7 @@ impl Repository {
             chunk_size: opts.chunk_size,
             pack_size: opts.pack_size,
             zstd_level: opts.zstd_level,
+            compression: opts.compression,
             created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         };
         config.validate().map_err(|e| RepoError::Invalid(e.to_string()))?;
@@ -82,7 +86,7 @@ impl Repository {
         let keys = Keys::from_secret(&secret);
         let mut repo_id = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut repo_id);
-        let header = RepoHeader { repo_id: Id(repo_id) };
+        let header = RepoHeader { repo_id: Id(repo_id), version: config.version };
         let sealed = keys.seal(&header.ad(), &serde_json_vec(&config));
         backend.write(Kind::Config, "config", &header.encode(&sealed))?;
         Ok(Repository { backend: backend.into(), keys, header, config, secret, slot: slot_name })
@@ -117,6 +121,12 @@ impl Repository {
                     let config: RepoConfig = serde_json::from_slice(&plain)
                         .map_err(|e| RepoError::corrupt("repository config", format!("settings: {e}")))?;
                     config.validate().map_err(|e| RepoError::corrupt("repository config", e))?;
+                    if config.version != header.version {
+                        return Err(RepoError::corrupt(
+                            "repository config",
+                            format!("header says version {}, settings say {}", header.version, config.version),
+                        ));
+                    }
                     return Ok(Repository { backend: backend.into(), keys, header, config, secret, slot: name });
                 }
                 Err(CryptoError::WrongPassword) => {}
@@ -309,7 +319,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let repo =
             Repository::init(Box::new(LocalBackend::create(dir.path().join("r")).unwrap()), b"pw", &fast()).unwrap();
-        let mut codec = BlobCodec::new(repo.keys().clone(), 1);
+        let mut codec = BlobCodec::for_repo(&repo);
         let mut writer = PackWriter::new(&repo);
         // 3000 chunks: three levels with fanout 32, several packs of 64 KiB.
         let chunks: Vec<Vec<u8>> = (0..3000u32).map(|i| format!("chunk {i} ").repeat(50).into_bytes()).collect();

@@ -43,6 +43,7 @@
 //! cached copy is checked against its name on every read and the cache is disposable.
 
 mod cache;
+mod direct;
 mod local;
 
 pub use cache::ReadCache;

@@ -157,10 +157,7 @@ impl Backend for LocalBackend {
         let path = self.path(kind, name)?;
         let tmp = self.root.join("tmp").join(format!("{}-{:016x}", kind.name(), rand::thread_rng().gen::<u64>()));
         let result = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io_err(&tmp, e))?;
-            f.write_all(data).map_err(|e| io_err(&tmp, e))?;
-            f.sync_all().map_err(|e| io_err(&tmp, e))?;
-            drop(f);
+            crate::direct::write_new_file(&tmp, data).map_err(|e| io_err(&tmp, e))?;
             if let Err(e) = fs::rename(&tmp, &path) {
                 // A directory can be missing in a copied repository (git and some sync
                 // tools drop empty directories): create it and retry once.
