@@ -4,8 +4,8 @@ use anyhow::{Context, Result};
 use blockproof_core::budget::parse_size;
 use blockproof_core::{BackupOptions, Budget, CheckOptions, OnMismatch, RestoreFormat, RestoreOptions};
 use blockproof_format::config::{DEFAULT_ZSTD_LEVEL, ZSTD_LEVELS};
-use blockproof_format::{Codec, KdfParams, RepoConfig};
 use blockproof_format::SnapshotStatus;
+use blockproof_format::{Codec, KdfParams, RepoConfig};
 use blockproof_repo::{InitOptions, Repository};
 use serde::Serialize;
 
@@ -86,8 +86,9 @@ fn init(a: InitArgs) -> Result<u8> {
         .and_then(|v| u32::try_from(v).ok())
         .filter(|&v| (chunk_size..=1 << 30).contains(&v))
         .ok_or_else(|| Usage(format!("invalid --pack-size {:?}: from the chunk size to 1GiB", a.pack_size)))?;
-    let (compression, zstd_level) = parse_compression(&a.compression)
-        .ok_or_else(|| Usage(format!("invalid --compression {:?}: lz4, zstd or zstd:LEVEL (-7 to 22)", a.compression)))?;
+    let (compression, zstd_level) = parse_compression(&a.compression).ok_or_else(|| {
+        Usage(format!("invalid --compression {:?}: lz4, zstd or zstd:LEVEL (-7 to 22)", a.compression))
+    })?;
     let opts = InitOptions { chunk_size, pack_size, kdf, compression, zstd_level, ..InitOptions::default() };
     let pw = password::password(a.repo.password_file.as_deref(), true)?;
     let backend = crate::location::backend(&a.repo.repo, &a.repo.store, true)?;

@@ -1,24 +1,27 @@
-//! The fixture repository: a small repository written by format version 1 and committed
-//! under tests/fixtures/repo-v1. Every later version of blockproof must still read it,
-//! restore it bit-exact and find it whole; and its files must keep the pinned magic
-//! numbers of docs/FORMAT.md.
+//! The fixture repositories: small repositories written by each format version and
+//! committed under tests/fixtures/repo-vN (version 1: zstd blobs; version 2: LZ4 blobs).
+//! Every later version of blockproof must still read them, restore them bit-exact and
+//! find them whole; their files must keep the pinned magic numbers and versions of
+//! docs/FORMAT.md; and writing into an old repository must keep it readable by the build
+//! that made it (same version in every file, config untouched).
 //!
-//! The fixture is made once by `regenerate_fixture` (ignored; run with
-//! `BLOCKPROOF_WRITE_FIXTURE=1 cargo test -p blockproof --test fixture_repo -- --ignored`)
-//! and never rewritten after a release: a format change adds repo-v2, it does not
-//! replace repo-v1.
+//! A fixture is made once by `regenerate_fixture` (ignored; run with
+//! `BLOCKPROOF_WRITE_FIXTURE=repo-v2 cargo test -p blockproof --test fixture_repo -- --ignored`)
+//! and never rewritten after a release: a format change adds repo-vN+1, it does not
+//! replace older ones.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const PASSWORD: &str = "fixture password v1";
+/// The fixtures and their passwords.
+const FIXTURES: [(u16, &str); 2] = [(1, "fixture password v1"), (2, "fixture password v2")];
 const CHUNK: usize = 4096;
 /// 1280 chunks and a 1000-byte tail: two levels of index pages (fanout 1024).
 const SIZE: usize = 1280 * CHUNK + 1000;
 
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/repo-v1")
+fn fixture_dir(version: u16) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../tests/fixtures/repo-v{version}"))
 }
 
 /// The disk as it was at snapshot `version` (1 or 2): text chunks, zero chunks,
@@ -43,10 +46,10 @@ fn image(version: u32) -> Vec<u8> {
     out
 }
 
-fn blockproof(args: &[&str]) -> Output {
+fn blockproof(password: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_blockproof"))
         .args(args)
-        .env("BLOCKPROOF_PASSWORD", PASSWORD)
+        .env("BLOCKPROOF_PASSWORD", password)
         .env_remove("BLOCKPROOF_REPO")
         .output()
         .expect("run blockproof")
@@ -71,9 +74,9 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// A private copy of the fixture (blockproof must not touch the committed one).
-fn fixture_copy(tmp: &Path) -> PathBuf {
+fn fixture_copy(version: u16, tmp: &Path) -> PathBuf {
     let repo = tmp.join("repo");
-    copy_dir(&fixture_dir(), &repo);
+    copy_dir(&fixture_dir(version), &repo);
     repo
 }
 
@@ -93,30 +96,29 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 #[test]
 #[ignore = "writes the committed fixture; run only when creating a new format version"]
 fn regenerate_fixture() {
-    if std::env::var("BLOCKPROOF_WRITE_FIXTURE").as_deref() != Ok("1") {
-        return;
-    }
-    let dir = fixture_dir();
+    let Ok(name) = std::env::var("BLOCKPROOF_WRITE_FIXTURE") else { return };
+    let &(version, password) = FIXTURES.iter().find(|(v, _)| name == format!("repo-v{v}")).expect("a known fixture");
+    let dir = fixture_dir(version);
     assert!(!dir.exists(), "{} exists: fixtures are never rewritten", dir.display());
     let tmp = tempfile::tempdir().unwrap();
     let repo = dir.to_str().unwrap();
-    ok(blockproof(&["init", "--repo", repo, "--chunk-size", "4KiB", "--kdf-memory", "1", "--kdf-iterations", "1"]));
+    ok(blockproof(
+        password,
+        &["init", "--repo", repo, "--chunk-size", "4KiB", "--kdf-memory", "1", "--kdf-iterations", "1"],
+    ));
     for v in [1, 2] {
         let img = tmp.path().join(format!("disk-v{v}.img"));
         fs::write(&img, image(v)).unwrap();
         let spec = format!("id=fixture-disk-0,source={}", img.display());
-        ok(blockproof(&["backup", "--repo", repo, "--vm", "fixture-vm", "--disk", &spec]));
+        ok(blockproof(password, &["backup", "--repo", repo, "--vm", "fixture-vm", "--disk", &spec]));
     }
     let _ = fs::remove_dir(dir.join("tmp"));
 }
 
-#[test]
-fn fixture_restores_bit_exact_and_checks_clean() {
-    let tmp = tempfile::tempdir().unwrap();
-    let repo = fixture_copy(tmp.path());
-    let repo = repo.to_str().unwrap();
-    let list: serde_json::Value =
-        serde_json::from_str(&ok(blockproof(&["snapshots", "--repo", repo, "--json"]))).unwrap();
+/// Restores every snapshot of the fixture at `repo` bit-exact and checks it clean.
+fn assert_restores_and_checks(password: &str, repo: &str, tmp: &Path) {
+    let bp = |args: &[&str]| ok(blockproof(password, args));
+    let list: serde_json::Value = serde_json::from_str(&bp(&["snapshots", "--repo", repo, "--json"])).unwrap();
     let snaps = list.as_array().unwrap();
     assert_eq!(snaps.len(), 2);
     for (i, s) in snaps.iter().enumerate() {
@@ -124,36 +126,36 @@ fn fixture_restores_bit_exact_and_checks_clean() {
         assert_eq!(s["status"], "ok");
         assert_eq!(s["disks"][0]["id"], "fixture-disk-0");
         assert_eq!(s["disks"][0]["size"], SIZE as u64);
-        let target = tmp.path().join(format!("restored-{i}.img"));
-        ok(blockproof(&[
-            "restore",
-            "--repo",
-            repo,
-            s["id"].as_str().unwrap(),
-            "--disk",
-            "fixture-disk-0",
-            "--to",
-            target.to_str().unwrap(),
-        ]));
+        let target = tmp.join(format!("restored-{i}.img"));
+        let id = s["id"].as_str().unwrap();
+        bp(&["restore", "--repo", repo, id, "--disk", "fixture-disk-0", "--to", target.to_str().unwrap()]);
         assert!(fs::read(&target).unwrap() == image(i as u32 + 1), "snapshot {i} restores bit-exact");
     }
     assert_eq!(snaps[1]["disks"][0]["parent"], snaps[0]["id"]);
     let report: serde_json::Value =
-        serde_json::from_str(&ok(blockproof(&["check", "--repo", repo, "--read-data", "--json"]))).unwrap();
+        serde_json::from_str(&bp(&["check", "--repo", repo, "--read-data", "--json"])).unwrap();
     assert_eq!(report["ok"], true, "{report}");
     assert!(report["warnings"].as_array().unwrap().is_empty());
 }
 
 #[test]
-fn fixture_files_carry_the_pinned_magic_numbers() {
-    let dir = fixture_dir();
+fn fixtures_restore_bit_exact_and_check_clean() {
+    for (version, password) in FIXTURES {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = fixture_copy(version, tmp.path());
+        assert_restores_and_checks(password, repo.to_str().unwrap(), tmp.path());
+    }
+}
+
+/// Every file of `dir` carries its magic and `version` (the config: `config_version`)
+/// and is named by the BLAKE3 hash of its bytes.
+fn assert_headers(dir: &Path, version: u8, config_version: u8) {
     let expect = |sub: &str, magic: &[u8; 4]| {
         let found = files(&dir.join(sub));
         assert!(!found.is_empty(), "fixture has files under {sub}");
         for f in found {
             let bytes = fs::read(&f).unwrap();
-            assert_eq!(&bytes[..6], [&magic[..], &[1, 0]].concat().as_slice(), "{}", f.display());
-            // Files are named by the BLAKE3 hash of their bytes.
+            assert_eq!(&bytes[..6], [&magic[..], &[version, 0]].concat().as_slice(), "{}", f.display());
             assert_eq!(blake3::hash(&bytes).to_hex().as_str(), f.file_name().unwrap().to_str().unwrap());
         }
     };
@@ -161,25 +163,72 @@ fn fixture_files_carry_the_pinned_magic_numbers() {
     expect("data", b"BPPK");
     expect("index", b"BPIX");
     expect("snapshots", b"BPSN");
-    assert_eq!(&fs::read(dir.join("config")).unwrap()[..6], b"BPRC\x01\x00");
+    assert_eq!(&fs::read(dir.join("config")).unwrap()[..6], [&b"BPRC"[..], &[config_version, 0]].concat().as_slice());
 }
 
 #[test]
-fn fixture_refuses_a_wrong_password() {
+fn fixture_files_carry_the_pinned_magic_numbers() {
+    // Version 2 changed no byte layout: only the config says 2.
+    assert_headers(&fixture_dir(1), 1, 1);
+    assert_headers(&fixture_dir(2), 1, 2);
+}
+
+/// A version 2 build writing into a version 1 repository keeps it a version 1
+/// repository (zstd blobs, version 1 config untouched), which the build that made it
+/// can still read; and a version 2 repository is refused with one clear line by a build
+/// that reads only version 1 (simulated by the config check of this build on version 3).
+#[test]
+fn writing_into_a_version_1_repository_keeps_it_version_1() {
+    let (version, password) = FIXTURES[0];
     let tmp = tempfile::tempdir().unwrap();
-    let repo = fixture_copy(tmp.path());
-    let out = Command::new(env!("CARGO_BIN_EXE_blockproof"))
-        .args(["snapshots", "--repo", repo.to_str().unwrap()])
-        .env("BLOCKPROOF_PASSWORD", "not the password")
-        .output()
-        .unwrap();
+    let repo_path = fixture_copy(version, tmp.path());
+    let repo = repo_path.to_str().unwrap();
+    let config_before = fs::read(repo_path.join("config")).unwrap();
+    let packs_before = files(&repo_path.join("data")).len();
+    let mut third = image(2);
+    third[..CHUNK].copy_from_slice(&[0x5a; CHUNK]);
+    let img = tmp.path().join("disk-v3.img");
+    fs::write(&img, &third).unwrap();
+    let spec = format!("id=fixture-disk-0,source={}", img.display());
+    ok(blockproof(password, &["backup", "--repo", repo, "--vm", "fixture-vm", "--disk", &spec]));
+    assert!(files(&repo_path.join("data")).len() > packs_before, "the backup wrote a pack");
+    assert_eq!(fs::read(repo_path.join("config")).unwrap(), config_before);
+    assert_headers(&repo_path, 1, 1);
+    let target = tmp.path().join("third.img");
+    ok(blockproof(
+        password,
+        &["restore", "--repo", repo, "fixture-vm:latest", "--disk", "fixture-disk-0", "--to", target.to_str().unwrap()],
+    ));
+    assert!(fs::read(&target).unwrap() == third);
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(blockproof(password, &["check", "--repo", repo, "--read-data", "--json"]))).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+
+    // A config from the future: refused before anything else is read, one line, exit 1.
+    let mut future = config_before.clone();
+    future[4] = 3;
+    fs::write(repo_path.join("config"), &future).unwrap();
+    let out = blockproof(password, &["snapshots", "--repo", repo]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("wrong password"), "{stderr}");
+    assert!(stderr.contains("format version 3"), "{stderr}");
 }
 
-/// Damaged copies of the fixture: every kind of damage is found by check --read-data.
+#[test]
+fn fixtures_refuse_a_wrong_password() {
+    for (version, _) in FIXTURES {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = fixture_copy(version, tmp.path());
+        let out = blockproof("not the password", &["snapshots", "--repo", repo.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("wrong password"), "{stderr}");
+    }
+}
+
+/// Damaged copies of the fixtures: every kind of damage is found by check --read-data.
 #[test]
 fn damaged_fixture_copies_are_detected() {
     type Damage = fn(&Path);
@@ -203,18 +252,20 @@ fn damaged_fixture_copies_are_detected() {
         ("snapshots", flip_middle, "bit flip in a snapshot"),
         ("snapshots", truncate, "truncated snapshot"),
     ] {
-        let tmp = tempfile::tempdir().unwrap();
-        let repo = fixture_copy(tmp.path());
-        let victim = files(&repo.join(sub)).into_iter().next().unwrap();
-        damage(&victim);
-        let out = blockproof(&["check", "--repo", repo.to_str().unwrap(), "--read-data"]);
-        assert_eq!(out.status.code(), Some(1), "{name}: check must fail");
-        let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-        let victim_name = victim.file_name().unwrap().to_str().unwrap();
-        // A deleted index file orphans its packs (a warning naming them) and loses blobs:
-        // the error names what is missing rather than the deleted file.
-        if name != "deleted index file" {
-            assert!(text.contains(victim_name), "{name}: the report names {victim_name}: {text}");
+        for (version, password) in FIXTURES {
+            let tmp = tempfile::tempdir().unwrap();
+            let repo = fixture_copy(version, tmp.path());
+            let victim = files(&repo.join(sub)).into_iter().next().unwrap();
+            damage(&victim);
+            let out = blockproof(password, &["check", "--repo", repo.to_str().unwrap(), "--read-data"]);
+            assert_eq!(out.status.code(), Some(1), "v{version} {name}: check must fail");
+            let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+            let victim_name = victim.file_name().unwrap().to_str().unwrap();
+            // A deleted index file orphans its packs (a warning naming them) and loses
+            // blobs: the error names what is missing rather than the deleted file.
+            if name != "deleted index file" {
+                assert!(text.contains(victim_name), "v{version} {name}: the report names {victim_name}: {text}");
+            }
         }
     }
 }

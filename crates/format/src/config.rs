@@ -75,7 +75,10 @@ impl RepoConfig {
             )));
         }
         if self.version < 2 && self.compression != Codec::Zstd {
-            return Err(malformed(format!("{:?} compression in a version {} repository", self.compression, self.version)));
+            return Err(malformed(format!(
+                "{:?} compression in a version {} repository",
+                self.compression, self.version
+            )));
         }
         if !ZSTD_LEVELS.contains(&self.zstd_level) {
             return Err(malformed(format!("zstd level {}", self.zstd_level)));

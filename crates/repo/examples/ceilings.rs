@@ -58,10 +58,9 @@ fn main() {
             std::hint::black_box(keys.seal(b"ad", c));
         }
     });
-    for (codec, label) in [
-        (Codec::Lz4, "worker: hash + LZ4 + seal"),
-        (Codec::Zstd, "worker: hash + zstd -1 (sampled) + seal"),
-    ] {
+    for (codec, label) in
+        [(Codec::Lz4, "worker: hash + LZ4 + seal"), (Codec::Zstd, "worker: hash + zstd -1 (sampled) + seal")]
+    {
         rate(label, bytes, || {
             let mut codec = BlobCodec::new(keys.clone(), codec, 1);
             for c in &chunks {
