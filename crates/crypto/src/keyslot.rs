@@ -5,7 +5,7 @@ use blockproof_format::keyslot::SALT_LEN;
 use blockproof_format::{KdfParams, KeySlot};
 use rand::RngCore;
 
-use crate::{CryptoError, MasterSecret, SealKey, MASTER_SECRET_LEN};
+use crate::{Aead, CryptoError, MasterSecret, SealKey, MASTER_SECRET_LEN};
 
 fn derive(password: &[u8], salt: &[u8; SALT_LEN], p: &KdfParams) -> Result<SealKey, CryptoError> {
     let params =
@@ -14,7 +14,7 @@ fn derive(password: &[u8], salt: &[u8; SALT_LEN], p: &KdfParams) -> Result<SealK
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
         .hash_password_into(password, salt, &mut key)
         .map_err(|e| CryptoError::Kdf(e.to_string()))?;
-    Ok(SealKey::new(key))
+    Ok(SealKey::new(Aead::XChaCha20Poly1305, key))
 }
 
 /// Wraps `secret` in a new key slot for `password`.

@@ -9,21 +9,27 @@
 //!   derived from a passphrase with Argon2id. Any slot opens the repository.
 //! - Two 32-byte keys are derived from the master secret with BLAKE3's `derive_key`
 //!   (domain-separated contexts, see [`Keys::from_secret`]):
-//!   - the **sealing key** for XChaCha20-Poly1305, which encrypts and authenticates every
-//!     object but the repository id and the key slots;
+//!   - the **sealing key** for the repository's AEAD ([`aead`]), which encrypts and
+//!     authenticates every object but the repository id and the key slots:
+//!     XChaCha20-Poly1305 in format version 1, XAES-256-GCM from version 2 (each with its
+//!     own derivation context, so one key never serves two algorithms);
 //!   - the **id key** for keyed BLAKE3, which names chunks: ids reveal nothing about
 //!     content to someone without the key, and equal plaintexts get equal ids, which is
 //!     what deduplication needs.
 //!
-//! ## Why XChaCha20-Poly1305 with random nonces
+//! ## Why 192-bit random nonces (XChaCha20-Poly1305, then XAES-256-GCM)
 //!
 //! A repository seals one blob per new chunk, forever, from many hosts at once, with one
 //! key. With 96-bit random nonces (AES-GCM, ChaCha20-Poly1305) the collision risk reaches
 //! the usual 2^-32 bound after about 2^32 messages — 256 TiB of 64 KiB chunks, reachable by
 //! a large repository, and a nonce collision under GCM leaks the authentication key.
-//! XChaCha20's 192-bit nonces make random nonces safe for any realistic number of
-//! messages (2^-32 after ~2^80), with no counter state to coordinate between writers and
-//! no per-object key derivation. It is constant-time in software on every CPU.
+//! 192-bit nonces make random nonces safe for any realistic number of messages (2^-32
+//! after ~2^80), with no counter state to coordinate between writers. XChaCha20 gets
+//! there with HChaCha20 and is constant-time in software on every CPU; XAES-256-GCM gets
+//! there with a per-nonce AES key (two AES blocks) and runs at AES-GCM's speed on CPUs
+//! with AES instructions (every x86-64 and ARMv8 server of the last decade), which is
+//! why format version 2 uses it for the sealing key. Key slots keep XChaCha20-Poly1305
+//! in every version: they are read before the version is known.
 //!
 //! ## Invariants
 //!
@@ -37,7 +43,7 @@ pub mod keyslot;
 use blockproof_format::{Id, SEAL_OVERHEAD};
 use rand::RngCore;
 
-pub use aead::SealKey;
+pub use aead::{Aead, SealKey};
 
 pub use keyslot::{create_slot, open_slot};
 
@@ -46,6 +52,8 @@ pub const MASTER_SECRET_LEN: usize = blockproof_format::keyslot::MASTER_SECRET_L
 
 /// BLAKE3 `derive_key` contexts (pinned: changing one makes every repository unreadable).
 pub const SEAL_KEY_CONTEXT: &str = "blockproof 2026-11-22 repository sealing key v1";
+/// The sealing key's context from format version 2 (XAES-256-GCM).
+pub const SEAL_KEY_CONTEXT_V2: &str = "blockproof 2026-12-01 repository sealing key v2 XAES-256-GCM";
 pub const ID_KEY_CONTEXT: &str = "blockproof 2026-11-22 chunk id key v1";
 
 /// Errors of the crypto layer.
@@ -78,10 +86,30 @@ pub struct Keys {
 }
 
 impl Keys {
-    pub fn from_secret(secret: &MasterSecret) -> Self {
-        let seal = blake3::derive_key(SEAL_KEY_CONTEXT, &secret.0);
+    /// The keys of a repository of format `version` (1: XChaCha20-Poly1305; 2 and later:
+    /// XAES-256-GCM). The id key is the same in every version.
+    pub fn from_secret(secret: &MasterSecret, version: u16) -> Self {
+        let (context, aead) = if version < 2 {
+            (SEAL_KEY_CONTEXT, Aead::XChaCha20Poly1305)
+        } else {
+            (SEAL_KEY_CONTEXT_V2, Aead::XAes256Gcm)
+        };
+        let seal = blake3::derive_key(context, &secret.0);
         let id_key = blake3::derive_key(ID_KEY_CONTEXT, &secret.0);
-        Keys { cipher: SealKey::new(seal), id_key }
+        Keys { cipher: SealKey::new(aead, seal), id_key }
+    }
+
+    /// The AEAD of the sealing key.
+    pub fn aead(&self) -> Aead {
+        self.cipher.aead()
+    }
+
+    #[cfg(test)]
+    fn aead_version(&self) -> u16 {
+        match self.aead() {
+            Aead::XChaCha20Poly1305 => 1,
+            Aead::XAes256Gcm => 2,
+        }
     }
 
     /// The id of a blob: keyed BLAKE3 of its plaintext.
@@ -112,24 +140,40 @@ mod tests {
     use super::*;
 
     fn keys() -> Keys {
-        Keys::from_secret(&MasterSecret([7u8; 64]))
+        Keys::from_secret(&MasterSecret([7u8; 64]), blockproof_format::FORMAT_VERSION)
+    }
+
+    #[test]
+    fn each_version_seals_with_its_own_aead_and_key() {
+        let v1 = Keys::from_secret(&MasterSecret([7u8; 64]), 1);
+        let v2 = Keys::from_secret(&MasterSecret([7u8; 64]), 2);
+        assert_eq!(v1.aead(), Aead::XChaCha20Poly1305);
+        assert_eq!(v2.aead(), Aead::XAes256Gcm);
+        assert_eq!(v1.blob_id(b"chunk"), v2.blob_id(b"chunk"), "ids do not depend on the version");
+        let sealed = v1.seal(b"ad", b"payload");
+        assert_eq!(v2.open(b"ad", &sealed), Err(CryptoError::Authentication));
+        // The version 2 sealing key is derived under its own context (pinned here).
+        let direct = SealKey::new(Aead::XAes256Gcm, blake3::derive_key(SEAL_KEY_CONTEXT_V2, &[7u8; 64]));
+        assert_eq!(direct.open(b"ad", &v2.seal(b"ad", b"payload")).unwrap(), b"payload");
+        assert_eq!(SEAL_KEY_CONTEXT_V2, "blockproof 2026-12-01 repository sealing key v2 XAES-256-GCM");
     }
 
     #[test]
     fn seal_open_round_trip_and_tamper_detection() {
-        let k = keys();
-        let sealed = k.seal(b"ad", b"hello world");
-        assert_eq!(sealed.len(), 11 + SEAL_OVERHEAD);
-        assert_eq!(k.open(b"ad", &sealed).unwrap(), b"hello world");
-        assert_eq!(k.open(b"other ad", &sealed), Err(CryptoError::Authentication));
-        for i in 0..sealed.len() {
-            let mut bad = sealed.clone();
-            bad[i] ^= 0x01;
-            assert_eq!(k.open(b"ad", &bad), Err(CryptoError::Authentication), "flip at {i}");
+        for k in [keys(), Keys::from_secret(&MasterSecret([7u8; 64]), 1)] {
+            let sealed = k.seal(b"ad", b"hello world");
+            assert_eq!(sealed.len(), 11 + SEAL_OVERHEAD);
+            assert_eq!(k.open(b"ad", &sealed).unwrap(), b"hello world");
+            assert_eq!(k.open(b"other ad", &sealed), Err(CryptoError::Authentication));
+            for i in 0..sealed.len() {
+                let mut bad = sealed.clone();
+                bad[i] ^= 0x01;
+                assert_eq!(k.open(b"ad", &bad), Err(CryptoError::Authentication), "flip at {i}");
+            }
+            assert_eq!(k.open(b"ad", &sealed[..10]), Err(CryptoError::Authentication));
+            let other = Keys::from_secret(&MasterSecret([8u8; 64]), k.aead_version());
+            assert_eq!(other.open(b"ad", &sealed), Err(CryptoError::Authentication));
         }
-        assert_eq!(k.open(b"ad", &sealed[..10]), Err(CryptoError::Authentication));
-        let other = Keys::from_secret(&MasterSecret([8u8; 64]));
-        assert_eq!(other.open(b"ad", &sealed), Err(CryptoError::Authentication));
     }
 
     #[test]
@@ -144,7 +188,7 @@ mod tests {
         let k = keys();
         let id = k.blob_id(b"chunk");
         assert_eq!(id, k.blob_id(b"chunk"));
-        assert_ne!(id, Keys::from_secret(&MasterSecret([8u8; 64])).blob_id(b"chunk"));
+        assert_ne!(id, Keys::from_secret(&MasterSecret([8u8; 64]), 2).blob_id(b"chunk"));
         assert_ne!(id.0, *blake3::hash(b"chunk").as_bytes());
         // Pins the derivation: same secret, same id, in every future version.
         let expected = blake3::keyed_hash(&blake3::derive_key(ID_KEY_CONTEXT, &[7u8; 64]), b"chunk");

@@ -25,7 +25,7 @@ fn chunks() -> [(&'static str, Vec<u8>); 2] {
 }
 
 fn stages(c: &mut Criterion) {
-    let keys = Keys::from_secret(&MasterSecret([3; 64]));
+    let keys = Keys::from_secret(&MasterSecret([3; 64]), blockproof_format::FORMAT_VERSION);
     let mut g = c.benchmark_group("chunk");
     g.throughput(Throughput::Bytes(65536));
     for (name, data) in chunks() {

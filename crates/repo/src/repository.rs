@@ -83,7 +83,7 @@ impl Repository {
         let slot_bytes = slot.encode();
         let slot_name = blake3::hash(&slot_bytes).to_hex().to_string();
         backend.write(Kind::Key, &slot_name, &slot_bytes)?;
-        let keys = Keys::from_secret(&secret);
+        let keys = Keys::from_secret(&secret, config.version);
         let mut repo_id = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut repo_id);
         let header = RepoHeader { repo_id: Id(repo_id), version: config.version };
@@ -114,7 +114,7 @@ impl Repository {
             };
             match open_slot(&slot, password) {
                 Ok(secret) => {
-                    let keys = Keys::from_secret(&secret);
+                    let keys = Keys::from_secret(&secret, header.version);
                     let plain = keys
                         .open(&header.ad(), sealed)
                         .map_err(|e| RepoError::corrupt("repository config", format!("settings: {e}")))?;
