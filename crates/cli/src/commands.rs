@@ -89,7 +89,7 @@ fn init(a: InitArgs) -> Result<u8> {
     let (compression, zstd_level) = parse_compression(&a.compression).ok_or_else(|| {
         Usage(format!("invalid --compression {:?}: lz4, zstd or zstd:LEVEL (-7 to 22)", a.compression))
     })?;
-    let opts = InitOptions { chunk_size, pack_size, kdf, compression, zstd_level, ..InitOptions::default() };
+    let opts = InitOptions { chunk_size, pack_size, kdf, compression, zstd_level };
     let pw = password::password(a.repo.password_file.as_deref(), true)?;
     let backend = crate::location::backend(&a.repo.repo, &a.repo.store, true)?;
     let repo = Repository::init(backend, &pw, &opts)?;

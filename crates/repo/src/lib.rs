@@ -8,7 +8,8 @@
 //!
 //! - A **blob** is a chunk of a disk or a page of a fixed index, named by the keyed hash
 //!   of its plaintext ([`Keys::blob_id`](blockproof_crypto::Keys::blob_id)), compressed
-//!   with zstd when that helps, and sealed with its kind and id as associated data
+//!   with the repository's codec (LZ4 or zstd) when that helps, and sealed with its kind
+//!   and id as associated data
 //!   ([`blob`]).
 //! - Blobs are grouped into **packs** of about 16 MiB ([`PackWriter`]): one file per
 //!   pack keeps a 2 TiB disk to about 130 000 files (and object stores to a sane number

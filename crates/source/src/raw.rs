@@ -94,7 +94,10 @@ impl BlockSource for RawFile {
                     if n == len {
                         Ok(())
                     } else {
-                        Err(std::io::Error::new(ErrorKind::UnexpectedEof, format!("{n} of {len} bytes: the source shrank")))
+                        Err(std::io::Error::new(
+                            ErrorKind::UnexpectedEof,
+                            format!("{n} of {len} bytes: the source shrank"),
+                        ))
                     }
                 });
             read.map_err(|source| SourceError::Read { what: self.describe(), offset, len, source })?;
@@ -110,6 +113,7 @@ impl BlockSource for RawFile {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn reads_exact_ranges_and_refuses_past_end() {

@@ -9,7 +9,8 @@
 //! 1. [`Backend::write`] is atomic and durable: when it returns `Ok`, the whole file is
 //!    on stable storage under its final name; a crash at any moment leaves either no file
 //!    under that name or the complete file, never a prefix. (Local: temporary file in
-//!    `tmp/`, `fsync`, `rename`, `fsync` of the directory.)
+//!    `tmp/` — written with `O_DIRECT` when it is a pack-sized file, see `direct.rs` —
+//!    `fsync`, `rename`, `fsync` of the directory.)
 //! 2. Files are immutable. Names of content-addressed kinds are hashes of the content,
 //!    so writing an existing name again writes the same bytes and is harmless.
 //! 3. Callers order their writes so a reader never sees a reference to a missing file:
