@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # blockproof against restic and borg, side by side, on the same images in one run.
 #
-# usage: bench/run.sh [--size MIB] [--quick] [--no-docs]
+# usage: bench/run.sh [--size MIB] [--runs N] [--quick] [--no-docs]
 #   --size MIB  size of the mixed image (default 2048)
+#   --runs N    full backups of the mixed image per tool, each into a fresh repository;
+#               the tables show the run of median wall time (default 3; --quick: 1)
 #   --quick     512 MiB mixed image only, no borg-fixed, no ext4 image (< 3 minutes)
 #   --no-docs   do not update docs/BENCHMARKS.md
 #
@@ -22,14 +24,18 @@ root=$(cd "$here/.." && pwd)
 size=2048
 quick=0
 docs=1
+runs=
 while [ $# -gt 0 ]; do
   case $1 in
     --size) size=$2; shift 2 ;;
+    --runs) runs=$2; shift 2 ;;
     --quick) quick=1; size=512; shift ;;
     --no-docs) docs=0; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
+
+[ -n "$runs" ] || runs=$([ $quick = 1 ] && echo 1 || echo 3)
 
 need=()
 command -v restic >/dev/null || need+=(restic)
@@ -159,10 +165,13 @@ zstd_line=$(zstd -b1 -q "$work/sample" 2>&1 | tail -1 | tr -s ' ' || true)
 ceilings=$("$root/target/release/examples/ceilings" "$work/mixed.img" 256)
 rm -f "$work/sample"
 
-init_repos mixed
 "$bp" init --repo "$work/bp-qcow2" > /dev/null
-echo "mixed image: full backup" >&2
-backup_all mixed "full backup"
+for run in $(seq 1 "$runs"); do
+  echo "mixed image: full backup (run $run of $runs)" >&2
+  rm -rf "$work"/bp-mixed "$work"/restic-mixed "$work"/borg-mixed "$work"/borgf-mixed
+  init_repos mixed
+  backup_all mixed "full backup"
+done
 measure mixed "full backup (qcow2, bitmap:auto)" blockproof "$work/bp-qcow2" report -- \
   "$bp" backup --repo "$work/bp-qcow2" --vm bench --disk "id=d0,source=$work/mixed.qcow2,cbt=bitmap:auto" --json
 for pct in 1 5; do
@@ -191,7 +200,18 @@ fi
 python3 - "$results" "$work" "$size" "$cat_rate" "$zstd_line" "$ceilings" "$root" "$docs" "$quick" <<'PY'
 import json, os, platform, subprocess, sys, datetime
 results_path, work, size, cat_rate, zstd_line, ceilings, root, docs, quick = sys.argv[1:]
-rows = [json.loads(l) for l in open(results_path)]
+runs_all = [json.loads(l) for l in open(results_path)]
+# A step measured several times (the full backup, --runs) is shown by its run of median
+# wall time; every run stays in the JSON.
+groups = {}
+for r in runs_all:
+    groups.setdefault((r["image"], r["step"], r["tool"]), []).append(r)
+rows = []
+for r in runs_all:
+    g = groups[(r["image"], r["step"], r["tool"])]
+    if g and r is g[0]:
+        med = sorted(g, key=lambda x: x["wall_s"])[len(g) // 2]
+        rows.append(dict(med, runs=len(g), walls=[x["wall_s"] for x in g]))
 changed = {p: int(open(os.path.join(work, f"changed-{p}")).read()) for p in (1, 5)}
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 mem = next((int(l.split()[1]) // 1024 // 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
@@ -204,7 +224,8 @@ date = datetime.date.today().isoformat()
 out = []
 out.append(f"Run of `bench/run.sh{' --quick' if quick == '1' else ''}` on {date}: {os.cpu_count()} vCPUs ({cpu}), {mem} GiB RAM, "
            f"{platform.system()} {platform.release()}; {vers['blockproof']}, {vers['restic']}, {vers['borg']}. "
-           f"Page cache warm before every step; GNU time.")
+           f"Page cache warm before every step; GNU time. Full backups of the mixed image: run of median wall time of "
+           f"{max(r['runs'] for r in rows)} per tool, each into a fresh repository (all runs' wall times below the table).")
 out.append("")
 out.append(f"Ceilings on the same data: page-cache read (`cat`) {cat_rate} MB/s; `zstd -b1`: {zstd_line}")
 out.append("")
@@ -225,6 +246,11 @@ for image in ("mixed", "ext4"):
         read = "" if r["read_mib"] is None else r["read_mib"]
         added = r["added_mib"] if r["step"].startswith(("full", "incremental")) else ""
         out.append(f"| {r['step']} | {r['tool']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss_mib']} | {read} | {added} |")
+    multi = [r for r in rs if r["runs"] > 1]
+    if multi:
+        out.append("")
+        out.append("Wall times of every run: " + "; ".join(
+            f"{r['tool']} {', '.join(f'{w:.2f}' for w in r['walls'])} s" for r in multi) + ".")
     steps = []
     for r in rs:
         if r["tool"] == "restic" and r["step"] not in steps:
@@ -247,7 +273,7 @@ md = "\n".join(out)
 os.makedirs(os.path.join(root, "bench/results"), exist_ok=True)
 open(os.path.join(root, "bench/results/latest.md"), "w").write(md + "\n")
 json.dump({"date": date, "size_mib": int(size), "quick": quick == "1", "versions": vers, "changed_bytes": changed,
-           "rows": rows}, open(os.path.join(root, "bench/results/latest.json"), "w"), indent=1)
+           "rows": rows, "runs": runs_all}, open(os.path.join(root, "bench/results/latest.json"), "w"), indent=1)
 print(md)
 if docs == "1":
     path = os.path.join(root, "docs/BENCHMARKS.md")

@@ -17,8 +17,7 @@
 //! longer exists, or not refreshed for [`STALE_AFTER`]. Stale locks are ignored (and
 //! removed by whoever finds them); `blockproof unlock` removes them explicitly.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blockproof_format::ObjectMagic;
@@ -102,7 +101,9 @@ pub struct Lock<'r> {
     repo: &'r Repository,
     name: String,
     info: LockInfo,
-    stop: Arc<AtomicBool>,
+    /// Dropping it wakes the refresher at once (it waits on the channel, not a sleep), so
+    /// releasing a lock costs no refresh tick.
+    stop: Option<mpsc::Sender<()>>,
     refresher: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -166,25 +167,18 @@ impl Repository {
                 other.describe()
             )));
         }
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = mpsc::channel::<()>();
         let refresher = {
-            let (backend, keys, stop, name, mut info) =
-                (self.backend_arc(), self.keys().clone(), stop.clone(), name.clone(), info.clone());
+            let (backend, keys, name, mut info) = (self.backend_arc(), self.keys().clone(), name.clone(), info.clone());
             std::thread::spawn(move || {
-                let mut waited = Duration::ZERO;
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(100));
-                    waited += Duration::from_millis(100);
-                    if waited >= REFRESH {
-                        waited = Duration::ZERO;
-                        info.refreshed = now_secs();
-                        let bytes = serde_json::to_vec(&info).expect("a lock serializes");
-                        let _ = write_doc(backend.as_ref(), &keys, Kind::Lock, ObjectMagic::Lock, &name, &bytes);
-                    }
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(REFRESH) {
+                    info.refreshed = now_secs();
+                    let bytes = serde_json::to_vec(&info).expect("a lock serializes");
+                    let _ = write_doc(backend.as_ref(), &keys, Kind::Lock, ObjectMagic::Lock, &name, &bytes);
                 }
             })
         };
-        Ok(Lock { repo: self, name, info, stop, refresher: Some(refresher) })
+        Ok(Lock { repo: self, name, info, stop: Some(stop), refresher: Some(refresher) })
     }
 }
 
@@ -202,7 +196,7 @@ impl<'r> Lock<'r> {
 
 impl Drop for Lock<'_> {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        drop(self.stop.take());
         if let Some(t) = self.refresher.take() {
             let _ = t.join();
         }
