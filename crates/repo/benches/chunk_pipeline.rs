@@ -1,11 +1,11 @@
 //! Microbenchmarks of the per-chunk stages of a backup and a restore (criterion):
-//! keyed hash, compression and sealing of a compressible and of a random 64 KiB chunk,
-//! and opening (authenticate, decompress, re-hash) a sealed one.
+//! keyed hash, compression (LZ4 and zstd -1) and sealing of a compressible and of a
+//! random 64 KiB chunk, and opening (authenticate, decompress, re-hash) a sealed one.
 //!
 //! `cargo bench -p blockproof-repo --bench chunk_pipeline`
 
 use blockproof_crypto::{Keys, MasterSecret};
-use blockproof_format::{BlobEntry, BlobKind};
+use blockproof_format::{BlobEntry, BlobKind, Codec};
 use blockproof_repo::blob::open_blob;
 use blockproof_repo::BlobCodec;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -30,23 +30,25 @@ fn stages(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(65536));
     for (name, data) in chunks() {
         g.bench_with_input(BenchmarkId::new("keyed_blake3", name), &data, |b, d| b.iter(|| keys.blob_id(d)));
-        let mut codec = BlobCodec::new(keys.clone(), blockproof_format::Codec::Zstd, 1);
         let id = keys.blob_id(&data);
-        g.bench_with_input(BenchmarkId::new("compress_and_seal", name), &data, |b, d| {
-            b.iter(|| codec.seal(BlobKind::Data, id, d))
-        });
-        let sealed = codec.seal(BlobKind::Data, id, &data);
-        let entry = BlobEntry {
-            kind: sealed.kind,
-            compression: sealed.compression,
-            id: sealed.id,
-            offset: 0,
-            length: sealed.bytes.len() as u32,
-            raw_length: sealed.raw_length,
-        };
-        g.bench_with_input(BenchmarkId::new("open", name), &sealed.bytes, |b, s| {
-            b.iter(|| open_blob(&keys, &entry, s, "bench").unwrap())
-        });
+        for (codec_name, codec) in [("lz4", Codec::Lz4), ("zstd", Codec::Zstd)] {
+            let mut codec = BlobCodec::new(keys.clone(), codec, 1);
+            g.bench_with_input(BenchmarkId::new(format!("compress_and_seal_{codec_name}"), name), &data, |b, d| {
+                b.iter(|| codec.seal(BlobKind::Data, id, d))
+            });
+            let sealed = codec.seal(BlobKind::Data, id, &data);
+            let entry = BlobEntry {
+                kind: sealed.kind,
+                compression: sealed.compression,
+                id: sealed.id,
+                offset: 0,
+                length: sealed.bytes.len() as u32,
+                raw_length: sealed.raw_length,
+            };
+            g.bench_with_input(BenchmarkId::new(format!("open_{codec_name}"), name), &sealed.bytes, |b, s| {
+                b.iter(|| open_blob(&keys, &entry, s, "bench").unwrap())
+            });
+        }
     }
     g.finish();
 }

@@ -123,7 +123,9 @@ pub fn open_blob(keys: &Keys, entry: &BlobEntry, sealed: &[u8], where_: &str) ->
         Compression::None => body,
         Compression::Zstd => zstd::bulk::decompress(&body, entry.raw_length as usize)
             .map_err(|e| RepoError::corrupt(what(), format!("decompression failed: {e}")))?,
-        Compression::Lz4 => lz4::block::decompress(&body, Some(entry.raw_length as i32))
+        Compression::Lz4 => i32::try_from(entry.raw_length)
+            .map_err(|e| e.to_string())
+            .and_then(|len| lz4::block::decompress(&body, Some(len)).map_err(|e| e.to_string()))
             .map_err(|e| RepoError::corrupt(what(), format!("decompression failed: {e}")))?,
     };
     if plain.len() != entry.raw_length as usize {
