@@ -87,7 +87,7 @@ impl ObjectMagic {
         }
         let version = r.u16()?;
         if !self.readable().contains(&version) {
-            return Err(FormatError::UnsupportedVersion { what: self.name(), version });
+            return Err(FormatError::UnsupportedVersion { what: self.name(), version, readable: self.readable() });
         }
         Ok((version, &buf[6..]))
     }
@@ -153,6 +153,13 @@ mod tests {
             Envelope::decode(ObjectMagic::Index, &v2),
             Err(FormatError::UnsupportedVersion { version: 2, .. })
         ));
+        // The message names what this build reads in that kind of file.
+        let err = Envelope::decode(ObjectMagic::Index, &v2).unwrap_err().to_string();
+        assert!(err.ends_with("(this build reads version 1)"), "{err}");
+        let mut config = ObjectMagic::Config.header_with(3).to_vec();
+        config.extend_from_slice(&[0; 80]);
+        let err = ObjectMagic::Config.check(&config).unwrap_err().to_string();
+        assert!(err.ends_with("(this build reads versions 1 to 2)"), "{err}");
         assert!(matches!(Envelope::decode(ObjectMagic::Index, &f[..20]), Err(FormatError::Truncated { .. })));
         assert!(matches!(Envelope::decode(ObjectMagic::Index, &f[..3]), Err(FormatError::Truncated { .. })));
     }

@@ -70,16 +70,24 @@ pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 pub enum FormatError {
     #[error("not a blockproof {what} (bad magic)")]
     BadMagic { what: &'static str },
-    #[error(
-        "unsupported {what} format version {version} (this build reads versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION})"
-    )]
-    UnsupportedVersion { what: &'static str, version: u16 },
+    /// `readable`: the versions this build reads in that kind of file (the repository
+    /// versions for the config, the layout version for every other file).
+    #[error("unsupported {what} format version {version} (this build reads {})", versions(readable))]
+    UnsupportedVersion { what: &'static str, version: u16, readable: std::ops::RangeInclusive<u16> },
     #[error("truncated {what}: needed {needed} bytes, have {have}")]
     Truncated { what: &'static str, needed: usize, have: usize },
     #[error("malformed {what}: {detail}")]
     Malformed { what: &'static str, detail: String },
     #[error("invalid id {0:?}: expected 64 hexadecimal digits")]
     BadId(String),
+}
+
+fn versions(r: &std::ops::RangeInclusive<u16>) -> String {
+    if r.start() == r.end() {
+        format!("version {}", r.start())
+    } else {
+        format!("versions {} to {}", r.start(), r.end())
+    }
 }
 
 /// A bounds-checked little-endian reader over untrusted bytes.
