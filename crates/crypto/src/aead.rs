@@ -146,9 +146,9 @@ impl SealKey {
 mod tests {
     use super::*;
 
+    /// Hex that may be wrapped over several lines.
     fn unhex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        hex::decode(s.split_whitespace().collect::<String>()).unwrap()
     }
 
     fn check_vector(aead: Aead, key: &str, nonce: &[u8; 24], ad: &[u8], plaintext: &[u8], ct: &str, tag: &str) {

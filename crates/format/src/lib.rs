@@ -58,7 +58,7 @@ pub const MIN_FORMAT_VERSION: u16 = 1;
 /// the repository's version).
 pub const LAYOUT_VERSION: u16 = 1;
 
-/// Length of the nonce of XChaCha20-Poly1305.
+/// Length of the nonce of both AEADs (XChaCha20-Poly1305 and XAES-256-GCM).
 pub const NONCE_LEN: usize = 24;
 /// Length of the Poly1305 tag.
 pub const TAG_LEN: usize = 16;
