@@ -3,9 +3,9 @@
 use anyhow::{Context, Result};
 use blockproof_core::budget::parse_size;
 use blockproof_core::{BackupOptions, Budget, CheckOptions, OnMismatch, RestoreFormat, RestoreOptions};
-use blockproof_format::config::{DEFAULT_ZSTD_LEVEL, ZSTD_LEVELS};
+use blockproof_format::config::ZSTD_LEVELS;
 use blockproof_format::SnapshotStatus;
-use blockproof_format::{Codec, KdfParams, RepoConfig};
+use blockproof_format::{Codec, KdfParams};
 use blockproof_repo::{InitOptions, Repository};
 use serde::Serialize;
 
@@ -86,8 +86,13 @@ fn init(a: InitArgs) -> Result<u8> {
         .and_then(|v| u32::try_from(v).ok())
         .filter(|&v| (chunk_size..=1 << 30).contains(&v))
         .ok_or_else(|| Usage(format!("invalid --pack-size {:?}: from the chunk size to 1GiB", a.pack_size)))?;
-    let (compression, zstd_level) = parse_compression(&a.compression).ok_or_else(|| {
-        Usage(format!("invalid --compression {:?}: lz4, zstd or zstd:LEVEL (-7 to 22)", a.compression))
+    let (compression, zstd_level) = Codec::parse_setting(&a.compression).ok_or_else(|| {
+        Usage(format!(
+            "invalid --compression {:?}: lz4, zstd or zstd:LEVEL ({} to {})",
+            a.compression,
+            ZSTD_LEVELS.start(),
+            ZSTD_LEVELS.end()
+        ))
     })?;
     let opts = InitOptions { chunk_size, pack_size, kdf, compression, zstd_level };
     let pw = password::password(a.repo.password_file.as_deref(), true)?;
@@ -98,7 +103,7 @@ fn init(a: InitArgs) -> Result<u8> {
             "repository": repo.id(),
             "path": a.repo.repo,
             "chunk_size": repo.config().chunk_size,
-            "compression": compression_name(repo.config()),
+            "compression": repo.config().compression_setting(),
         }))?;
     } else {
         println!(
@@ -106,29 +111,11 @@ fn init(a: InitArgs) -> Result<u8> {
             repo.id().short(),
             a.repo.repo,
             human_bytes(u64::from(repo.config().chunk_size)),
-            compression_name(repo.config())
+            repo.config().compression_setting()
         );
         println!("keep the password safe: without it the data cannot be read by anyone.");
     }
     Ok(exit::OK)
-}
-
-/// `lz4`, `zstd` (level 1) or `zstd:LEVEL`.
-fn parse_compression(s: &str) -> Option<(Codec, i32)> {
-    match s.split_once(':') {
-        None if s == "lz4" => Some((Codec::Lz4, DEFAULT_ZSTD_LEVEL)),
-        None if s == "zstd" => Some((Codec::Zstd, DEFAULT_ZSTD_LEVEL)),
-        Some(("zstd", level)) => level.parse().ok().filter(|l| ZSTD_LEVELS.contains(l)).map(|l| (Codec::Zstd, l)),
-        _ => None,
-    }
-}
-
-/// How `init` names a repository's compression.
-pub(crate) fn compression_name(c: &RepoConfig) -> String {
-    match c.compression {
-        Codec::Lz4 => "lz4".into(),
-        Codec::Zstd => format!("zstd:{}", c.zstd_level),
-    }
 }
 
 fn backup(a: BackupArgs) -> Result<u8> {

@@ -63,7 +63,28 @@ fn is_zstd(c: &Codec) -> bool {
     *c == Codec::Zstd
 }
 
+impl Codec {
+    /// Parses the textual setting `lz4`, `zstd` (level [`DEFAULT_ZSTD_LEVEL`]) or
+    /// `zstd:LEVEL` (within [`ZSTD_LEVELS`]) into a codec and the zstd level to record.
+    pub fn parse_setting(s: &str) -> Option<(Codec, i32)> {
+        match s.split_once(':') {
+            None if s == "lz4" => Some((Codec::Lz4, DEFAULT_ZSTD_LEVEL)),
+            None if s == "zstd" => Some((Codec::Zstd, DEFAULT_ZSTD_LEVEL)),
+            Some(("zstd", level)) => level.parse().ok().filter(|l| ZSTD_LEVELS.contains(l)).map(|l| (Codec::Zstd, l)),
+            _ => None,
+        }
+    }
+}
+
 impl RepoConfig {
+    /// The compression as [`Codec::parse_setting`] reads it: `lz4` or `zstd:LEVEL`.
+    pub fn compression_setting(&self) -> String {
+        match self.compression {
+            Codec::Lz4 => "lz4".into(),
+            Codec::Zstd => format!("zstd:{}", self.zstd_level),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), FormatError> {
         let malformed = |detail: String| FormatError::Malformed { what: "repository config", detail };
         if !(crate::MIN_FORMAT_VERSION..=crate::FORMAT_VERSION).contains(&self.version) {
@@ -170,16 +191,16 @@ mod tests {
         assert!(c.validate().is_err());
         c.version = 1;
         c.compression = Codec::Zstd;
+        for (level, ok) in [(-7, true), (22, true), (-8, false), (23, false)] {
+            c.zstd_level = level;
+            assert_eq!(c.validate().is_ok(), ok, "zstd level {level}");
+        }
+        c.zstd_level = 1;
         c.chunk_size = 3000;
         assert!(c.validate().is_err());
         c.chunk_size = 8 * 1024 * 1024;
         assert!(c.validate().is_err());
     }
-}
-
-#[cfg(test)]
-mod codec_tests {
-    use super::*;
 
     #[test]
     fn version_1_settings_mean_zstd_and_lz4_is_spelled_out() {
@@ -189,5 +210,25 @@ mod codec_tests {
         assert_eq!(serde_json::to_string(&c).unwrap(), v1, "a version 1 config re-encodes unchanged");
         let v2 = RepoConfig { version: 2, compression: Codec::Lz4, ..c };
         assert!(serde_json::to_string(&v2).unwrap().contains(r#""compression":"lz4""#));
+    }
+
+    #[test]
+    fn compression_settings_round_trip() {
+        for text in ["lz4", "zstd:1", "zstd:-7", "zstd:22"] {
+            let (compression, zstd_level) = Codec::parse_setting(text).unwrap();
+            let c = RepoConfig {
+                version: 2,
+                chunk_size: DEFAULT_CHUNK_SIZE,
+                pack_size: DEFAULT_PACK_SIZE,
+                zstd_level,
+                compression,
+                created: String::new(),
+            };
+            assert_eq!(c.compression_setting(), text);
+        }
+        assert_eq!(Codec::parse_setting("zstd"), Some((Codec::Zstd, DEFAULT_ZSTD_LEVEL)));
+        for bad in ["gzip", "zstd:23", "zstd:x", "lz4:1", "", "ZSTD"] {
+            assert_eq!(Codec::parse_setting(bad), None, "{bad:?}");
+        }
     }
 }

@@ -177,6 +177,16 @@ mod tests {
     }
 
     #[test]
+    fn compression_codes_are_pinned() {
+        let codes = [(0, Compression::None), (1, Compression::Zstd), (2, Compression::Lz4)];
+        for (code, c) in codes {
+            assert_eq!(Compression::from_u8(code), Some(c));
+            assert_eq!(c as u8, code);
+        }
+        assert_eq!(Compression::from_u8(3), None);
+    }
+
+    #[test]
     fn entries_round_trip_with_pinned_size() {
         let entries: Vec<_> = (1..5).map(entry).collect();
         let buf = encode_entries(&entries);
