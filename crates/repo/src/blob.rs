@@ -24,6 +24,13 @@ enum Compressor {
 }
 
 impl Compressor {
+    /// Whether a large blob is first tried on a 4 KiB sample: zstd yes (compressing
+    /// random data whole costs it as much as text), LZ4 no (it skips through
+    /// incompressible input at about 8 GB/s, faster than the sample would save).
+    fn samples_first(&self) -> bool {
+        matches!(self, Compressor::Zstd(_))
+    }
+
     fn compression(&self) -> Compression {
         match self {
             Compressor::Zstd(_) => Compression::Zstd,
@@ -82,14 +89,13 @@ impl BlobCodec {
         &self.keys
     }
 
-    /// Whether compressing `plaintext` is worth trying. With zstd, a large blob whose
-    /// first 4 KiB do not compress by 1/32 is taken for incompressible (random, encrypted
-    /// or already compressed data) and stored as is — a quarter of a typical disk, at a
-    /// sixteenth of the cost of compressing it whole. LZ4 needs no sample: it skips
-    /// through incompressible input at about 8 GB/s, faster than the sample would save.
+    /// Whether compressing `plaintext` is worth trying: with a compressor that samples
+    /// first, a large blob whose first 4 KiB do not compress by 1/32 is taken for
+    /// incompressible (random, encrypted or already compressed data) and stored as is — a
+    /// quarter of a typical disk, at a sixteenth of the cost of compressing it whole.
     fn worth_compressing(&mut self, plaintext: &[u8]) -> bool {
         const SAMPLE: usize = 4096;
-        if plaintext.len() < 4 * SAMPLE || matches!(self.compressor, Compressor::Lz4) {
+        if plaintext.len() < 4 * SAMPLE || !self.compressor.samples_first() {
             return true;
         }
         matches!(self.compressor.compress(&plaintext[..SAMPLE], &mut self.scratch), Some(n) if n < SAMPLE - SAMPLE / 32)
