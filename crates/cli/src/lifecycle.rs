@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use blockproof_core::{ForgetOptions, GcOptions, GcReport, KeepPolicy};
+use blockproof_repo::LockFile;
 use blockproof_store::Kind;
 
 use crate::args::{CopyArgs, ForgetArgs, GcArgs, KeyAddArgs, KeyCommand, SnapshotRefArgs, UnlockArgs};
@@ -108,15 +109,26 @@ pub fn protect(a: SnapshotRefArgs, on: bool) -> Result<u8> {
 
 pub fn unlock(a: UnlockArgs) -> Result<u8> {
     let repo = open_repo(&a.repo)?;
-    let before = repo.locks()?;
+    let files = repo.lock_files()?;
+    // Files that are not locks of this repository (foreign, damaged) count as absent
+    // (FORMAT §20): they go with the stale ones.
+    let mut invalid = 0;
+    for (name, file) in &files {
+        if let LockFile::Invalid(why) = file {
+            eprintln!("blockproof: removing {name}, which is not a lock of this repository ({why})");
+            repo.backend().remove(Kind::Lock, name)?;
+            invalid += 1;
+        }
+    }
+    let before = files.len() - invalid;
     if a.all {
-        for (name, _) in &before {
+        for (name, _) in files.iter().filter(|(_, f)| !matches!(f, LockFile::Invalid(_))) {
             repo.backend().remove(Kind::Lock, name)?;
         }
-        println!("removed {} lock(s)", before.len());
+        println!("removed {} lock(s)", before + invalid);
     } else {
         let live = repo.live_locks()?;
-        println!("removed {} stale lock(s)", before.len() - live.len());
+        println!("removed {} stale lock(s)", before - live.len() + invalid);
         for (_, l) in &live {
             println!("still held: {}", l.describe());
         }

@@ -16,7 +16,7 @@ use std::time::{Instant, SystemTime};
 use blockproof_format::manifest::{ByteRange, Coverage, DiskStats, ReadMode};
 use blockproof_format::tree::{chunk_count, DEFAULT_FANOUT};
 use blockproof_format::{DiskEntry, Id, Snapshot, SnapshotStatus};
-use blockproof_repo::{BlobIndex, BlobReader, LockKind, Repository, SealedBlob, SnapshotInfo, TreeReader};
+use blockproof_repo::{BlobIndex, BlobReader, Lock, LockKind, Repository, SealedBlob, SnapshotInfo, TreeReader};
 use blockproof_source::{AfterCommit, BlockSource, Changes, DiskSpec, OpenedDisk, ParentCbt, SourceError};
 use crossbeam_channel::Sender;
 use serde::Serialize;
@@ -482,9 +482,14 @@ fn advice(cbt: &str) -> String {
     }
 }
 
-/// For tests of concurrency and crashes: with `BLOCKPROOF_PAUSE_BEFORE_COMMIT=PATH` in
-/// the environment, a backup that has written all its data waits, before committing its
-/// snapshot, until the file PATH exists (it creates `PATH.waiting` while it waits).
+/// For tests of concurrency and crashes (test builds only, feature `test-hooks`): with
+/// `BLOCKPROOF_PAUSE_BEFORE_COMMIT=PATH` in the environment, a backup that has written all
+/// its data waits, before committing its snapshot, until the file PATH exists (it creates
+/// `PATH.waiting` while it waits).
+#[cfg(not(feature = "test-hooks"))]
+fn pause_before_commit() {}
+
+#[cfg(feature = "test-hooks")]
 fn pause_before_commit() {
     if let Some(path) = std::env::var_os("BLOCKPROOF_PAUSE_BEFORE_COMMIT") {
         let path = std::path::PathBuf::from(path);
@@ -496,6 +501,21 @@ fn pause_before_commit() {
         }
         let _ = std::fs::remove_file(&waiting);
     }
+}
+
+/// Makes a snapshot visible — only while this backup certainly holds its lock, checked
+/// right before and right after the write. A process stopped for longer than the stale
+/// age may have lost it, and gc may then have deleted what the snapshot references: the
+/// snapshot is then withdrawn and the backup fails (its source is still there; running
+/// it again stores what is missing).
+pub(crate) fn commit(repo: &Repository, lock: &Lock<'_>, snapshot: &Snapshot) -> Result<Id, CoreError> {
+    lock.ensure_held()?;
+    let id = repo.save_snapshot(snapshot)?;
+    if let Err(e) = lock.ensure_held() {
+        let _ = repo.backend().remove(blockproof_store::Kind::Snapshot, &id.to_hex());
+        return Err(e.into());
+    }
+    Ok(id)
 }
 
 /// Backs up every disk of `opts` into one new snapshot.
@@ -515,7 +535,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
 
     // A shared lock tells garbage collection this backup may use what it sees; packs a gc
     // already plans to delete are left out of deduplication (stored again if needed).
-    let _lock = repo.lock(LockKind::Shared, &format!("backup of vm {}", opts.vm))?;
+    let lock = repo.lock(LockKind::Shared, &format!("backup of vm {}", opts.vm))?;
     let planned = crate::gc::planned_packs(repo)?;
     let snapshots = repo.snapshots()?;
     let index = BlobIndex::load_excluding(repo, &planned)?;
@@ -548,7 +568,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
         copied_from: None,
     };
     // Every pack and index file is durable (the writer finished): commit.
-    let id = repo.save_snapshot(&snapshot)?;
+    let id = commit(repo, &lock, &snapshot)?;
     let mut report = BackupReport {
         snapshot: id,
         vm: opts.vm.clone(),
@@ -579,7 +599,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
             Ok(entries)
         })?;
         let healed = Snapshot { time: heal_time, status: SnapshotStatus::Ok, disks: entries, ..snapshot };
-        report.healed_snapshot = Some(repo.save_snapshot(&healed)?);
+        report.healed_snapshot = Some(commit(repo, &lock, &healed)?);
         report.packs_written += heal_stats.packs;
         report.bytes_written += heal_stats.pack_bytes;
     }

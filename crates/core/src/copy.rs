@@ -150,7 +150,7 @@ pub fn copy(
     if src.id() == dst.id() {
         return Err(CoreError::Invalid("the source and the target are the same repository".into()));
     }
-    let _lock = dst.lock(LockKind::Shared, "copy")?;
+    let lock = dst.lock(LockKind::Shared, "copy")?;
     let mut wanted = if opts.snapshots.is_empty() {
         src.snapshots()?
     } else {
@@ -201,7 +201,7 @@ pub fn copy(
         })?;
         progress.end();
         let snapshot = Snapshot { disks, copied_from: Some(s.id), ..s.snapshot.clone() };
-        let target = dst.save_snapshot(&snapshot)?;
+        let target = crate::backup::commit(dst, &lock, &snapshot)?;
         c.report.bytes_written += stats.pack_bytes;
         c.report.copied.push(CopiedSnapshot { source: s.id, target, vm: s.snapshot.vm.clone() });
         copied.insert(s.id, (target, snapshot));

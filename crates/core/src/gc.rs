@@ -33,13 +33,13 @@
 //! so a crash leaves at worst unindexed packs (planned by the next gc) or blobs listed
 //! twice (harmless).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use blockproof_format::tree::{chunk_count, decode_page, level_sizes, page_len, DEFAULT_FANOUT};
 use blockproof_format::{BlobEntry, BlobKind, Id, IndexFile, ObjectMagic};
 use blockproof_repo::lock::now_secs;
-use blockproof_repo::{BlobIndex, BlobReader, LockKind, PackWriter, Repository, SealedBlob};
+use blockproof_repo::{BlobIndex, BlobReader, Lock, LockKind, PackWriter, Repository, SealedBlob};
 use blockproof_store::Kind;
 use serde::{Deserialize, Serialize};
 
@@ -131,8 +131,19 @@ fn index_files(repo: &Repository) -> Result<Vec<(String, IndexFile)>, CoreError>
     Ok(out)
 }
 
-/// Every blob some snapshot references (chunks, index pages, confirmation pages).
+/// Every blob some snapshot references (chunks, index pages, confirmation pages). gc
+/// deletes by the absence of references, so a snapshot whose trees cannot be read whole
+/// makes it refuse to run.
 fn mark(repo: &Repository, index: &BlobIndex) -> Result<(HashSet<Id>, u64), CoreError> {
+    mark_all(repo, index).map_err(|e| {
+        CoreError::Refused(format!(
+            "gc refuses to run while data that snapshots reference is missing or unreadable (it could not \
+             tell what is unused): {e}; nothing was deleted (run blockproof check)"
+        ))
+    })
+}
+
+fn mark_all(repo: &Repository, index: &BlobIndex) -> Result<(HashSet<Id>, u64), CoreError> {
     let reader = BlobReader::new(repo, index);
     let snapshots = repo.snapshots()?;
     let mut seen = HashSet::new();
@@ -173,23 +184,76 @@ fn walk(reader: &BlobReader<'_>, root: Id, leaves: u64, fanout: u32, seen: &mut 
     Ok(())
 }
 
+/// Fails unless every blob some snapshot references is listed by an index file in a pack
+/// that exists: gc deletes by the absence of references, so it must never run on a
+/// repository whose references it cannot see whole (a pack renamed or lost, an index
+/// file lost — its packs would look unindexed and be deleted).
+fn refuse_if_data_missing(index: &BlobIndex, referenced: &HashSet<Id>, stored: &HashSet<Id>) -> Result<(), CoreError> {
+    let mut unindexed = 0u64;
+    let mut missing_packs: BTreeMap<Id, u64> = BTreeMap::new();
+    for id in referenced {
+        match index.get(id) {
+            None => unindexed += 1,
+            Some((pack, _)) if !stored.contains(&pack) => *missing_packs.entry(pack).or_default() += 1,
+            Some(_) => {}
+        }
+    }
+    if unindexed == 0 && missing_packs.is_empty() {
+        return Ok(());
+    }
+    let mut what = Vec::new();
+    if let Some((pack, blobs)) = missing_packs.iter().next() {
+        what.push(format!(
+            "{} pack file(s) listed by the index are missing (e.g. pack {pack}, holding {blobs} referenced blob(s))",
+            missing_packs.len()
+        ));
+    }
+    if unindexed > 0 {
+        what.push(format!("{unindexed} referenced blob(s) are in no index file"));
+    }
+    Err(CoreError::Refused(format!(
+        "gc refuses to run while data that snapshots reference is missing: {}; nothing was deleted \
+         (run blockproof check for the full list)",
+        what.join("; ")
+    )))
+}
+
+/// The packs that exist, by id (names that are not ids are not packs of this format).
+fn stored_packs(repo: &Repository) -> Result<Vec<(String, Id)>, CoreError> {
+    Ok(repo.backend().list(Kind::Pack)?.into_iter().filter_map(|n| n.parse::<Id>().ok().map(|id| (n, id))).collect())
+}
+
 /// Runs garbage collection.
 pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Result<GcReport, CoreError> {
-    let _lock = repo.lock(LockKind::Gc, "gc")?;
+    let lock = repo.lock(LockKind::Gc, "gc")?;
     let mut report = GcReport { dry_run: opts.dry_run, ..GcReport::default() };
+
+    // Mark, and refuse if referenced data is missing: before anything is deleted.
+    let files = index_files(repo)?;
+    let index = BlobIndex::load(repo)?;
+    let (referenced, snapshots) = mark(repo, &index)?;
+    let stored = stored_packs(repo)?;
+    refuse_if_data_missing(&index, &referenced, &stored.iter().map(|(_, id)| *id).collect())?;
 
     // Carry out earlier plans that have become safe.
     if !opts.dry_run {
         report.temporary_files_removed = repo.backend().clean_temporary(TEMP_AGE)?;
         for (name, plan) in plans(repo)? {
-            sweep(repo, &name, &plan, &mut report)?;
+            sweep(repo, &lock, &name, &plan, &mut report)?;
         }
     }
 
-    // Mark.
-    let files = index_files(repo)?;
-    let index = BlobIndex::load(repo)?;
-    let (referenced, snapshots) = mark(repo, &index)?;
+    // Mark again if a sweep changed the index.
+    let (files, index, referenced, snapshots, stored) =
+        if opts.dry_run || (report.index_files_rewritten == 0 && report.packs_deleted == 0) {
+            (files, index, referenced, snapshots, stored)
+        } else {
+            let files = index_files(repo)?;
+            let index = BlobIndex::load(repo)?;
+            let (referenced, snapshots) = mark(repo, &index)?;
+            (files, index, referenced, snapshots, stored_packs(repo)?)
+        };
+    drop(index);
     report.snapshots = snapshots;
     report.referenced_blobs = referenced.len() as u64;
     let already: HashSet<Id> = planned_packs(repo)?;
@@ -201,12 +265,10 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
             pack_entries.entry(*pack).or_insert_with(|| entries.clone());
         }
     }
-    let stored: Vec<String> = repo.backend().list(Kind::Pack)?;
     report.packs = stored.len() as u64;
     let mut doomed = Vec::new();
     let mut repack = Vec::new();
-    for name in &stored {
-        let Ok(pack) = name.parse::<Id>() else { continue };
+    for &(_, pack) in &stored {
         if already.contains(&pack) {
             continue;
         }
@@ -263,24 +325,39 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         let name = format!("{PLAN_PREFIX}{}", hex::encode(rand::random::<[u8; 8]>()));
         let bytes = serde_json::to_vec(&plan).expect("a plan serializes");
         repo.write_doc(Kind::State, ObjectMagic::State, &name, &bytes)?;
-        sweep(repo, &name, &plan, &mut report)?;
+        sweep(repo, &lock, &name, &plan, &mut report)?;
     }
     Ok(report)
 }
 
-/// Carries out a plan if it is safe now; otherwise counts it as deferred.
-fn sweep(repo: &Repository, name: &str, plan: &Plan, report: &mut GcReport) -> Result<(), CoreError> {
-    let blocking = repo
-        .live_locks()?
-        .into_iter()
-        .any(|(_, l)| l.kind == LockKind::Shared && l.created <= plan.created + CLOCK_SKEW.as_secs());
+fn defer(repo: &Repository, packs: &[Id], report: &mut GcReport) {
+    report.packs_deferred += packs.len() as u64;
+    for p in packs {
+        report.bytes_deferred += repo.backend().size(Kind::Pack, &p.to_hex()).unwrap_or(0);
+    }
+}
+
+/// Carries out a plan if it is safe now; otherwise counts it as deferred. Whatever the
+/// lock files say, a pack written after the plan was made, or after the oldest operation
+/// still running began (less [`CLOCK_SKEW`], since pack times are the store's clock and
+/// lock times their host's), is never deleted: it may be that operation's, and stays
+/// planned for a later gc.
+fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &mut GcReport) -> Result<(), CoreError> {
+    let live: Vec<_> = repo.live_locks()?.into_iter().filter(|(n, _)| n != lock.name()).map(|(_, l)| l).collect();
+    let blocking = live.iter().any(|l| l.kind == LockKind::Shared && l.created <= plan.created + CLOCK_SKEW.as_secs());
     if blocking {
-        report.packs_deferred += plan.packs.len() as u64;
-        for p in &plan.packs {
-            report.bytes_deferred += repo.backend().size(Kind::Pack, &p.to_hex()).unwrap_or(0);
-        }
+        defer(repo, &plan.packs, report);
         return Ok(());
     }
+    let oldest_running = live.iter().map(|l| l.created).min().unwrap_or(u64::MAX);
+    // Pack times come from the store's clock, lock times from their host's: allow skew.
+    let running_since = oldest_running.saturating_sub(CLOCK_SKEW.as_secs());
+    let young = |pack: &Id| match repo.backend().modified(Kind::Pack, &pack.to_hex()) {
+        Ok(t) => t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(true, |d| d.as_secs() > plan.created || d.as_secs() >= running_since),
+        Err(e) => !e.is_not_found(),
+    };
     // Mark again: snapshots committed since the plan count.
     let files = index_files(repo)?;
     let index = BlobIndex::load(repo)?;
@@ -296,14 +373,22 @@ fn sweep(repo: &Repository, name: &str, plan: &Plan, report: &mut GcReport) -> R
         }
     }
     let mut deletable: HashSet<Id> = HashSet::new();
+    let mut kept = Vec::new();
     for pack in &plan.packs {
         let entries = files.iter().flat_map(|(_, f)| f.packs.iter()).find(|(p, _)| p == pack).map(|(_, e)| e);
         let needed =
             entries.is_some_and(|es| es.iter().any(|e| referenced.contains(&e.id) && !elsewhere.contains(&e.id)));
-        if !needed {
+        if needed {
+            continue;
+        }
+        if young(pack) {
+            kept.push(*pack);
+        } else {
             deletable.insert(*pack);
         }
     }
+    // Nothing is deleted by a gc that may have lost its lock (stopped for too long).
+    lock.ensure_held()?;
     // New index files without the deleted packs, then remove the old ones.
     for (fname, f) in &files {
         if !f.packs.iter().any(|(p, _)| deletable.contains(p)) {
@@ -323,6 +408,12 @@ fn sweep(repo: &Repository, name: &str, plan: &Plan, report: &mut GcReport) -> R
         report.packs_deleted += 1;
         report.bytes_freed += size;
     }
-    repo.backend().remove(Kind::State, name)?;
+    if kept.is_empty() {
+        repo.backend().remove(Kind::State, name)?;
+    } else {
+        defer(repo, &kept, report);
+        let rest = Plan { packs: kept, ..plan.clone() };
+        repo.write_doc(Kind::State, ObjectMagic::State, name, &serde_json::to_vec(&rest).expect("a plan serializes"))?;
+    }
     Ok(())
 }

@@ -73,6 +73,25 @@ pub enum CoreError {
     DamagedRange { disk: String, offset: u64, end: u64, cause: RepoError },
     #[error("the pack writer stopped unexpectedly")]
     WriterGone,
+    /// The operation refused to start because going on would be unsafe (the message
+    /// says why and what to do).
+    #[error("{0}")]
+    Refused(String),
+    /// The operation was cancelled: its lock was lost, or the caller asked.
+    #[error("{0}")]
+    Cancelled(String),
+    /// A fault of blockproof itself (a worker thread panicked); never the user's.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<blockproof_work::WorkError> for CoreError {
+    fn from(e: blockproof_work::WorkError) -> Self {
+        match e {
+            blockproof_work::WorkError::Cancelled(why) => CoreError::Cancelled(why),
+            blockproof_work::WorkError::Panicked(what) => CoreError::Internal(what),
+        }
+    }
 }
 
 impl From<blockproof_store::StoreError> for CoreError {

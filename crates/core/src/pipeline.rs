@@ -24,6 +24,7 @@ use blockproof_repo::{
     BlobCodec, BlobIndex, PackWriter, PackWriterStats, Repository, SealedBlob, TreeReader, TreeWriter,
 };
 use blockproof_source::BlockSource;
+use blockproof_work::{fan_out, FanOut};
 use crossbeam_channel::{bounded, Sender};
 
 use crate::plan::{Action, ChunkPlan};
@@ -64,13 +65,22 @@ pub(crate) fn with_pack_writer<T>(
         let writer = s.spawn(move || {
             let mut w = PackWriter::new(repo);
             for blob in rx.iter() {
+                // Once cancelled (a lost lock) nothing more is written.
+                repo.cancel().check()?;
                 w.add(blob)?;
             }
+            repo.cancel().check()?;
             w.finish()
         });
         let result = work(&tx);
         drop(tx);
-        let written = writer.join().expect("pack writer thread panicked");
+        let written = writer.join().unwrap_or_else(|p| {
+            Err(blockproof_work::WorkError::Panicked(format!(
+                "pack writer thread panicked: {}",
+                blockproof_work::panic_message(p.as_ref())
+            ))
+            .into())
+        });
         match (result, written) {
             (_, Err(e)) => Err(CoreError::from(e)),
             (Err(e), _) => Err(e),
@@ -130,10 +140,64 @@ pub(crate) fn is_zero(buf: &[u8]) -> bool {
     words.into_iter().all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0) && tail.iter().all(|&b| b == 0)
 }
 
+/// Puts chunk ids into the fixed index tree in disk order: zero and inherited chunks
+/// straight from the plan, read ones once the workers have hashed them (they arrive out
+/// of order and wait here for their turn).
+struct Assembler<'p> {
+    runs: std::slice::Iter<'p, (Range<u64>, Action)>,
+    current: Option<(Range<u64>, Action)>,
+    pending: BTreeMap<u64, Id>,
+}
+
+impl<'p> Assembler<'p> {
+    fn new(plan: &'p ChunkPlan) -> Self {
+        Assembler { runs: plan.runs.iter(), current: None, pending: BTreeMap::new() }
+    }
+
+    /// Hands every chunk whose id is known, in disk order, to `push`; stops at the first
+    /// read chunk that has not arrived yet.
+    fn advance(
+        &mut self,
+        mut push: impl FnMut(u64, Action, Option<Id>) -> Result<(), CoreError>,
+    ) -> Result<(), CoreError> {
+        loop {
+            let (run, action) = match &mut self.current {
+                Some((r, _)) if r.is_empty() => {
+                    self.current = None;
+                    continue;
+                }
+                Some(c) => c,
+                None => match self.runs.next() {
+                    Some(c) => {
+                        self.current = Some(c.clone());
+                        continue;
+                    }
+                    None => return Ok(()),
+                },
+            };
+            let i = run.start;
+            let read = match action {
+                Action::Read => match self.pending.remove(&i) {
+                    Some(id) => Some(id),
+                    None => return Ok(()),
+                },
+                _ => None,
+            };
+            push(i, *action, read)?;
+            run.start += 1;
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.current.is_none() && self.runs.len() == 0
+    }
+}
+
 /// Backs up one disk by `plan`: reads the chunks it says to read and stores the new ones,
 /// takes zero chunks as [`Id::ZERO`] and inherited ones from `parent`, and returns the root
 /// of the new fixed index tree. With a parent (an incremental), read chunks whose id is
-/// the parent's are counted as over-reported.
+/// the parent's are counted as over-reported. The reader, the workers and this thread are
+/// one [`fan_out`]: the first error, a panic or the repository's cancellation stops all.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn store_disk(
     repo: &Repository,
@@ -148,98 +212,80 @@ pub(crate) fn store_disk(
     let chunk_size = repo.config().chunk_size as u64;
     let size = source.size();
     let n = chunk_count(size, chunk_size as u32);
-    let nworkers = workers();
     let chunk_len = |i: u64| (size - i * chunk_size).min(chunk_size);
+    let reads: Vec<Range<u64>> = plan.runs.iter().filter(|(_, a)| *a == Action::Read).map(|(r, _)| r.clone()).collect();
 
-    std::thread::scope(|s| {
-        let (work_tx, work_rx) = bounded::<(u64, Vec<u8>)>(64);
-        let (res_tx, res_rx) = bounded::<Result<(u64, Id), CoreError>>(128);
-
-        let reader_res = res_tx.clone();
-        let reads: Vec<Range<u64>> =
-            plan.runs.iter().filter(|(_, a)| *a == Action::Read).map(|(r, _)| r.clone()).collect();
-        s.spawn(move || {
-            let mut ranges = reads.into_iter().flatten().map(|i| (i * chunk_size, chunk_len(i) as usize));
-            let mut sink = |offset: u64, buf: Vec<u8>| {
-                counters.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
-                work_tx.send((offset / chunk_size, buf)).is_ok()
+    let mut sink = BlobSink::new(repo, dedup, blobs);
+    let mut tree = TreeWriter::new(n, DEFAULT_FANOUT);
+    {
+        let mut assembler = Assembler::new(plan);
+        let mut push = |i: u64, action: Action, read: Option<Id>| -> Result<(), CoreError> {
+            let id = match (action, read) {
+                (Action::Zero, _) => Id::ZERO,
+                (Action::Inherit, _) => parent
+                    .as_deref_mut()
+                    .ok_or_else(|| CoreError::Internal("an incremental plan without a parent".into()))?
+                    .chunk(i)?,
+                (Action::Read, Some(id)) => {
+                    if let Some(parent) = parent.as_deref_mut() {
+                        if parent.chunk(i)? == id {
+                            counters.overreported.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    id
+                }
+                (Action::Read, None) => return Err(CoreError::Internal(format!("chunk {i} was never read"))),
             };
-            if let Err(e) = source.read_ranges(&mut ranges, &mut sink) {
-                let _ = reader_res.send(Err(e.into()));
+            if action != Action::Read && id == Id::ZERO {
+                counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
             }
-        });
+            tree.push(id, &mut |ids: &[Id]| sink.page(ids))?;
+            progress.advance(chunk_len(i));
+            Ok(())
+        };
 
-        for _ in 0..nworkers {
-            let (work_rx, res_tx) = (work_rx.clone(), res_tx.clone());
-            let mut codec = BlobCodec::for_repo(repo);
-            s.spawn(move || {
-                for (i, buf) in work_rx.iter() {
-                    let result = if is_zero(&buf) {
-                        counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
-                        Ok((i, Id::ZERO))
-                    } else {
-                        let id = codec.keys().blob_id(&buf);
-                        if dedup.claim(id) {
-                            let sealed = codec.seal(BlobKind::Data, id, &buf);
-                            counters.new_chunks.fetch_add(1, Ordering::Relaxed);
-                            counters.new_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-                            counters.stored_bytes.fetch_add(sealed.bytes.len() as u64, Ordering::Relaxed);
-                            if blobs.send(sealed).is_err() {
-                                let _ = res_tx.send(Err(CoreError::WriterGone));
-                                return;
-                            }
-                        }
-                        Ok((i, id))
-                    };
-                    if res_tx.send(result).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        drop(res_tx);
-        drop(work_rx);
-
-        let mut sink = BlobSink::new(repo, dedup, blobs);
-        let mut store_page = |ids: &[Id]| sink.page(ids);
-        let mut tree = TreeWriter::new(n, DEFAULT_FANOUT);
-        // Results of reads arrive out of order; they wait here until their turn.
-        let mut pending = BTreeMap::new();
-        for (run, action) in &plan.runs {
-            for i in run.clone() {
-                let id = match action {
-                    Action::Zero => Id::ZERO,
-                    Action::Inherit => {
-                        let parent =
-                            parent.as_deref_mut().ok_or(CoreError::Invalid("no parent to inherit from".into()))?;
-                        parent.chunk(i)?
-                    }
-                    Action::Read => {
-                        let id = loop {
-                            if let Some(id) = pending.remove(&i) {
-                                break id;
-                            }
-                            let (j, id) = res_rx.recv().map_err(|_| CoreError::WriterGone)??;
-                            pending.insert(j, id);
-                        };
-                        if let Some(parent) = parent.as_deref_mut() {
-                            if parent.chunk(i)? == id {
-                                counters.overreported.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        id
-                    }
+        fan_out(
+            repo.cancel(),
+            FanOut { workers: workers(), queue: 64 },
+            |emit| {
+                let mut ranges = reads.into_iter().flatten().map(|i| (i * chunk_size, chunk_len(i) as usize));
+                let mut to_workers = |offset: u64, buf: Vec<u8>| {
+                    counters.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    emit.send((offset / chunk_size, buf))
                 };
-                if *action != Action::Read && id == Id::ZERO {
-                    counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
+                source.read_ranges(&mut ranges, &mut to_workers).map_err(CoreError::from)
+            },
+            || {
+                let mut codec = BlobCodec::for_repo(repo);
+                move |(i, buf): (u64, Vec<u8>)| -> Result<(u64, Id), CoreError> {
+                    if is_zero(&buf) {
+                        counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
+                        return Ok((i, Id::ZERO));
+                    }
+                    let id = codec.keys().blob_id(&buf);
+                    if dedup.claim(id) {
+                        let sealed = codec.seal(BlobKind::Data, id, &buf);
+                        counters.new_chunks.fetch_add(1, Ordering::Relaxed);
+                        counters.new_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                        counters.stored_bytes.fetch_add(sealed.bytes.len() as u64, Ordering::Relaxed);
+                        blobs.send(sealed).map_err(|_| CoreError::WriterGone)?;
+                    }
+                    Ok((i, id))
                 }
-                tree.push(id, &mut store_page)?;
-                progress.advance(chunk_len(i));
-            }
+            },
+            |(i, id)| {
+                assembler.pending.insert(i, id);
+                assembler.advance(&mut push)
+            },
+        )?;
+        // Zero and inherited chunks after the last read one.
+        assembler.advance(&mut push)?;
+        if !assembler.done() {
+            return Err(CoreError::Internal("the reader stopped before the end of the plan".into()));
         }
-        let root = tree.finish(&mut store_page)?;
-        Ok(DiskResult { root, chunks: n })
-    })
+    }
+    let root = tree.finish(&mut |ids: &[Id]| sink.page(ids))?;
+    Ok(DiskResult { root, chunks: n })
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ pub mod tree;
 
 pub use blob::{BlobCodec, SealedBlob};
 pub use index::{BlobIndex, BlobLocation, BlobReader};
-pub use lock::{Lock, LockInfo, LockKind};
+pub use lock::{Lock, LockFile, LockInfo, LockKind};
 pub use pack_writer::{PackWriter, PackWriterStats};
 pub use repository::{InitOptions, Repository, SnapshotInfo};
 pub use tree::{TreeReader, TreeWriter};
@@ -66,6 +66,24 @@ pub enum RepoError {
     /// Another process holds a conflicting lock (the message names it).
     #[error("{0}")]
     Locked(String),
+    /// This process lost its lock while it worked (see [`lock`]); nothing was committed.
+    #[error("{0}")]
+    LockLost(String),
+    /// The operation was cancelled (the reason: a lost lock, a signal).
+    #[error("{0}")]
+    Cancelled(String),
+    /// A fault of blockproof itself (a thread that panicked): never the user's, exit 1.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<blockproof_work::WorkError> for RepoError {
+    fn from(e: blockproof_work::WorkError) -> Self {
+        match e {
+            blockproof_work::WorkError::Cancelled(why) => RepoError::Cancelled(why),
+            blockproof_work::WorkError::Panicked(what) => RepoError::Internal(what),
+        }
+    }
 }
 
 impl RepoError {

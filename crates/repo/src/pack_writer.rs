@@ -4,8 +4,6 @@ use blockproof_format::pack::{encode_entries, PACK_HEADER_LEN};
 use blockproof_format::{BlobEntry, Envelope, Id, IndexFile, ObjectMagic};
 use blockproof_store::Kind;
 
-use blockproof_store::StoreError;
-
 use crate::{RepoError, Repository, SealedBlob};
 
 /// Write an index file at least every this many packs, so memory stays bounded and an
@@ -47,7 +45,7 @@ pub struct PackWriter<'a> {
 /// asks for, to fill the link.
 struct Uploads {
     tx: Option<crossbeam_channel::Sender<(Id, Vec<u8>)>>,
-    done: crossbeam_channel::Receiver<(Result<(), StoreError>, Vec<u8>)>,
+    done: crossbeam_channel::Receiver<(Result<(), RepoError>, Vec<u8>)>,
     in_flight: usize,
     limit: usize,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -66,10 +64,15 @@ impl Uploads {
                 std::thread::spawn(move || {
                     for (id, file) in rx.iter() {
                         // A backend that keeps the buffer (an object store sends it as
-                        // is) hands back nothing; the next pack then allocates anew.
-                        let (r, spare) = match backend.write_owned(Kind::Pack, &id.to_hex(), file) {
-                            Ok(back) => (Ok(()), back.unwrap_or_default()),
-                            Err(e) => (Err(e), Vec::new()),
+                        // is) hands back nothing; the next pack then allocates anew. A
+                        // panic is answered like any failure, so nobody waits for it.
+                        let written = blockproof_work::guarded("pack upload thread", || {
+                            backend.write_owned(Kind::Pack, &id.to_hex(), file)
+                        });
+                        let (r, spare) = match written {
+                            Ok(Ok(back)) => (Ok(()), back.unwrap_or_default()),
+                            Ok(Err(e)) => (Err(RepoError::from(e)), Vec::new()),
+                            Err(panicked) => (Err(RepoError::from(panicked)), Vec::new()),
                         };
                         if done_tx.send((r, spare)).is_err() {
                             return;
@@ -91,13 +94,13 @@ impl Uploads {
             .as_ref()
             .expect("open")
             .send((id, file))
-            .map_err(|_| RepoError::Invalid("pack upload thread gone".into()))?;
+            .map_err(|_| RepoError::Internal("every pack upload thread is gone".into()))?;
         self.in_flight += 1;
         Ok(spare)
     }
 
     fn wait_one(&mut self) -> Result<Vec<u8>, RepoError> {
-        let (r, buf) = self.done.recv().map_err(|_| RepoError::Invalid("pack upload thread gone".into()))?;
+        let (r, buf) = self.done.recv().map_err(|_| RepoError::Internal("every pack upload thread is gone".into()))?;
         self.in_flight -= 1;
         r?;
         Ok(buf)
@@ -233,4 +236,84 @@ pub fn read_pack_header(repo: &Repository, name: &str, file: &[u8]) -> Result<Ve
 pub(crate) fn seal_index(repo: &Repository, index: &IndexFile) -> Vec<u8> {
     let header = ObjectMagic::Index.header();
     Envelope::encode(ObjectMagic::Index, &repo.keys().seal(&header, &index.encode()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BlobCodec, InitOptions};
+    use blockproof_format::{BlobKind, KdfParams};
+    use blockproof_store::{Backend, LocalBackend};
+    use std::sync::Arc;
+
+    /// A directory whose pack writes panic (a bug in a backend), with several upload
+    /// threads as an object store has.
+    struct PanickingPacks(LocalBackend);
+
+    impl Backend for PanickingPacks {
+        fn location(&self) -> String {
+            self.0.location()
+        }
+        fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>, blockproof_store::StoreError> {
+            self.0.read(kind, name)
+        }
+        fn read_at(&self, k: Kind, n: &str, o: u64, b: &mut [u8]) -> Result<(), blockproof_store::StoreError> {
+            self.0.read_at(k, n, o, b)
+        }
+        fn size(&self, kind: Kind, name: &str) -> Result<u64, blockproof_store::StoreError> {
+            self.0.size(kind, name)
+        }
+        fn modified(&self, kind: Kind, name: &str) -> Result<std::time::SystemTime, blockproof_store::StoreError> {
+            self.0.modified(kind, name)
+        }
+        fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), blockproof_store::StoreError> {
+            if kind == Kind::Pack {
+                panic!("backend bug");
+            }
+            self.0.write(kind, name, data)
+        }
+        fn list(&self, kind: Kind) -> Result<Vec<String>, blockproof_store::StoreError> {
+            self.0.list(kind)
+        }
+        fn remove(&self, kind: Kind, name: &str) -> Result<(), blockproof_store::StoreError> {
+            self.0.remove(kind, name)
+        }
+        fn parallelism(&self) -> usize {
+            4
+        }
+    }
+
+    /// Issue 14, item 14: a panicking upload thread used to leave the writer waiting
+    /// forever (several threads) or fail as a usage error (one thread). It is an internal
+    /// error, promptly.
+    #[test]
+    fn a_panicking_upload_thread_is_an_internal_error_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("r");
+        let opts = InitOptions { kdf: KdfParams::MIN, pack_size: 64 * 1024, ..InitOptions::default() };
+        Repository::init(Box::new(LocalBackend::create(&root).unwrap()), b"pw", &opts).unwrap();
+        let backend = PanickingPacks(LocalBackend::open(&root).unwrap());
+        let repo = Arc::new(Repository::open(Box::new(backend), b"pw").unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let r = repo.clone();
+        std::thread::spawn(move || {
+            let mut codec = BlobCodec::for_repo(&r);
+            let mut w = PackWriter::new(&r);
+            let result = (0..64u32)
+                .try_for_each(|i| {
+                    let plain = format!("blob {i} ").repeat(4000).into_bytes();
+                    w.add(codec.seal(BlobKind::Data, r.keys().blob_id(&plain), &plain))
+                })
+                .and_then(|()| w.finish().map(|_| ()));
+            let _ = tx.send(result);
+        });
+        let result = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the writer must not hang");
+        match result {
+            Err(e @ RepoError::Internal(_)) => {
+                assert!(!e.is_usage());
+                assert!(e.to_string().contains("backend bug"), "{e}");
+            }
+            other => panic!("expected an internal error, got {other:?}"),
+        }
+    }
 }

@@ -53,6 +53,11 @@ pub struct Repository {
     pub(crate) secret: MasterSecret,
     /// The key slot that opened this session.
     pub(crate) slot: String,
+    /// Cancels every stage of the operations of this session (a lost lock does).
+    cancel: blockproof_work::Cancel,
+    /// The locks this session holds: index files and snapshots are written only while
+    /// every one of them is certainly held (see [`crate::lock`]).
+    pub(crate) leases: std::sync::Mutex<Vec<std::sync::Arc<crate::lock::Held>>>,
 }
 
 fn kdf_err(e: CryptoError) -> RepoError {
@@ -89,7 +94,16 @@ impl Repository {
         let header = RepoHeader { repo_id: Id(repo_id), version: config.version };
         let sealed = keys.seal(&header.ad(), &serde_json_vec(&config));
         backend.write(Kind::Config, "config", &header.encode(&sealed))?;
-        Ok(Repository { backend: backend.into(), keys, header, config, secret, slot: slot_name })
+        Ok(Repository {
+            backend: backend.into(),
+            keys,
+            header,
+            config,
+            secret,
+            slot: slot_name,
+            cancel: Default::default(),
+            leases: Default::default(),
+        })
     }
 
     /// Opens a repository with a password, trying every key slot.
@@ -127,7 +141,16 @@ impl Repository {
                             format!("header says version {}, settings say {}", header.version, config.version),
                         ));
                     }
-                    return Ok(Repository { backend: backend.into(), keys, header, config, secret, slot: name });
+                    return Ok(Repository {
+                        backend: backend.into(),
+                        keys,
+                        header,
+                        config,
+                        secret,
+                        slot: name,
+                        cancel: Default::default(),
+                        leases: Default::default(),
+                    });
                 }
                 Err(CryptoError::WrongPassword) => {}
                 Err(e) => last_err = kdf_err(e),
@@ -143,6 +166,12 @@ impl Repository {
     /// A shared handle on the backend, for threads that outlive a borrow.
     pub fn backend_arc(&self) -> std::sync::Arc<dyn Backend> {
         self.backend.clone()
+    }
+
+    /// The cancellation token of this session's operations: every parallel stage stops
+    /// when it is cancelled (by a lost lock, see [`crate::lock`], or by the caller).
+    pub fn cancel(&self) -> &blockproof_work::Cancel {
+        &self.cancel
     }
 
     pub fn keys(&self) -> &Keys {
@@ -167,22 +196,45 @@ impl Repository {
         IndexFile::decode(&plain).map_err(|e| RepoError::corrupt(what(), e))
     }
 
-    /// Writes an index file durably; returns its id.
+    /// Writes an index file durably; returns its id. Under a lock, only while the lock is
+    /// certainly held (checked before and after; see [`Repository::visible_write`]).
     pub fn write_index_file(&self, index: &IndexFile) -> Result<Id, RepoError> {
         let bytes = seal_index(self, index);
         let id = Id(*blake3::hash(&bytes).as_bytes());
-        self.backend.write(Kind::Index, &id.to_hex(), &bytes)?;
+        self.visible_write(Kind::Index, &id.to_hex(), &bytes)?;
         Ok(id)
     }
 
     /// Seals and writes a snapshot manifest. Call only after everything it references is
-    /// durable: from this moment the snapshot is visible.
+    /// durable: from this moment the snapshot is visible. Under a lock, only while it is
+    /// certainly held.
     pub fn save_snapshot(&self, snapshot: &Snapshot) -> Result<Id, RepoError> {
         let header = ObjectMagic::Snapshot.header();
         let bytes = Envelope::encode(ObjectMagic::Snapshot, &self.keys.seal(&header, &snapshot.to_json()));
         let id = Id(*blake3::hash(&bytes).as_bytes());
-        self.backend.write(Kind::Snapshot, &id.to_hex(), &bytes)?;
+        self.visible_write(Kind::Snapshot, &id.to_hex(), &bytes)?;
         Ok(id)
+    }
+
+    /// Writes a file that makes earlier writes reachable (an index file names packs, a
+    /// snapshot names blobs) only while every lock of this session is certainly held:
+    /// checked before the write, and after it — a process stopped in between for longer
+    /// than the stale age may have had its packs deleted by gc meanwhile, so the file is
+    /// then removed again and the write fails.
+    fn visible_write(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<(), RepoError> {
+        self.leases_held()?;
+        self.backend.write(kind, name, bytes)?;
+        if let Err(e) = self.leases_held() {
+            let _ = self.backend.remove(kind, name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Fails if this session has lost any lock it holds (see [`crate::lock`]).
+    pub fn leases_held(&self) -> Result<(), RepoError> {
+        let leases = self.leases.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        leases.iter().try_for_each(|h| h.check_age())
     }
 
     /// Seals `plain` as a small document of `kind` (lock or state) under `name`,

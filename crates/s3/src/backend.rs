@@ -247,6 +247,13 @@ impl Backend for S3Backend {
         Ok(meta.size)
     }
 
+    fn modified(&self, kind: Kind, name: &str) -> Result<std::time::SystemTime, StoreError> {
+        let path = self.path(kind, name)?;
+        RequestCounts::add(&self.counts.head, 1);
+        let meta = self.runtime.block_on(self.store.head(&path)).map_err(|e| self.map("HEAD", kind, name, &path, e))?;
+        Ok(meta.last_modified.into())
+    }
+
     /// One PUT (or a multipart upload, completed by one final request): S3 makes the
     /// object visible whole or not at all, which is the atomicity rule without a rename.
     fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError> {

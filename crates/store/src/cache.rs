@@ -93,6 +93,10 @@ impl Backend for ReadCache {
         self.inner.size(kind, name)
     }
 
+    fn modified(&self, kind: Kind, name: &str) -> Result<std::time::SystemTime, StoreError> {
+        self.inner.modified(kind, name)
+    }
+
     fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError> {
         self.inner.write(kind, name, data)?;
         if let Some(path) = self.cached_path(kind, name) {

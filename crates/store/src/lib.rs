@@ -146,6 +146,9 @@ pub trait Backend: Send + Sync {
     fn read_at(&self, kind: Kind, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), StoreError>;
     /// The size of a file in bytes.
     fn size(&self, kind: Kind, name: &str) -> Result<u64, StoreError>;
+    /// When a file was last written (its creation, since files are immutable): garbage
+    /// collection never deletes a pack younger than the operations that may use it.
+    fn modified(&self, kind: Kind, name: &str) -> Result<std::time::SystemTime, StoreError>;
     /// Writes a whole file atomically and durably.
     fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError>;
     /// Writes a whole file like [`Backend::write`], taking its buffer. A backend that can

@@ -153,6 +153,11 @@ impl Backend for LocalBackend {
         fs::metadata(&path).map(|m| m.len()).map_err(|e| self.map_open_err(kind, name, &path, e))
     }
 
+    fn modified(&self, kind: Kind, name: &str) -> Result<std::time::SystemTime, StoreError> {
+        let path = self.path(kind, name)?;
+        fs::metadata(&path).and_then(|m| m.modified()).map_err(|e| self.map_open_err(kind, name, &path, e))
+    }
+
     fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError> {
         let path = self.path(kind, name)?;
         let tmp = self.root.join("tmp").join(format!("{}-{:016x}", kind.name(), rand::thread_rng().gen::<u64>()));

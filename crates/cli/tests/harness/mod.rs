@@ -64,6 +64,22 @@ impl Dir {
         TestCommand { cmd: c }
     }
 
+    /// A command run through another program (`via` is its argv prefix, for example
+    /// `["unshare", "--pid", "--fork"]`), with `--repo` not yet added.
+    pub fn cmd_via(&self, via: &[&str], sub: &str) -> TestCommand {
+        let inner = self.cmd(sub);
+        let mut c = Command::new(via[0]);
+        c.args(&via[1..]).arg(inner.cmd.get_program()).args(inner.cmd.get_args());
+        c.current_dir(self.path());
+        for (k, v) in inner.cmd.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        TestCommand { cmd: c }
+    }
+
     /// A command on this directory's repository.
     pub fn repo_cmd(&self, sub: &str) -> TestCommand {
         let mut c = self.cmd(sub);
@@ -188,6 +204,14 @@ impl TestCommand {
 
     pub fn env(&mut self, k: &str, v: &str) -> &mut Self {
         self.cmd.env(k, v);
+        self
+    }
+
+    /// Runs the command in a process group of its own (its id is the child's pid), so a
+    /// signal to the group reaches every process it starts.
+    pub fn own_process_group(&mut self) -> &mut Self {
+        use std::os::unix::process::CommandExt;
+        self.cmd.process_group(0);
         self
     }
 
