@@ -1,8 +1,9 @@
 //! Repositories on S3, against a real Garage node on loopback (harness/garage.rs): the
 //! cycle of the local-directory tests (backup, CBT incremental, a CBT lie caught by
 //! verification, restore, check, forget, gc, copy both ways), large objects by multipart
-//! upload, three backup processes into one bucket at once followed by gc, and the server
-//! killed in the middle of a backup.
+//! upload, three backup processes into one bucket at once followed by gc, the server
+//! killed in the middle of a backup, and the backend contract (blockproof_store::contract)
+//! against `S3Backend` itself.
 
 mod harness;
 
@@ -215,4 +216,39 @@ fn server_killed_during_a_backup() {
     let r = dir.backup("v", &[("d", &img)]);
     assert_restores(&dir, &r["snapshot"], "d", &img);
     dir.check_all();
+}
+
+/// The backend contract every store keeps (blockproof_store::contract), against
+/// `S3Backend` on the node: every check on an empty prefix, two handles on one prefix, and
+/// the read cache over S3 as the CLI uses it. Run in a child process that has the node's
+/// credentials in its environment (harness/garage.rs).
+#[test]
+fn s3_backend_keeps_the_backend_contract() {
+    let Some(garage) = Garage::start(&["contract"]) else { return };
+    garage.run_test_in_child("s3_backend_contract_child");
+}
+
+#[test]
+#[ignore = "run by s3_backend_keeps_the_backend_contract, with a Garage node's credentials"]
+fn s3_backend_contract_child() {
+    use blockproof_s3::{S3Backend, S3Location, S3Options};
+    use blockproof_store::contract::{check_backend, check_shared};
+
+    if std::env::var_os("BLOCKPROOF_TEST_CHILD").is_none() {
+        return;
+    }
+    let options = S3Options {
+        endpoint: Some(std::env::var("BLOCKPROOF_S3_ENDPOINT").unwrap()),
+        path_style: true,
+        retry_timeout: Duration::from_secs(10),
+        ..S3Options::default()
+    };
+    let at = |prefix: &str| S3Backend::create(S3Location::parse(&format!("s3://contract/{prefix}")).unwrap(), &options);
+    check_backend(&at("alone").unwrap()).unwrap_or_else(|v| panic!("{v}"));
+    // Both handles are made while the prefix is empty (create refuses a used one).
+    let (first, second) = (at("shared").unwrap(), at("shared").unwrap());
+    check_shared(&first, &second).unwrap_or_else(|v| panic!("{v}"));
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cached = blockproof_store::ReadCache::new(Box::new(at("cached").unwrap()), cache_dir.path()).unwrap();
+    check_backend(&cached).unwrap_or_else(|v| panic!("{v}"));
 }

@@ -42,13 +42,42 @@
 //! [`ReadCache`] wraps any backend and keeps index files and snapshot manifests in a
 //! local directory. Both are immutable and named by the BLAKE3 hash of their bytes, so a
 //! cached copy is checked against its name on every read and the cache is disposable.
+//!
+//! ## Test doubles and the contract (feature `testing`)
+//!
+//! Built only for this crate's tests and with the `testing` feature, which the other
+//! crates enable in their `[dev-dependencies]` alone, so no release build carries them:
+//!
+//! - `MemoryBackend`: files in memory; a clone is a second handle on the same files, a
+//!   `fork` an independent copy.
+//! - `FaultyBackend`: wraps any backend and, on the calls a `Calls` chooses (operation,
+//!   kind, after N, N times), injects a `Fault`: an error before or after the call
+//!   reached the store, a short or bit-flipped read, a delay; or `Faults::crash_after`:
+//!   every call after number N fails, as if the process had died there, and the wrapped
+//!   store keeps exactly what the first N calls left. Every call is logged.
+//! - `contract`: the rules above and the trait's, as one suite every backend must pass
+//!   (`contract::check_backend` on an empty store, `contract::check_shared` on two
+//!   handles). It runs here against [`LocalBackend`], [`ReadCache`] over it,
+//!   `MemoryBackend` and `FaultyBackend` without faults; against S3 on a real Garage node
+//!   in the CLI's S3 tests. `crates/core/tests/faults.rs` uses the doubles to prove what a
+//!   failing or crashing store leaves of a repository.
 
 mod cache;
+#[cfg(any(test, feature = "testing"))]
+pub mod contract;
 mod direct;
+#[cfg(any(test, feature = "testing"))]
+mod faulty;
 mod local;
+#[cfg(any(test, feature = "testing"))]
+mod memory;
 
 pub use cache::ReadCache;
+#[cfg(any(test, feature = "testing"))]
+pub use faulty::{is_injected, Call, Calls, Fault, Faults, FaultyBackend, Op};
 pub use local::LocalBackend;
+#[cfg(any(test, feature = "testing"))]
+pub use memory::MemoryBackend;
 
 use std::fmt;
 use std::path::PathBuf;

@@ -162,6 +162,27 @@ impl Garage {
         ]
     }
 
+    /// Runs the test `name` of this test binary in a child process whose environment
+    /// holds this node's credentials and endpoint ([`Garage::env`]) and
+    /// `BLOCKPROOF_TEST_CHILD=1`; panics with its output unless it ran and passed. For
+    /// tests that use the S3 client in-process: it reads its credentials from the
+    /// environment, which a multi-threaded test process must not change. The child test is
+    /// `#[ignore]`d so that it runs only this way, and returns at once without that variable.
+    pub fn run_test_in_child(&self, name: &str) {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .envs(self.env())
+            .env("BLOCKPROOF_TEST_CHILD", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success() && stdout.contains("test result: ok. 1 passed"),
+            "child test {name}:\n{stdout}\n{stderr}"
+        );
+    }
+
     /// Bytes of object data the node stores.
     pub fn data_bytes(&self) -> u64 {
         fn walk(p: &Path) -> u64 {

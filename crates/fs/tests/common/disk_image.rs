@@ -173,7 +173,7 @@ pub fn run(cmd: &mut Command, input: Option<&[u8]>) {
     let mut child = cmd.spawn().unwrap_or_else(|e| {
         panic!(
             "{program} could not be run ({e}). The file-level restore tests need: \
-             apt-get install -y dosfstools mtools ntfs-3g fdisk wimtools e2fsprogs (.ci/run does it)"
+             apt-get install -y dosfstools mtools ntfs-3g fdisk wimtools e2fsprogs (scripts/test.sh does it)"
         )
     });
     if let Some(input) = input {

@@ -1,0 +1,327 @@
+//! What a failing or crashing store leaves of a repository, through the library API, with
+//! the store crate's test doubles: `MemoryBackend` (a repository built once, then forked
+//! for every trial) under `FaultyBackend` (a failed call, a write that lands but reports
+//! failure, a crash between two calls, short and damaged reads).
+//!
+//! Each test first runs the operation without faults and logs its calls, then repeats it
+//! once per call number with the fault at that call. What must hold every time: no
+//! snapshot appears that the operation did not finish committing, `check --read-data`
+//! finds no error, every earlier snapshot restores bit-exact, and a restore that fails
+//! names a disk range and leaves its target as it was.
+
+use std::path::Path;
+
+use blockproof_core::{backup, check, restore, BackupOptions, CheckOptions, CoreError, DiskInput, NoProgress};
+use blockproof_core::{Budget, RestoreOptions};
+use blockproof_format::KdfParams;
+use blockproof_repo::{InitOptions, Repository};
+use blockproof_source::{BlockSource, SourceError};
+use blockproof_store::{is_injected, Backend, Call, Calls, Fault, FaultyBackend, Kind, MemoryBackend, Op};
+
+const PASSWORD: &[u8] = b"pw";
+const CHUNK: usize = 64 * 1024;
+/// 17 chunks, the last one partial.
+const SIZE: usize = 16 * CHUNK + 5000;
+
+struct MemDisk(Vec<u8>);
+
+impl BlockSource for MemDisk {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    fn read_ranges(
+        &mut self,
+        ranges: &mut dyn Iterator<Item = (u64, usize)>,
+        sink: &mut dyn FnMut(u64, Vec<u8>) -> bool,
+    ) -> Result<(), SourceError> {
+        for (offset, len) in ranges {
+            if !sink(offset, self.0[offset as usize..offset as usize + len].to_vec()) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn zero_ranges(&mut self) -> Result<Vec<(u64, u64)>, SourceError> {
+        Ok(vec![])
+    }
+
+    fn describe(&self) -> String {
+        "memdisk".into()
+    }
+}
+
+/// `data` with chunks `chunks` replaced by incompressible bytes of `seed` (chunk 1 is
+/// always zeros).
+fn changed(data: &[u8], chunks: std::ops::Range<usize>, seed: u8) -> Vec<u8> {
+    let mut out = data.to_vec();
+    for c in chunks {
+        let end = ((c + 1) * CHUNK).min(SIZE);
+        blake3::Hasher::new().update(&[seed, c as u8]).finalize_xof().fill(&mut out[c * CHUNK..end]);
+    }
+    out[CHUNK..2 * CHUNK].fill(0);
+    out
+}
+
+fn backup_of(repo: &Repository, data: &[u8]) -> Result<String, CoreError> {
+    let opts = BackupOptions {
+        vm: "vm".into(),
+        disks: vec![DiskInput::source("d", Box::new(MemDisk(data.to_vec())))],
+        tags: vec![],
+        hostname: "test".into(),
+        full: false,
+        verify: blockproof_core::default_verify_budget(),
+        on_mismatch: blockproof_core::OnMismatch::Keep,
+    };
+    backup(repo, opts, &NoProgress).map(|r| r.snapshot.to_hex())
+}
+
+/// A snapshot and the disk bytes it must restore to.
+struct Expected {
+    id: String,
+    data: Vec<u8>,
+}
+
+/// A repository with two snapshots (the second shares chunks with the first), and the
+/// bytes of a third backup that shares chunks with both and adds new ones.
+fn repository() -> (MemoryBackend, Vec<Expected>, Vec<u8>) {
+    let store = MemoryBackend::new();
+    let opts = InitOptions { kdf: KdfParams::MIN, pack_size: 128 * 1024, ..InitOptions::default() };
+    let repo = Repository::init(Box::new(store.clone()), PASSWORD, &opts).unwrap();
+    assert_eq!(repo.config().chunk_size as usize, CHUNK);
+    let first = changed(&vec![0; SIZE], 0..17, 1);
+    let second = changed(&first, 3..8, 2);
+    let mut expected = Vec::new();
+    for data in [first, second] {
+        expected.push(Expected { id: backup_of(&repo, &data).unwrap(), data });
+    }
+    let third = changed(&expected[1].data, 5..14, 3);
+    (store, expected, third)
+}
+
+fn open(backend: impl Backend + 'static) -> Repository {
+    Repository::open(Box::new(backend), PASSWORD).unwrap()
+}
+
+fn restore_to(repo: &Repository, snapshot: &str, target: &Path, force: bool) -> Result<(), CoreError> {
+    let opts = RestoreOptions {
+        snapshot: snapshot.into(),
+        disk: "d".into(),
+        target: target.into(),
+        force,
+        ..Default::default()
+    };
+    restore(repo, &opts, &NoProgress).map(drop)
+}
+
+/// The repository in `store` is sound after `what`: `check --read-data` finds no error,
+/// every snapshot of `before` is there and restores bit-exact, and any other snapshot
+/// (at most one) restores to `new`. Returns whether there is such a new snapshot.
+fn assert_sound(store: &MemoryBackend, before: &[Expected], new: &[u8], what: &str) -> bool {
+    let repo = open(store.clone());
+    let report = check(&repo, &CheckOptions { read_data: Some(Budget::all()) }, &NoProgress).unwrap();
+    assert!(report.ok, "{what}: check found {:?}", report.errors);
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("disk");
+    let restores_to = |id: &str, data: &[u8]| {
+        restore_to(&repo, id, &target, true).unwrap_or_else(|e| panic!("{what}: restore of {id}: {e}"));
+        assert!(std::fs::read(&target).unwrap() == data, "{what}: snapshot {id} restores to other bytes");
+    };
+    let ids: Vec<String> = repo.snapshots().unwrap().iter().map(|s| s.id.to_hex()).collect();
+    for e in before {
+        assert!(ids.contains(&e.id), "{what}: snapshot {} is gone", e.id);
+        restores_to(&e.id, &e.data);
+    }
+    let new_ids: Vec<&String> = ids.iter().filter(|id| !before.iter().any(|e| &&e.id == id)).collect();
+    assert!(new_ids.len() <= 1, "{what}: new snapshots {new_ids:?}");
+    for id in &new_ids {
+        restores_to(id, new);
+    }
+    !new_ids.is_empty()
+}
+
+/// The calls a backup of `data` makes on a copy of `store`, once it has opened the
+/// repository; `parallelism` as the store reports it.
+fn backup_calls(store: &MemoryBackend, data: &[u8], parallelism: usize) -> Vec<Call> {
+    let faulty = FaultyBackend::new(Box::new(store.fork().with_parallelism(parallelism)));
+    let faults = faulty.faults();
+    let repo = open(faulty);
+    let start = faults.calls();
+    backup_of(&repo, data).unwrap();
+    faults.log().into_iter().filter(|c| c.number > start).collect()
+}
+
+fn is_data_write(c: &Call) -> bool {
+    c.op == Op::Write && matches!(c.kind, Kind::Pack | Kind::Index | Kind::Snapshot)
+}
+
+fn data_writes() -> Calls {
+    Calls::op(Op::Write).kind(Kind::Pack).kind(Kind::Index).kind(Kind::Snapshot)
+}
+
+#[test]
+fn a_backup_writes_packs_then_index_files_then_its_snapshot() {
+    let (store, _, new) = repository();
+    let kinds: Vec<Kind> = backup_calls(&store, &new, 1).iter().filter(|c| is_data_write(c)).map(|c| c.kind).collect();
+    let last_pack = kinds.iter().rposition(|k| *k == Kind::Pack).expect("packs written");
+    let first_index = kinds.iter().position(|k| *k == Kind::Index).expect("an index file written");
+    assert!(last_pack < first_index, "an index file before a pack: {kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == Kind::Snapshot).count(), 1, "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&Kind::Snapshot), "{kinds:?}");
+}
+
+/// A pack, index or snapshot write that fails, at each of them in turn: the backup
+/// fails, no new snapshot is visible, the repository is sound, its lock is gone.
+#[test]
+fn a_failed_write_at_any_point_of_a_backup_leaves_no_snapshot_and_a_sound_repository() {
+    let (store, before, new) = repository();
+    let writes = backup_calls(&store, &new, 1).iter().filter(|c| is_data_write(c)).count() as u64;
+    assert!(writes >= 5, "{writes} writes");
+    for i in 0..writes {
+        let trial = store.fork();
+        let faulty = FaultyBackend::new(Box::new(trial.clone()));
+        faulty.faults().inject(data_writes().after(i).times(1), Fault::Error);
+        let repo = open(faulty);
+        let what = format!("write {} of {writes} failed", i + 1);
+        let err = backup_of(&repo, &new).expect_err(&what);
+        assert!(err.to_string().contains("injected fault"), "{what}: {err}");
+        drop(repo);
+        assert!(!assert_sound(&trial, &before, &new, &what), "{what}: a snapshot appeared");
+        assert!(trial.list(Kind::Lock).unwrap().is_empty(), "{what}: the backup left its lock");
+    }
+}
+
+/// A write that lands but whose reply is lost, at each write in turn: the backup
+/// fails; the repository is sound; the snapshot is visible only if its own write was the
+/// one, and then it is complete.
+#[test]
+fn a_lost_reply_at_any_write_of_a_backup_leaves_a_sound_repository() {
+    let (store, before, new) = repository();
+    let writes: Vec<Call> = backup_calls(&store, &new, 1).into_iter().filter(is_data_write).collect();
+    for (i, call) in writes.iter().enumerate() {
+        let trial = store.fork();
+        let faulty = FaultyBackend::new(Box::new(trial.clone()));
+        faulty.faults().inject(data_writes().after(i as u64).times(1), Fault::ErrorAfter);
+        let repo = open(faulty);
+        let what = format!("the reply to write {} ({} {}) was lost", i + 1, call.kind, call.name);
+        assert!(backup_of(&repo, &new).is_err(), "{what}: the backup succeeded");
+        drop(repo);
+        let visible = assert_sound(&trial, &before, &new, &what);
+        assert_eq!(visible, call.kind == Kind::Snapshot, "{what}");
+    }
+}
+
+/// The process dies after each call of a backup in turn (on a store that runs four
+/// uploads at once, some delayed, so packs land out of order). The store then holds what
+/// the calls before left: the repository is sound, the new snapshot is there whole or
+/// not at all, and the next backup succeeds.
+#[test]
+fn a_crash_at_any_call_of_a_backup_leaves_a_sound_repository_and_the_next_backup_succeeds() {
+    let (store, before, new) = repository();
+    for parallelism in [1, 4] {
+        let calls = backup_calls(&store, &new, parallelism).len() as u64;
+        for k in 0..calls {
+            let trial = store.fork().with_parallelism(parallelism);
+            let faulty = FaultyBackend::new(Box::new(trial.clone()));
+            let faults = faulty.faults();
+            if parallelism > 1 {
+                faults.inject(Calls::op(Op::Write).kind(Kind::Pack), Fault::Delay(std::time::Duration::from_millis(3)));
+            }
+            let repo = open(faulty);
+            faults.crash_after(faults.calls() + k);
+            let what = format!("crash after call {k} of {calls} of a backup, {parallelism} uploads");
+            let result = backup_of(&repo, &new);
+            drop(repo);
+            if let Err(e) = &result {
+                assert!(e.to_string().contains("injected crash"), "{what}: {e}");
+            }
+            let visible = assert_sound(&trial, &before, &new, &what);
+            assert!(result.is_err() || visible, "{what}: the backup succeeded but its snapshot is not there");
+            let again = backup_of(&open(trial.clone()), &new).unwrap_or_else(|e| panic!("{what}: next backup: {e}"));
+            let mut all: Vec<Expected> =
+                before.iter().map(|e| Expected { id: e.id.clone(), data: e.data.clone() }).collect();
+            all.push(Expected { id: again, data: new.clone() });
+            assert_sound(&trial, &all, &new, &format!("{what}, then a backup"));
+        }
+    }
+}
+
+/// The pack reads of a restore fail (from each read on: one failed read of several
+/// blobs is retried blob by blob), or one comes back short or damaged, at each read in
+/// turn: the restore fails naming the disk range it could not restore, and the target
+/// file keeps its old contents (no wrong byte is written to it).
+#[test]
+fn a_restore_from_a_failing_store_names_the_range_and_leaves_the_target_alone() {
+    let (store, before, _) = repository();
+    let expected = &before[1];
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("disk");
+
+    let probe = FaultyBackend::new(Box::new(store.clone()));
+    let faults = probe.faults();
+    let repo = open(probe);
+    let start = faults.calls();
+    restore_to(&repo, &expected.id, &target, false).unwrap();
+    assert!(std::fs::read(&target).unwrap() == expected.data);
+    let calls: Vec<Call> = faults.log().into_iter().filter(|c| c.number > start).collect();
+    let pack_reads = calls.iter().filter(|c| c.kind == Kind::Pack && matches!(c.op, Op::Read | Op::ReadAt)).count();
+    assert!(pack_reads >= 2, "{calls:?}");
+
+    let old = b"the target's old contents".to_vec();
+    for fault in [Fault::Error, Fault::ShortRead, Fault::Corrupt] {
+        for j in 0..pack_reads as u64 {
+            std::fs::write(&target, &old).unwrap();
+            let faulty = FaultyBackend::new(Box::new(store.clone()));
+            let faults = faulty.faults();
+            let reads = Calls::op(Op::Read).or(Op::ReadAt).kind(Kind::Pack).after(j);
+            faults.inject(if fault == Fault::Error { reads } else { reads.times(1) }, fault.clone());
+            let repo = open(faulty);
+            let what = format!("{fault:?} at pack read {} of {pack_reads}", j + 1);
+            let err = restore_to(&repo, &expected.id, &target, true).expect_err(&what);
+            assert!(faults.hits() >= 1, "{what}");
+            match &err {
+                CoreError::DamagedRange { disk, offset, end, .. } => {
+                    assert!(disk == "d" && offset < end && *end <= SIZE as u64, "{what}: {err}");
+                    assert!(err.to_string().contains(&format!("bytes {offset}..{end}")), "{what}: {err}");
+                }
+                e => panic!("{what}: the error names no range: {e}"),
+            }
+            assert!(std::fs::read(&target).unwrap() == old, "{what}: the target was changed");
+            let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(left, ["disk"], "{what}: files left beside the target");
+        }
+    }
+
+    // Any other read failing (config, keys, index files, snapshots) fails the restore too,
+    // before it writes anything.
+    let other_reads = calls.iter().filter(|c| c.kind != Kind::Pack).count() as u64;
+    for j in 0..other_reads {
+        std::fs::write(&target, &old).unwrap();
+        let faulty = FaultyBackend::new(Box::new(store.clone()));
+        let faults = faulty.faults();
+        let repo = open(faulty);
+        let kinds = [Kind::Config, Kind::Key, Kind::Index, Kind::Snapshot, Kind::Lock, Kind::State];
+        faults.inject(kinds.iter().fold(Calls::any(), |c, k| c.kind(*k)).after(j).times(1), Fault::Error);
+        let err = restore_to(&repo, &expected.id, &target, true).expect_err("the restore succeeded");
+        assert!(err.to_string().contains("injected fault"), "{err}");
+        assert!(std::fs::read(&target).unwrap() == old, "other read {j}: the target was changed");
+    }
+}
+
+/// A store that keeps failing fails the backup with the store's error, which a caller
+/// can tell from a source's.
+#[test]
+fn a_store_that_keeps_failing_fails_the_backup_with_its_error() {
+    let (store, before, new) = repository();
+    let trial = store.fork();
+    let faulty = FaultyBackend::new(Box::new(trial.clone()));
+    faulty.faults().inject(Calls::op(Op::Write).kind(Kind::Pack), Fault::Error);
+    let repo = open(faulty);
+    match backup_of(&repo, &new) {
+        Err(CoreError::Repo(blockproof_repo::RepoError::Store(e))) => assert!(is_injected(&e), "{e}"),
+        other => panic!("{:?}", other.map_err(|e| e.to_string())),
+    }
+    drop(repo);
+    assert!(!assert_sound(&trial, &before, &new, "every pack write failing"));
+}

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The tests, on a fresh machine too: installs the system tools they run when one is
+# missing (as root, with apt-get; Debian 12 or later), then runs
+# `cargo test --workspace` with the arguments given, e.g.
+#   scripts/test.sh                          # everything
+#   scripts/test.sh -p blockproof-store      # one crate
+#   scripts/test.sh -p blockproof --test s3  # one test file
+# Silent when every tool is present. Not root: says what is missing and how to install
+# it, runs the tests anyway (crates that need no tool pass), and repeats the hint if
+# they fail. This is the only place the test tools are installed; .ci/run calls it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# TOOL:PACKAGE for every program a test runs.
+tools=(
+  qemu-img:qemu-utils # images of every format, conversions, qcow2 bitmaps
+  qemu-nbd:qemu-utils
+  qemu-io:qemu-utils
+  nbdinfo:libnbd-bin # a second, independent NBD client for serve-nbd
+  nbdcopy:libnbd-bin
+  nbdkit:nbdkit # NBD servers with filters (delay, error) for failure tests
+  mke2fs:e2fsprogs # ext2/ext4 file systems for file-level restore
+  sfdisk:fdisk     # partition tables
+  mkfs.vfat:dosfstools
+  mcopy:mtools
+  mkntfs:ntfs-3g
+  ntfscp:ntfs-3g
+  wimcapture:wimtools # the only way to make directories on NTFS without mounting it
+  wimapply:wimtools
+)
+
+# An executable in PATH (bash's `command -v` also names files it cannot run), or in the
+# sbin directories an ordinary user's PATH lacks (the tests look there too).
+have() {
+  local path
+  { path=$(command -v "$1") && [ -x "$path" ]; } || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]
+}
+
+missing_tools=()
+missing_packages=()
+for entry in "${tools[@]}"; do
+  tool=${entry%%:*}
+  package=${entry#*:}
+  if ! have "$tool"; then
+    missing_tools+=("$tool")
+    [[ " ${missing_packages[*]} " == *" $package "* ]] || missing_packages+=("$package")
+  fi
+done
+
+hint() {
+  echo "scripts/test.sh: missing ${missing_tools[*]}; the tests that run them fail." >&2
+  echo "  Install them as root: apt-get install ${missing_packages[*]}" >&2
+}
+
+if ((${#missing_packages[@]})); then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "scripts/test.sh: installing ${missing_packages[*]} (for ${missing_tools[*]})" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing_packages[@]}" >/dev/null
+    for tool in "${missing_tools[@]}"; do
+      have "$tool" || { echo "scripts/test.sh: $tool is still missing after the install" >&2; exit 1; }
+    done
+    missing_packages=()
+  else
+    hint
+  fi
+fi
+
+status=0
+cargo test --workspace "$@" || status=$?
+if ((status)) && ((${#missing_packages[@]})); then
+  hint
+fi
+exit "$status"
