@@ -27,6 +27,7 @@ tools=(
   ntfscp:ntfs-3g
   wimcapture:wimtools # the only way to make directories on NTFS without mounting it
   wimapply:wimtools
+  strace:strace # which directories a write fsyncs (durability of directories it creates)
 )
 
 # An executable in PATH (bash's `command -v` also names files it cannot run), or in the

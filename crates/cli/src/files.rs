@@ -136,6 +136,12 @@ pub struct RestoreFilesArgs {
     /// Replace existing files and symlinks (directories are merged either way).
     #[arg(long)]
     pub force: bool,
+    /// Keep setuid, setgid and sticky bits and write permission for others as the
+    /// filesystem stores them (by default they are removed). Run as root, this also gives
+    /// every restored file, directory and symlink its stored numeric owner and group, so
+    /// a kept setuid bit never makes a root-owned setuid file out of a guest user's.
+    #[arg(long)]
+    pub keep_special_modes: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -231,7 +237,13 @@ pub fn restore_files(a: RestoreFilesArgs) -> Result<u8> {
     if paths.is_empty() {
         return Err(Usage("give the files or directories to restore (/ for everything)".into()).into());
     }
-    let options = ExtractOptions { overwrite: a.force };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let options = ExtractOptions {
+        overwrite: a.force,
+        keep_special_modes: a.keep_special_modes,
+        restore_owners: a.keep_special_modes && root,
+    };
     restore_files_on(open_disk(&a.source, snap.as_deref())?, a.choice.partition, &paths, &a.to, &options, a.json)
 }
 
@@ -307,6 +319,13 @@ pub fn ls_on(src: Box<dyn ReadAt>, partition: Option<u32>, path: &OsString, json
     let path = parse_path(path)?;
     let fs = open_filesystem(src, partition)?;
     let entries = fs.list(path.to_bytes()).map_err(fs_error)?;
+    for e in entries.iter().filter(|e| e.unsafe_name().is_some()) {
+        eprintln!(
+            "blockproof: warning: directory {path} has an entry named {:?}, which is {} (restore-files skips it)",
+            e.name,
+            e.unsafe_name().unwrap_or_default()
+        );
+    }
     let rows: Vec<EntryRow> = entries
         .iter()
         .map(|e| {
@@ -402,6 +421,7 @@ struct RestoreFilesReport<'a> {
     symlinks: u64,
     bytes: u64,
     skipped: Vec<serde_json::Value>,
+    modes_restricted: u64,
 }
 
 pub fn restore_files_on(
@@ -428,6 +448,7 @@ pub fn restore_files_on(
             symlinks: report.symlinks,
             bytes: report.bytes,
             skipped,
+            modes_restricted: report.modes_restricted,
         })?;
     } else {
         println!(
@@ -439,6 +460,16 @@ pub fn restore_files_on(
             fs.kind(),
             to.display()
         );
+        if !report.skipped.is_empty() {
+            println!("{} entries not restored (see the warnings)", report.skipped.len());
+        }
+        if report.modes_restricted > 0 {
+            println!(
+                "setuid, setgid, sticky and world-write bits removed from {} of the restored files and \
+                 directories (--keep-special-modes keeps them)",
+                report.modes_restricted
+            );
+        }
     }
     Ok(exit::OK)
 }

@@ -225,3 +225,51 @@ fn sigkill_during_restore_never_leaves_a_half_written_target() {
     }
     assert_eq!(interrupted, 8, "the loop must really interrupt restores ({completed} completed)");
 }
+
+/// Issue 14, item 14: a directory created on the retry path of a write (a repository
+/// copied by a tool that drops empty directories) is made durable in its parent: after
+/// the `mkdir`, the parent directory (here the repository root) is fsynced before the
+/// file is renamed into the new directory. Observed with strace.
+#[test]
+fn a_directory_created_on_the_retry_path_is_fsynced_in_its_parent() {
+    if std::process::Command::new("strace").arg("-V").output().is_err() {
+        panic!("strace is missing: scripts/test.sh installs it");
+    }
+    let dir = Dir::new();
+    dir.init();
+    let img = dir.image("d.img", 1 << 20, 77);
+    fs::remove_dir(dir.repo().join("snapshots")).unwrap();
+    let trace = dir.join("trace.txt");
+    let via = ["strace", "-f", "-qq", "-e", "trace=mkdir,mkdirat,openat,fsync,rename,renameat,renameat2", "-o"];
+    let mut via: Vec<&str> = via.to_vec();
+    let trace_s = trace.to_str().unwrap().to_string();
+    via.push(&trace_s);
+    let mut c = dir.cmd_via(&via, "backup");
+    c.arg("--repo").arg(dir.repo()).args(["--vm", "v", "--disk"]).arg(format!("id=d,source={}", img.display()));
+    c.ok();
+    let text = fs::read_to_string(&trace).unwrap();
+    let root = dir.repo().display().to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    let made = lines
+        .iter()
+        .position(|l| l.contains("mkdir") && l.contains(&format!("{root}/snapshots\"")))
+        .unwrap_or_else(|| panic!("no mkdir of snapshots/ in the trace:\n{text}"));
+    let renamed = lines[made..]
+        .iter()
+        .position(|l| l.contains("rename") && l.contains(&format!("{root}/snapshots/")))
+        .map(|k| made + k)
+        .expect("the snapshot is renamed into the new directory");
+    // Between the two: the root is opened, and that descriptor fsynced.
+    let synced = lines[made..renamed].iter().any(|l| {
+        l.contains(&format!("openat(AT_FDCWD, \"{root}\", ")) && {
+            let fd = l.rsplit("= ").next().unwrap_or("").trim();
+            lines[made..renamed].iter().any(|m| m.contains(&format!("fsync({fd})")))
+        }
+    });
+    assert!(
+        synced,
+        "the repository root is not fsynced after snapshots/ was made:\n{}",
+        lines[made..=renamed].join("\n")
+    );
+    assert_eq!(dir.snapshots().len(), 1);
+}

@@ -215,6 +215,7 @@ fn prepare<'a>(
     let parent_cbt = parent_entry.map(|d| ParentCbt { cbt: d.cbt.clone(), state: d.cbt_state.clone() });
     let mut opened = (input.open)(parent_cbt.as_ref())?;
     let size = opened.source.size();
+    blockproof_source::check_disk_size(&opened.source.describe(), size, Some(chunk_size))?;
     let zero = opened.source.zero_ranges()?;
     let (changed, full_reason) = match &opened.changes {
         Changes::All { reason } => (None, Some(reason.clone())),

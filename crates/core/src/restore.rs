@@ -2,7 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -13,6 +13,10 @@ use crossbeam_channel::bounded;
 use serde::Serialize;
 
 use crate::{CoreError, Progress};
+
+/// Mode of a restored image file (raw or qcow2): its owner's only, whatever the umask.
+/// A block device target keeps its own.
+pub const IMAGE_MODE: u32 = 0o600;
 
 /// The format of a restored file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -108,7 +112,13 @@ impl Target {
             _ => PathBuf::from("."),
         };
         let temp = dir.join(format!(".{}.blockproof-{:08x}.partial", name.to_string_lossy(), rand::random::<u32>()));
-        let file = OpenOptions::new().write(true).create_new(true).open(&temp).map_err(|e| CoreError::io(path, e))?;
+        // Readable by its owner only, whatever the umask: it holds a whole disk.
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(IMAGE_MODE)
+            .open(&temp)
+            .map_err(|e| CoreError::io(path, e))?;
         // A sparse file of the right size: zero chunks stay holes.
         file.set_len(size).map_err(|e| CoreError::io(&temp, e))?;
         Ok(Target::File { file, temp, final_path: path.to_path_buf() })
@@ -232,6 +242,8 @@ fn restore_qcow2(
     let raw_opts = RestoreOptions { target: raw.clone(), format: RestoreFormat::Raw, force: false, ..opts.clone() };
     let result = restore(repo, &raw_opts, progress).and_then(|mut r| {
         blockproof_source::qemu_img_convert(&raw, "raw", &qcow, "qcow2")?;
+        // qemu-img creates its file by the umask; the image is as private as a raw one.
+        fs::set_permissions(&qcow, fs::Permissions::from_mode(IMAGE_MODE)).map_err(|e| CoreError::io(&qcow, e))?;
         File::open(&qcow).and_then(|f| f.sync_all()).map_err(|e| CoreError::io(&qcow, e))?;
         fs::rename(&qcow, &opts.target).map_err(|e| CoreError::io(&opts.target, e))?;
         File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| CoreError::io(&dir, e))?;

@@ -197,6 +197,13 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Why this entry's name cannot be one component of a path (it is empty, `.`, `..`,
+    /// or holds `/` or NUL), if it cannot: only a damaged or hostile filesystem stores
+    /// such a name. [`extract`](crate::extract) skips and reports such entries.
+    pub fn unsafe_name(&self) -> Option<&'static str> {
+        check_name(self.path.file_name()).err()
+    }
+
     /// An entry with only the facts every filesystem has.
     pub(crate) fn new(path: FsPath, kind: EntryKind, size: u64) -> Entry {
         let name = String::from_utf8_lossy(path.file_name()).into_owned();

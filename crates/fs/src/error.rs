@@ -48,9 +48,6 @@ pub enum FsError {
     /// A path argument that is not a plain path inside the filesystem.
     #[error("invalid path {path:?}: {reason}")]
     InvalidPath { path: String, reason: &'static str },
-    /// A name stored in the filesystem that would escape or confuse the target directory.
-    #[error("{dir}: refusing to extract the entry named {name:?}: {reason}")]
-    UnsafeName { dir: String, name: String, reason: &'static str },
     /// Directories nested implausibly deep (a directory cycle in a damaged filesystem).
     #[error("{path}: directories nested deeper than {limit}; the filesystem is probably damaged")]
     TooDeep { path: String, limit: usize },

@@ -84,10 +84,12 @@ impl Backend for ExtFs {
     fn list(&self, path: &FsPath) -> Result<Vec<Entry>, FsError> {
         let dir = self.fs.read_dir(path.to_bytes().as_slice()).map_err(|e| self.err(e, path))?;
         let mut out = Vec::new();
-        for item in dir {
+        for (n, item) in dir.enumerate() {
             let item = item.map_err(|e| self.err(e, path))?;
             let name = item.file_name();
-            if name == "." || name == ".." {
+            // A directory's own `.` and `..` are its first two entries. Any other entry of
+            // those names is listed: extraction reports it and skips it, never silently.
+            if (n == 0 && name == ".") || (n == 1 && name == "..") {
                 continue;
             }
             if out.len() >= MAX_DIR_ENTRIES {

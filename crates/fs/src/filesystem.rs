@@ -20,7 +20,9 @@ pub(crate) const COPY_BUF: usize = 256 << 10;
 pub(crate) trait Backend {
     /// The entry at `path`, not following a final symlink.
     fn stat(&self, path: &FsPath) -> Result<Entry, FsError>;
-    /// The entries of the directory at `path`, without `.` and `..`, in on-disk order.
+    /// The entries of the directory at `path`, without its own `.` and `..`, in on-disk
+    /// order. Names are as stored: a damaged or hostile filesystem may hold one that is
+    /// not a plain path component ([`Entry::unsafe_name`]).
     fn list(&self, path: &FsPath) -> Result<Vec<Entry>, FsError>;
     /// Streams the regular file at `path` to `out`; returns the byte count.
     fn read(&self, path: &FsPath, out: &mut dyn Write) -> Result<u64, FsError>;
@@ -66,7 +68,8 @@ impl Filesystem {
     }
 
     /// A directory's entries sorted by name, or, like `ls`, the entry itself when `path`
-    /// is not a directory.
+    /// is not a directory. An entry whose name is not a plain path component (`..`
+    /// stored as a name, say) is listed as stored; [`Entry::unsafe_name`] tells.
     pub fn list(&self, path: impl AsRef<[u8]>) -> Result<Vec<Entry>, FsError> {
         let path = FsPath::parse(path)?;
         let entry = self.backend.stat(&path)?;

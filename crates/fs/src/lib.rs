@@ -18,7 +18,8 @@
 //!   [`read_link`](Filesystem::read_link) for `/etc/hostname`-style paths.
 //! - [`extract`] copies paths (files, directories recursively, symlinks) into a target
 //!   directory, preserving modification and access times, and Unix modes where the
-//!   filesystem has them (ext2/3/4).
+//!   filesystem has them (ext2/3/4) less setuid, setgid, sticky-on-files and
+//!   write-for-others unless asked; files are written sparse.
 //!
 //! Reading goes through a window of the disk (`window.rs`): a `Read + Seek` cursor over
 //! one partition's byte range with a 64 KiB read cache, which is what the filesystem
@@ -33,9 +34,12 @@
 //! - **Never writes outside the target.** [`extract`] writes only below its target
 //!   directory: path arguments with `..` are refused, every name read from the
 //!   filesystem must be one plain component (not empty, `.`, `..`, and without `/` or
-//!   NUL), no existing symlink below the target is ever followed (files are created with
-//!   `O_EXCL`, every directory on the way is checked with `lstat`), and nothing is
-//!   replaced unless asked to.
+//!   NUL; any other is skipped and reported), no existing symlink below the target is
+//!   ever followed (files are created with `O_EXCL`, every directory on the way is
+//!   checked with `lstat`), and nothing is replaced unless asked to.
+//! - **Nothing dangerous to the host unless asked.** No setuid/setgid or world-writable
+//!   file or directory is created without [`ExtractOptions::keep_special_modes`], and a
+//!   sparse file stays sparse.
 //! - **Bad input is an error, not a panic.** Damaged tables and filesystems give a typed
 //!   [`FsError`] with a one-line message; directory sizes, nesting depth and entry counts
 //!   are bounded so a corrupt (cyclic) filesystem cannot loop forever.

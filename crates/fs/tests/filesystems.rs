@@ -244,7 +244,7 @@ fn extraction_never_replaces_or_writes_through_a_symlink() {
     std::os::unix::fs::symlink(&victim, out.path().join("hostname")).unwrap();
     let err = extract(&fs, &host, out.path(), &ExtractOptions::default()).unwrap_err();
     assert!(matches!(err, FsError::TargetExists { .. }), "{err}");
-    extract(&fs, &host, out.path(), &ExtractOptions { overwrite: true }).unwrap();
+    extract(&fs, &host, out.path(), &ExtractOptions { overwrite: true, ..ExtractOptions::default() }).unwrap();
     assert_eq!(fs::read(&victim).unwrap(), b"keep me");
     assert_eq!(fs::read(out.path().join("hostname")).unwrap(), b"web01\n");
     assert!(!fs::symlink_metadata(out.path().join("hostname")).unwrap().file_type().is_symlink());
@@ -292,18 +292,22 @@ fn hostile_image(dir: &Path, mkfs: &[&str], utf16: bool) -> Vec<u8> {
 
 #[test]
 fn a_hostile_name_inside_a_bare_filesystem_is_never_extracted() {
-    // NTFS does not police names: blockproof lists the entry, then refuses to extract it.
+    // NTFS does not police names: blockproof lists the entry, then skips it and reports it
+    // (and would extract everything else).
     let dir = tempfile::tempdir().unwrap();
     let disk = Disk::open(Box::new(hostile_image(dir.path(), &["mkntfs", "-q", "-F", "-Q"], true))).unwrap();
     assert_eq!(disk.table(), TableKind::None);
     assert_eq!((disk.partitions()[0].index, disk.partitions()[0].filesystem), (0, Some(FsKind::Ntfs)));
     let fs = disk.open_filesystem(None).unwrap();
     assert!(names(&fs, "/").contains("../etc/x"));
+    let hostile = fs.list("/").unwrap().into_iter().find(|e| e.name == "../etc/x").unwrap();
+    assert_eq!(hostile.unsafe_name(), Some("a name with '/' in it"));
     let out = dir.path().join("out");
-    let err = extract(&fs, &[FsPath::root()], &out, &ExtractOptions::default()).unwrap_err();
-    assert!(matches!(err, FsError::UnsafeName { .. }), "{err}");
-    assert_eq!(err.to_string(), "/: refusing to extract the entry named \"../etc/x\": a name with '/' in it");
+    let report = extract(&fs, &[FsPath::root()], &out, &ExtractOptions::default()).unwrap();
+    assert_eq!(report.skipped.len(), 1, "{report:?}");
+    assert_eq!(report.skipped[0].reason, "directory / has an entry named \"../etc/x\", which is a name with '/' in it");
     assert!(!dir.path().join("etc").exists());
+    assert_eq!(fs::read_dir(&out).unwrap().count(), 0, "the image holds nothing else");
 
     // ext4-view already refuses such a directory entry as damage.
     let dir = tempfile::tempdir().unwrap();

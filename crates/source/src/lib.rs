@@ -27,7 +27,8 @@
 //!   `qemu-img bitmap`, which never touch guest data.
 //! - A read fills the whole range or fails: a short read (the disk shrank under us) is an
 //!   error, never silently zero-filled data.
-//! - `size` is fixed when the source is opened; a backup never reads past it.
+//! - `size` is fixed when the source is opened; a backup never reads past it. It is at
+//!   most [`MAX_DISK_SIZE`] (64 TiB), checked before anything is allocated for the disk.
 //! - Doubt means a full read: a change source that cannot be trusted (missing or
 //!   inconsistent bitmap, unreadable state) yields [`Changes::All`] with the reason,
 //!   never an error and never a silent incremental.
@@ -67,6 +68,44 @@ pub enum SourceError {
     /// The disk spec or its change source is unusable as given (a usage error).
     #[error("{0}")]
     Invalid(String),
+    /// The disk is larger than blockproof backs up ([`check_disk_size`]).
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+/// The largest disk blockproof backs up: 64 TiB. Checked as soon as a source is open
+/// ([`RawFile::open`], [`NbdSource::connect`]), before anything is planned or allocated
+/// for it: a backup keeps a few bytes per chunk in memory (its confirmation state is 4
+/// bytes a chunk: 4 GiB for 64 TiB of 64 KiB chunks), so an absurd size (a 1 PiB or 2^63
+/// NBD export, a damaged or hostile server) must fail at once, not in the allocator.
+pub const MAX_DISK_SIZE: u64 = 64 << 40;
+
+/// The most chunks one disk may have: 2^30, which is [`MAX_DISK_SIZE`] at the default
+/// 64 KiB chunk size (a repository with 4 KiB chunks takes disks up to 4 TiB).
+pub const MAX_DISK_CHUNKS: u64 = 1 << 30;
+
+/// Refuses a disk of `size` bytes larger than [`MAX_DISK_SIZE`] or, given the chunk size,
+/// with more than [`MAX_DISK_CHUNKS`] chunks. `what` names the source in the message.
+pub fn check_disk_size(what: &str, size: u64, chunk_size: Option<u32>) -> Result<(), SourceError> {
+    let tib = |bytes: u64| bytes as f64 / (1u64 << 40) as f64;
+    if size > MAX_DISK_SIZE {
+        return Err(SourceError::TooLarge(format!(
+            "{what} is {size} bytes ({:.1} TiB): larger than the largest disk blockproof backs up ({} TiB)",
+            tib(size),
+            MAX_DISK_SIZE >> 40
+        )));
+    }
+    if let Some(cs) = chunk_size.filter(|&cs| cs > 0) {
+        let chunks = size.div_ceil(u64::from(cs));
+        if chunks > MAX_DISK_CHUNKS {
+            return Err(SourceError::TooLarge(format!(
+                "{what} is {size} bytes: {chunks} chunks of {cs} bytes, more than the {MAX_DISK_CHUNKS} one disk may \
+                 have ({:.0} TiB at this repository's chunk size)",
+                tib(MAX_DISK_CHUNKS * u64::from(cs))
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A read-only disk at one point in time.
@@ -106,5 +145,25 @@ pub trait BlockSource: Send {
             }
             _ => Err(SourceError::OutOfRange { what: self.describe(), offset, size: self.size() }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_sizes_are_bounded_before_anything_is_allocated() {
+        assert!(check_disk_size("d", MAX_DISK_SIZE, Some(64 << 10)).is_ok());
+        let err = check_disk_size("nbd://x", 1 << 50, None).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "nbd://x is 1125899906842624 bytes (1024.0 TiB): larger than the largest disk blockproof backs up (64 TiB)"
+        );
+        assert!(check_disk_size("d", u64::MAX, None).is_err());
+        // Small chunks lower the limit: 2^30 chunks of 4 KiB are 4 TiB.
+        assert!(check_disk_size("d", 4 << 40, Some(4096)).is_ok());
+        let err = check_disk_size("d", (4 << 40) + 1, Some(4096)).unwrap_err().to_string();
+        assert!(err.contains("more than the 1073741824 one disk may have (4 TiB"), "{err}");
     }
 }

@@ -72,6 +72,7 @@ impl NbdSource {
             BitmapOutcome::Granted => bitmap.map(str::to_string),
             BitmapOutcome::Missing(_) => None,
         };
+        crate::check_disk_size(&what, client.size(), None)?;
         Ok((NbdSource { client, what, bitmap, allocation, _server: server }, outcome))
     }
 

@@ -27,6 +27,7 @@ impl RawFile {
             return Err(SourceError::NotADisk { path });
         }
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
+        crate::check_disk_size(&path.display().to_string(), size, None)?;
         Ok(RawFile { file, path, size })
     }
 }

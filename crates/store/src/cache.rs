@@ -7,7 +7,8 @@
 //! files the store no longer has. Deleting the cache directory at any time is safe.
 
 use std::fs;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -28,9 +29,9 @@ impl ReadCache {
     /// Caches `inner`'s index files and manifests in `dir` (created when missing).
     pub fn new(inner: Box<dyn Backend>, dir: impl AsRef<Path>) -> Result<Self, StoreError> {
         let dir = dir.as_ref().to_path_buf();
+        // Private like the repository: the cached files are its (encrypted) metadata.
         for kind in CACHED {
-            let d = dir.join(kind.dir());
-            fs::create_dir_all(&d).map_err(|source| StoreError::Io { path: d, source })?;
+            crate::local::create_private_dir_all(&dir.join(kind.dir()))?;
         }
         Ok(ReadCache { inner, dir, hits: AtomicU64::new(0), misses: AtomicU64::new(0) })
     }
@@ -53,7 +54,17 @@ impl ReadCache {
             return;
         }
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        if fs::write(&tmp, data).is_err() || fs::rename(&tmp, path).is_err() {
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(crate::local::FILE_MODE)
+                .open(&tmp)?;
+            f.write_all(data)?;
+            fs::rename(&tmp, path)
+        };
+        if write().is_err() {
             let _ = fs::remove_file(&tmp);
         }
     }
@@ -152,6 +163,7 @@ impl Backend for ReadCache {
 mod tests {
     use super::*;
     use crate::LocalBackend;
+    use std::os::unix::fs::PermissionsExt;
 
     fn named(data: &[u8]) -> String {
         blake3::hash(data).to_hex().to_string()
@@ -181,6 +193,14 @@ mod tests {
         fs::write(&cached, b"garbage").unwrap();
         assert_eq!(cache.read(Kind::Snapshot, &named(&b)).unwrap(), b);
         assert_eq!(cache.hits_and_misses(), (2, 2));
+
+        // Cached copies and the cache's directories are private, whatever the umask
+        // (this process's, 022 or so under cargo test: the old 0644 would show).
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&cached), 0o600);
+        for dir in ["", "index", "snapshots"] {
+            assert_eq!(mode(&d.path().join("cache").join(dir)), 0o700, "cache/{dir}");
+        }
 
         // Another process removes the snapshot: listing drops the cached copy.
         other.remove(Kind::Snapshot, &named(&b)).unwrap();

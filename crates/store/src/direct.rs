@@ -27,9 +27,10 @@ thread_local! {
     static BOUNCE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Creates `path` (which must not exist), writes `data` and makes it durable.
+/// Creates `path` (which must not exist) readable by its owner only, writes `data` and
+/// makes it durable.
 pub fn write_new_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(crate::local::FILE_MODE).open(path)?;
     let direct_len = if data.len() >= DIRECT_MIN { data.len() / ALIGN * ALIGN } else { 0 };
     let done = if direct_len > 0 && write_direct(path, &data[..direct_len])? { direct_len } else { 0 };
     if done == 0 {

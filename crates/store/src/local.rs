@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -25,6 +25,19 @@ fn io_err(path: &Path, source: std::io::Error) -> StoreError {
     StoreError::Io { path: path.to_path_buf(), source }
 }
 
+/// Mode of every directory blockproof creates in a repository (and of missing parents
+/// of a new repository): only its owner may enter it, whatever the umask.
+pub(crate) const DIR_MODE: u32 = 0o700;
+/// Mode of every file blockproof writes in a repository (key slots, packs, manifests,
+/// state, temporary files): only its owner may read it, whatever the umask.
+pub(crate) const FILE_MODE: u32 = 0o600;
+
+/// `create_dir_all` whose new directories are [`DIR_MODE`] (the umask can only take
+/// bits away, never add them).
+pub(crate) fn create_private_dir_all(dir: &Path) -> Result<(), StoreError> {
+    fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir).map_err(|e| io_err(dir, e))
+}
+
 /// The directories `create` makes (`state/` appears with its first document).
 const DIRS: [Kind; 5] = [Kind::Key, Kind::Pack, Kind::Index, Kind::Snapshot, Kind::Lock];
 
@@ -42,16 +55,14 @@ impl LocalBackend {
                     )));
                 }
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?,
+            Err(e) if e.kind() == ErrorKind::NotFound => create_private_dir_all(&root)?,
             Err(e) => return Err(io_err(&root, e)),
         }
         for d in DIRS.iter().map(|k| k.dir()).chain(["tmp"]) {
-            let p = root.join(d);
-            fs::create_dir_all(&p).map_err(|e| io_err(&p, e))?;
+            create_private_dir_all(&root.join(d))?;
         }
         for i in 0..=255u8 {
-            let p = root.join("data").join(format!("{i:02x}"));
-            fs::create_dir_all(&p).map_err(|e| io_err(&p, e))?;
+            create_private_dir_all(&root.join("data").join(format!("{i:02x}")))?;
         }
         sync_dir(&root)?;
         Ok(Self::at(root))
@@ -66,8 +77,7 @@ impl LocalBackend {
                 root.display()
             )));
         }
-        let tmp = root.join("tmp");
-        fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+        create_private_dir_all(&root.join("tmp"))?;
         Ok(Self::at(root))
     }
 
@@ -170,7 +180,14 @@ impl Backend for LocalBackend {
                     return Err(io_err(&path, e));
                 }
                 let parent = path.parent().expect("repository files have a parent directory");
-                fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
+                create_private_dir_all(parent)?;
+                // The new directories' entries must be durable too, up to the root.
+                for dir in parent.ancestors().skip(1) {
+                    sync_dir(dir)?;
+                    if dir == self.root {
+                        break;
+                    }
+                }
                 fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
             }
             sync_dir(path.parent().expect("repository files have a parent directory"))
@@ -277,6 +294,37 @@ mod tests {
         b.write(Kind::Pack, &"cd".repeat(32), b"x").unwrap();
         b.write(Kind::Snapshot, &"ef".repeat(32), b"y").unwrap();
         assert_eq!(b.list(Kind::Pack).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn files_and_directories_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("new/repo");
+        let b = LocalBackend::create(&root).unwrap();
+        b.write(Kind::Config, "config", b"cfg").unwrap();
+        b.write(Kind::Pack, &"ab".repeat(32), &vec![7u8; 2 << 20]).unwrap(); // O_DIRECT path
+        fs::remove_dir(root.join("snapshots")).unwrap();
+        b.write(Kind::Snapshot, &"cd".repeat(32), b"s").unwrap(); // directory made again
+        b.write(Kind::State, "check", b"x").unwrap(); // state/ appears now
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("new")), 0o700, "a missing parent");
+        let mut stack = vec![root.clone()];
+        let (mut files, mut dirs) = (0, 0);
+        while let Some(d) = stack.pop() {
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+            dirs += 1;
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    assert_eq!(mode(&p), 0o600, "{}", p.display());
+                    files += 1;
+                }
+            }
+        }
+        assert_eq!((files, dirs), (4, 1 + 6 + 256 + 1));
     }
 
     #[test]

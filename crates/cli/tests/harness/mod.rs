@@ -215,6 +215,36 @@ impl TestCommand {
         self
     }
 
+    /// Runs the binary with this umask (set in the child between fork and exec).
+    pub fn umask(&mut self, mask: u32) -> &mut Self {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: umask is async-signal-safe, touches no memory and cannot fail.
+        unsafe {
+            self.cmd.pre_exec(move || {
+                libc::umask(mask as libc::mode_t);
+                Ok(())
+            });
+        }
+        self
+    }
+
+    /// Runs the binary with at most `bytes` of address space (`RLIMIT_AS`): a command
+    /// that would read or allocate without bound fails instead of taking the machine.
+    pub fn memory_limit(&mut self, bytes: u64) -> &mut Self {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe and only reads the struct passed to it.
+        unsafe {
+            self.cmd.pre_exec(move || {
+                let limit = libc::rlimit { rlim_cur: bytes as libc::rlim_t, rlim_max: bytes as libc::rlim_t };
+                if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self
+    }
+
     pub fn output(&mut self) -> Output {
         self.cmd.stdin(Stdio::null()).output().expect("run blockproof")
     }
