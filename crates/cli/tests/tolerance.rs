@@ -163,6 +163,11 @@ fn a_damaged_snapshot_file_is_skipped_by_readers_and_stops_gc() {
     assert!(stdout.contains(&ids[1][1][..8]), "{stdout}");
     assert_eq!(hash(&dir.restore("b:latest", "d", "b.out")), hash(&imgs[1]));
     assert_eq!(hash(&dir.restore(&ids[0][0], "d", "a0.out")), blake3::hash(&mixed_image(2 << 20, 10)));
+    // `a:latest` is the latest readable one, and the user is told it may not be the newest.
+    let mut c = dir.repo_cmd("restore");
+    let (_, stderr) = c.args(["a:latest", "--disk", "d", "--to"]).arg(dir.join("a-latest.out")).code(0);
+    assert!(stderr.contains(&format!("a:latest is the latest readable snapshot, {}", &ids[0][0][..8])), "{stderr}");
+    assert_eq!(hash(&dir.join("a-latest.out")), blake3::hash(&mixed_image(2 << 20, 10)));
     let line = dir.repo_cmd("restore").arg(&ids[0][1]).args(["--disk", "d", "--to"]).arg(dir.join("x.img")).code(1).1;
     assert!(line.contains(&ids[0][1]) && line.contains("error"), "{line}");
 

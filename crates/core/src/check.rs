@@ -189,7 +189,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
         backend.list(Kind::Snapshot)?.into_iter().partition(|n| Id::is_file_name(n));
     stray.extend(stray_snapshots.iter().map(|n| format!("{}/{n}", Kind::Snapshot.dir())));
     stray.sort();
-    report.warnings.extend(blockproof_repo::Skipped { stray, damaged: Vec::new() }.warnings());
+    report.warnings.extend(blockproof_repo::Skipped { stray, ..Default::default() }.warnings());
     report.snapshots = names.len() as u64;
     progress.begin("check snapshots", names.len() as u64);
     for name in names {

@@ -270,10 +270,19 @@ impl Repository {
 
     fn resolve(&self, reference: &str, strict: bool) -> Result<(SnapshotInfo, Skipped), RepoError> {
         if let Some(vm) = reference.strip_suffix(":latest") {
-            let scan = self.read_snapshots(strict)?;
-            let damaged = scan.skipped.damaged.len();
-            return match scan.snapshots.into_iter().rev().find(|s| s.snapshot.vm == vm) {
-                Some(s) => Ok((s, scan.skipped)),
+            let SnapshotScan { snapshots, mut skipped } = self.read_snapshots(strict)?;
+            let damaged = skipped.damaged.len();
+            return match snapshots.into_iter().rev().find(|s| s.snapshot.vm == vm) {
+                Some(s) => {
+                    if damaged > 0 {
+                        skipped.notes.push(format!(
+                            "{reference} is the latest readable snapshot, {} of {}: a damaged one may be newer",
+                            s.id.short(),
+                            s.snapshot.time
+                        ));
+                    }
+                    Ok((s, skipped))
+                }
                 // Not the caller's mistake: its snapshots may be among the damaged ones.
                 None if damaged > 0 => Err(RepoError::corrupt(
                     format!("no readable snapshot of vm {vm:?}"),

@@ -27,6 +27,8 @@ pub struct Skipped {
     /// Damaged files: the error naming each (`snapshot 46d8…: content hash … does not
     /// match its name …`).
     pub damaged: Vec<String>,
+    /// What the skipping means for the request (`VM:latest` may not be the newest).
+    pub notes: Vec<String>,
 }
 
 impl Skipped {
@@ -37,9 +39,11 @@ impl Skipped {
     pub fn extend(&mut self, other: Skipped) {
         self.stray.extend(other.stray);
         self.damaged.extend(other.damaged);
+        self.notes.extend(other.notes);
     }
 
-    /// What to tell the user: one line listing every stray file, one line per damaged file.
+    /// What to tell the user: one line listing every stray file, one line per damaged file,
+    /// then the notes.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         if !self.stray.is_empty() {
@@ -52,6 +56,7 @@ impl Skipped {
             ));
         }
         out.extend(self.damaged.iter().map(|d| format!("skipping damaged {d}")));
+        out.extend(self.notes.iter().cloned());
         out
     }
 }
@@ -161,6 +166,8 @@ mod tests {
         assert!(warnings[0].starts_with("skipping damaged snapshot ") && warnings[0].contains(&new.to_hex()));
         let (info, skipped) = repo.resolve_snapshot_for_reading("vm:latest").unwrap();
         assert_eq!((info.id, skipped.damaged.len()), (old, 1));
+        let last = skipped.warnings().pop().unwrap();
+        assert!(last.contains("vm:latest") && last.contains(&old.to_hex()[..8]), "{last}");
         let (_, skipped) = BlobIndex::scan(&repo, &Default::default()).unwrap();
         assert!(skipped.damaged[0].contains(&index.to_hex()), "{skipped:?}");
         assert!(repo.snapshots().unwrap_err().is_damage());
