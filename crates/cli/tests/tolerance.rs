@@ -264,13 +264,19 @@ fn read_only(dir: &Dir, sub: &str, args: &[&str]) -> Option<std::process::Output
 
 /// On a read-only repository (here a read-only bind mount, even without `tmp/`):
 /// `check --read-data` reads and verifies every pack, reports the result and warns that
-/// the rotation state could not be saved; `snapshots`, `status`, `check` and `restore`
-/// work.
+/// the rotation state could not be saved; `snapshots`, `status`, `check`, `restore`, `ls`
+/// and `cat` work.
 #[test]
 fn a_read_only_repository_can_be_read_and_data_checked() {
     let dir = Dir::new();
     dir.init();
-    let img = dir.image("d.img", 3 << 20, 30);
+    // An ext4 disk (made by mkfs.ext4 from a directory) holding one file.
+    let content = dir.join("content");
+    fs::create_dir(&content).unwrap();
+    fs::write(content.join("hello.txt"), b"read-only repositories can be read\n").unwrap();
+    let img = dir.join("d.img");
+    let mkfs = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&content).arg(&img).arg("8M").status().unwrap();
+    assert!(mkfs.success());
     let id = snap_id(&dir.backup("vm", &[("d", &img)]));
     fs::remove_dir(dir.repo().join("tmp")).unwrap();
 
@@ -294,6 +300,15 @@ fn a_read_only_repository_can_be_read_and_data_checked() {
         let out = read_only(&dir, sub, &args).unwrap();
         assert!(out.status.success(), "{sub}: {}", String::from_utf8_lossy(&out.stderr));
     }
+    let out = read_only(&dir, "ls", &[&id, "--disk", "d", "/"]).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("hello.txt"),
+        "ls: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = read_only(&dir, "cat", &[&id, "--disk", "d", "/hello.txt"]).unwrap();
+    assert_eq!(out.stdout, b"read-only repositories can be read\n");
     let to = dir.join("restored.img");
     let out = read_only(&dir, "restore", &[&id, "--disk", "d", "--to", to.to_str().unwrap()]).unwrap();
     assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
