@@ -10,7 +10,11 @@ use crate::{exit, progress, Usage};
 
 pub fn status(a: VmArgs) -> Result<u8> {
     let repo = open_repo(&a.repo)?;
-    let vms = blockproof_core::status(&repo, a.vm.as_deref())?;
+    let report = blockproof_core::status(&repo, a.vm.as_deref())?;
+    for w in &report.warnings {
+        eprintln!("blockproof: warning: {w}");
+    }
+    let vms = report.vms;
     if a.json {
         print_json(&vms)?;
         return Ok(exit::OK);

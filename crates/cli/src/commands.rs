@@ -6,7 +6,7 @@ use blockproof_core::{BackupOptions, Budget, CheckOptions, OnMismatch, RestoreFo
 use blockproof_format::config::ZSTD_LEVELS;
 use blockproof_format::SnapshotStatus;
 use blockproof_format::{Codec, KdfParams};
-use blockproof_repo::{InitOptions, Repository};
+use blockproof_repo::{BlobIndex, InitOptions, Repository, Skipped, SnapshotInfo};
 use serde::Serialize;
 
 use crate::args::{BackupArgs, CheckArgs, Cli, Command, InitArgs, RepoArgs, RestoreArgs, VmArgs};
@@ -44,6 +44,27 @@ pub fn open_repo(args: &RepoArgs) -> Result<Repository> {
     let backend = crate::location::backend(&args.repo, &args.store, false)?;
     let pw = password::password(args.password_file.as_deref(), false)?;
     Ok(Repository::open(backend, &pw)?)
+}
+
+/// Prints the warnings for files a tolerant read skipped (stray and damaged files).
+pub fn warn_skipped(skipped: &Skipped) {
+    for w in skipped.warnings() {
+        eprintln!("blockproof: warning: {w}");
+    }
+}
+
+/// Resolves a snapshot for reading it, warning about the snapshot files skipped.
+pub fn resolve_for_reading(repo: &Repository, reference: &str) -> Result<SnapshotInfo> {
+    let (info, skipped) = repo.resolve_snapshot_for_reading(reference)?;
+    warn_skipped(&skipped);
+    Ok(info)
+}
+
+/// The blob index for reading, warning about the index files skipped.
+pub fn index_for_reading(repo: &Repository) -> Result<BlobIndex> {
+    let (index, skipped) = BlobIndex::scan(repo, &Default::default())?;
+    warn_skipped(&skipped);
+    Ok(index)
 }
 
 /// `1.5 GiB`-style sizes for people.
@@ -234,7 +255,9 @@ struct SnapshotDisk<'a> {
 
 fn snapshots(a: VmArgs) -> Result<u8> {
     let repo = open_repo(&a.repo)?;
-    let all = repo.snapshots()?;
+    let scan = repo.scan_snapshots()?;
+    warn_skipped(&scan.skipped);
+    let all = scan.snapshots;
     let rows: Vec<SnapshotRow> = all
         .iter()
         .filter(|s| a.vm.as_ref().is_none_or(|vm| &s.snapshot.vm == vm))

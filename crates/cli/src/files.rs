@@ -169,7 +169,7 @@ pub fn open_disk(source: &DiskSource, snapshot: Option<&str>) -> Result<Box<dyn 
     // The repository, its index and the reader live as long as this command: they are
     // leaked on purpose, so the disk reader can be a plain 'static value.
     let repo: &'static Repository = Box::leak(Box::new(open_repo(&args)?));
-    let info = repo.resolve_snapshot(snapshot)?;
+    let info = crate::commands::resolve_for_reading(repo, snapshot)?;
     let entry = info.snapshot.disk(disk).cloned().ok_or_else(|| {
         let ids: Vec<_> = info.snapshot.disks.iter().map(|d| d.id.as_str()).collect();
         Usage(format!("snapshot {} has no disk {disk:?} (it has: {})", info.id.short(), ids.join(", ")))
@@ -181,7 +181,7 @@ pub fn open_disk(source: &DiskSource, snapshot: Option<&str>) -> Result<Box<dyn 
             entry.mismatches.len()
         );
     }
-    let index: &'static BlobIndex = Box::leak(Box::new(BlobIndex::load(repo)?));
+    let index: &'static BlobIndex = Box::leak(Box::new(crate::commands::index_for_reading(repo)?));
     let reader: &'static BlobReader<'static> = Box::leak(Box::new(BlobReader::new(repo, index)));
     Ok(Box::new(SnapshotDisk(DiskImage::new(reader, &entry, DEFAULT_CACHE_BYTES)?)))
 }

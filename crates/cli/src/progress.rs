@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::sync::Mutex;
 
-use blockproof_core::{NoProgress, Progress};
+use blockproof_core::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// An indicatif bar per phase.
@@ -34,6 +34,29 @@ impl Progress for Bar {
             b.finish_and_clear();
         }
     }
+
+    fn warn(&self, message: &str) {
+        match self.bar.lock().expect("bar lock").as_ref() {
+            Some(b) => b.suspend(|| warn(message)),
+            None => warn(message),
+        }
+    }
+}
+
+fn warn(message: &str) {
+    eprintln!("blockproof: warning: {message}");
+}
+
+/// No bars (stderr is not a terminal), but warnings still shown.
+pub struct Plain;
+
+impl Progress for Plain {
+    fn begin(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn end(&self) {}
+    fn warn(&self, message: &str) {
+        warn(message);
+    }
 }
 
 /// A progress reporter fit for where stderr goes.
@@ -41,6 +64,6 @@ pub fn for_stderr() -> Box<dyn Progress> {
     if std::io::stderr().is_terminal() {
         Box::new(Bar { bar: Mutex::new(None) })
     } else {
-        Box::new(NoProgress)
+        Box::new(Plain)
     }
 }

@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use blockproof_core::image::DEFAULT_CACHE_BYTES;
 use blockproof_core::DiskImage;
 use blockproof_nbd::{Export, Exports};
-use blockproof_repo::{BlobIndex, BlobReader};
+use blockproof_repo::BlobReader;
 
 use crate::args::ServeArgs;
 use crate::commands::open_repo;
@@ -61,7 +61,7 @@ pub fn serve_nbd(a: ServeArgs) -> Result<u8> {
         Some(m) => m.checked_mul(1 << 20).ok_or_else(|| Usage(format!("--cache-mib {m} is too large")))?,
     };
     let repo = open_repo(&a.repo)?;
-    let info = repo.resolve_snapshot(&a.snapshot)?;
+    let info = crate::commands::resolve_for_reading(&repo, &a.snapshot)?;
     if let Some(want) = &a.disk {
         if info.snapshot.disk(want).is_none() {
             let ids: Vec<_> = info.snapshot.disks.iter().map(|d| d.id.as_str()).collect();
@@ -69,7 +69,7 @@ pub fn serve_nbd(a: ServeArgs) -> Result<u8> {
             return Err(Usage(msg).into());
         }
     }
-    let index = BlobIndex::load(&repo)?;
+    let index = crate::commands::index_for_reading(&repo)?;
     let reader = BlobReader::new(&repo, &index);
     let mut exports: Exports<'_> = Vec::new();
     for d in &info.snapshot.disks {

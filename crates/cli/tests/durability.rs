@@ -132,7 +132,10 @@ fn sigkill_while_packs_are_written_leaves_no_torn_file() {
         let report = dir.repo_cmd("check").args(["--read-data", "--json"]).json();
         assert_eq!(report["ok"], true, "round {round}: {report}");
         for w in report["warnings"].as_array().unwrap() {
-            assert!(w.as_str().unwrap().contains("not in any index"), "round {round}: unexpected warning {w}");
+            assert!(
+                w.as_str().unwrap().contains("not listed by any index file"),
+                "round {round}: unexpected warning {w}"
+            );
         }
         let out = dir.restore(&first_id, "d", "first.img");
         assert_eq!(hash(&out), first_hash, "round {round}: the first snapshot restores bit-exact");

@@ -16,7 +16,9 @@ use std::time::{Instant, SystemTime};
 use blockproof_format::manifest::{ByteRange, Coverage, DiskStats, ReadMode};
 use blockproof_format::tree::{chunk_count, DEFAULT_FANOUT};
 use blockproof_format::{DiskEntry, Id, Snapshot, SnapshotStatus};
-use blockproof_repo::{BlobIndex, BlobReader, Lock, LockKind, Repository, SealedBlob, SnapshotInfo, TreeReader};
+use blockproof_repo::{
+    BlobIndex, BlobReader, Lock, LockKind, Repository, SealedBlob, SnapshotInfo, SnapshotScan, TreeReader,
+};
 use blockproof_source::{AfterCommit, BlockSource, Changes, DiskSpec, OpenedDisk, ParentCbt, SourceError};
 use crossbeam_channel::Sender;
 use serde::Serialize;
@@ -156,9 +158,21 @@ fn validate_name(kind: &str, name: &str) -> Result<(), CoreError> {
 }
 
 /// Why a disk must be read in full although its change source reported changes.
-fn full_read_reason(full: bool, parent: Option<&SnapshotInfo>, disk_id: &str, size: u64, cs: u32) -> Option<String> {
+/// `damage`: why the repository's snapshots or index cannot be trusted to hold the true
+/// parent and its chunks (a damaged snapshot or index file was skipped).
+fn full_read_reason(
+    full: bool,
+    damage: Option<&str>,
+    parent: Option<&SnapshotInfo>,
+    disk_id: &str,
+    size: u64,
+    cs: u32,
+) -> Option<String> {
     if full {
         return Some("--full was given".into());
+    }
+    if let Some(why) = damage {
+        return Some(why.to_string());
     }
     let Some(p) = parent else {
         return Some(format!("no earlier restore point of disk {disk_id}"));
@@ -205,6 +219,7 @@ fn prepare<'a>(
     input: DiskInput,
     vm: &str,
     snapshots: &'a [SnapshotInfo],
+    damage: Option<&str>,
     opts: &BackupOptions,
     chunk_size: u32,
 ) -> Result<Prepared<'a>, CoreError> {
@@ -219,7 +234,7 @@ fn prepare<'a>(
     let zero = opened.source.zero_ranges()?;
     let (changed, full_reason) = match &opened.changes {
         Changes::All { reason } => (None, Some(reason.clone())),
-        Changes::Ranges(r) => match full_read_reason(opts.full, parent, &input.id, size, chunk_size) {
+        Changes::Ranges(r) => match full_read_reason(opts.full, damage, parent, &input.id, size, chunk_size) {
             Some(reason) => (None, Some(reason)),
             None => (Some(r.as_slice()), None),
         },
@@ -538,8 +553,20 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
     // already plans to delete are left out of deduplication (stored again if needed).
     let lock = repo.lock(LockKind::Shared, &format!("backup of vm {}", opts.vm))?;
     let planned = crate::gc::planned_packs(repo)?;
-    let snapshots = repo.snapshots()?;
-    let index = BlobIndex::load_excluding(repo, &planned)?;
+    // Stray and damaged snapshot and index files are skipped with a warning. With damage,
+    // every disk is read in full: the skipped snapshot may have been a disk's true parent
+    // (a change list is relative to it), and a skipped index file's blobs are unknown, so
+    // nothing is inherited and whatever it listed is stored again.
+    let SnapshotScan { snapshots, mut skipped } = repo.scan_snapshots()?;
+    let (index, index_skipped) = BlobIndex::scan(repo, &planned)?;
+    skipped.extend(index_skipped);
+    let damage = (!skipped.damaged.is_empty()).then(|| {
+        format!(
+            "{} damaged snapshot or index file(s) skipped (see the warnings): the parent or its chunks may be \
+             missing, so nothing is inherited",
+            skipped.damaged.len()
+        )
+    });
     let dedup = Dedup::new(&index);
     let reader = BlobReader::new(repo, &index);
     let chunk_size = repo.config().chunk_size;
@@ -548,10 +575,17 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
     let inputs = std::mem::take(&mut opts.disks);
     let mut prepared = Vec::new();
     for input in inputs {
-        prepared.push(prepare(input, &opts.vm, &snapshots, &opts, chunk_size)?);
+        prepared.push(prepare(input, &opts.vm, &snapshots, damage.as_deref(), &opts, chunk_size)?);
     }
-    let mut ctx =
-        Ctx { repo, reader: &reader, dedup: &dedup, snapshots: &snapshots, progress, chunk_size, warnings: vec![] };
+    let mut ctx = Ctx {
+        repo,
+        reader: &reader,
+        dedup: &dedup,
+        snapshots: &snapshots,
+        progress,
+        chunk_size,
+        warnings: skipped.warnings(),
+    };
 
     let (outcomes, stats) =
         with_pack_writer(repo, |tx| prepared.iter_mut().map(|d| ctx.disk(d, tx)).collect::<Result<Vec<_>, _>>())?;

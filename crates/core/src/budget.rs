@@ -2,7 +2,9 @@
 //! `--verify BUDGET` once verification lands).
 //!
 //! Syntax: `10%` | `2GiB` | `500ios` | `30s` | `all` | `none`, or several joined by
-//! commas; when several limits are given the smallest wins.
+//! commas; when several limits are given the smallest wins. A limit of zero (`0%`, `0`,
+//! `0ios`, `0s`, ...) is refused: nothing at all is written `none`, so that a typo or a
+//! templating accident never turns verification off without a word.
 
 use std::time::Duration;
 
@@ -46,6 +48,7 @@ impl Budget {
         for part in s.split(',') {
             let p = part.trim().to_ascii_lowercase();
             let bad = || format!("invalid budget {part:?}: use 10%, 2GiB, 500ios, 30s, all or none");
+            let zero = || format!("budget {:?} is zero: write none to read nothing", part.trim());
             if p == "all" {
                 continue;
             } else if p == "none" {
@@ -55,14 +58,26 @@ impl Budget {
                 if !(0.0..=100.0).contains(&v) {
                     return Err(format!("invalid budget {part:?}: a percentage must be between 0 and 100"));
                 }
+                if v == 0.0 {
+                    return Err(zero());
+                }
                 b.fraction = Some(b.fraction.map_or(v / 100.0, |f: f64| f.min(v / 100.0)));
             } else if let Some(n) = p.strip_suffix("ios") {
                 let v: u64 = n.trim().parse().map_err(|_| bad())?;
+                if v == 0 {
+                    return Err(zero());
+                }
                 b.ios = Some(b.ios.map_or(v, |x| x.min(v)));
             } else if let Some(v) = parse_duration(&p) {
+                if v.is_zero() {
+                    return Err(zero());
+                }
                 b.time = Some(b.time.map_or(v, |x| x.min(v)));
             } else {
                 let v = parse_size(&p).ok_or_else(bad)?;
+                if v == 0 {
+                    return Err(zero());
+                }
                 b.bytes = Some(b.bytes.map_or(v, |x| x.min(v)));
             }
         }
@@ -132,6 +147,17 @@ mod tests {
     fn rejects_nonsense() {
         for bad in ["", "abc", "150%", "-5%", "10xb", "5ios5", ","] {
             assert!(Budget::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn zero_is_refused_in_favour_of_none() {
+        for zero in ["0%", "0.0%", "0", "0B", "0GiB", "0.1", "0ios", "0s", "0ms", "0m", "10%,0ios", "0s,1GiB"] {
+            let err = Budget::parse(zero).unwrap_err();
+            assert!(err.contains("zero") && err.contains("none"), "{zero}: {err}");
+        }
+        for tiny in ["0.5%", "1", "1ios", "1ms"] {
+            assert!(Budget::parse(tiny).is_ok(), "{tiny}");
         }
     }
 }

@@ -10,8 +10,12 @@
 //! verified first (never verified first, ties at random) until the budget is spent; the
 //! rotation is kept in `state/check` (per pack, the data-check run that last verified
 //! it), so a nightly `--read-data=3%` reads the whole repository every 34 nights. The
-//! state is advisory: lost or unreadable, the rotation starts over with a warning; two
-//! checks at once simply both save theirs (the last one wins — harmless).
+//! state is advisory: lost or unreadable, the rotation starts over with a warning; one
+//! that cannot be saved (a read-only repository) is a warning after the data was
+//! checked; two checks at once simply both save theirs (the last one wins — harmless).
+//!
+//! Stray files (names that are not object names of their directory, `index/.DS_Store`)
+//! are warnings; damaged key slots, index files and snapshot files are errors.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
@@ -53,7 +57,9 @@ pub struct ReadDataReport {
 }
 
 /// The rotation of data checks (`state/check`): per pack, the run that last verified it.
+/// Both fields are required and no other is accepted (an unreadable state starts over).
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CheckState {
     run: u64,
     packs: BTreeMap<String, u64>,
@@ -102,10 +108,34 @@ pub struct CheckReport {
 pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) -> Result<CheckReport, CoreError> {
     let mut report = CheckReport::default();
     let backend = repo.backend();
+    // Files whose names are not object names of their directory: warnings, listed once.
+    let mut stray = Vec::new();
+
+    // Key slots: each must still hash to its name (one opened this session; a damaged
+    // other one is a password that no longer opens the repository).
+    for name in backend.list(Kind::Key)? {
+        if !Id::is_file_name(&name) {
+            stray.push(format!("{}/{name}", Kind::Key.dir()));
+            continue;
+        }
+        match backend.read(Kind::Key, &name) {
+            Ok(bytes) => {
+                if let Err(d) = check_name(&name, &bytes) {
+                    report.errors.push(format!("key slot {name} is damaged: {d}"));
+                }
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => report.errors.push(format!("key slot {name}: {e}")),
+        }
+    }
 
     // Index files.
     let mut index = BlobIndex::default();
     for name in backend.list(Kind::Index)? {
+        if !Id::is_file_name(&name) {
+            stray.push(format!("{}/{name}", Kind::Index.dir()));
+            continue;
+        }
         match repo.read_index_file(&name) {
             Ok(file) => index.add_file(name, &file),
             // Replaced by a gc running at the same time: its successor is listed too.
@@ -117,8 +147,10 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     report.blobs = index.len() as u64;
 
     // Packs: every indexed pack exists and is long enough for its blobs.
-    let stored: HashMap<String, u64> = backend
-        .list(Kind::Pack)?
+    let (packs, stray_packs): (Vec<String>, Vec<String>) =
+        backend.list(Kind::Pack)?.into_iter().partition(|n| Id::is_file_name(n));
+    stray.extend(stray_packs.iter().map(|n| format!("{}/*/{n}", Kind::Pack.dir())));
+    let stored: HashMap<String, u64> = packs
         .into_iter()
         .map(|n| {
             let size = backend.size(Kind::Pack, &n).unwrap_or(0);
@@ -141,16 +173,23 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     }
     let indexed: HashSet<String> = index.packs().iter().map(Id::to_hex).collect();
     for name in stored.keys().filter(|n| !indexed.contains(*n)) {
-        report
-            .warnings
-            .push(format!("pack {name} is not in any index (left by an interrupted backup; no snapshot uses it)"));
+        // Not necessarily harmless: if its index file was lost, the snapshots that need
+        // its blobs are reported below as missing chunks.
+        report.warnings.push(format!(
+            "pack {name} is not listed by any index file (left by an interrupted backup, or its index file \
+             was lost; re-indexing such packs is planned)"
+        ));
     }
     report.packs = stored.len() as u64;
 
     // Snapshots and their trees.
     let reader = BlobReader::new(repo, &index);
     let mut referenced: HashSet<Id> = HashSet::new();
-    let names = backend.list(Kind::Snapshot)?;
+    let (names, stray_snapshots): (Vec<String>, Vec<String>) =
+        backend.list(Kind::Snapshot)?.into_iter().partition(|n| Id::is_file_name(n));
+    stray.extend(stray_snapshots.iter().map(|n| format!("{}/{n}", Kind::Snapshot.dir())));
+    stray.sort();
+    report.warnings.extend(blockproof_repo::Skipped { stray, ..Default::default() }.warnings());
     report.snapshots = names.len() as u64;
     progress.begin("check snapshots", names.len() as u64);
     for name in names {
@@ -187,8 +226,14 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     if let Some(budget) = &opts.read_data {
         let mut state = CheckState::load(repo, &mut report.warnings);
         let r = read_data(repo, &index, &stored, budget, &mut state, &mut report.errors, progress);
+        // The rotation is advisory: on a read-only repository the data is still checked.
         if !budget.nothing {
-            state.save(repo)?;
+            if let Err(e) = state.save(repo) {
+                report.warnings.push(format!(
+                    "the data-check rotation state could not be saved ({e}): the next check --read-data will \
+                     not know which packs this one verified"
+                ));
+            }
         }
         report.read_data = Some(r);
     }
@@ -350,4 +395,18 @@ fn read_data(
         k => n.div_ceil(k),
     };
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rotation_state_is_read_strictly() {
+        let ok: CheckState = serde_json::from_str(r#"{"run":3,"packs":{"ab":2}}"#).unwrap();
+        assert_eq!((ok.run, ok.packs.len()), (3, 1));
+        for bad in [r#"{"run":3,"packs":{},"extra":1}"#, r#"{"run":3}"#, r#"{"packs":{}}"#] {
+            assert!(serde_json::from_str::<CheckState>(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -65,6 +65,7 @@ pub struct ForgetReport {
 
 /// The marker of a protected snapshot (`state/protect-<id>`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Protection {
     snapshot: Id,
     time: String,
@@ -193,7 +194,6 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport, C
     }
     let _lock = if opts.dry_run { None } else { Some(repo.lock(LockKind::Shared, "forget")?) };
     let protected = protected(repo)?;
-    let all = repo.snapshots()?;
     let mut kept = Vec::new();
     let mut removed = Vec::new();
     if !opts.snapshots.is_empty() {
@@ -213,6 +213,8 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport, C
             }
         }
     } else {
+        // A policy needs every snapshot: a damaged or stray snapshot file is an error.
+        let all = repo.snapshots()?;
         let mut vms: Vec<&str> = all.iter().map(|s| s.snapshot.vm.as_str()).collect();
         vms.dedup();
         vms.sort_unstable();

@@ -88,8 +88,9 @@ pub struct GcReport {
 /// Temporary files older than this belong to writers that died.
 pub const TEMP_AGE: Duration = Duration::from_secs(3600);
 
-/// A deletion plan (`state/gc-plan-<random>`).
+/// A deletion plan (`state/gc-plan-<random>`), read strictly (FORMAT §15a).
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Plan {
     created: u64,
     host: String,

@@ -35,7 +35,9 @@
 //!
 //! A range past the end of the disk is [`CoreError::Invalid`]. Anything wrong with stored
 //! data — a blob that fails authentication or its hash, a chunk of the wrong length, a
-//! damaged index page — is [`CoreError::DamagedRange`] naming the disk bytes affected. No
+//! damaged index page — is [`CoreError::DamagedRange`] naming the disk bytes affected
+//! (for an index page, every byte it locates), or [`CoreError::DamagedIndex`] when the
+//! root of the disk's index is damaged and no byte can be located. No
 //! method returns unverified bytes, and none panics on repository content.
 
 use std::collections::{BTreeMap, HashMap};
@@ -168,9 +170,16 @@ impl<'a> DiskImage<'a> {
         if let Some(ids) = cached {
             return Ok(ids);
         }
-        let fanout = u64::from(self.entry.index_fanout);
-        let ids = lock(&self.tree).leaf(page).map(|ids| Arc::new(ids.to_vec()));
-        let ids = ids.map_err(|e| self.damaged(page * fanout, fanout, e))?;
+        let ids = {
+            let mut tree = lock(&self.tree);
+            match tree.leaf(page) {
+                Ok(ids) => Arc::new(ids.to_vec()),
+                Err(e) => {
+                    let span = tree.unreadable_span(page);
+                    return Err(crate::index_damage(&self.entry, span, e));
+                }
+            }
+        };
         lock(&self.leaves).put(page, ids.clone(), 1);
         Ok(ids)
     }

@@ -49,7 +49,7 @@ pub use gc::{gc, GcOptions, GcReport};
 pub use image::DiskImage;
 pub use restore::{restore, RestoreFormat, RestoreOptions, RestoreReport};
 pub use stats::{stats, RepoStats};
-pub use status::{status, DiskStatus, VmStatus};
+pub use status::{status, DiskStatus, StatusReport, VmStatus};
 
 use std::path::PathBuf;
 
@@ -71,6 +71,10 @@ pub enum CoreError {
     /// Stored data failed verification during a restore; names the disk range.
     #[error("disk {disk}: bytes {offset}..{end} cannot be restored: {cause}")]
     DamagedRange { disk: String, offset: u64, end: u64, cause: RepoError },
+    /// The root page of a disk's index (its list of chunks) cannot be read: no byte of the
+    /// disk can be located.
+    #[error("disk {disk}: the root of its index cannot be read, so the whole disk cannot be restored: {cause}")]
+    DamagedIndex { disk: String, cause: RepoError },
     #[error("the pack writer stopped unexpectedly")]
     WriterGone,
     /// The operation refused to start because going on would be unsafe (the message
@@ -120,6 +124,11 @@ pub trait Progress: Send + Sync {
     fn begin(&self, what: &str, total: u64);
     fn advance(&self, amount: u64);
     fn end(&self);
+    /// Something the user should know that does not stop the operation (a damaged file
+    /// skipped, ...). Shown at once, so that it is seen even if the operation fails later.
+    fn warn(&self, message: &str) {
+        let _ = message;
+    }
 }
 
 /// A [`Progress`] that shows nothing.
@@ -129,6 +138,25 @@ impl Progress for NoProgress {
     fn begin(&self, _: &str, _: u64) {}
     fn advance(&self, _: u64) {}
     fn end(&self) {}
+}
+
+/// The error for an index page of `disk` that cannot be read, covering what it hides:
+/// the whole disk for the root, else the byte range of the chunks under the page.
+pub(crate) fn index_damage(
+    disk: &blockproof_format::DiskEntry,
+    span: blockproof_repo::PageSpan,
+    cause: RepoError,
+) -> CoreError {
+    if span.root {
+        return CoreError::DamagedIndex { disk: disk.id.clone(), cause };
+    }
+    let cs = u64::from(disk.chunk_size);
+    CoreError::DamagedRange {
+        disk: disk.id.clone(),
+        offset: span.chunks.start.saturating_mul(cs).min(disk.size),
+        end: span.chunks.end.saturating_mul(cs).min(disk.size),
+        cause,
+    }
 }
 
 /// This machine's host name, for snapshot manifests.

@@ -1,5 +1,6 @@
 //! Restore: write one disk of a snapshot to a sparse raw file or a block device.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
@@ -153,9 +154,11 @@ impl Target {
     }
 }
 
-/// Restores one disk of a snapshot.
+/// Restores one disk of a snapshot. Stray and damaged snapshot and index files are
+/// skipped with a warning (through `progress`); a chunk whose blob only a damaged index
+/// file listed then fails as a damaged range.
 pub fn restore(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progress) -> Result<RestoreReport, CoreError> {
-    let info = repo.resolve_snapshot(&opts.snapshot)?;
+    let (info, mut skipped) = repo.resolve_snapshot_for_reading(&opts.snapshot)?;
     let disk = info.snapshot.disk(&opts.disk).ok_or_else(|| {
         let ids: Vec<_> = info.snapshot.disks.iter().map(|d| d.id.as_str()).collect();
         CoreError::Invalid(format!(
@@ -176,9 +179,14 @@ pub fn restore(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progress
         None => (0, disk.size),
     };
     if opts.format == RestoreFormat::Qcow2 {
+        // The raw restore it runs first gives the warnings.
         return restore_qcow2(repo, opts, progress);
     }
-    let index = BlobIndex::load(repo)?;
+    let (index, index_skipped) = BlobIndex::scan(repo, &HashSet::new())?;
+    skipped.extend(index_skipped);
+    for w in skipped.warnings() {
+        progress.warn(&w);
+    }
     let target = Target::open(&opts.target, disk.size, opts.force)?;
     let is_device = matches!(target, Target::Device { .. });
     progress.begin(&format!("restore {}", disk.id), range.1);
@@ -369,7 +377,10 @@ fn write_chunks(
         let batch_len = ((4u64 << 20) / cs).max(1) as usize;
         let mut batch = Vec::with_capacity(batch_len);
         for page in first / fanout..last.div_ceil(fanout).min(tree.leaf_pages()) {
-            let ids = tree.leaf(page).map_err(|e| range_err(page * fanout, e))?.to_vec();
+            let ids = match tree.leaf(page) {
+                Ok(ids) => ids.to_vec(),
+                Err(e) => return Err(crate::index_damage(disk, tree.unreadable_span(page), e)),
+            };
             for (k, id) in ids.into_iter().enumerate() {
                 let i = page * fanout + k as u64;
                 if i < first || i >= last {

@@ -36,9 +36,21 @@ pub struct VmStatus {
     pub disks: Vec<DiskStatus>,
 }
 
-/// The status of every vm (or of `vm`), by name.
-pub fn status(repo: &Repository, vm: Option<&str>) -> Result<Vec<VmStatus>, CoreError> {
-    let snapshots = repo.snapshots()?;
+/// The status of every vm (or of `vm`), by name, from the readable snapshots.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusReport {
+    pub vms: Vec<VmStatus>,
+    /// Stray and damaged snapshot files skipped: a vm's latest readable snapshot may not
+    /// be its newest.
+    pub warnings: Vec<String>,
+}
+
+/// The status of every vm (or of `vm`), by name. Stray and damaged snapshot files are
+/// skipped, with a warning each.
+pub fn status(repo: &Repository, vm: Option<&str>) -> Result<StatusReport, CoreError> {
+    let scan = repo.scan_snapshots()?;
+    let warnings = scan.skipped.warnings();
+    let snapshots = scan.snapshots;
     let mut vms: Vec<&str> =
         snapshots.iter().map(|s| s.snapshot.vm.as_str()).filter(|v| vm.is_none_or(|w| w == *v)).collect();
     vms.sort_unstable();
@@ -86,5 +98,5 @@ pub fn status(repo: &Repository, vm: Option<&str>) -> Result<Vec<VmStatus>, Core
             disks,
         });
     }
-    Ok(out)
+    Ok(StatusReport { vms: out, warnings })
 }

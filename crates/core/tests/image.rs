@@ -234,3 +234,67 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Flips a byte inside the sealed bytes of blob `id`.
+fn damage_blob(f: &Fixture, id: &blockproof_format::Id) {
+    let index = BlobIndex::load(&f.repo).unwrap();
+    let (pack, entry) = index.get(id).unwrap();
+    let hex = pack.to_hex();
+    let path = f._dir.path().join("repo").join("data").join(&hex[..2]).join(&hex);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(entry.offset + u64::from(entry.length) / 2) as usize] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+}
+
+/// The ids of the root page of the disk's index.
+fn root_page(f: &Fixture) -> (blockproof_format::Id, Vec<blockproof_format::Id>) {
+    let index = BlobIndex::load(&f.repo).unwrap();
+    let reader = BlobReader::new(&f.repo, &index);
+    let root = f.repo.resolve_snapshot("vm:latest").unwrap().snapshot.disk("d").unwrap().index_root;
+    let page = reader.read(&root, blockproof_format::BlobKind::Tree).unwrap();
+    (root, page.chunks(32).map(|c| blockproof_format::Id(c.try_into().unwrap())).collect())
+}
+
+fn restore_error(f: &Fixture) -> String {
+    let target = f._dir.path().join("restored.img");
+    let opts = blockproof_core::RestoreOptions {
+        snapshot: "vm:latest".into(),
+        disk: "d".into(),
+        target: target.clone(),
+        ..Default::default()
+    };
+    let err = blockproof_core::restore(&f.repo, &opts, &NoProgress).unwrap_err().to_string();
+    assert!(!target.exists());
+    err
+}
+
+/// Damage to the root of a disk's index used to be reported as damage to its first
+/// chunk ("bytes 0..4096"): no byte of the disk can be located, and the message says so.
+/// A damaged leaf page names the whole range of chunks it lists, not its first chunk.
+#[test]
+fn a_damaged_index_page_names_what_it_covers() {
+    // 3000 chunks: three leaf pages (1024, 1024, 952 chunks) under one root.
+    let f = fixture(content(3000, 0));
+    let (root, leaves) = root_page(&f);
+    assert_eq!(leaves.len(), 3);
+    damage_blob(&f, &root);
+    let err = restore_error(&f);
+    assert!(err.contains("disk d") && err.contains("index") && err.contains("whole disk"), "{err}");
+    assert!(!err.contains("bytes 0.."), "{err}");
+    with_image(&f, 0, |image| {
+        let err = image.read_at(&mut [0u8; 10], 5 * CS as u64).unwrap_err().to_string();
+        assert!(err.contains("whole disk") && !err.contains("bytes 0.."), "{err}");
+    });
+
+    let f = fixture(content(3000, 0));
+    let (_, leaves) = root_page(&f);
+    damage_blob(&f, &leaves[1]);
+    let page = 1024 * CS as u64;
+    let err = restore_error(&f);
+    assert!(err.contains(&format!("bytes {page}..{}", 2 * page)), "the leaf page's whole range: {err}");
+    with_image(&f, 0, |image| {
+        image.read_at(&mut [0u8; 10], 5 * CS as u64).unwrap();
+        let err = image.read_at(&mut [0u8; 10], page + 5).unwrap_err().to_string();
+        assert!(err.contains(&format!("bytes {page}..{}", 2 * page)), "{err}");
+    });
+}

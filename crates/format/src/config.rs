@@ -41,8 +41,10 @@ pub enum Codec {
 pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
 pub const MAX_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
 
-/// Repository-wide settings, fixed at `init`.
+/// Repository-wide settings, fixed at `init`. Read strictly: an unknown field is an
+/// error, and every field but `compression` is required.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RepoConfig {
     /// Format version of the repository as a whole.
     pub version: u16,
@@ -210,6 +212,25 @@ mod tests {
         assert_eq!(serde_json::to_string(&c).unwrap(), v1, "a version 1 config re-encodes unchanged");
         let v2 = RepoConfig { version: 2, compression: Codec::Lz4, ..c };
         assert!(serde_json::to_string(&v2).unwrap().contains(r#""compression":"lz4""#));
+    }
+
+    #[test]
+    fn settings_are_read_strictly() {
+        let v1 = r#"{"version":1,"chunk_size":65536,"pack_size":16777216,"zstd_level":1,"created":"x"}"#;
+        assert!(serde_json::from_str::<RepoConfig>(v1).is_ok());
+        // An unknown field (here a misspelled `compression`) is an error naming it.
+        let typo = v1.replace(r#""created""#, r#""compresion":"lz4","created""#);
+        let err = serde_json::from_str::<RepoConfig>(&typo).unwrap_err().to_string();
+        assert!(err.contains("unknown field `compresion`"), "{err}");
+        // Every field but `compression` is required.
+        for field in ["version", "chunk_size", "pack_size", "zstd_level", "created"] {
+            let mut j: serde_json::Value = serde_json::from_str(v1).unwrap();
+            j.as_object_mut().unwrap().remove(field);
+            let err = serde_json::from_value::<RepoConfig>(j).unwrap_err().to_string();
+            assert!(err.contains(&format!("missing field `{field}`")), "{err}");
+        }
+        let bad_codec = v1.replace(r#""created""#, r#""compression":"gzip","created""#);
+        assert!(serde_json::from_str::<RepoConfig>(&bad_codec).is_err());
     }
 
     #[test]

@@ -34,6 +34,13 @@ impl Id {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    /// Whether `name` is a valid name for a content-named file (key slot, pack, index
+    /// file, snapshot): exactly 64 lowercase hex digits. Any other name in those
+    /// directories is a stray file, not a blockproof object (docs/FORMAT.md §13).
+    pub fn is_file_name(name: &str) -> bool {
+        name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
 }
 
 impl fmt::Display for Id {
@@ -99,5 +106,15 @@ mod tests {
         let j = serde_json::to_string(&id).unwrap();
         assert_eq!(j, format!("\"{}\"", "01".repeat(32)));
         assert_eq!(serde_json::from_str::<Id>(&j).unwrap(), id);
+    }
+
+    #[test]
+    fn file_names_are_64_lowercase_hex_digits() {
+        assert!(Id::is_file_name(&Id([0xab; 32]).to_hex()));
+        for stray in
+            [".DS_Store", "README", "ab", &"AB".repeat(32), &"ab".repeat(31), &format!("{}.bak", "ab".repeat(32))]
+        {
+            assert!(!Id::is_file_name(stray), "{stray}");
+        }
     }
 }

@@ -3,8 +3,11 @@
 //! A snapshot file is an [`Envelope`](crate::Envelope) with magic `BPSN` whose plaintext
 //! is the JSON of [`Snapshot`]. The snapshot id is the BLAKE3 hash of the file bytes. A
 //! snapshot is written last, after every pack and index file it needs is durable, so a
-//! visible snapshot is always complete. Unknown JSON fields are ignored, so later
-//! versions may add fields without a version bump; removing or re-typing one needs one.
+//! visible snapshot is always complete. The JSON is read strictly: an unknown field, at
+//! any level, is an error naming it (a misspelled or foreign field is never silently
+//! dropped), and every field not marked optional is required. Fields added after the
+//! first release are optional, so manifests written by earlier versions keep reading;
+//! adding a field therefore needs a new format version (docs/FORMAT.md §17).
 
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +34,7 @@ impl SnapshotStatus {
 
 /// A byte range of a disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ByteRange {
     pub offset: u64,
     pub length: u64,
@@ -48,6 +52,7 @@ pub enum ReadMode {
 
 /// Counters recorded with each disk of a snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DiskStats {
     /// Bytes read from the source to back it up.
     pub bytes_read: u64,
@@ -63,6 +68,7 @@ pub struct DiskStats {
 
 /// One disk of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DiskEntry {
     /// The disk's stable identity, never its position.
     pub id: String,
@@ -74,7 +80,9 @@ pub struct DiskEntry {
     pub index_root: Id,
     /// Ids per index page.
     pub index_fanout: u32,
-    /// The snapshot this disk's parent chunk list came from, if any.
+    /// The snapshot this disk's parent chunk list came from, if any. Required (`null`
+    /// when there is none): serde would otherwise read a missing `Option` as `None`.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub parent: Option<Id>,
     /// Where the disk was read from, for the operator's information.
     pub source: String,
@@ -112,6 +120,7 @@ pub struct DiskEntry {
 /// How much of a disk has been confirmed against its source. Field names are part of
 /// the JSON contract (DESIGN.md §5).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Coverage {
     /// Chunks of the disk.
     pub chunks: u64,
@@ -126,6 +135,7 @@ pub struct Coverage {
 
 /// A restore point.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Snapshot {
     pub vm: String,
     /// RFC 3339 time the backup started.
@@ -174,9 +184,8 @@ impl Snapshot {
 mod tests {
     use super::*;
 
-    #[test]
-    fn json_field_names_are_stable() {
-        let s = Snapshot {
+    fn sample() -> Snapshot {
+        Snapshot {
             vm: "web".into(),
             time: "2026-11-22T10:00:00Z".into(),
             hostname: "h".into(),
@@ -203,7 +212,12 @@ mod tests {
             }],
             program: "blockproof 0.1.0".into(),
             copied_from: None,
-        };
+        }
+    }
+
+    #[test]
+    fn json_field_names_are_stable() {
+        let s = sample();
         let j: serde_json::Value = serde_json::from_slice(&s.to_json()).unwrap();
         assert_eq!(j["status"], "ok");
         assert_eq!(j["disks"][0]["mode"], "full");
@@ -219,5 +233,55 @@ mod tests {
             let err = Snapshot::from_json(&bad.to_json()).unwrap_err().to_string();
             assert!(err.contains("disk sda"), "{err}");
         }
+    }
+
+    /// An unknown field at any level is an error naming it; a missing required field too;
+    /// optional fields may be absent (manifests of earlier versions lack them).
+    #[test]
+    fn manifests_are_read_strictly() {
+        let good: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        let decode = |j: &serde_json::Value| Snapshot::from_json(&serde_json::to_vec(j).unwrap());
+        assert!(decode(&good).is_ok());
+        let mut cases: Vec<(serde_json::Value, &str)> = Vec::new();
+        let mut j = good.clone();
+        j["statuss"] = "ok".into();
+        cases.push((j, "unknown field `statuss`"));
+        let mut j = good.clone();
+        j["disks"][0]["index_rot"] = serde_json::Value::String("0".repeat(64));
+        cases.push((j, "unknown field `index_rot`"));
+        let mut j = good.clone();
+        j["disks"][0]["stats"]["bytes_red"] = 1.into();
+        cases.push((j, "unknown field `bytes_red`"));
+        let mut j = good.clone();
+        j["disks"][0]["mismatches"] = serde_json::json!([{"offset": 0, "length": 1, "len": 1}]);
+        cases.push((j, "unknown field `len`"));
+        let mut j = good.clone();
+        j["disks"][0]["coverage"] = serde_json::json!({"chunks": 1, "never_confirmed": 1,
+            "oldest_confirmed_runs_ago": 0, "full_coverage_within_runs": 0, "extra": 0});
+        cases.push((j, "unknown field `extra`"));
+        for field in ["vm", "time", "hostname", "status", "disks", "program"] {
+            let mut j = good.clone();
+            j.as_object_mut().unwrap().remove(field);
+            cases.push((j, Box::leak(format!("missing field `{field}`").into_boxed_str())));
+        }
+        for field in ["id", "size", "chunk_size", "index_root", "index_fanout", "parent", "source", "cbt", "mode"] {
+            let mut j = good.clone();
+            j["disks"][0].as_object_mut().unwrap().remove(field);
+            cases.push((j, Box::leak(format!("missing field `{field}`").into_boxed_str())));
+        }
+        for (j, want) in cases {
+            let err = decode(&j).unwrap_err().to_string();
+            assert!(err.contains("snapshot manifest") && err.contains(want), "{want}: {err}");
+        }
+        // The optional fields, absent: what a manifest of the first release looks like.
+        let mut old = good.clone();
+        old.as_object_mut().unwrap().remove("tags");
+        let disk = old["disks"][0].as_object_mut().unwrap();
+        for field in ["stats", "mismatches", "run", "cbt_state", "full_reason", "confirm_root", "coverage", "next_full"]
+        {
+            disk.remove(field);
+        }
+        let s = decode(&old).unwrap();
+        assert_eq!((s.disks[0].run, s.disks[0].stats.bytes_read), (0, 0));
     }
 }

@@ -1,10 +1,11 @@
 //! The blob index: where every blob lives.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use blockproof_format::{BlobEntry, BlobKind, Id, IndexFile};
 
 use crate::blob::open_blob;
+use crate::scan::{stray_error, Skipped};
 use crate::{RepoError, Repository};
 use blockproof_store::{Kind, StoreError};
 
@@ -33,21 +34,47 @@ pub struct BlobIndex {
 }
 
 impl BlobIndex {
-    /// Loads every index file of the repository. A damaged index file is an error.
+    /// Loads every index file of the repository, strictly: a damaged index file or a stray
+    /// file in `index/` is an error. For garbage collection, which must know every blob
+    /// location to be safe; readers use [`BlobIndex::scan`].
     pub fn load(repo: &Repository) -> Result<Self, RepoError> {
-        Self::load_excluding(repo, &std::collections::HashSet::new())
+        Self::load_excluding(repo, &HashSet::new())
     }
 
-    /// Loads the index without the blobs of `excluded` packs (those garbage collection
-    /// plans to delete: a backup must not deduplicate against them).
-    pub fn load_excluding(repo: &Repository, excluded: &std::collections::HashSet<Id>) -> Result<Self, RepoError> {
+    /// Loads the index strictly without the blobs of `excluded` packs (those garbage
+    /// collection plans to delete: a backup must not deduplicate against them).
+    pub fn load_excluding(repo: &Repository, excluded: &HashSet<Id>) -> Result<Self, RepoError> {
+        Ok(Self::read(repo, excluded, true)?.0)
+    }
+
+    /// Loads the readable index files without the blobs of `excluded` packs, skipping
+    /// stray and damaged files (returned for a warning). What a skipped index file listed
+    /// is then unknown: a backup stores those blobs again, a restore that needs one fails
+    /// on it naming the disk range.
+    pub fn scan(repo: &Repository, excluded: &HashSet<Id>) -> Result<(Self, Skipped), RepoError> {
+        Self::read(repo, excluded, false)
+    }
+
+    fn read(repo: &Repository, excluded: &HashSet<Id>, strict: bool) -> Result<(Self, Skipped), RepoError> {
         let mut idx = BlobIndex::default();
+        let mut skipped = Skipped::default();
         for name in repo.backend().list(Kind::Index)? {
+            if !Id::is_file_name(&name) {
+                if strict {
+                    return Err(stray_error(Kind::Index, &name));
+                }
+                skipped.stray.push(format!("{}/{name}", Kind::Index.dir()));
+                continue;
+            }
             // An index file replaced by garbage collection between listing and reading
             // is skipped: its successor, if listed, holds what is still needed.
             let file = match repo.read_index_file(&name) {
                 Ok(f) => f,
                 Err(RepoError::Store(e)) if e.is_not_found() => continue,
+                Err(e) if !strict && e.is_damage() => {
+                    skipped.damaged.push(e.to_string());
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             for (pack, entries) in file.packs.iter().filter(|(p, _)| !excluded.contains(p)) {
@@ -55,7 +82,8 @@ impl BlobIndex {
             }
             idx.files.push(name);
         }
-        Ok(idx)
+        skipped.stray.sort();
+        Ok((idx, skipped))
     }
 
     /// Adds the blobs of one pack. A blob already known keeps its first location.

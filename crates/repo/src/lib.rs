@@ -26,6 +26,13 @@
 //! - Every blob read is authenticated *and* re-hashed against its id before its bytes
 //!   are returned ([`BlobReader::read`]): wrong bytes are an error, never data.
 //! - Nothing here ever rewrites or deletes an object (that is garbage collection's job).
+//! - One bad file never hides the rest from a reader: stray files (names that are not
+//!   object ids) and damaged snapshot and index files are skipped and listed
+//!   ([`Repository::scan_snapshots`], [`BlobIndex::scan`]); the strict loaders
+//!   ([`Repository::snapshots`], [`BlobIndex::load`]) refuse them, for operations that delete
+//!   ([`scan`]).
+//! - A key slot that no longer hashes to its name is reported as damaged, never as a wrong
+//!   password.
 
 pub mod blob;
 pub mod index;
@@ -33,6 +40,7 @@ pub mod keys;
 pub mod lock;
 pub mod pack_writer;
 pub mod repository;
+pub mod scan;
 pub mod tree;
 
 pub use blob::{BlobCodec, SealedBlob};
@@ -40,7 +48,8 @@ pub use index::{BlobIndex, BlobLocation, BlobReader};
 pub use lock::{Lock, LockFile, LockInfo, LockKind};
 pub use pack_writer::{PackWriter, PackWriterStats};
 pub use repository::{InitOptions, Repository, SnapshotInfo};
-pub use tree::{TreeReader, TreeWriter};
+pub use scan::{Skipped, SnapshotScan};
+pub use tree::{PageSpan, TreeReader, TreeWriter};
 
 use blockproof_crypto::CryptoError;
 use blockproof_format::{FormatError, Id};
@@ -91,6 +100,14 @@ impl RepoError {
     /// invalid request) rather than the repository or the system failing.
     pub fn is_usage(&self) -> bool {
         matches!(self, RepoError::NotFound(_) | RepoError::Invalid(_))
+    }
+
+    /// Whether the error is damage to one stored file — it could not be read, or failed
+    /// its name check, authentication or decoding — rather than the storage failing as a
+    /// whole (a remote store unreachable) or a wrong request. Tolerant readers skip such a
+    /// file with a warning; garbage collection refuses to run.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, RepoError::Corrupt { .. } | RepoError::Store(StoreError::Io { .. }))
     }
 
     pub fn corrupt(what: impl Into<String>, detail: impl std::fmt::Display) -> Self {

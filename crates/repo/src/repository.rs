@@ -12,6 +12,7 @@ use blockproof_store::{Backend, Kind};
 use rand::RngCore;
 
 use crate::pack_writer::seal_index;
+use crate::scan::{stray_error, Skipped, SnapshotScan};
 use crate::RepoError;
 
 /// Settings of a new repository.
@@ -106,19 +107,40 @@ impl Repository {
         })
     }
 
-    /// Opens a repository with a password, trying every key slot.
+    /// Opens a repository with a password, trying every key slot. Key slots are named by
+    /// the hash of their bytes: a slot that no longer matches its name is damaged and is
+    /// not tried. When no slot opens, a damaged slot is reported before "wrong password"
+    /// (the password may well be right: it may have been that slot's). Stray files in
+    /// `keys/` are ignored.
     pub fn open(backend: Box<dyn Backend>, password: &[u8]) -> Result<Self, RepoError> {
         let cfg_bytes = backend.read(Kind::Config, "config")?;
         let (header, sealed) =
             RepoHeader::decode(&cfg_bytes).map_err(|e| RepoError::corrupt("repository config", e))?;
-        let mut slots = backend.list(Kind::Key)?;
+        let mut slots: Vec<String> = backend.list(Kind::Key)?.into_iter().filter(|n| Id::is_file_name(n)).collect();
         slots.sort();
         if slots.is_empty() {
             return Err(RepoError::corrupt("repository", "has no key slots"));
         }
         let mut last_err = RepoError::WrongPassword;
+        let mut damaged: Option<RepoError> = None;
         for name in slots {
-            let bytes = backend.read(Kind::Key, &name)?;
+            let bytes = match backend.read(Kind::Key, &name) {
+                Ok(b) => b,
+                // Removed by `key remove` since the listing.
+                Err(e) if e.is_not_found() => continue,
+                Err(e @ blockproof_store::StoreError::Io { .. }) => {
+                    damaged.get_or_insert(RepoError::corrupt(format!("key slot {name} is unreadable"), e));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Err(detail) = check_name(&name, &bytes) {
+                damaged.get_or_insert(RepoError::corrupt(
+                    format!("key slot {name} is damaged"),
+                    format!("{detail}; it cannot be opened, and no other key slot opens with this password"),
+                ));
+                continue;
+            }
             let slot = match KeySlot::decode(&bytes) {
                 Ok(s) => s,
                 Err(e) => {
@@ -156,7 +178,7 @@ impl Repository {
                 Err(e) => last_err = kdf_err(e),
             }
         }
-        Err(last_err)
+        Err(damaged.unwrap_or(last_err))
     }
 
     pub fn backend(&self) -> &dyn Backend {
@@ -189,6 +211,9 @@ impl Repository {
     /// Reads, authenticates and decodes an index file, checking its name is its hash.
     pub fn read_index_file(&self, name: &str) -> Result<IndexFile, RepoError> {
         let what = || format!("index file {name}");
+        if !Id::is_file_name(name) {
+            return Err(stray_error(Kind::Index, name));
+        }
         let bytes = self.backend.read(Kind::Index, name)?;
         check_name(name, &bytes).map_err(|d| RepoError::corrupt(what(), d))?;
         let (ad, sealed) = Envelope::decode(ObjectMagic::Index, &bytes).map_err(|e| RepoError::corrupt(what(), e))?;
@@ -254,6 +279,9 @@ impl Repository {
     /// Loads one snapshot by its full id.
     pub fn load_snapshot(&self, name: &str) -> Result<SnapshotInfo, RepoError> {
         let what = || format!("snapshot {name}");
+        if !Id::is_file_name(name) {
+            return Err(stray_error(Kind::Snapshot, name));
+        }
         let bytes = self.backend.read(Kind::Snapshot, name)?;
         check_name(name, &bytes).map_err(|d| RepoError::corrupt(what(), d))?;
         let (ad, sealed) =
@@ -264,30 +292,56 @@ impl Repository {
         Ok(SnapshotInfo { id, snapshot })
     }
 
-    /// All snapshots, oldest first (by time, then id). A damaged snapshot is an error; one
-    /// removed (by `forget`) between listing and reading is skipped.
+    /// All snapshots, oldest first (by time, then id), strictly: a damaged snapshot file
+    /// or a stray file in `snapshots/` is an error. For operations that must see every
+    /// snapshot to be safe (garbage collection, forget by policy); readers use
+    /// [`Repository::scan_snapshots`]. A snapshot removed (by `forget`) between listing
+    /// and reading is skipped.
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, RepoError> {
-        let mut out = Vec::new();
-        for name in self.backend.list(Kind::Snapshot)? {
-            match self.load_snapshot(&name) {
-                Ok(s) => out.push(s),
-                Err(RepoError::Store(e)) if e.is_not_found() => {}
-                Err(e) => return Err(e),
-            }
-        }
-        out.sort_by(|a, b| a.snapshot.time.cmp(&b.snapshot.time).then(a.id.cmp(&b.id)));
-        Ok(out)
+        Ok(self.read_snapshots(true)?.snapshots)
+    }
+
+    /// The readable snapshots, oldest first, skipping stray and damaged files (listed in
+    /// [`SnapshotScan::skipped`] for a warning). Storage failures are still errors.
+    pub fn scan_snapshots(&self) -> Result<SnapshotScan, RepoError> {
+        self.read_snapshots(false)
     }
 
     /// Resolves a snapshot reference: a full id, a unique id prefix, or `VM:latest`.
+    /// `VM:latest` is strict (see [`Repository::snapshots`]): for operations that delete.
     pub fn resolve_snapshot(&self, reference: &str) -> Result<SnapshotInfo, RepoError> {
+        Ok(self.resolve(reference, true)?.0)
+    }
+
+    /// Resolves a snapshot reference for reading it (restore, listing files, serving):
+    /// `VM:latest` skips stray and damaged snapshot files and returns them for a warning
+    /// (the latest readable snapshot may then not be the newest).
+    pub fn resolve_snapshot_for_reading(&self, reference: &str) -> Result<(SnapshotInfo, Skipped), RepoError> {
+        self.resolve(reference, false)
+    }
+
+    fn resolve(&self, reference: &str, strict: bool) -> Result<(SnapshotInfo, Skipped), RepoError> {
         if let Some(vm) = reference.strip_suffix(":latest") {
-            return self
-                .snapshots()?
-                .into_iter()
-                .rev()
-                .find(|s| s.snapshot.vm == vm)
-                .ok_or_else(|| RepoError::NotFound(format!("no snapshot of vm {vm:?}")));
+            let SnapshotScan { snapshots, mut skipped } = self.read_snapshots(strict)?;
+            let damaged = skipped.damaged.len();
+            return match snapshots.into_iter().rev().find(|s| s.snapshot.vm == vm) {
+                Some(s) => {
+                    if damaged > 0 {
+                        skipped.notes.push(format!(
+                            "{reference} is the latest readable snapshot, {} of {}: a damaged one may be newer",
+                            s.id.short(),
+                            s.snapshot.time
+                        ));
+                    }
+                    Ok((s, skipped))
+                }
+                // Not the caller's mistake: its snapshots may be among the damaged ones.
+                None if damaged > 0 => Err(RepoError::corrupt(
+                    format!("no readable snapshot of vm {vm:?}"),
+                    format!("{damaged} damaged snapshot file(s) skipped"),
+                )),
+                None => Err(RepoError::NotFound(format!("no snapshot of vm {vm:?}"))),
+            };
         }
         let lower = reference.to_ascii_lowercase();
         if lower.is_empty() || !lower.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -295,10 +349,15 @@ impl Repository {
                 "invalid snapshot reference {reference:?}: use an id, an id prefix or VM:latest"
             )));
         }
-        let names: Vec<String> =
-            self.backend.list(Kind::Snapshot)?.into_iter().filter(|n| n.starts_with(&lower)).collect();
+        // Stray files are never snapshots, whatever their name starts with.
+        let names: Vec<String> = self
+            .backend
+            .list(Kind::Snapshot)?
+            .into_iter()
+            .filter(|n| Id::is_file_name(n) && n.starts_with(&lower))
+            .collect();
         match names.as_slice() {
-            [one] => self.load_snapshot(one),
+            [one] => Ok((self.load_snapshot(one)?, Skipped::default())),
             [] => Err(RepoError::NotFound(format!("no snapshot matches {reference:?}"))),
             _ => Err(RepoError::Invalid(format!(
                 "snapshot prefix {reference:?} is ambiguous ({} matches); give more digits",
@@ -364,6 +423,27 @@ mod tests {
             Err(RepoError::WrongPassword)
         ));
         assert!(Repository::init(Box::new(LocalBackend::open(&root).unwrap()), b"pw", &fast()).is_err());
+    }
+
+    /// Key slots are named by the hash of their bytes: one that no longer matches is
+    /// damaged, reported as such (not as a wrong password) when no other slot opens.
+    #[test]
+    fn a_damaged_key_slot_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("r");
+        let repo = Repository::init(Box::new(LocalBackend::create(&root).unwrap()), b"one", &fast()).unwrap();
+        let first = repo.current_slot().to_string();
+        repo.add_key(b"two", KdfParams::MIN).unwrap();
+        repo.backend().write(Kind::Key, "README", b"not a key slot").unwrap();
+        let open = |pw: &[u8]| Repository::open(Box::new(LocalBackend::open(&root).unwrap()), pw);
+        assert!(open(b"one").is_ok(), "a stray file in keys/ is ignored");
+        let mut bytes = repo.backend().read(Kind::Key, &first).unwrap();
+        bytes[80] ^= 0x01;
+        std::fs::write(root.join("keys").join(&first), &bytes).unwrap();
+        let err = open(b"one").err().unwrap();
+        assert!(matches!(err, RepoError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().starts_with(&format!("key slot {first} is damaged")), "{err}");
+        assert!(open(b"two").is_ok(), "the other slot still opens");
     }
 
     #[test]

@@ -63,6 +63,15 @@ impl TreeWriter {
     }
 }
 
+/// The chunks an unreadable index page hides ([`TreeReader::unreadable_span`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageSpan {
+    /// The page is the root: the whole disk is lost until the page is repaired.
+    pub root: bool,
+    /// The chunks the page lists, directly or through the pages below it.
+    pub chunks: std::ops::Range<u64>,
+}
+
 /// Reads a tree lazily, keeping the last page of each level: sequential reads load each
 /// page once; random reads load one path (at most one page per level).
 pub struct TreeReader<'a> {
@@ -125,6 +134,29 @@ impl<'a> TreeReader<'a> {
     pub fn chunk(&mut self, index: u64) -> Result<Id, RepoError> {
         let f = u64::from(self.fanout);
         Ok(self.leaf(index / f)?[(index % f) as usize])
+    }
+
+    /// After reading leaf `page` failed: which part of the disk the failure hides. Finds
+    /// the highest page on the path from the root to that leaf that cannot be read and
+    /// returns the chunks it lists (directly or through the pages below it); `root` is
+    /// true when it is the root page, so that no chunk of the disk can be located.
+    pub fn unreadable_span(&mut self, page: u64) -> PageSpan {
+        let f = u64::from(self.fanout);
+        let n = self.chunks();
+        let top = self.sizes.len() - 1;
+        for level in (0..=top).rev() {
+            // Chunks under one page of this level: f^(level + 1), saturating.
+            let per_page = (0..=level).fold(1u64, |acc, _| acc.saturating_mul(f));
+            let at = page / (0..level).fold(1u64, |acc, _| acc.saturating_mul(f));
+            if self.load(level, at).is_err() {
+                let first = at.saturating_mul(per_page).min(n);
+                let end = (at.saturating_add(1)).saturating_mul(per_page).min(n);
+                return PageSpan { root: level == top, chunks: first..end };
+            }
+        }
+        // Every page on the path reads now (the failure was transient): the leaf's chunks.
+        let first = page.saturating_mul(f).min(n);
+        PageSpan { root: top == 0, chunks: first..(first.saturating_add(f)).min(n) }
     }
 
     /// Calls `visit` with the id of every stored (non-zero) page of the tree, top-down.
@@ -193,5 +225,62 @@ mod tests {
         assert_eq!((root, pages.len()), (Id::ZERO, 0));
         let (root, pages) = build(&[], 4);
         assert_eq!((root, pages.len()), (Id::ZERO, 0));
+    }
+
+    /// An unreadable page hides exactly the chunks below it; the root hides the disk.
+    #[test]
+    fn an_unreadable_page_hides_the_chunks_below_it() {
+        use crate::{BlobCodec, BlobIndex, InitOptions, PackWriter, Repository};
+        use blockproof_format::tree::encode_page;
+
+        let dir = tempfile::tempdir().unwrap();
+        let opts = InitOptions { kdf: blockproof_format::KdfParams::MIN, ..InitOptions::default() };
+        let backend = blockproof_store::LocalBackend::create(dir.path()).unwrap();
+        let repo = Repository::init(Box::new(backend), b"pw", &opts).unwrap();
+        // 3000 chunks at fanout 32: 94 leaves under 3 level-1 pages under the root.
+        let ids: Vec<Id> = (0..3000u32).map(|i| repo.keys().blob_id(&i.to_le_bytes())).collect();
+        let mut codec = BlobCodec::for_repo(&repo);
+        let mut sealed = Vec::new();
+        let mut store = |p: &[Id]| -> Result<Id, RepoError> {
+            let bytes = encode_page(p);
+            let id = repo.keys().blob_id(&bytes);
+            sealed.push(codec.seal(BlobKind::Tree, id, &bytes));
+            Ok(id)
+        };
+        let mut w = TreeWriter::new(3000, 32);
+        for id in &ids {
+            w.push(*id, &mut store).unwrap();
+        }
+        let root = w.finish(&mut store).unwrap();
+        let mut writer = PackWriter::new(&repo);
+        for b in sealed {
+            writer.add(b).unwrap();
+        }
+        writer.finish().unwrap();
+        let full = BlobIndex::load(&repo).unwrap();
+        let reader = BlobReader::new(&repo, &full);
+        let level1 = decode_page(&reader.read(&root, BlobKind::Tree).unwrap(), 3).unwrap();
+        let leaves = decode_page(&reader.read(&level1[1], BlobKind::Tree).unwrap(), 32).unwrap();
+
+        // (page missing from the index, leaf read, what it hides)
+        let cases = [
+            (root, 40, PageSpan { root: true, chunks: 0..3000 }),
+            (level1[1], 40, PageSpan { root: false, chunks: 1024..2048 }),
+            (leaves[8], 40, PageSpan { root: false, chunks: 1280..1312 }),
+            (level1[2], 93, PageSpan { root: false, chunks: 2048..3000 }),
+        ];
+        for (gone, leaf, want) in cases {
+            let mut index = BlobIndex::default();
+            for (_, pack, entry) in full.iter().filter(|(id, _, _)| **id != gone) {
+                index.add_pack(pack, std::slice::from_ref(entry));
+            }
+            let reader = BlobReader::new(&repo, &index);
+            let mut tree = TreeReader::new(&reader, root, 3000, 32).unwrap();
+            assert!(tree.leaf(leaf).is_err());
+            assert_eq!(tree.unreadable_span(leaf), want);
+            if !want.root {
+                assert!(tree.leaf(0).is_ok(), "the rest of the disk still reads");
+            }
+        }
     }
 }

@@ -33,16 +33,20 @@ impl Changes {
 
 /// A VMware `QueryChangedDiskAreas` result (DiskChangeInfo), as JSON:
 /// `{"startOffset": 0, "length": N, "changedArea": [{"start": S, "length": L}, ...]}`.
+///
+/// Parsed strictly: every field is required (an empty `changedArea` is written `[]`) and
+/// an unknown key is an error. A misspelled `changedArea` must never read as "nothing
+/// changed": that would store a stale restore point as ok.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ChangeList {
     pub start_offset: u64,
     pub length: u64,
-    #[serde(default)]
     pub changed_area: Vec<ChangedArea>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChangedArea {
     pub start: u64,
     pub length: u64,
@@ -51,7 +55,8 @@ pub struct ChangedArea {
 impl ChangeList {
     /// Reads and validates a change list file.
     pub fn load(path: &Path) -> Result<ChangeList, SourceError> {
-        let bytes = std::fs::read(path).map_err(|source| SourceError::Open { path: path.to_path_buf(), source })?;
+        let bytes =
+            std::fs::read(path).map_err(|source| SourceError::ChangeList { path: path.to_path_buf(), source })?;
         Self::parse(&bytes).map_err(|e| SourceError::Invalid(format!("change list {}: {e}", path.display())))
     }
 
@@ -120,5 +125,29 @@ mod tests {
         assert!(ChangeList::parse(br#"{"startOffset": 0, "length": 1, "changedArea": [{"start": 0}]}"#).is_err());
         assert!(ChangeList::parse(br#"{"startOffset": 18446744073709551615, "length": 2, "changedArea": []}"#).is_err());
         assert!(ChangeList::parse(b"[]").is_err());
+    }
+
+    #[test]
+    fn unknown_and_missing_keys_are_errors_naming_the_key() {
+        let cases: [(&[u8], &str); 5] = [
+            (br#"{"startOffset": 0, "length": 10, "changed_area": [{"start": 0, "length": 4}]}"#, "changed_area"),
+            (br#"{"startOffset": 0, "length": 10}"#, "changedArea"),
+            (br#"{"length": 10, "changedArea": []}"#, "startOffset"),
+            (br#"{"startOffset": 0, "length": 10, "changedArea": [{"start": 0, "lenght": 4}]}"#, "lenght"),
+            (br#"{"startOffset": 0, "length": 10, "changedArea": [], "extra": 1}"#, "extra"),
+        ];
+        for (json, key) in cases {
+            let err = ChangeList::parse(json).unwrap_err();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        // An empty list, spelled out, is a valid "nothing changed".
+        let none = ChangeList::parse(br#"{"startOffset": 0, "length": 10, "changedArea": []}"#).unwrap();
+        assert_eq!(none.changes(10), Changes::Ranges(vec![]));
+    }
+
+    #[test]
+    fn a_missing_file_is_named_as_a_change_list() {
+        let err = ChangeList::load(Path::new("/no/such/changes.json")).unwrap_err().to_string();
+        assert!(err.contains("change list /no/such/changes.json") && !err.contains("source"), "{err}");
     }
 }

@@ -54,6 +54,9 @@ use std::path::PathBuf;
 pub enum SourceError {
     #[error("cannot open source {path}: {source}")]
     Open { path: PathBuf, source: std::io::Error },
+    /// A `changes:FILE` change list could not be read (the source itself is fine).
+    #[error("cannot read the change list {path}: {source}")]
+    ChangeList { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a regular file or block device")]
     NotADisk { path: PathBuf },
     #[error("read of {len} bytes at offset {offset} from {what} failed: {source}")]

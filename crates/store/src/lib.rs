@@ -30,7 +30,8 @@
 //! REPO/locks/<name>      Kind::Lock
 //! REPO/state/<name>      Kind::State
 //! REPO/tmp/              temporary files of writes in progress (safe to delete when
-//!                        no blockproof process runs)
+//!                        no blockproof process runs); created by the first write:
+//!                        opening a repository writes nothing, so a read-only one opens
 //! ```
 //!
 //! [`relative_path`] gives this layout without the root; object-store backends use it

@@ -68,7 +68,9 @@ impl LocalBackend {
         Ok(Self::at(root))
     }
 
-    /// Opens an existing repository directory.
+    /// Opens an existing repository directory. Nothing is written: a read-only
+    /// repository (a read-only mount, a directory without write permission) opens, and
+    /// serves every operation that only reads.
     pub fn open(root: impl AsRef<Path>) -> Result<Self, StoreError> {
         let root = root.as_ref().to_path_buf();
         if !root.join("config").is_file() {
@@ -77,7 +79,6 @@ impl LocalBackend {
                 root.display()
             )));
         }
-        create_private_dir_all(&root.join("tmp"))?;
         Ok(Self::at(root))
     }
 
@@ -172,7 +173,16 @@ impl Backend for LocalBackend {
         let path = self.path(kind, name)?;
         let tmp = self.root.join("tmp").join(format!("{}-{:016x}", kind.name(), rand::thread_rng().gen::<u64>()));
         let result = (|| {
-            crate::direct::write_new_file(&tmp, data).map_err(|e| io_err(&tmp, e))?;
+            if let Err(e) = crate::direct::write_new_file(&tmp, data) {
+                // `tmp/` is created by the first write that needs it (a copied repository
+                // may lack it, and opening never writes); retried once.
+                if e.kind() != ErrorKind::NotFound {
+                    return Err(io_err(&tmp, e));
+                }
+                let dir = self.root.join("tmp");
+                fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+                crate::direct::write_new_file(&tmp, data).map_err(|e| io_err(&tmp, e))?;
+            }
             if let Err(e) = fs::rename(&tmp, &path) {
                 // A directory can be missing in a copied repository (git and some sync
                 // tools drop empty directories): create it and retry once.
@@ -280,6 +290,20 @@ mod tests {
         assert!(b.read(Kind::Pack, &name).unwrap_err().is_not_found());
         let reopened = LocalBackend::open(&root).unwrap();
         assert_eq!(reopened.read(Kind::Config, "x").unwrap(), b"cfg");
+    }
+
+    #[test]
+    fn opening_writes_nothing_and_tmp_comes_back_with_the_first_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        LocalBackend::create(&root).unwrap().write(Kind::Config, "config", b"cfg").unwrap();
+        fs::remove_dir(root.join("tmp")).unwrap();
+        let b = LocalBackend::open(&root).unwrap();
+        assert!(!root.join("tmp").exists(), "open wrote nothing");
+        assert_eq!(b.read(Kind::Config, "config").unwrap(), b"cfg");
+        b.write(Kind::Snapshot, &"ab".repeat(32), b"x").unwrap();
+        assert!(root.join("tmp").is_dir());
+        assert_eq!(b.read(Kind::Snapshot, &"ab".repeat(32)).unwrap(), b"x");
     }
 
     #[test]
