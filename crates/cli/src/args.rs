@@ -150,16 +150,15 @@ pub struct BackupArgs {
     #[arg(long = "disk", value_name = "SPEC", required = true)]
     pub disks: Vec<String>,
     /// Budget for comparing chunks change tracking called unchanged with the source, per
-    /// disk and run (10% | 2GiB | 500ios | 30s | all | none, comma-separated, the
-    /// smallest wins; default 5%). The first chunk of each disk is compared every run
+    /// disk and run (10% | 2GiB | 500ios | 30s | until=06:00 | all | none, comma-separated,
+    /// the smallest wins; default 5%). The first chunk of each disk is compared every run
     /// unless the budget is none. A mismatch stores the snapshot as tainted and exits 3.
     #[arg(long, value_name = "BUDGET")]
     pub verify: Option<String>,
-    /// What to do when verification finds a mismatch: keep (commit the tainted snapshot;
-    /// the next backup reads the disk in full) or heal (also re-read the disk in full now
-    /// and commit a second, clean snapshot).
-    #[arg(long, value_name = "keep|heal", default_value = "keep", value_parser = ["keep", "heal"])]
-    pub on_mismatch: String,
+    /// What to do when verification finds a mismatch (after comparing around it, so the
+    /// whole stale extent it can find is reported).
+    #[arg(long, value_enum, default_value_t = MismatchAction::Keep)]
+    pub on_mismatch: MismatchAction,
     /// Read every block of every disk (an active full).
     #[arg(long)]
     pub full: bool,
@@ -407,4 +406,26 @@ pub struct DemoArgs {
     /// the end).
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+}
+
+/// `--on-mismatch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MismatchAction {
+    /// Commit the tainted snapshot; the next backup reads the disk in full.
+    Keep,
+    /// Also re-read the tainted disks in full now and commit a second, clean snapshot.
+    Heal,
+    /// Compare every chunk the backup did not read, so the report lists every stale
+    /// range; then commit the tainted snapshot.
+    Scan,
+}
+
+impl From<MismatchAction> for blockproof_core::OnMismatch {
+    fn from(a: MismatchAction) -> Self {
+        match a {
+            MismatchAction::Keep => blockproof_core::OnMismatch::Keep,
+            MismatchAction::Heal => blockproof_core::OnMismatch::Heal,
+            MismatchAction::Scan => blockproof_core::OnMismatch::Scan,
+        }
+    }
 }

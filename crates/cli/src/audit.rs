@@ -1,7 +1,8 @@
 //! `status` and `verify`: what has been proven about the backups, and a proof on demand.
 
 use anyhow::Result;
-use blockproof_core::{Budget, VerifyOptions};
+use blockproof_core::{Budget, Coverage, VerifyOptions};
+use blockproof_format::manifest::{BoundBasis, CutShort};
 
 use crate::args::{VerifyArgs, VmArgs};
 use crate::commands::{human_bytes, open_repo, print_json};
@@ -35,10 +36,7 @@ pub fn status(a: VmArgs) -> Result<u8> {
             };
             println!("  disk {} ({}, cbt={}, run {}): {next}", d.id, human_bytes(d.size), d.cbt, d.run);
             match &d.coverage {
-                Some(c) => println!(
-                    "    {} chunks, {} never confirmed, oldest confirmed {} runs ago; every chunk confirmed within {} runs",
-                    c.chunks, c.never_confirmed, c.oldest_confirmed_runs_ago, c.full_coverage_within_runs
-                ),
+                Some(c) => println!("    {}", coverage_text(c)),
                 None => println!("    no coverage recorded (written before verification existed)"),
             }
             if !d.mismatches.is_empty() {
@@ -47,6 +45,43 @@ pub fn status(a: VmArgs) -> Result<u8> {
         }
     }
     Ok(exit::OK)
+}
+
+/// A disk's coverage in words: what is proven, on what the bound rests, and when it is
+/// off or there is none (never the same words for those two).
+pub fn coverage_text(c: &Coverage) -> String {
+    let state = format!(
+        "{} chunks, {} never confirmed, oldest confirmed {} runs ago",
+        c.chunks, c.never_confirmed, c.oldest_confirmed_runs_ago
+    );
+    let k = c.full_coverage_within_runs;
+    let per = c.sampled_per_run.unwrap_or(0);
+    let bound = match c.bound {
+        Some(BoundBasis::Off) => "verification off (--verify none): nothing is compared, no bound".to_string(),
+        Some(BoundBasis::None) => {
+            "no bound: only the first chunk was compared (a budget below one chunk, or a time limit reached at once)"
+                .to_string()
+        }
+        Some(BoundBasis::Budget) => format!("every chunk confirmed within {k} runs (guaranteed: {per} chunks a run)"),
+        Some(BoundBasis::Achieved) => format!(
+            "every chunk confirmed within {k} runs if each later run compares at least {per} chunks (a time limit \
+             decides how many)"
+        ),
+        // Written before the bound said what it rests on.
+        None if k == 0 => "verification off, no bound".to_string(),
+        None => format!("every chunk confirmed within {k} runs"),
+    };
+    let cut = match (c.cut_short, c.budget_chunks) {
+        (Some(why), Some(b)) => format!(
+            "; this run compared {per} of the budget's {b} chunks: the {} cut it short",
+            match why {
+                CutShort::Deadline => "time limit",
+                CutShort::Window => "time window",
+            }
+        ),
+        _ => String::new(),
+    };
+    format!("{state}; {bound}{cut}")
 }
 
 pub fn stats(a: VmArgs) -> Result<u8> {
@@ -121,12 +156,24 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
                 d.verified_chunks,
                 d.chunks,
                 human_bytes(d.verified_bytes),
-                if d.mismatches.is_empty() {
-                    "equal".to_string()
+                if d.mismatches.is_empty() && d.verified_chunks >= d.chunks {
+                    "equal: every chunk compared".to_string()
+                } else if d.mismatches.is_empty() {
+                    format!(
+                        "those are equal; the other {} chunks were not compared, so nothing is proven about them \
+                         (--verify all compares every chunk)",
+                        d.chunks - d.verified_chunks
+                    )
                 } else {
                     format!("{} ranges DIFFER", d.mismatches.len())
                 }
             );
+            if d.source_changed {
+                println!("  the source changed while it was read: compare with a source that does not change");
+            }
+            if let Some(w) = &d.warning {
+                eprintln!("blockproof: warning: {w}");
+            }
         }
     }
     if !report.ok {

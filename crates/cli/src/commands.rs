@@ -144,7 +144,7 @@ fn backup(a: BackupArgs) -> Result<u8> {
         Some(v) => Budget::parse(v).map_err(Usage)?,
         None => blockproof_core::default_verify_budget(),
     };
-    let on_mismatch = if a.on_mismatch == "heal" { OnMismatch::Heal } else { OnMismatch::Keep };
+    let on_mismatch: OnMismatch = a.on_mismatch.into();
     let disks = a.disks.iter().map(|s| DiskSpec::parse(s)?.input()).collect::<Result<Vec<_>, _>>()?;
     let repo = open_repo(&a.repo)?;
     let opts = BackupOptions {
@@ -177,7 +177,7 @@ fn backup(a: BackupArgs) -> Result<u8> {
             );
             if d.verified_chunks > 0 {
                 println!(
-                    "    verified {} unchanged chunks ({}) against the source: {}",
+                    "    compared {} unread chunks ({}) with the source: {}",
                     d.verified_chunks,
                     human_bytes(d.verified_bytes),
                     if d.mismatches.is_empty() {
@@ -187,11 +187,27 @@ fn backup(a: BackupArgs) -> Result<u8> {
                     }
                 );
             }
-            let c = &d.coverage;
-            println!(
-                "    coverage: {} chunks, {} never confirmed, oldest confirmed {} runs ago, all confirmed within {} runs",
-                c.chunks, c.never_confirmed, c.oldest_confirmed_runs_ago, c.full_coverage_within_runs
-            );
+            if d.escalation.chunks > 0 {
+                println!(
+                    "    compared {} more chunks around the differences{}",
+                    d.escalation.chunks,
+                    if d.escalation.scanned {
+                        " (every unread chunk)"
+                    } else if d.escalation.limited {
+                        " (stopped at the escalation limit: the stale extent may go on)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if d.cbt_missed_chunks > 0 {
+                println!(
+                    "    change tracking missed {} chunk(s) that now read as zeros: the restore point is right, the \
+                     tracking is not trusted",
+                    d.cbt_missed_chunks
+                );
+            }
+            println!("    coverage: {}", crate::audit::coverage_text(&d.coverage));
         }
         if let Some(h) = report.healed_snapshot {
             println!("snapshot {} of vm {} saved (ok): the tainted disks re-read in full", h.short(), report.vm);

@@ -10,7 +10,7 @@ use blockproof_repo::{BlobIndex, BlobReader, Repository, TreeReader};
 use serde::Serialize;
 
 use crate::confirm::ConfirmState;
-use crate::verify::{chunk_limit, differing_ranges, merge_ranges, sample, select};
+use crate::verification::DiskCheck;
 use crate::{Budget, CoreError, DiskInput, Progress};
 
 /// What to verify.
@@ -29,7 +29,15 @@ pub struct DiskVerifyReport {
     pub chunks: u64,
     pub verified_chunks: u64,
     pub verified_bytes: u64,
+    /// Differences found (only among the compared chunks: a sample proves nothing about
+    /// the chunks it did not read).
     pub mismatches: Vec<ByteRange>,
+    /// Some differing chunks read differently a second time: the source is changing.
+    pub source_changed: bool,
+    /// How far the comparison went around mismatches.
+    pub escalation: crate::verification::Escalation,
+    /// A budget below one chunk.
+    pub warning: Option<String>,
 }
 
 /// The result of `verify`.
@@ -65,35 +73,28 @@ pub fn verify(repo: &Repository, opts: VerifyOptions, progress: &dyn Progress) -
         let n = chunk_count(entry.size, entry.chunk_size);
         let (state, _) = ConfirmState::load(&reader, entry, n);
         let budget = input.verify.unwrap_or_else(|| opts.budget.clone());
-        let limit = chunk_limit(&budget, n, entry.chunk_size);
-        let selected = if budget.nothing || n == 0 {
-            Vec::new()
-        } else {
-            select(&state.last, std::slice::from_ref(&(0..n)), limit, &mut rand::thread_rng())
+        let check = DiskCheck {
+            id: &input.id,
+            reader: &reader,
+            chunk_size: entry.chunk_size,
+            chunks: n,
+            unread: if n == 0 { Vec::new() } else { vec![0..n] },
+            forced: Vec::new(),
+            budget: &budget,
+            scan: false,
         };
         let mut tree = TreeReader::new(&reader, entry.index_root, n, entry.index_fanout)?;
-        let mut order: Vec<usize> = (0..selected.len()).collect();
-        order.sort_unstable_by_key(|&k| selected[k]);
-        let mut expected = vec![Id::ZERO; selected.len()];
-        for k in order {
-            expected[k] = tree.chunk(selected[k])?;
-        }
-        progress.begin(&format!("verify {}", input.id), selected.len() as u64 * u64::from(entry.chunk_size));
-        let sampled = sample(source.as_mut(), repo.keys(), entry.chunk_size, &selected, &expected, budget.time);
-        progress.end();
-        let sampled = sampled?;
-        let cs = u64::from(entry.chunk_size);
-        let mut mismatches = Vec::new();
-        for (c, actual) in &sampled.mismatched {
-            let want = expected[selected.iter().position(|s| s == c).expect("selected")];
-            mismatches.extend(differing_ranges(&reader, want, actual, c * cs));
-        }
+        let mut expected = |c: u64| -> Result<Id, CoreError> { Ok(tree.chunk(c)?) };
+        let verdict = check.run(source.as_mut(), repo, &state.last, &mut expected, progress)?;
         disks.push(DiskVerifyReport {
-            id: input.id,
+            id: input.id.clone(),
             chunks: n,
-            verified_chunks: sampled.chunks,
-            verified_bytes: sampled.bytes,
-            mismatches: merge_ranges(mismatches),
+            verified_chunks: verdict.verified_chunks,
+            verified_bytes: verdict.verified_bytes,
+            mismatches: verdict.mismatches,
+            source_changed: !verdict.changing.is_empty(),
+            escalation: verdict.escalation,
+            warning: verdict.warning,
         });
     }
     let ok = disks.iter().all(|d| d.mismatches.is_empty());

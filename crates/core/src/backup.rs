@@ -26,7 +26,7 @@ use serde::Serialize;
 use crate::confirm::ConfirmState;
 use crate::pipeline::{store_disk, with_pack_writer, BlobSink, Dedup, DiskCounters};
 use crate::plan::{Action, ChunkPlan};
-use crate::verify::{chunk_limit, differing_ranges, merge_ranges, sample, select};
+use crate::verification::{DiskCheck, Escalation};
 use crate::{Budget, CoreError, Progress};
 
 /// Opens a disk, given what its parent restore point recorded about the change source.
@@ -62,7 +62,10 @@ impl DiskInput {
     }
 }
 
-/// What a backup does when verification finds source and backup differ.
+/// What a backup does when verification finds source and backup differ. Whatever it is,
+/// the comparison first grows around every differing chunk (its segment, and its
+/// neighbours while they keep differing) so the report covers the whole stale extent it
+/// can find.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OnMismatch {
     /// Commit the tainted snapshot and stop (the next backup of the disk is full).
@@ -70,6 +73,9 @@ pub enum OnMismatch {
     Keep,
     /// Also re-read the tainted disks in full now and commit a second, clean snapshot.
     Heal,
+    /// Compare every chunk the backup did not read, then commit the tainted snapshot:
+    /// `mismatches` then lists every stale range of the restore point.
+    Scan,
 }
 
 /// The verification budget when none is given: 5% of each disk per run.
@@ -105,6 +111,15 @@ pub struct DiskReport {
     pub mismatches: Vec<ByteRange>,
     pub suspect_snapshots: Vec<Id>,
     pub coverage: Coverage,
+    /// Chunks change tracking did not report that the allocation map now calls zero while
+    /// the parent held data: writes it missed (the restore point is right; the next run
+    /// reads the disk in full).
+    pub cbt_missed_chunks: u64,
+    /// Whether some differing chunks read differently a second time: the source changed
+    /// while it was read (not a point-in-time view) — not a lie of change tracking.
+    pub source_changed: bool,
+    /// How far the comparison went around mismatches.
+    pub escalation: Escalation,
     pub next_mode: ReadMode,
     /// Why every chunk was read, when `mode` is `full`.
     pub full_reason: Option<String>,
@@ -231,7 +246,13 @@ fn prepare<'a>(
     let mut opened = (input.open)(parent_cbt.as_ref())?;
     let size = opened.source.size();
     blockproof_source::check_disk_size(&opened.source.describe(), size, Some(chunk_size))?;
-    let zero = opened.source.zero_ranges()?;
+    // After verification caught a lie on this disk, the next run trusts no tracking
+    // metadata at all: not the change source, and not the allocation map either.
+    let zero = if parent_entry.is_some_and(|e| e.next_full.is_some()) {
+        Vec::new()
+    } else {
+        opened.source.zero_ranges()?
+    };
     let (changed, full_reason) = match &opened.changes {
         Changes::All { reason } => (None, Some(reason.clone())),
         Changes::Ranges(r) => match full_read_reason(opts.full, damage, parent, &input.id, size, chunk_size) {
@@ -271,6 +292,8 @@ struct Ctx<'a, 'd> {
     progress: &'a dyn Progress,
     chunk_size: u32,
     warnings: Vec<String>,
+    /// Compare every unread chunk once one differs (`--on-mismatch=scan`).
+    scan: bool,
 }
 
 impl Ctx<'_, '_> {
@@ -305,75 +328,86 @@ impl Ctx<'_, '_> {
         );
         self.progress.end();
         let result = result?;
+        // Only what was read is confirmed: the allocation map is tracking metadata too,
+        // so chunks it called zero are sampled like inherited ones.
         for (r, action) in &d.plan.runs {
-            if *action != Action::Inherit {
+            if *action == Action::Read {
                 r.clone().for_each(|c| state.confirm(c, run));
             }
         }
 
-        // Verification: a sample of the inherited chunks against the same source handle.
-        let candidates: Vec<_> =
-            d.plan.runs.iter().filter(|(_, a)| *a == Action::Inherit).map(|(r, _)| r.clone()).collect();
-        let limit = chunk_limit(&d.budget, n, self.chunk_size);
-        let (mut verified_chunks, mut verified_bytes) = (0, 0);
-        let mut mismatches = Vec::new();
+        // Verification, from the same source handle: evidence, the budget's sample of
+        // everything not read, and the escalation around what differs.
+        let cbt_missed = counters.cbt_missed.load(Ordering::Relaxed);
+        let forced = std::mem::take(&mut *counters.missed_chunks.lock().expect("evidence lock"));
+        let check = DiskCheck {
+            id: &d.id,
+            reader: self.reader,
+            chunk_size: self.chunk_size,
+            chunks: n,
+            unread: d.plan.unread(),
+            forced,
+            budget: &d.budget,
+            scan: self.scan,
+        };
+        let plan = &d.plan;
+        let mut expected = |c: u64| -> Result<Id, CoreError> {
+            match plan.action(c) {
+                Some(Action::Zero) => Ok(Id::ZERO),
+                Some(Action::Inherit) => Ok(parent_tree
+                    .as_mut()
+                    .ok_or_else(|| CoreError::Internal(format!("chunk {c} inherited without a parent")))?
+                    .chunk(c)?),
+                _ => Err(CoreError::Internal(format!("chunk {c} was read, not left unread"))),
+            }
+        };
+        let verdict = check.run(d.source.as_mut(), self.repo, &previous.last, &mut expected, self.progress)?;
+        self.warnings.extend(verdict.warning.clone());
+        for c in &verdict.confirmed {
+            state.confirm(*c, run);
+        }
         let mut suspects = Vec::new();
-        if let (Some(tree), false) = (parent_tree.as_mut(), d.budget.nothing) {
-            let selected = select(&previous.last, &candidates, limit, &mut rand::thread_rng());
-            // The ids the new restore point inherited, fetched in disk order.
-            let mut order: Vec<usize> = (0..selected.len()).collect();
-            order.sort_unstable_by_key(|&k| selected[k]);
-            let mut expected = vec![Id::ZERO; selected.len()];
-            for k in order {
-                expected[k] = tree.chunk(selected[k])?;
-            }
-            self.progress.begin(&format!("verify {}", d.id), selected.len() as u64 * u64::from(self.chunk_size));
-            let sampled =
-                sample(d.source.as_mut(), self.repo.keys(), self.chunk_size, &selected, &expected, d.budget.time);
-            self.progress.end();
-            let sampled = sampled?;
-            verified_chunks = sampled.chunks;
-            verified_bytes = sampled.bytes;
-            for c in &sampled.confirmed {
-                state.confirm(*c, run);
-            }
-            let cs = u64::from(self.chunk_size);
-            for (c, actual) in &sampled.mismatched {
-                let want = expected[selected.iter().position(|s| s == c).expect("selected")];
-                mismatches.extend(differing_ranges(self.reader, want, actual, c * cs));
-                // Not confirmed: the restore point holds stale content here.
-                state.confirm(*c, 0);
-                for s in self.suspects(
-                    &d.id,
-                    parent_entry.as_ref(),
-                    d.parent.map(|p| p.id),
-                    *c,
-                    want,
-                    previous.last[*c as usize],
-                )? {
-                    if !suspects.contains(&s) {
-                        suspects.push(s);
-                    }
+        for &(c, held) in &verdict.stale {
+            // Not confirmed: the restore point holds stale content here.
+            state.confirm(c, 0);
+            let since = previous.last[c as usize];
+            for s in self.suspects(&d.id, parent_entry.as_ref(), d.parent.map(|p| p.id), c, held, since)? {
+                if !suspects.contains(&s) {
+                    suspects.push(s);
                 }
             }
         }
-        let mismatches = merge_ranges(mismatches);
-
-        // Chunks sampled per run under this budget: the bound's denominator. A time-only
-        // budget is judged by what it achieved now (unknown after a full read).
-        let per_run = match limit {
-            _ if d.budget.nothing => None,
-            Some(l) => Some(l),
-            None if d.budget.time.is_some() => incremental.then_some(verified_chunks),
-            None => Some(n),
-        };
-        let coverage = state.coverage(run, per_run);
+        for &c in &verdict.changing {
+            state.confirm(c, 0);
+        }
+        let mismatches = verdict.mismatches.clone();
+        let coverage = state.coverage(run, &verdict.sampling);
         let confirm_root = state.store(&mut BlobSink::new(self.repo, self.dedup, blobs))?;
 
-        let tainted = !mismatches.is_empty();
-        let next_full =
-            tainted.then(|| format!("verification found change tracking lying about disk {} in run {}", d.id, d.run));
-        let advice = tainted.then(|| advice(&d.cbt));
+        // What the findings say about the change tracking and the allocation map.
+        let lied_alloc = verdict.stale.iter().any(|(c, _)| plan.action(*c) == Some(Action::Zero));
+        let lied_cbt = verdict.stale.iter().any(|(c, _)| plan.action(*c) == Some(Action::Inherit));
+        let next_full = if lied_cbt || lied_alloc {
+            Some(format!(
+                "verification found {} lying about disk {} in run {}",
+                match (lied_cbt, lied_alloc) {
+                    (true, true) => "change tracking and the allocation map",
+                    (true, false) => "change tracking",
+                    _ => "the allocation map",
+                },
+                d.id,
+                d.run
+            ))
+        } else if cbt_missed > 0 && incremental {
+            Some(format!(
+                "change tracking missed writes to disk {} in run {}: {cbt_missed} chunk(s) it did not report now read \
+                 as zeros (the restore point is right; the tracking is not trusted)",
+                d.id, d.run
+            ))
+        } else {
+            None
+        };
+        let advice = advice(&d.cbt, lied_cbt, lied_alloc, !verdict.changing.is_empty(), cbt_missed > 0 && incremental);
         let stats = DiskStats {
             bytes_read: counters.bytes_read.load(Ordering::Relaxed),
             zero_chunks: counters.zero_chunks.load(Ordering::Relaxed),
@@ -391,12 +425,15 @@ impl Ctx<'_, '_> {
             bytes_read: stats.bytes_read,
             cbt_reported_chunks: d.plan.cbt_reported,
             cbt_overreported_chunks: counters.overreported.load(Ordering::Relaxed),
-            verified_chunks,
-            verified_bytes,
+            verified_chunks: verdict.verified_chunks,
+            verified_bytes: verdict.verified_bytes,
             mismatches: mismatches.clone(),
             suspect_snapshots: suspects,
             coverage: coverage.clone(),
-            next_mode: if d.cbt == "none" || tainted { ReadMode::Full } else { ReadMode::Incremental },
+            cbt_missed_chunks: cbt_missed,
+            source_changed: !verdict.changing.is_empty(),
+            escalation: verdict.escalation.clone(),
+            next_mode: if d.cbt == "none" || next_full.is_some() { ReadMode::Full } else { ReadMode::Incremental },
             full_reason: d.full_reason.clone(),
             cbt: d.cbt.clone(),
             advice,
@@ -417,15 +454,15 @@ impl Ctx<'_, '_> {
             parent,
             source: d.describe.clone(),
             cbt: d.cbt.clone(),
-            // After a mismatch a bitmap rotation restarts: the next run records no bitmap.
-            cbt_state: if tainted { None } else { d.cbt_state.clone() },
+            // After a detected lie a bitmap rotation restarts: the next run records no bitmap.
+            cbt_state: if next_full.is_some() { None } else { d.cbt_state.clone() },
             mode,
             full_reason: d.full_reason.clone(),
             stats,
             mismatches,
             run: d.run,
             confirm_root,
-            coverage: Some(coverage),
+            coverage: Some(coverage.for_version(self.repo.config().version)),
             next_full,
         };
         Ok(DiskOutcome { entry, report })
@@ -463,39 +500,71 @@ impl Ctx<'_, '_> {
         Ok(out)
     }
 
-    /// Re-reads a tainted disk in full from the same source handle.
-    fn heal(&mut self, d: &mut Prepared<'_>, first: Id, blobs: &Sender<SealedBlob>) -> Result<DiskOutcome, CoreError> {
-        let zero = d.source.zero_ranges()?;
-        d.plan = ChunkPlan::new(d.size, self.chunk_size, &zero, None);
+    /// Re-reads a tainted disk in full from the same source handle — every byte: the
+    /// allocation map may be what lied.
+    fn heal(
+        &mut self,
+        d: &mut Prepared<'_>,
+        first: Id,
+        why: Option<String>,
+        blobs: &Sender<SealedBlob>,
+    ) -> Result<DiskOutcome, CoreError> {
+        d.plan = ChunkPlan::new(d.size, self.chunk_size, &[], None);
         d.full_reason = Some(format!("healing: verification found snapshot {} differs from the source", first.short()));
         d.run += 1;
         d.parent = None;
         let mut out = self.disk(d, blobs)?;
         out.entry.parent = Some(first);
         out.report.parent = Some(first);
-        out.entry.next_full =
-            Some(format!("change tracking of disk {} was caught lying; the next backup reads it in full", d.id));
+        // The reason the tainted restore point gave (which tracking lied) carries over.
+        out.entry.next_full = Some(why.unwrap_or_else(|| {
+            format!(
+                "verification of disk {} found snapshot {} stale; the next backup reads it in full",
+                d.id,
+                first.short()
+            )
+        }));
         out.entry.cbt_state = None;
         out.report.next_mode = ReadMode::Full;
         Ok(out)
     }
 }
 
-/// What the operator should do after change tracking was caught lying.
-fn advice(cbt: &str) -> String {
-    if cbt == "bitmap:auto" {
-        "blockproof reset its bitmap rotation; the next backup of this disk reads it in full".into()
-    } else if cbt.starts_with("changes:") || cbt.starts_with("bitmap:") {
-        format!(
-            "change tracking ({cbt}) reported changed data as unchanged: reset CBT on the hypervisor (VMware: \
-             disable and re-enable change tracking; libvirt: delete the checkpoints and start a new chain) before \
-             trusting incrementals; the next backup of this disk reads it in full"
-        )
-    } else {
-        "the source changed between the read and the verification, or the disk is not a stable snapshot; \
-         back up from a snapshot"
-            .into()
+/// What the operator should do after verification found something: a lie of change
+/// tracking, of the allocation map, a source that changed while it was read, or writes
+/// change tracking missed (evidence the backup had in hand). `None` when all is well.
+fn advice(cbt: &str, lied_cbt: bool, lied_alloc: bool, changing: bool, missed: bool) -> Option<String> {
+    let mut out = Vec::new();
+    if lied_cbt || missed {
+        let what = if lied_cbt { "reported changed data as unchanged" } else { "missed writes (discards)" };
+        out.push(if cbt == "bitmap:auto" {
+            format!("change tracking {what}: blockproof reset its bitmap rotation; the next backup of this disk reads it in full")
+        } else if cbt.starts_with("changes:") || cbt.starts_with("bitmap:") {
+            format!(
+                "change tracking ({cbt}) {what}: reset CBT on the hypervisor (VMware: disable and re-enable change \
+                 tracking; libvirt: delete the checkpoints and start a new chain) before trusting incrementals; the \
+                 next backup of this disk reads it in full"
+            )
+        } else {
+            format!("change tracking {what}; the next backup of this disk reads it in full")
+        });
     }
+    if lied_alloc {
+        out.push(
+            "the source's allocation map reported zeros where the disk holds data (a bug of the NBD server or \
+             the storage): the next backup of this disk reads every byte, trusting no allocation map"
+                .into(),
+        );
+    }
+    if changing {
+        out.push(
+            "the source changed while blockproof read it: it is not a point-in-time view, so this restore point \
+             may mix moments; back up from a snapshot (or a VM source), not from a disk in use — change tracking \
+             is not at fault"
+                .into(),
+        );
+    }
+    (!out.is_empty()).then(|| out.join("; "))
 }
 
 /// For tests of concurrency and crashes (test builds only, feature `test-hooks`): with
@@ -585,6 +654,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
         progress,
         chunk_size,
         warnings: skipped.warnings(),
+        scan: opts.on_mismatch == OnMismatch::Scan,
     };
 
     let (outcomes, stats) =
@@ -628,7 +698,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
                     e.run += 1;
                     entries.push(e);
                 } else {
-                    entries.push(ctx.heal(d, id, tx)?.entry);
+                    entries.push(ctx.heal(d, id, o.entry.next_full.clone(), tx)?.entry);
                 }
             }
             Ok(entries)

@@ -1,12 +1,14 @@
 //! Budgets: how much extra reading an operation may do (`--read-data=BUDGET`, and
 //! `--verify BUDGET` once verification lands).
 //!
-//! Syntax: `10%` | `2GiB` | `500ios` | `30s` | `all` | `none`, or several joined by
-//! commas; when several limits are given the smallest wins. A limit of zero (`0%`, `0`,
+//! Syntax: `10%` | `2GiB` | `500ios` | `30s` | `until=06:00` | `all` | `none`, or several
+//! joined by commas; when several limits are given the smallest wins. `until=` is a time
+//! window: the work must end by a clock time — `HH:MM[:SS]` is the next such local time
+//! (within 24 hours), or an RFC 3339 timestamp (`2026-12-02T06:00:00Z`). A limit of zero (`0%`, `0`,
 //! `0ios`, `0s`, ...) is refused: nothing at all is written `none`, so that a typo or a
 //! templating accident never turns verification off without a word.
 
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 /// A parsed budget. `None` fields are unlimited.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -17,8 +19,19 @@ pub struct Budget {
     /// Read operations (for check: pack files).
     pub ios: Option<u64>,
     pub time: Option<Duration>,
+    /// The end of the time window (`until=`).
+    pub until: Option<SystemTime>,
     /// `none`: nothing at all.
     pub nothing: bool,
+}
+
+/// Which time limit of a budget ends the work first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeLimit {
+    /// The duration (`30s`).
+    Duration,
+    /// The window (`until=06:00`).
+    Window,
 }
 
 impl Budget {
@@ -28,7 +41,28 @@ impl Budget {
     }
 
     pub fn is_unlimited(&self) -> bool {
-        !self.nothing && self.fraction.is_none() && self.bytes.is_none() && self.ios.is_none() && self.time.is_none()
+        !self.nothing
+            && self.fraction.is_none()
+            && self.bytes.is_none()
+            && self.ios.is_none()
+            && self.time.is_none()
+            && self.until.is_none()
+    }
+
+    /// Whether the budget has a time limit (a duration or a window).
+    pub fn is_timed(&self) -> bool {
+        self.time.is_some() || self.until.is_some()
+    }
+
+    /// When work that starts at `started` must stop, and which limit says so (`None`: no
+    /// time limit). A window already past means at once.
+    pub fn deadline(&self, started: Instant) -> Option<(Instant, TimeLimit)> {
+        let by_time = self.time.map(|t| (started + t, TimeLimit::Duration));
+        let by_window = self.until.map(|u| {
+            let left = u.duration_since(SystemTime::now()).unwrap_or_default();
+            (Instant::now() + left, TimeLimit::Window)
+        });
+        [by_time, by_window].into_iter().flatten().min_by_key(|(at, _)| *at)
     }
 
     /// The byte limit for a total of `total` bytes (fraction and bytes, smallest wins).
@@ -47,9 +81,14 @@ impl Budget {
         }
         for part in s.split(',') {
             let p = part.trim().to_ascii_lowercase();
-            let bad = || format!("invalid budget {part:?}: use 10%, 2GiB, 500ios, 30s, all or none");
+            let bad = || format!("invalid budget {part:?}: use 10%, 2GiB, 500ios, 30s, until=06:00, all or none");
             let zero = || format!("budget {:?} is zero: write none to read nothing", part.trim());
-            if p == "all" {
+            if let Some(when) = part.trim().strip_prefix("until=") {
+                let at = parse_until(when.trim()).ok_or_else(|| {
+                    format!("invalid window {part:?}: use until=HH:MM (local time) or until=2026-12-02T06:00:00Z")
+                })?;
+                b.until = Some(b.until.map_or(at, |x| x.min(at)));
+            } else if p == "all" {
                 continue;
             } else if p == "none" {
                 b.nothing = true;
@@ -82,6 +121,53 @@ impl Budget {
             }
         }
         Ok(b)
+    }
+}
+
+/// `HH:MM[:SS]`: the next such local time after now (today's, or tomorrow's once it has
+/// passed); or an RFC 3339 timestamp.
+fn parse_until(s: &str) -> Option<SystemTime> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        if s.contains('T') || s.contains(' ') {
+            return Some(t);
+        }
+    }
+    let mut parts = s.split(':');
+    let h: i32 = parts.next()?.parse().ok()?;
+    let m: i32 = parts.next()?.parse().ok()?;
+    let sec: i32 = match parts.next() {
+        Some(x) => x.parse().ok()?,
+        None => 0,
+    };
+    if parts.next().is_some() || !(0..24).contains(&h) || !(0..60).contains(&m) || !(0..60).contains(&sec) {
+        return None;
+    }
+    let now = SystemTime::now();
+    for day in 0..2 {
+        let at = local_time_today(h, m, sec, day)?;
+        if at > now {
+            return Some(at);
+        }
+    }
+    None
+}
+
+/// Today's (plus `days`) `h:m:s` in the machine's local time zone.
+fn local_time_today(h: i32, m: i32, s: i32, days: i32) -> Option<SystemTime> {
+    let now: libc::time_t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs() as libc::time_t;
+    // SAFETY: localtime_r and mktime only read and write the structs passed to them.
+    unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&now, &mut tm).is_null() {
+            return None;
+        }
+        tm.tm_hour = h;
+        tm.tm_min = m;
+        tm.tm_sec = s;
+        tm.tm_mday += days;
+        tm.tm_isdst = -1;
+        let t = libc::mktime(&mut tm);
+        (t >= 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(t as u64))
     }
 }
 
@@ -159,5 +245,31 @@ mod tests {
         for tiny in ["0.5%", "1", "1ios", "1ms"] {
             assert!(Budget::parse(tiny).is_ok(), "{tiny}");
         }
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn a_window_is_the_next_such_local_time_or_a_timestamp() {
+        let b = Budget::parse("5%,until=06:00").unwrap();
+        let at = b.until.unwrap();
+        let left = at.duration_since(SystemTime::now()).unwrap();
+        assert!(left <= Duration::from_secs(24 * 3600 + 3600), "within a day (DST aside): {left:?}");
+        assert_eq!(b.fraction, Some(0.05));
+        let b = Budget::parse("until=2020-01-01T00:00:00Z").unwrap();
+        assert_eq!(b.until, Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1577836800)));
+        // A window in the past ends the work at once.
+        let (when, which) = b.deadline(Instant::now()).unwrap();
+        assert!(when <= Instant::now() && which == TimeLimit::Window);
+        // The earlier limit wins.
+        let b = Budget::parse("10s,until=2999-01-01T00:00:00Z").unwrap();
+        assert_eq!(b.deadline(Instant::now()).unwrap().1, TimeLimit::Duration);
+        for bad in ["until=25:00", "until=6", "until=06:61", "until=tomorrow", "until="] {
+            assert!(Budget::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Budget::parse("until=23:59:59").is_ok());
     }
 }

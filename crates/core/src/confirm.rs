@@ -8,7 +8,9 @@
 //! rebuilt as "never confirmed", with a warning: verification then simply starts over.
 
 use blockproof_format::confirm::{decode_page, encode_page, page_count, ENTRIES_PER_PAGE};
-use blockproof_format::manifest::Coverage;
+use std::collections::BTreeMap;
+
+use blockproof_format::manifest::{BoundBasis, Coverage, CutShort};
 use blockproof_format::tree::{chunk_count, DEFAULT_FANOUT};
 use blockproof_format::{BlobKind, DiskEntry, Id};
 use blockproof_repo::{BlobReader, TreeReader, TreeWriter};
@@ -84,21 +86,88 @@ impl ConfirmState {
         self.last[chunk as usize] = run;
     }
 
-    /// Coverage after run `run`, for a budget of `per_run` sampled chunks per run (`None`:
-    /// verification off).
-    pub fn coverage(&self, run: u32, per_run: Option<u64>) -> Coverage {
+    /// Coverage after run `run`, given how this run sampled (docs/VERIFICATION.md, "The
+    /// bound").
+    pub fn coverage(&self, run: u32, sampling: &Sampling) -> Coverage {
         let chunks = self.last.len() as u64;
         let never = self.last.iter().filter(|&&r| r == 0).count() as u64;
         let oldest = self.last.iter().copied().filter(|&r| r > 0).min().unwrap_or(run);
+        let (rate, bound) = sampling.rate(chunks);
         Coverage {
             chunks,
             never_confirmed: never,
             oldest_confirmed_runs_ago: u64::from(run.saturating_sub(oldest)),
-            full_coverage_within_runs: match per_run {
-                None | Some(0) if chunks > 0 => 0,
-                None | Some(0) => 1,
-                Some(b) => chunks.div_ceil(b).max(1),
-            },
+            full_coverage_within_runs: rate.map_or(0, |r| self.bound(run, r)),
+            bound: Some(bound),
+            sampled_per_run: rate,
+            budget_chunks: sampling.budget_chunks,
+            cut_short: sampling.cut_short,
+        }
+    }
+
+    /// The bound `K` after run `run` if every later run samples at least `rate` chunks
+    /// besides the first (which is compared every run and not counted): for a chunk last
+    /// confirmed at run `v`, at most `p` other chunks (the first excluded) have been
+    /// confirmed no later than it, and each later run in which it is not sampled samples
+    /// `rate` of those `p`, which then leave that set for good — so it is confirmed again
+    /// by the `⌊p / rate⌋ + 1`-th later run, `run − v + ⌊p / rate⌋ + 1` runs after `v`.
+    /// `K` is the largest such gap, and at least `⌈(chunks − 1) / rate⌉` (the steady
+    /// state). Never below `oldest_confirmed_runs_ago + 1`.
+    fn bound(&self, run: u32, rate: u64) -> u64 {
+        let others = self.last.len().saturating_sub(1) as u64;
+        if others == 0 {
+            return 1;
+        }
+        let mut hist: BTreeMap<u32, u64> = BTreeMap::new();
+        for &v in &self.last[1..] {
+            *hist.entry(v).or_default() += 1;
+        }
+        let mut at_or_before = 0u64;
+        let mut k = others.div_ceil(rate);
+        for (&v, &n) in &hist {
+            at_or_before += n;
+            let p = at_or_before - 1;
+            k = k.max(u64::from(run.saturating_sub(v)) + p / rate + 1);
+        }
+        k
+    }
+}
+
+/// How one run sampled, for its coverage bound.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Sampling {
+    /// Verification is off (`--verify none`).
+    pub off: bool,
+    /// The budget's count part in chunks per run, the first chunk not counted (`None`:
+    /// no count part: `all`, or time only).
+    pub budget_chunks: Option<u64>,
+    /// Whether the budget has a time limit.
+    pub timed: bool,
+    /// Chunks sampled within the budget this run (the first chunk and chunks sampled as
+    /// evidence not counted).
+    pub sampled: u64,
+    /// The time limit that stopped sampling before the count was reached.
+    pub cut_short: Option<CutShort>,
+}
+
+impl Sampling {
+    /// The rate the bound may assume for later runs, and what it rests on.
+    fn rate(&self, chunks: u64) -> (Option<u64>, BoundBasis) {
+        if self.off {
+            return (None, BoundBasis::Off);
+        }
+        let (rate, basis) = match (self.budget_chunks, self.timed, self.cut_short) {
+            // A count sampled in full (or every candidate): every later run does too.
+            (Some(b), _, None) => (b, BoundBasis::Budget),
+            // `all` without a time limit: every candidate, every run.
+            (None, false, _) => (chunks.saturating_sub(1).max(1), BoundBasis::Budget),
+            // A time limit decided: later runs are assumed to reach this run's sample.
+            _ => (self.sampled, BoundBasis::Achieved),
+        };
+        if rate == 0 {
+            (None, BoundBasis::None)
+        } else {
+            (Some(rate), basis)
         }
     }
 }
@@ -107,20 +176,63 @@ impl ConfirmState {
 mod tests {
     use super::*;
 
+    fn count(b: u64) -> Sampling {
+        Sampling { budget_chunks: Some(b), sampled: b, ..Sampling::default() }
+    }
+
     #[test]
-    fn coverage_bound_is_chunks_over_budget() {
-        let mut s = ConfirmState::never(100);
-        assert_eq!(s.coverage(1, Some(25)).full_coverage_within_runs, 4);
-        assert_eq!(s.coverage(1, Some(30)).full_coverage_within_runs, 4);
-        assert_eq!(s.coverage(1, Some(100)).full_coverage_within_runs, 1);
-        assert_eq!(s.coverage(1, Some(1000)).full_coverage_within_runs, 1);
-        assert_eq!(s.coverage(1, None).full_coverage_within_runs, 0);
-        assert_eq!(s.coverage(1, None).never_confirmed, 100);
-        for c in 0..100 {
-            s.confirm(c, 3 + (c % 4) as u32);
+    fn the_steady_state_bound_is_the_others_over_the_rate() {
+        // 101 chunks: the first and 100 others.
+        let mut s = ConfirmState::never(101);
+        for c in 0..101 {
+            s.confirm(c, 1);
         }
-        let c = s.coverage(7, Some(25));
-        assert_eq!((c.chunks, c.never_confirmed, c.oldest_confirmed_runs_ago), (100, 0, 4));
-        assert_eq!(ConfirmState::never(0).coverage(1, None).full_coverage_within_runs, 1);
+        assert_eq!(s.coverage(1, &count(25)).full_coverage_within_runs, 4);
+        assert_eq!(s.coverage(1, &count(30)).full_coverage_within_runs, 4);
+        assert_eq!(s.coverage(1, &count(100)).full_coverage_within_runs, 1);
+        assert_eq!(s.coverage(1, &count(1000)).full_coverage_within_runs, 1);
+        let off = s.coverage(1, &Sampling { off: true, ..Sampling::default() });
+        assert_eq!((off.full_coverage_within_runs, off.bound), (0, Some(BoundBasis::Off)));
+        let none = s.coverage(1, &count(0));
+        assert_eq!((none.full_coverage_within_runs, none.bound), (0, Some(BoundBasis::None)));
+        // Staggered as sampling leaves it: 25 others confirmed at each of runs 4..=7.
+        for c in 1..101 {
+            s.confirm(c, 4 + ((c - 1) / 25) as u32);
+        }
+        s.confirm(0, 7); // the first chunk, every run
+        let c = s.coverage(7, &count(25));
+        assert_eq!((c.oldest_confirmed_runs_ago, c.full_coverage_within_runs), (3, 4));
+    }
+
+    #[test]
+    fn old_chunks_raise_the_bound_so_it_never_contradicts_the_state() {
+        // A deadline cut runs short: 10 of 100 others are 9 runs old.
+        let mut s = ConfirmState::never(101);
+        for c in 0..101 {
+            s.confirm(c, if (1..11).contains(&c) { 1 } else { 10 });
+        }
+        let cut = Sampling {
+            budget_chunks: Some(25),
+            timed: true,
+            sampled: 5,
+            cut_short: Some(CutShort::Deadline),
+            ..Sampling::default()
+        };
+        let c = s.coverage(10, &cut);
+        assert_eq!(c.bound, Some(BoundBasis::Achieved));
+        assert_eq!(c.sampled_per_run, Some(5));
+        // The 10 old ones: 9 runs old, 9 others at or before them → next sampled within
+        // ⌊9 / 5⌋ + 1 = 2 runs: 11. The rest: ⌈100 / 5⌉ = 20.
+        assert_eq!(c.full_coverage_within_runs, 20);
+        assert!(c.full_coverage_within_runs > c.oldest_confirmed_runs_ago);
+        // With the count honoured, the age still shows: 9 + ⌊9/25⌋ + 1 = 10 > ⌈100/25⌉.
+        assert_eq!(s.coverage(10, &count(25)).full_coverage_within_runs, 10);
+    }
+
+    #[test]
+    fn a_lone_first_chunk_and_never_confirmed_chunks() {
+        assert_eq!(ConfirmState::never(1).coverage(3, &count(5)).full_coverage_within_runs, 1);
+        let c = ConfirmState::never(11).coverage(2, &count(5));
+        assert_eq!((c.never_confirmed, c.full_coverage_within_runs), (11, 2 + 9 / 5 + 1));
     }
 }

@@ -34,6 +34,7 @@ mod plan;
 pub mod restore;
 pub mod stats;
 pub mod status;
+pub mod verification;
 pub mod verify;
 
 pub use audit::{verify, DiskVerifyReport, VerifyOptions, VerifyReport};

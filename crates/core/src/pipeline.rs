@@ -117,11 +117,20 @@ impl<'a, 'd> BlobSink<'a, 'd> {
     }
 }
 
+/// At most this many chunks of evidence are kept per disk to be re-read.
+pub(crate) const EVIDENCE_LIMIT: usize = 16384;
+
 /// Counters of one disk.
 #[derive(Default)]
 pub(crate) struct DiskCounters {
-    /// Read chunks whose id equals the parent's: change tracking over-reported them.
+    /// Chunks change tracking reported whose content equals the parent's: read ones whose
+    /// id is the parent's, and ones the allocation map calls zero that were zero before.
     pub overreported: AtomicU64,
+    /// Chunks change tracking did *not* report that the allocation map now calls zero
+    /// while the parent held data: a write (a discard) it missed.
+    pub cbt_missed: AtomicU64,
+    /// The first [`EVIDENCE_LIMIT`] of them, to be re-read by verification.
+    pub missed_chunks: Mutex<Vec<u64>>,
     pub bytes_read: AtomicU64,
     pub zero_chunks: AtomicU64,
     pub new_chunks: AtomicU64,
@@ -217,11 +226,29 @@ pub(crate) fn store_disk(
 
     let mut sink = BlobSink::new(repo, dedup, blobs);
     let mut tree = TreeWriter::new(n, DEFAULT_FANOUT);
+    let mut reported = plan.reported.iter().peekable();
     {
         let mut assembler = Assembler::new(plan);
         let mut push = |i: u64, action: Action, read: Option<Id>| -> Result<(), CoreError> {
             let id = match (action, read) {
-                (Action::Zero, _) => Id::ZERO,
+                (Action::Zero, _) => {
+                    // What the parent held here tells over-reporting from a missed write.
+                    if let Some(parent) = parent.as_deref_mut() {
+                        while reported.next_if(|r| r.end <= i).is_some() {}
+                        let was_reported = reported.peek().is_some_and(|r| r.contains(&i));
+                        let before = parent.chunk(i)?;
+                        if was_reported && before.is_zero() {
+                            counters.overreported.fetch_add(1, Ordering::Relaxed);
+                        } else if !was_reported && !before.is_zero() {
+                            counters.cbt_missed.fetch_add(1, Ordering::Relaxed);
+                            let mut missed = counters.missed_chunks.lock().expect("evidence lock");
+                            if missed.len() < EVIDENCE_LIMIT {
+                                missed.push(i);
+                            }
+                        }
+                    }
+                    Id::ZERO
+                }
                 (Action::Inherit, _) => parent
                     .as_deref_mut()
                     .ok_or_else(|| CoreError::Internal("an incremental plan without a parent".into()))?

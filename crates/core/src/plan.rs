@@ -24,6 +24,8 @@ pub(crate) struct ChunkPlan {
     pub runs: Vec<(Range<u64>, Action)>,
     /// Chunks overlapping a changed range (incremental plans only).
     pub cbt_reported: u64,
+    /// Those chunks, as sorted runs (incremental plans only).
+    pub reported: Vec<Range<u64>>,
 }
 
 /// Chunks wholly inside the byte ranges (the last, short chunk counts when a range
@@ -95,12 +97,12 @@ impl ChunkPlan {
         let cs = chunk_size as u64;
         let n = size.div_ceil(cs);
         let zero = chunks_inside(zero, size, cs);
-        let (wanted, cbt_reported) = match changed {
-            None => (std::iter::once(0..n).collect(), 0),
+        let (wanted, cbt_reported, reported) = match changed {
+            None => (std::iter::once(0..n).collect(), 0, Vec::new()),
             Some(c) => {
                 let t = chunks_touching(c, size, cs);
                 let count = t.iter().map(|r| r.end - r.start).sum();
-                (t, count)
+                (t.clone(), count, t)
             }
         };
         let read = subtract(&wanted, &zero);
@@ -120,7 +122,25 @@ impl ChunkPlan {
         if at < n {
             runs.push((at..n, Action::Inherit));
         }
-        ChunkPlan { runs, cbt_reported }
+        ChunkPlan { runs, cbt_reported, reported }
+    }
+
+    /// The chunks a backup does not read — inherited ones and those the allocation map
+    /// calls zero — as sorted, merged runs: what verification samples from.
+    pub fn unread(&self) -> Vec<Range<u64>> {
+        let mut out = Vec::new();
+        for (r, a) in &self.runs {
+            if *a != Action::Read {
+                push_run(&mut out, r.clone());
+            }
+        }
+        out
+    }
+
+    /// What the plan does with chunk `c` (`None` past the end).
+    pub fn action(&self, c: u64) -> Option<Action> {
+        let k = self.runs.partition_point(|(r, _)| r.end <= c);
+        self.runs.get(k).filter(|(r, _)| r.contains(&c)).map(|(_, a)| *a)
     }
 
     /// Chunks with this action.
@@ -167,6 +187,15 @@ mod tests {
         assert_eq!(subtract(&[0..3, 5..8], &[0..8]), Vec::<Range<u64>>::new());
         assert_eq!(subtract(&[0..3, 5..8], &[]), vec![0..3, 5..8]);
         assert_eq!(subtract(&[0..3, 5..8], &[2..6]), vec![0..2, 6..8]);
+    }
+
+    #[test]
+    fn unread_runs_and_actions() {
+        let changed = [(0, 1), (250, 100), (999, 1)];
+        let p = ChunkPlan::new(1000, 100, &[(200, 100), (400, 100)], Some(&changed));
+        assert_eq!(p.unread(), vec![1..3, 4..9]);
+        assert_eq!(p.reported, vec![0..1, 2..4, 9..10]);
+        assert_eq!((p.action(0), p.action(2), p.action(5), p.action(10)), (Some(Read), Some(Zero), Some(Inherit), None));
     }
 
     #[test]

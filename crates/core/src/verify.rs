@@ -16,13 +16,13 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use blockproof_format::manifest::ByteRange;
 use blockproof_format::{BlobKind, Id};
 use blockproof_repo::BlobReader;
 use blockproof_source::BlockSource;
-use crossbeam_channel::bounded;
+use blockproof_work::{fan_out, FanOut};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
@@ -35,13 +35,15 @@ pub const SEGMENT: u64 = 64;
 /// The granularity of reported mismatch ranges: a disk sector.
 pub const SECTOR: usize = 512;
 
-/// How many chunks a budget allows per run for a disk of `chunks` chunks of `chunk_size`
-/// (`None`: no count limit, only time, or everything).
+/// The count part of a budget in chunks per run, for a disk of `chunks` chunks of
+/// `chunk_size` (`None`: no count part — `all`, or a time limit only). A percentage is
+/// rounded up, so a positive one never means zero chunks; a size below one chunk does
+/// (and the caller warns).
 pub fn chunk_limit(budget: &Budget, chunks: u64, chunk_size: u32) -> Option<u64> {
     if budget.nothing {
         return Some(0);
     }
-    let by_fraction = budget.fraction.map(|f| ((chunks as f64) * f).round() as u64);
+    let by_fraction = budget.fraction.map(|f| ((chunks as f64) * f).ceil() as u64);
     let by_bytes = budget.bytes.map(|b| b / u64::from(chunk_size));
     [by_fraction, by_bytes, budget.ios].into_iter().flatten().min()
 }
@@ -128,53 +130,57 @@ pub(crate) struct Sampled {
     pub mismatched: Vec<(u64, Vec<u8>)>,
     pub bytes: u64,
     pub chunks: u64,
+    /// The deadline stopped the reads before every selected chunk was read.
+    pub cut_short: bool,
 }
 
-/// Reads `selected` (in priority order) from `source` and compares each with
-/// `expected(chunk)`, until done or `deadline` passes.
+/// Reads `selected` (in priority order) from `source` and compares chunk `selected[k]`
+/// with `expected[k]`. The first `exempt` chunks are always read; the others only while
+/// `deadline` has not passed — checked before each read is issued, so no read starts
+/// after it (reads already in flight complete and count). The reader, the hashing
+/// workers and the comparison are one [`fan_out`]: a lost lock stops them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn sample(
     source: &mut dyn BlockSource,
     keys: &blockproof_crypto::Keys,
+    cancel: &blockproof_work::Cancel,
     chunk_size: u32,
     selected: &[u64],
     expected: &[Id],
-    time: Option<Duration>,
+    exempt: usize,
+    deadline: Option<Instant>,
 ) -> Result<Sampled, CoreError> {
     let cs = u64::from(chunk_size);
     let size = source.size();
-    let started = Instant::now();
     let mut out = Sampled::default();
-    std::thread::scope(|s| {
-        let (work_tx, work_rx) = bounded::<(usize, Vec<u8>)>(32);
-        let (res_tx, res_rx) = bounded::<(usize, bool, Vec<u8>)>(64);
-        for _ in 0..workers() {
-            let (work_rx, res_tx) = (work_rx.clone(), res_tx.clone());
-            s.spawn(move || {
-                for (k, buf) in work_rx.iter() {
-                    let id = if is_zero(&buf) { Id::ZERO } else { keys.blob_id(&buf) };
-                    let same = id == expected[k];
-                    let keep = if same { Vec::new() } else { buf };
-                    if res_tx.send((k, same, keep)).is_err() {
-                        return;
-                    }
+    let cut = std::sync::atomic::AtomicBool::new(false);
+    fan_out(
+        cancel,
+        FanOut { workers: workers(), queue: 32 },
+        |emit| {
+            let mut ranges = selected.iter().enumerate().map_while(|(k, &c)| {
+                if k >= exempt && deadline.is_some_and(|d| Instant::now() >= d) {
+                    cut.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return None;
                 }
+                Some((c * cs, (size - c * cs).min(cs) as usize))
             });
-        }
-        drop(res_tx);
-        drop(work_rx);
-        let reader = s.spawn(move || -> Result<(), CoreError> {
-            let mut ranges = selected.iter().map(|&c| (c * cs, (size - c * cs).min(cs) as usize));
             let mut k = 0usize;
-            let mut sink = |_offset: u64, buf: Vec<u8>| {
-                let ok = work_tx.send((k, buf)).is_ok();
+            let mut to_workers = |_offset: u64, buf: Vec<u8>| {
+                let sent = emit.send((k, buf));
                 k += 1;
-                // The first chunk is always compared; then the deadline may stop us.
-                ok && !time.is_some_and(|t| k > 1 && started.elapsed() >= t)
+                sent
             };
-            source.read_ranges(&mut ranges, &mut sink)?;
-            Ok(())
-        });
-        for (k, same, buf) in res_rx.iter() {
+            source.read_ranges(&mut ranges, &mut to_workers).map_err(CoreError::from)
+        },
+        || {
+            |(k, buf): (usize, Vec<u8>)| -> Result<(usize, bool, Vec<u8>), CoreError> {
+                let id = if is_zero(&buf) { Id::ZERO } else { keys.blob_id(&buf) };
+                let same = id == expected[k];
+                Ok((k, same, if same { Vec::new() } else { buf }))
+            }
+        },
+        |(k, same, buf)| {
             out.chunks += 1;
             let c = selected[k];
             out.bytes += (size - c * cs).min(cs);
@@ -183,9 +189,10 @@ pub(crate) fn sample(
             } else {
                 out.mismatched.push((c, buf));
             }
-        }
-        reader.join().expect("verification reader panicked")
-    })?;
+            Ok(())
+        },
+    )?;
+    out.cut_short = cut.into_inner();
     out.confirmed.sort_unstable();
     out.mismatched.sort_unstable_by_key(|(c, _)| *c);
     Ok(out)

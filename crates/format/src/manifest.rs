@@ -118,7 +118,8 @@ pub struct DiskEntry {
 }
 
 /// How much of a disk has been confirmed against its source. Field names are part of
-/// the JSON contract (DESIGN.md §5).
+/// the JSON contract (docs/JSON.md). The last four fields exist from format version 3 on
+/// (absent in older manifests, and never written into older repositories).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Coverage {
@@ -128,9 +129,66 @@ pub struct Coverage {
     pub never_confirmed: u64,
     /// Runs since the least recently confirmed chunk was confirmed (among confirmed ones).
     pub oldest_confirmed_runs_ago: u64,
-    /// The bound: with this run's budget, every chunk is confirmed at least once in any
-    /// window of this many runs (0: never, verification is off).
+    /// The bound `K`: every chunk is confirmed at least once in every window of `K`
+    /// consecutive runs — the windows already open (each chunk's age counts) and every
+    /// later one, as long as each later run samples at least `sampled_per_run` chunks
+    /// (guaranteed when `bound` is `budget`). 0: no bound (`bound` says why).
     pub full_coverage_within_runs: u64,
+    /// What the bound rests on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound: Option<BoundBasis>,
+    /// Chunks per run the bound assumes (the first chunk, compared every run, not
+    /// counted): the budget's count, or what a time limit let this run sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampled_per_run: Option<u64>,
+    /// The budget's count part in chunks per run (absent: the budget has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_chunks: Option<u64>,
+    /// Why this run sampled fewer chunks than `budget_chunks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_short: Option<CutShort>,
+}
+
+impl Coverage {
+    /// The fields a repository of format `version` may hold (older versions reject the
+    /// newer fields: FORMAT §15a, §17).
+    pub fn for_version(mut self, version: u16) -> Coverage {
+        if version < 3 {
+            self.bound = None;
+            self.sampled_per_run = None;
+            self.budget_chunks = None;
+            self.cut_short = None;
+        }
+        self
+    }
+}
+
+/// What a coverage bound rests on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BoundBasis {
+    /// The budget's count (a percentage, a size, a number of reads, or `all`), which
+    /// every run samples in full: the bound is guaranteed.
+    Budget,
+    /// A time limit decided how much this run sampled (a time budget, or a deadline or
+    /// window that cut the count short): the bound assumes later runs sample at least
+    /// as many chunks, and a later run that samples fewer reports a larger one.
+    Achieved,
+    /// Nothing but the first chunk was sampled (a budget below one chunk, or a time limit
+    /// reached at once): no bound.
+    None,
+    /// Verification is off (`--verify none`).
+    Off,
+}
+
+/// Why a run sampled less than its budget's count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CutShort {
+    /// The budget's time limit (`30s`).
+    Deadline,
+    /// The budget's time window (`until=06:00`).
+    Window,
 }
 
 /// A restore point.
