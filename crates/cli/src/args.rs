@@ -382,6 +382,12 @@ pub struct RestoreArgs {
     /// Target format: raw (sparse file or block device) or qcow2 (through qemu-img).
     #[arg(long, value_name = "raw|qcow2", default_value = "raw", value_parser = ["raw", "qcow2"])]
     pub format: String,
+    /// Write into the existing raw image at --to (a restore of this disk, or the disk
+    /// itself) only the known-good bytes of the ranges verification found stale in this
+    /// snapshot — tainted or suspect — from the restore point that re-read them; nothing
+    /// else is written. For a tainted snapshot this yields its healed twin.
+    #[arg(long, conflicts_with_all = ["force", "offset", "length"])]
+    pub patch_tainted: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

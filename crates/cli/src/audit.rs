@@ -1,6 +1,7 @@
 //! `status` and `verify`: what has been proven about the backups, and a proof on demand.
 
 use anyhow::Result;
+use blockproof_core::events::Cause;
 use blockproof_core::{Budget, Coverage, VerifyOptions};
 use blockproof_format::manifest::{BoundBasis, CutShort};
 
@@ -41,6 +42,43 @@ pub fn status(a: VmArgs) -> Result<u8> {
             }
             if !d.mismatches.is_empty() {
                 println!("    TAINTED: {} range(s) differ from the source", d.mismatches.len());
+            }
+        }
+        for e in &v.events {
+            println!(
+                "  detected {}: snapshot {}{} was stale",
+                e.time.get(..19).map_or(e.time.clone(), |t| format!("{t}Z")),
+                e.snapshot.short(),
+                if e.forgotten { " (since forgotten)" } else { "" }
+            );
+            for d in &e.disks {
+                let ranges: Vec<String> =
+                    d.mismatches.iter().take(4).map(|r| format!("{}+{}", r.offset, r.length)).collect();
+                let causes: Vec<&str> = d
+                    .causes
+                    .iter()
+                    .map(|c| match c {
+                        Cause::ChangeTracking => "change tracking lied",
+                        Cause::AllocationMap => "the allocation map lied",
+                        Cause::SourceChanged => "the source changed while read",
+                    })
+                    .collect();
+                println!(
+                    "    disk {} ({}): bytes {}{}; suspects: {}; good bytes in: {}",
+                    d.id,
+                    causes.join(", "),
+                    ranges.join(", "),
+                    if d.mismatches.len() > 4 { " and more" } else { "" },
+                    if d.suspects.is_empty() {
+                        "none".to_string()
+                    } else {
+                        d.suspects.iter().map(|s| s.short()).collect::<Vec<_>>().join(", ")
+                    },
+                    d.good_snapshot
+                        .map_or("no restore point yet (the next backup reads the disk in full)".into(), |g| {
+                            format!("snapshot {} (restore --patch-tainted writes them)", g.short())
+                        })
+                );
             }
         }
     }

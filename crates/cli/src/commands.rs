@@ -256,9 +256,22 @@ struct SnapshotRow<'a> {
     vm: &'a str,
     time: &'a str,
     status: &'a str,
+    /// Verification later found the disks of this restore point may share stale content
+    /// (a suspect of a detection event): the ranges are in `suspect_ranges`.
+    suspect: bool,
+    suspect_ranges: Vec<SuspectRange>,
     hostname: &'a str,
     tags: &'a [String],
     disks: Vec<SnapshotDisk<'a>>,
+}
+
+#[derive(Serialize)]
+struct SuspectRange {
+    disk: String,
+    offset: u64,
+    length: u64,
+    /// The tainted restore point whose verification found it.
+    found_by: String,
 }
 
 #[derive(Serialize)]
@@ -274,6 +287,25 @@ fn snapshots(a: VmArgs) -> Result<u8> {
     let scan = repo.scan_snapshots()?;
     warn_skipped(&scan.skipped);
     let all = scan.snapshots;
+    let (events, event_warnings) = blockproof_core::events::events(&repo)?;
+    for w in event_warnings {
+        eprintln!("blockproof: warning: {w}");
+    }
+    let suspect_ranges = |id: &blockproof_format::Id| -> Vec<SuspectRange> {
+        events
+            .iter()
+            .flat_map(|e| e.disks.iter().map(move |d| (e, d)))
+            .filter(|(_, d)| d.suspects.contains(id))
+            .flat_map(|(e, d)| {
+                d.mismatches.iter().map(move |m| SuspectRange {
+                    disk: d.id.clone(),
+                    offset: m.offset,
+                    length: m.length,
+                    found_by: e.snapshot.to_hex(),
+                })
+            })
+            .collect()
+    };
     let rows: Vec<SnapshotRow> = all
         .iter()
         .filter(|s| a.vm.as_ref().is_none_or(|vm| &s.snapshot.vm == vm))
@@ -282,6 +314,8 @@ fn snapshots(a: VmArgs) -> Result<u8> {
             vm: &s.snapshot.vm,
             time: &s.snapshot.time,
             status: s.snapshot.status.as_str(),
+            suspect: !suspect_ranges(&s.id).is_empty(),
+            suspect_ranges: suspect_ranges(&s.id),
             hostname: &s.snapshot.hostname,
             tags: &s.snapshot.tags,
             disks: s
@@ -305,7 +339,8 @@ fn snapshots(a: VmArgs) -> Result<u8> {
     for r in &rows {
         let disks: Vec<String> = r.disks.iter().map(|d| format!("{} ({})", d.id, human_bytes(d.size))).collect();
         let time = r.time.get(..19).map_or(r.time.to_string(), |t| format!("{t}Z"));
-        println!("{:<10} {:<21} {:<16} {:<8} {}", &r.id[..8], time, r.vm, r.status, disks.join(", "));
+        let status = if r.suspect && r.status == "ok" { "suspect" } else { r.status };
+        println!("{:<10} {:<21} {:<16} {:<8} {}", &r.id[..8], time, r.vm, status, disks.join(", "));
     }
     println!("{} snapshot(s)", rows.len());
     Ok(exit::OK)
@@ -320,9 +355,43 @@ fn restore(a: RestoreArgs) -> Result<u8> {
     };
     let format = if a.format == "qcow2" { RestoreFormat::Qcow2 } else { RestoreFormat::Raw };
     let repo = open_repo(&a.repo)?;
+    if a.patch_tainted {
+        let r = blockproof_core::events::patch(&repo, &a.snapshot, &a.disk, &a.to)?;
+        if a.json {
+            print_json(&r)?;
+        } else {
+            println!(
+                "patched {} stale range(s) ({}) of disk {} of snapshot {} in {} with the good bytes of snapshot {}",
+                r.ranges.len(),
+                human_bytes(r.bytes_written),
+                r.disk,
+                r.snapshot.short(),
+                r.target.display(),
+                r.good_snapshot.short()
+            );
+        }
+        return Ok(exit::OK);
+    }
     let opts = RestoreOptions { snapshot: a.snapshot, disk: a.disk, target: a.to, force: a.force, range, format };
     let progress = progress::for_stderr();
     let report = blockproof_core::restore(&repo, &opts, progress.as_ref())?;
+    let (events, _) = blockproof_core::events::events(&repo)?;
+    for e in events.iter().filter(|e| e.snapshot != report.snapshot && e.concerns(&report.snapshot, Some(&report.disk)))
+    {
+        for d in e.disks.iter().filter(|d| d.id == report.disk) {
+            let r: Vec<String> = d.mismatches.iter().take(4).map(|m| format!("{}+{}", m.offset, m.length)).collect();
+            eprintln!(
+                "blockproof: warning: snapshot {} is a suspect: verification of snapshot {} found disk {} stale at \
+                 bytes {}{}, and this restore point holds the same content there (restore --patch-tainted writes \
+                 the known-good bytes)",
+                report.snapshot.short(),
+                e.snapshot.short(),
+                report.disk,
+                r.join(", "),
+                if d.mismatches.len() > 4 { " and more" } else { "" }
+            );
+        }
+    }
     if !report.mismatches.is_empty() {
         let r: Vec<String> = report.mismatches.iter().take(4).map(|m| format!("{}+{}", m.offset, m.length)).collect();
         eprintln!(

@@ -14,11 +14,11 @@ mod harness;
 use std::fs::{self, File};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use disk_image::run;
+use harness::nbdkit::Nbdkit;
 use harness::Dir;
 
 /// Length of the guest's sparse file, and where its two pieces of data are.
@@ -332,43 +332,6 @@ fn repository_files_and_restored_images_are_private_whatever_the_umask() {
         fs::set_permissions(&to, fs::Permissions::from_mode(0o666)).unwrap();
         dir.repo_cmd("restore").args(["vm:latest", "--disk", "a", "--force", "--to"]).arg(&to).umask(mask).ok();
         assert_eq!(format!("{:04o}", mode(&to)), "0600", "umask {mask:03o}: replaced");
-    }
-}
-
-/// An nbdkit server on a unix socket, stopped (by its pid) when dropped.
-struct Nbdkit {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Nbdkit {
-    fn start(dir: &Dir, name: &str, plugin_args: &[&str]) -> Nbdkit {
-        let socket = dir.join(&format!("{name}.sock"));
-        let child = Command::new("nbdkit")
-            .args(["-f", "--exit-with-parent", "-U"])
-            .arg(&socket)
-            .args(plugin_args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nbdkit (apt-get install nbdkit)");
-        let start = Instant::now();
-        while !socket.exists() {
-            assert!(start.elapsed() < Duration::from_secs(20), "nbdkit did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Nbdkit { child, socket }
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.socket.display())
-    }
-}
-
-impl Drop for Nbdkit {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

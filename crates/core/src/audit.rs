@@ -78,7 +78,7 @@ pub fn verify(repo: &Repository, opts: VerifyOptions, progress: &dyn Progress) -
             reader: &reader,
             chunk_size: entry.chunk_size,
             chunks: n,
-            unread: if n == 0 { Vec::new() } else { vec![0..n] },
+            unread: std::iter::once(0..n).filter(|r| !r.is_empty()).collect(),
             forced: Vec::new(),
             budget: &budget,
             scan: false,

@@ -24,6 +24,7 @@ use crossbeam_channel::Sender;
 use serde::Serialize;
 
 use crate::confirm::ConfirmState;
+use crate::events::{Cause, Event, EventDisk};
 use crate::pipeline::{store_disk, with_pack_writer, BlobSink, Dedup, DiskCounters};
 use crate::plan::{Action, ChunkPlan};
 use crate::verification::{DiskCheck, Escalation};
@@ -248,11 +249,8 @@ fn prepare<'a>(
     blockproof_source::check_disk_size(&opened.source.describe(), size, Some(chunk_size))?;
     // After verification caught a lie on this disk, the next run trusts no tracking
     // metadata at all: not the change source, and not the allocation map either.
-    let zero = if parent_entry.is_some_and(|e| e.next_full.is_some()) {
-        Vec::new()
-    } else {
-        opened.source.zero_ranges()?
-    };
+    let zero =
+        if parent_entry.is_some_and(|e| e.next_full.is_some()) { Vec::new() } else { opened.source.zero_ranges()? };
     let (changed, full_reason) = match &opened.changes {
         Changes::All { reason } => (None, Some(reason.clone())),
         Changes::Ranges(r) => match full_read_reason(opts.full, damage, parent, &input.id, size, chunk_size) {
@@ -281,6 +279,8 @@ fn prepare<'a>(
 struct DiskOutcome {
     entry: DiskEntry,
     report: DiskReport,
+    /// What made it differ from its source, if it does.
+    causes: Vec<Cause>,
 }
 
 /// Context shared by every disk of a backup.
@@ -408,6 +408,14 @@ impl Ctx<'_, '_> {
             None
         };
         let advice = advice(&d.cbt, lied_cbt, lied_alloc, !verdict.changing.is_empty(), cbt_missed > 0 && incremental);
+        let causes: Vec<Cause> = [
+            (lied_cbt, Cause::ChangeTracking),
+            (lied_alloc, Cause::AllocationMap),
+            (!verdict.changing.is_empty(), Cause::SourceChanged),
+        ]
+        .into_iter()
+        .filter_map(|(on, c)| on.then_some(c))
+        .collect();
         let stats = DiskStats {
             bytes_read: counters.bytes_read.load(Ordering::Relaxed),
             zero_chunks: counters.zero_chunks.load(Ordering::Relaxed),
@@ -465,7 +473,7 @@ impl Ctx<'_, '_> {
             coverage: Some(coverage.for_version(self.repo.config().version)),
             next_full,
         };
-        Ok(DiskOutcome { entry, report })
+        Ok(DiskOutcome { entry, report, causes })
     }
 
     /// Earlier restore points of the disk, from `parent` back, that hold `id` at `chunk`
@@ -674,6 +682,29 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
     };
     // Every pack and index file is durable (the writer finished): commit.
     let id = commit(repo, &lock, &snapshot)?;
+    // A finding is recorded in the repository, not only printed (docs/VERIFICATION.md).
+    let mut event = tainted.then(|| Event {
+        snapshot: id,
+        vm: opts.vm.clone(),
+        time: time.clone(),
+        disks: outcomes
+            .iter()
+            .filter(|o| !o.entry.mismatches.is_empty())
+            .map(|o| EventDisk {
+                id: o.entry.id.clone(),
+                causes: o.causes.clone(),
+                mismatches: o.entry.mismatches.clone(),
+                suspects: o.report.suspect_snapshots.clone(),
+            })
+            .collect(),
+        healed_by: None,
+    });
+    let mut event_warnings = Vec::new();
+    if let Some(e) = &event {
+        if let Err(err) = crate::events::record(repo, e) {
+            event_warnings.push(format!("the detection event could not be recorded: {err}"));
+        }
+    }
     let mut report = BackupReport {
         snapshot: id,
         vm: opts.vm.clone(),
@@ -704,13 +735,21 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
             Ok(entries)
         })?;
         let healed = Snapshot { time: heal_time, status: SnapshotStatus::Ok, disks: entries, ..snapshot };
-        report.healed_snapshot = Some(commit(repo, &lock, &healed)?);
+        let healed_id = commit(repo, &lock, &healed)?;
+        report.healed_snapshot = Some(healed_id);
+        if let Some(e) = event.as_mut() {
+            e.healed_by = Some(healed_id);
+            if let Err(err) = crate::events::record(repo, e) {
+                event_warnings.push(format!("the detection event could not be updated: {err}"));
+            }
+        }
         report.packs_written += heal_stats.packs;
         report.bytes_written += heal_stats.pack_bytes;
     }
 
     // Close the sources (stopping any qemu-nbd) before what comes after the commit.
     let mut warnings = std::mem::take(&mut ctx.warnings);
+    warnings.extend(event_warnings);
     for d in prepared {
         drop(d.source);
         warnings.extend(d.after_commit.run().err().map(|e| e.to_string()));

@@ -111,8 +111,8 @@ impl ConfirmState {
     /// confirmed no later than it, and each later run in which it is not sampled samples
     /// `rate` of those `p`, which then leave that set for good — so it is confirmed again
     /// by the `⌊p / rate⌋ + 1`-th later run, `run − v + ⌊p / rate⌋ + 1` runs after `v`.
-    /// `K` is the largest such gap, and at least `⌈(chunks − 1) / rate⌉` (the steady
-    /// state). Never below `oldest_confirmed_runs_ago + 1`.
+    /// `K` is the largest such gap: at least `⌈(chunks − 1) / rate⌉` (the steady state, from
+    /// the chunks confirmed last), never below `oldest_confirmed_runs_ago + 1`.
     fn bound(&self, run: u32, rate: u64) -> u64 {
         let others = self.last.len().saturating_sub(1) as u64;
         if others == 0 {
@@ -122,8 +122,9 @@ impl ConfirmState {
         for &v in &self.last[1..] {
             *hist.entry(v).or_default() += 1;
         }
+        // (The chunks confirmed last give the steady state, ⌈others / rate⌉.)
         let mut at_or_before = 0u64;
-        let mut k = others.div_ceil(rate);
+        let mut k = 1;
         for (&v, &n) in &hist {
             at_or_before += n;
             let p = at_or_before - 1;
@@ -157,10 +158,13 @@ impl Sampling {
             return (None, BoundBasis::Off);
         }
         let (rate, basis) = match (self.budget_chunks, self.timed, self.cut_short) {
-            // A count sampled in full (or every candidate): every later run does too.
-            (Some(b), _, None) => (b, BoundBasis::Budget),
+            // A count without a time limit: every run samples it (or every candidate).
+            (Some(b), false, _) => (b, BoundBasis::Budget),
             // `all` without a time limit: every candidate, every run.
             (None, false, _) => (chunks.saturating_sub(1).max(1), BoundBasis::Budget),
+            // A count reached under a time limit: a later run may be cut short, so the
+            // bound assumes they reach it too.
+            (Some(b), true, None) => (b, BoundBasis::Achieved),
             // A time limit decided: later runs are assumed to reach this run's sample.
             _ => (self.sampled, BoundBasis::Achieved),
         };
@@ -234,5 +238,92 @@ mod tests {
         assert_eq!(ConfirmState::never(1).coverage(3, &count(5)).full_coverage_within_runs, 1);
         let c = ConfirmState::never(11).coverage(2, &count(5));
         assert_eq!((c.never_confirmed, c.full_coverage_within_runs), (11, 2 + 9 / 5 + 1));
+    }
+
+    /// The property behind `full_coverage_within_runs`: after every run `r`, every chunk is
+    /// confirmed again no later than `last_r[c] + K_r`, over random disk sizes, budgets,
+    /// change patterns and runs whose time limit cut the sample — for a `budget` bound
+    /// always, for an `achieved` one as long as later runs sample at least as much (the
+    /// condition it states). A lie — a chunk left stale — is detected when the chunk is
+    /// next sampled, so this bounds detection too. 400 random cases.
+    #[test]
+    fn the_bound_holds_for_random_budgets_disks_changes_and_cuts() {
+        use rand::{Rng, SeedableRng};
+        for seed in 0..400u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let n = rng.gen_range(1..300u64);
+            let others = n.saturating_sub(1).max(1);
+            let budget = rng.gen_range(1..=others);
+            let change = rng.gen_range(0.0..0.3);
+            let timed = rng.gen_bool(0.4);
+            let runs = 40u32;
+            let mut state = ConfirmState::never(n);
+            // Run 1: a full read.
+            (0..n).for_each(|c| state.confirm(c, 1));
+            // (run, K, rate, basis, last) after each run.
+            let mut history: Vec<(u32, u64, u64, BoundBasis, Vec<u32>)> = Vec::new();
+            let mut samples = vec![0u64; runs as usize + 1];
+            for run in 2..=runs {
+                // Changes change tracking reports: read, so confirmed.
+                let changed: Vec<u64> = (0..n).filter(|_| rng.gen_bool(change)).collect();
+                let unread = crate::verify::tests_support::runs_without(n, &changed);
+                // A time limit may cut the count short.
+                let cut = timed && rng.gen_bool(0.5);
+                let take = if cut { rng.gen_range(0..=budget) } else { budget };
+                let picked = crate::verify::select(&state.last, &unread, Some(take), &mut rng);
+                let previous = state.clone();
+                for &c in changed.iter().chain(&picked) {
+                    state.confirm(c, run);
+                }
+                let sampled = picked.iter().filter(|&&c| c != 0).count() as u64;
+                samples[run as usize] = sampled;
+                let sampling = Sampling {
+                    off: false,
+                    budget_chunks: Some(budget),
+                    timed,
+                    sampled,
+                    cut_short: (cut && sampled < budget && sampled < unread_len(&unread, 0))
+                        .then_some(CutShort::Deadline),
+                };
+                let cov = state.coverage(run, &sampling);
+                assert!(
+                    cov.full_coverage_within_runs == 0 || cov.full_coverage_within_runs > cov.oldest_confirmed_runs_ago,
+                    "seed {seed}: a bound below the state's age"
+                );
+                let _ = previous;
+                history.push((
+                    run,
+                    cov.full_coverage_within_runs,
+                    cov.sampled_per_run.unwrap_or(0),
+                    cov.bound.unwrap(),
+                    state.last.clone(),
+                ));
+                // Check every earlier claim whose deadline is this run.
+                for (r, k, rate, basis, last) in &history {
+                    if *k == 0 {
+                        continue;
+                    }
+                    let kept = *basis == BoundBasis::Budget
+                        || samples[(*r as usize + 1)..=run as usize].iter().all(|&s| s >= *rate);
+                    if !kept {
+                        continue;
+                    }
+                    for (c, &was) in last.iter().enumerate().skip(1) {
+                        let due = u64::from(was) + k;
+                        if u64::from(run) == due {
+                            assert!(
+                                state.last[c] > was,
+                                "seed {seed}: chunk {c} confirmed at run {was} not again by run {run} (K {k} after \
+                                 run {r}, n {n}, budget {budget}, rate {rate}, {basis:?})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn unread_len(runs: &[std::ops::Range<u64>], skip_first: u64) -> u64 {
+        runs.iter().map(|r| r.end - r.start).sum::<u64>().saturating_sub(skip_first)
     }
 }

@@ -26,6 +26,7 @@ pub mod budget;
 pub mod check;
 mod confirm;
 pub mod copy;
+pub mod events;
 pub mod forget;
 pub mod gc;
 pub mod image;

@@ -195,7 +195,10 @@ mod tests {
         let p = ChunkPlan::new(1000, 100, &[(200, 100), (400, 100)], Some(&changed));
         assert_eq!(p.unread(), vec![1..3, 4..9]);
         assert_eq!(p.reported, vec![0..1, 2..4, 9..10]);
-        assert_eq!((p.action(0), p.action(2), p.action(5), p.action(10)), (Some(Read), Some(Zero), Some(Inherit), None));
+        assert_eq!(
+            (p.action(0), p.action(2), p.action(5), p.action(10)),
+            (Some(Read), Some(Zero), Some(Inherit), None)
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub struct DiskStatus {
     pub next_full_reason: Option<String>,
 }
 
-/// A vm's latest restore point.
+/// A vm's latest restore point, and the history of what verification found.
 #[derive(Clone, Debug, Serialize)]
 pub struct VmStatus {
     pub vm: String,
@@ -34,6 +34,31 @@ pub struct VmStatus {
     pub status: SnapshotStatus,
     pub snapshots: u64,
     pub disks: Vec<DiskStatus>,
+    /// Every detection event of the vm, oldest first: they stay after later backups.
+    pub events: Vec<EventStatus>,
+}
+
+/// A detection event as `status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct EventStatus {
+    pub time: String,
+    /// The tainted restore point.
+    pub snapshot: Id,
+    /// Whether that restore point has been forgotten since (the event stays).
+    pub forgotten: bool,
+    pub disks: Vec<EventDiskStatus>,
+}
+
+/// One disk of a detection event.
+#[derive(Clone, Debug, Serialize)]
+pub struct EventDiskStatus {
+    pub id: String,
+    pub causes: Vec<crate::events::Cause>,
+    pub mismatches: Vec<ByteRange>,
+    pub suspects: Vec<Id>,
+    /// The restore point holding the good bytes of those ranges (the healed one, or the
+    /// next full one); absent until one exists.
+    pub good_snapshot: Option<Id>,
 }
 
 /// The status of every vm (or of `vm`), by name, from the readable snapshots.
@@ -49,8 +74,10 @@ pub struct StatusReport {
 /// skipped, with a warning each.
 pub fn status(repo: &Repository, vm: Option<&str>) -> Result<StatusReport, CoreError> {
     let scan = repo.scan_snapshots()?;
-    let warnings = scan.skipped.warnings();
+    let mut warnings = scan.skipped.warnings();
     let snapshots = scan.snapshots;
+    let (events, event_warnings) = crate::events::events(repo)?;
+    warnings.extend(event_warnings);
     let mut vms: Vec<&str> =
         snapshots.iter().map(|s| s.snapshot.vm.as_str()).filter(|v| vm.is_none_or(|w| w == *v)).collect();
     vms.sort_unstable();
@@ -89,7 +116,28 @@ pub fn status(repo: &Repository, vm: Option<&str>) -> Result<StatusReport, CoreE
                 }
             })
             .collect();
+        let events = events
+            .iter()
+            .filter(|e| e.vm == v)
+            .map(|e| EventStatus {
+                time: e.time.clone(),
+                snapshot: e.snapshot,
+                forgotten: !snapshots.iter().any(|s| s.id == e.snapshot),
+                disks: e
+                    .disks
+                    .iter()
+                    .map(|d| EventDiskStatus {
+                        id: d.id.clone(),
+                        causes: d.causes.clone(),
+                        mismatches: d.mismatches.clone(),
+                        suspects: d.suspects.clone(),
+                        good_snapshot: crate::events::good_snapshot(e, &d.id, &snapshots),
+                    })
+                    .collect(),
+            })
+            .collect();
         out.push(VmStatus {
+            events,
             vm: v.to_string(),
             snapshot: latest.id,
             time: s.time.clone(),

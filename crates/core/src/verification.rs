@@ -12,9 +12,9 @@ use std::collections::HashSet;
 use std::ops::Range;
 use std::time::Instant;
 
+use blockproof_crypto::Keys;
 use blockproof_format::manifest::{ByteRange, CutShort};
 use blockproof_format::Id;
-use blockproof_crypto::Keys;
 use blockproof_repo::BlobReader;
 use blockproof_source::BlockSource;
 use serde::Serialize;
@@ -122,11 +122,8 @@ impl DiskCheck<'_> {
         // confirmed first) among the other unread chunks.
         let forced: Vec<u64> = self.forced.iter().copied().filter(|&c| c != 0 && self.is_unread(c)).collect();
         let forced_set: HashSet<u64> = forced.iter().copied().collect();
-        let candidates: Vec<Range<u64>> = if forced.is_empty() {
-            self.unread.clone()
-        } else {
-            split_out(&self.unread, &forced_set)
-        };
+        let candidates: Vec<Range<u64>> =
+            if forced.is_empty() { self.unread.clone() } else { split_out(&self.unread, &forced_set) };
         let picked = select(last, &candidates, limit, &mut rand::thread_rng());
         let first = usize::from(picked.first() == Some(&0));
         let mut selected = forced.clone();
@@ -210,16 +207,8 @@ impl DiskCheck<'_> {
         if !diffs.is_empty() {
             let chunks: Vec<u64> = diffs.iter().map(|d| d.chunk).collect();
             let first_reads: Vec<Id> = diffs.iter().map(|d| d.read).collect();
-            let again = sample(
-                source,
-                repo.keys(),
-                repo.cancel(),
-                self.chunk_size,
-                &chunks,
-                &first_reads,
-                chunks.len(),
-                None,
-            )?;
+            let again =
+                sample(source, repo.keys(), repo.cancel(), self.chunk_size, &chunks, &first_reads, chunks.len(), None)?;
             let moved: HashSet<u64> = again.mismatched.iter().map(|(c, _)| *c).collect();
             for d in diffs {
                 if moved.contains(&d.chunk) {
@@ -229,7 +218,9 @@ impl DiskCheck<'_> {
                 }
             }
         }
-        v.mismatches = merge_ranges(std::mem::take(&mut v.mismatches));
+        let mut ranges = std::mem::take(&mut v.mismatches);
+        ranges.sort_unstable_by_key(|r| r.offset);
+        v.mismatches = merge_ranges(ranges);
         Ok(v)
     }
 
@@ -272,7 +263,10 @@ fn split_out(runs: &[Range<u64>], out: &HashSet<u64>) -> Vec<Range<u64>> {
 }
 
 /// The ids for `chunks`, looked up in disk order (the parent's tree is read forwards).
-fn fetch_expected(chunks: &[u64], expected: &mut dyn FnMut(u64) -> Result<Id, CoreError>) -> Result<Vec<Id>, CoreError> {
+fn fetch_expected(
+    chunks: &[u64],
+    expected: &mut dyn FnMut(u64) -> Result<Id, CoreError>,
+) -> Result<Vec<Id>, CoreError> {
     let mut order: Vec<usize> = (0..chunks.len()).collect();
     order.sort_unstable_by_key(|&k| chunks[k]);
     let mut out = vec![Id::ZERO; chunks.len()];

@@ -14,8 +14,9 @@
 //! [`Id::ZERO`]) and compares with the inherited id. A mismatch is narrowed to the
 //! 512-byte sectors that differ, by comparing with the stored chunk's bytes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use blockproof_format::manifest::ByteRange;
@@ -134,11 +135,19 @@ pub(crate) struct Sampled {
     pub cut_short: bool,
 }
 
+/// Bytes a time-limited sample may have in flight before the first read completes (and
+/// tells how fast the source is).
+const FIRST_WAVE: u64 = 1 << 20;
+
 /// Reads `selected` (in priority order) from `source` and compares chunk `selected[k]`
 /// with `expected[k]`. The first `exempt` chunks are always read; the others only while
-/// `deadline` has not passed — checked before each read is issued, so no read starts
-/// after it (reads already in flight complete and count). The reader, the hashing
-/// workers and the comparison are one [`fan_out`]: a lost lock stops them.
+/// `deadline` allows — decided before each read is issued: none is issued after the
+/// deadline, nor one that would not complete before it at the rate the source has shown
+/// so far (a source that keeps many requests in flight would otherwise overrun the
+/// deadline by all of them). So reads go in waves: the exempt chunks, then what fits in
+/// the time left (at most [`FIRST_WAVE`] bytes while nothing has completed), each wave
+/// pipelined. The reader, the hashing workers and the comparison are one [`fan_out`]: a
+/// lost lock stops them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sample(
     source: &mut dyn BlockSource,
@@ -153,25 +162,71 @@ pub(crate) fn sample(
     let cs = u64::from(chunk_size);
     let size = source.size();
     let mut out = Sampled::default();
-    let cut = std::sync::atomic::AtomicBool::new(false);
+    let cut = AtomicBool::new(false);
+    let done = AtomicU64::new(0);
     fan_out(
         cancel,
         FanOut { workers: workers(), queue: 32 },
         |emit| {
-            let mut ranges = selected.iter().enumerate().map_while(|(k, &c)| {
-                if k >= exempt && deadline.is_some_and(|d| Instant::now() >= d) {
-                    cut.store(true, std::sync::atomic::Ordering::Relaxed);
-                    return None;
+            let index: HashMap<u64, usize> = selected.iter().enumerate().map(|(k, &c)| (c * cs, k)).collect();
+            let mut to_workers = |offset: u64, buf: Vec<u8>| {
+                done.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                match index.get(&offset) {
+                    Some(&k) => emit.send((k, buf)),
+                    None => false,
                 }
-                Some((c * cs, (size - c * cs).min(cs) as usize))
-            });
-            let mut k = 0usize;
-            let mut to_workers = |_offset: u64, buf: Vec<u8>| {
-                let sent = emit.send((k, buf));
-                k += 1;
-                sent
             };
-            source.read_ranges(&mut ranges, &mut to_workers).map_err(CoreError::from)
+            let len = |c: u64| (size - c * cs).min(cs);
+            // In waves: the exempt chunks, then as many as fit before the deadline at the
+            // rate the source has shown (a first wave of at most FIRST_WAVE bytes when
+            // nothing has completed yet), until the deadline or the end.
+            let mut next = exempt.min(selected.len());
+            let mut wave: Vec<u64> = selected[..next].to_vec();
+            let mut last_wave: u64 = wave.iter().map(|&c| len(c)).sum();
+            loop {
+                let wave_started = (Instant::now(), done.load(Ordering::Relaxed));
+                if !wave.is_empty() {
+                    let mut ranges = wave.iter().map(|&c| (c * cs, len(c) as usize));
+                    source.read_ranges(&mut ranges, &mut to_workers)?;
+                    if emit.stopped() {
+                        return Ok(());
+                    }
+                }
+                if next >= selected.len() {
+                    return Ok(());
+                }
+                // The rate of the last wave (a source may burst at first), and at most
+                // twice its size: estimates are tested before they are trusted.
+                let room = match deadline {
+                    None => u64::MAX,
+                    Some(d) => {
+                        let now = Instant::now();
+                        let read = done.load(Ordering::Relaxed) - wave_started.1;
+                        let took = wave_started.0.elapsed().as_secs_f64();
+                        if now >= d {
+                            0
+                        } else if read == 0 {
+                            last_wave = FIRST_WAVE;
+                            FIRST_WAVE
+                        } else {
+                            let fits = (read as f64 / took.max(1e-6) * (d - now).as_secs_f64()) as u64;
+                            last_wave = fits.min(2 * last_wave);
+                            last_wave
+                        }
+                    }
+                };
+                wave.clear();
+                let mut bytes = 0u64;
+                while next < selected.len() && bytes + len(selected[next]) <= room {
+                    bytes += len(selected[next]);
+                    wave.push(selected[next]);
+                    next += 1;
+                }
+                if wave.is_empty() {
+                    cut.store(true, Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
         },
         || {
             |(k, buf): (usize, Vec<u8>)| -> Result<(usize, bool, Vec<u8>), CoreError> {
@@ -229,6 +284,28 @@ pub(crate) fn merge_ranges(ranges: Vec<ByteRange>) -> Vec<ByteRange> {
         }
     }
     out
+}
+
+/// Helpers for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use std::ops::Range;
+
+    /// Chunks `0..n` without `out` (sorted), as runs.
+    pub fn runs_without(n: u64, out: &[u64]) -> Vec<Range<u64>> {
+        let mut runs = Vec::new();
+        let mut start = 0;
+        for &c in out {
+            if c > start {
+                runs.push(start..c);
+            }
+            start = c + 1;
+        }
+        if start < n {
+            runs.push(start..n);
+        }
+        runs
+    }
 }
 
 #[cfg(test)]

@@ -121,14 +121,18 @@ impl BlockSource for NbdSource {
     ) -> Result<(), SourceError> {
         let size = self.client.size();
         let mut bad = None;
-        let checked = ranges.map_while(|(o, l)| {
-            if o.checked_add(l as u64).is_none_or(|end| end > size) {
-                bad = Some(o);
-                None
-            } else {
-                Some((o, l))
-            }
-        });
+        // Fused: after an out-of-range request nothing more is read (map_while alone
+        // would go on with the ranges after it if asked again).
+        let checked = ranges
+            .map_while(|(o, l)| {
+                if o.checked_add(l as u64).is_none_or(|end| end > size) {
+                    bad = Some(o);
+                    None
+                } else {
+                    Some((o, l))
+                }
+            })
+            .fuse();
         for r in self.client.reads(checked) {
             let (offset, data) = r.map_err(|source| SourceError::Nbd { what: self.what.clone(), source })?;
             if !sink(offset, data) {
