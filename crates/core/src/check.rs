@@ -52,11 +52,23 @@ pub struct ReadDataReport {
     pub full_coverage_within_runs: u64,
 }
 
-/// The rotation of data checks (`state/check`): per pack, the run that last verified it.
+/// The rotation of data checks (`state/check`): per pack, the run that last verified it;
+/// and the packs the last data check of each found damaged (with that run), which backups
+/// and copies leave out of deduplication (absent in states written before repair
+/// existed).
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 struct CheckState {
     run: u64,
     packs: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    damaged: BTreeMap<String, u64>,
+}
+
+/// The packs `check --read-data` found damaged and that have not passed a data check
+/// since (`state/check`). Advisory: an unreadable state gives none, with a warning.
+pub(crate) fn damaged_packs(repo: &Repository, warnings: &mut Vec<String>) -> HashSet<Id> {
+    let state = CheckState::load(repo, warnings);
+    state.damaged.keys().filter_map(|n| n.parse().ok()).collect()
 }
 
 const CHECK_STATE: &str = "check";
@@ -116,26 +128,16 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     report.index_files = index.files().len() as u64;
     report.blobs = index.len() as u64;
 
-    // Packs: every indexed pack exists and is long enough for its blobs.
-    let stored: HashMap<String, u64> = backend
-        .list(Kind::Pack)?
-        .into_iter()
-        .map(|n| {
-            let size = backend.size(Kind::Pack, &n).unwrap_or(0);
-            (n, size)
-        })
-        .collect();
-    let mut needed_len: HashMap<Id, u64> = HashMap::new();
-    for (_, pack, entry) in index.iter() {
-        let e = needed_len.entry(pack).or_default();
-        *e = (*e).max(entry.end());
-    }
+    // Packs: every indexed pack exists and has the size its index listing gives it.
+    let stored: HashMap<String, u64> = backend.list_sizes(Kind::Pack)?.into_iter().collect();
     for pack in index.packs() {
+        let expected = index.expected_pack_size(pack).unwrap_or(0);
         match stored.get(&pack.to_hex()) {
             None => report.errors.push(format!("pack {pack} is listed in the index but missing")),
-            Some(&size) if size < needed_len.get(pack).copied().unwrap_or(0) + 4 => {
-                report.errors.push(format!("pack {pack} is truncated ({size} bytes)"))
-            }
+            Some(&size) if size < expected => report.errors.push(format!("pack {pack} is truncated ({size} bytes)")),
+            Some(&size) if size != expected => report
+                .errors
+                .push(format!("pack {pack} has {size} bytes, its index listing says {expected} (replaced?)")),
             _ => {}
         }
     }
@@ -281,6 +283,7 @@ fn read_data(
     let run = state.run;
     // Packs that no longer exist leave the rotation; new ones join it as never checked.
     state.packs.retain(|name, _| stored.contains_key(name));
+    state.damaged.retain(|name, _| stored.contains_key(name));
     let mut packs: Vec<(&String, u64)> = stored.iter().map(|(n, s)| (n, *s)).collect();
     packs.shuffle(&mut rand::thread_rng());
     packs.sort_by_key(|(n, _)| state.packs.get(*n).copied().unwrap_or(0));
@@ -288,7 +291,7 @@ fn read_data(
     let byte_limit = budget.byte_limit(total);
     let mut r = ReadDataReport { packs_total: packs.len() as u64, run, ..Default::default() };
     let by_pack: HashMap<Id, Vec<&blockproof_format::BlobEntry>> =
-        index.iter().fold(HashMap::new(), |mut m, (_, p, e)| {
+        index.iter_all().fold(HashMap::new(), |mut m, (_, p, e)| {
             m.entry(p).or_default().push(e);
             m
         });
@@ -332,9 +335,13 @@ fn read_data(
         r.packs_checked += 1;
         r.bytes_read += v.bytes_read;
         r.blobs_checked += v.blobs_checked;
-        // Only a pack that passed counts as verified: a damaged one stays first in line.
+        // Only a pack that passed counts as verified: a damaged one stays first in line,
+        // and backups stop deduplicating against it until it passes again.
         if v.errors.is_empty() {
             state.packs.insert(chosen[k].0.clone(), run);
+            state.damaged.remove(chosen[k].0);
+        } else {
+            state.damaged.insert(chosen[k].0.clone(), run);
         }
         errors.extend(v.errors);
     }

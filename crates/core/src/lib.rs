@@ -21,6 +21,7 @@
 //! - Check reports every problem it finds (it does not stop at the first).
 
 pub mod audit;
+mod availability;
 pub mod backup;
 pub mod budget;
 pub mod check;
@@ -31,6 +32,7 @@ pub mod gc;
 pub mod image;
 mod pipeline;
 mod plan;
+pub mod repair;
 pub mod restore;
 pub mod stats;
 pub mod status;
@@ -47,6 +49,7 @@ pub use copy::{copy, CopyOptions, CopyReport};
 pub use forget::{forget, protected, set_protected, ForgetOptions, ForgetReport, KeepPolicy};
 pub use gc::{gc, GcOptions, GcReport};
 pub use image::DiskImage;
+pub use repair::{repair, LostData, RepairOptions, RepairReport};
 pub use restore::{restore, RestoreFormat, RestoreOptions, RestoreReport};
 pub use stats::{stats, RepoStats};
 pub use status::{status, DiskStatus, VmStatus};
