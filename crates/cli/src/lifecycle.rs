@@ -71,10 +71,11 @@ pub fn repair(a: RepairArgs) -> Result<u8> {
     for w in &r.warnings {
         eprintln!("blockproof: warning: {w}");
     }
-    let would = if r.dry_run { "would " } else { "" };
+    let (salvaged, written, removed) =
+        if r.dry_run { ("to salvage", "would write", "would remove") } else { ("salvaged", "wrote", "removed") };
     println!(
-        "repair: read {} packs ({}): {} intact ({} indexed again), {} damaged ({} blobs {would}salvaged, {} \
-         unreadable), {} missing, {} unreadable",
+        "repair: read {} packs ({}): {} intact ({} indexed again), {} damaged ({} blobs {salvaged}, {} blobs \
+         damaged beyond repair), {} missing, {} unreadable",
         r.packs,
         human_bytes(r.bytes_read),
         r.packs_intact,
@@ -86,7 +87,7 @@ pub fn repair(a: RepairArgs) -> Result<u8> {
         r.packs_unreadable
     );
     println!(
-        "repair: {would}write {} packs and {} index files, {would}remove {} index files and {} packs",
+        "repair: {written} {} packs and {} index files; {removed} {} index files and {} packs",
         r.packs_written, r.index_files_written, r.index_files_removed, r.packs_removed
     );
     for l in &r.lost {
@@ -104,8 +105,9 @@ pub fn repair(a: RepairArgs) -> Result<u8> {
         );
     }
     if r.whole() {
-        println!("the repository is whole");
-    } else if !r.lost.is_empty() || r.blobs_lost > 0 {
+        println!("every snapshot restores whole");
+    }
+    if !r.lost.is_empty() {
         println!(
             "{} referenced blob(s) are in no pack: back up the same disks again (blobs are named by their content, so \
              a backup of the same data makes these snapshots whole), or forget the snapshots; gc runs meanwhile",

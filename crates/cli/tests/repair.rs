@@ -160,6 +160,13 @@ fn a_bit_flipped_pack_found_by_check_is_stored_again_by_the_next_backup() {
     let r = new_backup_repairs(&f, "bit-flipped pack");
     assert_data_repaired(&r, "bit-flipped pack");
     assert!(r["warnings"].to_string().contains("found damaged by check"), "{r}");
+
+    // The pack put back as it was: repair reads it whole, finds it intact, and backups
+    // reuse it again.
+    flip_middle(p);
+    repair(&f.dir, &[], 0);
+    let r = f.backup("v", None);
+    assert_eq!(r["unavailable_packs"], 0, "{r}");
 }
 
 #[test]
@@ -417,5 +424,34 @@ fn repair_refuses_while_a_backup_runs() {
     repair(&f.dir, &["--dry-run"], 0);
     fs::write(&gate, b"").unwrap();
     assert!(child.wait_with_output().unwrap().status.success());
-    repair(&f.dir, &[], 0);
+    let r = repair(&f.dir, &[], 0);
+    let nothing = ["packs_reindexed", "packs_salvaged", "packs_written", "index_files_written", "index_files_removed"];
+    for field in nothing {
+        assert_eq!(r[field], 0, "a healthy repository needs nothing: {field} in {r}");
+    }
+}
+
+/// Packs written by earlier versions have the exact size their index listing gives
+/// (FORMAT §9): repair finds the fixture repositories intact, and a backup into them
+/// reuses every pack.
+#[test]
+fn packs_of_every_format_version_have_their_listed_size() {
+    for (version, password) in [(1, "fixture password v1"), (2, "fixture password v2")] {
+        let dir = Dir::new();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../tests/fixtures/repo-v{version}"));
+        let status = std::process::Command::new("cp").arg("-r").arg(&fixture).arg(dir.repo()).status().unwrap();
+        assert!(status.success());
+        let img = dir.random_image("d.img", 1 << 20, version);
+        let run = |args: &[&str]| {
+            let mut c = dir.repo_cmd(args[0]);
+            c.args(&args[1..]).env("BLOCKPROOF_PASSWORD", password);
+            c.json()
+        };
+        let r = run(&["repair", "--dry-run", "--json"]);
+        assert_eq!(r["packs"], r["packs_intact"], "repo-v{version}: {r}");
+        assert_eq!((r["packs_reindexed"].as_u64(), r["index_files_removed"].as_u64()), (Some(0), Some(0)), "{r}");
+        let source = format!("id=d,source={}", img.display());
+        let b = run(&["backup", "--vm", "x", "--json", "--disk", &source]);
+        assert_eq!(b["unavailable_packs"], 0, "repo-v{version}: {b}");
+    }
 }

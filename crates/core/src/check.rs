@@ -71,6 +71,18 @@ pub(crate) fn damaged_packs(repo: &Repository, warnings: &mut Vec<String>) -> Ha
     state.damaged.keys().filter_map(|n| n.parse().ok()).collect()
 }
 
+/// Forgets that `packs` were found damaged (`repair` read them whole and found them
+/// intact, or removed them).
+pub(crate) fn clear_damaged(repo: &Repository, packs: &HashSet<&str>) -> Result<(), CoreError> {
+    let mut state = CheckState::load(repo, &mut Vec::new());
+    let before = state.damaged.len();
+    state.damaged.retain(|name, _| !packs.contains(name.as_str()));
+    if state.damaged.len() != before {
+        state.save(repo)?;
+    }
+    Ok(())
+}
+
 const CHECK_STATE: &str = "check";
 
 impl CheckState {

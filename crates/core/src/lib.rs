@@ -9,12 +9,18 @@
 //! | [`backup()`]     | [`BackupOptions`]  | [`BackupReport`]  |
 //! | [`restore()`]    | [`RestoreOptions`] | [`RestoreReport`] |
 //! | [`check()`]      | [`CheckOptions`]   | [`CheckReport`]   |
+//! | [`repair()`]     | [`RepairOptions`]  | [`RepairReport`]  |
 //!
 //! ## Invariants
 //!
 //! - Backup reads sources only through [`blockproof_source::BlockSource`] (read-only).
 //! - Backup makes a snapshot visible only after every pack and index file it references
 //!   is durable; an interrupted backup leaves only unreferenced packs.
+//! - Backup and copy never reuse a blob whose copies all lie in packs that are missing,
+//!   of the wrong size or found damaged, nor an index page that does not read back: they
+//!   store it again from the source (`availability`, `pipeline::Dedup`). `repair`
+//!   rebuilds the index from the packs and never removes a readable blob before a copy of
+//!   it is durable and indexed.
 //! - Restore writes a regular file through a temporary file renamed into place on
 //!   success: a failed restore leaves no file that looks complete. Every chunk is
 //!   authenticated and re-hashed against its id before it is written.

@@ -78,6 +78,7 @@ pub struct RepairReport {
     pub blobs_damaged: u64,
     /// Blobs some snapshot references that no intact or salvaged blob holds.
     pub blobs_lost: u64,
+    /// Packs and index files written (with `dry_run`: an estimate).
     pub packs_written: u64,
     pub index_files_written: u64,
     pub index_files_removed: u64,
@@ -91,9 +92,10 @@ pub struct RepairReport {
 }
 
 impl RepairReport {
-    /// Whether the repository is whole after the repair (nothing lost, nothing unreadable).
+    /// Whether every snapshot restores whole after the repair: nothing lost, nothing
+    /// unreadable (a lost part of a confirmation state, which is advisory, is a warning).
     pub fn whole(&self) -> bool {
-        self.lost.is_empty() && self.blobs_lost == 0 && self.packs_unreadable == 0
+        self.lost.is_empty() && self.packs_unreadable == 0
     }
 }
 
@@ -224,8 +226,8 @@ fn walk(
             .and_then(|plain| decode_page(&plain, page_len(sizes[level], page, fanout)).ok());
         let Some(ids) = ids else {
             missing.insert(id);
-            let span = f.pow(level as u32 + 1);
-            lost.push(page * span..((page + 1) * span).min(leaves));
+            let span = f.saturating_pow(level as u32 + 1);
+            lost.push(page.saturating_mul(span).min(leaves)..(page + 1).saturating_mul(span).min(leaves));
             continue;
         };
         for (k, child) in ids.into_iter().enumerate() {
@@ -471,7 +473,9 @@ pub fn repair(repo: &Repository, opts: &RepairOptions, progress: &dyn Progress) 
     }
 
     if opts.dry_run {
-        report.index_files_written = to_index.len().div_ceil(64) as u64 + u64::from(!salvage.is_empty());
+        let salvaged_bytes: u64 = salvage.iter().map(|(_, e)| u64::from(e.length)).sum();
+        report.packs_written = salvaged_bytes.div_ceil(u64::from(repo.config().pack_size));
+        report.index_files_written = to_index.len().div_ceil(64) as u64 + report.packs_written.div_ceil(64);
         report.index_files_removed = stale_files.len() as u64;
         report.packs_removed = damaged.len() as u64;
         return Ok(report);
@@ -516,6 +520,13 @@ pub fn repair(repo: &Repository, opts: &RepairOptions, progress: &dyn Progress) 
         backend.remove(Kind::Pack, name)?;
         report.packs_removed += 1;
     }
+    // Packs read whole and found intact, or removed, are no longer damaged for backups.
+    let judged: HashSet<&str> = verdicts
+        .iter()
+        .filter(|(_, v)| matches!(v, Verdict::Intact(_) | Verdict::Damaged { .. }))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    crate::check::clear_damaged(repo, &judged)?;
     // 4. What no pack holds, for gc (blobs of unreadable packs are not lost yet).
     let uncertain: HashSet<Id> = unreadable.keys().filter_map(|n| indexed.get(*n)).flatten().map(|e| e.id).collect();
     let lost: Vec<Id> = {
