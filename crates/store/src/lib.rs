@@ -17,7 +17,8 @@
 //!    packs before the index files that list them, both before the snapshot that uses
 //!    them. A crash between steps leaves only unreferenced files, which `check` reports
 //!    and garbage collection removes.
-//! 4. [`Backend::list`] returns only complete files (temporary files are invisible).
+//! 4. [`Backend::list`] (and [`Backend::list_sizes`], the same names with their sizes)
+//!    returns only complete files (temporary files are invisible).
 //!
 //! ## Layout of [`LocalBackend`]
 //!
