@@ -85,6 +85,10 @@ pub enum Command {
     Unprotect(SnapshotRefArgs),
     /// Remove stale locks (of processes that are gone), or with --all every lock.
     Unlock(UnlockArgs),
+    /// Rebuild the index from the packs, salvage damaged packs, and report per snapshot
+    /// and disk what is lost (a backup of the same content makes it whole again). Reads
+    /// every pack; holds the exclusive lock. Exit 1 when data remain lost.
+    Repair(RepairArgs),
     /// Copy snapshots to a second repository (another site; other keys allowed). Only what
     /// the target lacks is transferred.
     Copy(CopyArgs),
@@ -216,6 +220,18 @@ pub struct GcArgs {
     #[arg(long, value_name = "PERCENT", default_value = "25%")]
     pub repack_threshold: String,
     /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RepairArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Show what would be done; write and remove nothing (and take no lock).
     #[arg(long)]
     pub dry_run: bool,
     /// Print the report as JSON.

@@ -26,6 +26,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Protect(a) => crate::lifecycle::protect(a, true),
         Command::Unprotect(a) => crate::lifecycle::protect(a, false),
         Command::Unlock(a) => crate::lifecycle::unlock(a),
+        Command::Repair(a) => crate::lifecycle::repair(a),
         Command::Key(k) => crate::lifecycle::key(k),
         Command::Copy(a) => crate::lifecycle::copy(a),
         Command::Stats(a) => crate::audit::stats(a),
@@ -175,6 +176,12 @@ fn backup(a: BackupArgs) -> Result<u8> {
                 human_bytes(d.stored_bytes),
                 d.zero_chunks,
             );
+            if d.repaired_chunks > 0 {
+                println!(
+                    "    repaired: {} chunks the repository had lost or damaged were stored again from the source",
+                    d.repaired_chunks
+                );
+            }
             if d.verified_chunks > 0 {
                 println!(
                     "    compared {} unread chunks ({}) with the source: {}",

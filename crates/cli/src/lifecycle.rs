@@ -1,11 +1,12 @@
-//! `forget`, `gc`, `protect`/`unprotect` and `unlock`: the lifecycle of restore points.
+//! `forget`, `gc`, `protect`/`unprotect`, `unlock` and `repair`: the lifecycle of restore
+//! points and the upkeep of the repository.
 
 use anyhow::Result;
-use blockproof_core::{ForgetOptions, GcOptions, GcReport, KeepPolicy};
+use blockproof_core::{ForgetOptions, GcOptions, GcReport, KeepPolicy, RepairOptions};
 use blockproof_repo::LockFile;
 use blockproof_store::Kind;
 
-use crate::args::{CopyArgs, ForgetArgs, GcArgs, KeyAddArgs, KeyCommand, SnapshotRefArgs, UnlockArgs};
+use crate::args::{CopyArgs, ForgetArgs, GcArgs, KeyAddArgs, KeyCommand, RepairArgs, SnapshotRefArgs, UnlockArgs};
 use crate::commands::{human_bytes, open_repo, print_json};
 use crate::{exit, progress, Usage};
 
@@ -53,6 +54,67 @@ pub fn gc(a: GcArgs) -> Result<u8> {
         print_gc(&r);
     }
     Ok(exit::OK)
+}
+
+pub fn repair(a: RepairArgs) -> Result<u8> {
+    let repo = open_repo(&a.repo)?;
+    let progress = progress::for_stderr();
+    let r = blockproof_core::repair(&repo, &RepairOptions { dry_run: a.dry_run }, progress.as_ref())?;
+    let code = if r.whole() { exit::OK } else { exit::ERROR };
+    if a.json {
+        print_json(&r)?;
+        return Ok(code);
+    }
+    for p in &r.problems {
+        println!("found: {p}");
+    }
+    for w in &r.warnings {
+        eprintln!("blockproof: warning: {w}");
+    }
+    let (salvaged, written, removed) =
+        if r.dry_run { ("to salvage", "would write", "would remove") } else { ("salvaged", "wrote", "removed") };
+    println!(
+        "repair: read {} packs ({}): {} intact ({} indexed again), {} damaged ({} blobs {salvaged}, {} blobs \
+         damaged beyond repair), {} missing, {} unreadable",
+        r.packs,
+        human_bytes(r.bytes_read),
+        r.packs_intact,
+        r.packs_reindexed,
+        r.packs_salvaged,
+        r.blobs_salvaged,
+        r.blobs_damaged,
+        r.packs_missing,
+        r.packs_unreadable
+    );
+    println!(
+        "repair: {written} {} packs and {} index files; {removed} {} index files and {} packs",
+        r.packs_written, r.index_files_written, r.index_files_removed, r.packs_removed
+    );
+    for l in &r.lost {
+        let ranges: Vec<String> =
+            l.ranges.iter().take(8).map(|b| format!("{}..{}", b.offset, b.offset + b.length)).collect();
+        let more = if l.ranges.len() > 8 { format!(" and {} more", l.ranges.len() - 8) } else { String::new() };
+        println!(
+            "lost: snapshot {} (vm {}, {}) disk {}: {} in bytes {}{more}",
+            l.snapshot.short(),
+            l.vm,
+            l.time.get(..19).unwrap_or(&l.time),
+            l.disk,
+            human_bytes(l.bytes),
+            ranges.join(", ")
+        );
+    }
+    if r.whole() {
+        println!("every snapshot restores whole");
+    }
+    if !r.lost.is_empty() {
+        println!(
+            "{} referenced blob(s) are in no pack: back up the same disks again (blobs are named by their content, so \
+             a backup of the same data makes these snapshots whole), or forget the snapshots; gc runs meanwhile",
+            r.blobs_lost
+        );
+    }
+    Ok(code)
 }
 
 pub fn forget(a: ForgetArgs) -> Result<u8> {
@@ -228,6 +290,12 @@ pub fn copy(a: CopyArgs) -> Result<u8> {
             r.chunks_new,
             human_bytes(r.bytes_written)
         );
+        if r.chunks_repaired > 0 {
+            println!("{} chunks the target had only in missing or damaged packs were stored again", r.chunks_repaired);
+        }
+    }
+    for w in &r.warnings {
+        eprintln!("blockproof: warning: {w}");
     }
     Ok(exit::OK)
 }

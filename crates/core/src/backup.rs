@@ -23,9 +23,10 @@ use blockproof_source::{AfterCommit, BlockSource, Changes, DiskSpec, OpenedDisk,
 use crossbeam_channel::Sender;
 use serde::Serialize;
 
+use crate::availability::Availability;
 use crate::confirm::ConfirmState;
 use crate::events::{Cause, Event, EventDisk};
-use crate::pipeline::{store_disk, with_pack_writer, BlobSink, Dedup, DiskCounters};
+use crate::pipeline::{store_disk, with_pack_writer, BlobSink, Dedup, DiskCounters, Stored};
 use crate::plan::{Action, ChunkPlan};
 use crate::verification::{DiskCheck, Escalation};
 use crate::{Budget, CoreError, Progress};
@@ -138,6 +139,10 @@ pub struct DiskReport {
     pub new_bytes: u64,
     /// Bytes added to the repository for this disk's data (compressed and sealed).
     pub stored_bytes: u64,
+    /// Chunks stored again because the repository's copy was missing or damaged (part of
+    /// `new_chunks`): inherited chunks read from the source instead, and read chunks whose
+    /// only copies were in unusable packs (crate::availability).
+    pub repaired_chunks: u64,
 }
 
 /// The result of a backup.
@@ -153,6 +158,12 @@ pub struct BackupReport {
     /// Pack files and bytes written by this backup (data and index pages).
     pub packs_written: u64,
     pub bytes_written: u64,
+    /// Pack files the index names that this backup did not deduplicate against: missing,
+    /// of the wrong size, or found damaged by `check --read-data` (see `warnings`).
+    pub unavailable_packs: u64,
+    /// Index and confirmation pages stored again because no stored copy could be reused
+    /// or read back whole.
+    pub repaired_pages: u64,
     pub duration_seconds: f64,
     /// Things that did not affect the restore point (e.g. an old bitmap that could not be
     /// removed, a confirmation state rebuilt from scratch).
@@ -301,8 +312,8 @@ impl Ctx<'_, '_> {
     fn disk(&mut self, d: &mut Prepared<'_>, blobs: &Sender<SealedBlob>) -> Result<DiskOutcome, CoreError> {
         let n = chunk_count(d.size, self.chunk_size);
         let run = d.run as u32;
-        let incremental = d.full_reason.is_none();
-        let parent_entry = d.parent_entry().filter(|_| incremental).cloned();
+        let mut incremental = d.full_reason.is_none();
+        let mut parent_entry = d.parent_entry().filter(|_| incremental).cloned();
         let mut parent_tree = match &parent_entry {
             Some(e) => Some(TreeReader::new(self.reader, e.index_root, n, e.index_fanout)?),
             None => None,
@@ -315,19 +326,47 @@ impl Ctx<'_, '_> {
         let previous = state.clone();
 
         let counters = DiskCounters::default();
-        self.progress.begin(&format!("backup {}", d.id), d.size);
-        let result = store_disk(
-            self.repo,
-            self.dedup,
-            d.source.as_mut(),
-            &d.plan,
-            parent_tree.as_mut(),
-            blobs,
-            &counters,
-            self.progress,
-        );
-        self.progress.end();
-        let result = result?;
+        // Damage is not inherited: chunks whose stored copy is unusable are read from the
+        // source, and a parent whose pages cannot be read makes this a full read.
+        let mut label = format!("backup {}", d.id);
+        let mut passes = 0;
+        let result = loop {
+            // At most: the plan, the plan with lost chunks read, a full read.
+            passes += 1;
+            if passes > 3 {
+                return Err(CoreError::Internal(format!("disk {}: stored {passes} times without a whole tree", d.id)));
+            }
+            self.progress.begin(&label, d.size);
+            let stored = store_disk(
+                self.repo,
+                self.dedup,
+                d.source.as_mut(),
+                &d.plan,
+                parent_tree.as_mut(),
+                blobs,
+                &counters,
+                self.progress,
+            );
+            self.progress.end();
+            let stored = stored?;
+            if !matches!(stored, Stored::Whole(_)) {
+                counters.restart();
+            }
+            match stored {
+                Stored::Whole(r) => break r,
+                Stored::Unavailable(chunks) => {
+                    label = format!("backup {} (re-reading {} chunks missing from the repository)", d.id, chunks.len());
+                    d.plan.read_instead(&chunks);
+                }
+                Stored::ParentUnreadable(why) => {
+                    label = format!("backup {} (full read)", d.id);
+                    let zero = d.source.zero_ranges()?;
+                    d.plan = ChunkPlan::new(d.size, self.chunk_size, &zero, None);
+                    d.full_reason = Some(format!("the parent restore point's index pages cannot be read ({why})"));
+                    (incremental, parent_entry, parent_tree) = (false, None, None);
+                }
+            }
+        };
         // Only what was read is confirmed: the allocation map is tracking metadata too,
         // so chunks it called zero are sampled like inherited ones.
         for (r, action) in &d.plan.runs {
@@ -452,6 +491,7 @@ impl Ctx<'_, '_> {
             new_chunks: stats.new_chunks,
             new_bytes: stats.new_bytes,
             stored_bytes: stats.stored_bytes,
+            repaired_chunks: counters.repaired.load(Ordering::Relaxed),
         };
         let entry = DiskEntry {
             id: d.id.clone(),
@@ -644,8 +684,11 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
             skipped.damaged.len()
         )
     });
-    let dedup = Dedup::new(&index);
+    // Packs that are missing, of the wrong size or found damaged are not reused.
+    let mut warnings = skipped.warnings();
+    let avail = Availability::assess(repo, &index, &mut warnings)?;
     let reader = BlobReader::new(repo, &index);
+    let dedup = Dedup::new(&reader, &avail);
     let chunk_size = repo.config().chunk_size;
 
     // Open every disk first: together they are the vm at one point in time.
@@ -661,7 +704,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
         snapshots: &snapshots,
         progress,
         chunk_size,
-        warnings: skipped.warnings(),
+        warnings,
         scan: opts.on_mismatch == OnMismatch::Scan,
     };
 
@@ -714,6 +757,8 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
         healed_snapshot: None,
         packs_written: stats.packs,
         bytes_written: stats.pack_bytes,
+        unavailable_packs: avail.unusable_packs(),
+        repaired_pages: 0,
         duration_seconds: 0.0,
         warnings: vec![],
     };
@@ -755,6 +800,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
         warnings.extend(d.after_commit.run().err().map(|e| e.to_string()));
     }
     report.warnings = warnings;
+    report.repaired_pages = dedup.repaired_pages.load(Ordering::Relaxed);
     report.duration_seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }

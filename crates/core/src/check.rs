@@ -56,13 +56,37 @@ pub struct ReadDataReport {
     pub full_coverage_within_runs: u64,
 }
 
-/// The rotation of data checks (`state/check`): per pack, the run that last verified it.
-/// Both fields are required and no other is accepted (an unreadable state starts over).
+/// The rotation of data checks (`state/check`): per pack, the run that last verified it;
+/// and the packs the last data check of each found damaged (with that run), which backups
+/// and copies leave out of deduplication (absent in states written before repair
+/// existed). Read strictly: no field but these is accepted (an unreadable state starts
+/// over).
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CheckState {
     run: u64,
     packs: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    damaged: BTreeMap<String, u64>,
+}
+
+/// The packs `check --read-data` found damaged and that have not passed a data check
+/// since (`state/check`). Advisory: an unreadable state gives none, with a warning.
+pub(crate) fn damaged_packs(repo: &Repository, warnings: &mut Vec<String>) -> HashSet<Id> {
+    let state = CheckState::load(repo, warnings);
+    state.damaged.keys().filter_map(|n| n.parse().ok()).collect()
+}
+
+/// Forgets that `packs` were found damaged (`repair` read them whole and found them
+/// intact, or removed them).
+pub(crate) fn clear_damaged(repo: &Repository, packs: &HashSet<&str>) -> Result<(), CoreError> {
+    let mut state = CheckState::load(repo, &mut Vec::new());
+    let before = state.damaged.len();
+    state.damaged.retain(|name, _| !packs.contains(name.as_str()));
+    if state.damaged.len() != before {
+        state.save(repo)?;
+    }
+    Ok(())
 }
 
 const CHECK_STATE: &str = "check";
@@ -146,28 +170,20 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     report.index_files = index.files().len() as u64;
     report.blobs = index.len() as u64;
 
-    // Packs: every indexed pack exists and is long enough for its blobs.
-    let (packs, stray_packs): (Vec<String>, Vec<String>) =
-        backend.list(Kind::Pack)?.into_iter().partition(|n| Id::is_file_name(n));
-    stray.extend(stray_packs.iter().map(|n| format!("{}/*/{n}", Kind::Pack.dir())));
-    let stored: HashMap<String, u64> = packs
-        .into_iter()
-        .map(|n| {
-            let size = backend.size(Kind::Pack, &n).unwrap_or(0);
-            (n, size)
-        })
-        .collect();
-    let mut needed_len: HashMap<Id, u64> = HashMap::new();
-    for (_, pack, entry) in index.iter() {
-        let e = needed_len.entry(pack).or_default();
-        *e = (*e).max(entry.end());
-    }
+    // Packs: every indexed pack exists and has the size its index listing gives it.
+    type Listing = Vec<(String, u64)>;
+    let (packs, stray_packs): (Listing, Listing) =
+        backend.list_sizes(Kind::Pack)?.into_iter().partition(|(n, _)| Id::is_file_name(n));
+    stray.extend(stray_packs.iter().map(|(n, _)| format!("{}/*/{n}", Kind::Pack.dir())));
+    let stored: HashMap<String, u64> = packs.into_iter().collect();
     for pack in index.packs() {
+        let expected = index.expected_pack_size(pack).unwrap_or(0);
         match stored.get(&pack.to_hex()) {
             None => report.errors.push(format!("pack {pack} is listed in the index but missing")),
-            Some(&size) if size < needed_len.get(pack).copied().unwrap_or(0) + 4 => {
-                report.errors.push(format!("pack {pack} is truncated ({size} bytes)"))
-            }
+            Some(&size) if size < expected => report.errors.push(format!("pack {pack} is truncated ({size} bytes)")),
+            Some(&size) if size != expected => report
+                .errors
+                .push(format!("pack {pack} has {size} bytes, its index listing says {expected} (replaced?)")),
             _ => {}
         }
     }
@@ -177,7 +193,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
         // its blobs are reported below as missing chunks.
         report.warnings.push(format!(
             "pack {name} is not listed by any index file (left by an interrupted backup, or its index file \
-             was lost; re-indexing such packs is planned)"
+             was lost: blockproof repair re-indexes it)"
         ));
     }
     report.packs = stored.len() as u64;
@@ -326,6 +342,7 @@ fn read_data(
     let run = state.run;
     // Packs that no longer exist leave the rotation; new ones join it as never checked.
     state.packs.retain(|name, _| stored.contains_key(name));
+    state.damaged.retain(|name, _| stored.contains_key(name));
     let mut packs: Vec<(&String, u64)> = stored.iter().map(|(n, s)| (n, *s)).collect();
     packs.shuffle(&mut rand::thread_rng());
     packs.sort_by_key(|(n, _)| state.packs.get(*n).copied().unwrap_or(0));
@@ -333,7 +350,7 @@ fn read_data(
     let byte_limit = budget.byte_limit(total);
     let mut r = ReadDataReport { packs_total: packs.len() as u64, run, ..Default::default() };
     let by_pack: HashMap<Id, Vec<&blockproof_format::BlobEntry>> =
-        index.iter().fold(HashMap::new(), |mut m, (_, p, e)| {
+        index.iter_all().fold(HashMap::new(), |mut m, (_, p, e)| {
             m.entry(p).or_default().push(e);
             m
         });
@@ -377,9 +394,13 @@ fn read_data(
         r.packs_checked += 1;
         r.bytes_read += v.bytes_read;
         r.blobs_checked += v.blobs_checked;
-        // Only a pack that passed counts as verified: a damaged one stays first in line.
+        // Only a pack that passed counts as verified: a damaged one stays first in line,
+        // and backups stop deduplicating against it until it passes again.
         if v.errors.is_empty() {
             state.packs.insert(chosen[k].0.clone(), run);
+            state.damaged.remove(chosen[k].0);
+        } else {
+            state.damaged.insert(chosen[k].0.clone(), run);
         }
         errors.extend(v.errors);
     }

@@ -15,7 +15,9 @@
 //!
 //! The target is written like a backup writes: under a shared lock, packs and index
 //! files durable before each snapshot file, packs a gc plans to delete left out of
-//! deduplication.
+//! deduplication, and so are the target's packs that are missing, of the wrong size or
+//! found damaged (crate::availability): what the copy needs from them is stored again,
+//! which makes the target's earlier copies whole again too.
 
 use std::collections::HashMap;
 
@@ -25,6 +27,7 @@ use blockproof_repo::{BlobIndex, BlobReader, LockKind, Repository, SealedBlob, T
 use crossbeam_channel::Sender;
 use serde::Serialize;
 
+use crate::availability::Availability;
 use crate::confirm::ConfirmState;
 use crate::pipeline::{with_pack_writer, BlobSink, Dedup};
 use crate::{CoreError, Progress};
@@ -55,9 +58,14 @@ pub struct CopyReport {
     pub skipped: Vec<Id>,
     /// Chunks read from the source (the others were known from a copied parent).
     pub chunks_read: u64,
-    /// Chunks the target did not have.
+    /// Chunks the target did not have (or had only in missing or damaged packs).
     pub chunks_new: u64,
+    /// Of `chunks_new`: chunks the target's index named but only in packs that are
+    /// missing, of the wrong size or found damaged, stored again.
+    pub chunks_repaired: u64,
     pub bytes_written: u64,
+    /// Things that did not stop the copy (e.g. target packs that are not reused).
+    pub warnings: Vec<String>,
 }
 
 struct Copier<'a, 'd> {
@@ -95,12 +103,17 @@ impl Copier<'_, '_> {
             } else if let Some(t) = self.map.get(&id) {
                 *t
             } else {
+                // The target's id of the parent's chunk, when it is the same chunk and the
+                // target still has a copy it may reuse. A parent whose pages cannot be read
+                // in either repository is no shortcut: its chunks are read.
                 let known = match parents.as_mut() {
                     Some((ps, pt)) => {
-                        if ps.chunk(i)? == id {
-                            Some(pt.chunk(i)?)
-                        } else {
-                            None
+                        match ps.chunk(i).and_then(|p| if p == id { pt.chunk(i).map(Some) } else { Ok(None) }) {
+                            Ok(t) => t.filter(|t| self.dedup.contains(t)),
+                            Err(_) => {
+                                parents = None;
+                                None
+                            }
                         }
                     }
                     None => None,
@@ -113,6 +126,9 @@ impl Copier<'_, '_> {
                         let t = self.dst.keys().blob_id(&plain);
                         if !self.dedup.contains(&t) {
                             self.report.chunks_new += 1;
+                            if self.dedup.indexed(&t) {
+                                self.report.chunks_repaired += 1;
+                            }
                         }
                         sink.put(BlobKind::Data, &plain)?
                     }
@@ -165,7 +181,10 @@ pub fn copy(
     let dst_index = BlobIndex::load_excluding(dst, &planned)?;
     let src_reader = BlobReader::new(src, &src_index);
     let dst_reader = BlobReader::new(dst, &dst_index);
-    let dedup = Dedup::new(&dst_index);
+    // The target's missing, short or damaged packs are not reused (crate::availability).
+    let mut warnings = Vec::new();
+    let avail = Availability::assess(dst, &dst_index, &mut warnings)?;
+    let dedup = Dedup::new(&dst_reader, &avail);
     // Target snapshots by the source snapshot they were copied from.
     let mut copied: HashMap<Id, (Id, Snapshot)> =
         dst.snapshots()?.into_iter().filter_map(|t| t.snapshot.copied_from.map(|s| (s, (t.id, t.snapshot)))).collect();
@@ -175,7 +194,7 @@ pub fn copy(
         dst_reader: &dst_reader,
         dedup: &dedup,
         map: HashMap::new(),
-        report: CopyReport::default(),
+        report: CopyReport { warnings, ..CopyReport::default() },
     };
     for s in wanted {
         if copied.contains_key(&s.id) {

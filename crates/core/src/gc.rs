@@ -135,25 +135,30 @@ fn index_files(repo: &Repository) -> Result<Vec<(String, IndexFile)>, CoreError>
 /// Every blob some snapshot references (chunks, index pages, confirmation pages). gc
 /// deletes by the absence of references, so a snapshot whose trees cannot be read whole
 /// makes it refuse to run.
+///
+/// Blobs `repair` found in no pack and reported lost (`state/repair`) are the exception:
+/// repair read every pack, so no pack holds them, and a lost page's subtree can only come
+/// back with a backup that stores the same content again (which stores its chunks too).
 fn mark(repo: &Repository, index: &BlobIndex) -> Result<(HashSet<Id>, u64), CoreError> {
-    mark_all(repo, index).map_err(|e| {
+    let lost = crate::repair::recorded_losses(repo);
+    mark_all(repo, index, &lost).map_err(|e| {
         CoreError::Refused(format!(
             "gc refuses to run while data that snapshots reference is missing or unreadable (it could not \
-             tell what is unused): {e}; nothing was deleted (run blockproof check)"
+             tell what is unused): {e}; nothing was deleted (run blockproof check, then blockproof repair)"
         ))
     })
 }
 
-fn mark_all(repo: &Repository, index: &BlobIndex) -> Result<(HashSet<Id>, u64), CoreError> {
+fn mark_all(repo: &Repository, index: &BlobIndex, lost: &HashSet<Id>) -> Result<(HashSet<Id>, u64), CoreError> {
     let reader = BlobReader::new(repo, index);
     let snapshots = repo.snapshots()?;
     let mut seen = HashSet::new();
     for s in &snapshots {
         for d in &s.snapshot.disks {
-            walk(&reader, d.index_root, chunk_count(d.size, d.chunk_size), d.index_fanout, &mut seen)?;
+            walk(&reader, d.index_root, chunk_count(d.size, d.chunk_size), d.index_fanout, &mut seen, lost)?;
             if let Some(root) = d.confirm_root {
                 let pages = blockproof_format::confirm::page_count(chunk_count(d.size, d.chunk_size));
-                walk(&reader, root, pages, DEFAULT_FANOUT, &mut seen)?;
+                walk(&reader, root, pages, DEFAULT_FANOUT, &mut seen, lost)?;
             }
         }
     }
@@ -161,15 +166,27 @@ fn mark_all(repo: &Repository, index: &BlobIndex) -> Result<(HashSet<Id>, u64), 
 }
 
 /// Adds a tree's pages and leaves to `seen`; a page already seen is not read again (its
-/// content, and so its subtree, is determined by its id).
-fn walk(reader: &BlobReader<'_>, root: Id, leaves: u64, fanout: u32, seen: &mut HashSet<Id>) -> Result<(), CoreError> {
+/// content, and so its subtree, is determined by its id). A page `repair` recorded as
+/// lost is skipped.
+fn walk(
+    reader: &BlobReader<'_>,
+    root: Id,
+    leaves: u64,
+    fanout: u32,
+    seen: &mut HashSet<Id>,
+    lost: &HashSet<Id>,
+) -> Result<(), CoreError> {
     let sizes = level_sizes(leaves, fanout);
     let mut stack = vec![(sizes.len() - 1, 0u64, root)];
     while let Some((level, page, id)) = stack.pop() {
         if id.is_zero() || !seen.insert(id) {
             continue;
         }
-        let plain = reader.read(&id, BlobKind::Tree)?;
+        let plain = match reader.read(&id, BlobKind::Tree) {
+            Ok(p) => p,
+            Err(_) if lost.contains(&id) => continue,
+            Err(e) => return Err(e.into()),
+        };
         let ids = decode_page(&plain, page_len(sizes[level], page, fanout))
             .map_err(|e| blockproof_repo::RepoError::corrupt(format!("index page {id}"), e))?;
         for (k, child) in ids.into_iter().enumerate() {
@@ -188,15 +205,22 @@ fn walk(reader: &BlobReader<'_>, root: Id, leaves: u64, fanout: u32, seen: &mut 
 /// Fails unless every blob some snapshot references is listed by an index file in a pack
 /// that exists: gc deletes by the absence of references, so it must never run on a
 /// repository whose references it cannot see whole (a pack renamed or lost, an index
-/// file lost — its packs would look unindexed and be deleted).
-fn refuse_if_data_missing(index: &BlobIndex, referenced: &HashSet<Id>, stored: &HashSet<Id>) -> Result<(), CoreError> {
+/// file lost — its packs would look unindexed and be deleted). Blobs `repair` recorded as
+/// lost after reading every pack are the exception (see [`mark`]).
+fn refuse_if_data_missing(
+    repo: &Repository,
+    index: &BlobIndex,
+    referenced: &HashSet<Id>,
+    stored: &HashSet<Id>,
+) -> Result<(), CoreError> {
+    let lost = crate::repair::recorded_losses(repo);
     let mut unindexed = 0u64;
     let mut missing_packs: BTreeMap<Id, u64> = BTreeMap::new();
-    for id in referenced {
+    for id in referenced.iter().filter(|id| !lost.contains(*id)) {
         match index.get(id) {
             None => unindexed += 1,
-            Some((pack, _)) if !stored.contains(&pack) => *missing_packs.entry(pack).or_default() += 1,
-            Some(_) => {}
+            Some(_) if index.stored_where(id, |p| stored.contains(p)) => {}
+            Some((pack, _)) => *missing_packs.entry(pack).or_default() += 1,
         }
     }
     if unindexed == 0 && missing_packs.is_empty() {
@@ -214,7 +238,7 @@ fn refuse_if_data_missing(index: &BlobIndex, referenced: &HashSet<Id>, stored: &
     }
     Err(CoreError::Refused(format!(
         "gc refuses to run while data that snapshots reference is missing: {}; nothing was deleted \
-         (run blockproof check for the full list)",
+         (run blockproof check for the full list, and blockproof repair)",
         what.join("; ")
     )))
 }
@@ -234,7 +258,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
     let index = BlobIndex::load(repo)?;
     let (referenced, snapshots) = mark(repo, &index)?;
     let stored = stored_packs(repo)?;
-    refuse_if_data_missing(&index, &referenced, &stored.iter().map(|(_, id)| *id).collect())?;
+    refuse_if_data_missing(repo, &index, &referenced, &stored.iter().map(|(_, id)| *id).collect())?;
 
     // Carry out earlier plans that have become safe.
     if !opts.dry_run {

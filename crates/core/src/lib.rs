@@ -9,18 +9,25 @@
 //! | [`backup()`]     | [`BackupOptions`]  | [`BackupReport`]  |
 //! | [`restore()`]    | [`RestoreOptions`] | [`RestoreReport`] |
 //! | [`check()`]      | [`CheckOptions`]   | [`CheckReport`]   |
+//! | [`repair()`]     | [`RepairOptions`]  | [`RepairReport`]  |
 //!
 //! ## Invariants
 //!
 //! - Backup reads sources only through [`blockproof_source::BlockSource`] (read-only).
 //! - Backup makes a snapshot visible only after every pack and index file it references
 //!   is durable; an interrupted backup leaves only unreferenced packs.
+//! - Backup and copy never reuse a blob whose copies all lie in packs that are missing,
+//!   of the wrong size or found damaged, nor an index page that does not read back: they
+//!   store it again from the source (`availability`, `pipeline::Dedup`). `repair`
+//!   rebuilds the index from the packs and never removes a readable blob before a copy of
+//!   it is durable and indexed.
 //! - Restore writes a regular file through a temporary file renamed into place on
 //!   success: a failed restore leaves no file that looks complete. Every chunk is
 //!   authenticated and re-hashed against its id before it is written.
 //! - Check reports every problem it finds (it does not stop at the first).
 
 pub mod audit;
+mod availability;
 pub mod backup;
 pub mod budget;
 pub mod check;
@@ -32,6 +39,7 @@ pub mod gc;
 pub mod image;
 mod pipeline;
 mod plan;
+pub mod repair;
 pub mod restore;
 pub mod stats;
 pub mod status;
@@ -49,6 +57,7 @@ pub use copy::{copy, CopyOptions, CopyReport};
 pub use forget::{forget, protected, set_protected, ForgetOptions, ForgetReport, KeepPolicy};
 pub use gc::{gc, GcOptions, GcReport};
 pub use image::DiskImage;
+pub use repair::{repair, LostData, RepairOptions, RepairReport};
 pub use restore::{restore, RestoreFormat, RestoreOptions, RestoreReport};
 pub use stats::{stats, RepoStats};
 pub use status::{status, DiskStatus, StatusReport, VmStatus};

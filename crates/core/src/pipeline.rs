@@ -21,35 +21,68 @@ use std::sync::Mutex;
 use blockproof_format::tree::{chunk_count, encode_page, DEFAULT_FANOUT};
 use blockproof_format::{BlobKind, Id};
 use blockproof_repo::{
-    BlobCodec, BlobIndex, PackWriter, PackWriterStats, Repository, SealedBlob, TreeReader, TreeWriter,
+    BlobCodec, BlobReader, PackWriter, PackWriterStats, Repository, SealedBlob, TreeReader, TreeWriter,
 };
 use blockproof_source::BlockSource;
 use blockproof_work::{fan_out, FanOut};
 use crossbeam_channel::{bounded, Sender};
 
+use crate::availability::Availability;
 use crate::plan::{Action, ChunkPlan};
 use crate::{workers, CoreError, Progress};
 
 /// Blob ids already stored or being stored by this backup, shared by all stages so
-/// that a chunk seen twice is sealed once.
+/// that a chunk seen twice is sealed once. A blob counts as stored only when a copy of it
+/// lies in a pack that may be reused ([`Availability`]); a metadata page about to be
+/// reused is read back once per backup first (through the backup's [`BlobReader`], which
+/// remembers the pages it has read whole, so an incremental's unchanged pages cost no
+/// second read).
 pub(crate) struct Dedup<'a> {
-    index: &'a BlobIndex,
+    reader: &'a BlobReader<'a>,
+    avail: &'a Availability,
     new: Mutex<HashSet<Id>>,
+    /// Metadata blobs stored again because no copy could be reused or read back.
+    pub repaired_pages: AtomicU64,
 }
 
 impl<'a> Dedup<'a> {
-    pub(crate) fn new(index: &'a BlobIndex) -> Self {
-        Dedup { index, new: Mutex::new(HashSet::new()) }
+    pub(crate) fn new(reader: &'a BlobReader<'a>, avail: &'a Availability) -> Self {
+        Dedup { reader, avail, new: Mutex::new(HashSet::new()), repaired_pages: AtomicU64::new(0) }
     }
 
-    /// Whether the blob is stored or being stored.
+    /// Whether a copy of the blob lies in a pack that may be reused.
+    fn stored(&self, id: &Id) -> bool {
+        let index = self.reader.index();
+        if self.avail.all_usable() {
+            index.contains(id)
+        } else {
+            index.stored_where(id, |pack| self.avail.usable(pack))
+        }
+    }
+
+    /// Whether the blob is stored (in a pack that may be reused) or being stored.
     pub(crate) fn contains(&self, id: &Id) -> bool {
-        self.index.contains(id) || self.new.lock().expect("dedup lock").contains(id)
+        self.stored(id) || self.new.lock().expect("dedup lock").contains(id)
+    }
+
+    /// Whether the index knows the blob at all: a blob it knows that must be stored
+    /// again had only unusable copies (a repair).
+    pub(crate) fn indexed(&self, id: &Id) -> bool {
+        self.reader.index().contains(id)
     }
 
     /// True if the blob must be stored now (first sighting).
-    fn claim(&self, id: Id) -> bool {
-        !self.index.contains(&id) && self.new.lock().expect("dedup lock").insert(id)
+    pub(crate) fn claim(&self, id: Id) -> bool {
+        !self.stored(&id) && self.new.lock().expect("dedup lock").insert(id)
+    }
+
+    /// For a metadata blob about to be reused: true if it must be stored again because
+    /// no copy of it reads back whole. Each page is read at most once per backup.
+    fn reclaim_unreadable(&self, id: Id, kind: BlobKind) -> bool {
+        if self.reader.has_verified(&id) || self.new.lock().expect("dedup lock").contains(&id) {
+            return false;
+        }
+        self.reader.read(&id, kind).is_err() && self.new.lock().expect("dedup lock").insert(id)
     }
 }
 
@@ -102,10 +135,23 @@ impl<'a, 'd> BlobSink<'a, 'd> {
         BlobSink { codec: BlobCodec::for_repo(repo), dedup, tx }
     }
 
-    /// Stores `plain` as a blob of `kind` (once per repository); returns its id.
+    /// Stores `plain` as a blob of `kind` (once per repository); returns its id. A
+    /// metadata blob is stored again when its stored copies cannot be reused or do not
+    /// read back whole.
     pub(crate) fn put(&mut self, kind: BlobKind, plain: &[u8]) -> Result<Id, CoreError> {
         let id = self.codec.keys().blob_id(plain);
-        if self.dedup.claim(id) {
+        let store = if self.dedup.claim(id) {
+            if kind != BlobKind::Data && self.dedup.indexed(&id) {
+                self.dedup.repaired_pages.fetch_add(1, Ordering::Relaxed);
+            }
+            true
+        } else if kind != BlobKind::Data && self.dedup.reclaim_unreadable(id, kind) {
+            self.dedup.repaired_pages.fetch_add(1, Ordering::Relaxed);
+            true
+        } else {
+            false
+        };
+        if store {
             self.tx.send(self.codec.seal(kind, id, plain)).map_err(|_| CoreError::WriterGone)?;
         }
         Ok(id)
@@ -136,11 +182,35 @@ pub(crate) struct DiskCounters {
     pub new_chunks: AtomicU64,
     pub new_bytes: AtomicU64,
     pub stored_bytes: AtomicU64,
+    /// Chunks stored again because the repository's copy was missing or damaged.
+    pub repaired: AtomicU64,
+}
+
+impl DiskCounters {
+    /// Before the disk is stored again: forgets what describes the discarded tree (what
+    /// was read, stored and repaired stays counted).
+    pub fn restart(&self) {
+        self.overreported.store(0, Ordering::Relaxed);
+        self.zero_chunks.store(0, Ordering::Relaxed);
+        self.cbt_missed.store(0, Ordering::Relaxed);
+        self.missed_chunks.lock().expect("evidence lock").clear();
+    }
 }
 
 pub(crate) struct DiskResult {
     pub root: Id,
     pub chunks: u64,
+}
+
+/// How storing a disk ended.
+pub(crate) enum Stored {
+    /// The disk's tree is complete.
+    Whole(DiskResult),
+    /// These inherited chunks (in order) have no copy that may be reused: read them from
+    /// the source and store the disk again.
+    Unavailable(Vec<u64>),
+    /// The parent's index pages cannot be read (why): read the disk in full.
+    ParentUnreadable(String),
 }
 
 pub(crate) fn is_zero(buf: &[u8]) -> bool {
@@ -207,6 +277,10 @@ impl<'p> Assembler<'p> {
 /// of the new fixed index tree. With a parent (an incremental), read chunks whose id is
 /// the parent's are counted as over-reported. The reader, the workers and this thread are
 /// one [`fan_out`]: the first error, a panic or the repository's cancellation stops all.
+///
+/// Damage is not inherited: when inherited chunks have no copy that may be reused, or
+/// the parent's pages cannot be read, the tree is not finished and the caller is told
+/// ([`Stored`]) so it can store the disk again with those chunks read.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn store_disk(
     repo: &Repository,
@@ -217,7 +291,7 @@ pub(crate) fn store_disk(
     blobs: &Sender<SealedBlob>,
     counters: &DiskCounters,
     progress: &dyn Progress,
-) -> Result<DiskResult, CoreError> {
+) -> Result<Stored, CoreError> {
     let chunk_size = repo.config().chunk_size as u64;
     let size = source.size();
     let n = chunk_count(size, chunk_size as u32);
@@ -227,8 +301,18 @@ pub(crate) fn store_disk(
     let mut sink = BlobSink::new(repo, dedup, blobs);
     let mut tree = TreeWriter::new(n, DEFAULT_FANOUT);
     let mut reported = plan.reported.iter().peekable();
-    {
+    let mut unavailable = Vec::new();
+    let mut parent_failed: Option<String> = None;
+    let outcome = {
         let mut assembler = Assembler::new(plan);
+        // A parent page that cannot be read stops this pass; the caller reads in full.
+        let mut parent_chunk = |parent: &mut TreeReader<'_>, i: u64| {
+            parent.chunk(i).map_err(|e| {
+                let e = CoreError::from(e);
+                parent_failed.get_or_insert(e.to_string());
+                e
+            })
+        };
         let mut push = |i: u64, action: Action, read: Option<Id>| -> Result<(), CoreError> {
             let id = match (action, read) {
                 (Action::Zero, _) => {
@@ -236,7 +320,7 @@ pub(crate) fn store_disk(
                     if let Some(parent) = parent.as_deref_mut() {
                         while reported.next_if(|r| r.end <= i).is_some() {}
                         let was_reported = reported.peek().is_some_and(|r| r.contains(&i));
-                        let before = parent.chunk(i)?;
+                        let before = parent_chunk(parent, i)?;
                         if was_reported && before.is_zero() {
                             counters.overreported.fetch_add(1, Ordering::Relaxed);
                         } else if !was_reported && !before.is_zero() {
@@ -249,13 +333,22 @@ pub(crate) fn store_disk(
                     }
                     Id::ZERO
                 }
-                (Action::Inherit, _) => parent
-                    .as_deref_mut()
-                    .ok_or_else(|| CoreError::Internal("an incremental plan without a parent".into()))?
-                    .chunk(i)?,
+                (Action::Inherit, _) => {
+                    let parent = parent
+                        .as_deref_mut()
+                        .ok_or_else(|| CoreError::Internal("an incremental plan without a parent".into()))?;
+                    let id = parent_chunk(parent, i)?;
+                    if !id.is_zero() && !dedup.contains(&id) {
+                        if !dedup.indexed(&id) {
+                            counters.repaired.fetch_add(1, Ordering::Relaxed);
+                        }
+                        unavailable.push(i);
+                    }
+                    id
+                }
                 (Action::Read, Some(id)) => {
                     if let Some(parent) = parent.as_deref_mut() {
-                        if parent.chunk(i)? == id {
+                        if parent_chunk(parent, i)? == id {
                             counters.overreported.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -271,7 +364,7 @@ pub(crate) fn store_disk(
             Ok(())
         };
 
-        fan_out(
+        let run = fan_out(
             repo.cancel(),
             FanOut { workers: workers(), queue: 64 },
             |emit| {
@@ -291,6 +384,9 @@ pub(crate) fn store_disk(
                     }
                     let id = codec.keys().blob_id(&buf);
                     if dedup.claim(id) {
+                        if dedup.indexed(&id) {
+                            counters.repaired.fetch_add(1, Ordering::Relaxed);
+                        }
                         let sealed = codec.seal(BlobKind::Data, id, &buf);
                         counters.new_chunks.fetch_add(1, Ordering::Relaxed);
                         counters.new_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -304,15 +400,25 @@ pub(crate) fn store_disk(
                 assembler.pending.insert(i, id);
                 assembler.advance(&mut push)
             },
-        )?;
+        );
         // Zero and inherited chunks after the last read one.
-        assembler.advance(&mut push)?;
-        if !assembler.done() {
-            return Err(CoreError::Internal("the reader stopped before the end of the plan".into()));
-        }
+        run.and_then(|()| assembler.advance(&mut push)).and_then(|()| {
+            if assembler.done() {
+                Ok(())
+            } else {
+                Err(CoreError::Internal("the reader stopped before the end of the plan".into()))
+            }
+        })
+    };
+    if let Some(why) = parent_failed {
+        return Ok(Stored::ParentUnreadable(why));
+    }
+    outcome?;
+    if !unavailable.is_empty() {
+        return Ok(Stored::Unavailable(unavailable));
     }
     let root = tree.finish(&mut |ids: &[Id]| sink.page(ids))?;
-    Ok(DiskResult { root, chunks: n })
+    Ok(Stored::Whole(DiskResult { root, chunks: n }))
 }
 
 #[cfg(test)]

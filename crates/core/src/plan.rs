@@ -143,6 +143,39 @@ impl ChunkPlan {
         self.runs.get(k).filter(|(r, _)| r.contains(&c)).map(|(_, a)| *a)
     }
 
+    /// Reads these chunks (sorted) instead of inheriting them: their blobs have no copy a
+    /// backup may reuse (crate::availability). Chunks with another action stay as they are.
+    pub fn read_instead(&mut self, chunks: &[u64]) {
+        let mut runs: Vec<(Range<u64>, Action)> = Vec::with_capacity(self.runs.len() + 2 * chunks.len());
+        let mut push = |r: Range<u64>, a: Action| match runs.last_mut() {
+            _ if r.is_empty() => {}
+            Some((last, la)) if *la == a && last.end == r.start => last.end = r.end,
+            _ => runs.push((r, a)),
+        };
+        let mut next = chunks.iter().copied().peekable();
+        for (r, a) in std::mem::take(&mut self.runs) {
+            if a != Action::Inherit {
+                push(r, a);
+                continue;
+            }
+            let mut at = r.start;
+            while let Some(&c) = next.peek() {
+                if c >= r.end {
+                    break;
+                }
+                next.next();
+                if c < at {
+                    continue;
+                }
+                push(at..c, Action::Inherit);
+                push(c..c + 1, Action::Read);
+                at = c + 1;
+            }
+            push(at..r.end, Action::Inherit);
+        }
+        self.runs = runs;
+    }
+
     /// Chunks with this action.
     #[cfg(test)]
     pub fn count(&self, action: Action) -> u64 {
@@ -199,6 +232,19 @@ mod tests {
             (p.action(0), p.action(2), p.action(5), p.action(10)),
             (Some(Read), Some(Zero), Some(Inherit), None)
         );
+    }
+
+    #[test]
+    fn unavailable_inherited_chunks_are_read_instead() {
+        let mut p = ChunkPlan::new(1000, 100, &[(200, 100)], Some(&[(0, 1)]));
+        assert_eq!(p.runs, vec![(0..1, Read), (1..2, Inherit), (2..3, Zero), (3..10, Inherit)]);
+        // 0 is read anyway and 2 is zero: both stay; 1, 3, 4 and 9 become reads.
+        p.read_instead(&[0, 1, 2, 3, 4, 9]);
+        assert_eq!(p.runs, vec![(0..2, Read), (2..3, Zero), (3..5, Read), (5..9, Inherit), (9..10, Read)]);
+        assert_eq!((p.count(Read), p.count(Inherit), p.count(Zero)), (5, 4, 1));
+        let before = p.clone();
+        p.read_instead(&[]);
+        assert_eq!(p, before);
     }
 
     #[test]

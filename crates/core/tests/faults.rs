@@ -337,3 +337,103 @@ fn a_store_that_keeps_failing_fails_the_backup_with_its_error() {
     drop(repo);
     assert!(!assert_sound(&trial, &before, &new, "every pack write failing"));
 }
+
+/// The repository of [`repository`] with damage for `repair` to mend: its index files
+/// lost (every pack must be indexed again) and a byte flipped in the middle of its
+/// largest pack (salvaged: its other blobs copied, one chunk lost).
+fn damaged_repository() -> (MemoryBackend, Vec<Expected>) {
+    let (store, before, _) = repository();
+    for name in store.list(Kind::Index).unwrap() {
+        store.remove(Kind::Index, &name).unwrap();
+    }
+    let (name, _) = store.list_sizes(Kind::Pack).unwrap().into_iter().max_by_key(|(_, s)| *s).unwrap();
+    let mut bytes = store.read(Kind::Pack, &name).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    store.write(Kind::Pack, &name, &bytes).unwrap();
+    (store, before)
+}
+
+fn repair_of(store: &MemoryBackend) -> blockproof_core::RepairReport {
+    let opts = blockproof_core::RepairOptions { dry_run: false };
+    blockproof_core::repair(&open(store.clone()), &opts, &NoProgress).unwrap()
+}
+
+/// The process dies after each call of a repair in turn. Whatever it had done, the
+/// next repair finishes the job and loses nothing more than a repair without the crash:
+/// the same byte ranges of the same snapshots, and every other byte restores.
+#[test]
+fn a_crash_at_any_call_of_a_repair_loses_nothing_and_the_next_repair_finishes() {
+    let (store, before) = damaged_repository();
+    let reference = repair_of(&store.fork());
+    assert_eq!((reference.packs_salvaged, reference.blobs_damaged), (1, 1), "{reference:?}");
+    assert!(reference.packs_reindexed >= 3, "{reference:?}");
+    let lost = |r: &blockproof_core::RepairReport| -> Vec<String> {
+        let mut v: Vec<String> = r.lost.iter().map(|l| format!("{} {} {:?}", l.snapshot, l.disk, l.ranges)).collect();
+        v.sort();
+        v
+    };
+    assert!(!lost(&reference).is_empty());
+
+    let faulty = FaultyBackend::new(Box::new(store.fork()));
+    let faults = faulty.faults();
+    let repo = open(faulty);
+    let start = faults.calls();
+    blockproof_core::repair(&repo, &blockproof_core::RepairOptions { dry_run: false }, &NoProgress).unwrap();
+    let calls = faults.calls() - start;
+    drop(repo);
+    assert!(calls > 20, "{calls} calls");
+
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("disk");
+    for k in 0..calls {
+        let trial = store.fork();
+        let faulty = FaultyBackend::new(Box::new(trial.clone()));
+        let faults = faulty.faults();
+        let repo = open(faulty);
+        faults.crash_after(faults.calls() + k);
+        let what = format!("crash after call {k} of {calls} of a repair");
+        if let Err(e) = blockproof_core::repair(&repo, &blockproof_core::RepairOptions { dry_run: false }, &NoProgress)
+        {
+            assert!(e.to_string().contains("injected crash"), "{what}: {e}");
+        }
+        drop(repo);
+        // The dead process's lock (blockproof unlock removes it).
+        for name in trial.list(Kind::Lock).unwrap() {
+            trial.remove(Kind::Lock, &name).unwrap();
+        }
+        let again = repair_of(&trial);
+        assert_eq!(lost(&again), lost(&reference), "{what}: {again:?}");
+        assert!(repair_of(&trial).problems.is_empty(), "{what}: a third repair finds nothing to do");
+        let repo = open(trial.clone());
+        for e in &before {
+            // Every byte but the lost ranges restores: the gaps between them.
+            let mut gaps = Vec::new();
+            let mut at = 0u64;
+            for l in reference.lost.iter().filter(|l| l.snapshot.to_hex() == e.id) {
+                for r in &l.ranges {
+                    gaps.push((at, r.offset - at));
+                    at = r.offset + r.length;
+                }
+            }
+            gaps.push((at, e.data.len() as u64 - at));
+            for (offset, length) in gaps {
+                if length == 0 {
+                    continue;
+                }
+                let opts = RestoreOptions {
+                    snapshot: e.id.clone(),
+                    disk: "d".into(),
+                    target: target.clone(),
+                    force: true,
+                    range: Some((offset, length)),
+                    ..Default::default()
+                };
+                restore(&repo, &opts, &NoProgress).unwrap_or_else(|err| panic!("{what}: restore of {}: {err}", e.id));
+                let got = std::fs::read(&target).unwrap();
+                let (a, b) = (offset as usize, (offset + length) as usize);
+                assert!(got[a..b] == e.data[a..b], "{what}: snapshot {} differs in {a}..{b}", e.id);
+            }
+        }
+    }
+}

@@ -24,13 +24,39 @@ pub struct BlobLocation {
 
 /// The union of all index files: blob id → location. Memory is about 100 bytes per
 /// blob; see docs/ARCHITECTURE.md for the plan to page it.
+///
+/// A blob stored more than once (two backups at once, a backup that stored again what
+/// was missing or damaged, a repair or a repack that copied it) keeps its first location
+/// in `blobs` and its further ones in `copies`; [`BlobReader`] tries them in turn when a
+/// read fails, so one good copy is enough.
 #[derive(Default)]
 pub struct BlobIndex {
     packs: Vec<Id>,
     pack_pos: HashMap<Id, u32>,
+    /// Per pack (by position): what its first index listing says about its layout.
+    layouts: Vec<PackLayout>,
     blobs: HashMap<Id, BlobLocation>,
+    /// Further locations of blobs stored more than once (rare).
+    copies: HashMap<Id, Vec<BlobLocation>>,
     /// The index files this was loaded from.
     files: Vec<String>,
+}
+
+/// A pack's layout as its index listing gives it: how many blobs its header lists and
+/// where its last blob ends.
+#[derive(Clone, Copy, Debug, Default)]
+struct PackLayout {
+    blobs: u64,
+    end: u64,
+}
+
+/// The size of a whole pack file that holds `blobs` blobs, the last ending at `end`: the
+/// blobs, the sealed header (`count u32` and 50 bytes per entry) right after them, and the
+/// 4-byte trailer (FORMAT §9). A pack file of any other size is truncated or replaced.
+pub fn pack_size(blobs: u64, end: u64) -> u64 {
+    use blockproof_format::pack::{BLOB_ENTRY_LEN, PACK_HEADER_LEN, PACK_TRAILER_LEN};
+    let header = 4 + blobs * BLOB_ENTRY_LEN as u64 + blockproof_format::SEAL_OVERHEAD as u64;
+    end.max(PACK_HEADER_LEN as u64) + header + PACK_TRAILER_LEN as u64
 }
 
 impl BlobIndex {
@@ -86,15 +112,30 @@ impl BlobIndex {
         Ok((idx, skipped))
     }
 
-    /// Adds the blobs of one pack. A blob already known keeps its first location.
+    /// Adds the blobs of one pack. A blob already known keeps its first location; a
+    /// location in another pack is kept as a further copy.
     pub fn add_pack(&mut self, pack: Id, entries: &[BlobEntry]) {
         let next = self.packs.len() as u32;
         let pos = *self.pack_pos.entry(pack).or_insert(next);
         if pos == next {
             self.packs.push(pack);
+            let end = entries.iter().map(BlobEntry::end).max().unwrap_or(0);
+            self.layouts.push(PackLayout { blobs: entries.len() as u64, end });
         }
         for e in entries {
-            self.blobs.entry(e.id).or_insert(BlobLocation { pack: pos, entry: *e });
+            let here = BlobLocation { pack: pos, entry: *e };
+            match self.blobs.entry(e.id) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(here);
+                }
+                std::collections::hash_map::Entry::Occupied(o) if o.get().pack != pos => {
+                    let copies = self.copies.entry(e.id).or_default();
+                    if !copies.iter().any(|c| c.pack == pos) {
+                        copies.push(here);
+                    }
+                }
+                std::collections::hash_map::Entry::Occupied(_) => {}
+            }
         }
     }
 
@@ -102,9 +143,28 @@ impl BlobIndex {
         self.blobs.contains_key(id)
     }
 
-    /// The pack id and entry of a blob.
+    /// The pack id and entry of a blob (its first location).
     pub fn get(&self, id: &Id) -> Option<(Id, BlobEntry)> {
         self.blobs.get(id).map(|l| (self.packs[l.pack as usize], l.entry))
+    }
+
+    /// Every location of a blob: the first one, then its further copies.
+    pub fn locations<'s>(&'s self, id: &Id) -> impl Iterator<Item = (Id, BlobEntry)> + 's {
+        let first = self.blobs.get(id).into_iter();
+        let copies = self.copies.get(id).into_iter().flatten();
+        first.chain(copies).map(|l| (self.packs[l.pack as usize], l.entry))
+    }
+
+    /// Whether some location of the blob is in a pack `usable` accepts.
+    pub fn stored_where(&self, id: &Id, usable: impl Fn(&Id) -> bool) -> bool {
+        self.locations(id).any(|(pack, _)| usable(&pack))
+    }
+
+    /// The size the pack file must have, from its index listing ([`pack_size`]); `None`
+    /// for a pack the index does not know.
+    pub fn expected_pack_size(&self, pack: &Id) -> Option<u64> {
+        let l = self.layouts[*self.pack_pos.get(pack)? as usize];
+        Some(pack_size(l.blobs, l.end))
     }
 
     /// All packs the index knows.
@@ -126,9 +186,15 @@ impl BlobIndex {
         self.blobs.is_empty()
     }
 
-    /// Iterates over (blob id, pack id, entry).
+    /// Iterates over (blob id, pack id, entry): the first location of each blob.
     pub fn iter(&self) -> impl Iterator<Item = (&Id, Id, &BlobEntry)> + '_ {
         self.blobs.iter().map(|(id, l)| (id, self.packs[l.pack as usize], &l.entry))
+    }
+
+    /// Iterates over every location of every blob, further copies included.
+    pub fn iter_all(&self) -> impl Iterator<Item = (&Id, Id, &BlobEntry)> + '_ {
+        let copies = self.copies.iter().flat_map(|(id, ls)| ls.iter().map(move |l| (id, l)));
+        self.blobs.iter().chain(copies).map(|(id, l)| (id, self.packs[l.pack as usize], &l.entry))
     }
 
     /// Decodes an index file's plaintext into this index (used by loaders that skip
@@ -145,16 +211,48 @@ impl BlobIndex {
 pub struct BlobReader<'a> {
     repo: &'a Repository,
     index: &'a BlobIndex,
+    /// Metadata blobs (index and confirmation pages) this reader has read and verified:
+    /// a backup reuses such a page without reading it back again.
+    verified: std::sync::Mutex<std::collections::HashSet<Id>>,
 }
 
 impl<'a> BlobReader<'a> {
     pub fn new(repo: &'a Repository, index: &'a BlobIndex) -> Self {
-        BlobReader { repo, index }
+        BlobReader { repo, index, verified: Default::default() }
     }
 
-    /// Reads a blob: authenticated, decompressed and re-hashed against its id.
+    /// Reads a blob: authenticated, decompressed and re-hashed against its id. When the
+    /// blob's first location fails (a missing, short or damaged pack), its further copies
+    /// are tried in turn; the error of the first location is returned when none reads.
     pub fn read(&self, id: &Id, kind: BlobKind) -> Result<Vec<u8>, RepoError> {
+        let first = self.read_first(id, kind);
+        let result = match first {
+            Err(e) if self.index.copies.contains_key(id) => self.read_copies(id, kind).ok_or(e),
+            r => r,
+        };
+        if kind != BlobKind::Data && result.is_ok() {
+            self.verified.lock().unwrap_or_else(|e| e.into_inner()).insert(*id);
+        }
+        result
+    }
+
+    /// Whether this reader has read the metadata blob `id` (an index or confirmation
+    /// page) and found it whole.
+    pub fn has_verified(&self, id: &Id) -> bool {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
+    }
+
+    /// The first further copy of a blob that reads whole.
+    fn read_copies(&self, id: &Id, kind: BlobKind) -> Option<Vec<u8>> {
+        self.index.locations(id).skip(1).find_map(|(pack, entry)| self.read_location(id, kind, pack, entry).ok())
+    }
+
+    fn read_first(&self, id: &Id, kind: BlobKind) -> Result<Vec<u8>, RepoError> {
         let (pack, entry) = self.index.get(id).ok_or(RepoError::MissingBlob(*id))?;
+        self.read_location(id, kind, pack, entry)
+    }
+
+    fn read_location(&self, id: &Id, kind: BlobKind, pack: Id, entry: BlobEntry) -> Result<Vec<u8>, RepoError> {
         if entry.kind != kind {
             return Err(RepoError::corrupt(
                 format!("blob {id}"),
@@ -226,6 +324,14 @@ impl<'a> BlobReader<'a> {
             }
             for (_, entry, k) in members {
                 out[*k] = Some(self.read(&entry.id, kind));
+            }
+        }
+        // A blob whose first location failed: its further copies, if it has any.
+        for (k, r) in out.iter_mut().enumerate() {
+            if matches!(r, Some(Err(_))) && self.index.copies.contains_key(&ids[k]) {
+                if let Some(plain) = self.read_copies(&ids[k], kind) {
+                    *r = Some(Ok(plain));
+                }
             }
         }
         out.into_iter().map(|r| r.expect("every blob was read")).collect()

@@ -317,3 +317,104 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod size_and_copies {
+    use super::*;
+    use crate::{BlobCodec, BlobIndex, BlobReader, InitOptions};
+    use blockproof_format::{BlobKind, KdfParams};
+    use blockproof_store::{Backend, MemoryBackend};
+
+    fn repo() -> (Repository, MemoryBackend) {
+        let store = MemoryBackend::new();
+        let opts = InitOptions { kdf: KdfParams::MIN, pack_size: 64 * 1024, ..InitOptions::default() };
+        (Repository::init(Box::new(store.clone()), b"pw", &opts).unwrap(), store)
+    }
+
+    /// Writes blobs of various sizes and compressibility; returns their ids and plaintexts.
+    fn write(repo: &Repository, seed: u32, n: u32) -> Vec<(Id, Vec<u8>)> {
+        let mut codec = BlobCodec::for_repo(repo);
+        let mut w = PackWriter::new(repo);
+        let mut out = Vec::new();
+        for i in 0..n {
+            let mut plain = format!("blob {seed} {i} ").repeat(50 + (i as usize * 37) % 900).into_bytes();
+            if i % 3 == 0 {
+                let mut x = u64::from(seed * 1000 + i) | 1;
+                for b in plain.iter_mut() {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *b = x as u8;
+                }
+            }
+            let id = repo.keys().blob_id(&plain);
+            w.add(codec.seal(BlobKind::Data, id, &plain)).unwrap();
+            out.push((id, plain));
+        }
+        w.finish().unwrap();
+        out
+    }
+
+    /// The size the index gives a pack (`index::pack_size`) is the size the writer wrote:
+    /// backups compare the two to find truncated or replaced packs.
+    #[test]
+    fn the_index_knows_each_packs_exact_size() {
+        let (repo, store) = repo();
+        write(&repo, 1, 300);
+        let index = BlobIndex::load(&repo).unwrap();
+        assert!(index.packs().len() > 3, "{} packs", index.packs().len());
+        for pack in index.packs() {
+            let size = store.size(Kind::Pack, &pack.to_hex()).unwrap();
+            assert_eq!(index.expected_pack_size(pack), Some(size), "pack {pack}");
+        }
+        assert_eq!(index.expected_pack_size(&Id([7; 32])), None);
+    }
+
+    /// A blob stored twice reads from its second copy when the pack of its first is gone
+    /// or damaged, one by one and in batches.
+    #[test]
+    fn a_blob_reads_from_another_copy_when_its_first_fails() {
+        let (repo, store) = repo();
+        let blobs = write(&repo, 2, 40);
+        let first_packs: Vec<String> = store.list(Kind::Pack).unwrap();
+        // The same blobs again (another backup storing what it found missing).
+        let mut codec = BlobCodec::for_repo(&repo);
+        let mut w = PackWriter::new(&repo);
+        for (id, plain) in &blobs {
+            w.add(codec.seal(BlobKind::Data, *id, plain)).unwrap();
+        }
+        w.finish().unwrap();
+        let index = BlobIndex::load(&repo).unwrap();
+        let (id, _) = blobs[5];
+        assert_eq!(index.locations(&id).count(), 2);
+        // Break every pack of the first copies: one removed, the others bit-flipped.
+        for (k, name) in first_packs.iter().enumerate() {
+            if k == 0 {
+                store.remove(Kind::Pack, name).unwrap();
+            } else {
+                let mut bytes = store.read(Kind::Pack, name).unwrap();
+                for b in bytes.iter_mut().skip(6).step_by(97) {
+                    *b ^= 1;
+                }
+                store.write(Kind::Pack, name, &bytes).unwrap();
+            }
+        }
+        let reader = BlobReader::new(&repo, &index);
+        for (id, plain) in &blobs {
+            assert_eq!(&reader.read(id, BlobKind::Data).unwrap(), plain);
+        }
+        let ids: Vec<Id> = blobs.iter().map(|b| b.0).collect();
+        for (r, (_, plain)) in reader.read_many(&ids, BlobKind::Data).into_iter().zip(&blobs) {
+            assert_eq!(&r.unwrap(), plain);
+        }
+        // With no good copy left, the first location's error is returned.
+        let second: Vec<String> =
+            store.list(Kind::Pack).unwrap().into_iter().filter(|n| !first_packs.contains(n)).collect();
+        for name in second {
+            store.remove(Kind::Pack, &name).unwrap();
+        }
+        let index = BlobIndex::load(&repo).unwrap();
+        let reader = BlobReader::new(&repo, &index);
+        assert!(reader.read(&id, BlobKind::Data).is_err());
+    }
+}

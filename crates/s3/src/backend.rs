@@ -267,9 +267,14 @@ impl Backend for S3Backend {
     }
 
     fn list(&self, kind: Kind) -> Result<Vec<String>, StoreError> {
+        Ok(self.list_sizes(kind)?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// One LIST (paged by the client): S3 returns each object's size with its key.
+    fn list_sizes(&self, kind: Kind) -> Result<Vec<(String, u64)>, StoreError> {
         if kind == Kind::Config {
             return match self.size(Kind::Config, "config") {
-                Ok(_) => Ok(vec!["config".into()]),
+                Ok(size) => Ok(vec![("config".into(), size)]),
                 Err(e) if e.is_not_found() => Ok(vec![]),
                 Err(e) => Err(e),
             };
@@ -285,8 +290,8 @@ impl Backend for S3Backend {
         Ok(metas
             .into_iter()
             .filter(|m| m.location.parts().count() == depth)
-            .filter_map(|m| m.location.filename().map(str::to_string))
-            .filter(|n| relative_path(kind, n).is_ok())
+            .filter_map(|m| m.location.filename().map(|n| (n.to_string(), m.size)))
+            .filter(|(n, _)| relative_path(kind, n).is_ok())
             .collect())
     }
 

@@ -139,6 +139,11 @@ impl Backend for ReadCache {
         Ok(names)
     }
 
+    /// The store's listing (the cache is tidied by [`Backend::list`]).
+    fn list_sizes(&self, kind: Kind) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.list_sizes(kind)
+    }
+
     fn remove(&self, kind: Kind, name: &str) -> Result<(), StoreError> {
         if let Some(path) = self.cached_path(kind, name) {
             match fs::remove_file(&path) {

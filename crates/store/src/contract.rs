@@ -30,6 +30,7 @@ pub enum Rule {
     Modified,
     NotFound,
     List,
+    ListSizes,
     Rewrite,
     WriteOwned,
     Remove,
@@ -54,6 +55,7 @@ impl fmt::Display for Rule {
             Rule::Modified => "modified is when the file was written (within a minute either way of this clock)",
             Rule::NotFound => "a missing file is a not-found error",
             Rule::List => "list shows every complete file of its kind, once, and nothing else",
+            Rule::ListSizes => "list_sizes shows what list shows, each file with its size",
             Rule::Rewrite => "writing a content-named file again with the same bytes is harmless",
             Rule::WriteOwned => "write_owned stores the bytes and hands back, if anything, the same bytes",
             Rule::Remove => "remove deletes the file, and removing a missing file is not an error",
@@ -171,6 +173,24 @@ impl<'a> Checker<'a> {
         for kind in KINDS {
             let (got, want) = (self.listed(rule, kind)?, Self::expected(files, kind));
             ensure!(self, got == want, rule, "list {kind} gave {got:?}, expected {want:?}");
+        }
+        Ok(())
+    }
+
+    /// `list_sizes` of every kind: exactly the files `list` must show, with their sizes
+    /// (the config under the name `config`).
+    fn sizes_listed(&self, files: &[File]) -> Result<(), Violation> {
+        let rule = Rule::ListSizes;
+        for kind in KINDS {
+            let mut got = self.ok(rule, format!("list_sizes {kind}"), self.b.list_sizes(kind))?;
+            got.sort();
+            let want: BTreeSet<(String, u64)> = files
+                .iter()
+                .filter(|f| f.kind == kind)
+                .map(|f| (if kind == Kind::Config { "config".into() } else { f.name.clone() }, f.data.len() as u64))
+                .collect();
+            let want: Vec<(String, u64)> = want.into_iter().collect();
+            ensure!(self, got == want, rule, "list_sizes {kind} gave {got:?}, expected {want:?}");
         }
         Ok(())
     }
@@ -401,6 +421,7 @@ pub fn check_backend(backend: &dyn Backend) -> Result<(), Violation> {
     }
     c.not_found("modified of a missing file", backend.modified(Kind::Pack, &"ee".repeat(32)))?;
     c.lists_exactly(Rule::List, &files)?;
+    c.sizes_listed(&files)?;
     let config = &files[0];
     let under_other_name =
         c.ok(Rule::Config, "read of the config as \"other\"", backend.read(Kind::Config, "other"))?;
@@ -446,6 +467,7 @@ pub fn check_backend(backend: &dyn Backend) -> Result<(), Violation> {
         c.ok(Rule::Remove, format!("second remove {} {}", f.kind, f.name), backend.remove(f.kind, &f.name))?;
     }
     c.ok(Rule::Remove, "remove of a file never written", backend.remove(Kind::Snapshot, "never-written"))?;
+    c.sizes_listed(&[])?;
     c.lists_exactly(Rule::Remove, &[])
 }
 

@@ -380,6 +380,10 @@ impl Backend for FaultyBackend {
         self.pass(Op::List, kind, "", |b| b.list(kind))
     }
 
+    fn list_sizes(&self, kind: Kind) -> Result<Vec<(String, u64)>, StoreError> {
+        self.pass(Op::List, kind, "", |b| b.list_sizes(kind))
+    }
+
     fn remove(&self, kind: Kind, name: &str) -> Result<(), StoreError> {
         self.pass(Op::Remove, kind, name, |b| b.remove(kind, name))
     }

@@ -17,7 +17,8 @@
 //!    packs before the index files that list them, both before the snapshot that uses
 //!    them. A crash between steps leaves only unreferenced files, which `check` reports
 //!    and garbage collection removes.
-//! 4. [`Backend::list`] returns only complete files (temporary files are invisible).
+//! 4. [`Backend::list`] (and [`Backend::list_sizes`], the same names with their sizes)
+//!    returns only complete files (temporary files are invisible).
 //!
 //! ## Layout of [`LocalBackend`]
 //!
@@ -190,6 +191,22 @@ pub trait Backend: Send + Sync {
     }
     /// Names of all complete files of a kind, in no particular order.
     fn list(&self, kind: Kind) -> Result<Vec<String>, StoreError>;
+    /// What [`Backend::list`] shows, each name with its file's size. Backup, copy, check
+    /// and repair compare pack sizes with what the index says (a missing, truncated or
+    /// replaced pack is never deduplicated against); an object store's LIST returns sizes
+    /// with the names, a directory reads them from the entries it lists. The default asks
+    /// [`Backend::size`] per file (a file removed in between is left out).
+    fn list_sizes(&self, kind: Kind) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for name in self.list(kind)? {
+            match self.size(kind, &name) {
+                Ok(size) => out.push((name, size)),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
     /// Removes a file; removing a missing file is not an error.
     fn remove(&self, kind: Kind, name: &str) -> Result<(), StoreError>;
     /// Removes temporary files of writes that were interrupted (their writer died) and

@@ -100,6 +100,50 @@ impl LocalBackend {
         Ok(self.root.join(crate::relative_path(kind, name)?))
     }
 
+    /// The regular files of a kind (symbolic links, directories and other entries are
+    /// not repository files), with their sizes when `sizes` is set (0 otherwise).
+    fn listing(&self, kind: Kind, sizes: bool) -> Result<Vec<(String, u64)>, StoreError> {
+        if kind == Kind::Config {
+            let config = self.root.join("config");
+            return Ok(match fs::metadata(&config) {
+                Ok(m) if m.is_file() => vec![("config".into(), m.len())],
+                _ => vec![],
+            });
+        }
+        let dir = self.dir(kind);
+        if !dir.is_dir() {
+            return Ok(Vec::new());
+        }
+        let mut dirs = vec![dir.clone()];
+        if kind == Kind::Pack {
+            dirs = fs::read_dir(&dir)
+                .map_err(|e| io_err(&dir, e))?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                .map(|e| e.path())
+                .collect();
+        }
+        let mut out = Vec::new();
+        for d in dirs {
+            for entry in fs::read_dir(&d).map_err(|e| io_err(&d, e))? {
+                let entry = entry.map_err(|e| io_err(&d, e))?;
+                if !entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                    continue;
+                }
+                let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
+                let size = match sizes.then(|| entry.metadata()) {
+                    None => 0,
+                    Some(Ok(m)) => m.len(),
+                    // Removed since the directory was read.
+                    Some(Err(e)) if e.kind() == ErrorKind::NotFound => continue,
+                    Some(Err(e)) => return Err(io_err(&entry.path(), e)),
+                };
+                out.push((name, size));
+            }
+        }
+        Ok(out)
+    }
+
     fn open_cached(&self, kind: Kind, name: &str) -> Result<Arc<File>, StoreError> {
         let key = format!("{kind}/{name}");
         if let Some(f) = self.open_files.lock().expect("cache lock").get(&key) {
@@ -209,34 +253,11 @@ impl Backend for LocalBackend {
     }
 
     fn list(&self, kind: Kind) -> Result<Vec<String>, StoreError> {
-        if kind == Kind::Config {
-            return Ok(if self.root.join("config").is_file() { vec!["config".into()] } else { vec![] });
-        }
-        let dir = self.dir(kind);
-        if !dir.is_dir() {
-            return Ok(Vec::new());
-        }
-        let mut dirs = vec![dir.clone()];
-        if kind == Kind::Pack {
-            dirs = fs::read_dir(&dir)
-                .map_err(|e| io_err(&dir, e))?
-                .filter_map(|e| e.ok())
-                .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-                .map(|e| e.path())
-                .collect();
-        }
-        let mut out = Vec::new();
-        for d in dirs {
-            for entry in fs::read_dir(&d).map_err(|e| io_err(&d, e))? {
-                let entry = entry.map_err(|e| io_err(&d, e))?;
-                if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
-                    if let Some(n) = entry.file_name().to_str() {
-                        out.push(n.to_string());
-                    }
-                }
-            }
-        }
-        Ok(out)
+        Ok(self.listing(kind, false)?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    fn list_sizes(&self, kind: Kind) -> Result<Vec<(String, u64)>, StoreError> {
+        self.listing(kind, true)
     }
 
     fn remove(&self, kind: Kind, name: &str) -> Result<(), StoreError> {

@@ -161,6 +161,15 @@ impl Backend for MemoryBackend {
         Ok(self.read_files().keys().filter(|(k, _)| *k == kind).map(|(_, name)| name.clone()).collect())
     }
 
+    fn list_sizes(&self, kind: Kind) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self
+            .read_files()
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|((_, name), (data, _))| (name.clone(), data.len() as u64))
+            .collect())
+    }
+
     fn remove(&self, kind: Kind, name: &str) -> Result<(), StoreError> {
         let key = Self::key(kind, name)?;
         self.write_files().remove(&key);

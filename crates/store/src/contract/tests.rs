@@ -78,6 +78,8 @@ enum Flaw {
     NoParallelism,
     /// Every file looks written in 1970 (a store that does not keep times).
     EpochTimes,
+    /// `list_sizes` reports a pack a byte longer than it is (a LIST that counts headers).
+    ListedSizesWrong,
     /// One big pack appears under its name with half its bytes first, and gets the rest
     /// only once a reader has read that prefix (so the check's outcome does not depend
     /// on timing).
@@ -198,6 +200,11 @@ impl Backend for Broken {
         Ok(names)
     }
 
+    fn list_sizes(&self, kind: Kind) -> Result<Vec<(String, u64)>, StoreError> {
+        let extra = u64::from(self.has(Flaw::ListedSizesWrong) && kind == Kind::Pack);
+        Ok(self.inner.list_sizes(kind)?.into_iter().map(|(n, s)| (n, s + extra)).collect())
+    }
+
     fn remove(&self, kind: Kind, name: &str) -> Result<(), StoreError> {
         if self.has(Flaw::RemoveOfMissingFails) {
             self.inner.size(kind, name)?;
@@ -240,6 +247,7 @@ fn each_flaw_breaks_its_rule() {
         (Flaw::CleanTemporaryRemovesPacks, Rule::CleanTemporary),
         (Flaw::NoParallelism, Rule::Parallelism),
         (Flaw::EpochTimes, Rule::Modified),
+        (Flaw::ListedSizesWrong, Rule::ListSizes),
         (Flaw::TornWrites, Rule::ListedFilesComplete),
     ];
     for (flaw, rule) in cases {
