@@ -275,3 +275,61 @@ fn an_allocation_map_that_hides_data_is_caught_and_healed() {
     assert_eq!(code, 0);
     assert_eq!(hash(&dir.restore(&snap_id(&r), "d", "next.img")), hash(&img));
 }
+
+/// Item 7: a detection is recorded in the repository: the suspects show as such in
+/// `snapshots` (text and JSON), `status` keeps the event after later backups and names
+/// where the good bytes are, restoring a suspect warns with the ranges, and
+/// `restore --patch-tainted` writes the good bytes over a restored tainted image.
+#[test]
+fn detection_events_are_recorded_and_outlive_later_backups() {
+    let dir = Dir::new();
+    dir.init();
+    let size = 16 * CHUNK;
+    let img = dir.random_image("d.img", size as usize, 8);
+    let (_, first, _) = backup(&dir, img.to_str().unwrap(), &[]);
+    let mut data = fs::read(&img).unwrap();
+    data[(5 * CHUNK + 7) as usize] ^= 0xff; // the lie
+    fs::write(&img, &data).unwrap();
+    let src = format!("{},cbt={}", img.display(), nothing_changed(&dir, size));
+    let quiet: Vec<String> = (0..2).map(|_| snap_id(&backup(&dir, &src, &["--verify", "none"]).1)).collect();
+    let (code, tainted, _) = backup(&dir, &src, &["--verify", "all"]);
+    assert_eq!(code, 3);
+    let tainted = snap_id(&tainted);
+
+    let list = dir.snapshots();
+    for s in &list {
+        let id = s["id"].as_str().unwrap();
+        let suspect = quiet.iter().any(|q| q == id);
+        assert_eq!(s["suspect"], suspect, "{s}");
+        if suspect {
+            assert_eq!(s["suspect_ranges"][0]["offset"], 5 * CHUNK, "{s}");
+            assert_eq!(s["suspect_ranges"][0]["found_by"], tainted.as_str());
+        }
+    }
+    assert!(!list.iter().any(|s| s["id"] == first["snapshot"] && s["suspect"] == true), "confirmed then: no suspect");
+    let text = dir.repo_cmd("snapshots").ok();
+    assert_eq!(text.lines().filter(|l| l.contains("suspect")).count(), 2, "{text}");
+
+    let status = dir.repo_cmd("status").ok();
+    assert!(status.contains(&format!("snapshot {} was stale", &tainted[..8])), "{status}");
+    assert!(status.contains("no restore point yet"), "{status}");
+    // The next backup reads the disk in full: the good bytes are there; the event stays.
+    let (_, full, _) = backup(&dir, &src, &[]);
+    assert_eq!(full["disks"][0]["mode"], "full");
+    backup(&dir, &src, &[]);
+    let status: Value = dir.repo_cmd("status").arg("--json").json();
+    let events = status[0]["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{status}");
+    assert_eq!(events[0]["snapshot"], tainted.as_str());
+    assert_eq!(events[0]["disks"][0]["good_snapshot"], full["snapshot"]);
+    assert_eq!(events[0]["disks"][0]["causes"][0], "change_tracking");
+
+    let out = dir.repo_cmd("restore").arg(&quiet[0]).args(["--disk", "d", "--to"]).arg(dir.join("q.img")).output();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("is a suspect") && err.contains(&(5 * CHUNK).to_string()), "{err}");
+
+    let target = dir.restore(&tainted, "d", "t.img");
+    assert_ne!(hash(&target), hash(&img));
+    dir.repo_cmd("restore").arg(&tainted).args(["--disk", "d", "--patch-tainted", "--to"]).arg(&target).ok();
+    assert_eq!(hash(&target), hash(&img), "the tainted image with its good bytes is the source");
+}

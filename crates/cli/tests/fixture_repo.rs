@@ -1,5 +1,6 @@
 //! The fixture repositories: small repositories written by each format version and
-//! committed under tests/fixtures/repo-vN (version 1: zstd blobs; version 2: LZ4 blobs).
+//! committed under tests/fixtures/repo-vN (version 1: zstd blobs; version 2: LZ4 blobs;
+//! version 3: manifests whose coverage says what the bound rests on).
 //! Every later version of blockproof must still read them, restore them bit-exact and
 //! find them whole; their files must keep the pinned magic numbers and versions of
 //! docs/FORMAT.md; and writing into an old repository must keep it readable by the build
@@ -15,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The fixtures and their passwords.
-const FIXTURES: [(u16, &str); 2] = [(1, "fixture password v1"), (2, "fixture password v2")];
+const FIXTURES: [(u16, &str); 3] =
+    [(1, "fixture password v1"), (2, "fixture password v2"), (3, "fixture password v3")];
 const CHUNK: usize = 4096;
 /// 1280 chunks and a 1000-byte tail: two levels of index pages (fanout 1024).
 const SIZE: usize = 1280 * CHUNK + 1000;
@@ -168,9 +170,10 @@ fn assert_headers(dir: &Path, version: u8, config_version: u8) {
 
 #[test]
 fn fixture_files_carry_the_pinned_magic_numbers() {
-    // Version 2 changed no byte layout: only the config says 2.
+    // Versions 2 and 3 changed no byte layout: only the config says which.
     assert_headers(&fixture_dir(1), 1, 1);
     assert_headers(&fixture_dir(2), 1, 2);
+    assert_headers(&fixture_dir(3), 1, 3);
 }
 
 /// A version 2 build writing into a version 1 repository keeps it a version 1
@@ -206,13 +209,13 @@ fn writing_into_a_version_1_repository_keeps_it_version_1() {
 
     // A config from the future: refused before anything else is read, one line, exit 1.
     let mut future = config_before.clone();
-    future[4] = 3;
+    future[4] = 4;
     fs::write(repo_path.join("config"), &future).unwrap();
     let out = blockproof(password, &["snapshots", "--repo", repo]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("format version 3"), "{stderr}");
+    assert!(stderr.contains("format version 4"), "{stderr}");
 }
 
 #[test]
@@ -268,4 +271,33 @@ fn damaged_fixture_copies_are_detected() {
             }
         }
     }
+}
+
+/// Version 3 manifests say what a disk's coverage bound rests on; a version 3 build
+/// writing into a version 2 repository leaves those fields out (a version 2 build, which
+/// reads manifests strictly, would reject them).
+#[test]
+fn coverage_fields_exist_from_version_3_and_are_not_written_into_older_repositories() {
+    let status = |password: &str, repo: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(blockproof(password, &["status", "--repo", repo, "--json"]))).unwrap()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (v3, pw3) = FIXTURES[2];
+    let repo3 = fixture_copy(v3, tmp.path());
+    let c = &status(pw3, repo3.to_str().unwrap())[0]["disks"][0]["coverage"];
+    assert_eq!(c["bound"], "budget", "{c}");
+    assert!(c["sampled_per_run"].as_u64().unwrap() > 0, "{c}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (v2, pw2) = FIXTURES[1];
+    let repo2 = fixture_copy(v2, tmp.path());
+    let repo = repo2.to_str().unwrap();
+    let img = tmp.path().join("d.img");
+    fs::write(&img, image(2)).unwrap();
+    let spec = format!("id=fixture-disk-0,source={}", img.display());
+    ok(blockproof(pw2, &["backup", "--repo", repo, "--vm", "fixture-vm", "--disk", &spec]));
+    let c = &status(pw2, repo)[0]["disks"][0]["coverage"];
+    assert!(c.get("bound").is_none() && c.get("sampled_per_run").is_none(), "{c}");
+    assert!(c["full_coverage_within_runs"].as_u64().unwrap() > 0, "{c}");
+    assert_headers(&repo2, 1, 2);
 }

@@ -5,7 +5,7 @@
 //! ```
 //!
 //! The AD of the seal is the 38 bytes before the nonce. The plaintext is the JSON of
-//! [`RepoConfig`]. The header's version is the repository's format version (1 or 2) and
+//! [`RepoConfig`]. The header's version is the repository's format version (1 to 3) and
 //! must equal the settings' `version`: a build that does not know it refuses the
 //! repository before reading anything else.
 
