@@ -16,8 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The fixtures and their passwords.
-const FIXTURES: [(u16, &str); 3] =
-    [(1, "fixture password v1"), (2, "fixture password v2"), (3, "fixture password v3")];
+const FIXTURES: [(u16, &str); 3] = [(1, "fixture password v1"), (2, "fixture password v2"), (3, "fixture password v3")];
 const CHUNK: usize = 4096;
 /// 1280 chunks and a 1000-byte tail: two levels of index pages (fanout 1024).
 const SIZE: usize = 1280 * CHUNK + 1000;

@@ -27,6 +27,7 @@ use blockproof_repo::pack_writer::read_pack_header;
 use blockproof_repo::repository::check_name;
 use blockproof_repo::{BlobIndex, BlobReader, Repository, TreeReader};
 use blockproof_store::Kind;
+use blockproof_work::{fan_out, FanOut};
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
@@ -372,23 +373,36 @@ fn read_data(
     // reader holding one whole pack: at most 256 MiB of packs in memory at once.
     let largest = chosen.iter().map(|c| c.1).max().unwrap_or(1).max(1);
     let readers = crate::readers(repo).min(((256u64 << 20) / largest).max(1) as usize);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: std::sync::Mutex<Vec<(usize, PackVerdict)>> = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..readers {
-            s.spawn(|| loop {
-                if budget.time.is_some_and(|t| started.elapsed() >= t) {
-                    return;
+    let mut results: Vec<(usize, PackVerdict)> = Vec::new();
+    let checked = fan_out(
+        repo.cancel(),
+        FanOut { workers: readers, queue: 1 },
+        |emit| {
+            for k in 0..chosen.len() {
+                // The time limit is tested before each pack is taken.
+                if budget.time.is_some_and(|t| started.elapsed() >= t) || !emit.send(k) {
+                    break;
                 }
-                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(&(name, size)) = chosen.get(k) else { return };
+            }
+            Ok::<(), CoreError>(())
+        },
+        || {
+            |k: usize| {
+                let (name, size) = chosen[k];
                 let verdict = verify_pack(repo, name, &by_pack);
                 progress.advance(size);
-                results.lock().expect("results lock").push((k, verdict));
-            });
-        }
-    });
-    let mut results = results.into_inner().expect("results lock");
+                Ok((k, verdict))
+            }
+        },
+        |r| {
+            results.push(r);
+            Ok(())
+        },
+    );
+    if let Err(e) = checked {
+        // Only a fault of blockproof itself (a reader that panicked) ends here.
+        errors.push(format!("the data check stopped: {e}"));
+    }
     results.sort_by_key(|(k, _)| *k);
     for (k, v) in results {
         r.packs_checked += 1;

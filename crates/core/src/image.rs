@@ -46,6 +46,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use blockproof_format::tree::chunk_count;
 use blockproof_format::{BlobKind, DiskEntry, Id};
 use blockproof_repo::{BlobReader, RepoError, TreeReader};
+use blockproof_work::{fan_out, FanOut};
 
 use crate::{workers, CoreError};
 
@@ -245,27 +246,20 @@ impl<'a> DiskImage<'a> {
         if threads <= 1 {
             return missing.into_iter().try_for_each(|f| self.fill(f));
         }
-        let queue = Mutex::new(missing);
-        let first_error: Mutex<Option<CoreError>> = Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| {
-                    loop {
-                        // (The guard must not live through `fill`: no lock during I/O.)
-                        let next = lock(&queue).pop();
-                        let Some(f) = next else { break };
-                        if let Err(e) = self.fill(f) {
-                            lock(&first_error).get_or_insert(e);
-                            lock(&queue).clear();
-                        }
+        fan_out(
+            self.reader.repo().cancel(),
+            FanOut { workers: threads, queue: threads },
+            |emit| {
+                for f in missing {
+                    if !emit.send(f) {
+                        break;
                     }
-                });
-            }
-        });
-        match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+                }
+                Ok(())
+            },
+            || |f: Fetch<'_>| self.fill(f),
+            |()| Ok(()),
+        )
     }
 
     fn fill(&self, f: Fetch<'_>) -> Result<(), CoreError> {

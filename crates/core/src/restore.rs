@@ -5,12 +5,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use blockproof_format::tree::chunk_count;
 use blockproof_format::{BlobKind, Id, SnapshotStatus};
 use blockproof_repo::{BlobIndex, BlobReader, Repository, TreeReader};
-use crossbeam_channel::bounded;
+use blockproof_work::{fan_out, FanOut};
 use serde::Serialize;
 
 use crate::{CoreError, Progress};
@@ -318,97 +317,79 @@ fn write_chunks(
             (lo, d[(lo - offset) as usize..(hi - offset) as usize].to_vec())
         })
     };
-    let first_error: Mutex<Option<CoreError>> = Mutex::new(None);
-    let written = std::sync::atomic::AtomicU64::new(0);
+    let mut written = 0u64;
     let mut zero_chunks = 0u64;
-
-    std::thread::scope(|s| -> Result<(), CoreError> {
-        // Chunks go to the readers in batches of consecutive chunks, which read_many
-        // fetches with about one request per pack region.
-        let (tx, rx) = bounded::<Vec<(u64, Id)>>(4);
-        // One thread writes, in the order chunks arrive: parallel writers to one file
-        // contend on its inode lock and cost more system time than they save.
-        let (wtx, wrx) = bounded::<(u64, Vec<u8>)>(64);
-        let (first_error_w, written_w) = (&first_error, &written);
-        s.spawn(move || {
-            let mut unflushed = 0usize;
-            for (offset, data) in wrx.iter() {
-                if let Err(e) = out.write_all_at(&data, offset) {
-                    first_error_w.lock().expect("error lock").get_or_insert(CoreError::io("restore target", e));
-                    return;
+    let mut unflushed = 0usize;
+    let fanout = u64::from(disk.index_fanout);
+    let (first, last) = (range.0 / cs, (range.0 + range.1).div_ceil(cs));
+    // About 4 MiB of chunks per batch.
+    let batch_len = ((4u64 << 20) / cs).max(1) as usize;
+    let zeros = &mut zero_chunks;
+    // The tree is walked by the producer, batches of consecutive chunks are read by the
+    // workers (read_many: about one request per pack region), and this thread writes, in
+    // the order chunks arrive: parallel writers to one file contend on its inode lock and
+    // cost more system time than they save.
+    fan_out(
+        repo.cancel(),
+        FanOut { workers: crate::readers(repo), queue: 4 },
+        |emit| {
+            let mut batch = Vec::with_capacity(batch_len);
+            for page in first / fanout..last.div_ceil(fanout).min(tree.leaf_pages()) {
+                let ids = match tree.leaf(page) {
+                    Ok(ids) => ids.to_vec(),
+                    Err(e) => return Err(crate::index_damage(disk, tree.unreadable_span(page), e)),
+                };
+                for (k, id) in ids.into_iter().enumerate() {
+                    let i = page * fanout + k as u64;
+                    if i < first || i >= last {
+                        continue;
+                    }
+                    progress.advance((disk.size - i * cs).min(cs).min(range.1));
+                    if id.is_zero() {
+                        *zeros += 1;
+                        if !write_zeros {
+                            continue;
+                        }
+                    }
+                    batch.push((i, id));
+                    if batch.len() == batch_len {
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_len));
+                        if !emit.send(full) {
+                            return Ok(());
+                        }
+                    }
                 }
-                written_w.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            if !batch.is_empty() {
+                emit.send(batch);
+            }
+            Ok(())
+        },
+        || {
+            |batch: Vec<(u64, Id)>| -> Result<Vec<(u64, Vec<u8>)>, CoreError> {
+                let stored: Vec<Id> = batch.iter().map(|(_, id)| *id).filter(|id| !id.is_zero()).collect();
+                let mut blobs = reader.read_many(&stored, BlobKind::Data).into_iter();
+                batch
+                    .into_iter()
+                    .map(|(i, id)| {
+                        let data = if id.is_zero() { None } else { Some(blobs.next().expect("one per id")) };
+                        chunk_bytes(i, id, data)
+                    })
+                    .collect()
+            }
+        },
+        |chunks| {
+            for (offset, data) in chunks {
+                out.write_all_at(&data, offset).map_err(|e| CoreError::io("restore target", e))?;
+                written += data.len() as u64;
                 unflushed += data.len();
                 if unflushed >= WRITEBACK_EVERY {
                     start_writeback(out);
                     unflushed = 0;
                 }
             }
-        });
-        for _ in 0..crate::readers(repo) {
-            let (rx, wtx) = (rx.clone(), wtx.clone());
-            let (reader, first_error, chunk_bytes) = (&reader, &first_error, &chunk_bytes);
-            s.spawn(move || {
-                for batch in rx.iter() {
-                    let stored: Vec<Id> = batch.iter().map(|(_, id)| *id).filter(|id| !id.is_zero()).collect();
-                    let mut blobs = reader.read_many(&stored, BlobKind::Data).into_iter();
-                    for (i, id) in batch {
-                        let data = if id.is_zero() { None } else { Some(blobs.next().expect("one per id")) };
-                        match chunk_bytes(i, id, data) {
-                            Ok(write) => {
-                                if wtx.send(write).is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e) => {
-                                first_error.lock().expect("error lock").get_or_insert(e);
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-        drop(wtx);
-        drop(rx);
-        let fanout = u64::from(disk.index_fanout);
-        let (first, last) = (range.0 / cs, (range.0 + range.1).div_ceil(cs));
-        // About 4 MiB of chunks per batch.
-        let batch_len = ((4u64 << 20) / cs).max(1) as usize;
-        let mut batch = Vec::with_capacity(batch_len);
-        for page in first / fanout..last.div_ceil(fanout).min(tree.leaf_pages()) {
-            let ids = match tree.leaf(page) {
-                Ok(ids) => ids.to_vec(),
-                Err(e) => return Err(crate::index_damage(disk, tree.unreadable_span(page), e)),
-            };
-            for (k, id) in ids.into_iter().enumerate() {
-                let i = page * fanout + k as u64;
-                if i < first || i >= last {
-                    continue;
-                }
-                progress.advance((disk.size - i * cs).min(cs).min(range.1));
-                if id.is_zero() {
-                    zero_chunks += 1;
-                    if !write_zeros {
-                        continue;
-                    }
-                }
-                batch.push((i, id));
-                if batch.len() == batch_len {
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_len));
-                    if first_error.lock().expect("error lock").is_some() || tx.send(full).is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-        if !batch.is_empty() {
-            let _ = tx.send(batch);
-        }
-        Ok(())
-    })?;
-    if let Some(e) = first_error.into_inner().expect("error lock") {
-        return Err(e);
-    }
-    Ok((n, zero_chunks, written.into_inner()))
+            Ok(())
+        },
+    )?;
+    Ok((n, zero_chunks, written))
 }

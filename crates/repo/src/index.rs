@@ -340,4 +340,9 @@ impl<'a> BlobReader<'a> {
     pub fn index(&self) -> &BlobIndex {
         self.index
     }
+
+    /// The repository read from (and its cancellation token).
+    pub fn repo(&self) -> &Repository {
+        self.repo
+    }
 }
