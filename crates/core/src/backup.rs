@@ -24,6 +24,7 @@ use crossbeam_channel::Sender;
 use serde::Serialize;
 
 use crate::confirm::ConfirmState;
+use crate::integrity::Lineage;
 use crate::pipeline::{store_disk, with_pack_writer, BlobSink, Dedup, DiskCounters};
 use crate::plan::{Action, ChunkPlan};
 use crate::verify::{chunk_limit, differing_ranges, merge_ranges, sample, select};
@@ -220,6 +221,7 @@ fn prepare<'a>(
     vm: &str,
     snapshots: &'a [SnapshotInfo],
     damage: Option<&str>,
+    lineage: &Lineage,
     opts: &BackupOptions,
     chunk_size: u32,
 ) -> Result<Prepared<'a>, CoreError> {
@@ -234,7 +236,9 @@ fn prepare<'a>(
     let zero = opened.source.zero_ranges()?;
     let (changed, full_reason) = match &opened.changes {
         Changes::All { reason } => (None, Some(reason.clone())),
-        Changes::Ranges(r) => match full_read_reason(opts.full, damage, parent, &input.id, size, chunk_size) {
+        Changes::Ranges(r) => match full_read_reason(opts.full, damage, parent, &input.id, size, chunk_size)
+            .or_else(|| lineage.unbound(opened.base, &input.id, parent?))
+        {
             Some(reason) => (None, Some(reason)),
             None => (Some(r.as_slice()), None),
         },
@@ -528,7 +532,7 @@ pub(crate) fn commit(repo: &Repository, lock: &Lock<'_>, snapshot: &Snapshot) ->
     lock.ensure_held()?;
     let id = repo.save_snapshot(snapshot)?;
     if let Err(e) = lock.ensure_held() {
-        let _ = repo.backend().remove(blockproof_store::Kind::Snapshot, &id.to_hex());
+        repo.withdraw_snapshot(id, snapshot);
         return Err(e.into());
     }
     Ok(id)
@@ -567,6 +571,9 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
             skipped.damaged.len()
         )
     });
+    // The vm's head: an incremental on the caller's word needs its parent to be the
+    // latest restore point the repository recorded of the disk.
+    let lineage = Lineage::load(repo, &opts.vm, &snapshots)?;
     let dedup = Dedup::new(&index);
     let reader = BlobReader::new(repo, &index);
     let chunk_size = repo.config().chunk_size;
@@ -575,7 +582,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
     let inputs = std::mem::take(&mut opts.disks);
     let mut prepared = Vec::new();
     for input in inputs {
-        prepared.push(prepare(input, &opts.vm, &snapshots, damage.as_deref(), &opts, chunk_size)?);
+        prepared.push(prepare(input, &opts.vm, &snapshots, damage.as_deref(), &lineage, &opts, chunk_size)?);
     }
     let mut ctx = Ctx {
         repo,
@@ -584,7 +591,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
         snapshots: &snapshots,
         progress,
         chunk_size,
-        warnings: skipped.warnings(),
+        warnings: [skipped.warnings(), lineage.warnings()].concat(),
     };
 
     let (outcomes, stats) =
@@ -604,6 +611,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
     };
     // Every pack and index file is durable (the writer finished): commit.
     let id = commit(repo, &lock, &snapshot)?;
+    ctx.warnings.extend(crate::integrity::record_commit(repo, id, &snapshot));
     let mut report = BackupReport {
         snapshot: id,
         vm: opts.vm.clone(),
@@ -634,7 +642,9 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
             Ok(entries)
         })?;
         let healed = Snapshot { time: heal_time, status: SnapshotStatus::Ok, disks: entries, ..snapshot };
-        report.healed_snapshot = Some(commit(repo, &lock, &healed)?);
+        let healed_id = commit(repo, &lock, &healed)?;
+        ctx.warnings.extend(crate::integrity::record_commit(repo, healed_id, &healed));
+        report.healed_snapshot = Some(healed_id);
         report.packs_written += heal_stats.packs;
         report.bytes_written += heal_stats.pack_bytes;
     }

@@ -58,6 +58,8 @@ pub struct CopyReport {
     /// Chunks the target did not have.
     pub chunks_new: u64,
     pub bytes_written: u64,
+    /// What did not affect the copies (a vm's head in the target that could not be updated).
+    pub warnings: Vec<String>,
 }
 
 struct Copier<'a, 'd> {
@@ -202,6 +204,7 @@ pub fn copy(
         progress.end();
         let snapshot = Snapshot { disks, copied_from: Some(s.id), ..s.snapshot.clone() };
         let target = crate::backup::commit(dst, &lock, &snapshot)?;
+        c.report.warnings.extend(crate::integrity::record_commit(dst, target, &snapshot));
         c.report.bytes_written += stats.pack_bytes;
         c.report.copied.push(CopiedSnapshot { source: s.id, target, vm: s.snapshot.vm.clone() });
         copied.insert(s.id, (target, snapshot));
