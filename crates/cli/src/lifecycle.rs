@@ -22,6 +22,9 @@ fn print_gc(r: &GcReport) {
         r.packs_repacked,
         human_bytes(r.bytes_repacked)
     );
+    if r.forget_records_dropped > 0 {
+        println!("gc: dropped the forget records of {} snapshots nothing names any more", r.forget_records_dropped);
+    }
     if r.packs_deferred > 0 {
         println!(
             "gc: {} packs ({}) deferred: backups that were running may still use them; a later gc removes them",
@@ -132,6 +135,9 @@ pub fn forget(a: ForgetArgs) -> Result<u8> {
     let opts = ForgetOptions { snapshots: a.snapshots, policy, vm: a.vm, dry_run: a.dry_run };
     let repo = open_repo(&a.repo)?;
     let r = blockproof_core::forget(&repo, &opts)?;
+    for w in &r.warnings {
+        eprintln!("blockproof: warning: {w}");
+    }
     let gc = if a.prune && !a.dry_run {
         let progress = progress::for_stderr();
         Some(blockproof_core::gc(&repo, &GcOptions::default(), progress.as_ref())?)
@@ -276,6 +282,9 @@ pub fn copy(a: CopyArgs) -> Result<u8> {
     let progress = progress::for_stderr();
     let r =
         blockproof_core::copy(&src, &dst, &blockproof_core::CopyOptions { snapshots: a.snapshots }, progress.as_ref())?;
+    for w in &r.warnings {
+        eprintln!("blockproof: warning: {w}");
+    }
     if a.json {
         print_json(&r)?;
     } else {

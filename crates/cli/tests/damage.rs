@@ -110,9 +110,9 @@ const DAMAGES: [Damage; 5] = [
     ("delete", |p| fs::remove_file(p).unwrap()),
 ];
 
-/// Every file of a repository (config, key slot, packs, index files, snapshots), every
-/// kind of damage: `check --read-data` reports it (exit 1; a deleted snapshot file is a
-/// forgotten snapshot); `restore` of each snapshot
+/// Every file of a repository (config, key slot, packs, index files, snapshots, state),
+/// every kind of damage: `check --read-data` reports it (exit 1; damage to a state
+/// document is a warning); `restore` of each snapshot
 /// either fails with one line and leaves no file, or returns exactly the right bytes;
 /// `snapshots` never panics. Each file is put back before the next damage.
 #[test]
@@ -145,17 +145,22 @@ fn any_damage_to_any_file_is_an_error_never_a_panic_or_wrong_bytes() {
             let case = format!("{rel}: {what}");
             damage(file);
 
-            // A deleted snapshot file is indistinguishable from a forgotten snapshot: with
-            // no catalog outside the repository, nothing says it existed.
-            let forgotten = what == "delete" && rel.starts_with("snapshots/");
-            // state/check (the data-check rotation) is advisory: damage there is a warning
-            // and the rotation starts over.
+            // A deleted snapshot file is an error too: the vm's head names the latest, and
+            // the latest names the first as its parent (docs/FORMAT.md §20a).
+            let deleted = what == "delete" && rel.starts_with("snapshots/");
+            // State documents (the data-check rotation, the vm's head) are advisory:
+            // damage there is a warning (the rotation starts over, the head is rewritten
+            // by the next backup).
             let advisory = rel.starts_with("state/");
             let out = dir.repo_cmd("check").args(["--read-data"]).output();
             let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-            let expect = if forgotten || advisory { 0 } else { 1 };
+            let expect = if advisory { 0 } else { 1 };
             if advisory && what != "delete" {
-                assert!(stderr.contains("rotation"), "{case}: damage to the rotation state is reported: {stderr}");
+                let topic = if rel.starts_with("state/head-") { "record of a vm" } else { "rotation" };
+                assert!(stderr.contains(topic), "{case}: damage to a state document is reported: {stderr}");
+            }
+            if deleted {
+                assert!(stderr.contains("outside blockproof"), "{case}: {stderr}");
             }
             assert_eq!(out.status.code(), Some(expect), "{case}: check --read-data:\n{stdout}\n{stderr}");
             assert!(!stderr.contains("panicked"), "{case}: check panicked: {stderr}");
@@ -188,7 +193,7 @@ fn any_damage_to_any_file_is_an_error_never_a_panic_or_wrong_bytes() {
                         assert!(!target.exists(), "{case}: a failed restore left {}", target.display());
                     }
                     // Only a deleted snapshot file may look like an unknown snapshot.
-                    Some(2) if forgotten => {}
+                    Some(2) if deleted => {}
                     code => panic!("{case}: restore of {snap} exited {code:?}: {stderr}"),
                 }
                 assert!(partial_files(dir.path()).is_empty(), "{case}: {:?}", partial_files(dir.path()));

@@ -26,6 +26,7 @@ use serde::Serialize;
 use crate::availability::Availability;
 use crate::confirm::ConfirmState;
 use crate::events::{Cause, Event, EventDisk};
+use crate::integrity::Lineage;
 use crate::pipeline::{store_disk, with_pack_writer, BlobSink, Dedup, DiskCounters, Stored};
 use crate::plan::{Action, ChunkPlan};
 use crate::verification::{DiskCheck, Escalation};
@@ -247,6 +248,7 @@ fn prepare<'a>(
     vm: &str,
     snapshots: &'a [SnapshotInfo],
     damage: Option<&str>,
+    lineage: &Lineage,
     opts: &BackupOptions,
     chunk_size: u32,
 ) -> Result<Prepared<'a>, CoreError> {
@@ -264,7 +266,9 @@ fn prepare<'a>(
         if parent_entry.is_some_and(|e| e.next_full.is_some()) { Vec::new() } else { opened.source.zero_ranges()? };
     let (changed, full_reason) = match &opened.changes {
         Changes::All { reason } => (None, Some(reason.clone())),
-        Changes::Ranges(r) => match full_read_reason(opts.full, damage, parent, &input.id, size, chunk_size) {
+        Changes::Ranges(r) => match full_read_reason(opts.full, damage, parent, &input.id, size, chunk_size)
+            .or_else(|| lineage.unbound(opened.base, &input.id, parent?))
+        {
             Some(reason) => (None, Some(reason)),
             None => (Some(r.as_slice()), None),
         },
@@ -645,7 +649,7 @@ pub(crate) fn commit(repo: &Repository, lock: &Lock<'_>, snapshot: &Snapshot) ->
     lock.ensure_held()?;
     let id = repo.save_snapshot(snapshot)?;
     if let Err(e) = lock.ensure_held() {
-        let _ = repo.backend().remove(blockproof_store::Kind::Snapshot, &id.to_hex());
+        repo.withdraw_snapshot(id, snapshot);
         return Err(e.into());
     }
     Ok(id)
@@ -686,6 +690,10 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
     });
     // Packs that are missing, of the wrong size or found damaged are not reused.
     let mut warnings = skipped.warnings();
+    // The vm's head: an incremental on the caller's word needs its parent to be the
+    // latest restore point the repository recorded of the disk.
+    let lineage = Lineage::load(repo, &opts.vm, &snapshots)?;
+    warnings.extend(lineage.warnings());
     let avail = Availability::assess(repo, &index, &mut warnings)?;
     let reader = BlobReader::new(repo, &index);
     let dedup = Dedup::new(&reader, &avail);
@@ -695,7 +703,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
     let inputs = std::mem::take(&mut opts.disks);
     let mut prepared = Vec::new();
     for input in inputs {
-        prepared.push(prepare(input, &opts.vm, &snapshots, damage.as_deref(), &opts, chunk_size)?);
+        prepared.push(prepare(input, &opts.vm, &snapshots, damage.as_deref(), &lineage, &opts, chunk_size)?);
     }
     let mut ctx = Ctx {
         repo,
@@ -725,6 +733,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
     };
     // Every pack and index file is durable (the writer finished): commit.
     let id = commit(repo, &lock, &snapshot)?;
+    ctx.warnings.extend(crate::integrity::record_commit(repo, id, &snapshot));
     // A finding is recorded in the repository, not only printed (docs/VERIFICATION.md).
     let mut event = tainted.then(|| Event {
         snapshot: id,
@@ -781,6 +790,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
         })?;
         let healed = Snapshot { time: heal_time, status: SnapshotStatus::Ok, disks: entries, ..snapshot };
         let healed_id = commit(repo, &lock, &healed)?;
+        ctx.warnings.extend(crate::integrity::record_commit(repo, healed_id, &healed));
         report.healed_snapshot = Some(healed_id);
         if let Some(e) = event.as_mut() {
             e.healed_by = Some(healed_id);

@@ -16,6 +16,11 @@
 //!
 //! Stray files (names that are not object names of their directory, `index/.DS_Store`)
 //! are warnings; damaged key slots, index files and snapshot files are errors.
+//!
+//! The snapshot set (`integrity.rs`): a snapshot a vm's head names, or that a
+//! snapshot made since its vm's head exists names as a parent, that is neither present
+//! nor in a forget record was deleted or rolled back outside blockproof: an error. A
+//! recorded snapshot that is present again is a warning.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
@@ -124,8 +129,20 @@ pub struct CheckReport {
     pub blobs: u64,
     pub referenced_chunks: u64,
     pub read_data: Option<ReadDataReport>,
+    /// What the repository recorded of each vm (its head): a monitor that remembers
+    /// `seq` sees a repository rolled back as a whole (docs/FORMAT.md §20a).
+    pub heads: Vec<HeadReport>,
     pub errors: Vec<String>,
     pub warnings: Vec<String>,
+}
+
+/// One vm's head, as `check` reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeadReport {
+    pub vm: String,
+    pub seq: u64,
+    pub latest: Id,
+    pub time: String,
 }
 
 /// Checks the repository. Problems found are in the report; `Err` means the check
@@ -199,11 +216,15 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     }
     report.packs = stored.len() as u64;
 
-    // Snapshots and their trees.
+    // Snapshots and their trees. The vms' heads are read before the listing, the forget
+    // records after it (see crate::integrity).
+    let heads = crate::integrity::read_heads(repo)?;
     let reader = BlobReader::new(repo, &index);
     let mut referenced: HashSet<Id> = HashSet::new();
     let (names, stray_snapshots): (Vec<String>, Vec<String>) =
         backend.list(Kind::Snapshot)?.into_iter().partition(|n| Id::is_file_name(n));
+    let present: HashSet<Id> = names.iter().filter_map(|n| n.parse().ok()).collect();
+    let mut loaded = Vec::new();
     stray.extend(stray_snapshots.iter().map(|n| format!("{}/{n}", Kind::Snapshot.dir())));
     stray.sort();
     report.warnings.extend(blockproof_repo::Skipped { stray, ..Default::default() }.warnings());
@@ -231,8 +252,11 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
                 report.warnings.push(format!("{place}: {w}"));
             }
         }
+        loaded.push(info);
     }
     progress.end();
+    report.heads = heads.report();
+    crate::integrity::check_snapshot_set(repo, heads, &present, &loaded, &mut report.errors, &mut report.warnings)?;
     for id in &referenced {
         if !index.contains(id) {
             report.errors.push(format!("chunk {id} is used by a snapshot but not stored"));

@@ -64,7 +64,8 @@ pub struct CopyReport {
     /// missing, of the wrong size or found damaged, stored again.
     pub chunks_repaired: u64,
     pub bytes_written: u64,
-    /// Things that did not stop the copy (e.g. target packs that are not reused).
+    /// Things that did not stop the copy (target packs that are not reused, a vm's head in
+    /// the target that could not be updated).
     pub warnings: Vec<String>,
 }
 
@@ -221,6 +222,7 @@ pub fn copy(
         progress.end();
         let snapshot = Snapshot { disks, copied_from: Some(s.id), ..s.snapshot.clone() };
         let target = crate::backup::commit(dst, &lock, &snapshot)?;
+        c.report.warnings.extend(crate::integrity::record_commit(dst, target, &snapshot));
         c.report.bytes_written += stats.pack_bytes;
         c.report.copied.push(CopiedSnapshot { source: s.id, target, vm: s.snapshot.vm.clone() });
         copied.insert(s.id, (target, snapshot));

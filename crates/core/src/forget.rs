@@ -7,14 +7,21 @@
 //! Forgetting removes only snapshot files: the data they alone referenced is removed by
 //! garbage collection ([`crate::gc`]). Tainted snapshots follow the policy like any other:
 //! nothing is ever deleted *because* of a mismatch.
+//!
+//! Before a file is removed, a forget record names it and a vm head naming it as the
+//! latest is moved back to the newest remaining snapshot (`integrity.rs`), so that
+//! `check` tells what forget removed from a deletion outside blockproof. Forgetting the
+//! full id of a snapshot that is already missing, but still named by a head or a parent
+//! reference, records that loss.
 
 use std::collections::{BTreeMap, HashSet};
 
 use blockproof_format::{Id, ObjectMagic};
-use blockproof_repo::{LockKind, Repository, SnapshotInfo};
+use blockproof_repo::{LockKind, Removal, RepoError, Repository, SnapshotInfo};
 use blockproof_store::Kind;
 use serde::{Deserialize, Serialize};
 
+use crate::integrity::Removed;
 use crate::CoreError;
 
 /// How many of each period to keep (`None`: the rule is off).
@@ -61,6 +68,7 @@ pub struct ForgetReport {
     pub dry_run: bool,
     pub kept: Vec<Decision>,
     pub removed: Vec<Decision>,
+    pub warnings: Vec<String>,
 }
 
 /// The marker of a protected snapshot (`state/protect-<id>`).
@@ -199,7 +207,20 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport, C
     if !opts.snapshots.is_empty() {
         let mut ids = Vec::new();
         for r in &opts.snapshots {
-            let s = repo.resolve_snapshot(r)?;
+            let s = match repo.resolve_snapshot(r) {
+                Ok(s) => s,
+                Err(e @ RepoError::NotFound(_)) => match missing_but_referenced(repo, r)? {
+                    // Already gone (removed outside blockproof): record its loss.
+                    Some(d) if !ids.contains(&d.id) => {
+                        ids.push(d.id);
+                        removed.push(d);
+                        continue;
+                    }
+                    Some(_) => continue,
+                    None => return Err(e.into()),
+                },
+                Err(e) => return Err(e.into()),
+            };
             if protected.contains(&s.id) {
                 return Err(CoreError::Invalid(format!(
                     "snapshot {} is protected; run blockproof unprotect {} first",
@@ -235,12 +256,36 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport, C
             }
         }
     }
+    let mut warnings = Vec::new();
     if !opts.dry_run {
-        for d in &removed {
+        // Recorded first (and the heads moved off them), so that a snapshot this removes
+        // never counts as deleted outside blockproof, whenever a crash comes.
+        let how = |d: &Decision| if d.reasons == [ALREADY_MISSING] { Removal::Missing } else { Removal::Forget };
+        let records: Vec<Removed<'_>> =
+            removed.iter().map(|d| Removed { id: d.id, vm: &d.vm, time: &d.time, how: how(d) }).collect();
+        warnings = crate::integrity::record_forget(repo, &records)?;
+        for d in removed.iter().filter(|d| how(d) == Removal::Forget) {
             repo.backend().remove(Kind::Snapshot, &d.id.to_hex())?;
         }
     }
-    Ok(ForgetReport { dry_run: opts.dry_run, kept, removed })
+    Ok(ForgetReport { dry_run: opts.dry_run, kept, removed, warnings })
+}
+
+/// The reason of a snapshot forgotten by its full id that was already missing.
+const ALREADY_MISSING: &str = "already missing";
+
+/// A full snapshot id that is not in the repository but that a vm's head or a parent
+/// reference names: forgetting it records the loss, so `check` no longer reports it.
+fn missing_but_referenced(repo: &Repository, reference: &str) -> Result<Option<Decision>, CoreError> {
+    let Some(id) = reference.parse::<Id>().ok().filter(|_| reference.len() == 64) else {
+        return Ok(None);
+    };
+    Ok(crate::integrity::referenced_missing(repo, &id)?.map(|(vm, time)| Decision {
+        id,
+        vm,
+        time,
+        reasons: vec![ALREADY_MISSING.into()],
+    }))
 }
 
 #[cfg(test)]

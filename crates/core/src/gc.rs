@@ -83,6 +83,8 @@ pub struct GcReport {
     pub bytes_deferred: u64,
     /// Temporary files of interrupted writes removed (older than [`TEMP_AGE`]).
     pub temporary_files_removed: u64,
+    /// Forget records of snapshots nothing references any more, dropped.
+    pub forget_records_dropped: u64,
 }
 
 /// Temporary files older than this belong to writers that died.
@@ -260,12 +262,15 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
     let stored = stored_packs(repo)?;
     refuse_if_data_missing(repo, &index, &referenced, &stored.iter().map(|(_, id)| *id).collect())?;
 
-    // Carry out earlier plans that have become safe.
+    // Carry out earlier plans that have become safe; drop forget records nothing needs.
     if !opts.dry_run {
         report.temporary_files_removed = repo.backend().clean_temporary(TEMP_AGE)?;
         for (name, plan) in plans(repo)? {
             sweep(repo, &lock, &name, &plan, &mut report)?;
         }
+        let others: Vec<u64> =
+            repo.live_locks()?.into_iter().filter(|(n, _)| n != lock.name()).map(|(_, l)| l.created).collect();
+        report.forget_records_dropped = crate::integrity::prune_records(repo, &others)?;
     }
 
     // Mark again if a sweep changed the index.

@@ -25,6 +25,11 @@
 //!   success: a failed restore leaves no file that looks complete. Every chunk is
 //!   authenticated and re-hashed against its id before it is written.
 //! - Check reports every problem it finds (it does not stop at the first).
+//! - A snapshot file is removed only after a forget record names it, and a vm's head
+//!   names only committed snapshots, so check tells a forgotten snapshot from one deleted
+//!   outside blockproof; an incremental whose changes are on the caller's word reads in
+//!   full unless its parent is the newest restore point of the disk recorded
+//!   (`integrity.rs`; docs/FORMAT.md §20a).
 
 pub mod audit;
 mod availability;
@@ -37,6 +42,7 @@ pub mod events;
 pub mod forget;
 pub mod gc;
 pub mod image;
+mod integrity;
 mod pipeline;
 mod plan;
 pub mod repair;
@@ -52,7 +58,7 @@ pub use backup::{
 };
 pub use blockproof_format::manifest::Coverage;
 pub use budget::Budget;
-pub use check::{check, CheckOptions, CheckReport};
+pub use check::{check, CheckOptions, CheckReport, HeadReport};
 pub use copy::{copy, CopyOptions, CopyReport};
 pub use forget::{forget, protected, set_protected, ForgetOptions, ForgetReport, KeepPolicy};
 pub use gc::{gc, GcOptions, GcReport};

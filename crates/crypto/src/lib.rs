@@ -7,7 +7,7 @@
 //! - A repository has one random 64-byte **master secret**, made at `init`. It never
 //!   leaves memory unwrapped: each **key slot** ([`keyslot`]) holds it sealed under a key
 //!   derived from a passphrase with Argon2id. Any slot opens the repository.
-//! - Two 32-byte keys are derived from the master secret with BLAKE3's `derive_key`
+//! - Three 32-byte keys are derived from the master secret with BLAKE3's `derive_key`
 //!   (domain-separated contexts, see [`Keys::from_secret`]):
 //!   - the **sealing key** for the repository's AEAD ([`aead`]), which encrypts and
 //!     authenticates every object but the repository id and the key slots:
@@ -15,7 +15,10 @@
 //!     own derivation context, so one key never serves two algorithms);
 //!   - the **id key** for keyed BLAKE3, which names chunks: ids reveal nothing about
 //!     content to someone without the key, and equal plaintexts get equal ids, which is
-//!     what deduplication needs.
+//!     what deduplication needs;
+//!   - the **name key** for keyed BLAKE3 of names ([`Keys::name_id`]): a state document
+//!     about a vm is named by it, so the name tells nothing of the vm to someone without
+//!     the key.
 //!
 //! ## Why 192-bit random nonces (XChaCha20-Poly1305, then XAES-256-GCM)
 //!
@@ -55,6 +58,8 @@ pub const SEAL_KEY_CONTEXT: &str = "blockproof 2026-11-22 repository sealing key
 /// The sealing key's context from format version 2 (XAES-256-GCM).
 pub const SEAL_KEY_CONTEXT_V2: &str = "blockproof 2026-12-01 repository sealing key v2 XAES-256-GCM";
 pub const ID_KEY_CONTEXT: &str = "blockproof 2026-11-22 chunk id key v1";
+/// The context of the key that names state documents after what they are about.
+pub const NAME_KEY_CONTEXT: &str = "blockproof 2026-12-03 state document name key v1";
 
 /// Errors of the crypto layer.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -83,6 +88,7 @@ impl MasterSecret {
 pub struct Keys {
     cipher: SealKey,
     id_key: [u8; 32],
+    name_key: [u8; 32],
 }
 
 impl Keys {
@@ -96,7 +102,8 @@ impl Keys {
         };
         let seal = blake3::derive_key(context, &secret.0);
         let id_key = blake3::derive_key(ID_KEY_CONTEXT, &secret.0);
-        Keys { cipher: SealKey::new(aead, seal), id_key }
+        let name_key = blake3::derive_key(NAME_KEY_CONTEXT, &secret.0);
+        Keys { cipher: SealKey::new(aead, seal), id_key, name_key }
     }
 
     /// The AEAD of the sealing key.
@@ -107,6 +114,12 @@ impl Keys {
     /// The id of a blob: keyed BLAKE3 of its plaintext.
     pub fn blob_id(&self, plaintext: &[u8]) -> Id {
         Id(*blake3::keyed_hash(&self.id_key, plaintext).as_bytes())
+    }
+
+    /// The keyed BLAKE3 of a name (a vm name) under the name key: the same in every
+    /// version and for every session of the repository, and meaningless without the key.
+    pub fn name_id(&self, name: &str) -> Id {
+        Id(*blake3::keyed_hash(&self.name_key, name.as_bytes()).as_bytes())
     }
 
     /// Seals `plaintext`, appending `nonce | ciphertext | tag` to `out`.
@@ -188,5 +201,20 @@ mod tests {
         assert_eq!(id.0, *expected.as_bytes());
         // ... and as literal bytes, so a changed context string fails here too.
         assert_eq!(format!("{id}"), "6e221070010e8ddf49facd49b2d7a2f77251a757b785e33e30f53104a2ab093b");
+    }
+
+    #[test]
+    fn name_ids_are_keyed_pinned_and_apart_from_blob_ids() {
+        let k = keys();
+        let id = k.name_id("vm1");
+        assert_eq!(id, Keys::from_secret(&MasterSecret([7u8; 64]), 1).name_id("vm1"), "the same in every version");
+        assert_ne!(id, k.name_id("vm2"));
+        assert_ne!(id, k.blob_id(b"vm1"), "a name never shares an id with a chunk of the same bytes");
+        assert_ne!(id, Keys::from_secret(&MasterSecret([8u8; 64]), 2).name_id("vm1"));
+        let expected = blake3::keyed_hash(&blake3::derive_key(NAME_KEY_CONTEXT, &[7u8; 64]), b"vm1");
+        assert_eq!(id.0, *expected.as_bytes());
+        assert_eq!(NAME_KEY_CONTEXT, "blockproof 2026-12-03 state document name key v1");
+        // ... and as literal bytes: a head named in one build is found by every later one.
+        assert_eq!(format!("{id}"), "6e6422c002d1fcca5371b92606cb41fb6748822c37a091089ebe94b0b20f9218");
     }
 }

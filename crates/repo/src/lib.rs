@@ -33,8 +33,12 @@
 //!   ([`scan`]).
 //! - A key slot that no longer hashes to its name is reported as damaged, never as a wrong
 //!   password.
+//! - A snapshot file is removed only after a durable forget record names it, and a vm's
+//!   head names only committed snapshots ([`heads`]): what a head or a parent reference
+//!   names that is neither present nor recorded was removed outside blockproof.
 
 pub mod blob;
+pub mod heads;
 pub mod index;
 pub mod keys;
 pub mod lock;
@@ -44,6 +48,7 @@ pub mod scan;
 pub mod tree;
 
 pub use blob::{BlobCodec, SealedBlob};
+pub use heads::{ForgetRecords, Forgotten, Head, Named, Recorded, Removal};
 pub use index::{BlobIndex, BlobLocation, BlobReader};
 pub use lock::{Lock, LockFile, LockInfo, LockKind};
 pub use pack_writer::{PackWriter, PackWriterStats};

@@ -232,20 +232,36 @@ impl Repository {
 
     /// Seals and writes a snapshot manifest. Call only after everything it references is
     /// durable: from this moment the snapshot is visible. Under a lock, only while it is
-    /// certainly held.
+    /// certainly held (checked before and after the write; a snapshot written as the lock
+    /// was lost is withdrawn).
     pub fn save_snapshot(&self, snapshot: &Snapshot) -> Result<Id, RepoError> {
         let header = ObjectMagic::Snapshot.header();
         let bytes = Envelope::encode(ObjectMagic::Snapshot, &self.keys.seal(&header, &snapshot.to_json()));
         let id = Id(*blake3::hash(&bytes).as_bytes());
-        self.visible_write(Kind::Snapshot, &id.to_hex(), &bytes)?;
+        self.leases_held()?;
+        self.backend.write(Kind::Snapshot, &id.to_hex(), &bytes)?;
+        if let Err(e) = self.leases_held() {
+            self.withdraw_snapshot(id, snapshot);
+            return Err(e);
+        }
         Ok(id)
     }
 
-    /// Writes a file that makes earlier writes reachable (an index file names packs, a
-    /// snapshot names blobs) only while every lock of this session is certainly held:
-    /// checked before the write, and after it — a process stopped in between for longer
-    /// than the stale age may have had its packs deleted by gc meanwhile, so the file is
-    /// then removed again and the write fails.
+    /// Takes back a snapshot this session just wrote (it lost its lock: gc may have
+    /// deleted what the snapshot references). A forget record is written first: another
+    /// backup may have taken the snapshot as its parent meanwhile, and a parent that is
+    /// missing without a record counts as deleted outside blockproof ([`crate::heads`]).
+    pub fn withdraw_snapshot(&self, id: Id, snapshot: &Snapshot) {
+        let record = crate::heads::Forgotten::new(id, &snapshot.vm, &snapshot.time, crate::heads::Removal::Withdrawn);
+        let _ = self.record_forgotten(vec![record]);
+        let _ = self.backend.remove(Kind::Snapshot, &id.to_hex());
+    }
+
+    /// Writes a file that makes earlier writes reachable (an index file names packs; a
+    /// snapshot names blobs, see [`Repository::save_snapshot`]) only while every lock of
+    /// this session is certainly held: checked before the write, and after it — a
+    /// process stopped in between for longer than the stale age may have had its packs
+    /// deleted by gc meanwhile, so the file is then removed again and the write fails.
     fn visible_write(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<(), RepoError> {
         self.leases_held()?;
         self.backend.write(kind, name, bytes)?;

@@ -32,18 +32,32 @@ impl Changes {
 }
 
 /// A VMware `QueryChangedDiskAreas` result (DiskChangeInfo), as JSON:
-/// `{"startOffset": 0, "length": N, "changedArea": [{"start": S, "length": L}, ...]}`.
+/// `{"startOffset": 0, "length": N, "changedArea": [{"start": S, "length": L}, ...]}`,
+/// optionally with `"baseChangeId"` (the change id the query was made with: what the
+/// list is relative to) and `"changeId"` (the disk's change id now, recorded with the
+/// restore point for the next list to name as its base).
 ///
-/// Parsed strictly: every field is required (an empty `changedArea` is written `[]`) and
-/// an unknown key is an error. A misspelled `changedArea` must never read as "nothing
-/// changed": that would store a stale restore point as ok.
+/// Parsed strictly: every field but the two change ids is required (an empty
+/// `changedArea` is written `[]`) and an unknown key is an error. A misspelled
+/// `changedArea` must never read as "nothing changed": that would store a stale restore
+/// point as ok.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ChangeList {
     pub start_offset: u64,
     pub length: u64,
     pub changed_area: Vec<ChangedArea>,
+    #[serde(default)]
+    pub base_change_id: Option<String>,
+    #[serde(default)]
+    pub change_id: Option<String>,
 }
+
+/// The longest change id accepted (VMware's are about 50 characters).
+const MAX_CHANGE_ID: usize = 1024;
+
+/// The base that means "every allocated area", not "since a restore point".
+pub const ALL_AREAS: &str = "*";
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +77,13 @@ impl ChangeList {
     /// Parses and validates: every changed area lies inside the covered range.
     pub fn parse(bytes: &[u8]) -> Result<ChangeList, String> {
         let list: ChangeList = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        for (key, id) in [("baseChangeId", &list.base_change_id), ("changeId", &list.change_id)] {
+            if let Some(id) = id {
+                if id.is_empty() || id.len() > MAX_CHANGE_ID || id.chars().any(char::is_control) {
+                    return Err(format!("{key} must be 1 to {MAX_CHANGE_ID} characters without control characters"));
+                }
+            }
+        }
         let end = list.start_offset.checked_add(list.length).ok_or("startOffset + length overflows")?;
         for a in &list.changed_area {
             let a_end = a.start.checked_add(a.length).ok_or("a changed area overflows")?;
@@ -143,6 +164,26 @@ mod tests {
         // An empty list, spelled out, is a valid "nothing changed".
         let none = ChangeList::parse(br#"{"startOffset": 0, "length": 10, "changedArea": []}"#).unwrap();
         assert_eq!(none.changes(10), Changes::Ranges(vec![]));
+    }
+
+    #[test]
+    fn change_ids_are_optional_and_checked() {
+        let list = ChangeList::parse(
+            br#"{"startOffset": 0, "length": 10, "changedArea": [], "baseChangeId": "52 de/4", "changeId": "52 de/5"}"#,
+        )
+        .unwrap();
+        assert_eq!((list.base_change_id.as_deref(), list.change_id.as_deref()), (Some("52 de/4"), Some("52 de/5")));
+        let plain = ChangeList::parse(br#"{"startOffset": 0, "length": 10, "changedArea": []}"#).unwrap();
+        assert_eq!((plain.base_change_id, plain.change_id), (None, None));
+        for (json, key) in [
+            (&br#"{"startOffset": 0, "length": 10, "changedArea": [], "changeId": ""}"#[..], "changeId"),
+            (br#"{"startOffset": 0, "length": 10, "changedArea": [], "baseChangeId": "a\nb"}"#, "baseChangeId"),
+            (br#"{"startOffset": 0, "length": 10, "changedArea": [], "changeId": 5}"#, "invalid type"),
+            (br#"{"startOffset": 0, "length": 10, "changedArea": [], "changeID": "x"}"#, "changeID"),
+        ] {
+            let err = ChangeList::parse(json).unwrap_err();
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use blockproof_nbd::Uri;
 
+use crate::changes::ALL_AREAS;
 use crate::nbd::BitmapOutcome;
 use crate::qemu::{add_bitmap, chain_bitmaps, image_bitmaps, image_format, remove_bitmap};
 use crate::{BlockSource, ChangeList, Changes, NbdSource, QemuNbd, RawFile, SourceError};
@@ -80,10 +81,25 @@ pub struct DiskSpec {
     cbt: Cbt,
 }
 
+/// What an [`OpenedDisk`]'s [`Changes::Ranges`] are known to be relative to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Base {
+    /// The caller's word: the changes since its last backup, which blockproof takes to
+    /// be the parent restore point only while the repository records no newer one of
+    /// the disk (`bitmap:NAME`, a change list without `baseChangeId`).
+    #[default]
+    Assumed,
+    /// Proven relative to the parent's recorded state: `bitmap:auto`'s bitmap named by
+    /// the parent, a change list whose `baseChangeId` is the parent's change id.
+    Parent,
+}
+
 /// An opened disk: the source, what changed, and what to record for the next run.
 pub struct OpenedDisk {
     pub source: Box<dyn BlockSource>,
     pub changes: Changes,
+    /// What the changes are relative to.
+    pub base: Base,
     /// State recorded with the snapshot for the next run.
     pub cbt_state: Option<String>,
     /// What to do once the snapshot is committed and `source` dropped.
@@ -121,6 +137,7 @@ impl OpenedDisk {
         OpenedDisk {
             source,
             changes: Changes::All { reason: reason.into() },
+            base: Base::Assumed,
             cbt_state: None,
             after_commit: AfterCommit::default(),
         }
@@ -191,7 +208,7 @@ impl DiskSpec {
             (Location::Image { path, format }, cbt) => {
                 let server = QemuNbd::start(path, format, None)?;
                 let (source, _) = NbdSource::connect(&server.uri(), what, None, Some(server))?;
-                simple(Box::new(source), cbt)
+                simple(Box::new(source), cbt, parent)
             }
             (Location::Nbd(uri), Cbt::Bitmap(name)) => {
                 let (source, outcome) = NbdSource::connect(uri, what, Some(name), None)?;
@@ -199,9 +216,9 @@ impl DiskSpec {
             }
             (Location::Nbd(uri), cbt) => {
                 let (source, _) = NbdSource::connect(uri, what, None, None)?;
-                simple(Box::new(source), cbt)
+                simple(Box::new(source), cbt, parent)
             }
-            (Location::Raw(path), cbt) => simple(Box::new(RawFile::open(path)?), cbt),
+            (Location::Raw(path), cbt) => simple(Box::new(RawFile::open(path)?), cbt, parent),
         }
     }
 }
@@ -211,14 +228,48 @@ fn inconsistent(name: &str) -> String {
 }
 
 /// `none` and `changes:FILE`, which work the same for every source.
-fn simple(source: Box<dyn BlockSource>, cbt: &Cbt) -> Result<OpenedDisk, SourceError> {
+fn simple(source: Box<dyn BlockSource>, cbt: &Cbt, parent: Option<&ParentCbt>) -> Result<OpenedDisk, SourceError> {
     match cbt {
         Cbt::Changes(file) => {
             let list = ChangeList::load(file)?;
-            let changes = list.changes(source.size());
-            Ok(OpenedDisk { source, changes, cbt_state: None, after_commit: AfterCommit::default() })
+            let (changes, base) = match list_base(&list, parent) {
+                Ok(base) => (list.changes(source.size()), base),
+                Err(reason) => (Changes::All { reason }, Base::Assumed),
+            };
+            // The restore point is the disk at `changeId`, however it is read.
+            let cbt_state = list.change_id.clone();
+            Ok(OpenedDisk { source, changes, base, cbt_state, after_commit: AfterCommit::default() })
         }
         _ => Ok(OpenedDisk::full(source, "cbt=none")),
+    }
+}
+
+/// What a change list is relative to, given what the parent restore point recorded; the
+/// reason to read in full when its `baseChangeId` is not the parent's change id. A list
+/// without `baseChangeId` is taken at its word ([`Base::Assumed`]).
+fn list_base(list: &ChangeList, parent: Option<&ParentCbt>) -> Result<Base, String> {
+    let (Some(base), Some(parent)) = (list.base_change_id.as_deref(), parent) else {
+        return Ok(Base::Assumed);
+    };
+    if base == ALL_AREAS {
+        return Err(format!(
+            "the change list lists every allocated area (baseChangeId \"{ALL_AREAS}\"), not the changes since the \
+             parent restore point"
+        ));
+    }
+    match &parent.state {
+        _ if !parent.cbt.starts_with("changes:") => Err(format!(
+            "the change list is relative to change id {base:?}, but the parent restore point used cbt={} and \
+             recorded no change id",
+            parent.cbt
+        )),
+        None => Err(format!(
+            "the change list is relative to change id {base:?}, but the parent restore point recorded no change id"
+        )),
+        Some(recorded) if recorded != base => Err(format!(
+            "the change list is relative to change id {base:?}, not to the parent restore point's {recorded:?}"
+        )),
+        Some(_) => Ok(Base::Parent),
     }
 }
 
@@ -231,7 +282,13 @@ fn with_bitmap(
         (Some(reason), _) | (None, BitmapOutcome::Missing(reason)) => Changes::All { reason },
         (None, BitmapOutcome::Granted) => Changes::ranges(source.dirty_ranges()?),
     };
-    Ok(OpenedDisk { source: Box::new(source), changes, cbt_state: None, after_commit: AfterCommit::default() })
+    Ok(OpenedDisk {
+        source: Box::new(source),
+        changes,
+        base: Base::Assumed,
+        cbt_state: None,
+        after_commit: AfterCommit::default(),
+    })
 }
 
 /// `bitmap:auto`: export the bitmap the parent left recording, start the next one, and
@@ -269,6 +326,8 @@ fn open_auto(image: &Path, parent: Option<&ParentCbt>) -> Result<OpenedDisk, Sou
         Some(server),
     )?;
     let mut opened = with_bitmap(source, outcome, prev.err())?;
+    // The bitmap the parent named has recorded every write since the parent was read.
+    opened.base = Base::Parent;
     opened.cbt_state = Some(next.clone());
     opened.after_commit = AfterCommit { prune_bitmaps: Some((image.to_path_buf(), next)) };
     Ok(opened)
@@ -297,6 +356,26 @@ mod tests {
         assert!(!ok("/d.vmdk", "bitmap:auto") && !ok("/d.vmdk", "bitmap:b") && ok("/d.vmdk", "changes:/c"));
         assert!(ok("nbd+unix:///e?socket=/s", "bitmap:b") && !ok("nbd://h/e", "bitmap:auto"));
         assert!(DiskSpec::new("nbd://", Cbt::None).is_err());
+    }
+
+    #[test]
+    fn a_change_list_binds_to_the_parent_change_id_it_names() {
+        let list = |base: Option<&str>| {
+            let mut l = ChangeList::parse(br#"{"startOffset": 0, "length": 10, "changedArea": []}"#).unwrap();
+            l.base_change_id = base.map(String::from);
+            l
+        };
+        let parent = |cbt: &str, state: Option<&str>| ParentCbt { cbt: cbt.into(), state: state.map(String::from) };
+        let p = parent("changes:/l.json", Some("c2"));
+        assert_eq!(list_base(&list(None), Some(&p)), Ok(Base::Assumed));
+        assert_eq!(list_base(&list(Some("c2")), Some(&p)), Ok(Base::Parent));
+        assert_eq!(list_base(&list(Some("c2")), None), Ok(Base::Assumed), "no parent: a full read anyway");
+        let err = list_base(&list(Some("c1")), Some(&p)).unwrap_err();
+        assert!(err.contains("\"c1\"") && err.contains("\"c2\""), "{err}");
+        assert!(list_base(&list(Some("c2")), Some(&parent("changes:/l", None))).unwrap_err().contains("no change id"));
+        let err = list_base(&list(Some("c2")), Some(&parent("bitmap:auto", Some("c2")))).unwrap_err();
+        assert!(err.contains("cbt=bitmap:auto"), "a bitmap name is not a change id: {err}");
+        assert!(list_base(&list(Some("*")), Some(&p)).unwrap_err().contains("every allocated area"));
     }
 
     #[test]

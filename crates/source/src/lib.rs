@@ -13,8 +13,9 @@
 //! - A [`Cbt`] is the change source of a disk spec (`none`, `bitmap:NAME`, `bitmap:auto`,
 //!   `changes:FILE`). [`DiskSpec::open`] opens the source for a disk, consulting the state
 //!   the parent restore point recorded ([`ParentCbt`]), and returns an [`OpenedDisk`]: the
-//!   source, the [`Changes`] since the parent (or why everything must be read), and the
-//!   state to record for the next run. Once the snapshot is committed (and the source is
+//!   source, the [`Changes`] since the parent (or why everything must be read), what they
+//!   are known to be relative to ([`Base`]: proven the parent's state, or the caller's
+//!   word), and the state to record for the next run. Once the snapshot is committed (and the source is
 //!   dropped), [`OpenedDisk::committed`] finishes what the change source needs (for
 //!   `bitmap:auto`, removing the bitmap that was just exported).
 //!
@@ -42,7 +43,7 @@ mod qemu;
 mod raw;
 
 pub use changes::{ChangeList, Changes};
-pub use disk::{AfterCommit, Cbt, DiskSpec, OpenedDisk, ParentCbt};
+pub use disk::{AfterCommit, Base, Cbt, DiskSpec, OpenedDisk, ParentCbt};
 pub use nbd::NbdSource;
 pub use qemu::{add_bitmap, image_bitmaps, image_format, qemu_img_convert, remove_bitmap, Bitmap, QemuNbd};
 pub use raw::RawFile;
