@@ -1,5 +1,22 @@
 //! The `blockproof` command: a thin layer over blockproof-core.
 
+// Standard output survives a closed pipe (output.rs): these shadow the standard macros in
+// every module of the crate (they are defined before the modules).
+macro_rules! println {
+    () => {
+        $crate::output::write(format_args!(""), true)
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write(format_args!($($arg)*), true)
+    };
+}
+
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::output::write(format_args!($($arg)*), false)
+    };
+}
+
 mod args;
 mod audit;
 mod commands;
@@ -8,6 +25,7 @@ mod disk_spec;
 mod files;
 mod lifecycle;
 mod location;
+mod output;
 mod password;
 mod progress;
 mod serve;

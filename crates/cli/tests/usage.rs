@@ -202,3 +202,39 @@ fn help_documents_the_contract_options() {
     let version = dir.cmd("--version").ok();
     assert!(version.starts_with("blockproof "), "{version}");
 }
+
+/// `blockproof status --json | head -c1` closed the pipe under the command; `println!`
+/// then panicked (exit 101, a panic message on stderr), and a backup whose report could
+/// not be printed lost its real exit code. Output to a closed pipe is dropped; the exit
+/// code is the command's own: 0 for a good backup, 3 for a tainted one.
+#[test]
+fn a_closed_output_pipe_keeps_the_exit_code() {
+    let dir = Dir::new();
+    dir.init();
+    let size = 1 << 20;
+    let mut data = mixed_image(size, 92);
+    let img = dir.join("d.img");
+    fs::write(&img, &data).unwrap();
+    let (code, stderr) = dir.backup_cmd("vm", &[("d", &img)]).run_into_closed_pipe();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for cmd in [&["status", "--json"][..], &["snapshots"], &["snapshots", "--json"], &["check"]] {
+        let (code, stderr) = dir.repo_cmd(cmd[0]).args(&cmd[1..]).run_into_closed_pipe();
+        assert_eq!(code, Some(0), "{cmd:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{cmd:?}: {stderr}");
+    }
+    // A lie the change list tells is caught; the tainted exit code survives the pipe.
+    data[4096..8192].fill(0x5a);
+    fs::write(&img, &data).unwrap();
+    let list = dir.join("changes.json");
+    harness::change_list(&list, size, &[]);
+    let mut c = dir.repo_cmd("backup");
+    c.args(["--vm", "vm", "--json", "--verify", "100%", "--disk"]).arg(format!(
+        "id=d,source={},cbt=changes:{}",
+        img.display(),
+        list.display()
+    ));
+    let (code, stderr) = c.run_into_closed_pipe();
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

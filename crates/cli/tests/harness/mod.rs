@@ -287,6 +287,16 @@ impl TestCommand {
         stderr
     }
 
+    /// Runs with standard output going into a pipe whose reader has already gone (as
+    /// `blockproof ... | head -c0` once `head` has exited); returns (exit code, stderr).
+    #[allow(dead_code)]
+    pub fn run_into_closed_pipe(&mut self) -> (Option<i32>, String) {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = self.cmd.stdin(Stdio::null()).stdout(writer).stderr(Stdio::piped()).output().expect("run blockproof");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    }
+
     pub fn spawn(&mut self) -> Child {
         self.cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn blockproof")
     }
