@@ -162,7 +162,7 @@ pub fn open_disk(source: &DiskSource, snapshot: Option<&str>) -> Result<Box<dyn 
         return Err(Usage("give --repo REPO, a snapshot and --disk ID (or --image PATH)".into()).into());
     };
     let args = crate::args::RepoArgs {
-        repo: repo.clone(),
+        repo: Some(repo.clone()),
         password_file: source.password_file.clone(),
         store: source.store.clone(),
     };
