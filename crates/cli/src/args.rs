@@ -150,6 +150,12 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Check the repository's structure, and with --read-data its stored data.
     Check(CheckArgs),
+    /// The byte ranges of each disk that differ between two snapshots (from their
+    /// indexes: no data is read).
+    #[command(
+        after_help = "Example:\n  blockproof diff --repo /backup/repo web01:latest~1 web01:latest --disk web01-os"
+    )]
+    Diff(DiffArgs),
     /// A self-contained tour: back up a generated disk, change it, back up again,
     /// restore both and prove them bit-exact.
     Demo(DemoArgs),
@@ -228,7 +234,7 @@ pub struct BackupArgs {
 pub struct ForgetArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// Snapshots to forget (ids, unique prefixes, VM:latest); or use --keep-* options.
+    /// Snapshots to forget (ids, unique prefixes, VM:latest, VM:latest~N, ...); or use --keep-* options.
     pub snapshots: Vec<String>,
     /// Keep the N newest snapshots (per vm).
     #[arg(long, value_name = "N")]
@@ -303,7 +309,7 @@ pub struct RepairArgs {
 pub struct SnapshotRefArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// Snapshot id, unique id prefix, or VM:latest.
+    /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
     pub snapshot: String,
 }
 
@@ -319,7 +325,7 @@ pub struct CopyArgs {
     /// Read the target's password from the first line of this file.
     #[arg(long, value_name = "FILE")]
     pub to_password_file: Option<PathBuf>,
-    /// Snapshots to copy (ids, prefixes, VM:latest); default: all.
+    /// Snapshots to copy (ids, prefixes, VM:latest, VM:tag=TAG, ...); default: all.
     pub snapshots: Vec<String>,
     /// Print the report as JSON.
     #[arg(long)]
@@ -385,7 +391,7 @@ pub struct UnlockArgs {
 pub struct VerifyArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// Snapshot id, unique id prefix, or VM:latest.
+    /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
     pub snapshot: String,
     /// A disk and its source now: id=ID,source=SOURCE (cbt= is ignored). Repeatable.
     #[arg(long = "disk", value_name = "SPEC", required = true)]
@@ -403,7 +409,7 @@ pub struct VerifyArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// Snapshot id, unique id prefix, or VM:latest.
+    /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
     pub snapshot: String,
     /// Export only this disk (default: every disk of the snapshot).
     #[arg(long)]
@@ -436,7 +442,7 @@ pub struct VmArgs {
 pub struct RestoreArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// Snapshot id, unique id prefix, or VM:latest.
+    /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
     pub snapshot: String,
     /// The disk id to restore.
     #[arg(long)]
@@ -465,6 +471,22 @@ pub struct RestoreArgs {
     /// else is written. For a tainted snapshot this yields its healed twin.
     #[arg(long, conflicts_with_all = ["force", "offset", "length"])]
     pub patch_tainted: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The earlier snapshot (id, prefix, VM:latest~N, ...).
+    pub from: String,
+    /// The later snapshot.
+    pub to: String,
+    /// Only this disk.
+    #[arg(long, value_name = "ID")]
+    pub disk: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

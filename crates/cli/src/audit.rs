@@ -5,7 +5,7 @@ use blockproof_core::events::Cause;
 use blockproof_core::{Budget, Coverage, VerifyOptions};
 use blockproof_format::manifest::{BoundBasis, CutShort};
 
-use crate::args::{VerifyArgs, VmArgs};
+use crate::args::{DiffArgs, VerifyArgs, VmArgs};
 use crate::commands::{count, human_bytes, open_repo, print_json};
 use crate::disk_spec::DiskSpec;
 use crate::{exit, progress, Usage};
@@ -238,6 +238,40 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
             );
         }
         return Ok(exit::TAINTED);
+    }
+    Ok(exit::OK)
+}
+
+pub fn diff(a: DiffArgs) -> Result<u8> {
+    let repo = open_repo(&a.repo)?;
+    let r = blockproof_core::diff(&repo, &a.from, &a.to, a.disk.as_deref())?;
+    if a.json {
+        print_json(&r)?;
+        return Ok(exit::OK);
+    }
+    println!("snapshot {} -> {}", r.from.short(), r.to.short());
+    for d in &r.disks {
+        let sizes = match (d.size_from, d.size_to) {
+            (Some(x), Some(y)) if x == y => human_bytes(x),
+            (Some(x), Some(y)) => format!("{} -> {}", human_bytes(x), human_bytes(y)),
+            (Some(x), None) => format!("{}, only in {}", human_bytes(x), r.from.short()),
+            (None, Some(y)) => format!("{}, only in {}", human_bytes(y), r.to.short()),
+            (None, None) => String::new(),
+        };
+        if d.changed.is_empty() {
+            println!("  disk {} ({sizes}): identical", d.id);
+            continue;
+        }
+        let shown: Vec<String> =
+            d.changed.iter().take(8).map(|c| crate::commands::range_text(c.offset, c.length)).collect();
+        let more = if d.changed.len() > 8 { format!(" and {} more", d.changed.len() - 8) } else { String::new() };
+        println!(
+            "  disk {} ({sizes}): {} changed in {}: {}{more}",
+            d.id,
+            human_bytes(d.changed_bytes),
+            count(d.changed.len() as u64, "range"),
+            shown.join(", ")
+        );
     }
     Ok(exit::OK)
 }

@@ -32,6 +32,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Stats(a) => crate::audit::stats(a),
         Command::Verify(a) => crate::audit::verify(a),
         Command::Check(a) => check(a),
+        Command::Diff(a) => crate::audit::diff(a),
         Command::Demo(a) => crate::demo::run(a),
         Command::Partitions(a) => crate::files::partitions(a),
         Command::Ls(a) => crate::files::ls(a),
