@@ -112,6 +112,14 @@ pub enum Command {
     /// Copy files and directories out of a disk's filesystem into a directory, with
     /// their times (and modes, on ext2/3/4).
     RestoreFiles(crate::files::RestoreFilesArgs),
+    /// Run a job file: back up its vms (N at a time; one vm's failure never stops the
+    /// others), apply retention and gc when due, copy to the second repository, write the
+    /// reports (JSON, HTML, Prometheus) and notify. Exit 0 all good, 3 any tainted, 1 any
+    /// failed, 2 the job file is invalid.
+    Run(RunArgs),
+    /// Print (or write) the systemd service and timer that run a job on its [schedule],
+    /// and the equivalent crontab line.
+    Schedule(ScheduleArgs),
 }
 
 #[derive(Args, Debug)]
@@ -450,4 +458,30 @@ impl From<MismatchAction> for blockproof_core::OnMismatch {
             MismatchAction::Scan => blockproof_core::OnMismatch::Scan,
         }
     }
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The job file (TOML; schema in docs/JOBS.md).
+    #[arg(value_name = "JOBFILE")]
+    pub job: PathBuf,
+    /// Check the job file and print the plan; open nothing, run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the run report (JSON) instead of the summary table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ScheduleArgs {
+    /// The job file; its [schedule] says when.
+    #[arg(value_name = "JOBFILE")]
+    pub job: PathBuf,
+    /// Write UNIT.service and UNIT.timer into this directory (e.g. /etc/systemd/system)
+    /// instead of printing them.
+    #[arg(long, value_name = "DIR")]
+    pub write: Option<PathBuf>,
 }

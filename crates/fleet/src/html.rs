@@ -191,18 +191,21 @@ fn vms_table(h: &mut String, report: &RunReport) {
     h.push_str("</table></section>\n");
 }
 
+/// One bar of the trends: the run's start, status (`None`: the vm was not in it),
+/// seconds and bytes read.
+type Bar = (String, Option<RunStatus>, f64, u64);
+
 /// Bars of the recent runs: per run and per vm, height by duration, colour by status.
 fn trends(h: &mut String, report: &RunReport, history: &[HistoryEntry]) {
     let past: Vec<&HistoryEntry> = history.iter().rev().take(TRENDS - 1).rev().collect();
     h.push_str("<section id=\"trends\"><h2>Recent runs</h2><table>\n");
     // (label, status, seconds, read bytes) per run, oldest first; the current run last.
-    let mut rows: Vec<(String, Vec<(String, Option<RunStatus>, f64, u64)>)> = Vec::new();
-    let mut all: Vec<(String, Option<RunStatus>, f64, u64)> =
-        past.iter().map(|e| (e.started.clone(), Some(e.status), e.duration_seconds, 0)).collect();
+    let mut rows: Vec<(String, Vec<Bar>)> = Vec::new();
+    let mut all: Vec<Bar> = past.iter().map(|e| (e.started.clone(), Some(e.status), e.duration_seconds, 0)).collect();
     all.push((report.started.clone(), Some(report.status), report.duration_seconds, 0));
     rows.push(("whole run".into(), all));
     for vm in &report.vms {
-        let mut bars: Vec<(String, Option<RunStatus>, f64, u64)> = past
+        let mut bars: Vec<Bar> = past
             .iter()
             .map(|e| match e.vms.iter().find(|v| v.name == vm.name) {
                 Some(v) => (

@@ -336,8 +336,12 @@ impl Job {
                 };
                 let delay = s.randomized_delay.as_ref().map(|d| src.duration(d, "randomized_delay")).transpose()?;
                 let at = s.at.as_ref().map_or("01:00", |a| a.get_ref().as_str());
-                let span = s.every.as_ref().map(|e| e.span()).or(s.at.as_ref().map(|a| a.span()));
-                Some(Schedule::new(every, at, delay).map_err(|e| src.err(span.unwrap_or(0..0), e))?)
+                // The error names the key at fault (`every = ...` or `at = ...`): its line.
+                let span = |e: &str| {
+                    let at_fault = if e.starts_with("at ") { s.at.as_ref() } else { s.every.as_ref() };
+                    at_fault.or(s.every.as_ref()).or(s.at.as_ref()).map_or(0..0, |v| v.span())
+                };
+                Some(Schedule::new(every, at, delay).map_err(|e| src.err(span(&e), e))?)
             }
             None => None,
         };

@@ -85,8 +85,10 @@ pub fn run(job: &Job, repos: &Repositories<'_>, history: &[HistoryEntry], monito
     // Retention, per vm with a policy.
     let t = Instant::now();
     let mut retention = Vec::new();
-    for vm in job.vms.iter().filter(|v| v.retention.is_some()) {
+    if job.vms.iter().any(|v| v.retention.is_some()) {
         monitor.phase("retention");
+    }
+    for vm in job.vms.iter().filter(|v| v.retention.is_some()) {
         let opts = ForgetOptions {
             snapshots: Vec::new(),
             policy: vm.retention.clone().expect("filtered"),

@@ -23,7 +23,7 @@ impl Schedule {
     pub fn new(every: Duration, at: &str, randomized_delay: Option<Duration>) -> Result<Self, String> {
         let secs = every.as_secs();
         let hours = (secs / 3600) as u32;
-        if secs % 3600 != 0 || hours == 0 || 24 % hours != 0 || every.subsec_nanos() != 0 {
+        if !secs.is_multiple_of(3600) || hours == 0 || !24u32.is_multiple_of(hours) || every.subsec_nanos() != 0 {
             return Err(format!(
                 "every = {:?}: the interval must be a number of hours dividing a day (1h, 2h, 3h, 4h, 6h, 8h, 12h) \
                  or 1d",
