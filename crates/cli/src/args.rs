@@ -68,8 +68,9 @@ pub enum Command {
     /// qemu-img, qemu-nbd clients, nbdcopy, or a VM booting from a qcow2 overlay.
     ServeNbd(ServeArgs),
     /// Per vm, the latest snapshot and how much of each disk has been confirmed against
-    /// its source.
-    Status(VmArgs),
+    /// its source. With --max-age, a check for missed backups (Nagios, Icinga): exit 1
+    /// naming every vm whose last good restore point is older.
+    Status(StatusArgs),
     /// Stored against protected bytes, deduplication, growth of the last runs, per vm and
     /// disk.
     Stats(VmArgs),
@@ -378,6 +379,20 @@ pub struct VmArgs {
     /// Print a JSON array.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub vms: VmArgs,
+    /// Exit 1, naming them, when a vm's newest restore point with status ok is older than
+    /// this (e.g. 26h, 2d) or it has none.
+    #[arg(long, value_name = "AGE", value_parser = humantime::parse_duration)]
+    pub max_age: Option<std::time::Duration>,
+    /// A vm that must have a recent good restore point even if the repository holds none
+    /// of it (repeatable; with --max-age).
+    #[arg(long, value_name = "VM", requires = "max_age")]
+    pub expect: Vec<String>,
 }
 
 #[derive(Args, Debug)]

@@ -314,3 +314,21 @@ fn schedule_prints_systemd_units() {
     let err = dir.cmd("schedule").arg(write_job(&dir, SMALL_JOB)).fails_with_one_line(2);
     assert!(err.contains("no [schedule]"), "{err}");
 }
+
+/// `status --max-age`: the check for missed backups names every vm without a good restore
+/// point that recent — a tainted latest one does not count, nor does a vm never backed up.
+#[test]
+fn status_max_age_names_every_stale_vm() {
+    let dir = Dir::new();
+    dir.init();
+    let one = dir.image("one.img", 1 << 20, 1);
+    dir.backup("one", &[("sda", &one)]);
+    dir.repo_cmd("status").args(["--max-age", "1h"]).ok();
+    let err = dir.repo_cmd("status").args(["--max-age", "1h", "--expect", "two"]).fails_with_one_line(1);
+    assert!(err.contains("1 vm(s)") && err.contains("two (no good restore point)"), "{err}");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let err = dir.repo_cmd("status").args(["--max-age", "1s", "--expect", "two"]).fails_with_one_line(1);
+    assert!(err.contains("2 vm(s)") && err.contains("one (last good ") && err.contains("two (no good"), "{err}");
+    let err = dir.repo_cmd("status").args(["--max-age", "soon"]).fails_with_one_line(2);
+    assert!(err.contains("--max-age"), "{err}");
+}
