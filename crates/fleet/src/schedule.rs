@@ -75,7 +75,6 @@ impl Schedule {
         let service = format!(
             "[Unit]\n\
              Description=blockproof job {unit}\n\
-             Documentation=man:blockproof(1)\n\
              Wants=network-online.target\n\
              After=network-online.target\n\
              \n\

@@ -126,3 +126,14 @@ fn an_objective_needs_a_schedule_and_a_job_needs_vms() {
     let missing = Job::load(Path::new("/no/such/job.toml")).unwrap_err();
     assert!(missing.to_string().starts_with("/no/such/job.toml: cannot read it"), "{missing}");
 }
+
+/// The annotated example in examples/ is a valid job, and says what the docs say.
+#[test]
+fn the_example_job_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/nightly.toml");
+    let job = Job::load(&path).unwrap();
+    assert_eq!((job.name.as_str(), job.parallel, job.vms.len(), job.notify.len()), ("nightly", 4, 2, 2));
+    assert_eq!(job.vms[0].verify.text, "14.3%", "7 days at one run a day");
+    assert_eq!(job.vms[1].verify.text, "5%");
+    assert_eq!(job.vms[1].pre.as_ref().unwrap().timeout.as_secs(), 120);
+}
