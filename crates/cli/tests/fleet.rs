@@ -332,3 +332,125 @@ fn status_max_age_names_every_stale_vm() {
     let err = dir.repo_cmd("status").args(["--max-age", "soon"]).fails_with_one_line(2);
     assert!(err.contains("--max-age"), "{err}");
 }
+
+/// Runs headless Chromium (Debian package `chromium`) on `page` with `args`; returns its
+/// standard output and the console messages it logged (errors, CSP violations).
+fn chromium(dir: &Dir, page: &Path, args: &[&str]) -> (String, Vec<String>) {
+    let out = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"])
+        .arg(format!("--user-data-dir={}", dir.join("chromium-profile").display()))
+        .args(args)
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .expect("chromium (apt-get install chromium)");
+    assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+    let console =
+        String::from_utf8_lossy(&out.stderr).lines().filter(|l| l.contains(":CONSOLE")).map(String::from).collect();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), console)
+}
+
+/// The value of attribute `name` in the tag text `tag`.
+fn attr<'a>(tag: &'a str, name: &str) -> &'a str {
+    let key = format!("{name}=\"");
+    let at = if tag.starts_with(&key) { Some(0) } else { tag.find(&format!(" {key}")).map(|i| i + 1) };
+    let start = at.unwrap_or_else(|| panic!("{name} in {tag}")) + key.len();
+    &tag[start..start + tag[start..].find('"').unwrap()]
+}
+
+/// The HTML report in a real browser: it loads with no console message (no error, nothing
+/// blocked by its Content-Security-Policy — a page that breaks the policy is shown to be
+/// caught), every disk of the repository has a heatmap whose cells are the disk's
+/// confirmation state (ages, never-confirmed, tainted ranges), and a screenshot is kept.
+#[test]
+fn the_html_report_in_chromium() {
+    let dir = Dir::new();
+    dir.init();
+    let size = 4 << 20;
+    let plain = dir.image("plain.img", size, 1);
+    let liar = dir.image("liar.img", size / 2, 2);
+    let job = write_job(
+        &dir,
+        r#"version = 1
+name = "html"
+
+[repository]
+location = "repo"
+
+[reports]
+directory = "reports"
+heatmap_cells = 32
+
+[[vm]]
+name = "plain"
+verify = "10%"
+disks = ["id=sda,source=plain.img,cbt=changes:plain.json"]
+
+[[vm]]
+name = "liar"
+verify = "100%"
+disks = ["id=sda,source=liar.img,cbt=changes:liar.json"]
+"#,
+    );
+    change_list(&dir.join("plain.json"), size, &[(0, size as u64)]);
+    change_list(&dir.join("liar.json"), size / 2, &[(0, size as u64 / 2)]);
+    dir.cmd("run").arg(&job).ok();
+    // Two more runs reading nothing: the sample confirms some chunks, others age.
+    change_list(&dir.join("plain.json"), size, &[]);
+    change_list(&dir.join("liar.json"), size / 2, &[]);
+    dir.cmd("run").arg(&job).ok();
+    let mut data = fs::read(&liar).unwrap();
+    data[5 * 65536..5 * 65536 + 512].fill(0xee);
+    fs::write(&liar, &data).unwrap();
+    dir.cmd("run").arg(&job).code(3);
+    let _ = plain;
+
+    let report = read_json(&dir.join("reports/latest.json"));
+    let page = dir.join("reports/report.html");
+    let (dom, console) = chromium(&dir, &page, &["--dump-dom"]);
+    assert!(console.is_empty(), "console messages: {console:#?}");
+    let figures: Vec<&str> =
+        dom.split("<figure class=\"heatmap\"").skip(1).map(|f| &f[..f.find("</figure>").unwrap()]).collect();
+    let mut seen_ages = std::collections::BTreeSet::new();
+    let mut tainted_cells = 0;
+    let inventory = report["repository"]["vms"].as_array().unwrap();
+    assert_eq!(figures.len(), 2, "one heatmap per disk");
+    for vm in inventory {
+        for disk in vm["disks"].as_array().unwrap() {
+            let figure = figures
+                .iter()
+                .find(|f| attr(f, "data-vm") == vm["vm"] && attr(f, "data-disk") == disk["id"])
+                .unwrap_or_else(|| panic!("no heatmap for {} {}", vm["vm"], disk["id"]));
+            let cells = disk["map"]["cells"].as_array().unwrap();
+            let rects: Vec<&str> = figure.split("<rect ").skip(1).collect();
+            assert_eq!(rects.len(), cells.len(), "{}", vm["vm"]);
+            assert_eq!(attr(figure, "data-chunks"), disk["map"]["chunks"].to_string());
+            for (rect, cell) in rects.iter().zip(cells) {
+                assert_eq!(attr(rect, "data-first-chunk"), cell["first_chunk"].to_string());
+                assert_eq!(attr(rect, "data-chunks"), cell["chunks"].to_string());
+                let age = cell["oldest_runs_ago"].as_u64().map_or("never".to_string(), |a| a.to_string());
+                assert_eq!(attr(rect, "data-age"), age);
+                seen_ages.insert(age);
+                let tainted = cell["tainted"].as_bool().unwrap();
+                assert_eq!(attr(rect, "class") == "cell tainted", tainted, "{rect}");
+                assert_eq!(attr(rect, "data-tainted"), if tainted { "1" } else { "0" });
+                tainted_cells += usize::from(tainted);
+            }
+        }
+    }
+    assert!(tainted_cells >= 1, "the hidden write is marked");
+    assert!(seen_ages.len() >= 2, "cells of different ages: {seen_ages:?}");
+    assert!(dom.contains("data-vm=\"liar\" data-status=\"tainted\""), "the night's status per vm");
+
+    // A screenshot, kept as a test artifact.
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fleet-report.png");
+    let _ = fs::remove_file(&shot);
+    chromium(&dir, &page, &[&format!("--screenshot={}", shot.display()), "--window-size=1280,1600"]);
+    assert!(fs::read(&shot).unwrap().starts_with(b"\x89PNG"), "{}", shot.display());
+
+    // The console check catches a page that breaks the report's policy.
+    let bad = dir.join("reports/bad.html");
+    let html = fs::read_to_string(&page).unwrap();
+    fs::write(&bad, html.replacen("</body>", "<img src=\"https://example.invalid/x.png\"></body>", 1)).unwrap();
+    let (_, console) = chromium(&dir, &bad, &["--dump-dom"]);
+    assert!(console.iter().any(|l| l.contains("Content Security Policy")), "{console:#?}");
+}
