@@ -5,6 +5,7 @@
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -40,6 +41,10 @@ impl HookRun {
 /// Longest output kept from a command.
 const OUTPUT_TAIL: usize = 2048;
 
+/// How long the output of a command that has ended is still read (its pipes stay open
+/// while a background process it started holds them).
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
+
 impl Hook {
     /// Runs the command with `env` added to the environment and `stdin` as its standard
     /// input; waits at most the timeout.
@@ -74,20 +79,36 @@ impl Hook {
                 let _ = pipe.write_all(&data);
             })
         });
-        let readers: Vec<_> = [
+        // Output is read by threads that report on a channel: a background process the
+        // command started may keep the pipes open long after the command exits, and is
+        // not waited for (see below).
+        let (sent, finished) = std::sync::mpsc::channel::<()>();
+        let pipes = [
             child.stdout.take().map(|o| Box::new(o) as Box<dyn Read + Send>),
             child.stderr.take().map(|e| Box::new(e) as Box<dyn Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|mut r| {
+        ];
+        let mut outputs = Vec::new();
+        for mut pipe in pipes.into_iter().flatten() {
+            let sent = sent.clone();
+            let kept = Arc::new(Mutex::new(Vec::new()));
+            outputs.push(Arc::clone(&kept));
             std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let _ = r.read_to_end(&mut buf);
-                buf
-            })
-        })
-        .collect();
+                let mut buf = [0u8; 8192];
+                loop {
+                    match pipe.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let mut k = kept.lock().unwrap_or_else(|p| p.into_inner());
+                            k.extend_from_slice(&buf[..n]);
+                            let excess = k.len().saturating_sub(OUTPUT_TAIL);
+                            k.drain(..excess);
+                        }
+                    }
+                }
+                let _ = sent.send(());
+            });
+        }
+        drop(sent);
         let deadline = started + self.timeout;
         let status = loop {
             match child.try_wait() {
@@ -109,13 +130,19 @@ impl Hook {
                 }
             }
         };
-        if let Some(f) = feeder {
-            let _ = f.join();
+        // The feeder ends when the command's input closes; it is not waited for.
+        drop(feeder);
+        // Its output: what the pipes gave until they closed, or until a short grace after
+        // the command ended (a background process it started keeps them open: the command
+        // is done, and the job goes on).
+        let grace = Instant::now() + OUTPUT_GRACE;
+        for _ in 0..outputs.len() {
+            if finished.recv_timeout(grace.saturating_duration_since(Instant::now())).is_err() {
+                break;
+            }
         }
-        let mut output = Vec::new();
-        for r in readers {
-            output.extend(r.join().unwrap_or_default());
-        }
+        let output: Vec<u8> =
+            outputs.iter().flat_map(|o| o.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
         let start = output.len().saturating_sub(OUTPUT_TAIL);
         run.output = String::from_utf8_lossy(&output[start..]).into_owned();
         run.duration_seconds = started.elapsed().as_secs_f64();
@@ -157,6 +184,16 @@ mod tests {
         assert_eq!(r.error.as_deref(), Some("sh exited with 4: froze badly"));
         let r = hook(&["/no/such/program"], 10).run(&[], None);
         assert!(r.error.unwrap().contains("cannot be started"));
+    }
+
+    #[test]
+    fn a_background_process_a_hook_starts_does_not_hold_the_job() {
+        // The pre hook of a vm may start a server the backup then reads (qemu-nbd, say):
+        // it keeps the hook's output pipe open, but the hook is done when its command is.
+        let r = hook(&["sh", "-c", "echo started; sleep 20 & exit 0"], 10).run(&[], None);
+        assert!(r.ok(), "{r:?}");
+        assert_eq!(r.output, "started\n");
+        assert!(r.duration_seconds < 10.0, "waited for the background process: {r:?}");
     }
 
     #[test]
