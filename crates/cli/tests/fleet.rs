@@ -454,3 +454,35 @@ disks = ["id=sda,source=liar.img,cbt=changes:liar.json"]
     let (_, console) = chromium(&dir, &bad, &["--dump-dom"]);
     assert!(console.iter().any(|l| l.contains("Content Security Policy")), "{console:#?}");
 }
+
+/// A pre hook that fails fails its vm only: no backup of it, its post hook still runs
+/// (to undo what the pre hook did), the other vm is backed up, and the run exits 1.
+#[test]
+fn a_failing_pre_hook_fails_its_vm_only() {
+    let dir = Dir::new();
+    dir.init();
+    dir.image("one.img", 1 << 20, 1);
+    dir.image("two.img", 1 << 20, 2);
+    let job = write_job(
+        &dir,
+        &SMALL_JOB.replace(
+            "name = \"two\"",
+            "name = \"two\"\npre = { command = [\"sh\", \"-c\", \"echo cannot freeze >&2; exit 4\"] }\n\
+             post = { command = [\"sh\", \"-c\", \"echo $BLOCKPROOF_STATUS > post.txt\"] }",
+        ),
+    );
+    let report = {
+        let mut c = dir.cmd("run");
+        c.arg(&job).arg("--json");
+        let (out, _) = c.code(1);
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    assert_eq!(vm(&report, "one")["status"], "ok");
+    let two = vm(&report, "two");
+    assert_eq!(two["status"], "failed");
+    assert_eq!(two["error"], "pre hook: sh exited with 4: cannot freeze", "{two}");
+    assert!(two["backup"].is_null());
+    assert_eq!(fs::read_to_string(dir.join("post.txt")).unwrap(), "failed\n");
+    let snaps = dir.repo_cmd("snapshots").arg("--json").json();
+    assert_eq!(snaps.as_array().unwrap().iter().map(|s| s["vm"].as_str().unwrap()).collect::<Vec<_>>(), ["one"]);
+}
