@@ -28,6 +28,8 @@ tools=(
   wimcapture:wimtools # the only way to make directories on NTFS without mounting it
   wimapply:wimtools
   strace:strace # which directories a write fsyncs (durability of directories it creates)
+  chromium:chromium # the HTML run report is loaded in headless Chromium
+  promtool:prometheus # job runs' Prometheus textfiles are checked with `promtool check metrics`
 )
 
 # An executable in PATH (bash's `command -v` also names files it cannot run), or in the

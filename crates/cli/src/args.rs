@@ -118,8 +118,9 @@ pub enum Command {
     /// qemu-img, qemu-nbd clients, nbdcopy, or a VM booting from a qcow2 overlay.
     ServeNbd(ServeArgs),
     /// Per vm, the latest snapshot and how much of each disk has been confirmed against
-    /// its source.
-    Status(VmArgs),
+    /// its source. With --max-age, a check for missed backups (Nagios, Icinga): exit 1
+    /// naming every vm whose last good restore point is older.
+    Status(StatusArgs),
     /// Stored against protected bytes, deduplication, growth of the last runs, per vm and
     /// disk.
     Stats(VmArgs),
@@ -168,6 +169,14 @@ pub enum Command {
     /// Copy files and directories out of a disk's filesystem into a directory, with
     /// their times (and modes, on ext2/3/4).
     RestoreFiles(crate::files::RestoreFilesArgs),
+    /// Run a job file: back up its vms (N at a time; one vm's failure never stops the
+    /// others), apply retention and gc when due, copy to the second repository, write the
+    /// reports (JSON, HTML, Prometheus) and notify. Exit 0 all good, 3 any tainted, 1 any
+    /// failed, 2 the job file is invalid.
+    Run(RunArgs),
+    /// Print (or write) the systemd service and timer that run a job on its [schedule],
+    /// and the equivalent crontab line.
+    Schedule(ScheduleArgs),
 }
 
 #[derive(Args, Debug)]
@@ -439,6 +448,20 @@ pub struct VmArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub vms: VmArgs,
+    /// Exit 1, naming them, when a vm's newest restore point with status ok is older than
+    /// this (e.g. 26h, 2d) or it has none.
+    #[arg(long, value_name = "AGE", value_parser = humantime::parse_duration)]
+    pub max_age: Option<std::time::Duration>,
+    /// A vm that must have a recent good restore point even if the repository holds none
+    /// of it (repeatable; with --max-age).
+    #[arg(long, value_name = "VM", requires = "max_age")]
+    pub expect: Vec<String>,
+}
+
+#[derive(Args, Debug)]
 pub struct RestoreArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
@@ -583,4 +606,30 @@ impl TargetFormat {
             }
         })
     }
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The job file (TOML; schema in docs/JOBS.md).
+    #[arg(value_name = "JOBFILE")]
+    pub job: PathBuf,
+    /// Check the job file and print the plan; open nothing, run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the run report (JSON) instead of the summary table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ScheduleArgs {
+    /// The job file; its [schedule] says when.
+    #[arg(value_name = "JOBFILE")]
+    pub job: PathBuf,
+    /// Write UNIT.service and UNIT.timer into this directory (e.g. /etc/systemd/system)
+    /// instead of printing them.
+    #[arg(long, value_name = "DIR")]
+    pub write: Option<PathBuf>,
 }

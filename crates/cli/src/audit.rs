@@ -5,23 +5,51 @@ use blockproof_core::events::Cause;
 use blockproof_core::{Budget, Coverage, VerifyOptions};
 use blockproof_format::manifest::{BoundBasis, CutShort};
 
-use crate::args::{DiffArgs, VerifyArgs, VmArgs};
+use crate::args::{DiffArgs, StatusArgs, VerifyArgs, VmArgs};
 use crate::commands::{count, human_bytes, open_repo, print_json};
 use crate::disk_spec::DiskSpec;
 use crate::{exit, progress, Usage};
 
-pub fn status(a: VmArgs) -> Result<u8> {
+pub fn status(args: StatusArgs) -> Result<u8> {
+    let a = &args.vms;
     let repo = open_repo(&a.repo)?;
     let report = blockproof_core::status(&repo, a.vm.as_deref())?;
     for w in &report.warnings {
         eprintln!("blockproof: warning: {w}");
     }
+    let stale = args.max_age.map(|age| {
+        let mut expected = args.expect.clone();
+        expected.extend(a.vm.clone());
+        (age, blockproof_core::stale_vms(&report, &expected, age, std::time::SystemTime::now()))
+    });
     let vms = report.vms;
     if a.json {
         print_json(&vms)?;
-        return Ok(exit::OK);
+    } else {
+        print_status(&vms);
     }
-    for v in &vms {
+    match stale {
+        Some((age, stale)) if !stale.is_empty() => {
+            let named: Vec<String> = stale
+                .iter()
+                .map(|s| match &s.last_good {
+                    Some(t) => format!("{} (last good {})", s.vm, t.get(..19).unwrap_or(t)),
+                    None => format!("{} (no good restore point)", s.vm),
+                })
+                .collect();
+            anyhow::bail!(
+                "{} vm(s) without a good restore point in the last {}: {}",
+                stale.len(),
+                humantime::format_duration(age),
+                named.join(", ")
+            )
+        }
+        _ => Ok(exit::OK),
+    }
+}
+
+fn print_status(vms: &[blockproof_core::VmStatus]) {
+    for v in vms {
         println!(
             "vm {}: latest snapshot {} at {} ({}), {} snapshot(s)",
             v.vm,
@@ -89,7 +117,6 @@ pub fn status(a: VmArgs) -> Result<u8> {
             }
         }
     }
-    Ok(exit::OK)
 }
 
 /// A disk's coverage in words: what is proven, on what the bound rests, and when it is

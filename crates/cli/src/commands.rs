@@ -38,6 +38,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Ls(a) => crate::files::ls(a),
         Command::Cat(a) => crate::files::cat(a),
         Command::RestoreFiles(a) => crate::files::restore_files(a),
+        Command::Run(a) => crate::jobs::run(a),
+        Command::Schedule(a) => crate::jobs::schedule(a),
     }
 }
 

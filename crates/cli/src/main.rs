@@ -23,6 +23,7 @@ mod commands;
 mod demo;
 mod disk_spec;
 mod files;
+mod jobs;
 mod lifecycle;
 mod location;
 mod output;

@@ -37,6 +37,7 @@ pub mod backup;
 pub mod budget;
 pub mod check;
 mod confirm;
+pub mod confirmation_map;
 pub mod copy;
 pub mod diff;
 pub mod events;
@@ -60,6 +61,7 @@ pub use backup::{
 pub use blockproof_format::manifest::Coverage;
 pub use budget::Budget;
 pub use check::{check, CheckOptions, CheckReport, HeadReport};
+pub use confirmation_map::{ConfirmationCell, ConfirmationMap, ConfirmationReader};
 pub use copy::{copy, CopyOptions, CopyReport};
 pub use diff::{diff, DiffReport, DiskDiff};
 pub use forget::{forget, protected, set_protected, ForgetOptions, ForgetReport, KeepPolicy, RetentionScope};
@@ -68,7 +70,7 @@ pub use image::DiskImage;
 pub use repair::{repair, LostData, RepairOptions, RepairReport};
 pub use restore::{restore, RestoreFormat, RestoreOptions, RestoreReport};
 pub use stats::{stats, RepoStats};
-pub use status::{status, DiskStatus, StatusReport, VmStatus};
+pub use status::{stale_vms, status, DiskStatus, LastGood, StaleVm, StatusReport, VmStatus};
 
 use std::path::PathBuf;
 

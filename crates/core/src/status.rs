@@ -4,6 +4,8 @@
 //! Every disk the vm ever had in a readable snapshot is listed, each with the restore
 //! point that holds its newest copy: a backup that left a disk out does not hide it.
 
+use std::time::{Duration, SystemTime};
+
 use blockproof_format::manifest::{ByteRange, Coverage, ReadMode};
 use blockproof_format::{Id, SnapshotStatus};
 use blockproof_repo::Repository;
@@ -40,9 +42,46 @@ pub struct VmStatus {
     pub time: String,
     pub status: SnapshotStatus,
     pub snapshots: u64,
+    /// The vm's newest restore point with status `ok` (absent when it has none): what
+    /// `status --max-age` measures.
+    pub last_good: Option<LastGood>,
     pub disks: Vec<DiskStatus>,
     /// Every detection event of the vm, oldest first: they stay after later backups.
     pub events: Vec<EventStatus>,
+}
+
+/// A vm's newest restore point with status `ok`.
+#[derive(Clone, Debug, Serialize)]
+pub struct LastGood {
+    pub snapshot: Id,
+    pub time: String,
+}
+
+/// A vm whose last good restore point is older than the age asked for, or missing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StaleVm {
+    pub vm: String,
+    /// The time of its last good restore point (`None`: it has none).
+    pub last_good: Option<String>,
+}
+
+/// The vms of `report` — and the vms named in `expected` (a vm the repository holds no
+/// snapshot of has no good restore point) — whose last good restore point is older than
+/// `max_age` at `now`, by name. A restore point time that cannot be read counts as old.
+pub fn stale_vms(report: &StatusReport, expected: &[String], max_age: Duration, now: SystemTime) -> Vec<StaleVm> {
+    let mut names: Vec<&str> =
+        report.vms.iter().map(|v| v.vm.as_str()).chain(expected.iter().map(String::as_str)).collect();
+    names.sort_unstable();
+    names.dedup();
+    let oldest = now.checked_sub(max_age).unwrap_or(SystemTime::UNIX_EPOCH);
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let last = report.vms.iter().find(|v| v.vm == name).and_then(|v| v.last_good.as_ref());
+            let fresh = last.and_then(|l| humantime::parse_rfc3339_weak(&l.time).ok()).is_some_and(|t| t >= oldest);
+            (!fresh).then(|| StaleVm { vm: name.to_string(), last_good: last.map(|l| l.time.clone()) })
+        })
+        .collect()
 }
 
 /// A detection event as `status` shows it.
@@ -160,8 +199,54 @@ pub fn status(repo: &Repository, vm: Option<&str>) -> Result<StatusReport, CoreE
             time: s.time.clone(),
             status: s.status,
             snapshots: of_vm.len() as u64,
+            last_good: of_vm
+                .iter()
+                .rev()
+                .find(|s| s.snapshot.status == SnapshotStatus::Ok)
+                .map(|s| LastGood { snapshot: s.id, time: s.snapshot.time.clone() }),
             disks,
         });
     }
     Ok(StatusReport { vms: out, warnings })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str, last_good: Option<&str>) -> VmStatus {
+        VmStatus {
+            vm: name.into(),
+            snapshot: Id::ZERO,
+            time: "2026-12-01T00:00:00Z".into(),
+            status: SnapshotStatus::Ok,
+            snapshots: 1,
+            last_good: last_good.map(|t| LastGood { snapshot: Id::ZERO, time: t.into() }),
+            disks: vec![],
+            events: vec![],
+        }
+    }
+
+    #[test]
+    fn stale_vms_are_those_without_a_good_restore_point_within_the_age() {
+        let report = StatusReport {
+            vms: vec![
+                vm("fresh", Some("2026-12-01T23:00:00Z")),
+                vm("old", Some("2026-11-30T12:00:00Z")),
+                vm("tainted-only", None),
+                vm("garbled", Some("yesterday")),
+            ],
+            warnings: vec![],
+        };
+        let now = humantime::parse_rfc3339("2026-12-02T06:00:00Z").unwrap();
+        let stale =
+            stale_vms(&report, &["never-backed-up".into(), "fresh".into()], Duration::from_secs(26 * 3600), now);
+        let names: Vec<&str> = stale.iter().map(|s| s.vm.as_str()).collect();
+        assert_eq!(names, ["garbled", "never-backed-up", "old", "tainted-only"]);
+        assert_eq!(stale[2].last_good.as_deref(), Some("2026-11-30T12:00:00Z"));
+        assert_eq!(stale[1].last_good, None);
+        // Exactly at the age is still fresh.
+        let at = humantime::parse_rfc3339("2026-12-01T23:00:00Z").unwrap() + Duration::from_secs(26 * 3600);
+        assert!(stale_vms(&report, &[], Duration::from_secs(26 * 3600), at).iter().all(|s| s.vm != "fresh"));
+    }
 }

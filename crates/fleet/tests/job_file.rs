@@ -1,0 +1,139 @@
+//! Job files: a valid one resolves every policy (vm over group over `[defaults]`); every
+//! invalid one is refused before anything runs, with an error naming the file and line.
+
+use std::path::Path;
+
+use blockproof_fleet::job::PasswordSource;
+use blockproof_fleet::Job;
+
+const GOOD: &str = r#"version = 1
+name = "nightly"
+
+[repository]
+location = "/srv/backup"
+password_file = "pw"
+
+[copy]
+location = "s3://offsite/blockproof"
+password_env = "OFFSITE_PASSWORD"
+
+[schedule]
+every = "6h"
+at = "00:30"
+
+[run]
+parallel = 3
+
+[defaults]
+verify = "2%"
+retention = { keep_daily = 7 }
+tags = ["prod"]
+
+[groups.db]
+detect_within = "7d"
+pre = { command = ["/bin/true"], timeout = "20s" }
+tags = ["db"]
+
+[[vm]]
+name = "web01"
+disks = ["id=sda,source=disks/web01.img"]
+
+[[vm]]
+name = "db01"
+group = "db"
+disks = ["id=sda,source=/dev/vg/db01,verify=10%", "id=sdb,source=nbd+unix:///x?socket=/s"]
+retention = { keep_last = 3 }
+"#;
+
+fn parse(text: &str) -> Result<Job, blockproof_fleet::JobError> {
+    Job::parse(Path::new("/etc/blockproof/nightly.toml"), text)
+}
+
+#[test]
+fn a_valid_job_resolves_every_policy() {
+    let job = parse(GOOD).unwrap();
+    assert_eq!((job.name.as_str(), job.parallel, job.vms.len()), ("nightly", 3, 2));
+    assert_eq!(job.repository.password, PasswordSource::File("/etc/blockproof/pw".into()));
+    assert_eq!(job.copy.as_ref().unwrap().password, PasswordSource::Env("OFFSITE_PASSWORD".into()));
+    let web = &job.vms[0];
+    assert_eq!(web.disks[0].source, "/etc/blockproof/disks/web01.img", "relative to the job file");
+    assert_eq!(web.verify.text, "2%");
+    assert!(web.verify.objective.is_none() && web.pre.is_none());
+    assert_eq!(web.retention.as_ref().unwrap().daily, Some(7));
+    assert_eq!(web.tags, ["prod"]);
+    let db = &job.vms[1];
+    // The group's objective over the defaults' budget: 7 days at 4 runs a day = 28 runs.
+    let o = db.verify.objective.as_ref().expect("objective");
+    assert_eq!((o.runs, db.verify.text.as_str()), (28, "3.6%"));
+    assert_eq!(db.pre.as_ref().unwrap().timeout.as_secs(), 20);
+    assert_eq!(db.retention.as_ref().unwrap().last, Some(3));
+    assert_eq!(db.retention.as_ref().unwrap().daily, None, "the vm's retention replaces the defaults'");
+    assert_eq!(db.tags, ["prod", "db"]);
+    assert_eq!(db.disks[1].source, "nbd+unix:///x?socket=/s");
+}
+
+/// `GOOD` with `from` replaced by `to`, expected to fail at `line` with `message` in it.
+fn refused(from: &str, to: &str, line: usize, message: &str) {
+    assert!(GOOD.contains(from), "{from}");
+    let text = GOOD.replacen(from, to, 1);
+    let err = parse(&text).expect_err(to);
+    assert_eq!(err.line, Some(line), "{to}: {err}");
+    let shown = err.to_string();
+    assert!(shown.starts_with(&format!("/etc/blockproof/nightly.toml line {line}: ")), "{shown}");
+    assert!(shown.contains(message), "{to}: {shown}");
+    assert!(!shown.contains('\n'), "one line: {shown}");
+}
+
+#[test]
+fn invalid_jobs_are_refused_naming_the_line() {
+    refused("version = 1", "version = 2", 1, "job files of version 1");
+    refused("password_file = \"pw\"", "password_fil = \"pw\"", 6, "unknown field");
+    refused("password_file = \"pw\"", "password_file = \"pw\"\npassword_env = \"X\"", 7, "not both");
+    refused("every = \"6h\"", "every = \"5h\"", 13, "dividing a day");
+    refused("at = \"00:30\"", "at = \"25:00\"", 14, "HH:MM");
+    refused("parallel = 3", "parallel = 0", 17, "from 1 to 64");
+    refused("parallel = 3", "parallel = \"3\"", 17, "invalid type");
+    refused("verify = \"2%\"", "verify = \"200%\"", 20, "verify");
+    refused("retention = { keep_daily = 7 }", "retention = { keep_dialy = 7 }", 21, "unknown field");
+    refused("retention = { keep_daily = 7 }", "retention = { }", 21, "keeps nothing");
+    refused("detect_within = \"7d\"", "detect_within = \"soon\"", 25, "detect_within");
+    refused("detect_within = \"7d\"", "detect_within = \"3h\"", 25, "shorter than the interval");
+    refused("detect_within = \"7d\"", "detect_within = \"7d\"\nverify = \"1%\"", 25, "not both");
+    refused("timeout = \"20s\"", "timeout = \"0s\"", 26, "more than zero");
+    refused("[\"/bin/true\"]", "[]", 26, "command is empty");
+    refused("source=disks/web01.img\"]", "source=disks/web01.img,cbt=maybe\"]", 31, "disk sda");
+    refused("source=disks/web01.img\"]", "source=disks/web01.img\", \"id=sda,source=x\"]", 31, "listed twice");
+    refused("name = \"web01\"", "name = \"web 01\"", 30, "vm name");
+    refused("name = \"web01\"", "name = \"db01\"", 33, "listed twice");
+    refused("group = \"db\"", "group = \"dbs\"", 35, "no [groups.dbs]");
+    refused("disks = [\"id=sda,source=disks/web01.img\"]", "disks = []", 29, "has no disks");
+    refused("tags = [\"prod\"]", "tags = [\"prod\"]\ndisks = [\"id=a,source=b\"]", 23, "belongs in a [[vm]]");
+    // The keys of running-VM sources are reserved, and say so.
+    refused("name = \"web01\"", "name = \"web01\"\ndomain = \"web01\"", 31, "running-VM sources");
+    refused("[run]", "[libvirt]\nuri = \"qemu:///system\"\n\n[run]", 16, "running-VM sources");
+    // Syntax errors carry the line too.
+    refused("[run]", "[run", 16, "");
+}
+
+#[test]
+fn an_objective_needs_a_schedule_and_a_job_needs_vms() {
+    let no_schedule = GOOD.replacen("[schedule]\nevery = \"6h\"\nat = \"00:30\"\n", "", 1);
+    let err = parse(&no_schedule).unwrap_err();
+    assert!(err.to_string().contains("detect_within needs a [schedule]"), "{err}");
+    assert!(err.line.is_some());
+    let no_vms = &GOOD[..GOOD.find("[[vm]]").unwrap()];
+    assert!(parse(no_vms).unwrap_err().to_string().contains("no [[vm]]"));
+    let missing = Job::load(Path::new("/no/such/job.toml")).unwrap_err();
+    assert!(missing.to_string().starts_with("/no/such/job.toml: cannot read it"), "{missing}");
+}
+
+/// The annotated example in examples/ is a valid job, and says what the docs say.
+#[test]
+fn the_example_job_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/nightly.toml");
+    let job = Job::load(&path).unwrap();
+    assert_eq!((job.name.as_str(), job.parallel, job.vms.len(), job.notify.len()), ("nightly", 4, 2, 2));
+    assert_eq!(job.vms[0].verify.text, "14.3%", "7 days at one run a day");
+    assert_eq!(job.vms[1].verify.text, "5%");
+    assert_eq!(job.vms[1].pre.as_ref().unwrap().timeout.as_secs(), 120);
+}
