@@ -30,9 +30,12 @@
 //!   endpoints when several are given ([`S3Options::endpoints`]: failover between the
 //!   nodes of a cluster). Then the operation fails with one line naming the object, the
 //!   endpoint, what happened in words, how long it was tried and what to try
-//!   (`problem.rs`). A request that gives up marks the store *failing*: the requests in
-//!   flight are abandoned at once and new ones get one round until a request succeeds,
-//!   so a failed operation ends within moments instead of waiting for its other uploads.
+//!   (`problem.rs`). Requests watch the operation's cancellation token
+//!   ([`Backend::observe_cancel`], the repository's `Cancel`): when it is cancelled —
+//!   by the operation's first error, or by a request of this store giving up, which
+//!   cancels it — requests in flight are abandoned at once, and requests started after
+//!   (cleanup) get one round, so a failed operation ends within moments instead of
+//!   waiting for its other uploads.
 //! - **Eventual listing**: nothing relies on a listing being complete at once. Locks and
 //!   gc plans are time-based (see docs/LIFECYCLE.md and docs/OBJECT-STORAGE.md).
 //! - **Parallel uploads**: [`Backend::parallelism`] asks the pack writer for

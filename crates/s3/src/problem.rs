@@ -41,6 +41,9 @@ pub struct Problem {
     pub what: String,
     /// What to try.
     pub hint: &'static str,
+    /// Whether the endpoint answered (an HTTP status), as opposed to a failure to
+    /// connect or to finish the exchange.
+    pub answered: bool,
 }
 
 const HINT_UNREACHABLE: &str = "check that the S3 service runs there and is reachable; \
@@ -62,7 +65,8 @@ const HINT_OTHER: &str = "check the endpoint, the bucket and the credentials";
 
 impl Problem {
     fn new(class: Class, what: impl Into<String>, hint: &'static str) -> Self {
-        Problem { class, what: what.into(), hint }
+        let what = what.into();
+        Problem { class, answered: what.starts_with("answered"), what, hint }
     }
 
     /// An attempt that got no answer within `limit`.

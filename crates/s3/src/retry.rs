@@ -195,7 +195,8 @@ impl Client {
         let limit = attempt_limit(bytes);
         let max = max_attempts(n, self.timeout);
         let mut tried: u32 = 0;
-        let mut last: Option<(usize, Problem)>;
+        // The failures of the current round, one per endpoint tried.
+        let mut round: Vec<(usize, Problem)> = Vec::with_capacity(n);
         loop {
             let e = (first + tried as usize) % n;
             tried += 1;
@@ -233,7 +234,12 @@ impl Client {
                         problem.what, problem.hint
                     )));
                 }
-                Class::Transient => last = Some((e, problem)),
+                Class::Transient => {
+                    if (tried as usize - 1).is_multiple_of(n) {
+                        round.clear();
+                    }
+                    round.push((e, problem));
+                }
             }
             // The other endpoints of this round at once; then wait.
             if !(tried as usize).is_multiple_of(n) {
@@ -250,7 +256,12 @@ impl Client {
                 _ = tokio::time::sleep(pause) => {}
             }
         }
-        let (e, problem) = last.expect("a failed attempt");
+        // Reported: what an endpoint answered (a node that is up says most, such as a
+        // missing quorum), else the last failure; the other endpoints' in brackets.
+        let main = round.iter().position(|(_, p)| p.answered).unwrap_or(round.len() - 1);
+        let (e, problem) = round.remove(main);
+        let others: Vec<String> = round.iter().map(|(o, p)| format!("{} {}", self.endpoints[*o].url, p.what)).collect();
+        let others = if others.is_empty() { String::new() } else { format!(" (also {})", others.join(", ")) };
         let on = if n > 1 { format!(" on {n} endpoints") } else { String::new() };
         let tried_how = if once {
             let times = if tried == 1 { "once".to_string() } else { format!("{tried} times{on}") };
@@ -269,8 +280,10 @@ impl Client {
                 self.timeout.as_secs()
             )
         };
-        let msg =
-            format!("{object}: {op} failed: {} {}; {tried_how}: {}", self.endpoints[e].url, problem.what, problem.hint);
+        let msg = format!(
+            "{object}: {op} failed: {} {}{others}; {tried_how}: {}",
+            self.endpoints[e].url, problem.what, problem.hint
+        );
         if !once {
             // The store is unreachable for now: the operation's other requests stop.
             self.failing.store(true, Ordering::SeqCst);

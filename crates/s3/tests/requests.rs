@@ -275,3 +275,21 @@ fn giving_up_cancels_the_operation() {
     assert!(msg.contains("answered 500 Internal Server Error: disk full; tried "), "{msg}");
     assert_eq!(cancel.reason().as_deref(), Some(msg.as_str()));
 }
+
+/// With several endpoints failing, the line leads with what a node that is up answered
+/// (it says most: a missing quorum) and names the others' failures in brackets.
+#[test]
+fn the_answer_of_a_node_that_is_up_leads_the_line() {
+    let body = "<Error><Code>ServiceUnavailable</Code><Message>Could not reach quorum of 2</Message></Error>";
+    let fake = Fake::start(move |_| Some(response("503 Service Unavailable", "", body)));
+    let down = refusing();
+    let rt = runtime();
+    let msg = failed(get(&rt, &client(&[&fake.url, &down], Duration::from_millis(500)), "k"));
+    let expected = format!(
+        "s3://bkt/k: GET failed: {} answered 503 Service Unavailable: ServiceUnavailable: Could not reach quorum of 2 \
+         (also {down} refused the connection (nothing listens there)); tried ",
+        fake.url
+    );
+    assert!(msg.starts_with(&expected), "{msg}");
+    assert!(msg.contains(" on 2 endpoints (retry timeout 0 s): too few of the cluster's nodes answer"), "{msg}");
+}
