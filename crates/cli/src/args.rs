@@ -83,9 +83,11 @@ impl RepoArgs {
 /// How to reach repositories on object storage (ignored for directories).
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
-    /// S3 endpoint of a non-AWS service (MinIO, Garage, Ceph), e.g. http://127.0.0.1:3900.
-    #[arg(long, env = "BLOCKPROOF_S3_ENDPOINT", value_name = "URL")]
-    pub s3_endpoint: Option<String>,
+    /// S3 endpoint of a non-AWS service (MinIO, Garage, Ceph), e.g. http://127.0.0.1:3900;
+    /// several, separated by commas, for the nodes of a cluster: requests fail over
+    /// between them.
+    #[arg(long, env = "BLOCKPROOF_S3_ENDPOINT", value_name = "URL[,URL…]", value_delimiter = ',')]
+    pub s3_endpoint: Vec<String>,
     /// Path-style bucket addressing (always used when --s3-endpoint is given).
     #[arg(long, env = "BLOCKPROOF_S3_PATH_STYLE")]
     pub s3_path_style: bool,

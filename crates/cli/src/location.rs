@@ -22,7 +22,7 @@ pub fn backend(location: &str, store: &StoreArgs, create: bool) -> Result<Box<dy
     }
     let parsed = S3Location::parse(location).map_err(|e| crate::Usage(e.to_string()))?;
     let options = S3Options {
-        endpoint: store.s3_endpoint.clone(),
+        endpoints: S3Options::parse_endpoints(&store.s3_endpoint).map_err(|e| crate::Usage(e.to_string()))?,
         path_style: store.s3_path_style,
         retry_timeout: Duration::from_secs(store.s3_retry_timeout),
         uploads: usize::from(store.s3_uploads),
@@ -32,14 +32,14 @@ pub fn backend(location: &str, store: &StoreArgs, create: bool) -> Result<Box<dy
     if store.no_cache {
         return Ok(Box::new(s3));
     }
-    let dir = cache_dir(store.cache_dir.clone(), location, store.s3_endpoint.as_deref());
+    let dir = cache_dir(store.cache_dir.clone(), location, &options.endpoints.join(","));
     let cached = ReadCache::new(Box::new(s3), &dir).with_context(|| format!("cache directory {}", dir.display()))?;
     Ok(Box::new(cached))
 }
 
 /// `--cache-dir`, else `$XDG_CACHE_HOME/blockproof` or `~/.cache/blockproof`, then one
 /// directory per repository location.
-fn cache_dir(explicit: Option<PathBuf>, location: &str, endpoint: Option<&str>) -> PathBuf {
+fn cache_dir(explicit: Option<PathBuf>, location: &str, endpoints: &str) -> PathBuf {
     let base = explicit.unwrap_or_else(|| {
         std::env::var_os("XDG_CACHE_HOME")
             .map(PathBuf::from)
@@ -47,7 +47,7 @@ fn cache_dir(explicit: Option<PathBuf>, location: &str, endpoint: Option<&str>) 
             .unwrap_or_else(std::env::temp_dir)
             .join("blockproof")
     });
-    let key = format!("{}|{location}", endpoint.unwrap_or(""));
+    let key = format!("{endpoints}|{location}");
     base.join(&blake3::hash(key.as_bytes()).to_hex()[..16])
 }
 

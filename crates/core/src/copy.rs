@@ -12,7 +12,9 @@
 //! Only changed chunks are read: when the parent of a disk was copied before, a chunk
 //! whose source id equals the parent's takes the id the target already gave the parent's
 //! chunk, without reading it. So a second `copy` after an incremental transfers about what
-//! the incremental added.
+//! the incremental added. The chunks that must be read are fetched in windows of about
+//! 4 MiB with [`BlobReader::read_many`], as a restore reads: about one request per pack
+//! region on a remote store rather than one per chunk.
 //!
 //! The target is written like a backup writes: under a shared lock, packs and index
 //! files durable before each snapshot file, packs a gc plans to delete left out of
@@ -24,7 +26,7 @@ use std::collections::HashMap;
 
 use blockproof_format::tree::{chunk_count, DEFAULT_FANOUT};
 use blockproof_format::{BlobKind, DiskEntry, Id, Snapshot};
-use blockproof_repo::{BlobIndex, BlobReader, LockKind, Repository, SealedBlob, TreeReader, TreeWriter};
+use blockproof_repo::{BlobIndex, BlobReader, LockKind, RepoError, Repository, SealedBlob, TreeReader, TreeWriter};
 use crossbeam_channel::Sender;
 use serde::Serialize;
 
@@ -98,32 +100,55 @@ impl Copier<'_, '_> {
             _ => None,
         };
         let mut tree = TreeWriter::new(n, DEFAULT_FANOUT);
-        for i in 0..n {
-            let id = src_tree.chunk(i)?;
-            let target = if id.is_zero() {
-                Id::ZERO
-            } else if let Some(t) = self.map.get(&id) {
-                *t
-            } else {
-                // The target's id of the parent's chunk, when it is the same chunk and the
-                // target still has a copy it may reuse. A parent whose pages cannot be read
-                // in either repository is no shortcut: its chunks are read.
-                let known = match parents.as_mut() {
-                    Some((ps, pt)) => {
-                        match ps.chunk(i).and_then(|p| if p == id { pt.chunk(i).map(Some) } else { Ok(None) }) {
-                            Ok(t) => t.filter(|t| self.dedup.contains(t)),
-                            Err(_) => {
-                                parents = None;
-                                None
+        // Chunks go in windows of about 4 MiB, like a restore's batches: the chunks of a
+        // window that must be read are fetched with one `read_many` (about one request per
+        // pack region on a remote store, instead of one per chunk), then handled in order.
+        let window = ((4u64 << 20) / u64::from(entry.chunk_size).max(1)).max(1);
+        let mut start = 0;
+        while start < n {
+            let end = (start + window).min(n);
+            // Each chunk's source id, and the target id when it is known without reading.
+            let mut chunks: Vec<(Id, Option<Id>)> = Vec::with_capacity((end - start) as usize);
+            for i in start..end {
+                let id = src_tree.chunk(i)?;
+                let known = if id.is_zero() {
+                    Some(Id::ZERO)
+                } else if let Some(t) = self.map.get(&id) {
+                    Some(*t)
+                } else {
+                    // The target's id of the parent's chunk, when it is the same chunk and
+                    // the target still has a copy it may reuse. A parent whose pages cannot
+                    // be read in either repository is no shortcut: its chunks are read.
+                    match parents.as_mut() {
+                        Some((ps, pt)) => {
+                            match ps.chunk(i).and_then(|p| if p == id { pt.chunk(i).map(Some) } else { Ok(None) }) {
+                                Ok(t) => t.filter(|t| self.dedup.contains(t)),
+                                Err(_) => {
+                                    parents = None;
+                                    None
+                                }
                             }
                         }
+                        None => None,
                     }
-                    None => None,
                 };
-                let t = match known {
+                chunks.push((id, known));
+            }
+            let mut wanted: Vec<Id> = chunks.iter().filter(|(_, k)| k.is_none()).map(|(id, _)| *id).collect();
+            wanted.sort_unstable();
+            wanted.dedup();
+            let mut fetched: HashMap<Id, Result<Vec<u8>, RepoError>> =
+                wanted.iter().copied().zip(self.src_reader.read_many(&wanted, BlobKind::Data)).collect();
+            for (id, known) in chunks {
+                let target = match known.or_else(|| self.map.get(&id).copied()) {
                     Some(t) => t,
                     None => {
-                        let plain = self.src_reader.read(&id, BlobKind::Data)?;
+                        // Fetched above; read again only when a chunk repeats in the window
+                        // and the map is full.
+                        let plain = match fetched.remove(&id) {
+                            Some(r) => r?,
+                            None => self.src_reader.read(&id, BlobKind::Data)?,
+                        };
                         self.report.chunks_read += 1;
                         let t = self.dst.keys().blob_id(&plain);
                         if !self.dedup.contains(&t) {
@@ -132,15 +157,19 @@ impl Copier<'_, '_> {
                                 self.report.chunks_repaired += 1;
                             }
                         }
-                        sink.put(BlobKind::Data, &plain)?
+                        let t = sink.put(BlobKind::Data, &plain)?;
+                        if self.map.len() < MAP_LIMIT {
+                            self.map.insert(id, t);
+                        }
+                        t
                     }
                 };
-                if self.map.len() < MAP_LIMIT {
-                    self.map.insert(id, t);
+                if known.is_some() && !target.is_zero() && self.map.len() < MAP_LIMIT {
+                    self.map.insert(id, target);
                 }
-                t
-            };
-            tree.push(target, &mut |ids: &[Id]| sink.page(ids))?;
+                tree.push(target, &mut |ids: &[Id]| sink.page(ids))?;
+            }
+            start = end;
         }
         let root = tree.finish(&mut |ids: &[Id]| sink.page(ids))?;
         let (state, _) = ConfirmState::load(self.src_reader, entry, n);

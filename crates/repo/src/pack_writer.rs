@@ -42,7 +42,9 @@ pub struct PackWriter<'a> {
 /// never waits for a pack's `fsync` (or upload) unless `limit` are pending or an index
 /// file is about to name them. A local disk gets one writer thread; a remote store gets
 /// as many as its [`Backend::parallelism`](blockproof_store::Backend::parallelism)
-/// asks for, to fill the link.
+/// asks for, to fill the link. The first failed upload cancels the operation
+/// ([`Repository::cancel`]): uploads in flight are abandoned by the store and queued ones
+/// are not started, so a failure ends the operation at once.
 struct Uploads {
     tx: Option<crossbeam_channel::Sender<(Id, Vec<u8>)>>,
     done: crossbeam_channel::Receiver<(Result<(), RepoError>, Vec<u8>)>,
@@ -52,7 +54,7 @@ struct Uploads {
 }
 
 impl Uploads {
-    fn new(backend: std::sync::Arc<dyn blockproof_store::Backend>) -> Self {
+    fn new(backend: std::sync::Arc<dyn blockproof_store::Backend>, cancel: blockproof_work::Cancel) -> Self {
         let writers = backend.parallelism().clamp(1, 16);
         // Each pending pack holds a pack-sized buffer: writers + 1 bounds the memory.
         let limit = writers + 1;
@@ -60,9 +62,15 @@ impl Uploads {
         let (done_tx, done) = crossbeam_channel::unbounded();
         let threads = (0..writers)
             .map(|_| {
-                let (rx, done_tx, backend) = (rx.clone(), done_tx.clone(), backend.clone());
+                let (rx, done_tx, backend, cancel) = (rx.clone(), done_tx.clone(), backend.clone(), cancel.clone());
                 std::thread::spawn(move || {
                     for (id, file) in rx.iter() {
+                        if let Err(e) = cancel.check() {
+                            if done_tx.send((Err(RepoError::from(e)), Vec::new())).is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                         // A backend that keeps the buffer (an object store sends it as
                         // is) hands back nothing; the next pack then allocates anew. A
                         // panic is answered like any failure, so nobody waits for it.
@@ -74,6 +82,9 @@ impl Uploads {
                             Ok(Err(e)) => (Err(RepoError::from(e)), Vec::new()),
                             Err(panicked) => (Err(RepoError::from(panicked)), Vec::new()),
                         };
+                        if let Err(e) = &r {
+                            cancel.cancel(e.to_string());
+                        }
                         if done_tx.send((r, spare)).is_err() {
                             return;
                         }
@@ -133,7 +144,7 @@ impl<'a> PackWriter<'a> {
             pending_index: Vec::new(),
             written: Vec::new(),
             stats: PackWriterStats::default(),
-            uploads: Uploads::new(repo.backend_arc()),
+            uploads: Uploads::new(repo.backend_arc(), repo.cancel().clone()),
         }
     }
 

@@ -95,16 +95,7 @@ impl Repository {
         let header = RepoHeader { repo_id: Id(repo_id), version: config.version };
         let sealed = keys.seal(&header.ad(), &serde_json_vec(&config));
         backend.write(Kind::Config, "config", &header.encode(&sealed))?;
-        Ok(Repository {
-            backend: backend.into(),
-            keys,
-            header,
-            config,
-            secret,
-            slot: slot_name,
-            cancel: Default::default(),
-            leases: Default::default(),
-        })
+        Ok(Repository::assemble(backend, keys, header, config, secret, slot_name))
     }
 
     /// Opens a repository with a password, trying every key slot. Key slots are named by
@@ -163,16 +154,7 @@ impl Repository {
                             format!("header says version {}, settings say {}", header.version, config.version),
                         ));
                     }
-                    return Ok(Repository {
-                        backend: backend.into(),
-                        keys,
-                        header,
-                        config,
-                        secret,
-                        slot: name,
-                        cancel: Default::default(),
-                        leases: Default::default(),
-                    });
+                    return Ok(Repository::assemble(backend, keys, header, config, secret, name));
                 }
                 Err(CryptoError::WrongPassword) => {}
                 Err(e) => last_err = kdf_err(e),
@@ -188,6 +170,21 @@ impl Repository {
     /// A shared handle on the backend, for threads that outlive a borrow.
     pub fn backend_arc(&self) -> std::sync::Arc<dyn Backend> {
         self.backend.clone()
+    }
+
+    /// A session whose backend observes its cancellation token
+    /// ([`Backend::observe_cancel`]).
+    fn assemble(
+        backend: Box<dyn Backend>,
+        keys: Keys,
+        header: RepoHeader,
+        config: RepoConfig,
+        secret: MasterSecret,
+        slot: String,
+    ) -> Self {
+        let cancel = blockproof_work::Cancel::new();
+        backend.observe_cancel(&cancel);
+        Repository { backend: backend.into(), keys, header, config, secret, slot, cancel, leases: Default::default() }
     }
 
     /// The cancellation token of this session's operations: every parallel stage stops

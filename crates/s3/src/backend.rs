@@ -1,5 +1,6 @@
 //! [`S3Backend`]: the storage trait over an S3 bucket.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,10 +9,10 @@ use blockproof_store::{relative_path, Backend, Kind, StoreError};
 use futures_util::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
-use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart,
-};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
+use crate::problem::Problem;
+use crate::retry::{Client, Endpoint, Failure};
 use crate::{S3Error, S3Location, S3Options};
 
 /// Objects up to this size are written with one PUT; larger ones by multipart upload.
@@ -21,7 +22,8 @@ pub const PART_SIZE: usize = 16 << 20;
 /// Parts of one multipart upload in flight at once.
 const PARTS_IN_FLIGHT: usize = 4;
 
-/// Requests sent so far, by kind (retries not counted): the figures of the cost model.
+/// Requests sent so far, by kind (retries not counted, but counted apart): the figures
+/// of the cost model.
 #[derive(Debug, Default)]
 pub struct RequestCounts {
     pub put: AtomicU64,
@@ -32,10 +34,12 @@ pub struct RequestCounts {
     pub delete: AtomicU64,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
+    /// Attempts beyond the first of each request (on the same or another endpoint).
+    pub retries: AtomicU64,
 }
 
 impl RequestCounts {
-    fn add(counter: &AtomicU64, n: u64) {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
@@ -51,15 +55,18 @@ impl RequestCounts {
             ("delete", l(&self.delete)),
             ("bytes_up", l(&self.bytes_up)),
             ("bytes_down", l(&self.bytes_down)),
+            ("retries", l(&self.retries)),
         ]
     }
 }
 
 /// A repository under `s3://BUCKET/PREFIX`. The synchronous [`Backend`] calls run on a
-/// small private tokio runtime; any number of threads may call at once.
+/// small private tokio runtime; any number of threads may call at once. Every request
+/// goes through [`Client::call`] (crate::retry): retried for the retry timeout, failing
+/// over between the endpoints, abandoned when the store has been found failing.
 pub struct S3Backend {
     location: S3Location,
-    store: AmazonS3,
+    client: Client,
     runtime: tokio::runtime::Runtime,
     uploads: usize,
     counts: Arc<RequestCounts>,
@@ -82,9 +89,11 @@ impl S3Backend {
         let prefix = (!b.location.prefix.is_empty()).then(|| Path::from(b.location.prefix.as_str()));
         RequestCounts::add(&b.counts.list, 1);
         let first = b
-            .runtime
-            .block_on(async { b.store.list(prefix.as_ref()).try_next().await })
-            .map_err(|e| b.remote("LIST", &b.location.prefix, e))?;
+            .block("LIST", &b.location.prefix, 0, |s| {
+                let prefix = prefix.clone();
+                async move { s.list(prefix.as_ref()).try_next().await.map_err(|e| Problem::of_store(&e)) }
+            })
+            .map_err(|f| b.failure(Kind::Config, "", f))?;
         if first.is_some() {
             return Err(S3Error::NotEmpty(b.location.to_string()));
         }
@@ -92,55 +101,40 @@ impl S3Backend {
     }
 
     fn connect(location: S3Location, options: &S3Options) -> Result<Self, S3Error> {
-        let mut builder = AmazonS3Builder::from_env().with_bucket_name(&location.bucket);
-        // The endpoint in effect: the option, else what `from_env` took from the
-        // environment. It decides plain HTTP and path-style addressing.
-        let endpoint = options
-            .endpoint
-            .clone()
-            .or_else(|| ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"].iter().find_map(|v| std::env::var(v).ok()));
-        if let Some(e) = &options.endpoint {
-            builder = builder.with_endpoint(e);
-        }
-        if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
-            builder = builder.with_region("us-east-1");
-        }
-        let retry = RetryConfig {
-            backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(10),
-                base: 2.0,
-            },
-            max_retries: 20,
-            retry_timeout: options.retry_timeout,
+        // The endpoints in effect: the option's, else what `from_env` takes from the
+        // environment (AWS_ENDPOINT_URL), else AWS. They decide plain HTTP and path-style
+        // addressing.
+        let env_endpoint = ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"].iter().find_map(|v| std::env::var(v).ok());
+        let endpoints: Vec<Option<String>> = if options.endpoints.is_empty() {
+            vec![None]
+        } else {
+            options.endpoints.iter().cloned().map(Some).collect()
         };
-        let client = ClientOptions::new()
-            .with_timeout(Duration::from_secs(300))
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_allow_http(endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
-        // The payload is not part of the signature (UNSIGNED-PAYLOAD): hashing every pack
-        // with SHA-256 on both ends would cost more CPU than compressing it, and buys
-        // nothing — TLS protects the transfer and every pack is authenticated (AEAD) and
-        // named by its hash, which `check` verifies.
-        let store = builder
-            .with_unsigned_payload(true)
-            .with_virtual_hosted_style_request(!(options.path_style || endpoint.is_some()))
-            .with_retry(retry)
-            .with_client_options(client)
-            .build()
-            .map_err(|e| S3Error::Config(one_line(&e.to_string())))?;
+        let mut clients = Vec::new();
+        for endpoint in endpoints {
+            let effective = endpoint.clone().or_else(|| env_endpoint.clone());
+            let mut builder = AmazonS3Builder::from_env().with_bucket_name(&location.bucket);
+            if let Some(e) = &endpoint {
+                builder = builder.with_endpoint(e);
+            }
+            if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
+                builder = builder.with_region("us-east-1");
+            }
+            clients.push(Endpoint::new(builder, effective, options.path_style)?);
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("blockproof-s3")
             .enable_all()
             .build()
             .map_err(|e| S3Error::Config(format!("cannot start the S3 client runtime: {e}")))?;
+        let counts = Arc::new(RequestCounts::default());
         Ok(S3Backend {
             location,
-            store,
+            client: Client::new(clients, options.retry_timeout, counts.clone()),
             runtime,
             uploads: options.uploads.max(1),
-            counts: Arc::new(RequestCounts::default()),
+            counts,
         })
     }
 
@@ -149,55 +143,87 @@ impl S3Backend {
         self.counts.clone()
     }
 
+    pub(crate) fn location_ref(&self) -> &S3Location {
+        &self.location
+    }
+
     fn path(&self, kind: Kind, name: &str) -> Result<Path, StoreError> {
         let key = self.location.key(&relative_path(kind, name)?);
         Path::parse(&key).map_err(|e| StoreError::Invalid(format!("invalid object key {key:?}: {e}")))
     }
 
-    fn remote(&self, op: &str, key: &str, e: object_store::Error) -> StoreError {
-        StoreError::Remote(format!("s3://{}/{key}: {op} failed: {}", self.location.bucket, one_line(&e.to_string())))
+    /// Runs one request (see crate::retry) to completion on the runtime. `attempt` gets
+    /// its own handle on the endpoint's client, so its future borrows nothing.
+    pub(crate) fn block<T, F, Fut>(&self, op: &str, key: &str, bytes: u64, attempt: F) -> Result<T, Failure>
+    where
+        F: Fn(AmazonS3) -> Fut,
+        Fut: Future<Output = Result<T, Problem>>,
+    {
+        let object = format!("s3://{}/{key}", self.location.bucket);
+        self.runtime.block_on(self.client.call(op, &object, bytes, |e| attempt(e.store.clone())))
     }
 
-    fn map(&self, op: &str, kind: Kind, name: &str, path: &Path, e: object_store::Error) -> StoreError {
-        match e {
-            object_store::Error::NotFound { .. } => StoreError::NotFound { kind, name: name.to_string() },
-            e => self.remote(op, path.as_ref(), e),
-        }
+    /// Like [`S3Backend::block`], with the whole endpoint (its HTTP client too).
+    pub(crate) fn block_raw<T, F, Fut>(&self, op: &str, key: &str, attempt: F) -> Result<T, Failure>
+    where
+        F: Fn(&Endpoint) -> Fut,
+        Fut: Future<Output = Result<T, Problem>>,
+    {
+        let object = format!("s3://{}/{key}", self.location.bucket);
+        self.runtime.block_on(self.client.call(op, &object, 0, attempt))
     }
 
-    async fn put_multipart(&self, path: &Path, data: bytes::Bytes) -> Result<(), object_store::Error> {
-        let upload = self.store.put_multipart(path).await?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        let mut at = 0;
-        while at < data.len() {
-            if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
-                let _ = writer.abort().await;
-                return Err(e);
-            }
-            let end = (at + PART_SIZE).min(data.len());
-            writer.put(data.slice(at..end));
-            RequestCounts::add(&self.counts.multipart_part, 1);
-            at = end;
+    pub(crate) fn failure(&self, kind: Kind, name: &str, f: Failure) -> StoreError {
+        match f {
+            Failure::NotFound => StoreError::NotFound { kind, name: name.to_string() },
+            Failure::Failed(msg) => StoreError::Remote(msg),
         }
-        writer.finish().await.map(|_| ())
     }
 
     /// One PUT, or a multipart upload above [`MULTIPART_THRESHOLD`]; no copy of `data`.
-    fn put(&self, path: &Path, data: bytes::Bytes) -> Result<(), StoreError> {
-        RequestCounts::add(&self.counts.bytes_up, data.len() as u64);
+    fn put(&self, kind: Kind, name: &str, data: bytes::Bytes) -> Result<(), StoreError> {
+        let path = self.path(kind, name)?;
+        let len = data.len() as u64;
+        RequestCounts::add(&self.counts.bytes_up, len);
         RequestCounts::add(&self.counts.put, 1);
-        let result = if data.len() <= MULTIPART_THRESHOLD {
-            self.runtime.block_on(self.store.put(path, PutPayload::from(data))).map(|_| ())
-        } else {
-            self.runtime.block_on(self.put_multipart(path, data))
-        };
-        result.map_err(|e| self.remote("PUT", path.as_ref(), e))
+        let counts = self.counts.clone();
+        self.block("PUT", path.as_ref(), len, |s| {
+            let (path, data, counts) = (path.clone(), data.clone(), counts.clone());
+            async move {
+                let r = if data.len() <= MULTIPART_THRESHOLD {
+                    s.put(&path, PutPayload::from(data)).await.map(|_| ())
+                } else {
+                    put_multipart(&s, &path, data, &counts).await
+                };
+                r.map_err(|e| Problem::of_store(&e))
+            }
+        })
+        .map_err(|f| self.failure(kind, name, f))
     }
 }
 
-/// Error messages of the HTTP stack span lines; a report line must not.
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+/// A multipart upload of [`PART_SIZE`] parts, [`PARTS_IN_FLIGHT`] at once; aborted when
+/// a part fails (a process killed meanwhile leaves it to gc, crate::multipart).
+async fn put_multipart(
+    store: &AmazonS3,
+    path: &Path,
+    data: bytes::Bytes,
+    counts: &RequestCounts,
+) -> Result<(), object_store::Error> {
+    let upload = store.put_multipart(path).await?;
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+    let mut at = 0;
+    while at < data.len() {
+        if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
+            let _ = writer.abort().await;
+            return Err(e);
+        }
+        let end = (at + PART_SIZE).min(data.len());
+        writer.put(data.slice(at..end));
+        RequestCounts::add(&counts.multipart_part, 1);
+        at = end;
+    }
+    writer.finish().await.map(|_| ())
 }
 
 impl Backend for S3Backend {
@@ -209,9 +235,15 @@ impl Backend for S3Backend {
         let path = self.path(kind, name)?;
         RequestCounts::add(&self.counts.get, 1);
         let bytes = self
-            .runtime
-            .block_on(async { self.store.get(&path).await?.bytes().await })
-            .map_err(|e| self.map("GET", kind, name, &path, e))?;
+            .block("GET", path.as_ref(), 0, |s| {
+                let path = path.clone();
+                async move {
+                    async { s.get(&path).await?.bytes().await }
+                        .await
+                        .map_err(|e: object_store::Error| Problem::of_store(&e))
+                }
+            })
+            .map_err(|f| self.failure(kind, name, f))?;
         RequestCounts::add(&self.counts.bytes_down, bytes.len() as u64);
         // Reuses the response's buffer when it is the only owner (a whole pack, say).
         Ok(Vec::from(bytes))
@@ -225,9 +257,11 @@ impl Backend for S3Backend {
         RequestCounts::add(&self.counts.get, 1);
         let end = offset + buf.len() as u64;
         let bytes = self
-            .runtime
-            .block_on(self.store.get_range(&path, offset..end))
-            .map_err(|e| self.map("GET (range)", kind, name, &path, e))?;
+            .block("GET (range)", path.as_ref(), buf.len() as u64, |s| {
+                let path = path.clone();
+                async move { s.get_range(&path, offset..end).await.map_err(|e| Problem::of_store(&e)) }
+            })
+            .map_err(|f| self.failure(kind, name, f))?;
         if bytes.len() != buf.len() {
             return Err(StoreError::Remote(format!(
                 "s3://{}/{path}: object too short for {} bytes at offset {offset}",
@@ -241,28 +275,22 @@ impl Backend for S3Backend {
     }
 
     fn size(&self, kind: Kind, name: &str) -> Result<u64, StoreError> {
-        let path = self.path(kind, name)?;
-        RequestCounts::add(&self.counts.head, 1);
-        let meta = self.runtime.block_on(self.store.head(&path)).map_err(|e| self.map("HEAD", kind, name, &path, e))?;
-        Ok(meta.size)
+        Ok(self.head(kind, name)?.size)
     }
 
     fn modified(&self, kind: Kind, name: &str) -> Result<std::time::SystemTime, StoreError> {
-        let path = self.path(kind, name)?;
-        RequestCounts::add(&self.counts.head, 1);
-        let meta = self.runtime.block_on(self.store.head(&path)).map_err(|e| self.map("HEAD", kind, name, &path, e))?;
-        Ok(meta.last_modified.into())
+        Ok(self.head(kind, name)?.last_modified.into())
     }
 
     /// One PUT (or a multipart upload, completed by one final request): S3 makes the
     /// object visible whole or not at all, which is the atomicity rule without a rename.
     fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError> {
-        self.put(&self.path(kind, name)?, bytes::Bytes::copy_from_slice(data))
+        self.put(kind, name, bytes::Bytes::copy_from_slice(data))
     }
 
     /// Packs are handed over whole: the PUT sends the pack writer's buffer itself.
     fn write_owned(&self, kind: Kind, name: &str, data: Vec<u8>) -> Result<Option<Vec<u8>>, StoreError> {
-        self.put(&self.path(kind, name)?, bytes::Bytes::from(data))?;
+        self.put(kind, name, bytes::Bytes::from(data))?;
         Ok(None)
     }
 
@@ -282,9 +310,11 @@ impl Backend for S3Backend {
         let dir = Path::from(self.location.key(kind.dir()));
         RequestCounts::add(&self.counts.list, 1);
         let metas: Vec<_> = self
-            .runtime
-            .block_on(self.store.list(Some(&dir)).try_collect())
-            .map_err(|e| self.remote("LIST", dir.as_ref(), e))?;
+            .block("LIST", dir.as_ref(), 0, |s| {
+                let dir = dir.clone();
+                async move { s.list(Some(&dir)).try_collect::<Vec<_>>().await.map_err(|e| Problem::of_store(&e)) }
+            })
+            .map_err(|f| self.failure(kind, "", f))?;
         // Keys are DIR/NAME, or DIR/XX/NAME for packs; anything else is not ours.
         let depth = dir.parts().count() + if kind == Kind::Pack { 2 } else { 1 };
         Ok(metas
@@ -298,13 +328,40 @@ impl Backend for S3Backend {
     fn remove(&self, kind: Kind, name: &str) -> Result<(), StoreError> {
         let path = self.path(kind, name)?;
         RequestCounts::add(&self.counts.delete, 1);
-        match self.runtime.block_on(self.store.delete(&path)) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.remote("DELETE", path.as_ref(), e)),
+        match self.block("DELETE", path.as_ref(), 0, |s| {
+            let path = path.clone();
+            async move { s.delete(&path).await.map_err(|e| Problem::of_store(&e)) }
+        }) {
+            Ok(()) | Err(Failure::NotFound) => Ok(()),
+            Err(f) => Err(self.failure(kind, name, f)),
         }
+    }
+
+    /// Aborts the incomplete multipart uploads of packs older than `age`: what a process
+    /// killed in the middle of one left (crate::multipart). Returns how many.
+    fn clean_temporary(&self, age: Duration) -> Result<u64, StoreError> {
+        crate::multipart::abort_stale(self, age)
+    }
+
+    /// Requests in flight are abandoned when `cancel` is; a request that gives up after
+    /// the retry timeout cancels it (crate::retry).
+    fn observe_cancel(&self, cancel: &blockproof_work::Cancel) {
+        self.client.observe(cancel);
     }
 
     fn parallelism(&self) -> usize {
         self.uploads
+    }
+}
+
+impl S3Backend {
+    fn head(&self, kind: Kind, name: &str) -> Result<object_store::ObjectMeta, StoreError> {
+        let path = self.path(kind, name)?;
+        RequestCounts::add(&self.counts.head, 1);
+        self.block("HEAD", path.as_ref(), 0, |s| {
+            let path = path.clone();
+            async move { s.head(&path).await.map_err(|e| Problem::of_store(&e)) }
+        })
+        .map_err(|f| self.failure(kind, name, f))
     }
 }

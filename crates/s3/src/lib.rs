@@ -18,13 +18,24 @@
 //!   above [`backend::MULTIPART_THRESHOLD`], which becomes visible only when completed).
 //!   S3 never shows a partial object, so no temporary names and no rename are needed. A
 //!   writer killed mid-upload leaves at most an incomplete multipart upload, invisible to
-//!   listings; a bucket lifecycle rule (`AbortIncompleteMultipartUpload`) reclaims it.
+//!   listings; gc aborts those older than an hour ([`Backend::clean_temporary`],
+//!   `multipart.rs`: ListMultipartUploads and AbortMultipartUpload presigned by
+//!   object_store's own signer), and a bucket lifecycle rule can do the same.
 //! - **Content-derived names**: packs, index files and snapshots are named by the hash of
 //!   their bytes, so a retried or repeated PUT writes identical bytes. Snapshots are
 //!   committed by writing the manifest last.
-//! - **Retries**: requests failing with 5xx, timeouts or refused connections are retried
-//!   with exponential back-off (100 ms doubling to 10 s) for [`S3Options::retry_timeout`];
-//!   then the operation fails with a one-line error naming the object.
+//! - **Retries** (`retry.rs`): requests failing with 5xx, 429, timeouts or broken or
+//!   refused connections are retried for [`S3Options::retry_timeout`] — time, not count —
+//!   with jittered exponential back-off (200 ms doubling to 4 s), going round the
+//!   endpoints when several are given ([`S3Options::endpoints`]: failover between the
+//!   nodes of a cluster). Then the operation fails with one line naming the object, the
+//!   endpoint, what happened in words, how long it was tried and what to try
+//!   (`problem.rs`). Requests watch the operation's cancellation token
+//!   ([`Backend::observe_cancel`], the repository's `Cancel`): when it is cancelled —
+//!   by the operation's first error, or by a request of this store giving up, which
+//!   cancels it — requests in flight are abandoned at once, and requests started after
+//!   (cleanup) get one round, so a failed operation ends within moments instead of
+//!   waiting for its other uploads.
 //! - **Eventual listing**: nothing relies on a listing being complete at once. Locks and
 //!   gc plans are time-based (see docs/LIFECYCLE.md and docs/OBJECT-STORAGE.md).
 //! - **Parallel uploads**: [`Backend::parallelism`] asks the pack writer for
@@ -32,6 +43,9 @@
 
 pub mod backend;
 mod location;
+pub mod multipart;
+pub mod problem;
+pub mod retry;
 
 pub use backend::{RequestCounts, S3Backend};
 pub use blockproof_store::Backend;

@@ -65,14 +65,16 @@ impl std::fmt::Display for S3Location {
 /// `AWS_SESSION_TOKEN`, `AWS_REGION` or `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`).
 #[derive(Clone, Debug)]
 pub struct S3Options {
-    /// `http(s)://host:port` of an S3-compatible service; `None` for AWS (or
-    /// `AWS_ENDPOINT_URL`).
-    pub endpoint: Option<String>,
+    /// `http(s)://host:port` of an S3-compatible service, or of several nodes of one
+    /// (a cluster without a load balancer): requests fail over between them. Empty for
+    /// AWS (or `AWS_ENDPOINT_URL`).
+    pub endpoints: Vec<String>,
     /// Address buckets as `endpoint/bucket/key` rather than `bucket.endpoint/key`.
     /// Always on when an endpoint is given (MinIO, Garage and Ceph expect it).
     pub path_style: bool,
     /// Give up on a request that keeps failing (5xx, timeouts, refused connections)
-    /// after this long, retrying with exponential back-off until then.
+    /// after this long, retrying with jittered exponential back-off (and on the other
+    /// endpoints) until then; see crate::retry.
     pub retry_timeout: Duration,
     /// Whole-object uploads in flight at once.
     pub uploads: usize,
@@ -83,12 +85,31 @@ impl S3Options {
     pub const DEFAULT_RETRY_TIMEOUT_SECS: u64 = 120;
     /// Default of [`S3Options::uploads`].
     pub const DEFAULT_UPLOADS: u16 = 4;
+
+    /// Checks a list of endpoints: each an `http://` or `https://` URL with a host, at
+    /// least one, none twice. Trailing slashes are dropped.
+    pub fn parse_endpoints(list: &[String]) -> Result<Vec<String>, S3Error> {
+        let mut out: Vec<String> = Vec::new();
+        for e in list.iter().map(|e| e.trim().trim_end_matches('/')) {
+            let host = e.strip_prefix("http://").or_else(|| e.strip_prefix("https://"));
+            if !host.is_some_and(|h| !h.is_empty() && !h.contains(['/', '?', '#', ' '])) {
+                return Err(S3Error::Url(format!(
+                    "{e:?} is not an S3 endpoint: expected http(s)://HOST[:PORT], several separated by commas"
+                )));
+            }
+            if out.iter().any(|o| o == e) {
+                return Err(S3Error::Url(format!("endpoint {e} is listed twice")));
+            }
+            out.push(e.to_string());
+        }
+        Ok(out)
+    }
 }
 
 impl Default for S3Options {
     fn default() -> Self {
         S3Options {
-            endpoint: None,
+            endpoints: Vec::new(),
             path_style: false,
             retry_timeout: Duration::from_secs(Self::DEFAULT_RETRY_TIMEOUT_SECS),
             uploads: usize::from(Self::DEFAULT_UPLOADS),
@@ -113,5 +134,18 @@ mod tests {
             assert!(S3Location::parse(bad).is_err(), "{bad}");
         }
         assert!(S3Location::is_s3_url("s3://x") && !S3Location::is_s3_url("/s3://x"));
+    }
+
+    #[test]
+    fn parses_endpoint_lists() {
+        let list = |s: &[&str]| S3Options::parse_endpoints(&s.iter().map(|x| x.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            list(&["http://10.0.0.5:3900/", " https://s3.example.org "]).unwrap(),
+            vec!["http://10.0.0.5:3900".to_string(), "https://s3.example.org".to_string()]
+        );
+        assert_eq!(list(&[]).unwrap(), Vec::<String>::new());
+        for bad in [&["10.0.0.5:3900"][..], &["http://"], &["http://a/b"], &["http://a", "http://a/"], &[""]] {
+            assert!(list(bad).is_err(), "{bad:?}");
+        }
     }
 }

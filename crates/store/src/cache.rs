@@ -159,6 +159,10 @@ impl Backend for ReadCache {
         self.inner.clean_temporary(age)
     }
 
+    fn observe_cancel(&self, cancel: &blockproof_work::Cancel) {
+        self.inner.observe_cancel(cancel)
+    }
+
     fn parallelism(&self) -> usize {
         self.inner.parallelism()
     }

@@ -215,6 +215,16 @@ pub trait Backend: Send + Sync {
         let _ = age;
         Ok(0)
     }
+    /// Ties the store's requests to an operation's cancellation token (the repository's,
+    /// [`blockproof_work::Cancel`]): once it is cancelled, requests in flight are abandoned
+    /// with its reason instead of finishing their retries, and requests started afterwards
+    /// (the cleanup of the failed operation: its lock) are tried once, not retried. A
+    /// store that retries for a long time (an object store) also cancels it when a
+    /// request gives up, so the operation's other requests stop at once. Stores whose
+    /// requests end promptly anyway ignore it.
+    fn observe_cancel(&self, cancel: &blockproof_work::Cancel) {
+        let _ = cancel;
+    }
     /// How many requests are worth running at once: whole-file writes of packs, and
     /// blob reads of a restore (a remote store hides its latency and fills its link with
     /// several; a local disk gains nothing beyond one writer per pack).

@@ -1,6 +1,8 @@
 //! A real Garage node (an S3-compatible object store written in Rust) on loopback, one per
 //! test: single node, `replication_factor = 1`, sqlite metadata, a bucket and a key made
-//! with Garage's own CLI. The node dies with the test (SIGKILL on drop, and as the
+//! with Garage's own CLI — or a cluster of several nodes ([`Garage::cluster`]: each in a
+//! zone of its own, replication factor = the number of nodes), whose endpoints the
+//! blockproof processes get as one comma-separated `--s3-endpoint`. The nodes die with the test (SIGKILL on drop, and as the
 //! parent-death signal should the test process itself die).
 //!
 //! Without a `garage` binary the S3 tests are skipped with a message, unless
@@ -14,13 +16,23 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 
+/// One Garage node or a cluster of several (each node a process with its own ports,
+/// metadata and data), reached with one key.
 pub struct Garage {
-    dir: tempfile::TempDir,
     bin: PathBuf,
-    child: Option<Child>,
+    nodes: Vec<Node>,
+    /// The S3 endpoints of every node, comma-separated (what `--s3-endpoint` takes).
     pub endpoint: String,
     pub key_id: String,
     pub secret: String,
+}
+
+/// One node: its directory (config, metadata, data, log), its S3 endpoint and process.
+struct Node {
+    dir: tempfile::TempDir,
+    endpoint: String,
+    rpc: String,
+    child: Option<Child>,
 }
 
 fn free_port() -> u16 {
@@ -45,9 +57,15 @@ fn find_garage() -> Option<PathBuf> {
 }
 
 impl Garage {
-    /// Starts a node with one bucket per name in `buckets`; `None` (after saying so)
-    /// when Garage is not installed and not required.
+    /// Starts a single node (`replication_factor = 1`) with one bucket per name in
+    /// `buckets`; `None` (after saying so) when Garage is not installed and not required.
     pub fn start(buckets: &[&str]) -> Option<Garage> {
+        Garage::cluster(1, buckets)
+    }
+
+    /// Starts `n` nodes on loopback joined into one cluster with replication factor `n`
+    /// (each node in a zone of its own), then the key and the buckets.
+    pub fn cluster(n: usize, buckets: &[&str]) -> Option<Garage> {
         let Some(bin) = find_garage() else {
             if std::env::var_os("BLOCKPROOF_REQUIRE_S3").is_some_and(|v| v == "1") {
                 panic!("BLOCKPROOF_REQUIRE_S3=1 but no garage binary: cargo install garage --locked");
@@ -55,30 +73,37 @@ impl Garage {
             eprintln!("SKIPPED: garage is not installed (cargo install garage --locked); S3 tests not run");
             return None;
         };
-        let dir = tempfile::Builder::new().prefix("blockproof-garage-").tempdir().unwrap();
-        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
-        let d = dir.path().display();
-        let config = format!(
-            "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
-             replication_factor = 1\ncompression_level = \"none\"\n\
-             rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{}\"\n\
-             [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n\
-             [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
-            hex(32)
-        );
-        std::fs::write(dir.path().join("garage.toml"), config).unwrap();
-        let mut g = Garage {
-            dir,
-            bin,
-            child: None,
-            endpoint: format!("http://127.0.0.1:{s3}"),
-            key_id: format!("GK{}", hex(12)),
-            secret: hex(32),
-        };
-        g.run_server();
-        let node = g.admin(&["node", "id", "-q"]);
-        let node = node.trim().split('@').next().unwrap().to_string();
-        g.admin(&["layout", "assign", "-z", "dc1", "-c", "10G", &node]);
+        let secret = hex(32);
+        let nodes = (0..n)
+            .map(|_| {
+                let dir = tempfile::Builder::new().prefix("blockproof-garage-").tempdir().unwrap();
+                let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+                let d = dir.path().display();
+                let config = format!(
+                    "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+                     replication_factor = {n}\ncompression_level = \"none\"\n\
+                     rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
+                     [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n\
+                     [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n"
+                );
+                std::fs::write(dir.path().join("garage.toml"), config).unwrap();
+                Node { dir, endpoint: format!("http://127.0.0.1:{s3}"), rpc: format!("127.0.0.1:{rpc}"), child: None }
+            })
+            .collect::<Vec<_>>();
+        let endpoint = nodes.iter().map(|n| n.endpoint.clone()).collect::<Vec<_>>().join(",");
+        let mut g = Garage { bin, nodes, endpoint, key_id: format!("GK{}", hex(12)), secret: hex(32) };
+        for i in 0..n {
+            g.run_server(i);
+        }
+        let ids: Vec<String> = (0..n)
+            .map(|i| g.admin_on(i, &["node", "id", "-q"]).trim().split('@').next().unwrap().to_string())
+            .collect();
+        for (id, node) in ids.iter().zip(&g.nodes).skip(1) {
+            g.admin(&["node", "connect", &format!("{id}@{}", node.rpc)]);
+        }
+        for (i, id) in ids.iter().enumerate() {
+            g.admin(&["layout", "assign", "-z", &format!("dc{}", i + 1), "-c", "10G", id]);
+        }
         g.admin(&["layout", "apply", "--version", "1"]);
         let (key_id, secret) = (g.key_id.clone(), g.secret.clone());
         g.admin(&["key", "import", "--yes", "-n", "blockproof", &key_id, &secret]);
@@ -86,24 +111,32 @@ impl Garage {
             g.admin(&["bucket", "create", b]);
             g.admin(&["bucket", "allow", "--read", "--write", "--owner", b, "--key", &key_id]);
         }
+        // Every node has the layout and the key before the first request.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for i in 0..n {
+            while !g.admin_ok(i, &["key", "info", &key_id]) {
+                assert!(Instant::now() < deadline, "garage node {i} never saw the key: {}", g.log());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         Some(g)
     }
 
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("garage.toml")
+    fn config(&self, node: usize) -> PathBuf {
+        self.nodes[node].dir.path().join("garage.toml")
     }
 
-    /// Where the node keeps object data.
-    pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+    /// The S3 endpoint of one node.
+    pub fn node_endpoint(&self, node: usize) -> &str {
+        &self.nodes[node].endpoint
     }
 
-    fn run_server(&mut self) {
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("garage.log")).unwrap();
+    fn run_server(&mut self, node: usize) {
+        let dir = self.nodes[node].dir.path().to_path_buf();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("garage.log")).unwrap();
         let mut cmd = Command::new(&self.bin);
         cmd.arg("-c")
-            .arg(self.config())
+            .arg(self.config(node))
             .arg("server")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -115,44 +148,65 @@ impl Garage {
                 Ok(())
             });
         }
-        self.child = Some(cmd.spawn().expect("start garage"));
+        self.nodes[node].child = Some(cmd.spawn().expect("start garage"));
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.admin_ok(&["status"]) {
+        while !self.admin_ok(node, &["status"]) {
             assert!(Instant::now() < deadline, "garage did not start: {}", self.log());
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
-    fn admin_ok(&self, args: &[&str]) -> bool {
-        Command::new(&self.bin).arg("-c").arg(self.config()).args(args).output().is_ok_and(|o| o.status.success())
+    fn admin_ok(&self, node: usize, args: &[&str]) -> bool {
+        Command::new(&self.bin).arg("-c").arg(self.config(node)).args(args).output().is_ok_and(|o| o.status.success())
     }
 
-    /// Runs a `garage` admin command; panics with its output when it fails.
+    /// Runs a `garage` admin command on the first node; panics with its output when it
+    /// fails.
     pub fn admin(&self, args: &[&str]) -> String {
-        let out = Command::new(&self.bin).arg("-c").arg(self.config()).args(args).output().unwrap();
+        self.admin_on(0, args)
+    }
+
+    fn admin_on(&self, node: usize, args: &[&str]) -> String {
+        let out = Command::new(&self.bin).arg("-c").arg(self.config(node)).args(args).output().unwrap();
         assert!(out.status.success(), "garage {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The logs of every node.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default()
+        self.nodes
+            .iter()
+            .map(|n| std::fs::read_to_string(n.dir.path().join("garage.log")).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
-    /// SIGKILLs the node (as a crash or a pulled cable would end it).
+    /// SIGKILLs the (first) node, as a crash or a pulled cable would end it.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        self.kill_node(0);
+    }
+
+    /// Starts the (first) node again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.restart_node(0);
+    }
+
+    /// SIGKILLs one node.
+    pub fn kill_node(&mut self, node: usize) {
+        if let Some(mut c) = self.nodes[node].child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    /// Starts the node again on the same ports and data.
-    pub fn restart(&mut self) {
-        self.kill();
-        self.run_server();
+    /// Starts one node again on the same ports and data (it rejoins the cluster).
+    pub fn restart_node(&mut self, node: usize) {
+        self.kill_node(node);
+        self.run_server(node);
     }
 
-    /// The environment a blockproof process needs to reach this node.
+    /// The environment a blockproof process needs to reach the node(s): every node's
+    /// endpoint.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("AWS_ACCESS_KEY_ID", self.key_id.clone()),
@@ -183,7 +237,7 @@ impl Garage {
         );
     }
 
-    /// Bytes of object data the node stores.
+    /// Bytes of object data the nodes store.
     pub fn data_bytes(&self) -> u64 {
         fn walk(p: &Path) -> u64 {
             std::fs::read_dir(p)
@@ -193,12 +247,14 @@ impl Garage {
                 .map(|e| if e.file_type().unwrap().is_dir() { walk(&e.path()) } else { e.metadata().unwrap().len() })
                 .sum()
         }
-        walk(&self.data_dir())
+        self.nodes.iter().map(|n| walk(&n.dir.path().join("data"))).sum()
     }
 }
 
 impl Drop for Garage {
     fn drop(&mut self) {
-        self.kill();
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+        }
     }
 }
