@@ -24,8 +24,10 @@ fn load(path: &Path) -> Result<Job> {
 /// over the command line's.
 fn open(spec: &RepositorySpec, store: &StoreArgs, label: &str) -> Result<Repository> {
     let mut store = store.clone();
-    if spec.s3_endpoint.is_some() {
-        store.s3_endpoint = spec.s3_endpoint.clone();
+    if let Some(endpoints) = &spec.s3_endpoint {
+        // The job's endpoint (a comma-separated list of a cluster's nodes) replaces the
+        // command line's.
+        store.s3_endpoint = endpoints.split(',').map(str::to_string).collect();
     }
     store.s3_path_style |= spec.s3_path_style;
     let backend = crate::location::backend(&spec.location, &store, false)
