@@ -98,11 +98,15 @@ pub(crate) fn with_pack_writer<T>(
         let writer = s.spawn(move || {
             let mut w = PackWriter::new(repo);
             for blob in rx.iter() {
-                // Once cancelled (a lost lock) nothing more is written.
-                repo.cancel().check()?;
+                // Once cancelled (a lost lock, a failed upload) nothing more is written.
+                if let Err(c) = repo.cancel().check() {
+                    return Err(w.abandon(c.into()));
+                }
                 w.add(blob)?;
             }
-            repo.cancel().check()?;
+            if let Err(c) = repo.cancel().check() {
+                return Err(w.abandon(c.into()));
+            }
             w.finish()
         });
         let result = work(&tx);

@@ -332,7 +332,7 @@ fn a_store_that_keeps_failing_fails_the_backup_with_its_error() {
     let repo = open(faulty);
     match backup_of(&repo, &new) {
         Err(CoreError::Repo(blockproof_repo::RepoError::Store(e))) => assert!(is_injected(&e), "{e}"),
-        other => panic!("{:?}", other.map_err(|e| e.to_string())),
+        other => panic!("{:?}", other.map_err(|e| format!("{e:?}"))),
     }
     drop(repo);
     assert!(!assert_sound(&trial, &before, &new, "every pack write failing"));

@@ -113,8 +113,27 @@ impl Uploads {
     fn wait_one(&mut self) -> Result<Vec<u8>, RepoError> {
         let (r, buf) = self.done.recv().map_err(|_| RepoError::Internal("every pack upload thread is gone".into()))?;
         self.in_flight -= 1;
-        r?;
-        Ok(buf)
+        match r {
+            Ok(()) => Ok(buf),
+            Err(e @ RepoError::Cancelled(_)) => Err(self.first_real_error(e)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// After a cancellation: the error of the upload that caused it, if one is still in
+    /// flight (an upload that failed cancels the others, whose results may come first),
+    /// so the caller sees the store's error rather than "cancelled".
+    fn first_real_error(&mut self, cancelled: RepoError) -> RepoError {
+        while self.in_flight > 0 {
+            let Ok((r, _)) = self.done.recv() else { break };
+            self.in_flight -= 1;
+            if let Err(e) = r {
+                if !matches!(e, RepoError::Cancelled(_)) {
+                    return e;
+                }
+            }
+        }
+        cancelled
     }
 
     /// Waits until every pack handed over is durable.
@@ -208,6 +227,12 @@ impl<'a> PackWriter<'a> {
         self.stats.index_files += 1;
         self.written.extend(index.packs);
         Ok(())
+    }
+
+    /// Gives up after the operation was cancelled (`cause`): returns the error of a
+    /// failed upload when one caused it, else `cause`.
+    pub fn abandon(mut self, cause: RepoError) -> RepoError {
+        self.uploads.first_real_error(cause)
     }
 
     /// Writes the last pack and index file. Returns every pack written with its blobs.

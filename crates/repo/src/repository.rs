@@ -342,9 +342,12 @@ impl Repository {
             return match crate::selector::select(snapshots, vm, &selector) {
                 Some(s) => {
                     if damaged > 0 {
+                        let what = match selector {
+                            crate::selector::Selector::Latest(0) => "the latest readable snapshot".to_string(),
+                            _ => "chosen among the readable snapshots".to_string(),
+                        };
                         skipped.notes.push(format!(
-                            "{reference} is snapshot {} of {} among the readable snapshots: a damaged one may be \
-                             newer",
+                            "{reference} is {what}, {} of {}: a damaged one may be newer",
                             s.id.short(),
                             s.snapshot.time
                         ));
