@@ -166,6 +166,11 @@ pub struct BackupArgs {
     /// Read every block of every disk (an active full).
     #[arg(long)]
     pub full: bool,
+    /// One run per vm at a time: when another backup of the same vm (or a command that
+    /// locks the repository) is running, wait up to SECS for it to finish, then fail
+    /// naming it (default: fail at once).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub lock_wait: u64,
     /// A tag to attach to the snapshot (repeatable).
     #[arg(long = "tag")]
     pub tags: Vec<String>,

@@ -156,6 +156,7 @@ fn backup(a: BackupArgs) -> Result<u8> {
         full: a.full,
         verify,
         on_mismatch,
+        lock_wait: std::time::Duration::from_secs(a.lock_wait),
     };
     let progress = progress::for_stderr();
     let report = blockproof_core::backup(&repo, opts, progress.as_ref())?;
