@@ -630,9 +630,25 @@ fn advice(cbt: &str, lied_cbt: bool, lied_alloc: bool, changing: bool, missed: b
 #[cfg(not(feature = "test-hooks"))]
 fn pause_before_commit() {}
 
+#[cfg(not(feature = "test-hooks"))]
+fn pause_after_open() {}
+
+/// With `BLOCKPROOF_PAUSE_AFTER_OPEN=PATH` (test builds only), a backup that has opened
+/// every disk — its change source queried — waits like [`pause_before_commit`] before it
+/// reads: a test can then change the source behind the backup's view.
+#[cfg(feature = "test-hooks")]
+fn pause_after_open() {
+    pause_at("BLOCKPROOF_PAUSE_AFTER_OPEN");
+}
+
 #[cfg(feature = "test-hooks")]
 fn pause_before_commit() {
-    if let Some(path) = std::env::var_os("BLOCKPROOF_PAUSE_BEFORE_COMMIT") {
+    pause_at("BLOCKPROOF_PAUSE_BEFORE_COMMIT");
+}
+
+#[cfg(feature = "test-hooks")]
+fn pause_at(var: &str) {
+    if let Some(path) = std::env::var_os(var) {
         let path = std::path::PathBuf::from(path);
         let mut waiting = path.clone().into_os_string();
         waiting.push(".waiting");
@@ -711,6 +727,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
     for input in inputs {
         prepared.push(prepare(input, &opts.vm, &snapshots, damage.as_deref(), &lineage, &opts, chunk_size)?);
     }
+    pause_after_open();
     let mut ctx = Ctx {
         repo,
         reader: &reader,

@@ -76,8 +76,8 @@ pub enum SourceError {
     /// says how to back the VM up instead.
     #[error(
         "{} is in use by a running VM or another qemu process ({detail}): back a running VM up through an NBD \
-         export of a point-in-time view (--disk id=ID,source=nbd+unix:///EXPORT?socket=PATH) or as a VM source \
-         (--from qmp:SOCKET, see docs/LIVE-VMS.md), never through its image file",
+         export of a point-in-time view of its disk (--disk id=ID,source=nbd+unix:///EXPORT?socket=PATH, \
+         see docs/LIVE-VMS.md), never through its image file",
         image.display()
     )]
     InUse { image: PathBuf, detail: String },
