@@ -42,12 +42,14 @@ mod changes;
 mod disk;
 mod nbd;
 mod qemu;
+mod qmp;
 mod raw;
 
 pub use changes::{ChangeList, Changes};
 pub use disk::{AfterCommit, Base, Cbt, DiskSpec, OpenedDisk, Owner, ParentCbt};
 pub use nbd::NbdSource;
 pub use qemu::{add_bitmap, image_bitmaps, image_format, qemu_img_convert, remove_bitmap, Bitmap, QemuNbd};
+pub use qmp::{NodeBitmap, Qmp, QmpError, VmDisk};
 pub use raw::RawFile;
 
 use std::path::PathBuf;
