@@ -24,6 +24,7 @@ mod demo;
 mod disk_spec;
 mod files;
 mod lifecycle;
+mod live;
 mod location;
 mod output;
 mod password;

@@ -33,7 +33,7 @@ impl Owner<'_> {
     }
 
     /// The number of this owner's `bitmap:auto` bitmap `name`.
-    fn number(&self, name: &str) -> Option<u64> {
+    pub(crate) fn number(&self, name: &str) -> Option<u64> {
         name.strip_prefix(&self.prefix())?.parse().ok()
     }
 

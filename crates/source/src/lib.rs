@@ -23,6 +23,12 @@
 //!
 //! ## Invariants
 //!
+//! - A running VM ([`LiveVm`], over [`Qmp`]) is read from a point-in-time view blockproof
+//!   sets up (a fleecing overlay per disk, taken for every disk in one transaction),
+//!   with a dirty bitmap per vm and disk that becomes the next run's base only once the
+//!   snapshot is committed (otherwise it is merged back); a journal in a private state
+//!   directory names everything set up, and the next run (or `cleanup`) undoes exactly
+//!   that.
 //! - A source is opened read-only, always (seed 004: a backup host must never be able to
 //!   write to production volumes). [`RawFile`] opens with `O_RDONLY`; qemu-nbd is started
 //!   with `--read-only`; the NBD client has no write command. The only writes blockproof
@@ -40,6 +46,7 @@
 
 mod changes;
 mod disk;
+mod live;
 mod nbd;
 mod qemu;
 mod qmp;
@@ -47,6 +54,7 @@ mod raw;
 
 pub use changes::{ChangeList, Changes};
 pub use disk::{AfterCommit, Base, Cbt, DiskSpec, OpenedDisk, Owner, ParentCbt};
+pub use live::{read_journal, state_dir, undo, Journal, JournalDisk, LiveVm};
 pub use nbd::NbdSource;
 pub use qemu::{add_bitmap, image_bitmaps, image_format, qemu_img_convert, remove_bitmap, Bitmap, QemuNbd};
 pub use qmp::{NodeBitmap, Qmp, QmpError, VmDisk};
@@ -77,9 +85,9 @@ pub enum SourceError {
     /// qemu-storage-daemon) holds its lock: blockproof never opens such an image, and
     /// says how to back the VM up instead.
     #[error(
-        "{} is in use by a running VM or another qemu process ({detail}): back a running VM up through an NBD \
-         export of a point-in-time view of its disk (--disk id=ID,source=nbd+unix:///EXPORT?socket=PATH, \
-         see docs/LIVE-VMS.md), never through its image file",
+        "{} is in use by a running VM or another qemu process ({detail}): back a running VM up as a VM source \
+         (--from qmp:SOCKET) or through an NBD export of a point-in-time view of its disk (see \
+         docs/LIVE-VMS.md), never through its image file",
         image.display()
     )]
     InUse { image: PathBuf, detail: String },

@@ -266,6 +266,14 @@ pub fn chain_bitmaps(image: &Path) -> Result<Vec<Bitmap>, SourceError> {
 
 /// Converts an image (`qemu-img convert -f SRC_FMT -O DST_FMT`); unallocated or zero
 /// regions of the source stay unallocated in the result.
+/// Creates an empty qcow2 image of `size` bytes (a fleecing overlay; its backing is set
+/// when QEMU opens it).
+pub(crate) fn qemu_img_create(path: &Path, size: u64) -> Result<(), SourceError> {
+    let size = size.to_string();
+    qemu_img(&["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), path.as_os_str(), size.as_ref()])
+        .map(drop)
+}
+
 pub fn qemu_img_convert(src: &Path, src_format: &str, dst: &Path, dst_format: &str) -> Result<(), SourceError> {
     qemu_img(&[
         "convert".as_ref(),
