@@ -218,3 +218,40 @@ fn cleanup_undoes_a_killed_run() {
     assert_restores(&dir, &r["snapshot"], "sys", &truth);
     vm.assert_no_leftovers();
 }
+
+/// A write the vm's bitmap never saw (disabled around it) is caught in the view by
+/// verification: the run exits 3 with the tainted restore point committed and the view
+/// released, change tracking reset, and the next run of the disk a full read with the
+/// reason.
+#[test]
+fn a_hidden_write_is_caught_in_the_view_and_the_next_run_is_full() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    vm.backup_cmd(&dir).json();
+    let nodes = vm.qsd.qmp("query-named-block-nodes", json!({"flat": true})).unwrap();
+    let sys = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "sys").unwrap();
+    let bitmap = sys["dirty-bitmaps"][0]["name"].as_str().unwrap().to_string();
+    vm.write("sys", &[(0, 65536, 9)]);
+    vm.qsd.qmp("block-dirty-bitmap-disable", json!({"node": "sys", "name": bitmap})).unwrap();
+    vm.write("sys", &[(5 << 20, 4096, 10)]);
+    vm.qsd.qmp("block-dirty-bitmap-enable", json!({"node": "sys", "name": bitmap})).unwrap();
+    let truth = vm.truth(&dir, "sys", "t-sys.raw");
+
+    let (stdout, _) = vm.backup_cmd(&dir).code(3);
+    let r: Value = serde_json::from_str(&stdout).expect("one JSON document");
+    assert_eq!(r["status"], "tainted", "{r}");
+    let s = disk(&r, "sys");
+    assert_eq!(s["source_changed"], false, "the view does not change: {s}");
+    assert_eq!(s["mismatches"], json!([{"offset": 5 << 20, "length": 4096}]), "{s}");
+    assert_restores(&dir, &r["snapshot"], "data", &vm.truth(&dir, "data", "t-data.raw"));
+    vm.assert_no_leftovers();
+
+    let next = vm.backup_cmd(&dir).json();
+    let s = disk(&next, "sys");
+    assert_eq!(s["mode"], "full", "{s}");
+    // The tainted restore point recorded no bitmap for the disk (change tracking reset).
+    assert!(s["full_reason"].as_str().unwrap().contains("recorded no bitmap"), "{s}");
+    assert_restores(&dir, &next["snapshot"], "sys", &truth);
+    vm.assert_no_leftovers();
+}
