@@ -255,3 +255,37 @@ fn a_hidden_write_is_caught_in_the_view_and_the_next_run_is_full() {
     assert_restores(&dir, &next["snapshot"], "sys", &truth);
     vm.assert_no_leftovers();
 }
+
+/// With `--on-mismatch=heal` the clean restore point is read from the same view before
+/// it is released: it equals the guest's disk at the view although the guest keeps
+/// writing afterwards.
+#[test]
+fn heal_reads_the_clean_restore_point_from_the_view() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    vm.backup_cmd(&dir).json();
+    let nodes = vm.qsd.qmp("query-named-block-nodes", json!({"flat": true})).unwrap();
+    let sys = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "sys").unwrap();
+    let bitmap = sys["dirty-bitmaps"][0]["name"].as_str().unwrap().to_string();
+    vm.qsd.qmp("block-dirty-bitmap-disable", json!({"node": "sys", "name": bitmap})).unwrap();
+    vm.write("sys", &[(3 << 20, 8192, 11)]);
+    vm.qsd.qmp("block-dirty-bitmap-enable", json!({"node": "sys", "name": bitmap})).unwrap();
+    let truth = vm.truth(&dir, "sys", "t-sys.raw");
+
+    let gate = dir.join("go");
+    let mut c = vm.backup_cmd(&dir);
+    c.args(["--on-mismatch", "heal"]).env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
+    let child = c.spawn_piped();
+    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
+    vm.write("sys", &[(3 << 20, 65536, 12)]); // after the view: not in either restore point
+    std::fs::write(&gate, b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(disk(&r, "sys")["mismatches"], json!([{"offset": 3 << 20, "length": 8192}]), "{r}");
+    let healed = &r["healed_snapshot"];
+    assert!(healed.is_string(), "{r}");
+    assert_restores(&dir, healed, "sys", &truth);
+    vm.assert_no_leftovers();
+}
