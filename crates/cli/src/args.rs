@@ -15,19 +15,69 @@ use clap::{Args, Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Progress on stderr: auto (bars on a terminal; elsewhere a line with rate and time
+    /// left every --progress-interval), always (also a line when each phase starts and
+    /// ends), never.
+    #[arg(long, value_enum, global = true, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+    /// Seconds between progress lines when stderr is not a terminal.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub progress_interval: u64,
+    /// No progress output (--progress never); errors and warnings are still shown.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// A progress line when each phase starts and ends (--progress always).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+}
+
+/// `--progress`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// Bars on a terminal; elsewhere a line every --progress-interval.
+    Auto,
+    /// As auto, and a line when each phase starts and ends.
+    Always,
+    /// None.
+    Never,
+}
+
+impl Cli {
+    /// The progress setting the global options ask for.
+    pub fn progress_setting(&self) -> crate::progress::Setting {
+        let mode = if self.quiet {
+            ProgressMode::Never
+        } else if self.verbose {
+            ProgressMode::Always
+        } else {
+            self.progress
+        };
+        crate::progress::Setting { mode, interval: std::time::Duration::from_secs(self.progress_interval) }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct RepoArgs {
     /// Repository location: a directory, or s3://BUCKET/PREFIX (credentials and region
-    /// from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).
+    /// from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION). Required, here or in
+    /// BLOCKPROOF_REPO.
     #[arg(long, env = "BLOCKPROOF_REPO", value_name = "REPO")]
-    pub repo: String,
+    pub repo: Option<String>,
     /// Read the password from the first line of this file.
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+impl RepoArgs {
+    /// The repository location, from `--repo` or BLOCKPROOF_REPO.
+    pub fn location(&self) -> Result<&str, crate::Usage> {
+        self.repo
+            .as_deref()
+            .ok_or_else(|| crate::Usage("no repository given: use --repo REPO or set BLOCKPROOF_REPO".into()))
+    }
 }
 
 /// How to reach repositories on object storage (ignored for directories).
@@ -104,6 +154,12 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Check the repository's structure, and with --read-data its stored data.
     Check(CheckArgs),
+    /// The byte ranges of each disk that differ between two snapshots (from their
+    /// indexes: no data is read).
+    #[command(
+        after_help = "Example:\n  blockproof diff --repo /backup/repo web01:latest~1 web01:latest --disk web01-os"
+    )]
+    Diff(DiffArgs),
     /// A self-contained tour: back up a generated disk, change it, back up again,
     /// restore both and prove them bit-exact.
     Demo(DemoArgs),
@@ -212,7 +268,7 @@ pub struct CleanupArgs {
 pub struct ForgetArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// Snapshots to forget (ids, unique prefixes, VM:latest); or use --keep-* options.
+    /// Snapshots to forget (ids, unique prefixes, VM:latest, VM:latest~N, ...); or use --keep-* options.
     pub snapshots: Vec<String>,
     /// Keep the N newest snapshots (per vm).
     #[arg(long, value_name = "N")]
@@ -232,6 +288,16 @@ pub struct ForgetArgs {
     /// Keep the newest snapshot of each of the last N years that have one.
     #[arg(long, value_name = "N")]
     pub keep_yearly: Option<u32>,
+    /// Keep every snapshot younger than this before the vm's newest (e.g. 7d, 12h, 2w).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub keep_within: Option<std::time::Duration>,
+    /// Keep every snapshot with this tag (repeatable).
+    #[arg(long, value_name = "TAG")]
+    pub keep_tag: Vec<String>,
+    /// Apply the policy per disk (a disk's last restore point always stays, even when
+    /// later backups left the disk out) or per vm as a whole.
+    #[arg(long, value_enum, default_value_t = Scope::Disk)]
+    pub per: Scope,
     /// Apply the policy to this vm only.
     #[arg(long)]
     pub vm: Option<String>,
@@ -277,7 +343,7 @@ pub struct RepairArgs {
 pub struct SnapshotRefArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// Snapshot id, unique id prefix, or VM:latest.
+    /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
     pub snapshot: String,
 }
 
@@ -293,7 +359,7 @@ pub struct CopyArgs {
     /// Read the target's password from the first line of this file.
     #[arg(long, value_name = "FILE")]
     pub to_password_file: Option<PathBuf>,
-    /// Snapshots to copy (ids, prefixes, VM:latest); default: all.
+    /// Snapshots to copy (ids, prefixes, VM:latest, VM:tag=TAG, ...); default: all.
     pub snapshots: Vec<String>,
     /// Print the report as JSON.
     #[arg(long)]
@@ -359,7 +425,7 @@ pub struct UnlockArgs {
 pub struct VerifyArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// Snapshot id, unique id prefix, or VM:latest.
+    /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
     pub snapshot: String,
     /// A disk and its source now: id=ID,source=SOURCE (cbt= is ignored). Repeatable.
     #[arg(long = "disk", value_name = "SPEC", required = true)]
@@ -377,7 +443,7 @@ pub struct VerifyArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// Snapshot id, unique id prefix, or VM:latest.
+    /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
     pub snapshot: String,
     /// Export only this disk (default: every disk of the snapshot).
     #[arg(long)]
@@ -410,7 +476,7 @@ pub struct VmArgs {
 pub struct RestoreArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// Snapshot id, unique id prefix, or VM:latest.
+    /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
     pub snapshot: String,
     /// The disk id to restore.
     #[arg(long)]
@@ -430,8 +496,9 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "SIZE", requires = "offset")]
     pub length: Option<String>,
     /// Target format: raw (sparse file or block device) or qcow2 (through qemu-img).
-    #[arg(long, value_name = "raw|qcow2", default_value = "raw", value_parser = ["raw", "qcow2"])]
-    pub format: String,
+    /// Default: qcow2 when --to ends in .qcow2, else raw.
+    #[arg(long, value_enum)]
+    pub format: Option<TargetFormat>,
     /// Write into the existing raw image at --to (a restore of this disk, or the disk
     /// itself) only the known-good bytes of the ranges verification found stale in this
     /// snapshot — tainted or suspect — from the restore point that re-read them; nothing
@@ -444,12 +511,28 @@ pub struct RestoreArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The earlier snapshot (id, prefix, VM:latest~N, ...).
+    pub from: String,
+    /// The later snapshot.
+    pub to: String,
+    /// Only this disk.
+    #[arg(long, value_name = "ID")]
+    pub disk: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct CheckArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// Also read stored data and verify every blob against its id, within a budget
-    /// (default: all).
-    #[arg(long, value_name = "BUDGET", num_args = 0..=1, default_missing_value = "all", require_equals = true)]
+    /// (`--read-data 10%` or `--read-data=10%`; alone: all).
+    #[arg(long, value_name = "BUDGET", num_args = 0..=1, default_missing_value = "all")]
     pub read_data: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
@@ -483,5 +566,55 @@ impl From<MismatchAction> for blockproof_core::OnMismatch {
             MismatchAction::Heal => blockproof_core::OnMismatch::Heal,
             MismatchAction::Scan => blockproof_core::OnMismatch::Scan,
         }
+    }
+}
+
+/// `forget --per`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scope {
+    /// Each disk of each vm: the last restore point of any disk stays.
+    Disk,
+    /// Each vm as a whole.
+    Vm,
+}
+
+impl From<Scope> for blockproof_core::RetentionScope {
+    fn from(s: Scope) -> Self {
+        match s {
+            Scope::Disk => blockproof_core::RetentionScope::Disk,
+            Scope::Vm => blockproof_core::RetentionScope::Vm,
+        }
+    }
+}
+
+/// A duration such as `7d`, `12h` or `2w` (not zero).
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err(format!("{s:?} is zero")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{s:?} is not a duration such as 7d, 12h or 2w ({e})")),
+    }
+}
+
+/// `restore --format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TargetFormat {
+    /// A sparse raw image, or the bytes of a block device.
+    Raw,
+    /// A qcow2 image (written through qemu-img).
+    Qcow2,
+}
+
+impl TargetFormat {
+    /// The format asked for, or the one the target's name implies (`.qcow2`: qcow2).
+    pub fn for_target(asked: Option<TargetFormat>, to: &std::path::Path) -> TargetFormat {
+        asked.unwrap_or_else(|| {
+            let qcow2 = to.extension().is_some_and(|e| e.eq_ignore_ascii_case("qcow2"));
+            if qcow2 {
+                TargetFormat::Qcow2
+            } else {
+                TargetFormat::Raw
+            }
+        })
     }
 }

@@ -5,8 +5,8 @@ use blockproof_core::events::Cause;
 use blockproof_core::{Budget, Coverage, VerifyOptions};
 use blockproof_format::manifest::{BoundBasis, CutShort};
 
-use crate::args::{VerifyArgs, VmArgs};
-use crate::commands::{human_bytes, open_repo, print_json};
+use crate::args::{DiffArgs, VerifyArgs, VmArgs};
+use crate::commands::{count, human_bytes, open_repo, print_json};
 use crate::disk_spec::DiskSpec;
 use crate::{exit, progress, Usage};
 
@@ -36,6 +36,13 @@ pub fn status(a: VmArgs) -> Result<u8> {
                 None => "next backup: incremental".to_string(),
             };
             println!("  disk {} ({}, cbt={}, run {}): {next}", d.id, human_bytes(d.size), d.cbt, d.run);
+            if d.snapshot != v.snapshot {
+                println!(
+                    "    not in the latest snapshot: newest restore point {} at {}",
+                    d.snapshot.short(),
+                    d.time.get(..19).map_or(d.time.clone(), |t| format!("{t}Z"))
+                );
+            }
             match &d.coverage {
                 Some(c) => println!("    {}", coverage_text(c)),
                 None => println!("    no coverage recorded (written before verification existed)"),
@@ -53,7 +60,7 @@ pub fn status(a: VmArgs) -> Result<u8> {
             );
             for d in &e.disks {
                 let ranges: Vec<String> =
-                    d.mismatches.iter().take(4).map(|r| format!("{}+{}", r.offset, r.length)).collect();
+                    d.mismatches.iter().take(4).map(|r| crate::commands::range_text(r.offset, r.length)).collect();
                 let causes: Vec<&str> = d
                     .causes
                     .iter()
@@ -89,8 +96,13 @@ pub fn status(a: VmArgs) -> Result<u8> {
 /// off or there is none (never the same words for those two).
 pub fn coverage_text(c: &Coverage) -> String {
     let state = format!(
-        "{} chunks, {} never confirmed, oldest confirmed {} runs ago",
-        c.chunks, c.never_confirmed, c.oldest_confirmed_runs_ago
+        "{}, {} never confirmed, oldest confirmed {}",
+        count(c.chunks, "chunk"),
+        c.never_confirmed,
+        match c.oldest_confirmed_runs_ago {
+            0 => "in this run".to_string(),
+            n => format!("{} ago", count(n, "run")),
+        }
     );
     let k = c.full_coverage_within_runs;
     let per = c.sampled_per_run.unwrap_or(0);
@@ -130,13 +142,13 @@ pub fn stats(a: VmArgs) -> Result<u8> {
         return Ok(exit::OK);
     }
     println!(
-        "{} snapshots protect {} (logical); {} of distinct data; stored in {} ({} packs, {} blobs)",
-        s.snapshots,
+        "{} protect {} (logical); {} of distinct data; stored in {} ({}, {})",
+        count(s.snapshots, "snapshot"),
         human_bytes(s.logical_bytes),
         human_bytes(s.unique_bytes),
         human_bytes(s.stored_bytes),
-        s.packs,
-        s.blobs
+        count(s.packs, "pack"),
+        count(s.blobs, "blob")
     );
     println!(
         "deduplication and compression: {:.1}x (logical / stored); compression alone {:.2}x",
@@ -216,7 +228,8 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
     }
     if !report.ok {
         for d in report.disks.iter().filter(|d| !d.mismatches.is_empty()) {
-            let r: Vec<String> = d.mismatches.iter().take(4).map(|m| format!("{}+{}", m.offset, m.length)).collect();
+            let r: Vec<String> =
+                d.mismatches.iter().take(4).map(|m| crate::commands::range_text(m.offset, m.length)).collect();
             eprintln!(
                 "blockproof: MISMATCH: disk {} of snapshot {} differs from the source at bytes {}",
                 d.id,
@@ -225,6 +238,40 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
             );
         }
         return Ok(exit::TAINTED);
+    }
+    Ok(exit::OK)
+}
+
+pub fn diff(a: DiffArgs) -> Result<u8> {
+    let repo = open_repo(&a.repo)?;
+    let r = blockproof_core::diff(&repo, &a.from, &a.to, a.disk.as_deref())?;
+    if a.json {
+        print_json(&r)?;
+        return Ok(exit::OK);
+    }
+    println!("snapshot {} -> {}", r.from.short(), r.to.short());
+    for d in &r.disks {
+        let sizes = match (d.size_from, d.size_to) {
+            (Some(x), Some(y)) if x == y => human_bytes(x),
+            (Some(x), Some(y)) => format!("{} -> {}", human_bytes(x), human_bytes(y)),
+            (Some(x), None) => format!("{}, only in {}", human_bytes(x), r.from.short()),
+            (None, Some(y)) => format!("{}, only in {}", human_bytes(y), r.to.short()),
+            (None, None) => String::new(),
+        };
+        if d.changed.is_empty() {
+            println!("  disk {} ({sizes}): identical", d.id);
+            continue;
+        }
+        let shown: Vec<String> =
+            d.changed.iter().take(8).map(|c| crate::commands::range_text(c.offset, c.length)).collect();
+        let more = if d.changed.len() > 8 { format!(" and {} more", d.changed.len() - 8) } else { String::new() };
+        println!(
+            "  disk {} ({sizes}): {} changed in {}: {}{more}",
+            d.id,
+            human_bytes(d.changed_bytes),
+            count(d.changed.len() as u64, "range"),
+            shown.join(", ")
+        );
     }
     Ok(exit::OK)
 }

@@ -33,6 +33,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Stats(a) => crate::audit::stats(a),
         Command::Verify(a) => crate::audit::verify(a),
         Command::Check(a) => check(a),
+        Command::Diff(a) => crate::audit::diff(a),
         Command::Demo(a) => crate::demo::run(a),
         Command::Partitions(a) => crate::files::partitions(a),
         Command::Ls(a) => crate::files::ls(a),
@@ -43,7 +44,7 @@ pub fn run(cli: Cli) -> Result<u8> {
 
 /// Opens the repository named by `--repo` with the user's password.
 pub fn open_repo(args: &RepoArgs) -> Result<Repository> {
-    let backend = crate::location::backend(&args.repo, &args.store, false)?;
+    let backend = crate::location::backend(args.location()?, &args.store, false)?;
     let pw = password::password(args.password_file.as_deref(), false)?;
     Ok(Repository::open(backend, &pw)?)
 }
@@ -67,6 +68,20 @@ pub fn index_for_reading(repo: &Repository) -> Result<BlobIndex> {
     let (index, skipped) = BlobIndex::scan(repo, &Default::default())?;
     warn_skipped(&skipped);
     Ok(index)
+}
+
+/// `1 pack`, `2 packs`: a count with its noun in the right number.
+pub fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// A byte range as every text output writes it: `OFFSET+LENGTH` (JSON has both fields).
+pub fn range_text(offset: u64, length: u64) -> String {
+    format!("{offset}+{length}")
 }
 
 /// `1.5 GiB`-style sizes for people.
@@ -119,12 +134,13 @@ fn init(a: InitArgs) -> Result<u8> {
     })?;
     let opts = InitOptions { chunk_size, pack_size, kdf, compression, zstd_level };
     let pw = password::password(a.repo.password_file.as_deref(), true)?;
-    let backend = crate::location::backend(&a.repo.repo, &a.repo.store, true)?;
+    let location = a.repo.location()?;
+    let backend = crate::location::backend(location, &a.repo.store, true)?;
     let repo = Repository::init(backend, &pw, &opts)?;
     if a.json {
         print_json(&serde_json::json!({
             "repository": repo.id(),
-            "path": a.repo.repo,
+            "path": location,
             "chunk_size": repo.config().chunk_size,
             "compression": repo.config().compression_setting(),
         }))?;
@@ -132,7 +148,7 @@ fn init(a: InitArgs) -> Result<u8> {
         println!(
             "created repository {} at {} (chunk size {}, {} compression)",
             repo.id().short(),
-            a.repo.repo,
+            location,
             human_bytes(u64::from(repo.config().chunk_size)),
             repo.config().compression_setting()
         );
@@ -236,9 +252,9 @@ fn backup(a: BackupArgs) -> Result<u8> {
             println!("snapshot {} of vm {} saved (ok): the tainted disks re-read in full", h.short(), report.vm);
         }
         println!(
-            "  {} written in {} pack files, {:.1} s",
+            "  {} written in {}, {:.1} s",
             human_bytes(report.bytes_written),
-            report.packs_written,
+            count(report.packs_written, "pack file"),
             report.duration_seconds
         );
     }
@@ -248,7 +264,7 @@ fn backup(a: BackupArgs) -> Result<u8> {
     if report.status != SnapshotStatus::Ok {
         for d in report.disks.iter().filter(|d| !d.mismatches.is_empty()) {
             let ranges: Vec<String> =
-                d.mismatches.iter().take(4).map(|r| format!("{}+{}", r.offset, r.length)).collect();
+                d.mismatches.iter().take(4).map(|r| crate::commands::range_text(r.offset, r.length)).collect();
             let more =
                 if d.mismatches.len() > 4 { format!(" and {} more", d.mismatches.len() - 4) } else { String::new() };
             eprintln!(
@@ -285,6 +301,10 @@ struct SnapshotRow<'a> {
     suspect_ranges: Vec<SuspectRange>,
     hostname: &'a str,
     tags: &'a [String],
+    /// Protected from forget (`protect`/`unprotect`).
+    protected: bool,
+    /// The snapshot of the source repository this one is a copy of (`copy`).
+    copied_from: Option<String>,
     disks: Vec<SnapshotDisk<'a>>,
 }
 
@@ -310,6 +330,14 @@ fn snapshots(a: VmArgs) -> Result<u8> {
     let scan = repo.scan_snapshots()?;
     warn_skipped(&scan.skipped);
     let all = scan.snapshots;
+    if let Some(vm) = a.vm.as_deref().filter(|vm| !all.iter().any(|s| &s.snapshot.vm == vm)) {
+        let mut known: Vec<&str> = all.iter().map(|s| s.snapshot.vm.as_str()).collect();
+        known.sort_unstable();
+        known.dedup();
+        let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+        return Err(Usage(format!("no snapshots of vm {vm:?} (vms in the repository: {known})")).into());
+    }
+    let protected = blockproof_core::protected(&repo)?;
     let (events, event_warnings) = blockproof_core::events::events(&repo)?;
     for w in event_warnings {
         eprintln!("blockproof: warning: {w}");
@@ -341,6 +369,8 @@ fn snapshots(a: VmArgs) -> Result<u8> {
             suspect_ranges: suspect_ranges(&s.id),
             hostname: &s.snapshot.hostname,
             tags: &s.snapshot.tags,
+            protected: protected.contains(&s.id),
+            copied_from: s.snapshot.copied_from.map(|c| c.to_hex()),
             disks: s
                 .snapshot
                 .disks
@@ -363,7 +393,15 @@ fn snapshots(a: VmArgs) -> Result<u8> {
         let disks: Vec<String> = r.disks.iter().map(|d| format!("{} ({})", d.id, human_bytes(d.size))).collect();
         let time = r.time.get(..19).map_or(r.time.to_string(), |t| format!("{t}Z"));
         let status = if r.suspect && r.status == "ok" { "suspect" } else { r.status };
-        println!("{:<10} {:<21} {:<16} {:<8} {}", &r.id[..8], time, r.vm, status, disks.join(", "));
+        let mut notes: Vec<String> = r.tags.iter().map(|t| format!("tag:{t}")).collect();
+        if r.protected {
+            notes.push("protected".into());
+        }
+        if let Some(c) = &r.copied_from {
+            notes.push(format!("copy of {}", &c[..8]));
+        }
+        let notes = if notes.is_empty() { String::new() } else { format!("  [{}]", notes.join(" ")) };
+        println!("{:<10} {:<21} {:<16} {:<8} {}{notes}", &r.id[..8], time, r.vm, status, disks.join(", "));
     }
     println!("{} snapshot(s)", rows.len());
     Ok(exit::OK)
@@ -376,7 +414,10 @@ fn restore(a: RestoreArgs) -> Result<u8> {
         (Some(o), Some(l)) => Some((size(o)?, size(l)?)),
         _ => None,
     };
-    let format = if a.format == "qcow2" { RestoreFormat::Qcow2 } else { RestoreFormat::Raw };
+    let format = match crate::args::TargetFormat::for_target(a.format, &a.to) {
+        crate::args::TargetFormat::Qcow2 => RestoreFormat::Qcow2,
+        crate::args::TargetFormat::Raw => RestoreFormat::Raw,
+    };
     let repo = open_repo(&a.repo)?;
     if a.patch_tainted {
         let r = blockproof_core::events::patch(&repo, &a.snapshot, &a.disk, &a.to)?;
@@ -402,7 +443,8 @@ fn restore(a: RestoreArgs) -> Result<u8> {
     for e in events.iter().filter(|e| e.snapshot != report.snapshot && e.concerns(&report.snapshot, Some(&report.disk)))
     {
         for d in e.disks.iter().filter(|d| d.id == report.disk) {
-            let r: Vec<String> = d.mismatches.iter().take(4).map(|m| format!("{}+{}", m.offset, m.length)).collect();
+            let r: Vec<String> =
+                d.mismatches.iter().take(4).map(|m| crate::commands::range_text(m.offset, m.length)).collect();
             eprintln!(
                 "blockproof: warning: snapshot {} is a suspect: verification of snapshot {} found disk {} stale at \
                  bytes {}{}, and this restore point holds the same content there (restore --patch-tainted writes \
@@ -416,7 +458,8 @@ fn restore(a: RestoreArgs) -> Result<u8> {
         }
     }
     if !report.mismatches.is_empty() {
-        let r: Vec<String> = report.mismatches.iter().take(4).map(|m| format!("{}+{}", m.offset, m.length)).collect();
+        let r: Vec<String> =
+            report.mismatches.iter().take(4).map(|m| crate::commands::range_text(m.offset, m.length)).collect();
         eprintln!(
             "blockproof: warning: snapshot {} is tainted: disk {} differs from its source at bytes {}{}",
             report.snapshot.short(),
@@ -458,16 +501,20 @@ fn check(a: CheckArgs) -> Result<u8> {
             eprintln!("error: {e}");
         }
         print!(
-            "{} snapshots, {} index files, {} packs, {} blobs, {} referenced chunks",
-            report.snapshots, report.index_files, report.packs, report.blobs, report.referenced_chunks
+            "{}, {}, {}, {}, {}",
+            count(report.snapshots, "snapshot"),
+            count(report.index_files, "index file"),
+            count(report.packs, "pack"),
+            count(report.blobs, "blob"),
+            count(report.referenced_chunks, "referenced chunk")
         );
         if let Some(r) = &report.read_data {
             print!(
-                "; read {} of {} packs ({}), {} blobs verified",
+                "; read {} of {} ({}), {} verified",
                 r.packs_checked,
-                r.packs_total,
+                count(r.packs_total, "pack"),
                 human_bytes(r.bytes_read),
-                r.blobs_checked
+                count(r.blobs_checked, "blob")
             );
         }
         println!();

@@ -284,9 +284,8 @@ pub fn run(a: DemoArgs) -> Result<u8> {
     let bound = d.coverage.full_coverage_within_runs;
     for m in &d.mismatches {
         println!(
-            "   differs from the source: bytes {}..{} ({} bytes, exact to the sector)",
-            m.offset,
-            m.offset + m.length,
+            "   differs from the source: bytes {} ({} bytes, exact to the sector)",
+            crate::commands::range_text(m.offset, m.length),
             m.length
         );
     }

@@ -50,7 +50,9 @@ impl DiskSource {
             return Ok((None, args));
         }
         if args.is_empty() {
-            return Err(Usage("give a snapshot (id, prefix or VM:latest) and --disk ID, or --image PATH".into()));
+            return Err(Usage(
+                "give a snapshot (id, prefix, VM:latest, VM:latest~N, ...) and --disk ID, or --image PATH".into(),
+            ));
         }
         let snap = args.remove(0).to_string_lossy().into_owned();
         Ok((Some(snap), args))
@@ -85,7 +87,7 @@ pub struct PartitionChoice {
 pub struct PartitionsArgs {
     #[command(flatten)]
     pub source: DiskSource,
-    /// SNAP (a snapshot id, prefix or VM:latest; not with --image).
+    /// SNAP (a snapshot id, prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME; not with --image).
     #[arg(value_name = "SNAP")]
     pub args: Vec<OsString>,
     /// Print JSON.
@@ -162,7 +164,7 @@ pub fn open_disk(source: &DiskSource, snapshot: Option<&str>) -> Result<Box<dyn 
         return Err(Usage("give --repo REPO, a snapshot and --disk ID (or --image PATH)".into()).into());
     };
     let args = crate::args::RepoArgs {
-        repo: repo.clone(),
+        repo: Some(repo.clone()),
         password_file: source.password_file.clone(),
         store: source.store.clone(),
     };

@@ -7,28 +7,31 @@ use blockproof_repo::LockFile;
 use blockproof_store::Kind;
 
 use crate::args::{CopyArgs, ForgetArgs, GcArgs, KeyAddArgs, KeyCommand, RepairArgs, SnapshotRefArgs, UnlockArgs};
-use crate::commands::{human_bytes, open_repo, print_json};
+use crate::commands::{count, human_bytes, open_repo, print_json, range_text};
 use crate::{exit, progress, Usage};
 
 fn print_gc(r: &GcReport) {
     let verb = if r.dry_run { "would free" } else { "freed" };
     println!(
-        "gc: {} snapshots reference {} blobs in {} packs; {verb} {} in {} packs ({} repacked, {} copied)",
-        r.snapshots,
-        r.referenced_blobs,
-        r.packs,
+        "gc: {} reference {} in {}; {verb} {} in {} ({} repacked, {} copied)",
+        count(r.snapshots, "snapshot"),
+        count(r.referenced_blobs, "blob"),
+        count(r.packs, "pack"),
         human_bytes(r.bytes_freed),
-        r.packs_deleted,
+        count(r.packs_deleted, "pack"),
         r.packs_repacked,
         human_bytes(r.bytes_repacked)
     );
     if r.forget_records_dropped > 0 {
-        println!("gc: dropped the forget records of {} snapshots nothing names any more", r.forget_records_dropped);
+        println!(
+            "gc: dropped the forget records of {} nothing names any more",
+            count(r.forget_records_dropped, "snapshot")
+        );
     }
     if r.packs_deferred > 0 {
         println!(
-            "gc: {} packs ({}) deferred: backups that were running may still use them; a later gc removes them",
-            r.packs_deferred,
+            "gc: {} ({}) deferred: backups that were running may still use them; a later gc removes them",
+            count(r.packs_deferred, "pack"),
             human_bytes(r.bytes_deferred)
         );
     }
@@ -90,12 +93,14 @@ pub fn repair(a: RepairArgs) -> Result<u8> {
         r.packs_unreadable
     );
     println!(
-        "repair: {written} {} packs and {} index files; {removed} {} index files and {} packs",
-        r.packs_written, r.index_files_written, r.index_files_removed, r.packs_removed
+        "repair: {written} {} and {}; {removed} {} and {}",
+        count(r.packs_written, "pack"),
+        count(r.index_files_written, "index file"),
+        count(r.index_files_removed, "index file"),
+        count(r.packs_removed, "pack")
     );
     for l in &r.lost {
-        let ranges: Vec<String> =
-            l.ranges.iter().take(8).map(|b| format!("{}..{}", b.offset, b.offset + b.length)).collect();
+        let ranges: Vec<String> = l.ranges.iter().take(8).map(|b| range_text(b.offset, b.length)).collect();
         let more = if l.ranges.len() > 8 { format!(" and {} more", l.ranges.len() - 8) } else { String::new() };
         println!(
             "lost: snapshot {} (vm {}, {}) disk {}: {} in bytes {}{more}",
@@ -128,11 +133,13 @@ pub fn forget(a: ForgetArgs) -> Result<u8> {
         weekly: a.keep_weekly,
         monthly: a.keep_monthly,
         yearly: a.keep_yearly,
+        within: a.keep_within,
+        tags: a.keep_tag,
     };
     if a.snapshots.is_empty() == policy.is_empty() {
         return Err(Usage("give snapshots to forget or --keep-* options (not both)".into()).into());
     }
-    let opts = ForgetOptions { snapshots: a.snapshots, policy, vm: a.vm, dry_run: a.dry_run };
+    let opts = ForgetOptions { snapshots: a.snapshots, policy, vm: a.vm, scope: a.per.into(), dry_run: a.dry_run };
     let repo = open_repo(&a.repo)?;
     let r = blockproof_core::forget(&repo, &opts)?;
     for w in &r.warnings {

@@ -67,6 +67,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
+    progress::set(cli.progress_setting());
     let result = commands::run(cli);
     location::report_requests();
     match result {

@@ -78,7 +78,7 @@ pub fn serve_nbd(a: ServeArgs) -> Result<u8> {
         }
         if !d.mismatches.is_empty() {
             let ranges: Vec<String> =
-                d.mismatches.iter().take(4).map(|m| format!("{}+{}", m.offset, m.length)).collect();
+                d.mismatches.iter().take(4).map(|m| crate::commands::range_text(m.offset, m.length)).collect();
             eprintln!(
                 "blockproof: warning: snapshot {} is tainted: disk {} differs from its source at bytes {}{}",
                 info.id.short(),

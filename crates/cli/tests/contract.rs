@@ -184,6 +184,12 @@ fn snapshot_references_resolve_or_fail_as_usage_errors() {
     // VM:latest is the newest snapshot of that vm.
     assert_eq!(hash(&dir.restore("even:latest", "d", "even.img")), hashes[16]);
     assert_eq!(hash(&dir.restore("odd:latest", "d", "odd.img")), hashes[15]);
+    // VM:latest~N counts back among the vm's snapshots; VM:tag=TAG and VM:before=TIME.
+    assert_eq!(hash(&dir.restore("even:latest~1", "d", "even1.img")), hashes[14]);
+    assert_eq!(hash(&dir.restore("odd:latest~7", "d", "odd7.img")), hashes[1]);
+    let times: Vec<String> = dir.snapshots().iter().map(|s| s["time"].as_str().unwrap().to_string()).collect();
+    let before = format!("even:before={}", times[5]);
+    assert_eq!(hash(&dir.restore(&before, "d", "before.img")), hashes[4]);
     // A full id, and the shortest prefix that is unique, in upper case too.
     for (i, id) in ids.iter().enumerate().step_by(5) {
         assert_eq!(hash(&dir.restore(id, "d", &format!("full-{i}.img"))), hashes[i]);
@@ -203,6 +209,10 @@ fn snapshot_references_resolve_or_fail_as_usage_errors() {
         (unused.as_str(), &unused),
         ("not-an-id", "not-an-id"),
         ("nope:latest", "nope"),
+        ("even:latest~9", "latest~9"),
+        ("even:latest~x", "latest~x"),
+        ("even:tag=none-has-it", "tag=none-has-it"),
+        ("even:soonest", "soonest"),
     ] {
         let out = restore(reference, "x.img");
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -136,7 +136,7 @@ fn restore_files_returns_the_files_byte_identical_with_times_and_modes() {
 
     // Existing files are kept unless --force.
     let line = on_image(&dir, "restore-files", Some(1)).args(["/hostname", "--to"]).arg(&to).fails_with_one_line(2);
-    assert!(line.contains("already exists"), "{line}");
+    assert!(line.contains("already exists") && line.contains("--force"), "{line}");
     fs::write(to.join("hostname"), b"changed").unwrap();
     on_image(&dir, "restore-files", Some(1)).args(["/hostname", "--force", "--to"]).arg(&to).ok();
     assert_eq!(fs::read(to.join("hostname")).unwrap(), b"web01\n");
@@ -219,4 +219,15 @@ fn files_come_straight_from_a_snapshot() {
     }
     let line = dir.cmd("ls").arg("--repo").arg(dir.repo()).arg(&snap).args(["--disk", "nope"]).fails_with_one_line(2);
     assert!(line.contains("no disk"), "{line}");
+}
+
+/// docs/JSON.md names every field `partitions`, `ls` and `restore-files` print.
+#[test]
+fn file_commands_json_is_documented() {
+    let dir = Dir::new();
+    harness::assert_json_documented("partitions", &on_image(&dir, "partitions", None).arg("--json").json());
+    harness::assert_json_documented("ls", &on_image(&dir, "ls", Some(1)).args(["/", "--json"]).json());
+    let to = dir.join("files-json");
+    let report = on_image(&dir, "restore-files", Some(1)).args(["/", "--json", "--to"]).arg(&to).json();
+    harness::assert_json_documented("restore-files", &report);
 }

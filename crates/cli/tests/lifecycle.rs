@@ -84,6 +84,72 @@ fn keep_policies_and_protection() {
     dir.repo_cmd("forget").fails_with_one_line(2);
 }
 
+/// A backup that left out a disk the vm had used to pass without a word; `status` then
+/// hid the disk and `forget --keep-last 1` removed its last restore point. The backup
+/// warns, `status` lists every disk with the restore point holding its newest copy, and
+/// retention keeps each disk's last restore point unless asked to judge the vm alone.
+#[test]
+fn a_disk_left_out_keeps_its_last_restore_point() {
+    let dir = Dir::new();
+    dir.init();
+    let os = dir.image("os.img", 1 << 20, 6);
+    let data = dir.image("data.img", 1 << 20, 7);
+    let both = snap_id(&dir.backup("web01", &[("web01-os", &os), ("web01-data", &data)]));
+    let partial = dir.backup("web01", &[("web01-data", &data)]);
+    let warnings: Vec<&str> = partial["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
+    assert!(
+        warnings.iter().any(|w| w.contains("web01-os") && w.contains("leaves out") && w.contains(&both[..8])),
+        "{partial}"
+    );
+    let partial = snap_id(&partial);
+
+    let status = dir.repo_cmd("status").args(["--vm", "web01", "--json"]).json();
+    let disks = status[0]["disks"].as_array().unwrap();
+    let disk = |id: &str| disks.iter().find(|d| d["id"] == id).unwrap_or_else(|| panic!("{id} missing: {status}"));
+    assert_eq!(disk("web01-os")["snapshot"], both.as_str());
+    assert_eq!(disk("web01-data")["snapshot"], partial.as_str());
+    let text = dir.repo_cmd("status").args(["--vm", "web01"]).ok();
+    assert!(text.contains("disk web01-os") && text.contains("not in the latest snapshot"), "{text}");
+
+    let r = dir.repo_cmd("forget").args(["--keep-last", "1", "--dry-run", "--json"]).json();
+    assert_eq!(r["forget"]["removed"], serde_json::json!([]), "{r}");
+    let kept = r["forget"]["kept"].as_array().unwrap();
+    let first = kept.iter().find(|d| d["id"] == both.as_str()).unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(first["reasons"], serde_json::json!(["last of disk web01-os"]), "{r}");
+    // Asked to judge the vm as a whole, the same policy removes it.
+    let r = dir.repo_cmd("forget").args(["--keep-last", "1", "--per", "vm", "--dry-run", "--json"]).json();
+    assert_eq!(r["forget"]["removed"][0]["id"], both.as_str(), "{r}");
+    // For real, per disk: both stay and restore.
+    dir.repo_cmd("forget").args(["--keep-last", "1"]).ok();
+    assert_eq!(dir.snapshots().len(), 2);
+    assert_eq!(hash(&dir.restore(&both[..12], "web01-os", "os.out")), hash(&os));
+}
+
+/// `--keep-within` keeps what is younger than a duration before the vm's newest
+/// snapshot, `--keep-tag` what carries a tag; a duration that is not one is a usage error.
+#[test]
+fn keep_within_and_keep_tag() {
+    let dir = Dir::new();
+    dir.init();
+    let img = dir.image("d.img", 1 << 20, 8);
+    let tagged = snap_id(&dir.backup_cmd("v", &[("d", &img)]).args(["--tag", "monthly"]).json());
+    let middle = snap_id(&dir.backup("v", &[("d", &img)]));
+    std::thread::sleep(Duration::from_millis(1100));
+    let newest = snap_id(&dir.backup("v", &[("d", &img)]));
+    let r = dir.repo_cmd("forget").args(["--keep-within", "1s", "--keep-tag", "monthly", "--json"]).json();
+    let removed: Vec<&str> =
+        r["forget"]["removed"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(removed, vec![middle.as_str()], "{r}");
+    let reasons =
+        |id: &str| r["forget"]["kept"].as_array().unwrap().iter().find(|d| d["id"] == id).unwrap()["reasons"].clone();
+    assert_eq!(reasons(&tagged), serde_json::json!(["tag monthly"]));
+    assert_eq!(reasons(&newest), serde_json::json!(["within"]));
+    for bad in ["0s", "soon"] {
+        let line = dir.repo_cmd("forget").args(["--keep-within", bad]).fails_with_one_line(2);
+        assert!(line.contains(bad), "{line}");
+    }
+}
+
 fn wait_for(path: &Path) {
     for _ in 0..3000 {
         if path.exists() {
@@ -325,4 +391,50 @@ fn stats_show_deduplication_and_growth() {
     assert_eq!(growth.len(), 2);
     assert_eq!(growth[1]["new_bytes"], 0, "the second run added nothing");
     assert!(dir.repo_cmd("stats").ok().contains("deduplication"));
+}
+
+/// `snapshots` showed neither tags nor protection, `copy` dropped protection (the copy of
+/// a protected snapshot was `would remove` in the target) and hid where a copy came
+/// from; `snapshots --vm` with a name no snapshot has printed `0 snapshot(s)`, exit 0.
+#[test]
+fn snapshots_show_tags_protection_and_origin_and_copies_stay_protected() {
+    let dir = Dir::new();
+    dir.init();
+    let site2 = dir.join("site2");
+    dir.cmd("init").arg("--repo").arg(&site2).args(["--kdf-memory", "8", "--kdf-iterations", "1"]).ok();
+    let img = dir.image("d.img", 1 << 20, 15);
+    let first = snap_id(&dir.backup_cmd("web01", &[("d", &img)]).args(["--tag", "before-upgrade"]).json());
+    dir.backup("web01", &[("d", &img)]);
+    dir.repo_cmd("protect").arg(&first).ok();
+    let rows = dir.snapshots();
+    assert_eq!(rows[0]["protected"], true, "{rows:?}");
+    assert_eq!(rows[0]["tags"], serde_json::json!(["before-upgrade"]));
+    assert_eq!(rows[1]["protected"], false);
+    let text = dir.repo_cmd("snapshots").ok();
+    let line = text.lines().find(|l| l.starts_with(&first[..8])).unwrap();
+    assert!(line.contains("tag:before-upgrade") && line.contains("protected"), "{text}");
+
+    let run_copy =
+        || dir.repo_cmd("copy").arg("--to").arg(&site2).env("BLOCKPROOF_TO_PASSWORD", harness::PASSWORD).ok();
+    run_copy();
+    let on_site2 = |sub: &str| {
+        let mut c = dir.cmd(sub);
+        c.arg("--repo").arg(&site2);
+        c
+    };
+    let copies = on_site2("snapshots").arg("--json").json();
+    let copy = copies.as_array().unwrap().iter().find(|s| s["copied_from"] == first.as_str()).unwrap();
+    assert_eq!(copy["protected"], true, "{copies}");
+    let r = on_site2("forget").args(["--keep-last", "1", "--dry-run", "--json"]).json();
+    assert!(!r["forget"]["removed"].as_array().unwrap().iter().any(|d| d["id"] == copy["id"]), "{r}");
+    // Protected after it was copied: the next copy carries the protection over.
+    let second = dir.snapshots()[1]["id"].as_str().unwrap().to_string();
+    dir.repo_cmd("protect").arg(&second).ok();
+    run_copy();
+    let copies = on_site2("snapshots").arg("--json").json();
+    assert!(copies.as_array().unwrap().iter().all(|s| s["protected"] == true), "{copies}");
+    assert!(on_site2("snapshots").ok().contains(&format!("copy of {}", &first[..8])));
+
+    let line = dir.repo_cmd("snapshots").args(["--vm", "webO1"]).fails_with_one_line(2);
+    assert!(line.contains("webO1") && line.contains("web01"), "{line}");
 }

@@ -202,6 +202,7 @@ fn cleanup_undoes_a_killed_run() {
     let mut c = dir.cmd("cleanup");
     c.args(["--vm", "v", "--json"]).arg("--state-dir").arg(&vm.state);
     let r = c.json();
+    harness::assert_json_documented("cleanup", &r);
     let removed = r["removed"].to_string();
     for what in ["export blockproof-v-sys", "job blockproof-v-data", "overlay blockproof-fleece-sys", "merged back"] {
         assert!(removed.contains(what), "{what}: {removed}");

@@ -64,6 +64,17 @@ fn qcow2_target_converts_with_qemu_img() {
         .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // The format follows the target's name unless given: `data.qcow2` is a qcow2 image
+    // (it used to be raw bytes under a qcow2 name), `--format raw` keeps raw.
+    let named = dir.join("data.qcow2");
+    dir.repo_cmd("restore").arg(r["snapshot"].as_str().unwrap()).args(["--disk", "d", "--to"]).arg(&named).ok();
+    let info = qemu("qemu-img", &["info", "--output=json", named.to_str().unwrap()]);
+    assert!(info.contains("\"format\": \"qcow2\""), "{info}");
+    let forced = dir.join("raw.qcow2");
+    let mut c = dir.repo_cmd("restore");
+    c.arg(r["snapshot"].as_str().unwrap()).args(["--disk", "d", "--format", "raw", "--to"]).arg(&forced).ok();
+    assert_eq!(hash(&forced), hash(&img));
 }
 
 #[test]

@@ -24,7 +24,7 @@ fn argument_parser_errors_are_one_line_exit_2() {
         (vec!["backup", "--vm", "v"], "--disk"),
         (vec!["restore", "--disk", "d", "--to", "x.img"], "SNAPSHOT"),
         (vec!["restore", "v:latest", "--disk", "d", "--to"], "--to"),
-        (vec!["check", "--read-data", "all"], "all"),
+        (vec!["check", "--read-data", "lots"], "lots"),
         (vec!["init", "--kdf-memory", "lots"], "--kdf-memory"),
     ];
     let mut problems = Vec::new();
@@ -237,4 +237,44 @@ fn a_closed_output_pipe_keeps_the_exit_code() {
     let (code, stderr) = c.run_into_closed_pipe();
     assert_eq!(code, Some(3), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// The repository may come from BLOCKPROOF_REPO, so usage lines must not mark `--repo` as
+/// required, and a missing repository says both ways to give it; a target that is not a
+/// repository says how to create one.
+#[test]
+fn the_repository_comes_from_repo_or_blockproof_repo() {
+    let dir = Dir::new();
+    dir.init();
+    let help = dir.cmd("snapshots").arg("--help").ok();
+    let usage = help.lines().find(|l| l.starts_with("Usage:")).unwrap();
+    assert!(!usage.contains("--repo"), "{usage}");
+    assert!(help.contains("BLOCKPROOF_REPO"), "{help}");
+    let line = dir.cmd("snapshots").fails_with_one_line(2);
+    assert!(line.contains("--repo") && line.contains("BLOCKPROOF_REPO"), "{line}");
+    dir.cmd("snapshots").env("BLOCKPROOF_REPO", dir.repo().to_str().unwrap()).ok();
+    let empty = dir.join("offsite");
+    fs::create_dir(&empty).unwrap();
+    let line = dir
+        .repo_cmd("copy")
+        .arg("--to")
+        .arg(&empty)
+        .env("BLOCKPROOF_TO_PASSWORD", harness::PASSWORD)
+        .fails_with_one_line(1);
+    assert!(line.contains("blockproof init"), "{line}");
+}
+
+/// `check --read-data 10%` was refused (only `--read-data=10%` worked); both forms work,
+/// and `--read-data` alone still means all.
+#[test]
+fn read_data_takes_its_budget_with_or_without_equals() {
+    let dir = Dir::new();
+    dir.init();
+    let img = dir.join("d.img");
+    fs::write(&img, mixed_image(1 << 20, 94)).unwrap();
+    dir.backup("v", &[("d", &img)]);
+    for args in [&["--read-data", "10%"][..], &["--read-data=10%"], &["--read-data", "--json"]] {
+        let out = dir.repo_cmd("check").args(args).ok();
+        assert!(!out.is_empty(), "{args:?}");
+    }
 }

@@ -103,7 +103,7 @@ pub struct BackupOptions {
     pub lock_wait: Duration,
 }
 
-/// The result for one disk. Field names are part of the JSON contract (DESIGN.md §5).
+/// The result for one disk. Field names are part of the JSON contract (docs/JSON.md).
 #[derive(Clone, Debug, Serialize)]
 pub struct DiskReport {
     pub id: String,
@@ -675,6 +675,30 @@ pub(crate) fn commit(repo: &Repository, lock: &Lock<'_>, snapshot: &Snapshot) ->
     Ok(id)
 }
 
+/// A warning when this backup leaves out disks the vm's latest snapshot had: the vm then
+/// looks complete in this restore point while a disk's newest copy stays in the older one
+/// (retention keeps that copy: it works per disk).
+fn omitted_disks(opts: &BackupOptions, snapshots: &[SnapshotInfo]) -> Option<String> {
+    let latest = snapshots.iter().rev().find(|s| s.snapshot.vm == opts.vm)?;
+    let left_out: Vec<&str> = latest
+        .snapshot
+        .disks
+        .iter()
+        .map(|d| d.id.as_str())
+        .filter(|id| !opts.disks.iter().any(|d| d.id == *id))
+        .collect();
+    (!left_out.is_empty()).then(|| {
+        format!(
+            "vm {}'s latest snapshot {} also has disk(s) {}, which this backup leaves out: their newest \
+             restore point stays {} (retention keeps it, per disk)",
+            opts.vm,
+            latest.id.short(),
+            left_out.join(", "),
+            latest.id.short()
+        )
+    })
+}
+
 /// Backs up every disk of `opts` into one new snapshot.
 pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progress) -> Result<BackupReport, CoreError> {
     let started = Instant::now();
@@ -716,6 +740,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
     // latest restore point the repository recorded of the disk.
     let lineage = Lineage::load(repo, &opts.vm, &snapshots)?;
     warnings.extend(lineage.warnings());
+    warnings.extend(omitted_disks(&opts, &snapshots));
     let avail = Availability::assess(repo, &index, &mut warnings)?;
     let reader = BlobReader::new(repo, &index);
     let dedup = Dedup::new(&reader, &avail);

@@ -229,7 +229,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     stray.sort();
     report.warnings.extend(blockproof_repo::Skipped { stray, ..Default::default() }.warnings());
     report.snapshots = names.len() as u64;
-    progress.begin("check snapshots", names.len() as u64);
+    progress.begin_count("check snapshots", names.len() as u64);
     for name in names {
         progress.advance(1);
         let info = match repo.load_snapshot(&name) {

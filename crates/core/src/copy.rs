@@ -6,7 +6,8 @@
 //! if the target lacks it, rebuilds each disk's index tree with the target's ids, and
 //! carries the confirmation state, status, mismatches and coverage along (verification
 //! status travels with the snapshot). A snapshot already copied (the target holds one with
-//! `copied_from` naming it) is skipped.
+//! `copied_from` naming it) is skipped. Protection travels too: the copy of a protected
+//! snapshot is protected in the target (also when the copy was made before).
 //!
 //! Only changed chunks are read: when the parent of a disk was copied before, a chunk
 //! whose source id equals the parent's takes the id the target already gave the parent's
@@ -197,12 +198,23 @@ pub fn copy(
         map: HashMap::new(),
         report: CopyReport { warnings, ..CopyReport::default() },
     };
+    // Protection travels with the copy (also to a copy made before the source was
+    // protected).
+    let src_protected = crate::forget::protected(src)?;
+    let dst_protected = crate::forget::protected(dst)?;
+    let keep_protection = |source: Id, target: Id| -> Result<(), CoreError> {
+        if src_protected.contains(&source) && !dst_protected.contains(&target) {
+            crate::forget::protect(dst, target)?;
+        }
+        Ok(())
+    };
     for s in wanted {
-        if copied.contains_key(&s.id) {
+        if let Some((target, _)) = copied.get(&s.id) {
+            keep_protection(s.id, *target)?;
             c.report.skipped.push(s.id);
             continue;
         }
-        progress.begin(&format!("copy {}", s.id.short()), s.snapshot.disks.len() as u64);
+        progress.begin_count(&format!("copy {}", s.id.short()), s.snapshot.disks.len() as u64);
         let (disks, stats) = with_pack_writer(dst, |tx| {
             let mut disks = Vec::new();
             for d in &s.snapshot.disks {
@@ -222,6 +234,7 @@ pub fn copy(
         progress.end();
         let snapshot = Snapshot { disks, copied_from: Some(s.id), ..s.snapshot.clone() };
         let target = crate::backup::commit(dst, &lock, &snapshot)?;
+        keep_protection(s.id, target)?;
         c.report.warnings.extend(crate::integrity::record_commit(dst, target, &snapshot));
         c.report.bytes_written += stats.pack_bytes;
         c.report.copied.push(CopiedSnapshot { source: s.id, target, vm: s.snapshot.vm.clone() });

@@ -3,7 +3,17 @@
 //! A policy keeps, per vm, the `last` N snapshots and the newest snapshot of each of the
 //! last N hours, days, ISO weeks, months and years that have snapshots — the semantics of
 //! restic's `forget --keep-*` and Proxmox Backup Server's prune, with calendar periods in
-//! UTC. A snapshot kept by any rule is kept; protected snapshots are always kept.
+//! UTC; `within` keeps every snapshot younger than a duration before the vm's newest, and
+//! `tags` every snapshot carrying one of them. A snapshot kept by any rule is kept;
+//! protected snapshots are always kept.
+//!
+//! Retention works per disk by default ([`RetentionScope::Disk`]): the policy is applied
+//! to the vm's snapshots as a whole and again to the snapshots holding each disk, and a
+//! snapshot kept for any disk is kept. A backup that left a disk out therefore never
+//! lets a vm-wide `--keep-last 1` remove that disk's last restore point. (Per disk keeps
+//! a superset of what the vm-wide policy keeps: a snapshot newest in a period for the vm
+//! is newest in it for each of its disks.) [`RetentionScope::Vm`] asks for the vm-wide
+//! policy alone.
 //! Forgetting removes only snapshot files: the data they alone referenced is removed by
 //! garbage collection ([`crate::gc`]). Tainted snapshots follow the policy like any other:
 //! nothing is ever deleted *because* of a mismatch.
@@ -33,6 +43,21 @@ pub struct KeepPolicy {
     pub weekly: Option<u32>,
     pub monthly: Option<u32>,
     pub yearly: Option<u32>,
+    /// Every snapshot younger than this before the vm's newest snapshot.
+    pub within: Option<std::time::Duration>,
+    /// Every snapshot carrying one of these tags.
+    pub tags: Vec<String>,
+}
+
+/// What a retention policy is applied to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetentionScope {
+    /// Each vm, and each disk of it: the last restore point of any disk stays.
+    #[default]
+    Disk,
+    /// Each vm as a whole: a snapshot is judged by its time alone.
+    Vm,
 }
 
 impl KeepPolicy {
@@ -50,6 +75,8 @@ pub struct ForgetOptions {
     pub policy: KeepPolicy,
     /// Only this vm's snapshots.
     pub vm: Option<String>,
+    /// Per disk (default) or per vm.
+    pub scope: RetentionScope,
     pub dry_run: bool,
 }
 
@@ -100,18 +127,23 @@ pub fn protected(repo: &Repository) -> Result<HashSet<Id>, CoreError> {
 /// Protects a snapshot from forget (`on`) or lifts the protection.
 pub fn set_protected(repo: &Repository, reference: &str, on: bool) -> Result<Id, CoreError> {
     let info = repo.resolve_snapshot(reference)?;
-    let name = protect_name(&info.id);
     if on {
-        let p = Protection {
-            snapshot: info.id,
-            time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            host: crate::hostname(),
-        };
-        repo.write_doc(Kind::State, ObjectMagic::State, &name, &serde_json::to_vec(&p).expect("serializes"))?;
+        protect(repo, info.id)?;
     } else {
-        repo.backend().remove(Kind::State, &name)?;
+        repo.backend().remove(Kind::State, &protect_name(&info.id))?;
     }
     Ok(info.id)
+}
+
+/// Writes the protection marker of snapshot `id`.
+pub(crate) fn protect(repo: &Repository, id: Id) -> Result<(), CoreError> {
+    let p = Protection {
+        snapshot: id,
+        time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        host: crate::hostname(),
+    };
+    repo.write_doc(Kind::State, ObjectMagic::State, &protect_name(&id), &serde_json::to_vec(&p).expect("serializes"))?;
+    Ok(())
 }
 
 /// Calendar fields of a UTC time: (year, month, day, hour, iso year, iso week).
@@ -186,6 +218,48 @@ fn apply_policy(snaps: &[&SnapshotInfo], policy: &KeepPolicy) -> BTreeMap<usize,
             }
         }
     }
+    if let Some(within) = policy.within {
+        let since = |s: &SnapshotInfo| humantime::parse_rfc3339_weak(&s.snapshot.time).ok();
+        if let Some(newest) = snaps.iter().filter_map(|s| since(s)).max() {
+            let from = newest.checked_sub(within).unwrap_or(std::time::UNIX_EPOCH);
+            for (i, s) in snaps.iter().enumerate() {
+                if since(s).is_some_and(|t| t >= from) {
+                    keep.entry(i).or_default().push("within".into());
+                }
+            }
+        }
+    }
+    for (i, s) in snaps.iter().enumerate() {
+        if let Some(tag) = policy.tags.iter().find(|t| s.snapshot.tags.contains(t)) {
+            keep.entry(i).or_default().push(format!("tag {tag}"));
+        }
+    }
+    keep
+}
+
+/// The policy applied to one vm's snapshots (oldest first) and, with
+/// [`RetentionScope::Disk`], to the snapshots holding each of its disks: a snapshot kept
+/// only for a disk says which (`last of disk os`).
+fn retained(snaps: &[&SnapshotInfo], policy: &KeepPolicy, scope: RetentionScope) -> BTreeMap<usize, Vec<String>> {
+    let mut keep = apply_policy(snaps, policy);
+    if scope == RetentionScope::Vm {
+        return keep;
+    }
+    let mut disks: Vec<&str> = snaps.iter().flat_map(|s| s.snapshot.disks.iter().map(|d| d.id.as_str())).collect();
+    disks.sort_unstable();
+    disks.dedup();
+    let vm_wide: Vec<usize> = keep.keys().copied().collect();
+    for disk in disks {
+        let holding: Vec<usize> =
+            (0..snaps.len()).filter(|&i| snaps[i].snapshot.disks.iter().any(|d| d.id == disk)).collect();
+        let subset: Vec<&SnapshotInfo> = holding.iter().map(|&i| snaps[i]).collect();
+        for (j, reasons) in apply_policy(&subset, policy) {
+            let i = holding[j];
+            if !vm_wide.contains(&i) {
+                keep.entry(i).or_default().extend(reasons.into_iter().map(|r| format!("{r} of disk {disk}")));
+            }
+        }
+    }
     keep
 }
 
@@ -242,7 +316,7 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport, C
         vms.dedup();
         for vm in vms.into_iter().filter(|v| opts.vm.as_deref().is_none_or(|w| w == *v)) {
             let snaps: Vec<&SnapshotInfo> = all.iter().filter(|s| s.snapshot.vm == vm).collect();
-            let mut keep = apply_policy(&snaps, &opts.policy);
+            let mut keep = retained(&snaps, &opts.policy, opts.scope);
             for (i, s) in snaps.iter().enumerate() {
                 if protected.contains(&s.id) {
                     keep.entry(i).or_default().push("protected".into());
@@ -306,15 +380,38 @@ mod tests {
     }
 
     fn snap(time: &str) -> SnapshotInfo {
+        snap_with(time, &[], &[])
+    }
+
+    fn snap_with(time: &str, disks: &[&str], tags: &[&str]) -> SnapshotInfo {
+        let entry = |id: &str| blockproof_format::DiskEntry {
+            id: id.into(),
+            size: 0,
+            chunk_size: 4096,
+            index_root: Id::ZERO,
+            index_fanout: 64,
+            parent: None,
+            source: String::new(),
+            cbt: "none".into(),
+            cbt_state: None,
+            mode: blockproof_format::manifest::ReadMode::Full,
+            full_reason: None,
+            stats: Default::default(),
+            mismatches: vec![],
+            run: 1,
+            confirm_root: None,
+            coverage: None,
+            next_full: None,
+        };
         SnapshotInfo {
             id: Id(*blake3::hash(time.as_bytes()).as_bytes()),
             snapshot: blockproof_format::Snapshot {
                 vm: "v".into(),
                 time: time.into(),
                 hostname: "h".into(),
-                tags: vec![],
+                tags: tags.iter().map(|t| t.to_string()).collect(),
                 status: blockproof_format::SnapshotStatus::Ok,
-                disks: vec![],
+                disks: disks.iter().map(|d| entry(d)).collect(),
                 program: "t".into(),
                 copied_from: None,
             },
@@ -339,5 +436,46 @@ mod tests {
         assert_eq!(weekly.keys().copied().collect::<Vec<_>>(), vec![15, 19]);
         let monthly = apply_policy(&refs, &KeepPolicy { monthly: Some(5), yearly: Some(1), ..Default::default() });
         assert_eq!(monthly.keys().copied().collect::<Vec<_>>(), vec![19]);
+    }
+
+    #[test]
+    fn per_disk_retention_keeps_each_disks_last_restore_point() {
+        let infos = [
+            snap_with("2026-11-01T01:00:00Z", &["os", "data"], &[]),
+            snap_with("2026-11-02T01:00:00Z", &["data"], &[]),
+            snap_with("2026-11-03T01:00:00Z", &["data"], &[]),
+        ];
+        let refs: Vec<&SnapshotInfo> = infos.iter().collect();
+        let p = KeepPolicy { last: Some(1), ..Default::default() };
+        let vm = retained(&refs, &p, RetentionScope::Vm);
+        assert_eq!(vm.keys().copied().collect::<Vec<_>>(), vec![2]);
+        let disk = retained(&refs, &p, RetentionScope::Disk);
+        assert_eq!(disk.keys().copied().collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(disk[&0], vec!["last of disk os".to_string()]);
+        assert_eq!(disk[&2], vec!["last".to_string()], "kept for the vm: no per-disk reason");
+        // Daily: the os disk's only day is kept for it.
+        let daily = retained(&refs, &KeepPolicy { daily: Some(2), ..Default::default() }, RetentionScope::Disk);
+        assert_eq!(daily.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn within_is_measured_from_the_newest_and_tags_keep_their_snapshots() {
+        let infos = [
+            snap_with("2026-11-01T00:00:00Z", &[], &["monthly"]),
+            snap_with("2026-11-05T00:00:00Z", &[], &[]),
+            snap_with("2026-11-09T12:00:00Z", &[], &[]),
+            snap_with("2026-11-10T00:00:00Z", &[], &["x"]),
+        ];
+        let refs: Vec<&SnapshotInfo> = infos.iter().collect();
+        let p = KeepPolicy {
+            within: Some(std::time::Duration::from_secs(86400)),
+            tags: vec!["monthly".into()],
+            ..Default::default()
+        };
+        let keep = apply_policy(&refs, &p);
+        assert_eq!(keep.keys().copied().collect::<Vec<_>>(), vec![0, 2, 3]);
+        assert_eq!(keep[&0], vec!["tag monthly".to_string()]);
+        assert_eq!(keep[&2], vec!["within".to_string()]);
+        assert!(!KeepPolicy { tags: vec!["t".into()], ..Default::default() }.is_empty());
     }
 }

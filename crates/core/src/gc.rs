@@ -327,7 +327,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
 
     // Repack: copy the live blobs of sparse packs into new packs (durable, indexed).
     if !repack.is_empty() {
-        progress.begin("repack", repack.len() as u64);
+        progress.begin_count("repack", repack.len() as u64);
         let mut writer = PackWriter::new(repo);
         for pack in &repack {
             for e in pack_entries[pack].iter().filter(|e| referenced.contains(&e.id)) {

@@ -38,6 +38,7 @@ pub mod budget;
 pub mod check;
 mod confirm;
 pub mod copy;
+pub mod diff;
 pub mod events;
 pub mod forget;
 pub mod gc;
@@ -60,7 +61,8 @@ pub use blockproof_format::manifest::Coverage;
 pub use budget::Budget;
 pub use check::{check, CheckOptions, CheckReport, HeadReport};
 pub use copy::{copy, CopyOptions, CopyReport};
-pub use forget::{forget, protected, set_protected, ForgetOptions, ForgetReport, KeepPolicy};
+pub use diff::{diff, DiffReport, DiskDiff};
+pub use forget::{forget, protected, set_protected, ForgetOptions, ForgetReport, KeepPolicy, RetentionScope};
 pub use gc::{gc, GcOptions, GcReport};
 pub use image::DiskImage;
 pub use repair::{repair, LostData, RepairOptions, RepairReport};
@@ -139,6 +141,10 @@ impl CoreError {
 pub trait Progress: Send + Sync {
     /// A new phase starts (`what` is a short label such as "backup sda").
     fn begin(&self, what: &str, total: u64);
+    /// A new phase that counts items (snapshots, packs), not bytes.
+    fn begin_count(&self, what: &str, total: u64) {
+        self.begin(what, total);
+    }
     fn advance(&self, amount: u64);
     fn end(&self);
     /// Something the user should know that does not stop the operation (a damaged file

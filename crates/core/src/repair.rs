@@ -397,7 +397,7 @@ pub fn repair(repo: &Repository, opts: &RepairOptions, progress: &dyn Progress) 
     let mut missing = HashSet::new();
     let mut names = backend.list(Kind::Snapshot)?;
     names.sort();
-    progress.begin("repair: walk snapshots", names.len() as u64);
+    progress.begin_count("repair: walk snapshots", names.len() as u64);
     let mut snapshots = Vec::new();
     for name in names {
         progress.advance(1);
@@ -483,7 +483,7 @@ pub fn repair(repo: &Repository, opts: &RepairOptions, progress: &dyn Progress) 
 
     // 1. Salvage: readable blobs of damaged packs into new packs (durable and indexed).
     if !salvage.is_empty() {
-        progress.begin("repair: salvage", salvage.len() as u64);
+        progress.begin_count("repair: salvage", salvage.len() as u64);
         let mut writer = PackWriter::new(repo);
         for (name, e) in &salvage {
             let mut bytes = vec![0u8; e.length as usize];

@@ -1,5 +1,8 @@
 //! Status: for each vm, its latest restore point and, per disk, how much of the disk has
 //! been confirmed against its source and how the next backup will read it.
+//!
+//! Every disk the vm ever had in a readable snapshot is listed, each with the restore
+//! point that holds its newest copy: a backup that left a disk out does not hide it.
 
 use blockproof_format::manifest::{ByteRange, Coverage, ReadMode};
 use blockproof_format::{Id, SnapshotStatus};
@@ -8,10 +11,14 @@ use serde::Serialize;
 
 use crate::CoreError;
 
-/// One disk of a vm's latest restore point.
+/// One disk of a vm, as its newest restore point has it.
 #[derive(Clone, Debug, Serialize)]
 pub struct DiskStatus {
     pub id: String,
+    /// The restore point holding the disk's newest copy: the vm's latest, unless the
+    /// latest backups left the disk out.
+    pub snapshot: Id,
+    pub time: String,
     pub size: u64,
     pub cbt: String,
     pub run: u64,
@@ -90,21 +97,31 @@ pub fn status(repo: &Repository, vm: Option<&str>) -> Result<StatusReport, CoreE
         let of_vm: Vec<_> = snapshots.iter().filter(|s| s.snapshot.vm == v).collect();
         let latest = of_vm.last().expect("a vm has snapshots");
         let s = &latest.snapshot;
-        let disks = s
-            .disks
-            .iter()
-            .map(|d| {
+        // Each disk from the newest snapshot that has it: the latest's disks first.
+        let mut newest: Vec<(&blockproof_repo::SnapshotInfo, &blockproof_format::DiskEntry)> = Vec::new();
+        for info in of_vm.iter().rev() {
+            for d in &info.snapshot.disks {
+                if !newest.iter().any(|(_, n)| n.id == d.id) {
+                    newest.push((info, d));
+                }
+            }
+        }
+        let disks = newest
+            .into_iter()
+            .map(|(holder, d)| {
                 let next_full_reason = if d.cbt == "none" {
                     Some("cbt=none".to_string())
                 } else if let Some(why) = &d.next_full {
                     Some(why.clone())
-                } else if s.status != SnapshotStatus::Ok {
-                    Some(format!("the previous restore point {} is tainted", latest.id))
+                } else if holder.snapshot.status != SnapshotStatus::Ok {
+                    Some(format!("the previous restore point {} is tainted", holder.id))
                 } else {
                     None
                 };
                 DiskStatus {
                     id: d.id.clone(),
+                    snapshot: holder.id,
+                    time: holder.snapshot.time.clone(),
                     size: d.size,
                     cbt: d.cbt.clone(),
                     run: d.run,

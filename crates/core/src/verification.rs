@@ -143,6 +143,7 @@ impl DiskCheck<'_> {
             &want,
             exempt,
             deadline.map(|d| d.0),
+            progress,
         );
         progress.end();
         let sampled = sampled?;
@@ -191,8 +192,17 @@ impl DiskCheck<'_> {
             }
             let batch = std::mem::take(&mut queued);
             let want = fetch_expected(&batch, expected)?;
-            let sampled =
-                sample(source, repo.keys(), repo.cancel(), self.chunk_size, &batch, &want, batch.len(), None)?;
+            let sampled = sample(
+                source,
+                repo.keys(),
+                repo.cancel(),
+                self.chunk_size,
+                &batch,
+                &want,
+                batch.len(),
+                None,
+                &crate::NoProgress,
+            )?;
             v.escalation.chunks += sampled.chunks;
             v.escalation.bytes += sampled.bytes;
             differing = self.absorb(&mut v, repo.keys(), sampled, &batch, &want);
@@ -207,8 +217,17 @@ impl DiskCheck<'_> {
         if !diffs.is_empty() {
             let chunks: Vec<u64> = diffs.iter().map(|d| d.chunk).collect();
             let first_reads: Vec<Id> = diffs.iter().map(|d| d.read).collect();
-            let again =
-                sample(source, repo.keys(), repo.cancel(), self.chunk_size, &chunks, &first_reads, chunks.len(), None)?;
+            let again = sample(
+                source,
+                repo.keys(),
+                repo.cancel(),
+                self.chunk_size,
+                &chunks,
+                &first_reads,
+                chunks.len(),
+                None,
+                &crate::NoProgress,
+            )?;
             let moved: HashSet<u64> = again.mismatched.iter().map(|(c, _)| *c).collect();
             for d in diffs {
                 if moved.contains(&d.chunk) {

@@ -7,8 +7,10 @@
 //! random, by segments of [`SEGMENT`] consecutive chunks taken in a random order (so reads
 //! stay sequential within a segment and a selection needs memory for the segments, not
 //! for every chunk). The first chunk of the disk is always selected, whatever the budget
-//! (`none` excepted). With `B` chunks sampled per run, every chunk is confirmed within
-//! `ceil(chunks / B)` runs (docs/VERIFICATION.md has the proof).
+//! (`none` excepted). With `B` chunks sampled per run beside it, every chunk of a disk of
+//! `N` chunks is confirmed within `ceil((N - 1) / B)` runs at a steady budget; the bound a
+//! run reports is computed from the confirmation state (confirm.rs; docs/VERIFICATION.md
+//! has the proof).
 //!
 //! **Comparison** hashes each chunk with the repository's keyed hash (an all-zero chunk is
 //! [`Id::ZERO`]) and compares with the inherited id. A mismatch is narrowed to the
@@ -158,6 +160,7 @@ pub(crate) fn sample(
     expected: &[Id],
     exempt: usize,
     deadline: Option<Instant>,
+    progress: &dyn crate::Progress,
 ) -> Result<Sampled, CoreError> {
     let cs = u64::from(chunk_size);
     let size = source.size();
@@ -171,6 +174,7 @@ pub(crate) fn sample(
             let index: HashMap<u64, usize> = selected.iter().enumerate().map(|(k, &c)| (c * cs, k)).collect();
             let mut to_workers = |offset: u64, buf: Vec<u8>| {
                 done.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                progress.advance(buf.len() as u64);
                 match index.get(&offset) {
                     Some(&k) => emit.send((k, buf)),
                     None => false,

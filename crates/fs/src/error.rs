@@ -55,7 +55,7 @@ pub enum FsError {
     #[error("{path}: more than {limit} entries in one directory; the filesystem is probably damaged")]
     TooManyEntries { path: String, limit: usize },
     /// The extraction target already has a file of that name.
-    #[error("{}: already exists, not replaced", path.display())]
+    #[error("{}: already exists, not replaced (--force replaces existing files)", path.display())]
     TargetExists { path: PathBuf },
     /// Something other than a directory (a symlink, a file) where a directory must be.
     #[error("{}: exists and is not a directory; refusing to write through it", path.display())]

@@ -45,6 +45,7 @@ pub mod lock;
 pub mod pack_writer;
 pub mod repository;
 pub mod scan;
+pub mod selector;
 pub mod tree;
 
 pub use blob::{BlobCodec, SealedBlob};

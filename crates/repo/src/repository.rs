@@ -337,14 +337,17 @@ impl Repository {
     }
 
     fn resolve(&self, reference: &str, strict: bool) -> Result<(SnapshotInfo, Skipped), RepoError> {
-        if let Some(vm) = reference.strip_suffix(":latest") {
+        if let Some(parsed) = crate::selector::parse(reference) {
+            let (vm, selector) = parsed?;
             let SnapshotScan { snapshots, mut skipped } = self.read_snapshots(strict)?;
             let damaged = skipped.damaged.len();
-            return match snapshots.into_iter().rev().find(|s| s.snapshot.vm == vm) {
+            let any = snapshots.iter().any(|s| s.snapshot.vm == vm);
+            return match crate::selector::select(snapshots, vm, &selector) {
                 Some(s) => {
                     if damaged > 0 {
                         skipped.notes.push(format!(
-                            "{reference} is the latest readable snapshot, {} of {}: a damaged one may be newer",
+                            "{reference} is snapshot {} of {} among the readable snapshots: a damaged one may be \
+                             newer",
                             s.id.short(),
                             s.snapshot.time
                         ));
@@ -353,16 +356,21 @@ impl Repository {
                 }
                 // Not the caller's mistake: its snapshots may be among the damaged ones.
                 None if damaged > 0 => Err(RepoError::corrupt(
-                    format!("no readable snapshot of vm {vm:?}"),
+                    format!("no readable snapshot of vm {vm:?} matches {}", crate::selector::describe(&selector)),
                     format!("{damaged} damaged snapshot file(s) skipped"),
                 )),
-                None => Err(RepoError::NotFound(format!("no snapshot of vm {vm:?}"))),
+                None if !any => Err(RepoError::NotFound(format!("no snapshot of vm {vm:?}"))),
+                None => Err(RepoError::NotFound(format!(
+                    "no snapshot of vm {vm:?} matches {}",
+                    crate::selector::describe(&selector)
+                ))),
             };
         }
         let lower = reference.to_ascii_lowercase();
         if lower.is_empty() || !lower.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(RepoError::Invalid(format!(
-                "invalid snapshot reference {reference:?}: use an id, an id prefix or VM:latest"
+                "invalid snapshot reference {reference:?}: use an id, an id prefix, VM:latest, VM:latest~N, \
+                 VM:tag=TAG or VM:before=TIME"
             )));
         }
         // Stray files are never snapshots, whatever their name starts with.

@@ -75,7 +75,8 @@ impl LocalBackend {
         let root = root.as_ref().to_path_buf();
         if !root.join("config").is_file() {
             return Err(StoreError::Invalid(format!(
-                "{} is not a blockproof repository (no config file)",
+                "{} is not a blockproof repository (no config file); create one with blockproof init --repo {}",
+                root.display(),
                 root.display()
             )));
         }

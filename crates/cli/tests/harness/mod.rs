@@ -368,3 +368,47 @@ pub fn scatter_writes(img: &mut [u8], count: usize, align: usize, seed: u64) -> 
 pub fn hash(path: &Path) -> blake3::Hash {
     blake3::hash(&fs::read(path).unwrap())
 }
+
+/// Asserts that docs/JSON.md names every field of `value` (at any depth) in the section
+/// of `command` (the heading that names `` `COMMAND --json` ``) or in the conventions
+/// before the first section: a field added to a command's JSON without a word in the
+/// reference fails here.
+#[allow(dead_code)]
+pub fn assert_json_documented(command: &str, value: &serde_json::Value) {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/JSON.md"))
+        .expect("docs/JSON.md");
+    let mut sections = doc.split("\n## ");
+    let conventions = sections.next().unwrap_or_default();
+    let sections: Vec<&str> = sections.collect();
+    let wanted = format!("`{command} --json`");
+    let find = |name: &str| sections.iter().find(|s| s.lines().next().is_some_and(|heading| heading.contains(name)));
+    let own = find(&wanted).unwrap_or_else(|| panic!("docs/JSON.md has no section for {wanted}"));
+    // A section that embeds another command's report names it (`gc --json`).
+    let mut section = own.to_string();
+    for other in
+        own.split('`').skip(1).step_by(2).filter(|t| t.ends_with(" --json") && **t != wanted[1..wanted.len() - 1])
+    {
+        section.push_str(find(&format!("`{other}`")).unwrap_or_else(|| panic!("no section for {other}")));
+    }
+    let mut keys = Vec::new();
+    fn collect(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    out.push(k.clone());
+                    collect(v, out);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| collect(v, out)),
+            _ => {}
+        }
+    }
+    collect(value, &mut keys);
+    keys.sort();
+    keys.dedup();
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| !section.contains(&format!("`{k}`")) && !conventions.contains(&format!("`{k}`")))
+        .collect();
+    assert!(missing.is_empty(), "docs/JSON.md does not document {missing:?} of {wanted}");
+}

@@ -65,8 +65,20 @@ impl Qsd {
         (Qsd::start(dir, name, &args), nbd)
     }
 
-    /// Runs one QMP command; `Err` holds the error's description.
+    /// Runs one QMP command; `Err` holds the error's description. The monitor serves one
+    /// client at a time and may still be closing the previous connection: retried then.
     pub fn qmp(&self, command: &str, arguments: Value) -> Result<Value, String> {
+        for _ in 0..200 {
+            let once = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.qmp_once(command, &arguments)));
+            if let Ok(r) = once {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("QMP {command} never answered");
+    }
+
+    fn qmp_once(&self, command: &str, arguments: &Value) -> Result<Value, String> {
         let stream = UnixStream::connect(&self.qmp).expect("connect to QMP");
         stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut reader = BufReader::new(stream.try_clone().unwrap());

@@ -1,0 +1,46 @@
+//! `diff`: the byte ranges of each disk that differ between two restore points, from the
+//! indexes alone, at chunk granularity (64 KiB), merged when adjacent.
+
+mod harness;
+
+use std::fs;
+
+use harness::{assert_json_documented, mixed_image, Dir};
+use serde_json::json;
+
+#[test]
+fn diff_names_exactly_the_changed_chunks() {
+    let dir = Dir::new();
+    dir.init();
+    let cs = 65536usize;
+    let mut data = mixed_image(32 * cs, 96);
+    let img = dir.join("d.img");
+    let other = dir.join("e.img");
+    fs::write(&img, &data).unwrap();
+    fs::write(&other, mixed_image(4 * cs, 97)).unwrap();
+    dir.backup("v", &[("d", &img), ("e", &other)]);
+    // One byte in chunk 3; chunks 10 and 11 (adjacent: one range); the last chunk.
+    data[3 * cs + 17] ^= 0xff;
+    data[10 * cs + 5..11 * cs + 9].iter_mut().for_each(|b| *b = b.wrapping_add(1));
+    data[32 * cs - 1] ^= 1;
+    fs::write(&img, &data).unwrap();
+    dir.backup("v", &[("d", &img)]);
+
+    let r = dir.repo_cmd("diff").args(["v:latest~1", "v:latest", "--json"]).json();
+    assert_json_documented("diff", &r);
+    let d = r["disks"].as_array().unwrap().iter().find(|d| d["id"] == "d").unwrap();
+    let ranges = |v: &[(usize, usize)]| v.iter().map(|(o, l)| json!({"offset": o, "length": l})).collect::<Vec<_>>();
+    assert_eq!(d["changed"], json!(ranges(&[(3 * cs, cs), (10 * cs, 2 * cs), (31 * cs, cs)])), "{r}");
+    assert_eq!(d["changed_bytes"], 4 * cs);
+    // Disk e is only in the first restore point: all of it differs.
+    let e = r["disks"].as_array().unwrap().iter().find(|d| d["id"] == "e").unwrap();
+    assert_eq!((e["size_from"].clone(), e["size_to"].clone()), (json!(4 * cs), json!(null)));
+    assert_eq!(e["changed_bytes"], 4 * cs);
+
+    let text = dir.repo_cmd("diff").args(["v:latest~1", "v:latest", "--disk", "d"]).ok();
+    assert!(text.contains(&format!("{}+{}", 10 * cs, 2 * cs)) && text.contains("3 ranges"), "{text}");
+    let same = dir.repo_cmd("diff").args(["v:latest", "v:latest"]).ok();
+    assert!(same.contains("identical"), "{same}");
+    let line = dir.repo_cmd("diff").args(["v:latest~1", "v:latest", "--disk", "nope"]).fails_with_one_line(2);
+    assert!(line.contains("nope"), "{line}");
+}
