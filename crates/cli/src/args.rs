@@ -138,6 +138,10 @@ pub enum Command {
     Unprotect(SnapshotRefArgs),
     /// Remove stale locks (of processes that are gone), or with --all every lock.
     Unlock(UnlockArgs),
+    /// Tear down what an interrupted `backup --from` left in a running VM (exports,
+    /// jobs, overlays, bitmaps), exactly as its journal names it. The next backup of the
+    /// vm does this itself.
+    Cleanup(CleanupArgs),
     /// Rebuild the index from the packs, salvage damaged packs, and report per snapshot
     /// and disk what is lost (a backup of the same content makes it whole again). Reads
     /// every pack; holds the exclusive lock. Exit 1 when data remain lost.
@@ -218,8 +222,20 @@ pub struct BackupArgs {
     /// SOURCE: a raw file or block device, nbd://HOST:PORT/EXPORT,
     /// nbd+unix:///EXPORT?socket=PATH, or a .qcow2/.vmdk/.vhdx/.vdi image. CBT: none,
     /// bitmap:NAME, bitmap:auto (qcow2) or changes:FILE (VMware change list JSON).
-    #[arg(long = "disk", value_name = "SPEC", required = true)]
+    #[arg(long = "disk", value_name = "SPEC", required_unless_present = "from", conflicts_with = "from")]
     pub disks: Vec<String>,
+    /// A running VM instead of --disk specs: qmp:SOCKET (a QEMU process or a
+    /// qemu-storage-daemon, over QMP), or qmp:SOCKET,nbd=PATH when the process already
+    /// runs an NBD server on that unix socket. Every disk node is backed up (its id is
+    /// the node name) from a point-in-time view blockproof sets up and removes
+    /// (docs/LIVE-VMS.md).
+    #[arg(long, value_name = "VM-SOURCE")]
+    pub from: Option<String>,
+    /// Private directory (0700) for --from's journal and temporary overlays (default
+    /// $XDG_STATE_HOME/blockproof, or ~/.local/state/blockproof). The VM's process must
+    /// be able to use it.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
     /// Budget for comparing chunks change tracking called unchanged with the source, per
     /// disk and run (10% | 2GiB | 500ios | 30s | until=06:00 | all | none, comma-separated,
     /// the smallest wins; default 5%). The first chunk of each disk is compared every run
@@ -233,9 +249,27 @@ pub struct BackupArgs {
     /// Read every block of every disk (an active full).
     #[arg(long)]
     pub full: bool,
+    /// One run per vm at a time: when another backup of the same vm (or a command that
+    /// locks the repository) is running, wait up to SECS for it to finish, then fail
+    /// naming it (default: fail at once).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub lock_wait: u64,
     /// A tag to attach to the snapshot (repeatable).
     #[arg(long = "tag")]
     pub tags: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CleanupArgs {
+    /// The vm whose journal to undo.
+    #[arg(long)]
+    pub vm: String,
+    /// The state directory the backup used (see backup --state-dir).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -26,6 +26,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Protect(a) => crate::lifecycle::protect(a, true),
         Command::Unprotect(a) => crate::lifecycle::protect(a, false),
         Command::Unlock(a) => crate::lifecycle::unlock(a),
+        Command::Cleanup(a) => crate::live::cleanup(a),
         Command::Repair(a) => crate::lifecycle::repair(a),
         Command::Key(k) => crate::lifecycle::key(k),
         Command::Copy(a) => crate::lifecycle::copy(a),
@@ -165,7 +166,17 @@ fn backup(a: BackupArgs) -> Result<u8> {
     };
     let on_mismatch: OnMismatch = a.on_mismatch.into();
     let disks = a.disks.iter().map(|s| DiskSpec::parse(s)?.input()).collect::<Result<Vec<_>, _>>()?;
+    let from = a.from.as_deref().map(crate::live::VmSource::parse).transpose()?;
     let repo = open_repo(&a.repo)?;
+    // A running VM: its point-in-time view is set up now and torn down after the backup.
+    let live = match &from {
+        Some(f) => Some(f.start(&a.vm, a.state_dir.as_deref())?),
+        None => None,
+    };
+    let disks = match &live {
+        Some(l) => l.inputs(),
+        None => disks,
+    };
     let opts = BackupOptions {
         vm: a.vm,
         disks,
@@ -174,9 +185,14 @@ fn backup(a: BackupArgs) -> Result<u8> {
         full: a.full,
         verify,
         on_mismatch,
+        lock_wait: std::time::Duration::from_secs(a.lock_wait),
     };
     let progress = progress::for_stderr();
-    let report = blockproof_core::backup(&repo, opts, progress.as_ref())?;
+    let result = blockproof_core::backup(&repo, opts, progress.as_ref());
+    let report = match live {
+        Some(l) => crate::live::finish(l, result)?,
+        None => result?,
+    };
     if a.json {
         print_json(&report)?;
     } else {

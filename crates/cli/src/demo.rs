@@ -120,6 +120,7 @@ fn backup_once(
         full: false,
         verify: Budget::parse(verify).map_err(anyhow::Error::msg)?,
         on_mismatch,
+        lock_wait: std::time::Duration::ZERO,
     };
     Ok(blockproof_core::backup(repo, opts, &NoProgress)?)
 }
@@ -251,7 +252,7 @@ pub fn run(a: DemoArgs) -> Result<u8> {
     let bitmap = blockproof_source::image_bitmaps(&disk)?
         .into_iter()
         .map(|b| b.name)
-        .find(|n| n.starts_with("blockproof-"))
+        .find(|n| n.starts_with("blockproof/"))
         .context("no blockproof bitmap in the image")?;
     let lie_at = 40 * WRITE_SIZE + 8192;
     qemu("qemu-img", &["bitmap".as_ref(), "--disable".as_ref(), disk.as_os_str(), bitmap.as_ref()])?;

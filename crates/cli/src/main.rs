@@ -25,6 +25,7 @@ mod disk_spec;
 mod files;
 mod jobs;
 mod lifecycle;
+mod live;
 mod location;
 mod output;
 mod password;

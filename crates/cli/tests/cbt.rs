@@ -66,7 +66,7 @@ fn auto_bitmap_rotation_over_five_rounds() {
         assert_eq!(d["cbt_reported_chunks"], dirty.len() as u64, "round {round}");
         assert!(d["bytes_read"].as_u64().unwrap() <= dirty.len() as u64 * CHUNK, "round {round}: {d}");
         points.push((r["snapshot"].clone(), raw_of(&dir, &img, &format!("round{round}.raw"))));
-        let ours: Vec<_> = bitmaps(&img).into_iter().filter(|(n, _)| n.starts_with("blockproof-")).collect();
+        let ours: Vec<_> = bitmaps(&img).into_iter().filter(|(n, _)| n.starts_with("blockproof/")).collect();
         assert_eq!(ours.len(), 1, "round {round}: {ours:?}");
     }
     for (snap, raw) in &points {

@@ -17,6 +17,6 @@ fn demo_runs_and_proves_its_claims() {
     assert!(!out.contains("DIFFERENT"), "{out}");
     // The image ends with exactly one blockproof bitmap, and no qemu-nbd is left behind.
     let bitmaps = harness::qemu::bitmaps(&dir.join("tour/vm-disk.qcow2"));
-    assert_eq!(bitmaps.iter().filter(|(n, _)| n.starts_with("blockproof-")).count(), 1, "{bitmaps:?}");
+    assert_eq!(bitmaps.iter().filter(|(n, _)| n.starts_with("blockproof/")).count(), 1, "{bitmaps:?}");
     harness::qemu::assert_no_qemu_nbd_for(&dir);
 }

@@ -82,7 +82,7 @@ fn write_behind_a_disabled_bitmap_is_caught_and_healed() {
     qemu_io_writes(&img, &[(CHUNK * 3, 4096, 1)]); // an honest change, recorded
     run_backup(&dir, "vm", &spec, &["--verify", "25%"]);
 
-    let name = bitmaps(&img).into_iter().map(|(n, _)| n).find(|n| n.starts_with("blockproof-")).unwrap();
+    let name = bitmaps(&img).into_iter().map(|(n, _)| n).find(|n| n.starts_with("blockproof/")).unwrap();
     qemu("qemu-img", &["bitmap", "--disable", s(&img), &name]);
     let lie = CHUNK * 77 + 8192;
     qemu_io_writes(&img, &[(lie, 4096, 0xab)]);

@@ -61,7 +61,8 @@ pub fn verify(repo: &Repository, opts: VerifyOptions, progress: &dyn Progress) -
             .snapshot
             .disk(&input.id)
             .ok_or_else(|| CoreError::Invalid(format!("snapshot {} has no disk {:?}", info.id.short(), input.id)))?;
-        let mut source = (input.open)(None)?.source;
+        let owner = blockproof_source::Owner { vm: &info.snapshot.vm, disk: &input.id };
+        let mut source = (input.open)(&owner, None)?.source;
         if source.size() != entry.size {
             return Err(CoreError::Invalid(format!(
                 "disk {}: the source holds {} bytes, the restore point {}",

@@ -11,7 +11,7 @@
 //! source handles and commits a second, clean snapshot.
 
 use std::sync::atomic::Ordering;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use blockproof_format::manifest::{ByteRange, Coverage, DiskStats, ReadMode};
 use blockproof_format::tree::{chunk_count, DEFAULT_FANOUT};
@@ -19,7 +19,7 @@ use blockproof_format::{DiskEntry, Id, Snapshot, SnapshotStatus};
 use blockproof_repo::{
     BlobIndex, BlobReader, Lock, LockKind, Repository, SealedBlob, SnapshotInfo, SnapshotScan, TreeReader,
 };
-use blockproof_source::{AfterCommit, BlockSource, Changes, DiskSpec, OpenedDisk, ParentCbt, SourceError};
+use blockproof_source::{AfterCommit, BlockSource, Changes, DiskSpec, OpenedDisk, Owner, ParentCbt, SourceError};
 use crossbeam_channel::Sender;
 use serde::Serialize;
 
@@ -32,8 +32,9 @@ use crate::plan::{Action, ChunkPlan};
 use crate::verification::{DiskCheck, Escalation};
 use crate::{Budget, CoreError, Progress};
 
-/// Opens a disk, given what its parent restore point recorded about the change source.
-pub type OpenFn = Box<dyn FnOnce(Option<&ParentCbt>) -> Result<OpenedDisk, SourceError> + Send>;
+/// Opens a disk for its vm and disk id, given what its parent restore point recorded
+/// about the change source.
+pub type OpenFn = Box<dyn FnOnce(&Owner<'_>, Option<&ParentCbt>) -> Result<OpenedDisk, SourceError> + Send>;
 
 /// One disk to back up.
 pub struct DiskInput {
@@ -51,7 +52,7 @@ impl DiskInput {
     /// A disk opened from a [`DiskSpec`].
     pub fn spec(id: impl Into<String>, spec: DiskSpec) -> DiskInput {
         let cbt = spec.cbt().to_string();
-        DiskInput { id: id.into(), cbt, open: Box::new(move |parent| spec.open(parent)), verify: None }
+        DiskInput { id: id.into(), cbt, open: Box::new(move |owner, parent| spec.open(owner, parent)), verify: None }
     }
 
     /// An already open source, read in full (`cbt=none`).
@@ -59,7 +60,7 @@ impl DiskInput {
         DiskInput {
             id: id.into(),
             cbt: "none".into(),
-            open: Box::new(move |_| Ok(OpenedDisk::full(source, "cbt=none"))),
+            open: Box::new(move |_, _| Ok(OpenedDisk::full(source, "cbt=none"))),
             verify: None,
         }
     }
@@ -97,6 +98,9 @@ pub struct BackupOptions {
     /// How much of what change tracking called unchanged to compare with the source.
     pub verify: Budget,
     pub on_mismatch: OnMismatch,
+    /// How long to wait for another run of the same vm (or a conflicting repository
+    /// lock) to finish before giving up.
+    pub lock_wait: Duration,
 }
 
 /// The result for one disk. Field names are part of the JSON contract (docs/JSON.md).
@@ -257,7 +261,7 @@ fn prepare<'a>(
     let parent = snapshots.iter().rev().find(|s| s.snapshot.vm == vm && s.snapshot.disk(&input.id).is_some());
     let parent_entry = parent.and_then(|p| p.snapshot.disk(&input.id));
     let parent_cbt = parent_entry.map(|d| ParentCbt { cbt: d.cbt.clone(), state: d.cbt_state.clone() });
-    let mut opened = (input.open)(parent_cbt.as_ref())?;
+    let mut opened = (input.open)(&Owner { vm, disk: &input.id }, parent_cbt.as_ref())?;
     let size = opened.source.size();
     blockproof_source::check_disk_size(&opened.source.describe(), size, Some(chunk_size))?;
     // After verification caught a lie on this disk, the next run trusts no tracking
@@ -626,9 +630,25 @@ fn advice(cbt: &str, lied_cbt: bool, lied_alloc: bool, changing: bool, missed: b
 #[cfg(not(feature = "test-hooks"))]
 fn pause_before_commit() {}
 
+#[cfg(not(feature = "test-hooks"))]
+fn pause_after_open() {}
+
+/// With `BLOCKPROOF_PAUSE_AFTER_OPEN=PATH` (test builds only), a backup that has opened
+/// every disk — its change source queried — waits like [`pause_before_commit`] before it
+/// reads: a test can then change the source behind the backup's view.
+#[cfg(feature = "test-hooks")]
+fn pause_after_open() {
+    pause_at("BLOCKPROOF_PAUSE_AFTER_OPEN");
+}
+
 #[cfg(feature = "test-hooks")]
 fn pause_before_commit() {
-    if let Some(path) = std::env::var_os("BLOCKPROOF_PAUSE_BEFORE_COMMIT") {
+    pause_at("BLOCKPROOF_PAUSE_BEFORE_COMMIT");
+}
+
+#[cfg(feature = "test-hooks")]
+fn pause_at(var: &str) {
+    if let Some(path) = std::env::var_os(var) {
         let path = std::path::PathBuf::from(path);
         let mut waiting = path.clone().into_os_string();
         waiting.push(".waiting");
@@ -696,7 +716,9 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
 
     // A shared lock tells garbage collection this backup may use what it sees; packs a gc
     // already plans to delete are left out of deduplication (stored again if needed).
-    let lock = repo.lock(LockKind::Shared, &format!("backup of vm {}", opts.vm))?;
+    // It also names the vm: one run per vm at a time, so two overlapping backups of a vm
+    // never both commit, nor remove each other's bitmaps.
+    let lock = repo.lock_vm(LockKind::Shared, &format!("backup of vm {}", opts.vm), &opts.vm, opts.lock_wait)?;
     let planned = crate::gc::planned_packs(repo)?;
     // Stray and damaged snapshot and index files are skipped with a warning. With damage,
     // every disk is read in full: the skipped snapshot may have been a disk's true parent
@@ -730,6 +752,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
     for input in inputs {
         prepared.push(prepare(input, &opts.vm, &snapshots, damage.as_deref(), &lineage, &opts, chunk_size)?);
     }
+    pause_after_open();
     let mut ctx = Ctx {
         repo,
         reader: &reader,

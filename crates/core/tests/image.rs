@@ -76,6 +76,7 @@ fn fixture(data: Vec<u8>) -> Fixture {
         full: false,
         verify: blockproof_core::default_verify_budget(),
         on_mismatch: blockproof_core::OnMismatch::Keep,
+        lock_wait: std::time::Duration::ZERO,
     };
     backup(&repo, options, &NoProgress).unwrap();
     Fixture { _dir: dir, repo, data }

@@ -64,7 +64,7 @@ fn tracked(data: Vec<u8>, changes: Option<Vec<(u64, u64)>>, zero: Vec<(u64, u64)
     DiskInput {
         id: "d".into(),
         cbt: "changes:test".into(),
-        open: Box::new(move |_| {
+        open: Box::new(move |_, _| {
             let changes = match changes {
                 Some(r) => Changes::ranges(r),
                 None => Changes::All { reason: "test".into() },
@@ -95,6 +95,7 @@ fn opts(d: DiskInput) -> BackupOptions {
         full: false,
         verify: blockproof_core::default_verify_budget(),
         on_mismatch: blockproof_core::OnMismatch::Keep,
+        lock_wait: std::time::Duration::ZERO,
     }
 }
 

@@ -320,6 +320,8 @@ fn backup(
         full: false,
         verify: plan.verify.budget.clone(),
         on_mismatch: plan.on_mismatch,
+        // Another run of the same vm (an overlapping job): this vm fails with the reason.
+        lock_wait: std::time::Duration::ZERO,
     };
     let progress = monitor.vm_progress(&plan.name);
     match guarded(&format!("the backup of vm {}", plan.name), || blockproof_core::backup(repo, opts, progress.as_ref()))

@@ -139,6 +139,11 @@ pub struct LockInfo {
     /// which tells a reused pid from the holder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<u64>,
+    /// The vm a backup works on: two locks naming the same vm conflict whatever their
+    /// kinds, so two runs of one vm never overlap (absent for every other operation, and
+    /// in locks written before 2026-12-02).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
 }
 
 /// Where the reader runs: what it can tell about processes.
@@ -169,6 +174,11 @@ impl LockInfo {
             (true, Some(started)) => process_start_time(self.pid) != Some(started),
             _ => false,
         }
+    }
+
+    /// Whether a lock of `kind` for `vm` may not be taken while this one is held.
+    fn blocks(&self, kind: LockKind, vm: Option<&str>) -> bool {
+        kind.conflicts(self.kind) || (vm.is_some() && self.vm.as_deref() == vm)
     }
 
     pub fn describe(&self) -> String {
@@ -388,6 +398,7 @@ impl Repository {
                             boot_id: None,
                             pid_ns: None,
                             start_time: None,
+                            vm: None,
                         };
                         live.push((name, info));
                     }
@@ -400,6 +411,29 @@ impl Repository {
     /// Takes a lock of `kind` for `operation`, or fails naming the holder of a conflicting
     /// lock. Losing it later cancels [`Repository::cancel`].
     pub fn lock(&self, kind: LockKind, operation: &str) -> Result<Lock<'_>, RepoError> {
+        self.try_lock(kind, operation, None)
+    }
+
+    /// Takes a lock of `kind` for `operation` on `vm`: it also conflicts with every lock
+    /// naming the same vm, so one vm is worked on by one run at a time. While a
+    /// conflicting lock is live, tries again every second for up to `wait`; then fails
+    /// naming the holder ([`RepoError::Locked`]).
+    pub fn lock_vm(&self, kind: LockKind, operation: &str, vm: &str, wait: Duration) -> Result<Lock<'_>, RepoError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.try_lock(kind, operation, Some(vm)) {
+                Err(RepoError::Locked(_)) if Instant::now() < deadline && !self.cancel().is_cancelled() => {
+                    // A little jitter, so two waiters that backed off together do not
+                    // collide again.
+                    let pause = Duration::from_millis(700 + u64::from(rand::random::<u16>() % 600));
+                    std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_lock(&self, kind: LockKind, operation: &str, vm: Option<&str>) -> Result<Lock<'_>, RepoError> {
         let began = (Instant::now(), SystemTime::now());
         let now = began.1.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let here = Here::current();
@@ -413,16 +447,24 @@ impl Repository {
             boot_id: here.boot_id,
             pid_ns: here.pid_ns,
             start_time: process_start_time(std::process::id()),
+            vm: vm.map(str::to_string),
         };
         let name = hex::encode(rand::random::<[u8; 16]>());
         self.write_doc(Kind::Lock, ObjectMagic::Lock, &name, &serde_json::to_vec(&info).expect("a lock serializes"))?;
         let mut written = Written { backend: self.backend(), name: Some(&name) };
-        let conflict = self.live_locks()?.into_iter().find(|(n, other)| *n != name && kind.conflicts(other.kind));
+        let conflict = self.live_locks()?.into_iter().find(|(n, other)| *n != name && other.blocks(kind, vm));
         if let Some((_, other)) = conflict {
-            return Err(RepoError::Locked(format!(
-                "the repository is locked: {}; if that process is gone, run blockproof unlock",
-                other.describe()
-            )));
+            return Err(RepoError::Locked(match (vm, &other.vm) {
+                (Some(vm), Some(theirs)) if vm == theirs && !kind.conflicts(other.kind) => format!(
+                    "vm {vm} is already being backed up: {}; one run per vm at a time (wait for it, or pass \
+                     --lock-wait); if that process is gone, run blockproof unlock",
+                    other.describe()
+                ),
+                _ => format!(
+                    "the repository is locked: {}; if that process is gone, run blockproof unlock",
+                    other.describe()
+                ),
+            }));
         }
         written.name = None;
         drop(written);
@@ -548,7 +590,17 @@ mod tests {
             boot_id: here.boot_id,
             pid_ns: here.pid_ns,
             start_time: process_start_time(std::process::id()),
+            vm: None,
         }
+    }
+
+    #[test]
+    fn a_lock_naming_a_vm_blocks_only_that_vm() {
+        let a = LockInfo { vm: Some("a".into()), ..me() };
+        assert!(a.blocks(LockKind::Shared, Some("a")), "one run per vm");
+        assert!(!a.blocks(LockKind::Shared, Some("b")) && !a.blocks(LockKind::Shared, None));
+        assert!(!me().blocks(LockKind::Shared, Some("a")), "a lock of no vm blocks no vm");
+        assert!(a.blocks(LockKind::Exclusive, None), "the kinds still conflict");
     }
 
     #[test]

@@ -11,8 +11,37 @@ use crate::nbd::BitmapOutcome;
 use crate::qemu::{add_bitmap, chain_bitmaps, image_bitmaps, image_format, remove_bitmap};
 use crate::{BlockSource, ChangeList, Changes, NbdSource, QemuNbd, RawFile, SourceError};
 
-/// The bitmaps `bitmap:auto` owns are named `blockproof-<n>`.
-const AUTO_PREFIX: &str = "blockproof-";
+/// The bitmaps `bitmap:auto` owns are named `blockproof/<vm>/<disk id>/<n>` (vm names
+/// and disk ids hold no `/`), so the same image backed up under two vm names keeps one
+/// rotation per vm. Older versions named them `blockproof-<n>`: such a bitmap is still
+/// used when the parent restore point names it, and removed once a newer one replaced it.
+const AUTO_ROOT: &str = "blockproof/";
+const LEGACY_PREFIX: &str = "blockproof-";
+
+/// Who opens a disk: the vm and the disk id it is backed up as. Bitmaps blockproof
+/// creates are named after both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner<'a> {
+    pub vm: &'a str,
+    pub disk: &'a str,
+}
+
+impl Owner<'_> {
+    /// The name prefix of this owner's `bitmap:auto` bitmaps.
+    fn prefix(&self) -> String {
+        format!("{AUTO_ROOT}{}/{}/", self.vm, self.disk)
+    }
+
+    /// The number of this owner's `bitmap:auto` bitmap `name`.
+    pub(crate) fn number(&self, name: &str) -> Option<u64> {
+        name.strip_prefix(&self.prefix())?.parse().ok()
+    }
+
+    /// The name of this owner's `bitmap:auto` bitmap number `n`.
+    pub fn bitmap(&self, n: u64) -> String {
+        format!("{}{n}", self.prefix())
+    }
+}
 
 /// A change source (`cbt=` of a disk spec).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,17 +138,27 @@ pub struct OpenedDisk {
 /// Work left for after the commit.
 #[derive(Debug, Default)]
 pub struct AfterCommit {
-    /// `bitmap:auto`: remove every blockproof bitmap of this image except `keep`.
-    prune_bitmaps: Option<(PathBuf, String)>,
+    /// `bitmap:auto`: remove the image's bitmaps `remove` names (the owner's earlier
+    /// rotation, and a legacy bitmap the parent named), never `keep`.
+    prune_bitmaps: Option<Prune>,
+}
+
+#[derive(Debug)]
+struct Prune {
+    image: PathBuf,
+    prefix: String,
+    legacy: Option<String>,
+    keep: String,
 }
 
 impl AfterCommit {
     /// Runs it. Failing here leaves extra bitmaps, which the next run removes.
     pub fn run(self) -> Result<(), SourceError> {
-        if let Some((image, keep)) = self.prune_bitmaps {
-            for b in image_bitmaps(&image)? {
-                if auto_number(&b.name).is_some() && b.name != keep {
-                    remove_bitmap(&image, &b.name)?;
+        if let Some(p) = self.prune_bitmaps {
+            for b in image_bitmaps(&p.image)? {
+                let ours = b.name.strip_prefix(&p.prefix).is_some_and(|n| n.parse::<u64>().is_ok());
+                if (ours || p.legacy.as_ref() == Some(&b.name)) && b.name != p.keep {
+                    remove_bitmap(&p.image, &b.name)?;
                 }
             }
         }
@@ -127,8 +166,8 @@ impl AfterCommit {
     }
 }
 
-fn auto_number(name: &str) -> Option<u64> {
-    name.strip_prefix(AUTO_PREFIX)?.parse().ok()
+fn legacy_number(name: &str) -> Option<u64> {
+    name.strip_prefix(LEGACY_PREFIX)?.parse().ok()
 }
 
 impl OpenedDisk {
@@ -182,16 +221,16 @@ impl DiskSpec {
         }
     }
 
-    /// Opens the disk. `parent` is what the parent restore point of this disk recorded,
-    /// `None` when there is none.
-    pub fn open(&self, parent: Option<&ParentCbt>) -> Result<OpenedDisk, SourceError> {
+    /// Opens the disk for `owner`. `parent` is what the parent restore point of this disk
+    /// recorded, `None` when there is none.
+    pub fn open(&self, owner: &Owner<'_>, parent: Option<&ParentCbt>) -> Result<OpenedDisk, SourceError> {
         let what = self.describe();
         if let Location::Image { path, .. } = &self.location {
             // A clear error for a missing image, before any bitmap work or qemu-nbd.
             std::fs::File::open(path).map_err(|source| SourceError::Open { path: path.clone(), source })?;
         }
         match (&self.location, &self.cbt) {
-            (Location::Image { path, .. }, Cbt::AutoBitmap) => open_auto(path, parent),
+            (Location::Image { path, .. }, Cbt::AutoBitmap) => open_auto(path, owner, parent),
             (Location::Image { path, .. }, Cbt::Bitmap(name)) => {
                 let bitmaps = chain_bitmaps(path)?;
                 let unusable = match bitmaps.iter().find(|b| &b.name == name) {
@@ -292,30 +331,35 @@ fn with_bitmap(
 }
 
 /// `bitmap:auto`: export the bitmap the parent left recording, start the next one, and
-/// after the commit keep only the next one. See the crate doc for the failure cases.
-fn open_auto(image: &Path, parent: Option<&ParentCbt>) -> Result<OpenedDisk, SourceError> {
+/// after the commit keep only the next one. Only `owner`'s bitmaps are touched. See the
+/// crate doc for the failure cases.
+fn open_auto(image: &Path, owner: &Owner<'_>, parent: Option<&ParentCbt>) -> Result<OpenedDisk, SourceError> {
     let bitmaps = image_bitmaps(image)?;
-    let ours: Vec<_> = bitmaps.iter().filter(|b| auto_number(&b.name).is_some()).collect();
+    let ours: Vec<_> = bitmaps.iter().filter(|b| owner.number(&b.name).is_some()).collect();
     let prev = match parent {
         None => Err("no earlier restore point of this disk".to_string()),
         Some(p) if p.cbt != Cbt::AutoBitmap.to_string() => {
             Err(format!("the previous restore point used cbt={}, not bitmap:auto", p.cbt))
         }
         Some(ParentCbt { state: None, .. }) => Err("the previous restore point recorded no bitmap".to_string()),
-        Some(ParentCbt { state: Some(name), .. }) => match ours.iter().find(|b| &b.name == name) {
-            None => Err(format!("bitmap {name:?} is missing from the image")),
-            Some(b) if b.inconsistent() => Err(inconsistent(name)),
-            Some(_) => Ok(name.clone()),
-        },
+        Some(ParentCbt { state: Some(name), .. }) => {
+            let mine = owner.number(name).is_some() || legacy_number(name).is_some();
+            match bitmaps.iter().find(|b| &b.name == name).filter(|_| mine) {
+                None => Err(format!("bitmap {name:?} is missing from the image")),
+                Some(b) if b.inconsistent() => Err(inconsistent(name)),
+                Some(_) => Ok(name.clone()),
+            }
+        }
     };
-    // Bitmaps of failed runs, and an unusable previous one, are of no use to anyone.
+    // This owner's bitmaps of failed runs, and an unusable previous one, are of no use.
+    // Other owners' bitmaps (the same image under another vm name) are left alone.
     for b in &ours {
         if prev.as_ref().ok() != Some(&b.name) {
             remove_bitmap(image, &b.name)?;
         }
     }
-    let next_no = ours.iter().filter_map(|b| auto_number(&b.name)).max().unwrap_or(0) + 1;
-    let next = format!("{AUTO_PREFIX}{next_no}");
+    let next_no = ours.iter().filter_map(|b| owner.number(&b.name)).max().unwrap_or(0) + 1;
+    let next = owner.bitmap(next_no);
     // From here on, every write to the image is recorded for the next run.
     add_bitmap(image, &next)?;
     let server = QemuNbd::start(image, "qcow2", prev.as_ref().ok().map(String::as_str))?;
@@ -325,11 +369,14 @@ fn open_auto(image: &Path, parent: Option<&ParentCbt>) -> Result<OpenedDisk, Sou
         prev.as_ref().ok().map(String::as_str),
         Some(server),
     )?;
+    let legacy = prev.as_ref().ok().filter(|n| legacy_number(n).is_some()).cloned();
     let mut opened = with_bitmap(source, outcome, prev.err())?;
     // The bitmap the parent named has recorded every write since the parent was read.
     opened.base = Base::Parent;
     opened.cbt_state = Some(next.clone());
-    opened.after_commit = AfterCommit { prune_bitmaps: Some((image.to_path_buf(), next)) };
+    opened.after_commit = AfterCommit {
+        prune_bitmaps: Some(Prune { image: image.to_path_buf(), prefix: owner.prefix(), legacy, keep: next }),
+    };
     Ok(opened)
 }
 
@@ -380,8 +427,16 @@ mod tests {
 
     #[test]
     fn auto_bitmap_names() {
-        assert_eq!(auto_number("blockproof-12"), Some(12));
-        assert_eq!(auto_number("blockproof-x"), None);
-        assert_eq!(auto_number("nightly"), None);
+        assert_eq!(legacy_number("blockproof-12"), Some(12));
+        assert_eq!(legacy_number("blockproof-x"), None);
+        assert_eq!(legacy_number("nightly"), None);
+        let a = Owner { vm: "web.1", disk: "sda" };
+        assert_eq!(a.bitmap(3), "blockproof/web.1/sda/3");
+        assert_eq!(a.number("blockproof/web.1/sda/3"), Some(3));
+        // Another vm, another disk, a name that merely starts alike: not a's.
+        let b = Owner { vm: "web", disk: "1" };
+        assert_eq!(b.number("blockproof/web.1/sda/3"), None);
+        assert_eq!(a.number("blockproof/web.1/sda2/3"), None);
+        assert_eq!(a.number("blockproof/web.1/sda/x"), None);
     }
 }

@@ -11,7 +11,9 @@
 //!   in flight (NBD) does, and it may know which regions read as zeros (NBD
 //!   `base:allocation`).
 //! - A [`Cbt`] is the change source of a disk spec (`none`, `bitmap:NAME`, `bitmap:auto`,
-//!   `changes:FILE`). [`DiskSpec::open`] opens the source for a disk, consulting the state
+//!   `changes:FILE`). [`DiskSpec::open`] opens the source for a disk of a vm ([`Owner`]:
+//!   `bitmap:auto`'s bitmaps are named after the vm and the disk id, so one image backed
+//!   up under two vm names keeps a rotation per vm), consulting the state
 //!   the parent restore point recorded ([`ParentCbt`]), and returns an [`OpenedDisk`]: the
 //!   source, the [`Changes`] since the parent (or why everything must be read), what they
 //!   are known to be relative to ([`Base`]: proven the parent's state, or the caller's
@@ -21,6 +23,12 @@
 //!
 //! ## Invariants
 //!
+//! - A running VM ([`LiveVm`], over [`Qmp`]) is read from a point-in-time view blockproof
+//!   sets up (a fleecing overlay per disk, taken for every disk in one transaction),
+//!   with a dirty bitmap per vm and disk that becomes the next run's base only once the
+//!   snapshot is committed (otherwise it is merged back); a journal in a private state
+//!   directory names everything set up, and the next run (or `cleanup`) undoes exactly
+//!   that.
 //! - A source is opened read-only, always (seed 004: a backup host must never be able to
 //!   write to production volumes). [`RawFile`] opens with `O_RDONLY`; qemu-nbd is started
 //!   with `--read-only`; the NBD client has no write command. The only writes blockproof
@@ -38,14 +46,18 @@
 
 mod changes;
 mod disk;
+mod live;
 mod nbd;
 mod qemu;
+mod qmp;
 mod raw;
 
 pub use changes::{ChangeList, Changes};
-pub use disk::{AfterCommit, Base, Cbt, DiskSpec, OpenedDisk, ParentCbt};
+pub use disk::{AfterCommit, Base, Cbt, DiskSpec, OpenedDisk, Owner, ParentCbt};
+pub use live::{read_journal, state_dir, undo, Journal, JournalDisk, LiveVm};
 pub use nbd::NbdSource;
 pub use qemu::{add_bitmap, image_bitmaps, image_format, qemu_img_convert, remove_bitmap, Bitmap, QemuNbd};
+pub use qmp::{NodeBitmap, Qmp, QmpError, VmDisk};
 pub use raw::RawFile;
 
 use std::path::PathBuf;
@@ -69,6 +81,16 @@ pub enum SourceError {
     /// A qemu tool failed or could not be run.
     #[error("{0}")]
     Qemu(String),
+    /// A qemu tool could not open an image because another process (a running VM, a
+    /// qemu-storage-daemon) holds its lock: blockproof never opens such an image, and
+    /// says how to back the VM up instead.
+    #[error(
+        "{} is in use by a running VM or another qemu process ({detail}): back a running VM up as a VM source \
+         (--from qmp:SOCKET) or through an NBD export of a point-in-time view of its disk (see \
+         docs/LIVE-VMS.md), never through its image file",
+        image.display()
+    )]
+    InUse { image: PathBuf, detail: String },
     /// The disk spec or its change source is unusable as given (a usage error).
     #[error("{0}")]
     Invalid(String),

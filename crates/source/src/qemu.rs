@@ -80,15 +80,28 @@ impl QemuNbd {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                let text = std::fs::read_to_string(log).unwrap_or_default();
-                let msg = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
-                return Err(SourceError::Qemu(format!(
-                    "qemu-nbd could not serve {} ({status}): {msg}",
-                    self.image.display()
-                )));
+                return Err(self.exit_error(log, &status.to_string()));
             }
-            if UnixStream::connect(&self.socket).is_ok() {
-                return Ok(());
+            if let Ok(probe) = UnixStream::connect(&self.socket) {
+                // qemu-nbd listens before it opens the image: only its greeting says the
+                // image is open. A server that could not open it (an image a running VM
+                // holds) closes the connection and exits, and its log says why.
+                return match greeting(probe, deadline) {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        let until = Instant::now() + Duration::from_secs(5);
+                        while Instant::now() < until {
+                            if let Ok(Some(status)) = self.child.try_wait() {
+                                return Err(self.exit_error(log, &status.to_string()));
+                            }
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(SourceError::Qemu(format!(
+                            "qemu-nbd serving {} sent no NBD greeting: {e}",
+                            self.image.display()
+                        )))
+                    }
+                };
             }
             if Instant::now() > deadline {
                 return Err(SourceError::Qemu(format!(
@@ -99,6 +112,15 @@ impl QemuNbd {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The error for a qemu-nbd that exited, from its log.
+    fn exit_error(&self, log: &Path, status: &str) -> SourceError {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let msg = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+        in_use(Some(&self.image), &msg).unwrap_or_else(|| {
+            SourceError::Qemu(format!("qemu-nbd could not serve {} ({status}): {msg}", self.image.display()))
+        })
     }
 
     /// The NBD URI of the export.
@@ -124,6 +146,33 @@ impl Drop for QemuNbd {
         let _ = std::fs::remove_file(&self.socket);
         let _ = &self.dir; // removed after this
     }
+}
+
+/// Reads the 8 bytes an NBD server sends first (`NBDMAGIC`) by `deadline`.
+fn greeting(mut stream: UnixStream, deadline: Instant) -> std::io::Result<()> {
+    use std::io::Read;
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+    stream.set_read_timeout(Some(left))?;
+    let mut magic = [0u8; 8];
+    stream.read_exact(&mut magic)?;
+    if &magic == b"NBDMAGIC" {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not an NBD server"))
+    }
+}
+
+/// The error for a qemu tool's message saying another process holds the image's lock
+/// (`Failed to get shared "write" lock`, `Failed to get "write" lock`).
+fn in_use(image: Option<&Path>, msg: &str) -> Option<SourceError> {
+    let image = image?;
+    let locked = msg.contains("Failed to get shared \"write\" lock") || msg.contains("Failed to get \"write\" lock");
+    locked.then(|| {
+        // qemu's own advice ("Is another process using the image?") is what we answer.
+        let detail = msg.split("; Is another process").next().unwrap_or(msg);
+        let detail = detail.rsplit(": ").next().unwrap_or(detail).to_string();
+        SourceError::InUse { image: image.to_path_buf(), detail }
+    })
 }
 
 /// A persistent dirty bitmap of a qcow2 image, as `qemu-img info` reports it.
@@ -177,6 +226,9 @@ fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, SourceError> {
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let msg = err.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+        if let Some(e) = in_use(args.last().map(Path::new), &msg) {
+            return Err(e);
+        }
         let words: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
         return Err(SourceError::Qemu(format!("qemu-img {} failed: {msg}", words.join(" "))));
     }
@@ -214,6 +266,14 @@ pub fn chain_bitmaps(image: &Path) -> Result<Vec<Bitmap>, SourceError> {
 
 /// Converts an image (`qemu-img convert -f SRC_FMT -O DST_FMT`); unallocated or zero
 /// regions of the source stay unallocated in the result.
+/// Creates an empty qcow2 image of `size` bytes (a fleecing overlay; its backing is set
+/// when QEMU opens it).
+pub(crate) fn qemu_img_create(path: &Path, size: u64) -> Result<(), SourceError> {
+    let size = size.to_string();
+    qemu_img(&["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), path.as_os_str(), size.as_ref()])
+        .map(drop)
+}
+
 pub fn qemu_img_convert(src: &Path, src_format: &str, dst: &Path, dst_format: &str) -> Result<(), SourceError> {
     qemu_img(&[
         "convert".as_ref(),

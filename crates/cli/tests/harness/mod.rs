@@ -6,6 +6,7 @@
 pub mod garage;
 pub mod nbdkit;
 pub mod qemu;
+pub mod qsd;
 
 use std::fs;
 use std::path::{Path, PathBuf};

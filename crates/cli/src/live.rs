@@ -1,0 +1,115 @@
+//! `backup --from qmp:SOCKET` and `cleanup`: a running VM's point-in-time view, set up
+//! before the backup and torn down after it (blockproof_source::LiveVm).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use blockproof_core::{BackupReport, CoreError, DiskInput};
+use blockproof_source::LiveVm;
+
+use crate::args::CleanupArgs;
+use crate::Usage;
+
+/// A parsed `--from` value.
+#[derive(Debug, PartialEq, Eq)]
+pub struct VmSource {
+    qmp: PathBuf,
+    nbd: Option<PathBuf>,
+}
+
+impl VmSource {
+    pub fn parse(s: &str) -> Result<VmSource, Usage> {
+        let rest = s
+            .strip_prefix("qmp:")
+            .ok_or_else(|| Usage(format!("invalid --from {s:?}: expected qmp:SOCKET[,nbd=PATH]")))?;
+        let (qmp, nbd) = match rest.split_once(",nbd=") {
+            Some((q, n)) => (q, Some(n)),
+            None => (rest, None),
+        };
+        if qmp.is_empty() || nbd.is_some_and(str::is_empty) {
+            return Err(Usage(format!("invalid --from {s:?}: expected qmp:SOCKET[,nbd=PATH]")));
+        }
+        Ok(VmSource { qmp: qmp.into(), nbd: nbd.map(PathBuf::from) })
+    }
+
+    /// Takes the view of every disk of the VM.
+    pub fn start(&self, vm: &str, state_dir: Option<&Path>) -> Result<Live> {
+        let dir = blockproof_source::state_dir(state_dir)?;
+        let vm_view = LiveVm::start(&self.qmp, vm, &dir, self.nbd.as_deref())?;
+        Ok(Live { vm: vm_view })
+    }
+}
+
+/// A view set up for one backup.
+pub struct Live {
+    vm: LiveVm,
+}
+
+impl Live {
+    /// One disk input per disk of the VM, by node name.
+    pub fn inputs(&self) -> Vec<DiskInput> {
+        self.vm
+            .disks()
+            .into_iter()
+            .map(|d| DiskInput {
+                id: d.id.clone(),
+                cbt: "qmp".into(),
+                open: Box::new(self.vm.opener(&d.id)),
+                verify: None,
+            })
+            .collect()
+    }
+}
+
+/// Tears the view down after the backup: a committed snapshot (ok or tainted) makes the
+/// new bitmaps the base of the next run; a failed backup merges them back.
+pub fn finish(live: Live, result: Result<BackupReport, CoreError>) -> Result<BackupReport> {
+    let recovered = live.vm.recovered();
+    match result {
+        Ok(mut report) => {
+            live.vm.finish(true)?;
+            report.warnings.extend(recovered.into_iter().map(|r| format!("cleaned up after an earlier run: {r}")));
+            Ok(report)
+        }
+        Err(e) => {
+            // The backup's error is what the user must see; a teardown failure is left
+            // in the journal for the next run.
+            let _ = live.vm.finish(false);
+            Err(e.into())
+        }
+    }
+}
+
+/// `blockproof cleanup --vm NAME`: undoes the journal an interrupted backup left.
+pub fn cleanup(a: CleanupArgs) -> Result<u8> {
+    let dir = blockproof_source::state_dir(a.state_dir.as_deref())?;
+    let done = match blockproof_source::read_journal(&dir, &a.vm)? {
+        Some(j) => blockproof_source::undo(&dir, &j)?,
+        None => Vec::new(),
+    };
+    if a.json {
+        crate::commands::print_json(&serde_json::json!({ "vm": a.vm, "removed": done }))?;
+    } else if done.is_empty() {
+        println!("nothing to clean up for vm {}", a.vm);
+    } else {
+        for d in &done {
+            println!("removed {d}");
+        }
+    }
+    Ok(crate::exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_sources_parse() {
+        assert_eq!(VmSource::parse("qmp:/run/vm.qmp").unwrap(), VmSource { qmp: "/run/vm.qmp".into(), nbd: None });
+        let with = VmSource::parse("qmp:/q,nbd=/n.sock").unwrap();
+        assert_eq!(with, VmSource { qmp: "/q".into(), nbd: Some("/n.sock".into()) });
+        for bad in ["", "qmp:", "libvirt:dom", "/q", "qmp:/q,nbd="] {
+            assert!(VmSource::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

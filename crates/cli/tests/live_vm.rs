@@ -1,0 +1,292 @@
+//! `backup --from qmp:SOCKET` against a real qemu-storage-daemon (issue 16 item 1, 2):
+//! every disk node backed up from a point-in-time view blockproof sets up over QMP,
+//! incrementals from the bitmap it owns per vm and disk, guest writes made during the
+//! backup left out (and caught by the next run), a SIGKILLed run cleaned up by the next
+//! one with no change lost, and nothing left behind.
+
+mod harness;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use harness::qemu::*;
+use harness::qsd::{write_via_nbd, Qsd};
+use harness::Dir;
+use serde_json::{json, Value};
+
+fn wait_for(path: &Path) {
+    for _ in 0..3000 {
+        if path.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{} never appeared", path.display());
+}
+
+struct Vm {
+    qsd: Qsd,
+    nbd: PathBuf,
+    state: PathBuf,
+}
+
+/// A daemon with a qcow2 disk `sys` (8 MiB) and a raw disk `data` (4 MiB), each with a
+/// writable NBD export (`w-sys`, `w-data`) standing for the guest.
+fn vm(dir: &Dir) -> Vm {
+    let sys = qcow2(dir, "sys", 8 << 20, 11);
+    let data = dir.image("data.raw", 4 << 20, 12);
+    let nbd = dir.join("guest.nbd");
+    let mut args = Vec::new();
+    for (node, path, drv) in [("sys", &sys, "qcow2"), ("data", &data, "raw")] {
+        args.push("--blockdev".to_string());
+        args.push(format!("driver=file,filename={},node-name={node}-file", path.display()));
+        args.push("--blockdev".into());
+        args.push(format!("driver={drv},file={node}-file,node-name={node}"));
+    }
+    args.push("--nbd-server".into());
+    args.push(format!("addr.type=unix,addr.path={}", nbd.display()));
+    for node in ["sys", "data"] {
+        args.push("--export".into());
+        args.push(format!("type=nbd,id=w-{node},node-name={node},name=w-{node},writable=on"));
+    }
+    let qsd = Qsd::start(dir, "vm", &args);
+    let state = dir.join("state");
+    Vm { qsd, nbd, state }
+}
+
+impl Vm {
+    fn backup_cmd(&self, dir: &Dir) -> harness::TestCommand {
+        let mut c = dir.repo_cmd("backup");
+        c.args(["--vm", "v", "--json", "--verify", "all"]);
+        c.arg("--from").arg(format!("qmp:{},nbd={}", self.qsd.qmp.display(), self.nbd.display()));
+        c.arg("--state-dir").arg(&self.state);
+        c
+    }
+
+    /// The guest's view of disk `node` now.
+    fn truth(&self, dir: &Dir, node: &str, name: &str) -> PathBuf {
+        let out = dir.join(name);
+        let uri = format!("nbd+unix:///w-{node}?socket={}", self.nbd.display());
+        qemu("qemu-img", &["convert", "-q", "-f", "raw", "-O", "raw", &uri, s(&out)]);
+        out
+    }
+
+    fn write(&self, node: &str, writes: &[(u64, u64, u8)]) -> BTreeSet<u64> {
+        write_via_nbd(&self.nbd, &format!("w-{node}"), writes)
+    }
+
+    /// Asserts nothing of blockproof is left in the daemon or the state directory, and
+    /// each disk carries exactly one bitmap, the vm's.
+    fn assert_no_leftovers(&self) {
+        let exports: Vec<String> = self
+            .qsd
+            .qmp("query-block-exports", json!({}))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect();
+        let mut exports = exports;
+        exports.sort();
+        assert_eq!(exports, ["w-data", "w-sys"], "only the guest's exports remain");
+        let jobs = self.qsd.qmp("query-block-jobs", json!({})).unwrap();
+        assert_eq!(jobs, json!([]), "no job remains");
+        let nodes = self.qsd.qmp("query-named-block-nodes", json!({"flat": true})).unwrap();
+        let mut names: Vec<&str> = nodes.as_array().unwrap().iter().map(|n| n["node-name"].as_str().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["data", "data-file", "sys", "sys-file"], "no overlay remains");
+        for n in
+            nodes.as_array().unwrap().iter().filter(|n| ["sys", "data"].contains(&n["node-name"].as_str().unwrap()))
+        {
+            let b: Vec<&str> =
+                n["dirty-bitmaps"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
+            let node = n["node-name"].as_str().unwrap();
+            assert_eq!(b.len(), 1, "{node}: {b:?}");
+            assert!(b[0].starts_with(&format!("blockproof/v/{node}/")), "{node}: {b:?}");
+        }
+        let left: Vec<_> = std::fs::read_dir(&self.state).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "the state directory is empty: {left:?}");
+    }
+}
+
+#[test]
+fn a_running_vm_over_qmp_full_incremental_kill_and_recovery() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+
+    // Full: every disk node is found and read from its view.
+    let t0 = [vm.truth(&dir, "sys", "t0-sys.raw"), vm.truth(&dir, "data", "t0-data.raw")];
+    let r0 = vm.backup_cmd(&dir).json();
+    let ids: Vec<&str> = r0["disks"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["data", "sys"]);
+    for id in ["sys", "data"] {
+        assert_eq!(disk(&r0, id)["mode"], "full", "{r0}");
+    }
+    assert_restores(&dir, &r0["snapshot"], "sys", &t0[0]);
+    assert_restores(&dir, &r0["snapshot"], "data", &t0[1]);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&vm.state).unwrap().permissions().mode() & 0o777, 0o700);
+    vm.assert_no_leftovers();
+
+    // Writes, then an incremental during which the guest writes again: those later
+    // writes are not in the restore point (it is the view), and the bitmap of the next
+    // run has them.
+    let a_sys = vm.write("sys", &scattered(8 << 20, 6, 1));
+    let a_data = vm.write("data", &scattered(4 << 20, 4, 2));
+    let t1 = [vm.truth(&dir, "sys", "t1-sys.raw"), vm.truth(&dir, "data", "t1-data.raw")];
+    let gate = dir.join("go");
+    let mut c = vm.backup_cmd(&dir);
+    c.env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
+    let child = c.spawn_piped();
+    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
+    let b_sys = vm.write("sys", &scattered(8 << 20, 5, 3));
+    std::fs::write(&gate, b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r1: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    let (s1, d1) = (disk(&r1, "sys"), disk(&r1, "data"));
+    assert_eq!((s1["mode"].as_str(), d1["mode"].as_str()), (Some("incremental"), Some("incremental")), "{r1}");
+    assert_eq!(s1["cbt_reported_chunks"], a_sys.len() as u64, "{s1}");
+    assert_eq!(d1["cbt_reported_chunks"], a_data.len() as u64, "{d1}");
+    assert!(s1["mismatches"].as_array().unwrap().is_empty(), "the view did not change: {s1}");
+    assert_restores(&dir, &r1["snapshot"], "sys", &t1[0]);
+    assert_restores(&dir, &r1["snapshot"], "data", &t1[1]);
+    vm.assert_no_leftovers();
+    std::fs::remove_file(&gate).unwrap();
+
+    // SIGKILL while the view is set up: the VM keeps running, the journal names what
+    // was left, and the next run tears it down and still covers every change.
+    let mut c = vm.backup_cmd(&dir);
+    c.env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
+    let mut child = c.spawn_piped();
+    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(vm.state.join("v.journal.json").exists(), "the journal names what was set up");
+    let c_sys = vm.write("sys", &scattered(8 << 20, 4, 4));
+    let t2 = [vm.truth(&dir, "sys", "t2-sys.raw"), vm.truth(&dir, "data", "t2-data.raw")];
+    let r2 = vm.backup_cmd(&dir).json();
+    let s2 = disk(&r2, "sys");
+    assert_eq!(s2["mode"], "incremental", "{s2}");
+    let expected: BTreeSet<u64> = b_sys.union(&c_sys).copied().collect();
+    assert_eq!(s2["cbt_reported_chunks"], expected.len() as u64, "every write since the last commit: {s2}");
+    assert_eq!(disk(&r2, "data")["cbt_reported_chunks"], 0);
+    let warnings = r2["warnings"].to_string();
+    assert!(warnings.contains("cleaned up after an earlier run"), "{warnings}");
+    assert_restores(&dir, &r2["snapshot"], "sys", &t2[0]);
+    assert_restores(&dir, &r2["snapshot"], "data", &t2[1]);
+    vm.assert_no_leftovers();
+    dir.check_all();
+}
+
+/// `blockproof cleanup` undoes exactly what a killed run's journal names; the VM keeps
+/// running, and the next backup is still an exact incremental.
+#[test]
+fn cleanup_undoes_a_killed_run() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    vm.backup_cmd(&dir).json();
+    let a = vm.write("sys", &scattered(8 << 20, 5, 7));
+    let gate = dir.join("go");
+    let mut c = vm.backup_cmd(&dir);
+    c.env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
+    let mut child = c.spawn_piped();
+    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut c = dir.cmd("cleanup");
+    c.args(["--vm", "v", "--json"]).arg("--state-dir").arg(&vm.state);
+    let r = c.json();
+    harness::assert_json_documented("cleanup", &r);
+    let removed = r["removed"].to_string();
+    for what in ["export blockproof-v-sys", "job blockproof-v-data", "overlay blockproof-fleece-sys", "merged back"] {
+        assert!(removed.contains(what), "{what}: {removed}");
+    }
+    vm.assert_no_leftovers();
+    let mut again = dir.cmd("cleanup");
+    again.args(["--vm", "v"]).arg("--state-dir").arg(&vm.state);
+    assert!(again.ok().contains("nothing to clean up"));
+
+    let truth = vm.truth(&dir, "sys", "t-sys.raw");
+    let r = vm.backup_cmd(&dir).json();
+    let s = disk(&r, "sys");
+    assert_eq!((s["mode"].as_str(), s["cbt_reported_chunks"].as_u64()), (Some("incremental"), Some(a.len() as u64)));
+    assert_restores(&dir, &r["snapshot"], "sys", &truth);
+    vm.assert_no_leftovers();
+}
+
+/// A write the vm's bitmap never saw (disabled around it) is caught in the view by
+/// verification: the run exits 3 with the tainted restore point committed and the view
+/// released, change tracking reset, and the next run of the disk a full read with the
+/// reason.
+#[test]
+fn a_hidden_write_is_caught_in_the_view_and_the_next_run_is_full() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    vm.backup_cmd(&dir).json();
+    let nodes = vm.qsd.qmp("query-named-block-nodes", json!({"flat": true})).unwrap();
+    let sys = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "sys").unwrap();
+    let bitmap = sys["dirty-bitmaps"][0]["name"].as_str().unwrap().to_string();
+    vm.write("sys", &[(0, 65536, 9)]);
+    vm.qsd.qmp("block-dirty-bitmap-disable", json!({"node": "sys", "name": bitmap})).unwrap();
+    vm.write("sys", &[(5 << 20, 4096, 10)]);
+    vm.qsd.qmp("block-dirty-bitmap-enable", json!({"node": "sys", "name": bitmap})).unwrap();
+    let truth = vm.truth(&dir, "sys", "t-sys.raw");
+
+    let (stdout, _) = vm.backup_cmd(&dir).code(3);
+    let r: Value = serde_json::from_str(&stdout).expect("one JSON document");
+    assert_eq!(r["status"], "tainted", "{r}");
+    let s = disk(&r, "sys");
+    assert_eq!(s["source_changed"], false, "the view does not change: {s}");
+    assert_eq!(s["mismatches"], json!([{"offset": 5 << 20, "length": 4096}]), "{s}");
+    assert_restores(&dir, &r["snapshot"], "data", &vm.truth(&dir, "data", "t-data.raw"));
+    vm.assert_no_leftovers();
+
+    let next = vm.backup_cmd(&dir).json();
+    let s = disk(&next, "sys");
+    assert_eq!(s["mode"], "full", "{s}");
+    // The tainted restore point recorded no bitmap for the disk (change tracking reset).
+    assert!(s["full_reason"].as_str().unwrap().contains("recorded no bitmap"), "{s}");
+    assert_restores(&dir, &next["snapshot"], "sys", &truth);
+    vm.assert_no_leftovers();
+}
+
+/// With `--on-mismatch=heal` the clean restore point is read from the same view before
+/// it is released: it equals the guest's disk at the view although the guest keeps
+/// writing afterwards.
+#[test]
+fn heal_reads_the_clean_restore_point_from_the_view() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    vm.backup_cmd(&dir).json();
+    let nodes = vm.qsd.qmp("query-named-block-nodes", json!({"flat": true})).unwrap();
+    let sys = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "sys").unwrap();
+    let bitmap = sys["dirty-bitmaps"][0]["name"].as_str().unwrap().to_string();
+    vm.qsd.qmp("block-dirty-bitmap-disable", json!({"node": "sys", "name": bitmap})).unwrap();
+    vm.write("sys", &[(3 << 20, 8192, 11)]);
+    vm.qsd.qmp("block-dirty-bitmap-enable", json!({"node": "sys", "name": bitmap})).unwrap();
+    let truth = vm.truth(&dir, "sys", "t-sys.raw");
+
+    let gate = dir.join("go");
+    let mut c = vm.backup_cmd(&dir);
+    c.args(["--on-mismatch", "heal"]).env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
+    let child = c.spawn_piped();
+    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
+    vm.write("sys", &[(3 << 20, 65536, 12)]); // after the view: not in either restore point
+    std::fs::write(&gate, b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(disk(&r, "sys")["mismatches"], json!([{"offset": 3 << 20, "length": 8192}]), "{r}");
+    let healed = &r["healed_snapshot"];
+    assert!(healed.is_string(), "{r}");
+    assert_restores(&dir, healed, "sys", &truth);
+    vm.assert_no_leftovers();
+}

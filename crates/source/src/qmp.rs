@@ -1,0 +1,249 @@
+//! A small QMP client: the QEMU Machine Protocol over a unix socket, as spoken by a QEMU
+//! process (`-qmp unix:PATH,server=on,wait=off`) and by qemu-storage-daemon
+//! (`--chardev socket,...,id=m --monitor chardev=m`). One JSON document per line: the
+//! server's greeting, `qmp_capabilities`, then commands, each answered by `return` or
+//! `error`; asynchronous events may come between and are skipped.
+//!
+//! This is the first step of a VM source (issue 16, docs/LIVE-VMS.md): blockproof finds
+//! a VM's disks over QMP. Fleecing, exports and bitmap rotation over QMP are planned.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// How long one QMP command may take to answer.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Format drivers: the nodes that can be a VM's disk. Protocol nodes (`file`,
+/// `host_device`, `nbd`, ...) and filters lie under them.
+const FORMAT_DRIVERS: &[&str] = &["qcow2", "raw", "qed", "vmdk", "vhdx", "vpc", "vdi", "luks", "parallels"];
+
+/// Errors of a QMP conversation.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("cannot connect to the QMP socket {path}: {source}")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("QMP socket {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The peer did not speak QMP (no greeting, a reply that is not JSON, ...).
+    #[error("QMP socket {path} does not speak QMP: {what}")]
+    Protocol { path: PathBuf, what: String },
+    /// QEMU refused a command.
+    #[error("QMP command {command} failed ({class}): {desc}")]
+    Command { command: String, class: String, desc: String },
+}
+
+/// An open QMP session (capabilities negotiated).
+pub struct Qmp {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// The QEMU version the greeting named (`major.minor.micro`).
+    version: String,
+}
+
+impl std::fmt::Debug for Qmp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qmp").field("path", &self.path).field("version", &self.version).finish()
+    }
+}
+
+impl Qmp {
+    /// Connects, reads the greeting and leaves capabilities negotiation mode.
+    pub fn connect(path: &Path) -> Result<Qmp, QmpError> {
+        let stream =
+            UnixStream::connect(path).map_err(|source| QmpError::Connect { path: path.to_path_buf(), source })?;
+        let io = |source| QmpError::Io { path: path.to_path_buf(), source };
+        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
+        let writer = stream.try_clone().map_err(io)?;
+        let mut qmp = Qmp { path: path.to_path_buf(), reader: BufReader::new(stream), writer, version: String::new() };
+        let greeting = qmp.read()?;
+        let v = greeting
+            .get("QMP")
+            .and_then(|q| q.get("version"))
+            .and_then(|v| v.get("qemu"))
+            .ok_or_else(|| qmp.protocol(format!("expected a QMP greeting, got {greeting}")))?;
+        qmp.version = format!("{}.{}.{}", v["major"], v["minor"], v["micro"]);
+        qmp.execute("qmp_capabilities", None)?;
+        Ok(qmp)
+    }
+
+    /// The QEMU version (`major.minor.micro`).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    fn protocol(&self, what: String) -> QmpError {
+        QmpError::Protocol { path: self.path.clone(), what }
+    }
+
+    /// Reads one JSON document (one line).
+    fn read(&mut self) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).map_err(|source| QmpError::Io { path: self.path.clone(), source })?;
+        if n == 0 {
+            return Err(self.protocol("the connection was closed".into()));
+        }
+        serde_json::from_str(&line).map_err(|e| self.protocol(format!("not JSON ({e}): {}", line.trim())))
+    }
+
+    /// Runs `command` with `arguments`; returns its `return` value.
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        let mut msg = json!({ "execute": command });
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        let mut bytes = serde_json::to_vec(&msg).expect("a QMP command serializes");
+        bytes.push(b'\n');
+        self.writer.write_all(&bytes).map_err(|source| QmpError::Io { path: self.path.clone(), source })?;
+        loop {
+            let mut reply = self.read()?;
+            if reply.get("event").is_some() {
+                continue;
+            }
+            if let Some(r) = reply.get_mut("return") {
+                return Ok(r.take());
+            }
+            if let Some(e) = reply.get("error") {
+                return Err(QmpError::Command {
+                    command: command.into(),
+                    class: e["class"].as_str().unwrap_or("?").into(),
+                    desc: e["desc"].as_str().unwrap_or("?").into(),
+                });
+            }
+            return Err(self.protocol(format!("unexpected reply to {command}: {reply}")));
+        }
+    }
+
+    /// Runs `command` and parses its `return` value as `T`.
+    pub fn execute_as<T: serde::de::DeserializeOwned>(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<T, QmpError> {
+        let value = self.execute(command, arguments)?;
+        serde_json::from_value(value).map_err(|e| self.protocol(format!("unexpected reply to {command}: {e}")))
+    }
+
+    /// The VM's disks: every format node that is neither the backing of another node
+    /// nor one of blockproof's own (named `blockproof-…`), by node name — a name the
+    /// user (or libvirt) gave, never a position. Sorted by node name.
+    pub fn disks(&mut self) -> Result<Vec<VmDisk>, QmpError> {
+        let nodes: Vec<NamedNode> = self.execute_as("query-named-block-nodes", Some(json!({ "flat": true })))?;
+        Ok(disks_of(nodes))
+    }
+}
+
+/// A node as `query-named-block-nodes` describes it (the fields blockproof uses).
+#[derive(Clone, Debug, Deserialize)]
+struct NamedNode {
+    #[serde(rename = "node-name")]
+    node_name: String,
+    drv: String,
+    file: String,
+    #[serde(default)]
+    backing_file: Option<String>,
+    image: NodeImage,
+    #[serde(rename = "dirty-bitmaps", default)]
+    dirty_bitmaps: Vec<NodeBitmap>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+struct NodeImage {
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+}
+
+/// A dirty bitmap of a node.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct NodeBitmap {
+    pub name: String,
+    /// Recording writes (enabled).
+    #[serde(default)]
+    pub recording: bool,
+    /// Stored in the image (qcow2) when QEMU closes it.
+    #[serde(default)]
+    pub persistent: bool,
+    /// In use by a job or an export.
+    #[serde(default)]
+    pub busy: bool,
+    /// Loaded `in-use` from an image QEMU did not close cleanly: its content is unknown.
+    #[serde(default)]
+    pub inconsistent: bool,
+    #[serde(default)]
+    pub granularity: u64,
+    /// Dirty bytes.
+    #[serde(default)]
+    pub count: u64,
+}
+
+/// One disk of a VM, as found over QMP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmDisk {
+    /// Its stable id: the node name.
+    pub id: String,
+    /// The format driver (`qcow2`, `raw`, ...): only qcow2 keeps persistent bitmaps.
+    pub driver: String,
+    /// The image file (or device) under it.
+    pub filename: String,
+    /// Its size in bytes.
+    pub size: u64,
+    pub bitmaps: Vec<NodeBitmap>,
+}
+
+fn disks_of(nodes: Vec<NamedNode>) -> Vec<VmDisk> {
+    let ours = |n: &&NamedNode| n.node_name.starts_with("blockproof-");
+    // What another node (not one of blockproof's own overlays) uses as its backing.
+    let backings: Vec<&str> = nodes.iter().filter(|n| !ours(n)).filter_map(|n| n.backing_file.as_deref()).collect();
+    let mut disks: Vec<VmDisk> = nodes
+        .iter()
+        .filter(|n| FORMAT_DRIVERS.contains(&n.drv.as_str()))
+        .filter(|n| !n.node_name.is_empty() && !ours(n))
+        .filter(|n| !backings.contains(&n.file.as_str()))
+        .map(|n| VmDisk {
+            id: n.node_name.clone(),
+            driver: n.drv.clone(),
+            filename: n.file.clone(),
+            size: n.image.virtual_size,
+            bitmaps: n.dirty_bitmaps.clone(),
+        })
+        .collect();
+    disks.sort_by(|a, b| a.id.cmp(&b.id));
+    disks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, drv: &str, file: &str, backing: Option<&str>) -> NamedNode {
+        NamedNode {
+            node_name: name.into(),
+            drv: drv.into(),
+            file: file.into(),
+            backing_file: backing.map(str::to_string),
+            image: NodeImage { virtual_size: 1 << 20 },
+            dirty_bitmaps: vec![],
+        }
+    }
+
+    #[test]
+    fn disks_are_top_format_nodes_by_name() {
+        let nodes = vec![
+            node("vdb", "raw", "/i/b.raw", None),
+            node("vdb-file", "file", "/i/b.raw", None),
+            node("vda", "qcow2", "/i/a.qcow2", Some("/i/base.qcow2")),
+            node("vda-file", "file", "/i/a.qcow2", None),
+            node("base", "qcow2", "/i/base.qcow2", None),
+            node("blockproof-fleece-vda", "qcow2", "/s/f.qcow2", Some("/i/a.qcow2")),
+        ];
+        let ids: Vec<String> = disks_of(nodes).into_iter().map(|d| d.id).collect();
+        // `base` backs `vda`: not a disk. `vda` backs blockproof's own fleecing node,
+        // which is not a disk and hides nothing.
+        assert_eq!(ids, ["vda", "vdb"], "a node another node uses as its backing is not a disk");
+    }
+}
