@@ -7,7 +7,6 @@ use blockproof_format::manifest::{BoundBasis, CutShort};
 
 use crate::args::{DiffArgs, StatusArgs, VerifyArgs, VmArgs};
 use crate::commands::{count, human_bytes, open_repo, print_json};
-use crate::disk_spec::DiskSpec;
 use crate::{exit, progress, Usage};
 
 pub fn status(args: StatusArgs) -> Result<u8> {
@@ -217,7 +216,7 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
         Some(v) => Budget::parse(v).map_err(Usage)?,
         None => blockproof_core::default_verify_budget(),
     };
-    let disks = a.disks.iter().map(|s| DiskSpec::parse(s)?.input_without_cbt()).collect::<Result<Vec<_>, _>>()?;
+    let disks = a.disks.iter().map(|s| crate::disk_spec::input_without_cbt(s)).collect::<Result<Vec<_>, _>>()?;
     let repo = open_repo(&a.repo)?;
     let progress = progress::for_stderr();
     let report =

@@ -10,7 +10,6 @@ use blockproof_repo::{BlobIndex, InitOptions, Repository, Skipped, SnapshotInfo}
 use serde::Serialize;
 
 use crate::args::{BackupArgs, CheckArgs, Cli, Command, InitArgs, RepoArgs, RestoreArgs, VmArgs};
-use crate::disk_spec::DiskSpec;
 use crate::{exit, password, progress, Usage};
 
 pub fn run(cli: Cli) -> Result<u8> {
@@ -165,7 +164,7 @@ fn backup(a: BackupArgs) -> Result<u8> {
         None => blockproof_core::default_verify_budget(),
     };
     let on_mismatch: OnMismatch = a.on_mismatch.into();
-    let disks = a.disks.iter().map(|s| DiskSpec::parse(s)?.input()).collect::<Result<Vec<_>, _>>()?;
+    let disks = a.disks.iter().map(|s| crate::disk_spec::input(s)).collect::<Result<Vec<_>, _>>()?;
     let from = a.from.as_deref().map(crate::live::VmSource::parse).transpose()?;
     let repo = open_repo(&a.repo)?;
     // A running VM: its point-in-time view is set up now and torn down after the backup.

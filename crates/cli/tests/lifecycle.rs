@@ -4,6 +4,8 @@
 
 mod harness;
 
+use harness::wait_for;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -148,16 +150,6 @@ fn keep_within_and_keep_tag() {
         let line = dir.repo_cmd("forget").args(["--keep-within", bad]).fails_with_one_line(2);
         assert!(line.contains(bad), "{line}");
     }
-}
-
-fn wait_for(path: &Path) {
-    for _ in 0..3000 {
-        if path.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{} never appeared", path.display());
 }
 
 /// A gc that runs while a backup is between deduplicating and committing never deletes a

@@ -5,25 +5,16 @@
 
 mod harness;
 
+use harness::wait_for;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use harness::qemu::*;
 use harness::qsd::{write_via_nbd, Qsd};
 use harness::Dir;
 use serde_json::{json, Value};
-
-fn wait_for(path: &std::path::Path) {
-    for _ in 0..3000 {
-        if path.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{} never appeared", path.display());
-}
 
 #[test]
 fn a_live_export_written_during_the_backup_is_a_changing_source_not_a_cbt_lie() {

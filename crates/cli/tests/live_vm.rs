@@ -6,24 +6,15 @@
 
 mod harness;
 
+use harness::wait_for;
+
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
 use harness::qemu::*;
 use harness::qsd::{write_via_nbd, Qsd};
 use harness::Dir;
 use serde_json::{json, Value};
-
-fn wait_for(path: &Path) {
-    for _ in 0..3000 {
-        if path.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{} never appeared", path.display());
-}
 
 struct Vm {
     qsd: Qsd,

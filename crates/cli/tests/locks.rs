@@ -6,6 +6,8 @@
 
 mod harness;
 
+use harness::wait_for;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -13,16 +15,6 @@ use std::time::Duration;
 
 use harness::{hash, snap_id, Dir};
 use serde_json::Value;
-
-fn wait_for(path: &Path) {
-    for _ in 0..3000 {
-        if path.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{} never appeared", path.display());
-}
 
 /// Starts a backup of `img` as vm `vm` that pauses before its commit until `gate` exists;
 /// returns once it is waiting there.

@@ -4,6 +4,8 @@
 
 mod harness;
 
+use harness::wait_for;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,16 +14,6 @@ use harness::qemu::*;
 use harness::qsd::Qsd;
 use harness::{hash, snap_id, Dir};
 use serde_json::Value;
-
-fn wait_for(path: &Path) {
-    for _ in 0..3000 {
-        if path.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{} never appeared", path.display());
-}
 
 /// Starts a backup of `img` as `vm` that pauses before its commit until `gate` exists.
 fn paused_backup(dir: &Dir, vm: &str, img: &Path, gate: &Path) -> std::process::Child {

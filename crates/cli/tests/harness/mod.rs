@@ -412,3 +412,16 @@ pub fn assert_json_documented(command: &str, value: &serde_json::Value) {
         .collect();
     assert!(missing.is_empty(), "docs/JSON.md does not document {missing:?} of {wanted}");
 }
+
+/// Waits (up to 30 s) until `path` exists: a test hook's signal that the binary reached
+/// the point it pauses at.
+#[allow(dead_code)]
+pub fn wait_for(path: &Path) {
+    for _ in 0..3000 {
+        if path.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("{} never appeared", path.display());
+}
