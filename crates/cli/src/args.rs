@@ -109,53 +109,82 @@ pub struct StoreArgs {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create a new, empty, encrypted repository.
+    #[command(after_help = "Example:\n  blockproof init --repo /backup/repo")]
     Init(InitArgs),
     /// Back up the disks of a vm into one new snapshot.
+    #[command(
+        after_help = "Example:\n  blockproof backup --repo /backup/repo --vm web01 --disk id=web01-os,source=/images/web01.qcow2,cbt=bitmap:auto"
+    )]
     Backup(BackupArgs),
     /// List snapshots, oldest first.
+    #[command(after_help = "Example:\n  blockproof snapshots --repo /backup/repo --vm web01")]
     Snapshots(VmArgs),
     /// Restore one disk of a snapshot to a file or block device.
+    #[command(
+        after_help = "Example:\n  blockproof restore --repo /backup/repo web01:latest --disk web01-os --to /restore/web01-os.qcow2"
+    )]
     Restore(RestoreArgs),
     /// Serve a snapshot's disks as read-only NBD exports (named by disk id), for
     /// qemu-img, qemu-nbd clients, nbdcopy, or a VM booting from a qcow2 overlay.
+    #[command(
+        after_help = "Example:\n  blockproof serve-nbd --repo /backup/repo web01:latest --socket /run/web01.sock"
+    )]
     ServeNbd(ServeArgs),
     /// Per vm, the latest snapshot and how much of each disk has been confirmed against
     /// its source. With --max-age, a check for missed backups (Nagios, Icinga): exit 1
     /// naming every vm whose last good restore point is older.
+    #[command(after_help = "Example:\n  blockproof status --repo /backup/repo --max-age 26h")]
     Status(StatusArgs),
     /// Stored against protected bytes, deduplication, growth of the last runs, per vm and
     /// disk.
+    #[command(after_help = "Example:\n  blockproof stats --repo /backup/repo --vm web01")]
     Stats(VmArgs),
     /// Remove snapshots, by id or by a retention policy per vm (data is freed by gc).
+    #[command(
+        after_help = "Example:\n  blockproof forget --repo /backup/repo --keep-daily 14 --keep-weekly 8 --prune"
+    )]
     Forget(ForgetArgs),
     /// Garbage collection: delete packs no snapshot needs, repack sparse ones. Safe while
     /// backups run: what they may still use is deferred to a later gc.
     #[command(alias = "prune")]
+    #[command(after_help = "Example:\n  blockproof gc --repo /backup/repo --dry-run")]
     Gc(GcArgs),
     /// Protect a snapshot from forget.
+    #[command(after_help = "Example:\n  blockproof protect --repo /backup/repo web01:latest")]
     Protect(SnapshotRefArgs),
     /// Lift a snapshot's protection.
+    #[command(after_help = "Example:\n  blockproof unprotect --repo /backup/repo web01:tag=before-upgrade")]
     Unprotect(SnapshotRefArgs),
     /// Remove stale locks (of processes that are gone), or with --all every lock.
+    #[command(after_help = "Example:\n  blockproof unlock --repo /backup/repo")]
     Unlock(UnlockArgs),
     /// Tear down what an interrupted `backup --from` left in a running VM (exports,
     /// jobs, overlays, bitmaps), exactly as its journal names it. The next backup of the
     /// vm does this itself.
+    #[command(after_help = "Example:\n  blockproof cleanup --vm web01")]
     Cleanup(CleanupArgs),
     /// Rebuild the index from the packs, salvage damaged packs, and report per snapshot
     /// and disk what is lost (a backup of the same content makes it whole again). Reads
     /// every pack; holds the exclusive lock. Exit 1 when data remain lost.
+    #[command(after_help = "Example:\n  blockproof repair --repo /backup/repo --dry-run")]
     Repair(RepairArgs),
     /// Copy snapshots to a second repository (another site; other keys allowed). Only what
     /// the target lacks is transferred.
+    #[command(
+        after_help = "Example:\n  BLOCKPROOF_TO_PASSWORD=... blockproof copy --repo /backup/repo --to s3://offsite/blockproof"
+    )]
     Copy(CopyArgs),
     /// Manage key slots: the passphrases that open the repository.
     #[command(subcommand)]
     Key(KeyCommand),
     /// Compare a snapshot with its sources now, without taking a backup (exit 3 when they
     /// differ). Reads only; nothing is written.
+    #[command(
+        after_help = "Example:\n  blockproof verify --repo /backup/repo web01:latest --disk id=web01-os,source=/images/web01.qcow2 --verify all"
+    )]
     Verify(VerifyArgs),
     /// Check the repository's structure, and with --read-data its stored data.
+    #[command(after_help = "Example:\n  blockproof check --repo /backup/repo --read-data 5%")]
     Check(CheckArgs),
     /// The byte ranges of each disk that differ between two snapshots (from their
     /// indexes: no data is read).
@@ -165,23 +194,42 @@ pub enum Command {
     Diff(DiffArgs),
     /// A self-contained tour: back up a generated disk, change it, back up again,
     /// restore both and prove them bit-exact.
+    #[command(after_help = "Example:\n  blockproof demo")]
     Demo(DemoArgs),
     /// List a disk's partitions and the filesystems on them.
+    #[command(after_help = "Example:\n  blockproof partitions --repo /backup/repo web01:latest --disk web01-os")]
     Partitions(crate::files::PartitionsArgs),
     /// List a directory (or show a file) inside a disk's filesystem, without mounting.
+    #[command(
+        after_help = "Example:\n  blockproof ls --repo /backup/repo web01:latest --disk web01-os --partition 1 /etc"
+    )]
     Ls(crate::files::LsArgs),
     /// Write a file from inside a disk's filesystem to standard output.
+    #[command(
+        after_help = "Example:\n  blockproof cat --repo /backup/repo web01:latest --disk web01-os --partition 1 /etc/fstab"
+    )]
     Cat(crate::files::CatArgs),
     /// Copy files and directories out of a disk's filesystem into a directory, with
     /// their times (and modes, on ext2/3/4).
+    #[command(
+        after_help = "Example:\n  blockproof restore-files --repo /backup/repo web01:latest --disk web01-os /etc --to /restore"
+    )]
     RestoreFiles(crate::files::RestoreFilesArgs),
     /// Run a job file: back up its vms (N at a time; one vm's failure never stops the
     /// others), apply retention and gc when due, copy to the second repository, write the
     /// reports (JSON, HTML, Prometheus) and notify. Exit 0 all good, 3 any tainted, 1 any
     /// failed, 2 the job file is invalid.
+    #[command(after_help = "Example:\n  blockproof completions bash > /etc/bash_completion.d/blockproof")]
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    #[command(after_help = "Example:\n  blockproof man --to /usr/local/share/man/man1")]
+    /// Write the manual pages (blockproof.1 and one per command) into a directory.
+    Man(ManArgs),
+    #[command(after_help = "Example:\n  blockproof run /etc/blockproof/nightly.toml --dry-run")]
     Run(RunArgs),
     /// Print (or write) the systemd service and timer that run a job on its [schedule],
     /// and the equivalent crontab line.
+    #[command(after_help = "Example:\n  blockproof schedule /etc/blockproof/nightly.toml --write /etc/systemd/system")]
     Schedule(ScheduleArgs),
 }
 
@@ -380,14 +428,18 @@ pub struct CopyArgs {
 #[derive(Subcommand, Debug)]
 pub enum KeyCommand {
     /// List the key slots.
+    #[command(after_help = "Example:\n  blockproof key list --repo /backup/repo")]
     List(KeyListArgs),
     /// Add a key slot for a new passphrase (from BLOCKPROOF_NEW_PASSWORD,
     /// --new-password-file, or a prompt).
+    #[command(after_help = "Example:\n  BLOCKPROOF_NEW_PASSWORD=... blockproof key add --repo /backup/repo")]
     Add(KeyAddArgs),
     /// Remove a key slot by its id prefix (never the last one).
+    #[command(after_help = "Example:\n  blockproof key remove --repo /backup/repo 3f9a")]
     Remove(KeyRemoveArgs),
     /// Change the passphrase of the slot that opens the repository: add a slot for the
     /// new passphrase, then remove the old slot.
+    #[command(after_help = "Example:\n  blockproof key passwd --repo /backup/repo")]
     Passwd(KeyAddArgs),
 }
 
@@ -536,6 +588,20 @@ pub struct RestoreArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Args, Debug)]
+pub struct ManArgs {
+    /// The directory to write the pages into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+}
+
+#[derive(Args, Debug)]
 pub struct DiffArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
@@ -668,4 +734,48 @@ pub struct ScheduleArgs {
     /// instead of printing them.
     #[arg(long, value_name = "DIR")]
     pub write: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::Cli;
+
+    /// Every subcommand's `--help` ends with an example, and the example parses.
+    #[test]
+    fn every_subcommand_has_an_example_that_parses() {
+        fn visit(cmd: &clap::Command, path: &mut Vec<String>, problems: &mut Vec<String>) {
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                path.push(sub.get_name().to_string());
+                if sub.has_subcommands() {
+                    visit(sub, path, problems);
+                } else {
+                    let help = sub.get_after_help().map(|h| h.to_string()).unwrap_or_default();
+                    match help.strip_prefix("Example:\n  ") {
+                        None => problems.push(format!("{}: no example", path.join(" "))),
+                        Some(example) => {
+                            // Environment assignments before the command are the shell's.
+                            let words: Vec<&str> = example
+                                .split_whitespace()
+                                .skip_while(|w| w.contains('=') && !w.starts_with('-'))
+                                .collect();
+                            if words.get(1..=path.len()).map(|w| w.to_vec())
+                                != Some(path.iter().map(String::as_str).collect())
+                            {
+                                problems
+                                    .push(format!("{}: the example runs another command: {example}", path.join(" ")));
+                            } else if let Err(e) = Cli::try_parse_from(&words) {
+                                problems.push(format!("{}: the example does not parse: {e}", path.join(" ")));
+                            }
+                        }
+                    }
+                }
+                path.pop();
+            }
+        }
+        let mut problems = Vec::new();
+        visit(&Cli::command(), &mut Vec::new(), &mut problems);
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
 }

@@ -33,6 +33,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Verify(a) => crate::audit::verify(a),
         Command::Check(a) => check(a),
         Command::Diff(a) => crate::audit::diff(a),
+        Command::Completions(a) => crate::reference::completions(a),
+        Command::Man(a) => crate::reference::man(a),
         Command::Demo(a) => crate::demo::run(a),
         Command::Partitions(a) => crate::files::partitions(a),
         Command::Ls(a) => crate::files::ls(a),

@@ -30,6 +30,7 @@ mod location;
 mod output;
 mod password;
 mod progress;
+mod reference;
 mod serve;
 
 use std::process::ExitCode;

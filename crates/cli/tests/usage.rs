@@ -278,3 +278,28 @@ fn read_data_takes_its_budget_with_or_without_equals() {
         assert!(!out.is_empty(), "{args:?}");
     }
 }
+
+/// Completions and manual pages come from the command-line definitions: the bash script
+/// is valid bash that knows the commands, and there is a page per command, with its
+/// example.
+#[test]
+fn completions_and_manual_pages_are_generated() {
+    let dir = Dir::new();
+    let script = dir.cmd("completions").arg("bash").ok();
+    assert!(script.contains("restore-files") && script.contains("--keep-within"), "the commands and options");
+    let file = dir.join("blockproof.bash");
+    fs::write(&file, &script).unwrap();
+    let syntax = std::process::Command::new("bash").arg("-n").arg(&file).output().unwrap();
+    assert!(syntax.status.success(), "{}", String::from_utf8_lossy(&syntax.stderr));
+    for shell in ["zsh", "fish"] {
+        assert!(!dir.cmd("completions").arg(shell).ok().is_empty(), "{shell}");
+    }
+    let man = dir.join("man1");
+    dir.cmd("man").arg("--to").arg(&man).ok();
+    for page in ["blockproof.1", "blockproof-backup.1", "blockproof-key-add.1", "blockproof-diff.1"] {
+        let text = fs::read_to_string(man.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page} is a manual page");
+    }
+    let backup = fs::read_to_string(man.join("blockproof-backup.1")).unwrap();
+    assert!(backup.contains("Example"), "the example is in the page");
+}
