@@ -342,7 +342,6 @@ pub fn ls_on(src: Box<dyn ReadAt>, partition: Option<u32>, path: &OsString, json
         return Ok(exit::OK);
     }
     let single = entries.len() == 1 && entries[0].path == path && entries[0].kind != EntryKind::Dir;
-    let mut out = io::stdout().lock();
     for (e, r) in entries.iter().zip(&rows) {
         let mode = match e.mode {
             Some(m) => permissions(e.kind, m),
@@ -351,9 +350,9 @@ pub fn ls_on(src: Box<dyn ReadAt>, partition: Option<u32>, path: &OsString, json
         let time = r.mtime.as_deref().map_or("-".to_string(), |t| t.replace('T', " ").replace('Z', ""));
         let name = if single { &r.path } else { &r.name };
         let arrow = r.target.as_deref().map(|t| format!(" -> {t}")).unwrap_or_default();
-        if writeln!(out, "{mode} {:>12} {time:<19} {name}{arrow}", e.size).is_err() {
-            break; // a closed pipe (ls | head)
-        }
+        // Through the crate's println! (output.rs): a closed pipe (ls | head) ends the
+        // output quietly, any other write error fails the command.
+        println!("{mode} {:>12} {time:<19} {name}{arrow}", e.size);
     }
     Ok(exit::OK)
 }

@@ -73,7 +73,14 @@ fn main() -> ExitCode {
     let result = commands::run(cli);
     location::report_requests();
     match result {
-        Ok(code) => ExitCode::from(code),
+        Ok(code) => match output::failure() {
+            // The report was not delivered: not a success. (A tainted backup keeps its 3.)
+            Some(msg) => {
+                eprintln!("blockproof: error: {msg}");
+                ExitCode::from(if code == exit::OK { exit::ERROR } else { code })
+            }
+            None => ExitCode::from(code),
+        },
         Err(err) => {
             let usage = err.downcast_ref::<Usage>().is_some()
                 || err.downcast_ref::<blockproof_core::CoreError>().is_some_and(|e| e.is_usage())

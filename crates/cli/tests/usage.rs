@@ -237,6 +237,12 @@ fn a_closed_output_pipe_keeps_the_exit_code() {
     let (code, stderr) = c.run_into_closed_pipe();
     assert_eq!(code, Some(3), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // Output that cannot be written for another reason (a full disk) is an error, in one
+    // line, not a panic.
+    let (code, stderr) = dir.repo_cmd("snapshots").arg("--json").run_into_full_device();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot write to standard output"), "{stderr}");
 }
 
 /// The repository may come from BLOCKPROOF_REPO, so usage lines must not mark `--repo` as

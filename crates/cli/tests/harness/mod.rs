@@ -298,6 +298,15 @@ impl TestCommand {
         (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
     }
 
+    /// Runs with standard output going to `/dev/full` (every write fails with ENOSPC);
+    /// returns (exit code, stderr).
+    #[allow(dead_code)]
+    pub fn run_into_full_device(&mut self) -> (Option<i32>, String) {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+        let out = self.cmd.stdin(Stdio::null()).stdout(full).stderr(Stdio::piped()).output().expect("run blockproof");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    }
+
     pub fn spawn(&mut self) -> Child {
         self.cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn blockproof")
     }
