@@ -41,6 +41,16 @@ fn diff_names_exactly_the_changed_chunks() {
     assert!(text.contains(&format!("{}+{}", 10 * cs, 2 * cs)) && text.contains("3 ranges"), "{text}");
     let same = dir.repo_cmd("diff").args(["v:latest", "v:latest"]).ok();
     assert!(same.contains("identical"), "{same}");
+    // The disk grows by 8 chunks and 100 bytes: what was there is equal, the rest differs.
+    data.extend(mixed_image(8 * cs + 100, 98));
+    fs::write(&img, &data).unwrap();
+    dir.backup("v", &[("d", &img)]);
+    let r = dir.repo_cmd("diff").args(["v:latest~1", "v:latest", "--disk", "d", "--json"]).json();
+    assert_eq!(r["disks"][0]["changed"], json!(ranges(&[(32 * cs, 8 * cs + 100)])), "{r}");
+    assert_eq!(
+        (r["disks"][0]["size_from"].clone(), r["disks"][0]["size_to"].clone()),
+        (json!(32 * cs), json!(40 * cs + 100))
+    );
     let line = dir.repo_cmd("diff").args(["v:latest~1", "v:latest", "--disk", "nope"]).fails_with_one_line(2);
     assert!(line.contains("nope"), "{line}");
 }

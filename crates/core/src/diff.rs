@@ -2,8 +2,8 @@
 //!
 //! Chunk ids are keyed hashes of the content, the same key for every snapshot of a
 //! repository, so two restore points differ exactly where their fixed indexes hold
-//! different ids: no data is read, only index pages (pages with the same id are equal
-//! without looking inside). Ranges are whole chunks, merged when adjacent; a disk that
+//! different ids: no data is read, only index pages, and of two disks of the same size
+//! a leaf page with the same id in both is equal without reading it. Ranges are whole chunks, merged when adjacent; a disk that
 //! grew or shrank differs in the bytes only one side has.
 
 use blockproof_format::manifest::ByteRange;
@@ -101,6 +101,25 @@ fn changed_ranges(reader: &BlobReader<'_>, a: &DiskEntry, b: &DiskEntry) -> Resu
     let (na, nb) = (chunk_count(a.size, a.chunk_size), chunk_count(b.size, b.chunk_size));
     let mut ta = TreeReader::new(reader, a.index_root, na, a.index_fanout)?;
     let mut tb = TreeReader::new(reader, b.index_root, nb, b.index_fanout)?;
+    if a.size == b.size && a.index_fanout == b.index_fanout {
+        // Same shape: a leaf page with the same id in both is equal without reading it.
+        let f = u64::from(a.index_fanout);
+        for page in 0..ta.leaf_pages() {
+            if ta.leaf_id(page)? == tb.leaf_id(page)? {
+                continue;
+            }
+            let differ: Vec<u64> = {
+                let left = ta.leaf(page)?.to_vec();
+                let right = tb.leaf(page)?;
+                (0..left.len() as u64).filter(|&k| left[k as usize] != right[k as usize]).collect()
+            };
+            for k in differ {
+                let c = page * f + k;
+                add(c * cs, ((c + 1) * cs).min(a.size));
+            }
+        }
+        return Ok(out);
+    }
     let common = chunk_count(small, a.chunk_size);
     for c in 0..common {
         let end = ((c + 1) * cs).min(small);

@@ -130,6 +130,18 @@ impl<'a> TreeReader<'a> {
         Ok(&self.cache[0].as_ref().expect("loaded").1)
     }
 
+    /// The id of leaf page `page`. Pages are named by their content, so two trees of one
+    /// repository with the same id for a leaf page list the same chunks there (`diff`
+    /// skips such pages without reading them).
+    pub fn leaf_id(&mut self, page: u64) -> Result<Id, RepoError> {
+        if self.sizes.len() == 1 {
+            return Ok(self.root);
+        }
+        let f = u64::from(self.fanout);
+        self.load(1, page / f)?;
+        Ok(self.cache[1].as_ref().expect("loaded").1[(page % f) as usize])
+    }
+
     /// The id of one chunk.
     pub fn chunk(&mut self, index: u64) -> Result<Id, RepoError> {
         let f = u64::from(self.fanout);
@@ -261,6 +273,11 @@ mod tests {
         let reader = BlobReader::new(&repo, &full);
         let level1 = decode_page(&reader.read(&root, BlobKind::Tree).unwrap(), 3).unwrap();
         let leaves = decode_page(&reader.read(&level1[1], BlobKind::Tree).unwrap(), 32).unwrap();
+        // Leaf page 40 is the 9th under the second level-1 page.
+        let mut tree = TreeReader::new(&reader, root, 3000, 32).unwrap();
+        assert_eq!(tree.leaf_id(40).unwrap(), leaves[8]);
+        let small = TreeReader::new(&reader, leaves[8], 32, 32).unwrap().leaf_id(0).unwrap();
+        assert_eq!(small, leaves[8], "a one-page tree: the root is the leaf");
 
         // (page missing from the index, leaf read, what it hides)
         let cases = [
