@@ -248,7 +248,7 @@ fn retained(snaps: &[&SnapshotInfo], policy: &KeepPolicy, scope: RetentionScope)
     let mut disks: Vec<&str> = snaps.iter().flat_map(|s| s.snapshot.disks.iter().map(|d| d.id.as_str())).collect();
     disks.sort_unstable();
     disks.dedup();
-    let vm_wide: Vec<usize> = keep.keys().copied().collect();
+    let vm_wide: std::collections::BTreeSet<usize> = keep.keys().copied().collect();
     for disk in disks {
         let holding: Vec<usize> =
             (0..snaps.len()).filter(|&i| snaps[i].snapshot.disks.iter().any(|d| d.id == disk)).collect();
