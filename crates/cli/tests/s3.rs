@@ -9,7 +9,7 @@ mod harness;
 
 use std::fs;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use harness::garage::Garage;
 use harness::qemu::{assert_restores, backup, CHUNK};
@@ -195,11 +195,7 @@ fn server_killed_during_a_backup() {
     let base = garage.data_bytes();
     let child =
         dir.backup_cmd("v", &[("d", &img)]).args(["--s3-uploads", "1", "--s3-retry-timeout", "3"]).spawn_piped();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while garage.data_bytes() < base + (2 << 20) {
-        assert!(Instant::now() < deadline, "the backup never uploaded");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    harness::wait_until("the backup's first uploads", || garage.data_bytes() >= base + (2 << 20));
     garage.kill();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -7,30 +7,33 @@
 
 mod harness;
 
+use std::path::PathBuf;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use harness::garage::Garage;
 use harness::qemu::assert_restores;
-use harness::Dir;
+use harness::{wait_until, Dir};
 use serde_json::Value;
 
-fn init(dir: &Dir) {
+/// A 3-node cluster with `bucket`, a repository in it, a 48 MiB image (`seed`), and a
+/// backup of it (`args` added, request counts printed) that is under way: three copies
+/// of 2 MiB of its packs are stored. `None` without Garage.
+fn backup_under_way(bucket: &str, seed: u64, args: &[&str]) -> Option<(Garage, Dir, PathBuf, Child)> {
+    let garage = Garage::cluster(3, &[bucket])?;
+    let dir = Dir::on_s3(&garage, &format!("s3://{bucket}/repo"));
     dir.repo_cmd("init").args(["--kdf-memory", "8", "--kdf-iterations", "1", "--pack-size", "1MiB"]).ok();
+    let img = dir.random_image("d.img", 48 << 20, seed);
+    let base = garage.data_bytes();
+    let child = dir.backup_cmd("v", &[("d", &img)]).args(args).env("BLOCKPROOF_S3_STATS", "1").spawn_piped();
+    wait_until("the backup's first uploads", || garage.data_bytes() >= base + (6 << 20));
+    Some((garage, dir, img, child))
 }
 
 /// The request counters a command printed with `BLOCKPROOF_S3_STATS=1`.
 fn requests(stderr: &str) -> Value {
     let line = stderr.lines().find_map(|l| l.strip_prefix("blockproof: s3 requests: ")).expect("request counts");
     serde_json::from_str(line).unwrap()
-}
-
-/// Waits until `cond` holds (or panics after a minute, naming `what`).
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what} never happened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Bytes a process has written (`wchar` of /proc/PID/io).
@@ -47,16 +50,7 @@ fn written(pid: u32) -> u64 {
 /// quick retries (a ~10 s restart failed a backup) and there was no failover.
 #[test]
 fn a_node_restarted_during_a_backup_and_a_restore() {
-    let Some(mut garage) = Garage::cluster(3, &["failover"]) else { return };
-    let dir = Dir::on_s3(&garage, "s3://failover/repo");
-    init(&dir);
-    let img = dir.random_image("d.img", 48 << 20, 3);
-
-    let base = garage.data_bytes();
-    let child =
-        dir.backup_cmd("v", &[("d", &img)]).args(["--s3-uploads", "2"]).env("BLOCKPROOF_S3_STATS", "1").spawn_piped();
-    // Three copies of 2 MiB of packs are stored: the backup is under way.
-    wait_for("the backup's first uploads", || garage.data_bytes() >= base + (6 << 20));
+    let Some((mut garage, dir, img, child)) = backup_under_way("failover", 3, &["--s3-uploads", "2"]) else { return };
     garage.kill_node(0);
     std::thread::sleep(Duration::from_secs(5));
     garage.restart_node(0);
@@ -78,7 +72,7 @@ fn a_node_restarted_during_a_backup_and_a_restore() {
         .env("BLOCKPROOF_S3_STATS", "1")
         .spawn_piped();
     let pid = child.id();
-    wait_for("the restore's first writes", || written(pid) >= 4 << 20);
+    wait_until("the restore's first writes", || written(pid) >= 4 << 20);
     garage.kill_node(0);
     std::thread::sleep(Duration::from_secs(5));
     garage.restart_node(0);
@@ -100,14 +94,9 @@ fn a_node_restarted_during_a_backup_and_a_restore() {
 /// minutes and the line quoted raw XML with `&quot;` entities.
 #[test]
 fn two_nodes_down_fail_a_backup_in_one_line_and_the_rerun_completes() {
-    let Some(mut garage) = Garage::cluster(3, &["quorum"]) else { return };
-    let dir = Dir::on_s3(&garage, "s3://quorum/repo");
-    init(&dir);
-    let img = dir.random_image("d.img", 48 << 20, 4);
-
-    let base = garage.data_bytes();
-    let child = dir.backup_cmd("v", &[("d", &img)]).args(["--s3-retry-timeout", "5"]).spawn_piped();
-    wait_for("the backup's first uploads", || garage.data_bytes() >= base + (6 << 20));
+    let Some((mut garage, dir, img, child)) = backup_under_way("quorum", 4, &["--s3-retry-timeout", "5"]) else {
+        return;
+    };
     garage.kill_node(1);
     garage.kill_node(2);
     let killed = Instant::now();

@@ -103,7 +103,7 @@ impl Copier<'_, '_> {
         // Chunks go in windows of about 4 MiB, like a restore's batches: the chunks of a
         // window that must be read are fetched with one `read_many` (about one request per
         // pack region on a remote store, instead of one per chunk), then handled in order.
-        let window = ((4u64 << 20) / u64::from(entry.chunk_size).max(1)).max(1);
+        let window = crate::restore::chunks_per_read(u64::from(entry.chunk_size));
         let mut start = 0;
         while start < n {
             let end = (start + window).min(n);

@@ -266,6 +266,13 @@ fn restore_qcow2(
 /// Bytes written between two writeback kicks.
 const WRITEBACK_EVERY: usize = 64 << 20;
 
+/// How many chunks of `chunk_size` bytes one [`BlobReader::read_many`] is given: about
+/// 4 MiB of them, so a remote store answers about one request per pack region (restore's
+/// batches, copy's windows).
+pub(crate) fn chunks_per_read(chunk_size: u64) -> u64 {
+    ((4u64 << 20) / chunk_size.max(1)).max(1)
+}
+
 /// Starts writing the target's dirty pages to disk without waiting for it, so that the
 /// final `fsync` finds little left to do: the disk works while chunks are decrypted.
 fn start_writeback(file: &File) {
@@ -322,8 +329,7 @@ fn write_chunks(
     let mut unflushed = 0usize;
     let fanout = u64::from(disk.index_fanout);
     let (first, last) = (range.0 / cs, (range.0 + range.1).div_ceil(cs));
-    // About 4 MiB of chunks per batch.
-    let batch_len = ((4u64 << 20) / cs).max(1) as usize;
+    let batch_len = chunks_per_read(cs) as usize;
     let zeros = &mut zero_chunks;
     // The tree is walked by the producer, batches of consecutive chunks are read by the
     // workers (read_many: about one request per pack region), and this thread writes, in

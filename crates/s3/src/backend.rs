@@ -163,14 +163,13 @@ impl S3Backend {
         self.runtime.block_on(self.client.call(op, &object, bytes, |e| attempt(e.store.clone())))
     }
 
-    /// Like [`S3Backend::block`], with the whole endpoint (its HTTP client too).
-    pub(crate) fn block_raw<T, F, Fut>(&self, op: &str, key: &str, attempt: F) -> Result<T, Failure>
-    where
-        F: Fn(&Endpoint) -> Fut,
-        Fut: Future<Output = Result<T, Problem>>,
-    {
-        let object = format!("s3://{}/{key}", self.location.bucket);
-        self.runtime.block_on(self.client.call(op, &object, 0, attempt))
+    /// Runs a future of this store's requests to completion on its runtime.
+    pub(crate) fn run<T>(&self, future: impl Future<Output = T>) -> T {
+        self.runtime.block_on(future)
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
     }
 
     pub(crate) fn failure(&self, kind: Kind, name: &str, f: Failure) -> StoreError {

@@ -18,9 +18,10 @@
 //!   above [`backend::MULTIPART_THRESHOLD`], which becomes visible only when completed).
 //!   S3 never shows a partial object, so no temporary names and no rename are needed. A
 //!   writer killed mid-upload leaves at most an incomplete multipart upload, invisible to
-//!   listings; gc aborts those older than an hour ([`Backend::clean_temporary`],
-//!   `multipart.rs`: ListMultipartUploads and AbortMultipartUpload presigned by
-//!   object_store's own signer), and a bucket lifecycle rule can do the same.
+//!   listings; gc aborts those older than an hour by the store's clock
+//!   ([`Backend::clean_temporary`], `multipart.rs`: ListMultipartUploads and
+//!   AbortMultipartUpload presigned by object_store's own signer), and a bucket
+//!   lifecycle rule can do the same.
 //! - **Content-derived names**: packs, index files and snapshots are named by the hash of
 //!   their bytes, so a retried or repeated PUT writes identical bytes. Snapshots are
 //!   committed by writing the manifest last.

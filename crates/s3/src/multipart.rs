@@ -15,13 +15,22 @@
 //! with quick-xml, which object_store already uses for its own listings.
 //!
 //! **Which uploads go.** Only those under the repository's `data/` prefix, started more
-//! than the given age ago by the store's clock — gc passes its age for temporary files
-//! (one hour): no pack upload of a running process takes that long, and nothing but a
-//! pack is ever uploaded in parts.
+//! than the given age ago — by the store's clock: the `Initiated` time of an upload is
+//! compared with the `Date` of the answer that listed it, never with this host's clock,
+//! so a host whose clock runs ahead cannot take a running backup's upload for an old one
+//! (a store that sends no `Date` has nothing aborted). gc passes its age for temporary
+//! files (one hour), and no attempt of an upload lasts that long
+//! ([`ATTEMPT_MAX`](crate::retry::ATTEMPT_MAX); a retry starts a new upload): nothing but
+//! a pack is ever uploaded in parts.
+//!
+//! **A hostile endpoint** cannot make gc hold more than [`BODY_MAX`] bytes of one answer,
+//! nor list for ever: a listing that repeats a page marker or exceeds [`MAX_PAGES`] pages
+//! is an error.
 
 use std::time::{Duration, SystemTime};
 
 use blockproof_store::{Kind, StoreError};
+use futures_util::TryStreamExt;
 use object_store::client::{HttpRequest, HttpRequestBody};
 use object_store::path::Path;
 use object_store::signer::{Method, SignedUrlOptions, Signer};
@@ -29,7 +38,8 @@ use serde::Deserialize;
 
 use crate::backend::{RequestCounts, S3Backend};
 use crate::problem::Problem;
-use crate::retry::Endpoint;
+use crate::retry::{Client, Endpoint, Failure};
+use crate::S3Location;
 
 /// How long a presigned URL of ours stays valid (it is used at once).
 const URL_LIFETIME: Duration = Duration::from_secs(15 * 60);
@@ -92,8 +102,23 @@ pub fn parse_page(xml: &str) -> Result<Page, String> {
     Ok(Page { uploads, next })
 }
 
-/// Sends one presigned request; returns the body of a successful answer.
-async fn send(ep: Endpoint, method: Method, path: Path, query: Vec<(String, String)>) -> Result<Vec<u8>, Problem> {
+/// The largest answer of ours that is read (a page of `ListMultipartUploads` holds at
+/// most 1000 uploads, well under 1 MiB): a hostile or broken endpoint cannot make gc
+/// hold more.
+pub const BODY_MAX: usize = 8 << 20;
+
+/// How many pages of `ListMultipartUploads` one gc reads at most (at 1000 uploads a
+/// page): an endpoint whose listing never ends cannot keep gc going for ever.
+pub const MAX_PAGES: usize = 10_000;
+
+/// Sends one presigned request; returns the body of a successful answer (at most
+/// [`BODY_MAX`] bytes) and the store's clock (its `Date` header), when it gave one.
+async fn send(
+    ep: Endpoint,
+    method: Method,
+    path: Path,
+    query: Vec<(String, String)>,
+) -> Result<(Vec<u8>, Option<SystemTime>), Problem> {
     let url = ep
         .store
         .signed_url_opts(method.clone(), &path, URL_LIFETIME, &SignedUrlOptions::new().with_query(query))
@@ -104,63 +129,157 @@ async fn send(ep: Endpoint, method: Method, path: Path, query: Vec<(String, Stri
     *request.uri_mut() = url.as_str().parse().map_err(|e| Problem::of_status(400, &format!("bad URL {url}: {e}")))?;
     let response = ep.http.execute(request).await.map_err(|e| Problem::of_transport(&e))?;
     let status = response.status();
-    let body = response.into_body().bytes().await.map_err(|e| Problem::of_transport(&e))?;
+    let date = response.headers().get("date").and_then(|d| d.to_str().ok()).and_then(http_date);
+    let mut stream = response.into_body().bytes_stream();
+    let mut body = Vec::new();
+    while let Some(piece) = stream.try_next().await.map_err(|e| Problem::of_transport(&e))? {
+        if body.len() + piece.len() > BODY_MAX {
+            return Err(Problem::too_long(BODY_MAX));
+        }
+        body.extend_from_slice(&piece);
+    }
     if status.is_success() {
-        Ok(body.to_vec())
+        Ok((body, date))
     } else {
         Err(Problem::of_status(status.as_u16(), &String::from_utf8_lossy(&body)))
     }
 }
 
-/// Every incomplete upload under `prefix`.
-pub fn list(backend: &S3Backend, prefix: &str) -> Result<Vec<Upload>, StoreError> {
-    let mut out = Vec::new();
-    let mut marker: Option<(String, String)> = None;
-    loop {
-        RequestCounts::add(&backend.counts().list, 1);
-        let mut query = vec![("uploads".to_string(), String::new()), ("prefix".to_string(), prefix.to_string())];
-        if let Some((key, id)) = &marker {
-            query.push(("key-marker".into(), key.clone()));
-            query.push(("upload-id-marker".into(), id.clone()));
-        }
-        let body = backend
-            .block_raw("LIST multipart uploads", prefix, |ep| {
-                send(ep.clone(), Method::GET, Path::from(""), query.clone())
-            })
-            .map_err(|f| backend.failure(Kind::Pack, "", f))?;
-        let page = parse_page(&String::from_utf8_lossy(&body))
-            .map_err(|e| StoreError::Remote(format!("s3://{}/{prefix}: {e}", backend.location_ref().bucket)))?;
-        out.extend(page.uploads);
-        match page.next {
-            Some(next) if marker.as_ref() != Some(&next) => marker = Some(next),
-            _ => return Ok(out),
-        }
+/// An HTTP date (`Wed, 02 Dec 2026 01:58:10 GMT`).
+fn http_date(text: &str) -> Option<SystemTime> {
+    chrono::DateTime::parse_from_rfc2822(text.trim()).ok().map(SystemTime::from)
+}
+
+/// One page of the incomplete uploads under `prefix`, from `marker` on, and the store's
+/// clock when it answered.
+async fn list_page(
+    client: &Client,
+    bucket: &str,
+    prefix: &str,
+    marker: Option<&(String, String)>,
+) -> Result<(Page, Option<SystemTime>), StoreError> {
+    RequestCounts::add(&client.counts.list, 1);
+    let mut query = vec![("uploads".to_string(), String::new()), ("prefix".to_string(), prefix.to_string())];
+    if let Some((key, id)) = marker {
+        query.push(("key-marker".into(), key.clone()));
+        query.push(("upload-id-marker".into(), id.clone()));
+    }
+    let object = format!("s3://{bucket}/{prefix}");
+    let (body, date) = client
+        .call("LIST multipart uploads", &object, 0, |ep| send(ep.clone(), Method::GET, Path::from(""), query.clone()))
+        .await
+        .map_err(|f| failure(f, &object))?;
+    let page = parse_page(&String::from_utf8_lossy(&body)).map_err(|e| StoreError::Remote(format!("{object}: {e}")))?;
+    Ok((page, date))
+}
+
+fn failure(f: Failure, object: &str) -> StoreError {
+    match f {
+        Failure::NotFound => StoreError::Remote(format!("{object}: the bucket answered 404 Not Found")),
+        Failure::Failed(msg) => StoreError::Remote(msg),
     }
 }
 
-/// Aborts the incomplete uploads of packs started more than `age` ago; returns how many.
-pub fn abort_stale(backend: &S3Backend, age: Duration) -> Result<u64, StoreError> {
-    let prefix = backend.location_ref().key(&format!("{}/", Kind::Pack.dir()));
-    let cutoff = SystemTime::now().checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH);
-    let mut aborted = 0;
-    for upload in list(backend, &prefix)? {
-        let stale = upload.initiated.is_some_and(|t| t <= cutoff);
-        if !stale || !upload.key.starts_with(&prefix) {
-            continue;
+/// The pages of the incomplete uploads under a prefix, one request each. A listing that
+/// repeats a page marker, or goes on for more than [`MAX_PAGES`] pages, is an error: it
+/// would never end.
+struct Pages<'a> {
+    client: &'a Client,
+    bucket: &'a str,
+    prefix: &'a str,
+    /// Where the next page starts (`None`: at the first).
+    marker: Option<(String, String)>,
+    seen: std::collections::HashSet<(String, String)>,
+    done: bool,
+}
+
+impl<'a> Pages<'a> {
+    fn new(client: &'a Client, bucket: &'a str, prefix: &'a str) -> Self {
+        Pages { client, bucket, prefix, marker: None, seen: Default::default(), done: false }
+    }
+
+    /// The next page and the store's clock when it answered; `None` after the last.
+    async fn next(&mut self) -> Result<Option<(Vec<Upload>, Option<SystemTime>)>, StoreError> {
+        if self.done {
+            return Ok(None);
         }
-        let path = Path::parse(&upload.key)
-            .map_err(|e| StoreError::Invalid(format!("invalid object key {:?}: {e}", upload.key)))?;
-        RequestCounts::add(&backend.counts().delete, 1);
-        let query = vec![("uploadId".to_string(), upload.id.clone())];
-        match backend.block_raw("ABORT multipart upload", &upload.key, |ep| {
-            send(ep.clone(), Method::DELETE, path.clone(), query.clone())
-        }) {
-            // Gone already (completed, or aborted by another gc): nothing to do.
-            Ok(_) | Err(crate::retry::Failure::NotFound) => aborted += 1,
-            Err(f) => return Err(backend.failure(Kind::Pack, "", f)),
+        let what = || format!("s3://{}/{}: ListMultipartUploads", self.bucket, self.prefix);
+        if self.seen.len() >= MAX_PAGES {
+            return Err(StoreError::Remote(format!("{} did not end after {MAX_PAGES} pages", what())));
+        }
+        let (page, date) = list_page(self.client, self.bucket, self.prefix, self.marker.as_ref()).await?;
+        match page.next {
+            None => self.done = true,
+            Some(next) => {
+                if !self.seen.insert(next.clone()) {
+                    return Err(StoreError::Remote(format!(
+                        "{} repeats its page marker {:?}: the listing would never end",
+                        what(),
+                        next.0
+                    )));
+                }
+                self.marker = Some(next);
+            }
+        }
+        Ok(Some((page.uploads, date)))
+    }
+}
+
+/// Every incomplete upload under `prefix`.
+pub async fn list_uploads(client: &Client, bucket: &str, prefix: &str) -> Result<Vec<Upload>, StoreError> {
+    let mut out = Vec::new();
+    let mut pages = Pages::new(client, bucket, prefix);
+    while let Some((uploads, _)) = pages.next().await? {
+        out.extend(uploads);
+    }
+    Ok(out)
+}
+
+/// Aborts the incomplete uploads of the repository's packs started more than `age` ago
+/// by the store's own clock (the `Date` of its answer, so a host whose clock is ahead
+/// never takes a running backup's upload for an old one; a store that gives no date has
+/// nothing aborted); returns how many.
+pub async fn abort_stale_uploads(client: &Client, location: &S3Location, age: Duration) -> Result<u64, StoreError> {
+    let prefix = location.key(&format!("{}/", Kind::Pack.dir()));
+    let mut aborted = 0;
+    let mut pages = Pages::new(client, &location.bucket, &prefix);
+    while let Some((uploads, store_now)) = pages.next().await? {
+        let Some(cutoff) = store_now.map(|now| now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH)) else {
+            continue;
+        };
+        for upload in uploads {
+            let stale = upload.initiated.is_some_and(|t| t <= cutoff);
+            if !stale || !upload.key.starts_with(&prefix) {
+                continue;
+            }
+            let path = Path::parse(&upload.key)
+                .map_err(|e| StoreError::Invalid(format!("invalid object key {:?}: {e}", upload.key)))?;
+            RequestCounts::add(&client.counts.delete, 1);
+            let query = vec![("uploadId".to_string(), upload.id.clone())];
+            let object = format!("s3://{}/{}", location.bucket, upload.key);
+            match client
+                .call("ABORT multipart upload", &object, 0, |ep| {
+                    send(ep.clone(), Method::DELETE, path.clone(), query.clone())
+                })
+                .await
+            {
+                // Gone already (completed, or aborted by another gc): nothing to do.
+                Ok(_) | Err(Failure::NotFound) => aborted += 1,
+                Err(f) => return Err(failure(f, &object)),
+            }
         }
     }
     Ok(aborted)
+}
+
+/// Every incomplete upload under `prefix` of `backend`'s bucket.
+pub fn list(backend: &S3Backend, prefix: &str) -> Result<Vec<Upload>, StoreError> {
+    backend.run(list_uploads(backend.client(), &backend.location_ref().bucket, prefix))
+}
+
+/// [`abort_stale_uploads`] of `backend`'s repository.
+pub fn abort_stale(backend: &S3Backend, age: Duration) -> Result<u64, StoreError> {
+    backend.run(abort_stale_uploads(backend.client(), backend.location_ref(), age))
 }
 
 #[cfg(test)]

@@ -74,6 +74,11 @@ impl Problem {
         Problem::new(Class::Transient, format!("did not answer within {} s", limit.as_secs()), HINT_SLOW)
     }
 
+    /// An answer longer than any this client expects (`max` bytes): not read further.
+    pub fn too_long(max: usize) -> Self {
+        Problem::new(Class::Permanent, format!("answered with more than {} MiB", max >> 20), HINT_OTHER)
+    }
+
     /// Classifies an error of `object_store` (made with its own retries off, so it is
     /// the outcome of exactly one HTTP exchange).
     pub fn of_store(e: &object_store::Error) -> Self {
@@ -329,5 +334,21 @@ mod tests {
             Some((500, String::new()))
         );
         assert_eq!(status_text("something else"), None);
+    }
+
+    /// What a broken or hostile endpoint may answer — deeply nested or unclosed XML, a
+    /// huge message, text cut inside a character — is described, never a panic.
+    #[test]
+    fn odd_answers_are_described_without_a_panic() {
+        let deep = format!("<Error><Code>X</Code>{}{}</Error>", "<a>".repeat(50_000), "</a>".repeat(50_000));
+        assert!(Problem::of_status(503, &deep).what.starts_with("answered 503 Service Unavailable"));
+        let unclosed = format!("<Error><Message>{}", "<b>".repeat(50_000));
+        assert_eq!(Problem::of_status(500, &unclosed).class, Class::Transient);
+        let huge = format!("<Error><Code>SlowDown</Code><Message>{}</Message></Error>", "é".repeat(1 << 20));
+        let p = Problem::of_status(503, &huge);
+        assert!(p.what.chars().count() < DETAIL_MAX + 80, "{}", p.what.len());
+        assert_eq!(status_text("Server returned non-2xx status code: 5é"), None);
+        assert_eq!(status_text("Server returned non-2xx status code: "), None);
+        assert!(Problem::of_status(999, "\u{0}\u{fffd}").what.starts_with("answered 999 "));
     }
 }

@@ -13,7 +13,8 @@
 //!   [`FIRST_WAIT`] to at most [`MAX_WAIT`], so a node restarting for ten seconds costs a
 //!   few attempts and the clients of a recovering cluster do not all come back at once.
 //! - **One attempt is bounded too**: [`attempt_limit`] (30 s plus the time to move its
-//!   bytes at 64 KiB/s), so a stalled connection becomes a failed attempt, not a hang.
+//!   bytes at 64 KiB/s, at most [`ATTEMPT_MAX`]), so a stalled connection becomes a
+//!   failed attempt, not a hang.
 //! - **A failed operation stops at once.** Requests watch the operation's cancellation
 //!   token ([`Cancel`], the repository's, given by `Backend::observe_cancel`): once it
 //!   is cancelled — by the first error of any stage, a lost lock, or a request of this
@@ -49,6 +50,10 @@ pub const MAX_WAIT: Duration = Duration::from_secs(4);
 pub const ATTEMPT_BASE: Duration = Duration::from_secs(30);
 /// The slowest transfer rate an attempt is allowed, in bytes per second.
 pub const SLOWEST_RATE: u64 = 64 << 10;
+/// The longest any attempt may take: well under the hour after which gc aborts an
+/// incomplete multipart upload (crate::multipart), since an attempt's upload is live
+/// until the attempt ends.
+pub const ATTEMPT_MAX: Duration = Duration::from_secs(50 * 60);
 
 /// The wait before round `round + 1` (`round` ≥ 1 rounds have failed): "equal jitter" —
 /// half of the doubling cap plus a random part of the other half.
@@ -60,7 +65,7 @@ pub fn wait(round: u32, rng: &mut impl Rng) -> Duration {
 
 /// How long one attempt moving `bytes` may take.
 pub fn attempt_limit(bytes: u64) -> Duration {
-    (ATTEMPT_BASE + Duration::from_secs(bytes / SLOWEST_RATE)).min(Duration::from_secs(3600))
+    (ATTEMPT_BASE + Duration::from_secs(bytes / SLOWEST_RATE)).min(ATTEMPT_MAX)
 }
 
 /// The safety net on attempts: one per endpoint per second of the retry timeout, plus
@@ -335,6 +340,14 @@ mod tests {
     fn an_attempt_may_take_longer_the_more_it_moves() {
         assert_eq!(attempt_limit(0), ATTEMPT_BASE);
         assert_eq!(attempt_limit(16 << 20), ATTEMPT_BASE + Duration::from_secs(256));
-        assert_eq!(attempt_limit(u64::MAX), Duration::from_secs(3600));
+        assert_eq!(attempt_limit(u64::MAX), ATTEMPT_MAX);
+    }
+
+    /// gc aborts incomplete multipart uploads an hour old (blockproof_core::gc::TEMP_AGE):
+    /// an attempt, whose upload is live until it ends, must end well before that.
+    #[test]
+    fn no_attempt_lives_as_long_as_gc_waits_for_an_upload() {
+        let gc_age = Duration::from_secs(3600);
+        assert!(attempt_limit(u64::MAX) + Duration::from_secs(5 * 60) <= gc_age, "{:?}", attempt_limit(u64::MAX));
     }
 }

@@ -293,3 +293,80 @@ fn the_answer_of_a_node_that_is_up_leads_the_line() {
     assert!(msg.starts_with(&expected), "{msg}");
     assert!(msg.contains(" on 2 endpoints (retry timeout 0 s): too few of the cluster's nodes answer"), "{msg}");
 }
+
+/// `Date` and a `ListMultipartUploadsResult` page as a store answers it: `date` is the
+/// store's clock, each upload `(key, id, initiated)`, and `next` the markers of a
+/// truncated page.
+fn listing(date: std::time::SystemTime, uploads: &[(&str, &str, std::time::SystemTime)], next: Option<&str>) -> String {
+    let http_date = chrono::DateTime::<chrono::Utc>::from(date).format("%a, %d %b %Y %H:%M:%S GMT");
+    let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListMultipartUploadsResult>");
+    match next {
+        Some(m) => xml.push_str(&format!(
+            "<IsTruncated>true</IsTruncated><NextKeyMarker>{m}</NextKeyMarker><NextUploadIdMarker>{m}</NextUploadIdMarker>"
+        )),
+        None => xml.push_str("<IsTruncated>false</IsTruncated>"),
+    }
+    for (key, id, initiated) in uploads {
+        let t = humantime::format_rfc3339_millis(*initiated);
+        xml.push_str(&format!("<Upload><Key>{key}</Key><UploadId>{id}</UploadId><Initiated>{t}</Initiated></Upload>"));
+    }
+    xml.push_str("</ListMultipartUploadsResult>");
+    response("200 OK", &format!("Date: {http_date}\r\nContent-Type: application/xml\r\n"), &xml)
+}
+
+/// gc aborts the incomplete uploads of packs by their age on the store's clock (the
+/// `Date` of its answer), not this host's: with the store's clock two hours behind, an
+/// upload it started a minute ago is a running backup's and stays; one it started three
+/// hours ago goes. Before, the host's clock made both look older than an hour.
+#[test]
+fn an_uploads_age_is_judged_by_the_stores_clock() {
+    use std::time::SystemTime;
+    let store_now = SystemTime::now() - Duration::from_secs(2 * 3600);
+    let page = listing(
+        store_now,
+        &[
+            ("repo/data/ab/ab01", "live", store_now - Duration::from_secs(60)),
+            ("repo/data/cd/cd01", "stale", store_now - Duration::from_secs(3 * 3600)),
+        ],
+        None,
+    );
+    let fake = Fake::start(move |n| Some(if n == 0 { page.clone() } else { response("204 No Content", "", "") }));
+    let rt = runtime();
+    let c = client(&[&fake.url], Duration::from_secs(5));
+    let location = blockproof_s3::S3Location::parse("s3://bkt/repo").unwrap();
+    let aborted =
+        rt.block_on(blockproof_s3::multipart::abort_stale_uploads(&c, &location, Duration::from_secs(3600))).unwrap();
+    assert_eq!((aborted, fake.requests()), (1, 2), "one listing, one abort");
+}
+
+/// A listing whose pages never end (a broken or hostile endpoint handing back markers
+/// it gave before) is an error, not a gc that lists for ever.
+#[test]
+fn a_listing_that_repeats_its_markers_is_an_error() {
+    let now = std::time::SystemTime::now();
+    let fake = Fake::start(move |n| Some(listing(now, &[], Some(if n % 2 == 0 { "a" } else { "b" }))));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let url = fake.url.clone();
+    std::thread::spawn(move || {
+        let rt = runtime();
+        let c = client(&[&url], Duration::from_secs(5));
+        let _ = tx.send(rt.block_on(blockproof_s3::multipart::list_uploads(&c, "bkt", "repo/data/")).map(|u| u.len()));
+    });
+    let r = rx.recv_timeout(Duration::from_secs(30)).expect("the listing must end");
+    let e = r.expect_err("a listing that repeats itself").to_string();
+    assert!(e.contains("repeats its page marker"), "{e}");
+    assert_eq!(fake.requests(), 3, "{e}");
+}
+
+/// An answer longer than any listing page is not read whole into memory: the request
+/// fails once it passes the bound.
+#[test]
+fn an_overlong_answer_is_not_read_whole() {
+    let body = "x".repeat(blockproof_s3::multipart::BODY_MAX + 1);
+    let fake = Fake::start(move |_| Some(response("200 OK", "", &body)));
+    let rt = runtime();
+    let c = client(&[&fake.url], Duration::from_secs(5));
+    let e = rt.block_on(blockproof_s3::multipart::list_uploads(&c, "bkt", "repo/data/")).unwrap_err().to_string();
+    assert!(e.contains("answered with more than 8 MiB"), "{e}");
+    assert_eq!(fake.requests(), 1, "{e}");
+}

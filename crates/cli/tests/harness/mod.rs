@@ -422,15 +422,19 @@ pub fn assert_json_documented(command: &str, value: &serde_json::Value) {
     assert!(missing.is_empty(), "docs/JSON.md does not document {missing:?} of {wanted}");
 }
 
-/// Waits (up to 30 s) until `path` exists: a test hook's signal that the binary reached
-/// the point it pauses at.
+/// Waits (up to a minute) until `path` exists: a test hook's signal that the binary
+/// reached the point it pauses at.
 #[allow(dead_code)]
 pub fn wait_for(path: &Path) {
-    for _ in 0..3000 {
-        if path.exists() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+    wait_until(&format!("{} appearing", path.display()), || path.exists());
+}
+
+/// Waits (up to a minute) until `cond` holds; panics naming `what` when it never does.
+#[allow(dead_code)]
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "{what} never happened");
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    panic!("{} never appeared", path.display());
 }
