@@ -9,7 +9,8 @@ mod harness;
 use harness::wait_for;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Child;
 
 use harness::qemu::*;
 use harness::qsd::{write_via_nbd, Qsd};
@@ -65,6 +66,32 @@ impl Vm {
 
     fn write(&self, node: &str, writes: &[(u64, u64, u8)]) -> BTreeSet<u64> {
         write_via_nbd(&self.nbd, &format!("w-{node}"), writes)
+    }
+
+    /// Writes to disk `node` that the vm's bitmap of it never sees (disabled around them).
+    fn hidden_write(&self, node: &str, writes: &[(u64, u64, u8)]) {
+        let nodes = self.qsd.qmp("query-named-block-nodes", json!({"flat": true})).unwrap();
+        let n = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == node).unwrap();
+        let bitmap = n["dirty-bitmaps"][0]["name"].as_str().unwrap().to_string();
+        self.qsd.qmp("block-dirty-bitmap-disable", json!({"node": node, "name": bitmap})).unwrap();
+        self.write(node, writes);
+        self.qsd.qmp("block-dirty-bitmap-enable", json!({"node": node, "name": bitmap})).unwrap();
+    }
+
+    /// Starts `c` (a backup) with the test hook that makes it wait, its view set up and
+    /// its disks opened, until `gate` exists; returns once it waits.
+    fn paused(c: &mut harness::TestCommand, gate: &Path) -> Child {
+        c.env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
+        let child = c.spawn_piped();
+        wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
+        child
+    }
+
+    /// A backup SIGKILLed while its view is set up.
+    fn killed_backup(&self, dir: &Dir, gate: &Path) {
+        let mut child = Vm::paused(&mut self.backup_cmd(dir), gate);
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// Asserts nothing of blockproof is left in the daemon or the state directory, and
@@ -129,10 +156,7 @@ fn a_running_vm_over_qmp_full_incremental_kill_and_recovery() {
     let a_data = vm.write("data", &scattered(4 << 20, 4, 2));
     let t1 = [vm.truth(&dir, "sys", "t1-sys.raw"), vm.truth(&dir, "data", "t1-data.raw")];
     let gate = dir.join("go");
-    let mut c = vm.backup_cmd(&dir);
-    c.env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
-    let child = c.spawn_piped();
-    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
+    let child = Vm::paused(&mut vm.backup_cmd(&dir), &gate);
     let b_sys = vm.write("sys", &scattered(8 << 20, 5, 3));
     std::fs::write(&gate, b"").unwrap();
     let out = child.wait_with_output().unwrap();
@@ -150,12 +174,7 @@ fn a_running_vm_over_qmp_full_incremental_kill_and_recovery() {
 
     // SIGKILL while the view is set up: the VM keeps running, the journal names what
     // was left, and the next run tears it down and still covers every change.
-    let mut c = vm.backup_cmd(&dir);
-    c.env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
-    let mut child = c.spawn_piped();
-    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    vm.killed_backup(&dir, &gate);
     assert!(vm.state.join("v.journal.json").exists(), "the journal names what was set up");
     let c_sys = vm.write("sys", &scattered(8 << 20, 4, 4));
     let t2 = [vm.truth(&dir, "sys", "t2-sys.raw"), vm.truth(&dir, "data", "t2-data.raw")];
@@ -182,13 +201,7 @@ fn cleanup_undoes_a_killed_run() {
     let vm = vm(&dir);
     vm.backup_cmd(&dir).json();
     let a = vm.write("sys", &scattered(8 << 20, 5, 7));
-    let gate = dir.join("go");
-    let mut c = vm.backup_cmd(&dir);
-    c.env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
-    let mut child = c.spawn_piped();
-    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    vm.killed_backup(&dir, &dir.join("go"));
 
     let mut c = dir.cmd("cleanup");
     c.args(["--vm", "v", "--json"]).arg("--state-dir").arg(&vm.state);
@@ -221,13 +234,8 @@ fn a_hidden_write_is_caught_in_the_view_and_the_next_run_is_full() {
     dir.init();
     let vm = vm(&dir);
     vm.backup_cmd(&dir).json();
-    let nodes = vm.qsd.qmp("query-named-block-nodes", json!({"flat": true})).unwrap();
-    let sys = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "sys").unwrap();
-    let bitmap = sys["dirty-bitmaps"][0]["name"].as_str().unwrap().to_string();
     vm.write("sys", &[(0, 65536, 9)]);
-    vm.qsd.qmp("block-dirty-bitmap-disable", json!({"node": "sys", "name": bitmap})).unwrap();
-    vm.write("sys", &[(5 << 20, 4096, 10)]);
-    vm.qsd.qmp("block-dirty-bitmap-enable", json!({"node": "sys", "name": bitmap})).unwrap();
+    vm.hidden_write("sys", &[(5 << 20, 4096, 10)]);
     let truth = vm.truth(&dir, "sys", "t-sys.raw");
 
     let (stdout, _) = vm.backup_cmd(&dir).code(3);
@@ -257,19 +265,11 @@ fn heal_reads_the_clean_restore_point_from_the_view() {
     dir.init();
     let vm = vm(&dir);
     vm.backup_cmd(&dir).json();
-    let nodes = vm.qsd.qmp("query-named-block-nodes", json!({"flat": true})).unwrap();
-    let sys = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "sys").unwrap();
-    let bitmap = sys["dirty-bitmaps"][0]["name"].as_str().unwrap().to_string();
-    vm.qsd.qmp("block-dirty-bitmap-disable", json!({"node": "sys", "name": bitmap})).unwrap();
-    vm.write("sys", &[(3 << 20, 8192, 11)]);
-    vm.qsd.qmp("block-dirty-bitmap-enable", json!({"node": "sys", "name": bitmap})).unwrap();
+    vm.hidden_write("sys", &[(3 << 20, 8192, 11)]);
     let truth = vm.truth(&dir, "sys", "t-sys.raw");
 
     let gate = dir.join("go");
-    let mut c = vm.backup_cmd(&dir);
-    c.args(["--on-mismatch", "heal"]).env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
-    let child = c.spawn_piped();
-    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
+    let child = Vm::paused(vm.backup_cmd(&dir).args(["--on-mismatch", "heal"]), &gate);
     vm.write("sys", &[(3 << 20, 65536, 12)]); // after the view: not in either restore point
     std::fs::write(&gate, b"").unwrap();
     let out = child.wait_with_output().unwrap();
