@@ -21,6 +21,8 @@ struct Vm {
     qsd: Qsd,
     nbd: PathBuf,
     state: PathBuf,
+    /// The daemon's second QMP monitor.
+    qmp2: PathBuf,
 }
 
 /// A daemon with a qcow2 disk `sys` (8 MiB) and a raw disk `data` (4 MiB), each with a
@@ -36,6 +38,12 @@ fn vm(dir: &Dir) -> Vm {
         args.push("--blockdev".into());
         args.push(format!("driver={drv},file={node}-file,node-name={node}"));
     }
+    // A second monitor, as a QEMU may have (libvirt's and a user's).
+    let qmp2 = dir.join("vm2.qmp");
+    args.push("--chardev".into());
+    args.push(format!("socket,path={},server=on,wait=off,id=qmp1", qmp2.display()));
+    args.push("--monitor".into());
+    args.push("chardev=qmp1".into());
     args.push("--nbd-server".into());
     args.push(format!("addr.type=unix,addr.path={}", nbd.display()));
     for node in ["sys", "data"] {
@@ -44,7 +52,7 @@ fn vm(dir: &Dir) -> Vm {
     }
     let qsd = Qsd::start(dir, "vm", &args);
     let state = dir.join("state");
-    Vm { qsd, nbd, state }
+    Vm { qsd, nbd, state, qmp2 }
 }
 
 impl Vm {
@@ -279,5 +287,45 @@ fn heal_reads_the_clean_restore_point_from_the_view() {
     let healed = &r["healed_snapshot"];
     assert!(healed.is_string(), "{r}");
     assert_restores(&dir, healed, "sys", &truth);
+    vm.assert_no_leftovers();
+}
+
+/// While a backup of the vm runs, a second backup, a `cleanup`, and a backup with another
+/// state directory are refused without touching its view: the running backup completes
+/// with an exact incremental, and nothing is left behind.
+#[test]
+fn a_second_run_of_the_vm_leaves_the_running_ones_view_alone() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    vm.backup_cmd(&dir).json();
+    let a = vm.write("sys", &scattered(8 << 20, 5, 13));
+    let truth = vm.truth(&dir, "sys", "t-sys.raw");
+    let gate = dir.join("go");
+    let first = Vm::paused(&mut vm.backup_cmd(&dir), &gate);
+
+    let second = vm.backup_cmd(&dir).fails_with_one_line(1);
+    assert!(second.contains("vm v is already being backed up"), "{second}");
+    let mut c = dir.cmd("cleanup");
+    c.args(["--vm", "v"]).arg("--state-dir").arg(&vm.state);
+    let cleanup = c.fails_with_one_line(1);
+    assert!(cleanup.contains("vm v is already being backed up"), "{cleanup}");
+    // Through the process's other monitor (the first run holds one: QEMU serves one client
+    // per monitor), with another state directory: a view it did not journal.
+    let other_state = dir.join("other-state");
+    let mut third = dir.repo_cmd("backup");
+    third.args(["--vm", "v", "--json"]).arg("--state-dir").arg(&other_state);
+    third.arg("--from").arg(format!("qmp:{},nbd={}", vm.qmp2.display(), vm.nbd.display()));
+    let third = third.fails_with_one_line(1);
+    assert!(third.contains("already has a point-in-time view of disk"), "{third}");
+    assert!(std::fs::read_dir(&other_state).unwrap().next().is_none(), "the refused run wrote no journal");
+
+    std::fs::write(&gate, b"").unwrap();
+    let out = first.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    let s = disk(&r, "sys");
+    assert_eq!((s["mode"].as_str(), s["cbt_reported_chunks"].as_u64()), (Some("incremental"), Some(a.len() as u64)));
+    assert_restores(&dir, &r["snapshot"], "sys", &truth);
     vm.assert_no_leftovers();
 }
