@@ -2,6 +2,7 @@
 //! before the backup and torn down after it (blockproof_source::LiveVm).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Result;
 use blockproof_core::{BackupReport, CoreError, DiskInput};
@@ -32,10 +33,11 @@ impl VmSource {
         Ok(VmSource { qmp: qmp.into(), nbd: nbd.map(PathBuf::from) })
     }
 
-    /// Takes the view of every disk of the VM.
-    pub fn start(&self, vm: &str, state_dir: Option<&Path>) -> Result<Live> {
+    /// Takes the view of every disk of the VM; another run of the vm from the same state
+    /// directory is waited for up to `lock_wait`.
+    pub fn start(&self, vm: &str, state_dir: Option<&Path>, lock_wait: Duration) -> Result<Live> {
         let dir = blockproof_source::state_dir(state_dir)?;
-        let vm_view = LiveVm::start(&self.qmp, vm, &dir, self.nbd.as_deref())?;
+        let vm_view = LiveVm::start(&self.qmp, vm, &dir, self.nbd.as_deref(), lock_wait)?;
         Ok(Live { vm: vm_view })
     }
 }
@@ -83,10 +85,7 @@ pub fn finish(live: Live, result: Result<BackupReport, CoreError>) -> Result<Bac
 /// `blockproof cleanup --vm NAME`: undoes the journal an interrupted backup left.
 pub fn cleanup(a: CleanupArgs) -> Result<u8> {
     let dir = blockproof_source::state_dir(a.state_dir.as_deref())?;
-    let done = match blockproof_source::read_journal(&dir, &a.vm)? {
-        Some(j) => blockproof_source::undo(&dir, &j)?,
-        None => Vec::new(),
-    };
+    let done = blockproof_source::cleanup(&dir, &a.vm)?;
     if a.json {
         crate::commands::print_json(&serde_json::json!({ "vm": a.vm, "removed": done }))?;
     } else if done.is_empty() {

@@ -9,7 +9,8 @@ mod harness;
 use harness::wait_for;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Child;
 
 use harness::qemu::*;
 use harness::qsd::{write_via_nbd, Qsd};
@@ -20,6 +21,8 @@ struct Vm {
     qsd: Qsd,
     nbd: PathBuf,
     state: PathBuf,
+    /// The daemon's second QMP monitor.
+    qmp2: PathBuf,
 }
 
 /// A daemon with a qcow2 disk `sys` (8 MiB) and a raw disk `data` (4 MiB), each with a
@@ -35,6 +38,12 @@ fn vm(dir: &Dir) -> Vm {
         args.push("--blockdev".into());
         args.push(format!("driver={drv},file={node}-file,node-name={node}"));
     }
+    // A second monitor, as a QEMU may have (libvirt's and a user's).
+    let qmp2 = dir.join("vm2.qmp");
+    args.push("--chardev".into());
+    args.push(format!("socket,path={},server=on,wait=off,id=qmp1", qmp2.display()));
+    args.push("--monitor".into());
+    args.push("chardev=qmp1".into());
     args.push("--nbd-server".into());
     args.push(format!("addr.type=unix,addr.path={}", nbd.display()));
     for node in ["sys", "data"] {
@@ -43,7 +52,7 @@ fn vm(dir: &Dir) -> Vm {
     }
     let qsd = Qsd::start(dir, "vm", &args);
     let state = dir.join("state");
-    Vm { qsd, nbd, state }
+    Vm { qsd, nbd, state, qmp2 }
 }
 
 impl Vm {
@@ -65,6 +74,32 @@ impl Vm {
 
     fn write(&self, node: &str, writes: &[(u64, u64, u8)]) -> BTreeSet<u64> {
         write_via_nbd(&self.nbd, &format!("w-{node}"), writes)
+    }
+
+    /// Writes to disk `node` that the vm's bitmap of it never sees (disabled around them).
+    fn hidden_write(&self, node: &str, writes: &[(u64, u64, u8)]) {
+        let nodes = self.qsd.qmp("query-named-block-nodes", json!({"flat": true})).unwrap();
+        let n = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == node).unwrap();
+        let bitmap = n["dirty-bitmaps"][0]["name"].as_str().unwrap().to_string();
+        self.qsd.qmp("block-dirty-bitmap-disable", json!({"node": node, "name": bitmap})).unwrap();
+        self.write(node, writes);
+        self.qsd.qmp("block-dirty-bitmap-enable", json!({"node": node, "name": bitmap})).unwrap();
+    }
+
+    /// Starts `c` (a backup) with the test hook that makes it wait, its view set up and
+    /// its disks opened, until `gate` exists; returns once it waits.
+    fn paused(c: &mut harness::TestCommand, gate: &Path) -> Child {
+        c.env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
+        let child = c.spawn_piped();
+        wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
+        child
+    }
+
+    /// A backup SIGKILLed while its view is set up.
+    fn killed_backup(&self, dir: &Dir, gate: &Path) {
+        let mut child = Vm::paused(&mut self.backup_cmd(dir), gate);
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// Asserts nothing of blockproof is left in the daemon or the state directory, and
@@ -129,10 +164,7 @@ fn a_running_vm_over_qmp_full_incremental_kill_and_recovery() {
     let a_data = vm.write("data", &scattered(4 << 20, 4, 2));
     let t1 = [vm.truth(&dir, "sys", "t1-sys.raw"), vm.truth(&dir, "data", "t1-data.raw")];
     let gate = dir.join("go");
-    let mut c = vm.backup_cmd(&dir);
-    c.env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
-    let child = c.spawn_piped();
-    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
+    let child = Vm::paused(&mut vm.backup_cmd(&dir), &gate);
     let b_sys = vm.write("sys", &scattered(8 << 20, 5, 3));
     std::fs::write(&gate, b"").unwrap();
     let out = child.wait_with_output().unwrap();
@@ -150,12 +182,7 @@ fn a_running_vm_over_qmp_full_incremental_kill_and_recovery() {
 
     // SIGKILL while the view is set up: the VM keeps running, the journal names what
     // was left, and the next run tears it down and still covers every change.
-    let mut c = vm.backup_cmd(&dir);
-    c.env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
-    let mut child = c.spawn_piped();
-    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    vm.killed_backup(&dir, &gate);
     assert!(vm.state.join("v.journal.json").exists(), "the journal names what was set up");
     let c_sys = vm.write("sys", &scattered(8 << 20, 4, 4));
     let t2 = [vm.truth(&dir, "sys", "t2-sys.raw"), vm.truth(&dir, "data", "t2-data.raw")];
@@ -182,13 +209,7 @@ fn cleanup_undoes_a_killed_run() {
     let vm = vm(&dir);
     vm.backup_cmd(&dir).json();
     let a = vm.write("sys", &scattered(8 << 20, 5, 7));
-    let gate = dir.join("go");
-    let mut c = vm.backup_cmd(&dir);
-    c.env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
-    let mut child = c.spawn_piped();
-    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    vm.killed_backup(&dir, &dir.join("go"));
 
     let mut c = dir.cmd("cleanup");
     c.args(["--vm", "v", "--json"]).arg("--state-dir").arg(&vm.state);
@@ -221,13 +242,8 @@ fn a_hidden_write_is_caught_in_the_view_and_the_next_run_is_full() {
     dir.init();
     let vm = vm(&dir);
     vm.backup_cmd(&dir).json();
-    let nodes = vm.qsd.qmp("query-named-block-nodes", json!({"flat": true})).unwrap();
-    let sys = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "sys").unwrap();
-    let bitmap = sys["dirty-bitmaps"][0]["name"].as_str().unwrap().to_string();
     vm.write("sys", &[(0, 65536, 9)]);
-    vm.qsd.qmp("block-dirty-bitmap-disable", json!({"node": "sys", "name": bitmap})).unwrap();
-    vm.write("sys", &[(5 << 20, 4096, 10)]);
-    vm.qsd.qmp("block-dirty-bitmap-enable", json!({"node": "sys", "name": bitmap})).unwrap();
+    vm.hidden_write("sys", &[(5 << 20, 4096, 10)]);
     let truth = vm.truth(&dir, "sys", "t-sys.raw");
 
     let (stdout, _) = vm.backup_cmd(&dir).code(3);
@@ -257,19 +273,11 @@ fn heal_reads_the_clean_restore_point_from_the_view() {
     dir.init();
     let vm = vm(&dir);
     vm.backup_cmd(&dir).json();
-    let nodes = vm.qsd.qmp("query-named-block-nodes", json!({"flat": true})).unwrap();
-    let sys = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "sys").unwrap();
-    let bitmap = sys["dirty-bitmaps"][0]["name"].as_str().unwrap().to_string();
-    vm.qsd.qmp("block-dirty-bitmap-disable", json!({"node": "sys", "name": bitmap})).unwrap();
-    vm.write("sys", &[(3 << 20, 8192, 11)]);
-    vm.qsd.qmp("block-dirty-bitmap-enable", json!({"node": "sys", "name": bitmap})).unwrap();
+    vm.hidden_write("sys", &[(3 << 20, 8192, 11)]);
     let truth = vm.truth(&dir, "sys", "t-sys.raw");
 
     let gate = dir.join("go");
-    let mut c = vm.backup_cmd(&dir);
-    c.args(["--on-mismatch", "heal"]).env("BLOCKPROOF_PAUSE_AFTER_OPEN", gate.to_str().unwrap());
-    let child = c.spawn_piped();
-    wait_for(&PathBuf::from(format!("{}.waiting", gate.display())));
+    let child = Vm::paused(vm.backup_cmd(&dir).args(["--on-mismatch", "heal"]), &gate);
     vm.write("sys", &[(3 << 20, 65536, 12)]); // after the view: not in either restore point
     std::fs::write(&gate, b"").unwrap();
     let out = child.wait_with_output().unwrap();
@@ -279,5 +287,45 @@ fn heal_reads_the_clean_restore_point_from_the_view() {
     let healed = &r["healed_snapshot"];
     assert!(healed.is_string(), "{r}");
     assert_restores(&dir, healed, "sys", &truth);
+    vm.assert_no_leftovers();
+}
+
+/// While a backup of the vm runs, a second backup, a `cleanup`, and a backup with another
+/// state directory are refused without touching its view: the running backup completes
+/// with an exact incremental, and nothing is left behind.
+#[test]
+fn a_second_run_of_the_vm_leaves_the_running_ones_view_alone() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    vm.backup_cmd(&dir).json();
+    let a = vm.write("sys", &scattered(8 << 20, 5, 13));
+    let truth = vm.truth(&dir, "sys", "t-sys.raw");
+    let gate = dir.join("go");
+    let first = Vm::paused(&mut vm.backup_cmd(&dir), &gate);
+
+    let second = vm.backup_cmd(&dir).fails_with_one_line(1);
+    assert!(second.contains("vm v is already being backed up"), "{second}");
+    let mut c = dir.cmd("cleanup");
+    c.args(["--vm", "v"]).arg("--state-dir").arg(&vm.state);
+    let cleanup = c.fails_with_one_line(1);
+    assert!(cleanup.contains("vm v is already being backed up"), "{cleanup}");
+    // Through the process's other monitor (the first run holds one: QEMU serves one client
+    // per monitor), with another state directory: a view it did not journal.
+    let other_state = dir.join("other-state");
+    let mut third = dir.repo_cmd("backup");
+    third.args(["--vm", "v", "--json"]).arg("--state-dir").arg(&other_state);
+    third.arg("--from").arg(format!("qmp:{},nbd={}", vm.qmp2.display(), vm.nbd.display()));
+    let third = third.fails_with_one_line(1);
+    assert!(third.contains("already has a point-in-time view of disk"), "{third}");
+    assert!(std::fs::read_dir(&other_state).unwrap().next().is_none(), "the refused run wrote no journal");
+
+    std::fs::write(&gate, b"").unwrap();
+    let out = first.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    let s = disk(&r, "sys");
+    assert_eq!((s["mode"].as_str(), s["cbt_reported_chunks"].as_u64()), (Some("incremental"), Some(a.len() as u64)));
+    assert_restores(&dir, &r["snapshot"], "sys", &truth);
     vm.assert_no_leftovers();
 }

@@ -54,7 +54,7 @@ mod raw;
 
 pub use changes::{ChangeList, Changes};
 pub use disk::{AfterCommit, Base, Cbt, DiskSpec, OpenedDisk, Owner, ParentCbt};
-pub use live::{read_journal, state_dir, undo, Journal, JournalDisk, LiveVm};
+pub use live::{cleanup, read_journal, state_dir, Journal, JournalDisk, LiveVm, VmLock};
 pub use nbd::NbdSource;
 pub use qemu::{add_bitmap, image_bitmaps, image_format, qemu_img_convert, remove_bitmap, Bitmap, QemuNbd};
 pub use qmp::{NodeBitmap, Qmp, QmpError, VmDisk};

@@ -6,7 +6,8 @@
 //!
 //! 1. A journal (`<state dir>/<vm>.journal.json`, directory 0700) is written before each
 //!    change to the VM, naming what will exist; a journal left by an earlier run (killed,
-//!    crashed) is undone first — exactly what it names, nothing else.
+//!    crashed) is undone first — exactly what it names, nothing else. All of it under the
+//!    vm's [`VmLock`], so a journal is never undone while its run is still going.
 //! 2. Per disk, a temporary qcow2 overlay backed by the disk (`blockproof-fleece-<disk>`)
 //!    is added; then one `transaction` takes the view of every disk at once: a new bitmap
 //!    `blockproof/<vm>/<disk>/<n>` starts recording, the vm's earlier bitmaps of the disk
@@ -89,6 +90,71 @@ pub fn state_dir(explicit: Option<&Path>) -> Result<PathBuf, SourceError> {
     Ok(dir)
 }
 
+/// Exclusive use of one vm's journal and view in a state directory, for one run or one
+/// `cleanup`: an advisory lock (`flock`) of `<state dir>/<vm>.lock`, held until dropped.
+/// The kernel releases it when its process dies, so a killed run never leaves it held;
+/// the file is removed on release. Another vm's lock is another file: it never conflicts.
+#[derive(Debug)]
+pub struct VmLock {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl VmLock {
+    /// Takes the lock of `vm` in `dir`, trying again for up to `wait` while another
+    /// process holds it; then fails naming the vm.
+    pub fn take(dir: &Path, vm: &str, wait: Duration) -> Result<VmLock, SourceError> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let path = dir.join(format!("{vm}.lock"));
+        let io = |source| SourceError::Open { path: path.clone(), source };
+        let deadline = Instant::now() + wait;
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io)?;
+            match file.try_lock() {
+                Ok(()) => {
+                    // The holder before may have removed the file after this one opened
+                    // it: only the lock of the file at the path counts.
+                    let here = file.metadata().map_err(io)?;
+                    match std::fs::metadata(&path) {
+                        Ok(m) if (m.dev(), m.ino()) == (here.dev(), here.ino()) => return Ok(VmLock { file, path }),
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(io(e)),
+                    }
+                }
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(
+                        Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now())),
+                    );
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(SourceError::Invalid(format!(
+                        "vm {vm} is already being backed up or cleaned up on this host (it holds {}): one run per vm \
+                         at a time (wait for it, or pass --lock-wait)",
+                        path.display()
+                    )))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+            }
+        }
+    }
+}
+
+impl Drop for VmLock {
+    fn drop(&mut self) {
+        // Removed while still locked: a process waiting for it finds the path gone (or
+        // another file there) and tries again.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.unlock();
+    }
+}
+
 fn qmp_err(e: QmpError) -> SourceError {
     SourceError::Qemu(e.to_string())
 }
@@ -118,8 +184,20 @@ pub fn read_journal(dir: &Path, vm: &str) -> Result<Option<Journal>, SourceError
     }
 }
 
+/// `blockproof cleanup`: undoes the journal a run of `vm` left in `dir`, if any, holding
+/// the vm's [`VmLock`] (so never the journal of a run that is still going); returns what
+/// was done.
+pub fn cleanup(dir: &Path, vm: &str) -> Result<Vec<String>, SourceError> {
+    let _lock = VmLock::take(dir, vm, Duration::ZERO)?;
+    match read_journal(dir, vm)? {
+        Some(j) => undo(dir, &j),
+        None => Ok(Vec::new()),
+    }
+}
+
 /// Undoes what a journal names, ignoring what is already gone; returns what was done.
-pub fn undo(dir: &Path, j: &Journal) -> Result<Vec<String>, SourceError> {
+/// The caller holds the vm's [`VmLock`].
+fn undo(dir: &Path, j: &Journal) -> Result<Vec<String>, SourceError> {
     let mut qmp = Qmp::connect(&j.qmp).map_err(qmp_err)?;
     let done = teardown(&mut qmp, j)?;
     std::fs::remove_file(journal_path(dir, &j.vm)).map_err(|source| SourceError::Open { path: dir.into(), source })?;
@@ -228,6 +306,8 @@ struct Inner {
     nbd_socket: PathBuf,
     /// What undoing an earlier run's journal did.
     recovered: Vec<String>,
+    /// Held as long as the view exists.
+    _lock: VmLock,
 }
 
 impl LiveVm {
@@ -235,7 +315,17 @@ impl LiveVm {
     /// point-in-time view of every disk. `nbd_socket`: the unix socket of the NBD server
     /// the process already runs (QEMU runs one at most); without it blockproof starts one
     /// on a private socket.
-    pub fn start(qmp_path: &Path, vm: &str, dir: &Path, nbd_socket: Option<&Path>) -> Result<LiveVm, SourceError> {
+    ///
+    /// It holds the vm's [`VmLock`] until dropped: another run of the vm from this state
+    /// directory waits up to `wait` for it, then fails, and never undoes this run's journal.
+    pub fn start(
+        qmp_path: &Path,
+        vm: &str,
+        dir: &Path,
+        nbd_socket: Option<&Path>,
+        wait: Duration,
+    ) -> Result<LiveVm, SourceError> {
+        let lock = VmLock::take(dir, vm, wait)?;
         let recovered = match read_journal(dir, vm)? {
             Some(j) => undo(dir, &j)?,
             None => Vec::new(),
@@ -264,9 +354,22 @@ impl LiveVm {
                 stopped: ours.iter().filter(|b| b.recording).map(|b| b.name.clone()).collect(),
             });
         }
+        // A view of this vm that this state directory's journal does not name (a run with
+        // another state directory, or from another host) is not ours to set up again, nor
+        // to tear down: the names would collide.
+        let nodes = qmp.execute("query-named-block-nodes", Some(json!({ "flat": true }))).map_err(qmp_err)?;
+        let existing: Vec<&str> =
+            nodes.as_array().into_iter().flatten().filter_map(|n| n["node-name"].as_str()).collect();
+        if let Some(j) = journal.disks.iter().find(|j| existing.contains(&j.overlay_node.as_str())) {
+            return Err(SourceError::Invalid(format!(
+                "vm {vm}: the process already has a point-in-time view of disk {} ({}), set up by another \
+                 blockproof run (another --state-dir, or another host); one run per vm at a time",
+                j.id, j.overlay_node
+            )));
+        }
         // From here on the journal names everything that may exist.
         write_journal(dir, &journal)?;
-        let mut inner = Inner { qmp, dir: dir.to_path_buf(), journal, disks, nbd_socket, recovered };
+        let mut inner = Inner { qmp, dir: dir.to_path_buf(), journal, disks, nbd_socket, recovered, _lock: lock };
         if let Err(e) = inner.set_up() {
             let _ = inner.finish(false);
             return Err(e);

@@ -161,6 +161,8 @@ struct NodeImage {
 /// A dirty bitmap of a node.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct NodeBitmap {
+    /// Empty for an anonymous bitmap (a block job's own, e.g. a running backup's).
+    #[serde(default)]
     pub name: String,
     /// Recording writes (enabled).
     #[serde(default)]
@@ -209,7 +211,8 @@ fn disks_of(nodes: Vec<NamedNode>) -> Vec<VmDisk> {
             driver: n.drv.clone(),
             filename: n.file.clone(),
             size: n.image.virtual_size,
-            bitmaps: n.dirty_bitmaps.clone(),
+            // A job's anonymous bitmaps are nobody's change tracking.
+            bitmaps: n.dirty_bitmaps.iter().filter(|b| !b.name.is_empty()).cloned().collect(),
         })
         .collect();
     disks.sort_by(|a, b| a.id.cmp(&b.id));
@@ -229,6 +232,21 @@ mod tests {
             image: NodeImage { virtual_size: 1 << 20 },
             dirty_bitmaps: vec![],
         }
+    }
+
+    #[test]
+    fn a_jobs_anonymous_bitmap_is_no_disk_bitmap() {
+        // What qemu 10 lists for a disk while a blockdev-backup runs from it.
+        let reply = json!([{"node-name": "sys", "drv": "qcow2", "file": "/i/s.qcow2",
+            "image": {"virtual-size": 8_388_608},
+            "dirty-bitmaps": [
+                {"busy": true, "recording": true, "persistent": false, "granularity": 65536, "count": 0},
+                {"name": "blockproof/v/sys/2", "busy": false, "recording": true, "persistent": true,
+                 "granularity": 65536, "count": 0}]}]);
+        let nodes: Vec<NamedNode> = serde_json::from_value(reply).expect("a reply with an anonymous bitmap parses");
+        let disks = disks_of(nodes);
+        let names: Vec<&str> = disks[0].bitmaps.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["blockproof/v/sys/2"]);
     }
 
     #[test]
