@@ -87,21 +87,8 @@ pub fn range_text(offset: u64, length: u64) -> String {
     format!("{offset}+{length}")
 }
 
-/// `1.5 GiB`-style sizes for people.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+/// `1.5 GiB`-style sizes for people (the one formatter, shared with the fleet's reports).
+pub use blockproof_core::budget::format_size as human_bytes;
 
 pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
@@ -189,9 +176,10 @@ fn backup(a: BackupArgs) -> Result<u8> {
         lock_wait: std::time::Duration::from_secs(a.lock_wait),
     };
     let progress = progress::for_stderr();
+    let vm = opts.vm.clone();
     let result = blockproof_core::backup(&repo, opts, progress.as_ref());
     let report = match live {
-        Some(l) => crate::live::finish(l, result)?,
+        Some(l) => crate::live::finish(l, &vm, result)?,
         None => result?,
     };
     if a.json {

@@ -64,8 +64,10 @@ impl Live {
 }
 
 /// Tears the view down after the backup: a committed snapshot (ok or tainted) makes the
-/// new bitmaps the base of the next run; a failed backup merges them back.
-pub fn finish(live: Live, result: Result<BackupReport, CoreError>) -> Result<BackupReport> {
+/// new bitmaps the base of the next run; a failed backup merges them back. When a failed
+/// backup's view cannot be released either (the VM process died, say), the backup's error
+/// stays the error and the teardown's is a warning on standard error.
+pub fn finish(live: Live, vm: &str, result: Result<BackupReport, CoreError>) -> Result<BackupReport> {
     let recovered = live.vm.recovered();
     match result {
         Ok(mut report) => {
@@ -75,8 +77,12 @@ pub fn finish(live: Live, result: Result<BackupReport, CoreError>) -> Result<Bac
         }
         Err(e) => {
             // The backup's error is what the user must see; a teardown failure is left
-            // in the journal for the next run.
-            let _ = live.vm.finish(false);
+            // in the journal for the next run, and said.
+            if let Err(t) = live.vm.finish(false) {
+                eprintln!(
+                    "warning: the point-in-time view of vm {vm} was not released ({t}); the next run or `blockproof cleanup --vm {vm}` undoes it"
+                );
+            }
             Err(e.into())
         }
     }

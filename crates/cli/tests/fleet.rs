@@ -270,6 +270,27 @@ fn exit_codes_dry_run_and_invalid_jobs() {
     assert!(err.contains("missing.toml: cannot read it"), "{err}");
 }
 
+/// The gc rule reads the run reports kept: pruning them to `keep` must not lose the record
+/// of the last gc, or gc would run again as soon as that report is pruned (with hourly runs
+/// and the default `keep = 30`, every 31 hours instead of weekly).
+#[test]
+fn pruning_run_reports_keeps_the_record_of_the_last_gc() {
+    let dir = Dir::new();
+    dir.init();
+    dir.image("one.img", 1 << 20, 1);
+    dir.image("two.img", 1 << 20, 2);
+    let job = write_job(&dir, &format!("{SMALL_JOB}\n[reports]\ndirectory = \"reports\"\nkeep = 1\n"));
+    let gc_ran = |run: usize| {
+        dir.cmd("run").arg(&job).ok();
+        let report = read_json(&dir.join("reports/latest.json"));
+        assert_eq!(report["status"], "ok", "run {run}");
+        report["gc"]["ran"].as_bool().unwrap()
+    };
+    assert!(gc_ran(1), "the first run runs gc");
+    assert!(!gc_ran(2), "the second is within the week");
+    assert!(!gc_ran(3), "so is the third, though only one run report is kept besides the last gc's");
+}
+
 /// A change list that hides a write, and verification of every unread chunk: the restore
 /// point is stored but tainted, and the run exits 3.
 #[test]

@@ -329,3 +329,25 @@ fn a_second_run_of_the_vm_leaves_the_running_ones_view_alone() {
     assert_restores(&dir, &r["snapshot"], "sys", &truth);
     vm.assert_no_leftovers();
 }
+
+/// A backup that fails and then cannot release its view (the VM process died) says so in
+/// a warning after its error — the journal is left for the next run or `cleanup`.
+#[test]
+fn a_view_that_cannot_be_released_is_a_warning_not_silence() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    let gate = dir.join("go");
+    let child = Vm::paused(&mut vm.backup_cmd(&dir), &gate);
+    let killed = std::process::Command::new("kill").args(["-9", &vm.qsd.pid().to_string()]).status().unwrap();
+    assert!(killed.success());
+    std::fs::write(&gate, b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "the backup fails: {}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: the point-in-time view of vm v was not released"),
+        "the teardown error is not swallowed: {stderr}"
+    );
+    assert!(vm.state.join("v.journal.json").exists(), "the journal still names the view");
+}

@@ -413,17 +413,12 @@ impl Ctx<'_, '_> {
         for c in &verdict.confirmed {
             state.confirm(*c, run);
         }
-        let mut suspects = Vec::new();
-        for &(c, held) in &verdict.stale {
+        for &(c, _) in &verdict.stale {
             // Not confirmed: the restore point holds stale content here.
             state.confirm(c, 0);
-            let since = previous.last[c as usize];
-            for s in self.suspects(&d.id, parent_entry.as_ref(), d.parent.map(|p| p.id), c, held, since)? {
-                if !suspects.contains(&s) {
-                    suspects.push(s);
-                }
-            }
         }
+        let suspects =
+            self.suspects(&d.id, parent_entry.as_ref(), d.parent.map(|p| p.id), &verdict.stale, &previous.last)?;
         for &c in &verdict.changing {
             state.confirm(c, 0);
         }
@@ -524,27 +519,37 @@ impl Ctx<'_, '_> {
         Ok(DiskOutcome { entry, report, causes })
     }
 
-    /// Earlier restore points of the disk, from `parent` back, that hold `id` at `chunk`
-    /// and were taken after the chunk was last confirmed (`confirmed_run`).
+    /// Earlier restore points of the disk, from `parent` back, that hold the same id at a
+    /// `stale` chunk as this run's restore point and were taken after the chunk was last
+    /// confirmed (`last`, the state before this run): by chunk, then newest first, each
+    /// once. One walk down the chain: each restore point's index is opened once.
     fn suspects(
         &self,
         disk: &str,
         parent: Option<&DiskEntry>,
         parent_id: Option<Id>,
-        chunk: u64,
-        id: Id,
-        confirmed_run: u32,
+        stale: &[(u64, Id)],
+        last: &[u32],
     ) -> Result<Vec<Id>, CoreError> {
-        let mut out = Vec::new();
+        // Per stale chunk, the restore points holding its id, newest first.
+        let mut hits: Vec<Vec<Id>> = vec![Vec::new(); stale.len()];
+        // The stale chunks whose walk goes on (a chunk stops at its last confirmation).
+        let mut live: Vec<usize> = (0..stale.len()).collect();
         let (mut at, mut at_id) = (parent.cloned(), parent_id);
         while let (Some(e), Some(sid)) = (at, at_id) {
-            if e.run <= u64::from(confirmed_run) || chunk >= chunk_count(e.size, e.chunk_size) {
+            let n = chunk_count(e.size, e.chunk_size);
+            live.retain(|&k| {
+                let c = stale[k].0;
+                e.run > u64::from(last[c as usize]) && c < n
+            });
+            if live.is_empty() {
                 break;
             }
-            let mut tree =
-                TreeReader::new(self.reader, e.index_root, chunk_count(e.size, e.chunk_size), e.index_fanout)?;
-            if tree.chunk(chunk)? == id {
-                out.push(sid);
+            let mut tree = TreeReader::new(self.reader, e.index_root, n, e.index_fanout)?;
+            for &k in &live {
+                if tree.chunk(stale[k].0)? == stale[k].1 {
+                    hits[k].push(sid);
+                }
             }
             at_id = e.parent;
             at = e
@@ -552,6 +557,12 @@ impl Ctx<'_, '_> {
                 .and_then(|p| self.snapshots.iter().find(|s| s.id == p))
                 .and_then(|s| s.snapshot.disk(disk))
                 .cloned();
+        }
+        let mut out: Vec<Id> = Vec::new();
+        for s in hits.into_iter().flatten() {
+            if !out.contains(&s) {
+                out.push(s);
+            }
         }
         Ok(out)
     }

@@ -57,10 +57,11 @@ impl Budget {
     /// When work that starts at `started` must stop, and which limit says so (`None`: no
     /// time limit). A window already past means at once.
     pub fn deadline(&self, started: Instant) -> Option<(Instant, TimeLimit)> {
-        let by_time = self.time.map(|t| (started + t, TimeLimit::Duration));
-        let by_window = self.until.map(|u| {
+        // A limit beyond what the clock can add is no limit (not a panic).
+        let by_time = self.time.and_then(|t| Some((started.checked_add(t)?, TimeLimit::Duration)));
+        let by_window = self.until.and_then(|u| {
             let left = u.duration_since(SystemTime::now()).unwrap_or_default();
-            (Instant::now() + left, TimeLimit::Window)
+            Some((Instant::now().checked_add(left)?, TimeLimit::Window))
         });
         [by_time, by_window].into_iter().flatten().min_by_key(|(at, _)| *at)
     }
@@ -184,7 +185,25 @@ fn parse_duration(p: &str) -> Option<Duration> {
         return None;
     };
     let v: f64 = num.trim().parse().ok()?;
-    (v >= 0.0 && v.is_finite()).then(|| Duration::from_secs_f64(v * mult))
+    // Beyond what a Duration holds (`1e30s`): refused, not a panic.
+    Duration::try_from_secs_f64(v * mult).ok()
+}
+
+/// `n` bytes for people: `512 B`, `1.5 KiB`, `2.0 GiB` (binary units, one decimal) — what
+/// the CLI's summaries and the fleet's HTML report print.
+pub fn format_size(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// Parses `2GiB`, `500MB`, `4096`, `1.5TiB` (binary and decimal units).
@@ -211,6 +230,16 @@ pub fn parse_size(p: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(format_size(0), "0 B");
+        assert_eq!(format_size(1023), "1023 B");
+        assert_eq!(format_size(1536), "1.5 KiB");
+        assert_eq!(format_size(2 << 30), "2.0 GiB");
+        assert_eq!(format_size(u64::MAX), "16384.0 PiB");
+        assert_eq!(parse_size(&format_size(3 << 20).replace(' ', "")), Some(3 << 20));
+    }
 
     #[test]
     fn parses_every_form() {
@@ -271,5 +300,20 @@ mod window_tests {
             assert!(Budget::parse(bad).is_err(), "{bad}");
         }
         assert!(Budget::parse("until=23:59:59").is_ok());
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_or_no_limit_never_a_panic() {
+        // Beyond what a Duration holds: an error, not a panic.
+        for absurd in ["1e30s", "99999999999999999999999h", "1e300ms"] {
+            assert!(Budget::parse(absurd).is_err(), "{absurd}");
+        }
+        // A Duration, but beyond what the clock can add: no deadline.
+        let b = Budget::parse("10000000000000000000s").unwrap();
+        assert!(b.is_timed());
+        assert_eq!(b.deadline(Instant::now()), None);
+        // With a window beside it, the window decides.
+        let b = Budget::parse("10000000000000000000s,until=2020-01-01T00:00:00Z").unwrap();
+        assert_eq!(b.deadline(Instant::now()).unwrap().1, TimeLimit::Window);
     }
 }

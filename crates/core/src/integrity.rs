@@ -189,7 +189,7 @@ fn update_head(repo: &Repository, id: Id, snapshot: &Snapshot) -> Result<Vec<Str
         head.missing.extend(gone);
         head.missing.retain(|r| !records.contains(&r.snapshot) && !exists(repo, &r.snapshot));
     }
-    head.seq += 1;
+    head.seq = head.seq.saturating_add(1);
     repo.write_head(&head)?;
     Ok(warnings)
 }
@@ -233,7 +233,7 @@ pub(crate) fn record_forget(repo: &Repository, removed: &[Removed<'_>]) -> Resul
         match newest {
             Some(s) => {
                 head.latest = Recorded::of(s.id, &s.snapshot);
-                head.seq += 1;
+                head.seq = head.seq.saturating_add(1);
                 repo.write_head(&head)?;
             }
             None => repo.remove_head(vm)?,
@@ -340,7 +340,7 @@ pub(crate) fn check_snapshot_set(
             Removal::Withdrawn => "withdrawn by a backup that lost its lock",
             Removal::Missing => "recorded as missing",
         };
-        let when = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.removed));
+        let when = blockproof_repo::time_text(f.removed);
         warnings.push(format!(
             "snapshot {} of vm {} was {how} ({when}) but is present: a forget was interrupted, or the snapshots \
              directory was restored from an older copy; blockproof forget {} removes it again",

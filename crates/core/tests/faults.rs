@@ -14,7 +14,7 @@ use std::path::Path;
 use blockproof_core::{backup, check, restore, BackupOptions, CheckOptions, CoreError, DiskInput, NoProgress};
 use blockproof_core::{Budget, RestoreOptions};
 use blockproof_format::KdfParams;
-use blockproof_repo::{InitOptions, Repository};
+use blockproof_repo::{InitOptions, Removal, Repository};
 use blockproof_source::{BlockSource, SourceError};
 use blockproof_store::{is_injected, Backend, Call, Calls, Fault, FaultyBackend, Kind, MemoryBackend, Op};
 
@@ -557,6 +557,30 @@ fn a_withdrawn_snapshot_is_recorded_before_it_goes() {
     let records = repo.forget_records().unwrap();
     assert_eq!(records.snapshots[&first.id].how, blockproof_repo::Removal::Withdrawn);
     assert_consistent(&store, &before, "after a withdrawal");
+}
+
+/// A forget record or a head with absurd numbers (damaged, or written by a broken or
+/// hostile writer holding the key) is reported, never a panic: a removal time past the
+/// year 9999 or the end of `SystemTime`, a write count at its maximum.
+#[test]
+fn absurd_numbers_in_a_forget_record_or_a_head_are_no_panic() {
+    let (store, before, new) = repository();
+    let repo = open(store.clone());
+    let present = repo.load_snapshot(&before[1].id).unwrap();
+    for removed in [253_402_300_800, u64::MAX] {
+        let mut f = blockproof_repo::Forgotten::new(present.id, "vm", &present.snapshot.time, Removal::Forget);
+        f.removed = removed;
+        let old = repo.forget_records().unwrap().files;
+        repo.replace_forget_records(vec![f], &old).unwrap();
+        let report = check(&repo, &CheckOptions::default(), &NoProgress).unwrap();
+        let warning = report.warnings.iter().find(|w| w.contains("was forgotten")).expect("a warning");
+        assert!(warning.contains(&format!("{removed} s after the epoch")), "{warning}");
+    }
+    let mut head = repo.read_head("vm").unwrap().unwrap();
+    head.seq = u64::MAX;
+    repo.write_head(&head).unwrap();
+    backup_of(&repo, &new).unwrap();
+    assert_eq!(repo.read_head("vm").unwrap().unwrap().seq, u64::MAX, "the count stays at its maximum");
 }
 
 /// A backup whose change source is the caller's word (a change list without change ids)

@@ -352,3 +352,56 @@ fn time_and_per_disk_budgets() {
     assert_eq!(r.disks[0].coverage.full_coverage_within_runs, 9);
     assert_eq!(r.disks[0].coverage.bound, Some(blockproof_format::manifest::BoundBasis::Budget));
 }
+
+/// A damaged detection event is reported, whatever its parse error says: only a file gone
+/// between listing and reading is skipped in silence.
+#[test]
+fn a_damaged_event_is_reported_even_when_its_error_says_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    // An event written by something else: its parse error quotes the unknown field.
+    let name = format!("event-{}", blockproof_format::Id::ZERO.to_hex());
+    repo.write_doc(blockproof_store::Kind::State, blockproof_format::ObjectMagic::State, &name, br#"{"not found":1}"#)
+        .unwrap();
+    let (events, warnings) = blockproof_core::events::events(&repo).unwrap();
+    assert!(events.is_empty());
+    assert_eq!(warnings.len(), 1, "the damaged event must be reported: {warnings:?}");
+    assert!(warnings[0].contains(&name), "{warnings:?}");
+}
+
+/// `restore --patch-tainted` with an event whose ranges do not fit the disk (damaged, or
+/// written by something else): a clear error, no panic, nothing written.
+#[test]
+fn patch_refuses_ranges_outside_the_disk() {
+    use blockproof_core::events::{patch, record, Event, EventDisk};
+    use blockproof_format::manifest::ByteRange;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let data = content(1 << 20);
+    let tainted = backup(&repo, opts(disk(data.clone(), None)), &NoProgress).unwrap().snapshot;
+    let good = backup(&repo, opts(disk(data.clone(), None)), &NoProgress).unwrap().snapshot;
+    let target = dir.path().join("image");
+    std::fs::write(&target, &data).unwrap();
+    for bad in [
+        ByteRange { offset: 4096, length: u64::MAX / 2 },
+        ByteRange { offset: (1 << 20) - 512, length: 1024 },
+        ByteRange { offset: u64::MAX - 100, length: 512 },
+    ] {
+        let event = Event {
+            snapshot: tainted,
+            vm: "vm".into(),
+            time: "2026-01-01T00:00:00Z".into(),
+            disks: vec![EventDisk {
+                id: "d".into(),
+                causes: vec![],
+                mismatches: vec![ByteRange { offset: 0, length: 512 }, bad],
+                suspects: vec![],
+            }],
+            healed_by: Some(good),
+        };
+        record(&repo, &event).unwrap();
+        let err = patch(&repo, &tainted.to_hex(), "d", &target).unwrap_err().to_string();
+        assert!(err.contains("outside"), "{bad:?}: {err}");
+        assert_eq!(std::fs::read(&target).unwrap(), data, "nothing written");
+    }
+}

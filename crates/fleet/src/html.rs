@@ -8,6 +8,8 @@
 
 use std::fmt::Write;
 
+use blockproof_core::budget::format_size as bytes;
+
 use crate::inventory::{DiskInventory, Inventory};
 use crate::report::{HistoryEntry, RunReport, RunStatus};
 
@@ -49,21 +51,6 @@ pub fn colour(oldest_runs_ago: Option<u64>) -> &'static str {
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
-}
-
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 fn status_class(s: RunStatus) -> &'static str {

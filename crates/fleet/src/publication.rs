@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::job::Job;
 use crate::notify::NotifyRun;
-use crate::report::{prune_history, write_atomic, HistoryEntry, RunReport};
+use crate::report::{prune_history, write_atomic, write_new, HistoryEntry, RunReport};
 
 /// What publishing did.
 #[derive(Debug, Default)]
@@ -31,10 +31,14 @@ pub fn publish(job: &Job, report: &RunReport, history: &[HistoryEntry]) -> Publi
         if let Err(e) = std::fs::create_dir_all(dir) {
             p.errors.push(format!("cannot create the reports directory {}: {e}", dir.display()));
         } else {
-            let run = dir.join(report.file_name());
-            write(run.clone(), &json, &mut p);
+            match write_new(dir, &report.file_stem(), &json) {
+                Ok(run) => {
+                    report_path = Some(run.display().to_string());
+                    p.written.push(run);
+                }
+                Err(e) => p.errors.push(format!("cannot write the run report in {}: {e}", dir.display())),
+            }
             write(dir.join("latest.json"), &json, &mut p);
-            report_path = Some(run.display().to_string());
             if job.reports.html {
                 write(dir.join("report.html"), crate::html::render(report, history).as_bytes(), &mut p);
             }
@@ -53,4 +57,59 @@ pub fn publish(job: &Job, report: &RunReport, history: &[HistoryEntry]) -> Publi
         }
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{Phases, RunStatus, REPORT_VERSION};
+
+    fn report(started: &str) -> RunReport {
+        RunReport {
+            version: REPORT_VERSION,
+            job: "j".into(),
+            job_file: "j.toml".into(),
+            host: "h".into(),
+            started: started.into(),
+            finished: started.into(),
+            duration_seconds: 1.0,
+            status: RunStatus::Ok,
+            vms: Vec::new(),
+            retention: Vec::new(),
+            gc: None,
+            copy: None,
+            repository: None,
+            phases: Phases::default(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Two runs that start in the same second (two `blockproof run` of one job at once, or
+    /// a quick rerun) each keep their run report: neither replaces the other's.
+    #[test]
+    fn runs_of_the_same_second_keep_both_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "version = 1\n[repository]\nlocation = \"repo\"\n[[vm]]\nname = \"a\"\ndisks = [\"id=a,source=a.img\"]\n[reports]\ndirectory = \"reports\"\nhtml = false\n";
+        let job = Job::parse(&dir.path().join("j.toml"), text).unwrap();
+        let mut first = report("2026-12-02T01:00:00Z");
+        first.status = RunStatus::Failed;
+        let second = report("2026-12-02T01:00:00Z");
+        for r in [&first, &second] {
+            let p = publish(&job, r, &[]);
+            assert!(p.errors.is_empty(), "{:?}", p.errors);
+        }
+        let (history, warnings) = crate::report::load_history(&dir.path().join("reports"));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            history.iter().map(|h| h.status).collect::<Vec<_>>(),
+            [RunStatus::Failed, RunStatus::Ok],
+            "oldest first"
+        );
+        let names: Vec<String> = std::fs::read_dir(dir.path().join("reports"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
+    }
 }

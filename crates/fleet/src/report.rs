@@ -153,10 +153,10 @@ impl RunReport {
         }
     }
 
-    /// The file name of this run's report: `run-YYYYMMDDTHHMMSSZ.json` (sorts by time).
-    pub fn file_name(&self) -> String {
-        let compact: String = self.started.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
-        format!("run-{compact}.json")
+    /// The stem of this run's report name: `YYYYMMDDTHHMMSSZ` (the report is
+    /// `run-STEM.json`, see [`write_new`]).
+    pub fn file_stem(&self) -> String {
+        self.started.chars().filter(|c| c.is_ascii_alphanumeric()).collect()
     }
 }
 
@@ -227,28 +227,76 @@ pub fn load_history(dir: &Path) -> (Vec<HistoryEntry>, Vec<String>) {
     (out, warnings)
 }
 
-/// `run-*.json` in `dir`, sorted by name (so by time).
+/// `run-*.json` in `dir`, oldest first: by the time in the name, then by the number a
+/// second report of the same second carries (`run-TIME-2.json`).
 fn report_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+    let mut files: Vec<(String, u32, PathBuf)> = fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("run-") && n.ends_with(".json"))
+        .filter_map(|p| {
+            let stem = p.file_name()?.to_str()?.strip_prefix("run-")?.strip_suffix(".json")?.to_string();
+            let (time, seq) = match stem.rsplit_once('-') {
+                Some((time, n)) => (time.to_string(), n.parse().ok()?),
+                None => (stem, 1),
+            };
+            Some((time, seq, p))
         })
         .collect();
     files.sort();
-    files
+    files.into_iter().map(|(_, _, p)| p).collect()
 }
 
-/// Removes the oldest run reports beyond `keep`.
+/// Whether the report at `path` records a gc that ran (read leniently).
+fn records_gc(path: &Path) -> bool {
+    fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<HistoryEntry>(&b).ok())
+        .is_some_and(|h| h.gc.is_some_and(|g| g.ran))
+}
+
+/// Removes the oldest run reports beyond `keep` — except the newest report of a gc that
+/// ran when none of those kept records one: the gc rule ("gc when due") reads it, and
+/// without it gc would run again as soon as that report aged out.
 pub fn prune_history(dir: &Path, keep: usize) -> std::io::Result<()> {
     let files = report_files(dir);
-    for old in &files[..files.len().saturating_sub(keep)] {
-        fs::remove_file(old)?;
+    let (old, kept) = files.split_at(files.len().saturating_sub(keep));
+    let spare = if kept.iter().any(|p| records_gc(p)) { None } else { old.iter().rposition(|p| records_gc(p)) };
+    for (k, path) in old.iter().enumerate() {
+        if Some(k) != spare {
+            fs::remove_file(path)?;
+        }
     }
     Ok(())
+}
+
+/// Writes a run's report as `run-STEM.json` in `dir`, atomically and never over another
+/// run's report: a second report of the same second (two runs of one job at once, or a
+/// quick rerun) becomes `run-STEM-2.json`, and so on. Returns the path written.
+pub fn write_new(dir: &Path, stem: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    let tmp = dir.join(format!(".run-{stem}.json.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        for n in 1u32.. {
+            let name = if n == 1 { format!("run-{stem}.json") } else { format!("run-{stem}-{n}.json") };
+            let path = dir.join(name);
+            // A hard link never replaces an existing name: the first run to claim it keeps it.
+            match fs::hard_link(&tmp, &path) {
+                Ok(()) => {
+                    fs::File::open(dir)?.sync_all()?;
+                    return Ok(path);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 10_000 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the loop returns")
+    })();
+    let _ = fs::remove_file(&tmp);
+    result
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory (a name

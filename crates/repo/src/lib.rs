@@ -51,7 +51,7 @@ pub mod tree;
 pub use blob::{BlobCodec, SealedBlob};
 pub use heads::{ForgetRecords, Forgotten, Head, Named, Recorded, Removal};
 pub use index::{BlobIndex, BlobLocation, BlobReader};
-pub use lock::{Lock, LockFile, LockInfo, LockKind};
+pub use lock::{time_text, Lock, LockFile, LockInfo, LockKind};
 pub use pack_writer::{PackWriter, PackWriterStats};
 pub use repository::{InitOptions, Repository, SnapshotInfo};
 pub use scan::{Skipped, SnapshotScan};

@@ -188,7 +188,7 @@ impl LockInfo {
             self.operation,
             self.pid,
             self.host,
-            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(self.created))
+            time_text(self.created)
         )
     }
 }
@@ -563,6 +563,17 @@ impl Drop for Lock<'_> {
             let _ = t.join();
         }
         let _ = self.repo.backend().remove(Kind::Lock, &self.name);
+    }
+}
+
+/// A time stored as seconds after the Unix epoch, for people: RFC 3339 (UTC) up to the
+/// year 9999, beyond it (a damaged or hostile record) `N s after the epoch` — never a panic.
+pub fn time_text(secs: u64) -> String {
+    const YEAR_10000: u64 = 253_402_300_800;
+    if secs < YEAR_10000 {
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+    } else {
+        format!("{secs} s after the epoch")
     }
 }
 
