@@ -215,16 +215,16 @@ pub enum Command {
         after_help = "Example:\n  blockproof restore-files --repo /backup/repo web01:latest --disk web01-os /etc --to /restore"
     )]
     RestoreFiles(crate::files::RestoreFilesArgs),
-    /// Run a job file: back up its vms (N at a time; one vm's failure never stops the
-    /// others), apply retention and gc when due, copy to the second repository, write the
-    /// reports (JSON, HTML, Prometheus) and notify. Exit 0 all good, 3 any tainted, 1 any
-    /// failed, 2 the job file is invalid.
-    #[command(after_help = "Example:\n  blockproof completions bash > /etc/bash_completion.d/blockproof")]
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Example:\n  blockproof completions bash > /etc/bash_completion.d/blockproof")]
     Completions(CompletionsArgs),
     #[command(after_help = "Example:\n  blockproof man --to /usr/local/share/man/man1")]
     /// Write the manual pages (blockproof.1 and one per command) into a directory.
     Man(ManArgs),
+    /// Run a job file: back up its vms (N at a time; one vm's failure never stops the
+    /// others), apply retention and gc when due, copy to the second repository, write the
+    /// reports (JSON, HTML, Prometheus) and notify. Exit 0 all good, 3 any tainted, 1 any
+    /// failed, 2 the job file is invalid.
     #[command(after_help = "Example:\n  blockproof run /etc/blockproof/nightly.toml --dry-run")]
     Run(RunArgs),
     /// Print (or write) the systemd service and timer that run a job on its [schedule],

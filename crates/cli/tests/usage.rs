@@ -203,6 +203,21 @@ fn help_documents_the_contract_options() {
     assert!(version.starts_with("blockproof "), "{version}");
 }
 
+/// Each command's one-line summary in `blockproof --help` is its own: `completions` once
+/// carried `run`'s summary glued to its own, and `run` the summary of its S3 options.
+#[test]
+fn every_command_summary_is_its_own() {
+    let help = Dir::new().cmd("--help").ok();
+    let summary = |name: &str| -> String {
+        let at = help.find(&format!("\n  {name} ")).unwrap_or_else(|| panic!("{name} in:\n{help}"));
+        help[at + 3 + name.len()..].lines().next().unwrap().trim().to_string()
+    };
+    assert!(summary("completions").starts_with("Print a shell completion script"), "{help}");
+    assert!(summary("run").starts_with("Run a job file"), "{help}");
+    assert!(summary("man").starts_with("Write the manual pages"), "{help}");
+    assert!(!help.contains("How to reach repositories"), "{help}");
+}
+
 /// `blockproof status --json | head -c1` closed the pipe under the command; `println!`
 /// then panicked (exit 101, a panic message on stderr), and a backup whose report could
 /// not be printed lost its real exit code. Output to a closed pipe is dropped; the exit
