@@ -30,6 +30,10 @@ pub struct Cli {
     /// A progress line when each phase starts and ends (--progress always).
     #[arg(short, long, global = true)]
     pub verbose: bool,
+    /// Print times in the local zone with its offset (default: UTC, `...Z`). JSON output
+    /// keeps UTC.
+    #[arg(long, global = true)]
+    pub local_time: bool,
 }
 
 /// `--progress`.

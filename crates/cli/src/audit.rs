@@ -53,7 +53,7 @@ fn print_status(vms: &[blockproof_core::VmStatus]) {
             "vm {}: latest snapshot {} at {} ({}), {} snapshot(s)",
             v.vm,
             v.snapshot.short(),
-            v.time.get(..19).unwrap_or(&v.time),
+            crate::timestamp::show(&v.time),
             v.status.as_str(),
             v.snapshots
         );
@@ -67,7 +67,7 @@ fn print_status(vms: &[blockproof_core::VmStatus]) {
                 println!(
                     "    not in the latest snapshot: newest restore point {} at {}",
                     d.snapshot.short(),
-                    d.time.get(..19).map_or(d.time.clone(), |t| format!("{t}Z"))
+                    crate::timestamp::show(&d.time)
                 );
             }
             match &d.coverage {
@@ -81,7 +81,7 @@ fn print_status(vms: &[blockproof_core::VmStatus]) {
         for e in &v.events {
             println!(
                 "  detected {}: snapshot {}{} was stale",
-                e.time.get(..19).map_or(e.time.clone(), |t| format!("{t}Z")),
+                crate::timestamp::show(&e.time),
                 e.snapshot.short(),
                 if e.forgotten { " (since forgotten)" } else { "" }
             );
@@ -201,7 +201,7 @@ pub fn stats(a: VmArgs) -> Result<u8> {
             println!(
                 "  {} {}: read {}, added {} ({} stored)",
                 g.snapshot.short(),
-                g.time.get(..19).unwrap_or(&g.time),
+                crate::timestamp::show(&g.time),
                 human_bytes(g.bytes_read),
                 human_bytes(g.new_bytes),
                 human_bytes(g.stored_bytes)

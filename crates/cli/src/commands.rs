@@ -382,7 +382,7 @@ fn snapshots(a: VmArgs) -> Result<u8> {
     println!("{:<10} {:<21} {:<16} {:<8} disks", "id", "time", "vm", "status");
     for r in &rows {
         let disks: Vec<String> = r.disks.iter().map(|d| format!("{} ({})", d.id, human_bytes(d.size))).collect();
-        let time = r.time.get(..19).map_or(r.time.to_string(), |t| format!("{t}Z"));
+        let time = crate::timestamp::show(r.time);
         let status = if r.suspect && r.status == "ok" { "suspect" } else { r.status };
         let mut notes: Vec<String> = r.tags.iter().map(|t| format!("tag:{t}")).collect();
         if r.protected {

@@ -347,12 +347,12 @@ pub fn ls_on(src: Box<dyn ReadAt>, partition: Option<u32>, path: &OsString, json
             Some(m) => permissions(e.kind, m),
             None => format!("{:<10}", type_char(e.kind)),
         };
-        let time = r.mtime.as_deref().map_or("-".to_string(), |t| t.replace('T', " ").replace('Z', ""));
+        let time = r.mtime_unix.map_or("-".to_string(), crate::timestamp::show_unix);
         let name = if single { &r.path } else { &r.name };
         let arrow = r.target.as_deref().map(|t| format!(" -> {t}")).unwrap_or_default();
         // Through the crate's println! (output.rs): a closed pipe (ls | head) ends the
         // output quietly, any other write error fails the command.
-        println!("{mode} {:>12} {time:<19} {name}{arrow}", e.size);
+        println!("{mode} {:>12} {time:<20} {name}{arrow}", e.size);
     }
     Ok(exit::OK)
 }

@@ -106,7 +106,7 @@ pub fn repair(a: RepairArgs) -> Result<u8> {
             "lost: snapshot {} (vm {}, {}) disk {}: {} in bytes {}{more}",
             l.snapshot.short(),
             l.vm,
-            l.time.get(..19).unwrap_or(&l.time),
+            crate::timestamp::show(&l.time),
             l.disk,
             human_bytes(l.bytes),
             ranges.join(", ")
@@ -157,16 +157,16 @@ pub fn forget(a: ForgetArgs) -> Result<u8> {
     }
     for d in &r.kept {
         println!(
-            "keep   {} {} {:<24} {}",
+            "keep   {} {} {:<21} {}",
             d.id.short(),
             d.vm,
-            d.time.get(..19).unwrap_or(&d.time),
+            crate::timestamp::show(&d.time),
             d.reasons.join(", ")
         );
     }
     let verb = if r.dry_run { "would remove" } else { "remove" };
     for d in &r.removed {
-        println!("{verb} {} {} {}", d.id.short(), d.vm, d.time.get(..19).unwrap_or(&d.time));
+        println!("{verb} {} {} {}", d.id.short(), d.vm, crate::timestamp::show(&d.time));
     }
     println!("{} kept, {} {}", r.kept.len(), r.removed.len(), if r.dry_run { "would be removed" } else { "removed" });
     if let Some(g) = &gc {

@@ -32,6 +32,7 @@ mod password;
 mod progress;
 mod reference;
 mod serve;
+mod timestamp;
 
 use std::process::ExitCode;
 
@@ -70,6 +71,7 @@ fn main() -> ExitCode {
         }
     };
     progress::set(cli.progress_setting());
+    timestamp::set_local(cli.local_time);
     let result = commands::run(cli);
     location::report_requests();
     match result {

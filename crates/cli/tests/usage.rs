@@ -324,3 +324,38 @@ fn completions_and_manual_pages_are_generated() {
     let backup = fs::read_to_string(man.join("blockproof-backup.1")).unwrap();
     assert!(backup.contains("Example"), "the example is in the page");
 }
+
+/// Times in text output are one form: RFC 3339 to the second in UTC with `Z` — `status`,
+/// `stats` and `forget` printed them without a zone (and `ls` with a space) — or, with
+/// `--local-time`, in the local zone with its offset. JSON keeps UTC.
+#[test]
+fn times_are_rfc3339_utc_or_local_on_request() {
+    let dir = Dir::new();
+    dir.init();
+    let img = dir.random_image("d.img", 1 << 20, 5);
+    dir.backup_cmd("v", &[("d", &img)]).ok();
+    let utc = utc_time();
+    for sub in [&["status"][..], &["stats"], &["snapshots"], &["forget", "--keep-last", "1", "--dry-run"]] {
+        let out = dir.repo_cmd(sub[0]).args(&sub[1..]).ok();
+        assert!(utc(&out), "{sub:?} prints a UTC time with Z:\n{out}");
+        let local = dir.repo_cmd(sub[0]).args(&sub[1..]).arg("--local-time").env("TZ", "Etc/GMT-2").ok();
+        assert!(local.contains("+02:00"), "{sub:?} --local-time prints the offset:\n{local}");
+    }
+    let json = dir.repo_cmd("snapshots").args(["--json", "--local-time"]).env("TZ", "Etc/GMT-2").ok();
+    assert!(json.contains("Z\""), "JSON stays UTC: {json}");
+}
+
+/// A matcher for `YYYY-MM-DDTHH:MM:SSZ` not followed by more digits or letters.
+fn utc_time() -> impl Fn(&str) -> bool {
+    |text: &str| {
+        text.match_indices('T').any(|(at, _)| {
+            let (Some(before), Some(after)) = (text.get(at.saturating_sub(10)..at), text.get(at + 1..at + 10)) else {
+                return false;
+            };
+            let date = before.len() == 10 && before.as_bytes()[4] == b'-' && before.as_bytes()[7] == b'-';
+            let time = after.as_bytes()[2] == b':' && after.as_bytes()[5] == b':' && after.as_bytes()[8] == b'Z';
+            let next = text[at + 10..].chars().next();
+            date && time && next.is_none_or(|c| !c.is_ascii_alphanumeric())
+        })
+    }
+}
