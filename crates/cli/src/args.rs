@@ -123,9 +123,10 @@ pub enum Command {
     /// List snapshots, oldest first.
     #[command(after_help = "Example:\n  blockproof snapshots --repo /backup/repo --vm web01")]
     Snapshots(VmArgs),
-    /// Restore one disk of a snapshot to a file or block device.
+    /// Restore one disk of a snapshot to a file or block device, or every disk of it into
+    /// a directory.
     #[command(
-        after_help = "Example:\n  blockproof restore --repo /backup/repo web01:latest --disk web01-os --to /restore/web01-os.qcow2"
+        after_help = "Examples:\n  blockproof restore --repo /backup/repo web01:latest --disk web01-os --to /restore/web01-os.qcow2\n  blockproof restore --repo /backup/repo web01:latest --to /restore/web01 --format qcow2"
     )]
     Restore(RestoreArgs),
     /// Serve a snapshot's disks as read-only NBD exports (named by disk id), for
@@ -559,11 +560,12 @@ pub struct RestoreArgs {
     pub repo: RepoArgs,
     /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
     pub snapshot: String,
-    /// The disk id to restore.
+    /// The disk id to restore. Without it, every disk of the snapshot is restored into
+    /// the directory --to, as DISK.raw (or DISK.qcow2 with --format qcow2).
     #[arg(long)]
-    pub disk: String,
+    pub disk: Option<String>,
     /// Target: a new file (written sparse), an existing block device, or with --force an
-    /// existing file to replace.
+    /// existing file to replace. Without --disk: a directory (created if missing).
     #[arg(long, value_name = "PATH")]
     pub to: PathBuf,
     /// Replace an existing regular file.
@@ -571,7 +573,7 @@ pub struct RestoreArgs {
     pub force: bool,
     /// Restore only from this byte offset of the disk (with --length; 64KiB, 1GiB, ...),
     /// written at the same offset of the target.
-    #[arg(long, value_name = "SIZE", requires = "length")]
+    #[arg(long, value_name = "SIZE", requires_all = ["length", "disk"])]
     pub offset: Option<String>,
     /// Restore only this many bytes (with --offset).
     #[arg(long, value_name = "SIZE", requires = "offset")]
@@ -584,7 +586,7 @@ pub struct RestoreArgs {
     /// itself) only the known-good bytes of the ranges verification found stale in this
     /// snapshot — tainted or suspect — from the restore point that re-read them; nothing
     /// else is written. For a tainted snapshot this yields its healed twin.
-    #[arg(long, conflicts_with_all = ["force", "offset", "length"])]
+    #[arg(long, conflicts_with_all = ["force", "offset", "length"], requires = "disk")]
     pub patch_tainted: bool,
     /// Print the report as JSON.
     #[arg(long)]
