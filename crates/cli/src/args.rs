@@ -618,6 +618,11 @@ pub struct DiffArgs {
     /// Only this disk.
     #[arg(long, value_name = "ID")]
     pub disk: Option<String>,
+    /// Also the files that changed, in every filesystem of a changed disk that both
+    /// snapshots hold (added, removed, modified by size, time, mode or link target;
+    /// contents are not compared). Reads both filesystems' metadata.
+    #[arg(long)]
+    pub files: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -212,6 +212,10 @@ fn a_whole_vm_restores_into_a_directory_all_or_nothing() {
     // A file is not a directory; a range or a patch needs one disk.
     let line = dir.repo_cmd("restore").args(["v:latest", "--to"]).arg(&os).fails_with_one_line(2);
     assert!(line.contains("is not a directory"), "{line}");
-    let line = dir.repo_cmd("restore").args(["v:latest", "--offset", "0", "--length", "1", "--to"]).arg(&to).fails_with_one_line(2);
+    let line = dir
+        .repo_cmd("restore")
+        .args(["v:latest", "--offset", "0", "--length", "1", "--to"])
+        .arg(&to)
+        .fails_with_one_line(2);
     assert!(line.contains("--disk"), "{line}");
 }
