@@ -333,6 +333,7 @@ pub struct ForgetArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// Snapshots to forget (ids, unique prefixes, VM:latest, VM:latest~N, ...); or use --keep-* options.
+    #[arg(value_name = "SNAP")]
     pub snapshots: Vec<String>,
     /// Keep the N newest snapshots (per vm).
     #[arg(long, value_name = "N")]
@@ -408,6 +409,7 @@ pub struct SnapshotRefArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
+    #[arg(value_name = "SNAP")]
     pub snapshot: String,
 }
 
@@ -424,6 +426,7 @@ pub struct CopyArgs {
     #[arg(long, value_name = "FILE")]
     pub to_password_file: Option<PathBuf>,
     /// Snapshots to copy (ids, prefixes, VM:latest, VM:tag=TAG, ...); default: all.
+    #[arg(value_name = "SNAP")]
     pub snapshots: Vec<String>,
     /// Print the report as JSON.
     #[arg(long)]
@@ -494,6 +497,7 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
+    #[arg(value_name = "SNAP")]
     pub snapshot: String,
     /// A disk and its source now: id=ID,source=SOURCE (cbt= is ignored). Repeatable.
     #[arg(long = "disk", value_name = "SPEC", required = true)]
@@ -512,9 +516,10 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
+    #[arg(value_name = "SNAP")]
     pub snapshot: String,
     /// Export only this disk (default: every disk of the snapshot).
-    #[arg(long)]
+    #[arg(long, value_name = "ID", value_parser = crate::disk_spec::disk_id)]
     pub disk: Option<String>,
     /// Listen on this unix socket (clients: nbd+unix:///DISK?socket=PATH).
     #[arg(long, value_name = "PATH")]
@@ -559,10 +564,11 @@ pub struct RestoreArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
+    #[arg(value_name = "SNAP")]
     pub snapshot: String,
     /// The disk id to restore. Without it, every disk of the snapshot is restored into
     /// the directory --to, as DISK.raw (or DISK.qcow2 with --format qcow2).
-    #[arg(long)]
+    #[arg(long, value_name = "ID", value_parser = crate::disk_spec::disk_id)]
     pub disk: Option<String>,
     /// Target: a new file (written sparse), an existing block device, or with --force an
     /// existing file to replace. Without --disk: a directory (created if missing).
@@ -616,7 +622,7 @@ pub struct DiffArgs {
     /// The later snapshot.
     pub to: String,
     /// Only this disk.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = crate::disk_spec::disk_id)]
     pub disk: Option<String>,
     /// Also the files that changed, in every filesystem of a changed disk that both
     /// snapshots hold (added, removed, modified by size, time, mode or link target;

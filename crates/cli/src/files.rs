@@ -37,7 +37,7 @@ pub struct DiskSource {
     #[command(flatten)]
     pub store: crate::args::StoreArgs,
     /// The disk id of the snapshot to read.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = crate::disk_spec::disk_id)]
     pub disk: Option<String>,
     /// Read a raw disk image file or block device instead of a snapshot (read-only).
     #[arg(long, value_name = "PATH", conflicts_with_all = ["repo", "disk"])]
