@@ -540,7 +540,7 @@ pub struct VmArgs {
     /// Only this vm.
     #[arg(long)]
     pub vm: Option<String>,
-    /// Print a JSON array.
+    /// Print the report as JSON (its fields: docs/JSON.md).
     #[arg(long)]
     pub json: bool,
 }
