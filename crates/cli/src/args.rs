@@ -769,24 +769,26 @@ mod tests {
                     visit(sub, path, problems);
                 } else {
                     let help = sub.get_after_help().map(|h| h.to_string()).unwrap_or_default();
-                    match help.strip_prefix("Example:\n  ") {
-                        None => problems.push(format!("{}: no example", path.join(" "))),
-                        Some(example) => {
-                            // Environment assignments before the command are the shell's.
-                            let words: Vec<&str> = example
-                                .split_whitespace()
-                                .skip_while(|w| w.contains('=') && !w.starts_with('-'))
-                                // A redirection after the command is the shell's too.
-                                .take_while(|w| !matches!(*w, ">" | "|"))
-                                .collect();
-                            if words.get(1..=path.len()).map(|w| w.to_vec())
-                                != Some(path.iter().map(String::as_str).collect())
-                            {
-                                problems
-                                    .push(format!("{}: the example runs another command: {example}", path.join(" ")));
-                            } else if let Err(e) = Cli::try_parse_from(&words) {
-                                problems.push(format!("{}: the example does not parse: {e}", path.join(" ")));
-                            }
+                    let examples = help.strip_prefix("Example:\n").or_else(|| help.strip_prefix("Examples:\n"));
+                    let lines: Vec<&str> =
+                        examples.map(|e| e.lines().filter_map(|l| l.strip_prefix("  ")).collect()).unwrap_or_default();
+                    if lines.is_empty() {
+                        problems.push(format!("{}: no example", path.join(" ")));
+                    }
+                    for example in lines {
+                        // Environment assignments before the command are the shell's.
+                        let words: Vec<&str> = example
+                            .split_whitespace()
+                            .skip_while(|w| w.contains('=') && !w.starts_with('-'))
+                            // A redirection after the command is the shell's too.
+                            .take_while(|w| !matches!(*w, ">" | "|"))
+                            .collect();
+                        if words.get(1..=path.len()).map(|w| w.to_vec())
+                            != Some(path.iter().map(String::as_str).collect())
+                        {
+                            problems.push(format!("{}: the example runs another command: {example}", path.join(" ")));
+                        } else if let Err(e) = Cli::try_parse_from(&words) {
+                            problems.push(format!("{}: the example does not parse: {e}", path.join(" ")));
                         }
                     }
                 }

@@ -22,17 +22,21 @@ pub fn show(stored: &str) -> String {
     }
 }
 
-/// Seconds after the Unix epoch (negative: before it) for people.
+/// Seconds after the Unix epoch (negative: before it) for people. Beyond the years
+/// 0–9999 (a damaged or odd filesystem time): `N s after the epoch`.
 pub fn show_unix(secs: i64) -> String {
-    let t = if secs >= 0 {
-        UNIX_EPOCH.checked_add(Duration::from_secs(secs.unsigned_abs()))
-    } else {
-        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
-    };
-    match t {
-        Some(t) if secs.unsigned_abs() < 253_402_300_800 => show_time(t),
-        _ => format!("{secs} s after the epoch"),
+    const YEAR_10000: i64 = 253_402_300_800;
+    const YEAR_0: i64 = -62_167_219_200;
+    if !(YEAR_0..YEAR_10000).contains(&secs) {
+        return format!("{secs} s after the epoch");
     }
+    if secs >= 0 {
+        if let Some(t) = UNIX_EPOCH.checked_add(Duration::from_secs(secs.unsigned_abs())) {
+            return show_time(t);
+        }
+    }
+    // Before 1970 (humantime formats only later times): always UTC.
+    blockproof_fs::Timestamp { secs, nanos: 0 }.rfc3339()
 }
 
 fn show_time(t: SystemTime) -> String {
@@ -86,6 +90,7 @@ mod tests {
         assert_eq!(show_unix(0), "1970-01-01T00:00:00Z");
         assert_eq!(show_unix(i64::MAX), format!("{} s after the epoch", i64::MAX));
         assert_eq!(show_unix(-1), "1969-12-31T23:59:59Z");
+        assert_eq!(show_unix(i64::MIN), format!("{} s after the epoch", i64::MIN));
     }
 
     #[test]

@@ -22,7 +22,7 @@ fn argument_parser_errors_are_one_line_exit_2() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["backup", "--vm", "v", "--disk", &spec, "--no-such-flag"], "--no-such-flag"),
         (vec!["backup", "--vm", "v"], "--disk"),
-        (vec!["restore", "--disk", "d", "--to", "x.img"], "SNAPSHOT"),
+        (vec!["restore", "--disk", "d", "--to", "x.img"], "<SNAP>"),
         (vec!["restore", "v:latest", "--disk", "d", "--to"], "--to"),
         (vec!["check", "--read-data", "lots"], "lots"),
         (vec!["init", "--kdf-memory", "lots"], "--kdf-memory"),
