@@ -9,7 +9,7 @@ mod harness;
 
 use std::fs;
 use std::io::ErrorKind;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -185,6 +185,41 @@ fn sigterm_unmounts_cleanly_even_when_the_mount_point_is_busy() {
     assert!(m.log().contains("unmounted") && m.log().contains("SIGTERM"), "{}", m.log());
     drop(held);
 }
+
+/// A damaged chunk fails the read that meets it with EIO (and says why); the mount stays
+/// up and unmounts cleanly. A disk without a filesystem shows only disk.raw.
+#[test]
+fn a_damaged_chunk_is_an_io_error_for_that_read_only() {
+    if !fuse_usable() {
+        return;
+    }
+    let dir = Dir::new();
+    dir.init();
+    let img = dir.join("d.img");
+    fs::write(&img, harness::mixed_image(8 << 20, 5)).unwrap();
+    let snap = harness::snap_id(&dir.backup("v", &[("d", &img)]));
+    let packs = dir.packs();
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    let f = fs::OpenOptions::new().read(true).write(true).open(&packs[0]).unwrap();
+    let at = f.metadata().unwrap().len() / 2;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x80], at).unwrap();
+
+    let mut m = Mounted::start(&dir, &snap, "mnt");
+    let names: Vec<_> = fs::read_dir(m.point.join("d")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["disk.raw"]);
+    let err = fs::read(m.point.join("d/disk.raw")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(EIO), "{err}");
+    assert_eq!(fs::metadata(m.point.join("d/disk.raw")).unwrap().len(), 8 << 20, "still mounted");
+    assert!(m.log().contains("blockproof: error:"), "{}", m.log());
+    assert!(Command::new("fusermount3").arg("-u").arg(&m.point).status().unwrap().success());
+    assert_eq!(m.wait(), Some(0), "{}", m.log());
+    assert!(!m.log().contains("panicked"), "{}", m.log());
+}
+
+/// EIO, as Linux numbers it.
+const EIO: i32 = 5;
 
 #[test]
 fn bad_mount_points_are_one_line_errors() {
