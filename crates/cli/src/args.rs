@@ -137,9 +137,7 @@ pub enum Command {
     /// Mount a snapshot read-only over FUSE: per disk id a directory with disk.raw (the
     /// disk's bytes) and partN (or fs) with each readable filesystem's files. Stays in the
     /// foreground until unmounted (fusermount3 -u) or stopped (Ctrl-C, SIGTERM).
-    #[command(
-        after_help = "Example:\n  blockproof mount --repo /backup/repo web01:latest /mnt/web01\n  cp /mnt/web01/web01-os/part1/etc/fstab /tmp/\n  fusermount3 -u /mnt/web01"
-    )]
+    #[command(after_help = "Example:\n  blockproof mount --repo /backup/repo web01:latest /mnt/web01")]
     Mount(MountArgs),
     /// Per vm, the latest snapshot and how much of each disk has been confirmed against
     /// its source. With --max-age, a check for missed backups (Nagios, Icinga): exit 1

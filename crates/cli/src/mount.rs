@@ -128,14 +128,17 @@ impl SnapshotFs {
         let node = self.node(ino)?;
         let (kind, size, perm, mtime, atime, uid, gid) = match &node.kind {
             Kind::Dir => (FileType::Directory, 0, 0o555, self.time, self.time, self.uid, self.gid),
-            Kind::Raw(d) => (FileType::RegularFile, self.images[*d].size(), 0o444, self.time, self.time, self.uid, self.gid),
+            Kind::Raw(d) => {
+                (FileType::RegularFile, self.images[*d].size(), 0o444, self.time, self.time, self.uid, self.gid)
+            }
             Kind::Fs(_, e) => {
                 let (kind, perm) = match e.kind {
                     EntryKind::Dir => (FileType::Directory, 0o555),
                     EntryKind::Symlink => (FileType::Symlink, 0o777),
                     _ => (FileType::RegularFile, 0o444),
                 };
-                let time = |t: Option<blockproof_fs::Timestamp>| t.and_then(|t| t.to_system_time()).unwrap_or(self.time);
+                let time =
+                    |t: Option<blockproof_fs::Timestamp>| t.and_then(|t| t.to_system_time()).unwrap_or(self.time);
                 (
                     kind,
                     e.size,
@@ -207,9 +210,9 @@ fn errno(e: FsError) -> i32 {
 
 impl fuser::Filesystem for SnapshotFs {
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        let found = self.children(parent).map(|list| {
-            list.into_iter().find(|&c| self.node(c).is_some_and(|n| n.name == name.as_bytes()))
-        });
+        let found = self
+            .children(parent)
+            .map(|list| list.into_iter().find(|&c| self.node(c).is_some_and(|n| n.name == name.as_bytes())));
         match found {
             Ok(Some(ino)) => match self.attr(ino) {
                 Some(attr) => reply.entry(&TTL, &attr, 0),
@@ -275,7 +278,8 @@ impl fuser::Filesystem for SnapshotFs {
             Err(e) => return reply.error(e),
         };
         let parent = self.node(ino).map_or(ino, |n| n.parent);
-        let mut all: Vec<(u64, FileType, &[u8])> = vec![(ino, FileType::Directory, b"."), (parent, FileType::Directory, b"..")];
+        let mut all: Vec<(u64, FileType, &[u8])> =
+            vec![(ino, FileType::Directory, b"."), (parent, FileType::Directory, b"..")];
         for &c in &children {
             if let (Some(node), Some(attr)) = (self.node(c), self.attr(c)) {
                 all.push((c, attr.kind, &node.name));
@@ -391,11 +395,7 @@ pub fn mount(a: MountArgs) -> Result<u8> {
     let mut session = fuser::Session::new(fs, point, &options)
         .map_err(|e| anyhow!("cannot mount on {}: {e} (is fusermount3 installed?)", point.display()))?;
     unmount_on_signals(signals, point.clone());
-    eprintln!(
-        "mounted {what} on {} (unmount with `fusermount3 -u {}` or Ctrl-C)",
-        point.display(),
-        point.display()
-    );
+    eprintln!("mounted {what} on {} (unmount with `fusermount3 -u {}` or Ctrl-C)", point.display(), point.display());
     session.run().map_err(|e| anyhow!("the mount on {} failed: {e}", point.display()))?;
     eprintln!("unmounted {}", point.display());
     Ok(exit::OK)

@@ -110,7 +110,8 @@ fn a_mounted_snapshot_shows_the_disk_and_its_files_read_only() {
     let mut m = Mounted::start(&dir, &snap, "mnt");
     let os = m.point.join("os");
 
-    let mut top: Vec<String> = fs::read_dir(&os).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut top: Vec<String> =
+        fs::read_dir(&os).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     top.sort();
     assert_eq!(top, ["disk.raw", "part1", "part2", "part3"]);
     assert_eq!(fs::read_dir(&m.point).unwrap().count(), 1);
@@ -133,8 +134,10 @@ fn a_mounted_snapshot_shows_the_disk_and_its_files_read_only() {
         assert_eq!(fs::read(root.join("empty")).unwrap(), b"");
         let meta = fs::metadata(root.join("big.bin")).unwrap();
         assert_eq!((meta.len(), meta.mtime()), (disk_image::BIG_LEN as u64, FILE_MTIME), "partition {p}");
-        let sub: Vec<String> =
-            fs::read_dir(root.join("dir/sub")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let sub: Vec<String> = fs::read_dir(root.join("dir/sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         assert_eq!(sub, ["deep.txt"], "partition {p}");
     }
     // ext4 keeps modes, directory times and symlinks.
