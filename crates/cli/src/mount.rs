@@ -18,6 +18,7 @@
 //! `fusermount3` helper, or directly as root). Requests are served one at a time on this
 //! thread: blockproof-fs filesystems are not `Send`.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -74,6 +75,8 @@ struct Node {
 
 /// The mounted snapshot: inode `n` is `nodes[n - 1]` (the root is [`fuser::FUSE_ROOT_ID`]).
 struct SnapshotFs {
+    /// (parent inode, name) to inode, for lookups.
+    by_name: HashMap<(u64, Vec<u8>), u64>,
     images: Vec<Arc<DiskImage<'static>>>,
     filesystems: Vec<Filesystem>,
     nodes: Vec<Node>,
@@ -87,6 +90,7 @@ impl SnapshotFs {
     fn add(&mut self, parent: u64, name: &[u8], kind: Kind, children: Option<Vec<u64>>) -> u64 {
         self.nodes.push(Node { parent, name: name.to_vec(), kind, children });
         let ino = self.nodes.len() as u64;
+        self.by_name.insert((parent, name.to_vec()), ino);
         if let Some(Some(list)) = self.nodes.get_mut(parent as usize - 1).map(|p| p.children.as_mut()) {
             list.push(ino);
         }
@@ -98,10 +102,10 @@ impl SnapshotFs {
     }
 
     /// The children of directory `ino`, listing a filesystem directory the first time.
-    fn children(&mut self, ino: u64) -> Result<Vec<u64>, i32> {
+    fn children(&mut self, ino: u64) -> Result<&[u64], i32> {
         let node = self.node(ino).ok_or(libc::ENOENT)?;
-        if let Some(list) = &node.children {
-            return Ok(list.clone());
+        if node.children.is_some() {
+            return Ok(self.nodes[ino as usize - 1].children.as_deref().unwrap_or_default());
         }
         let Kind::Fs(fs, entry) = &node.kind else { return Err(libc::ENOTDIR) };
         if entry.kind != EntryKind::Dir {
@@ -121,7 +125,7 @@ impl SnapshotFs {
             let name = e.path.file_name().to_vec();
             self.add(ino, &name, Kind::Fs(fs, e), None);
         }
-        Ok(self.nodes[ino as usize - 1].children.clone().unwrap_or_default())
+        Ok(self.nodes[ino as usize - 1].children.as_deref().unwrap_or_default())
     }
 
     fn attr(&self, ino: u64) -> Option<FileAttr> {
@@ -210,16 +214,12 @@ fn errno(e: FsError) -> i32 {
 
 impl fuser::Filesystem for SnapshotFs {
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        let found = self
-            .children(parent)
-            .map(|list| list.into_iter().find(|&c| self.node(c).is_some_and(|n| n.name == name.as_bytes())));
-        match found {
-            Ok(Some(ino)) => match self.attr(ino) {
-                Some(attr) => reply.entry(&TTL, &attr, 0),
-                None => reply.error(libc::ENOENT),
-            },
-            Ok(None) => reply.error(libc::ENOENT),
-            Err(e) => reply.error(e),
+        if let Err(e) = self.children(parent) {
+            return reply.error(e);
+        }
+        match self.by_name.get(&(parent, name.as_bytes().to_vec())).and_then(|&ino| self.attr(ino)) {
+            Some(attr) => reply.entry(&TTL, &attr, 0),
+            None => reply.error(libc::ENOENT),
         }
     }
 
@@ -273,19 +273,20 @@ impl fuser::Filesystem for SnapshotFs {
     }
 
     fn readdir(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: ReplyDirectory) {
-        let children = match self.children(ino) {
-            Ok(list) => list,
-            Err(e) => return reply.error(e),
-        };
-        let parent = self.node(ino).map_or(ino, |n| n.parent);
-        let mut all: Vec<(u64, FileType, &[u8])> =
-            vec![(ino, FileType::Directory, b"."), (parent, FileType::Directory, b"..")];
-        for &c in &children {
-            if let (Some(node), Some(attr)) = (self.node(c), self.attr(c)) {
-                all.push((c, attr.kind, &node.name));
-            }
+        if let Err(e) = self.children(ino) {
+            return reply.error(e);
         }
-        for (i, (child, kind, name)) in all.into_iter().enumerate().skip(offset.max(0) as usize) {
+        let Some(node) = self.node(ino) else { return reply.error(libc::ENOENT) };
+        let dots = [(ino, &b"."[..]), (node.parent, &b".."[..])];
+        let children = node
+            .children
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|&c| (c, self.node(c).map_or(&[][..], |n| &n.name[..])));
+        // Offset i + 1 names the entry after the i-th: the kernel resumes there.
+        for (i, (child, name)) in dots.into_iter().chain(children).enumerate().skip(offset.max(0) as usize) {
+            let kind = self.attr(child).map_or(FileType::RegularFile, |a| a.kind);
             if reply.add(child, i as i64 + 1, kind, OsStr::from_bytes(name)) {
                 break;
             }
@@ -316,7 +317,15 @@ fn snapshot_fs(a: &MountArgs) -> Result<(SnapshotFs, String)> {
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let time = humantime::parse_rfc3339_weak(&info.snapshot.time).unwrap_or(SystemTime::UNIX_EPOCH);
     let root = Node { parent: fuser::FUSE_ROOT_ID, name: Vec::new(), kind: Kind::Dir, children: Some(Vec::new()) };
-    let mut fs = SnapshotFs { images: Vec::new(), filesystems: Vec::new(), nodes: vec![root], time, uid, gid };
+    let mut fs = SnapshotFs {
+        by_name: HashMap::new(),
+        images: Vec::new(),
+        filesystems: Vec::new(),
+        nodes: vec![root],
+        time,
+        uid,
+        gid,
+    };
     let mut shown = Vec::new();
     for d in &info.snapshot.disks {
         if a.disk.as_ref().is_some_and(|want| want != &d.id) {
