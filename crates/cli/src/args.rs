@@ -123,9 +123,10 @@ pub enum Command {
     /// List snapshots, oldest first.
     #[command(after_help = "Example:\n  blockproof snapshots --repo /backup/repo --vm web01")]
     Snapshots(VmArgs),
-    /// Restore one disk of a snapshot to a file or block device.
+    /// Restore one disk of a snapshot to a file or block device, or every disk of it into
+    /// a directory.
     #[command(
-        after_help = "Example:\n  blockproof restore --repo /backup/repo web01:latest --disk web01-os --to /restore/web01-os.qcow2"
+        after_help = "Examples:\n  blockproof restore --repo /backup/repo web01:latest --disk web01-os --to /restore/web01-os.qcow2\n  blockproof restore --repo /backup/repo web01:latest --to /restore/web01 --format qcow2"
     )]
     Restore(RestoreArgs),
     /// Serve a snapshot's disks as read-only NBD exports (named by disk id), for
@@ -337,6 +338,7 @@ pub struct ForgetArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// Snapshots to forget (ids, unique prefixes, VM:latest, VM:latest~N, ...); or use --keep-* options.
+    #[arg(value_name = "SNAP")]
     pub snapshots: Vec<String>,
     /// Keep the N newest snapshots (per vm).
     #[arg(long, value_name = "N")]
@@ -412,6 +414,7 @@ pub struct SnapshotRefArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
+    #[arg(value_name = "SNAP")]
     pub snapshot: String,
 }
 
@@ -428,6 +431,7 @@ pub struct CopyArgs {
     #[arg(long, value_name = "FILE")]
     pub to_password_file: Option<PathBuf>,
     /// Snapshots to copy (ids, prefixes, VM:latest, VM:tag=TAG, ...); default: all.
+    #[arg(value_name = "SNAP")]
     pub snapshots: Vec<String>,
     /// Print the report as JSON.
     #[arg(long)]
@@ -498,6 +502,7 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
+    #[arg(value_name = "SNAP")]
     pub snapshot: String,
     /// A disk and its source now: id=ID,source=SOURCE (cbt= is ignored). Repeatable.
     #[arg(long = "disk", value_name = "SPEC", required = true)]
@@ -516,9 +521,10 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
+    #[arg(value_name = "SNAP")]
     pub snapshot: String,
     /// Export only this disk (default: every disk of the snapshot).
-    #[arg(long)]
+    #[arg(long, value_name = "ID", value_parser = crate::disk_spec::disk_id)]
     pub disk: Option<String>,
     /// Listen on this unix socket (clients: nbd+unix:///DISK?socket=PATH).
     #[arg(long, value_name = "PATH")]
@@ -556,7 +562,7 @@ pub struct VmArgs {
     /// Only this vm.
     #[arg(long)]
     pub vm: Option<String>,
-    /// Print a JSON array.
+    /// Print the report as JSON (its fields: docs/JSON.md).
     #[arg(long)]
     pub json: bool,
 }
@@ -580,12 +586,14 @@ pub struct RestoreArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
+    #[arg(value_name = "SNAP")]
     pub snapshot: String,
-    /// The disk id to restore.
-    #[arg(long)]
-    pub disk: String,
+    /// The disk id to restore. Without it, every disk of the snapshot is restored into
+    /// the directory --to, as DISK.raw (or DISK.qcow2 with --format qcow2).
+    #[arg(long, value_name = "ID", value_parser = crate::disk_spec::disk_id)]
+    pub disk: Option<String>,
     /// Target: a new file (written sparse), an existing block device, or with --force an
-    /// existing file to replace.
+    /// existing file to replace. Without --disk: a directory (created if missing).
     #[arg(long, value_name = "PATH")]
     pub to: PathBuf,
     /// Replace an existing regular file.
@@ -593,7 +601,7 @@ pub struct RestoreArgs {
     pub force: bool,
     /// Restore only from this byte offset of the disk (with --length; 64KiB, 1GiB, ...),
     /// written at the same offset of the target.
-    #[arg(long, value_name = "SIZE", requires = "length")]
+    #[arg(long, value_name = "SIZE", requires_all = ["length", "disk"])]
     pub offset: Option<String>,
     /// Restore only this many bytes (with --offset).
     #[arg(long, value_name = "SIZE", requires = "offset")]
@@ -606,7 +614,7 @@ pub struct RestoreArgs {
     /// itself) only the known-good bytes of the ranges verification found stale in this
     /// snapshot — tainted or suspect — from the restore point that re-read them; nothing
     /// else is written. For a tainted snapshot this yields its healed twin.
-    #[arg(long, conflicts_with_all = ["force", "offset", "length"])]
+    #[arg(long, conflicts_with_all = ["force", "offset", "length"], requires = "disk")]
     pub patch_tainted: bool,
     /// Print the report as JSON.
     #[arg(long)]
@@ -636,8 +644,13 @@ pub struct DiffArgs {
     /// The later snapshot.
     pub to: String,
     /// Only this disk.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = crate::disk_spec::disk_id)]
     pub disk: Option<String>,
+    /// Also the files that changed, in every filesystem of a changed disk that both
+    /// snapshots hold (added, removed, modified by size, time, mode or link target;
+    /// contents are not compared). Reads both filesystems' metadata.
+    #[arg(long)]
+    pub files: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

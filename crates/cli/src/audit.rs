@@ -271,8 +271,13 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
 pub fn diff(a: DiffArgs) -> Result<u8> {
     let repo = open_repo(&a.repo)?;
     let r = blockproof_core::diff(&repo, &a.from, &a.to, a.disk.as_deref())?;
+    let files = if a.files { Some(crate::changed_files::changed_files(repo, &r)?) } else { None };
     if a.json {
-        print_json(&r)?;
+        let mut doc = serde_json::to_value(&r)?;
+        if let Some(f) = &files {
+            doc["files"] = serde_json::to_value(f)?;
+        }
+        print_json(&doc)?;
         return Ok(exit::OK);
     }
     println!("snapshot {} -> {}", r.from.short(), r.to.short());
@@ -298,6 +303,9 @@ pub fn diff(a: DiffArgs) -> Result<u8> {
             count(d.changed.len() as u64, "range"),
             shown.join(", ")
         );
+    }
+    if let Some(f) = &files {
+        crate::changed_files::print(f);
     }
     Ok(exit::OK)
 }

@@ -1,5 +1,7 @@
 //! One function per command: parse arguments, call blockproof-core, print the report.
 
+use std::path::{Path, PathBuf};
+
 use anyhow::{Context, Result};
 use blockproof_core::budget::parse_size;
 use blockproof_core::{BackupOptions, Budget, CheckOptions, OnMismatch, RestoreFormat, RestoreOptions};
@@ -406,13 +408,12 @@ fn restore(a: RestoreArgs) -> Result<u8> {
         (Some(o), Some(l)) => Some((size(o)?, size(l)?)),
         _ => None,
     };
-    let format = match crate::args::TargetFormat::for_target(a.format, &a.to) {
-        crate::args::TargetFormat::Qcow2 => RestoreFormat::Qcow2,
-        crate::args::TargetFormat::Raw => RestoreFormat::Raw,
-    };
     let repo = open_repo(&a.repo)?;
+    let Some(disk) = a.disk.clone() else {
+        return restore_vm(&repo, a);
+    };
     if a.patch_tainted {
-        let r = blockproof_core::events::patch(&repo, &a.snapshot, &a.disk, &a.to)?;
+        let r = blockproof_core::events::patch(&repo, &a.snapshot, &disk, &a.to)?;
         if a.json {
             print_json(&r)?;
         } else {
@@ -428,10 +429,29 @@ fn restore(a: RestoreArgs) -> Result<u8> {
         }
         return Ok(exit::OK);
     }
-    let opts = RestoreOptions { snapshot: a.snapshot, disk: a.disk, target: a.to, force: a.force, range, format };
+    let format = restore_format(a.format, &a.to);
+    let opts = RestoreOptions { snapshot: a.snapshot, disk, target: a.to, force: a.force, range, format };
+    let report = restore_disk(&repo, &opts)?;
+    if a.json {
+        print_json(&report)?;
+    } else {
+        print_restored(&report);
+    }
+    Ok(exit::OK)
+}
+
+fn restore_format(format: Option<crate::args::TargetFormat>, target: &Path) -> RestoreFormat {
+    match crate::args::TargetFormat::for_target(format, target) {
+        crate::args::TargetFormat::Qcow2 => RestoreFormat::Qcow2,
+        crate::args::TargetFormat::Raw => RestoreFormat::Raw,
+    }
+}
+
+/// Restores one disk, with the warnings a suspect or tainted restore point deserves.
+fn restore_disk(repo: &Repository, opts: &RestoreOptions) -> Result<blockproof_core::RestoreReport> {
     let progress = progress::for_stderr();
-    let report = blockproof_core::restore(&repo, &opts, progress.as_ref())?;
-    let (events, _) = blockproof_core::events::events(&repo)?;
+    let report = blockproof_core::restore(repo, opts, progress.as_ref())?;
+    let (events, _) = blockproof_core::events::events(repo)?;
     for e in events.iter().filter(|e| e.snapshot != report.snapshot && e.concerns(&report.snapshot, Some(&report.disk)))
     {
         for d in e.disks.iter().filter(|d| d.id == report.disk) {
@@ -460,19 +480,81 @@ fn restore(a: RestoreArgs) -> Result<u8> {
             if report.mismatches.len() > 4 { " and more" } else { "" }
         );
     }
+    Ok(report)
+}
+
+fn print_restored(report: &blockproof_core::RestoreReport) {
+    println!(
+        "restored disk {} of snapshot {} to {} ({}, {} written, {} zero chunks {})",
+        report.disk,
+        report.snapshot.short(),
+        report.target.display(),
+        human_bytes(report.size),
+        human_bytes(report.bytes_written),
+        report.zero_chunks,
+        if report.block_device { "written as zeros" } else { "left as holes" }
+    );
+}
+
+/// `restore SNAP --to DIR` without `--disk`: every disk of the snapshot into `DIR` as
+/// `DISK.raw` (or `.qcow2`), in the snapshot's disk order. All or nothing: when one disk
+/// fails, the files this command created for the others are removed again.
+fn restore_vm(repo: &Repository, a: RestoreArgs) -> Result<u8> {
+    let info = resolve_for_reading(repo, &a.snapshot)?;
+    let format = match a.format {
+        Some(crate::args::TargetFormat::Qcow2) => RestoreFormat::Qcow2,
+        _ => RestoreFormat::Raw,
+    };
+    let ext = if format == RestoreFormat::Qcow2 { "qcow2" } else { "raw" };
+    if a.to.exists() && !a.to.is_dir() {
+        return Err(Usage(format!(
+            "{} is not a directory: without --disk, restore writes every disk of the snapshot into a directory \
+             (use --disk ID to restore one disk to a file)",
+            a.to.display()
+        ))
+        .into());
+    }
+    std::fs::create_dir_all(&a.to).with_context(|| format!("cannot create the directory {}", a.to.display()))?;
+    let mut created: Vec<PathBuf> = Vec::new();
+    let mut reports = Vec::new();
+    for d in &info.snapshot.disks {
+        let target = a.to.join(format!("{}.{ext}", d.id));
+        let existed = target.exists();
+        let opts = RestoreOptions {
+            snapshot: info.id.to_hex(),
+            disk: d.id.clone(),
+            target: target.clone(),
+            force: a.force,
+            range: None,
+            format,
+        };
+        match restore_disk(repo, &opts) {
+            Ok(r) => {
+                if !existed {
+                    created.push(target);
+                }
+                if !a.json {
+                    print_restored(&r);
+                }
+                reports.push(r);
+            }
+            Err(e) => {
+                for f in &created {
+                    let _ = std::fs::remove_file(f);
+                }
+                return Err(e.context(format!("disk {} of snapshot {}", d.id, info.id.short())));
+            }
+        }
+    }
     if a.json {
-        print_json(&report)?;
+        print_json(&serde_json::json!({
+            "snapshot": info.id.to_hex(),
+            "vm": info.snapshot.vm,
+            "target": a.to,
+            "disks": reports,
+        }))?;
     } else {
-        println!(
-            "restored disk {} of snapshot {} to {} ({}, {} written, {} zero chunks {})",
-            report.disk,
-            report.snapshot.short(),
-            report.target.display(),
-            human_bytes(report.size),
-            human_bytes(report.bytes_written),
-            report.zero_chunks,
-            if report.block_device { "written as zeros" } else { "left as holes" }
-        );
+        println!("restored {} of vm {} into {}", count(reports.len() as u64, "disk"), info.snapshot.vm, a.to.display());
     }
     Ok(exit::OK)
 }

@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use blockproof_core::image::DEFAULT_CACHE_BYTES;
 use blockproof_core::DiskImage;
+use blockproof_format::DiskEntry;
 use blockproof_repo::{BlobIndex, BlobReader, Repository};
 
 use crate::commands::{human_bytes, open_repo, print_json};
@@ -36,7 +37,7 @@ pub struct DiskSource {
     #[command(flatten)]
     pub store: crate::args::StoreArgs,
     /// The disk id of the snapshot to read.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = crate::disk_spec::disk_id)]
     pub disk: Option<String>,
     /// Read a raw disk image file or block device instead of a snapshot (read-only).
     #[arg(long, value_name = "PATH", conflicts_with_all = ["repo", "disk"])]
@@ -183,13 +184,24 @@ pub fn open_disk(source: &DiskSource, snapshot: Option<&str>) -> Result<Box<dyn 
             entry.mismatches.len()
         );
     }
+    let reader = leaked_reader(repo)?;
+    snapshot_disk(reader, &entry)
+}
+
+/// The blob reader of `repo`, living as long as the command (leaked on purpose, so disk
+/// readers can be plain 'static values).
+pub(crate) fn leaked_reader(repo: &'static Repository) -> Result<&'static BlobReader<'static>> {
     let index: &'static BlobIndex = Box::leak(Box::new(crate::commands::index_for_reading(repo)?));
-    let reader: &'static BlobReader<'static> = Box::leak(Box::new(BlobReader::new(repo, index)));
-    Ok(Box::new(SnapshotDisk(DiskImage::new(reader, &entry, DEFAULT_CACHE_BYTES)?)))
+    Ok(Box::leak(Box::new(BlobReader::new(repo, index))))
+}
+
+/// A disk of a snapshot as a [`ReadAt`] for blockproof-fs.
+pub(crate) fn snapshot_disk(reader: &'static BlobReader<'static>, entry: &DiskEntry) -> Result<Box<dyn ReadAt>> {
+    Ok(Box::new(SnapshotDisk(DiskImage::new(reader, entry, DEFAULT_CACHE_BYTES)?)))
 }
 
 /// A library error for the binary: the caller's mistakes are usage errors (exit 2).
-fn fs_error(err: FsError) -> anyhow::Error {
+pub(crate) fn fs_error(err: FsError) -> anyhow::Error {
     match err {
         FsError::Ambiguous { count, available } => {
             Usage(format!("the disk has {count} filesystems ({available}); choose one with --partition N")).into()

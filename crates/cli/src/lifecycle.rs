@@ -156,13 +156,7 @@ pub fn forget(a: ForgetArgs) -> Result<u8> {
         return Ok(exit::OK);
     }
     for d in &r.kept {
-        println!(
-            "keep   {} {} {:<21} {}",
-            d.id.short(),
-            d.vm,
-            crate::timestamp::show(&d.time),
-            d.reasons.join(", ")
-        );
+        println!("keep   {} {} {:<21} {}", d.id.short(), d.vm, crate::timestamp::show(&d.time), d.reasons.join(", "));
     }
     let verb = if r.dry_run { "would remove" } else { "remove" };
     for d in &r.removed {

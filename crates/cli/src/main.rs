@@ -19,6 +19,7 @@ macro_rules! print {
 
 mod args;
 mod audit;
+mod changed_files;
 mod commands;
 mod demo;
 mod disk_spec;

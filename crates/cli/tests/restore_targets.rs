@@ -166,3 +166,56 @@ fn qcow2_target_is_sparse_partial_and_careful() {
     assert!(line.contains("not a regular file"), "{line}");
     assert!(d.is_dir());
 }
+
+/// A whole vm in one command: without `--disk`, every disk of the snapshot goes into the
+/// directory `--to` as `DISK.raw` (or `DISK.qcow2`). One disk that cannot be written fails
+/// the command with one line, and the files it created for the other disks are gone again.
+#[test]
+fn a_whole_vm_restores_into_a_directory_all_or_nothing() {
+    let dir = Dir::new();
+    dir.init();
+    let (os, data) = (dir.join("os.img"), dir.join("data.img"));
+    fs::write(&os, mixed_image(3 << 20, 43)).unwrap();
+    fs::write(&data, mixed_image(2 << 20, 44)).unwrap();
+    dir.backup("v", &[("os", &os), ("data", &data)]);
+
+    let to = dir.join("vm");
+    let r = dir.repo_cmd("restore").args(["v:latest", "--json", "--to"]).arg(&to).json();
+    assert_eq!(r["vm"], "v");
+    assert_eq!(r["disks"].as_array().unwrap().len(), 2, "{r}");
+    harness::assert_json_documented("restore", &r);
+    assert_eq!(hash(&to.join("os.raw")), hash(&os));
+    assert_eq!(hash(&to.join("data.raw")), hash(&data));
+
+    let q = dir.join("vm-qcow2");
+    let text = dir.repo_cmd("restore").args(["v:latest", "--format", "qcow2", "--to"]).arg(&q).ok();
+    assert!(text.contains("restored 2 disks of vm v into"), "{text}");
+    for (id, src) in [("os", &os), ("data", &data)] {
+        let raw = dir.join(&format!("{id}.back"));
+        let image = q.join(format!("{id}.qcow2"));
+        qemu("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", image.to_str().unwrap(), raw.to_str().unwrap()]);
+        assert_eq!(hash(&raw), hash(src), "{id}");
+    }
+
+    // data.raw exists already (without --force, a usage error as for one disk): the
+    // restore fails on it and takes os.raw back out.
+    let again = dir.join("again");
+    fs::create_dir(&again).unwrap();
+    fs::write(again.join("data.raw"), b"keep me").unwrap();
+    let line = dir.repo_cmd("restore").args(["v:latest", "--to"]).arg(&again).fails_with_one_line(2);
+    assert!(line.contains("data.raw") && line.contains("disk data"), "{line}");
+    let left: Vec<String> =
+        fs::read_dir(&again).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(left, ["data.raw"], "only the file that was there before");
+    assert_eq!(fs::read(again.join("data.raw")).unwrap(), b"keep me");
+
+    // A file is not a directory; a range or a patch needs one disk.
+    let line = dir.repo_cmd("restore").args(["v:latest", "--to"]).arg(&os).fails_with_one_line(2);
+    assert!(line.contains("is not a directory"), "{line}");
+    let line = dir
+        .repo_cmd("restore")
+        .args(["v:latest", "--offset", "0", "--length", "1", "--to"])
+        .arg(&to)
+        .fails_with_one_line(2);
+    assert!(line.contains("--disk"), "{line}");
+}

@@ -50,7 +50,7 @@ use crate::error::FsError;
 use crate::filesystem::Filesystem;
 
 /// Deepest directory nesting followed (a cycle in a damaged filesystem ends here).
-const MAX_DEPTH: usize = 1024;
+pub(crate) const MAX_DEPTH: usize = 1024;
 
 /// Granularity of holes in extracted files: an all-zero block this large (at an offset
 /// that is a multiple of it) is not written.

@@ -16,6 +16,8 @@
 //!   [`stat`](Filesystem::stat), [`list`](Filesystem::list),
 //!   [`read`](Filesystem::read) (streamed to a writer, never whole in memory) and
 //!   [`read_link`](Filesystem::read_link) for `/etc/hostname`-style paths.
+//! - [`changes`] compares two versions of one filesystem: entries added, removed, or
+//!   modified by kind, size, modification time, mode or link target (contents unread).
 //! - [`extract`] copies paths (files, directories recursively, symlinks) into a target
 //!   directory, preserving modification and access times, and Unix modes where the
 //!   filesystem has them (ext2/3/4) less setuid, setgid, sticky-on-files and
@@ -58,6 +60,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod changes;
 mod disk;
 mod entry;
 mod error;
@@ -75,6 +78,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+pub use changes::{changes, Change, FileChange};
 pub use disk::{Disk, Partition, TableKind};
 pub use entry::{Entry, EntryKind, FsPath, Timestamp};
 pub use error::FsError;
