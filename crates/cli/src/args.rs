@@ -542,12 +542,13 @@ pub struct MountArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
+    #[arg(value_name = "SNAP")]
     pub snapshot: String,
     /// The directory to mount on (it must exist).
     #[arg(value_name = "MOUNTPOINT")]
     pub mountpoint: PathBuf,
     /// Show only this disk (default: every disk of the snapshot).
-    #[arg(long)]
+    #[arg(long, value_name = "ID", value_parser = crate::disk_spec::disk_id)]
     pub disk: Option<String>,
     /// Memory for cached chunks per disk, in MiB (default 64).
     #[arg(long, value_name = "MIB")]
