@@ -30,6 +30,7 @@ tools=(
   strace:strace # which directories a write fsyncs (durability of directories it creates)
   chromium:chromium # the HTML run report is loaded in headless Chromium
   promtool:prometheus # job runs' Prometheus textfiles are checked with `promtool check metrics`
+  fusermount3:fuse3 # `mount` (FUSE, no libfuse); its tests skip where /dev/fuse is missing
 )
 
 # An executable in PATH (bash's `command -v` also names files it cannot run), or in the

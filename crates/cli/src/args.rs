@@ -135,6 +135,11 @@ pub enum Command {
         after_help = "Example:\n  blockproof serve-nbd --repo /backup/repo web01:latest --socket /run/web01.sock"
     )]
     ServeNbd(ServeArgs),
+    /// Mount a snapshot read-only over FUSE: per disk id a directory with disk.raw (the
+    /// disk's bytes) and partN (or fs) with each readable filesystem's files. Stays in the
+    /// foreground until unmounted (fusermount3 -u) or stopped (Ctrl-C, SIGTERM).
+    #[command(after_help = "Example:\n  blockproof mount --repo /backup/repo web01:latest /mnt/web01")]
+    Mount(MountArgs),
     /// Per vm, the latest snapshot and how much of each disk has been confirmed against
     /// its source. With --max-age, a check for missed backups (Nagios, Icinga): exit 1
     /// naming every vm whose last good restore point is older.
@@ -528,6 +533,24 @@ pub struct ServeArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
     /// Memory for cached chunks, in MiB (default 64).
+    #[arg(long, value_name = "MIB")]
+    pub cache_mib: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Snapshot: id, unique id prefix, VM:latest, VM:latest~N, VM:tag=TAG or VM:before=TIME.
+    #[arg(value_name = "SNAP")]
+    pub snapshot: String,
+    /// The directory to mount on (it must exist).
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mountpoint: PathBuf,
+    /// Show only this disk (default: every disk of the snapshot).
+    #[arg(long, value_name = "ID", value_parser = crate::disk_spec::disk_id)]
+    pub disk: Option<String>,
+    /// Memory for cached chunks per disk, in MiB (default 64).
     #[arg(long, value_name = "MIB")]
     pub cache_mib: Option<usize>,
 }

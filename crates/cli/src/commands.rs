@@ -22,6 +22,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Restore(a) => restore(a),
         Command::Status(a) => crate::audit::status(a),
         Command::ServeNbd(a) => crate::serve::serve_nbd(a),
+        Command::Mount(a) => crate::mount::mount(a),
         Command::Forget(a) => crate::lifecycle::forget(a),
         Command::Gc(a) => crate::lifecycle::gc(a),
         Command::Protect(a) => crate::lifecycle::protect(a, true),

@@ -170,8 +170,8 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
 }
 
 /// Blocks SIGINT and SIGTERM in this thread and so in every thread it starts later (all
-/// client threads), to be taken by [`stop_on_signals`].
-fn block_stop_signals() -> Result<libc::sigset_t> {
+/// client threads), to be taken by [`stop_on_signals`] (or `mount`'s own taker).
+pub(crate) fn block_stop_signals() -> Result<libc::sigset_t> {
     // SAFETY: plain libc calls on a local, initialised signal set; no memory is shared
     // with a signal handler (the signals are taken synchronously by sigwait).
     unsafe {

@@ -380,7 +380,7 @@ fn disk_means_one_thing_and_snapshots_are_snap() {
     assert!(line.contains("source= has no meaning here"), "{line}");
     let diff = dir.repo_cmd("diff").args(["v:latest", "v:latest", "--disk", "id=d"]).ok();
     assert!(diff.contains("disk d"), "{diff}");
-    for sub in ["restore", "serve-nbd", "verify", "protect", "unprotect", "forget", "copy", "ls", "cat"] {
+    for sub in ["restore", "serve-nbd", "mount", "verify", "protect", "unprotect", "forget", "copy", "ls", "cat"] {
         let help = dir.cmd(sub).arg("--help").ok();
         let usage = help.lines().find(|l| l.starts_with("Usage:")).unwrap();
         assert!(usage.contains("SNAP") && !usage.contains("SNAPSHOT"), "{sub}: {usage}");

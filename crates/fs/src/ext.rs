@@ -11,7 +11,7 @@ use ext4_view::{Ext4, Ext4Error, FileType, Metadata};
 
 use crate::entry::{Entry, EntryKind, FsPath, Timestamp};
 use crate::error::FsError;
-use crate::filesystem::{copy_stream, Backend, MAX_DIR_ENTRIES};
+use crate::filesystem::{copy_stream, fill, Backend, MAX_DIR_ENTRIES};
 use crate::fs_kind::FsKind;
 use crate::window::Window;
 
@@ -105,6 +105,15 @@ impl Backend for ExtFs {
     fn read(&self, path: &FsPath, out: &mut dyn Write) -> Result<u64, FsError> {
         let mut file = self.fs.open(path.to_bytes().as_slice()).map_err(|e| self.err(e, path))?;
         copy_stream(|buf| file.read_bytes(buf).map_err(|e| self.err(e, path)), out)
+    }
+
+    fn read_at(&self, path: &FsPath, offset: u64, buf: &mut [u8]) -> Result<usize, FsError> {
+        let mut file = self.fs.open(path.to_bytes().as_slice()).map_err(|e| self.err(e, path))?;
+        if offset >= file.metadata().len() {
+            return Ok(0);
+        }
+        file.seek_to(offset).map_err(|e| self.err(e, path))?;
+        fill(buf, |b| file.read_bytes(b).map_err(|e| self.err(e, path)))
     }
 
     fn read_link(&self, path: &FsPath) -> Result<Vec<u8>, FsError> {

@@ -7,13 +7,13 @@
 //! at a time. FAT has no modes, owners or symlinks; its times are local time without a
 //! zone and are read as UTC; the access time is a date (midnight).
 
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 
 use fatfs::{Date, DirEntry, FileSystem, FsOptions, Time};
 
 use crate::entry::{days_from_civil, Entry, EntryKind, FsPath, Timestamp};
 use crate::error::FsError;
-use crate::filesystem::{copy_stream, Backend, MAX_DIR_ENTRIES};
+use crate::filesystem::{copy_stream, fill, Backend, MAX_DIR_ENTRIES};
 use crate::fs_kind::FsKind;
 use crate::window::Window;
 
@@ -38,6 +38,14 @@ impl FatFs {
 
     fn io(&self, e: std::io::Error) -> FsError {
         FsError::from_io(self.name, e)
+    }
+
+    /// The regular file at `path`, opened for reading, and its length.
+    fn file(&self, path: &FsPath) -> Result<(fatfs::File<'_, Window>, u64), FsError> {
+        match self.find(path)? {
+            Found::Entry(e) if !e.is_dir() => Ok((e.to_file(), e.len())),
+            _ => Err(FsError::IsADirectory { path: path.to_string() }),
+        }
     }
 
     /// Walks `path` from the root.
@@ -129,12 +137,17 @@ impl Backend for FatFs {
     }
 
     fn read(&self, path: &FsPath, out: &mut dyn Write) -> Result<u64, FsError> {
-        let mut file = match self.find(path)? {
-            Found::Root => return Err(FsError::IsADirectory { path: path.to_string() }),
-            Found::Entry(e) if e.is_dir() => return Err(FsError::IsADirectory { path: path.to_string() }),
-            Found::Entry(e) => e.to_file(),
-        };
+        let (mut file, _) = self.file(path)?;
         copy_stream(|buf| file.read(buf).map_err(|e| self.io(e)), out)
+    }
+
+    fn read_at(&self, path: &FsPath, offset: u64, buf: &mut [u8]) -> Result<usize, FsError> {
+        let (mut file, len) = self.file(path)?;
+        if offset >= len {
+            return Ok(0);
+        }
+        file.seek(SeekFrom::Start(offset)).map_err(|e| self.io(e))?;
+        fill(buf, |b| file.read(b).map_err(|e| self.io(e)))
     }
 
     fn read_link(&self, path: &FsPath) -> Result<Vec<u8>, FsError> {

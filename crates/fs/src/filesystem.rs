@@ -26,6 +26,9 @@ pub(crate) trait Backend {
     fn list(&self, path: &FsPath) -> Result<Vec<Entry>, FsError>;
     /// Streams the regular file at `path` to `out`; returns the byte count.
     fn read(&self, path: &FsPath, out: &mut dyn Write) -> Result<u64, FsError>;
+    /// Reads the regular file at `path` from byte `offset` into `buf`, as far as the file
+    /// goes; returns the byte count (0 at or past its end).
+    fn read_at(&self, path: &FsPath, offset: u64, buf: &mut [u8]) -> Result<usize, FsError>;
     /// The target of the symlink at `path`, as stored.
     fn read_link(&self, path: &FsPath) -> Result<Vec<u8>, FsError>;
     /// The volume label, if the filesystem has one.
@@ -92,6 +95,13 @@ impl Filesystem {
         self.backend.read(&FsPath::parse(path)?, out)
     }
 
+    /// Reads the regular file at `path` (symlinks followed on ext2/3/4) from byte `offset`
+    /// into `buf`: the whole buffer unless the file ends first. Returns the byte count, 0
+    /// at or past the end. For random access (a FUSE mount); [`read`](Self::read) streams.
+    pub fn read_at(&self, path: impl AsRef<[u8]>, offset: u64, buf: &mut [u8]) -> Result<usize, FsError> {
+        self.backend.read_at(&FsPath::parse(path)?, offset, buf)
+    }
+
     pub(crate) fn read_path(&self, path: &FsPath, out: &mut dyn Write) -> Result<u64, FsError> {
         self.backend.read(path, out)
     }
@@ -112,6 +122,21 @@ impl std::fmt::Debug for Filesystem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Filesystem").field("kind", &self.kind).finish()
     }
+}
+
+/// Fills `buf` from `read` until it is full or `read` returns 0; returns the byte count.
+pub(crate) fn fill(
+    buf: &mut [u8],
+    mut read: impl FnMut(&mut [u8]) -> Result<usize, FsError>,
+) -> Result<usize, FsError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match read(&mut buf[done..])? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    Ok(done)
 }
 
 /// Copies what `read` yields to `out` through a bounded buffer until `read` returns 0.

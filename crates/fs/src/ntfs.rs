@@ -9,7 +9,7 @@
 //! Compressed or encrypted files fail with the crate's error.
 
 use std::cell::RefCell;
-use std::io::Write;
+use std::io::{SeekFrom, Write};
 
 use ntfs::indexes::NtfsFileNameIndex;
 use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
@@ -17,7 +17,7 @@ use ntfs::{Ntfs, NtfsError, NtfsFile, NtfsReadSeek, NtfsTime};
 
 use crate::entry::{Entry, EntryKind, FsPath, Timestamp};
 use crate::error::FsError;
-use crate::filesystem::{copy_stream, Backend, MAX_DIR_ENTRIES};
+use crate::filesystem::{copy_stream, fill, Backend, MAX_DIR_ENTRIES};
 use crate::window::Window;
 
 const NAME: &str = "ntfs";
@@ -151,6 +151,23 @@ impl Backend for NtfsFs {
         let attribute = item.to_attribute().map_err(|e| error(e, path))?;
         let mut value = attribute.value(r).map_err(|e| error(e, path))?;
         copy_stream(|buf| value.read(r, buf).map_err(|e| error(e, path)), out)
+    }
+
+    fn read_at(&self, path: &FsPath, offset: u64, buf: &mut [u8]) -> Result<usize, FsError> {
+        let r = &mut *self.reader.borrow_mut();
+        let file = self.find(r, path)?;
+        if file.is_directory() {
+            return Err(FsError::IsADirectory { path: path.to_string() });
+        }
+        let Some(item) = file.data(r, "") else { return Ok(0) };
+        let item = item.map_err(|e| error(e, path))?;
+        let attribute = item.to_attribute().map_err(|e| error(e, path))?;
+        let mut value = attribute.value(r).map_err(|e| error(e, path))?;
+        if offset >= value.len() {
+            return Ok(0);
+        }
+        value.seek(r, SeekFrom::Start(offset)).map_err(|e| error(e, path))?;
+        fill(buf, |b| value.read(r, b).map_err(|e| error(e, path)))
     }
 
     fn read_link(&self, path: &FsPath) -> Result<Vec<u8>, FsError> {

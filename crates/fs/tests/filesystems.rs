@@ -128,6 +128,31 @@ fn fat_and_ntfs_match_names_case_insensitively() {
     assert_eq!(ntfs.stat("/ntfscp.txt").unwrap().mtime.unwrap().secs, NTFSCP_MTIME);
 }
 
+/// Random access (what a FUSE mount asks for): any offset and length reads the same bytes
+/// as the streamed file, short at its end, nothing past it.
+#[test]
+fn every_filesystem_reads_files_at_any_offset() {
+    let disk = gpt_disk();
+    let big = disk_image::random_bytes(disk_image::BIG_LEN, 7);
+    let len = big.len() as u64;
+    for index in [EXT, FAT, NTFS] {
+        let fs = open_fs(&disk, index);
+        for (offset, size) in [(0, 4096), (1, 100), (4095, 70_000), (len - 10, 4096), (len, 10), (len + 5000, 10)] {
+            let mut buf = vec![0xAAu8; size];
+            let n = fs.read_at("/big.bin", offset, &mut buf).unwrap();
+            let start = offset.min(len) as usize;
+            let want = &big[start..(start + size).min(big.len())];
+            assert_eq!(n, want.len(), "partition {index}, offset {offset}");
+            assert!(&buf[..n] == want, "partition {index}, offset {offset}");
+        }
+        let mut buf = [0u8; 64];
+        let n = fs.read_at("/dir/sub/deep.txt", 7, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"two levels down\n", "partition {index}");
+        assert!(matches!(fs.read_at("/dir", 0, &mut buf), Err(FsError::IsADirectory { .. })), "partition {index}");
+        assert!(matches!(fs.read_at("/missing", 0, &mut buf), Err(FsError::NotFound { .. })), "partition {index}");
+    }
+}
+
 #[test]
 fn every_filesystem_reads_files_byte_identical() {
     let disk = gpt_disk();
