@@ -8,7 +8,7 @@ use blockproof_core::{backup, BackupOptions, CoreError, DiskImage, DiskInput, No
 use blockproof_format::KdfParams;
 use blockproof_repo::{BlobIndex, BlobReader, InitOptions, Repository};
 use blockproof_source::{BlockSource, SourceError};
-use blockproof_store::{FaultyBackend, Faults, Kind, LocalBackend, Op};
+use blockproof_store::{Faults, FaultyBackend, Kind, LocalBackend, Op};
 
 /// A disk in memory.
 struct MemDisk(Vec<u8>);
@@ -394,10 +394,9 @@ fn damage_met_by_read_ahead_fails_only_the_read_of_that_chunk() {
     let index = BlobIndex::load(&f.repo).unwrap();
     let reader = BlobReader::new(&f.repo, &index);
     let entry = f.repo.resolve_snapshot("vm:latest").unwrap().snapshot.disk("d").unwrap().clone();
-    let id = blockproof_repo::TreeReader::new(&reader, entry.index_root, 2048, entry.index_fanout)
-        .unwrap()
-        .leaf(0)
-        .unwrap()[bad as usize];
+    let id =
+        blockproof_repo::TreeReader::new(&reader, entry.index_root, 2048, entry.index_fanout).unwrap().leaf(0).unwrap()
+            [bad as usize];
     damage_blob(&f, &id);
     with_image(&f, 64 << 20, |image| {
         let step = 128 << 10;
