@@ -370,7 +370,7 @@ fn serve_nbd_reads_pack_regions_like_a_restore() {
         ("nbdcopy", vec![&uri, out.to_str().unwrap()]),
     ];
     for (client, args) in clients {
-        let mut server = dir
+        let server = dir
             .repo_cmd("serve-nbd")
             .arg(&snap)
             .args(["--no-cache", "--socket"])
