@@ -312,7 +312,7 @@ impl<'a> DiskImage<'a> {
         // batch each (so a streaming client costs about the requests of a restore), at
         // most one per worker.
         let min_group = (crate::restore::chunks_per_read(cs) / 2).max(1) as usize;
-        let groups = missing.len().div_ceil(min_group).clamp(1, self.threads);
+        let groups = (missing.len() / min_group).clamp(1, self.threads);
         if groups == 1 {
             return self.fetch(missing);
         }
