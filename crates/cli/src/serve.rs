@@ -7,14 +7,15 @@
 //! - `--socket PATH` never replaces anything but a stale socket: an existing file that is
 //!   not a socket, or a socket a live server answers on, is a usage error (exit 2).
 //! - SIGINT (Ctrl-C) and SIGTERM stop the server: the socket file is removed, connected
-//!   clients are disconnected, and the exit code is 0.
+//!   clients are disconnected, the S3 request counters are printed when
+//!   `BLOCKPROOF_S3_STATS` is set, and the exit code is 0.
 
 use std::io;
 use std::net::TcpListener;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -60,6 +61,12 @@ pub fn serve_nbd(a: ServeArgs) -> Result<u8> {
         None => DEFAULT_CACHE_BYTES,
         Some(m) => m.checked_mul(1 << 20).ok_or_else(|| Usage(format!("--cache-mib {m} is too large")))?,
     };
+    // Blocked before anything starts a thread (the S3 client's runtime does, as the
+    // repository opens): a thread started earlier would take SIGTERM by its default action
+    // and leave the socket file behind.
+    let signals = block_stop_signals()?;
+    let socket_slot: Arc<Mutex<Option<PathBuf>>> = Arc::default();
+    stop_on_signals(signals, socket_slot.clone());
     let repo = open_repo(&a.repo)?;
     let info = crate::commands::resolve_for_reading(&repo, &a.snapshot)?;
     if let Some(want) = &a.disk {
@@ -90,21 +97,19 @@ pub fn serve_nbd(a: ServeArgs) -> Result<u8> {
         exports.push((d.id.clone(), Arc::new(ImageExport(DiskImage::new(&reader, d, cache)?))));
     }
     let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
-    // Blocked before the socket exists, so no signal finds it without its handler.
-    let signals = block_stop_signals()?;
     let listener = match (&a.socket, &a.listen) {
-        (Some(path), _) => Listener::Unix(bind_unix(path)?, path.clone()),
+        (Some(path), _) => {
+            // Bound and handed to the signal thread under one lock: from here on the
+            // socket file is ours, removed on SIGINT/SIGTERM, and no signal finds it
+            // without its owner.
+            let mut slot = lock_slot(&socket_slot);
+            let l = bind_unix(path)?;
+            *slot = Some(path.clone());
+            Listener::Unix(l, path.clone())
+        }
         (_, Some(addr)) => Listener::Tcp(TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?),
         (None, None) => unreachable!("checked above"),
     };
-    // From here on, the socket file is ours: removed on SIGINT/SIGTERM.
-    stop_on_signals(
-        signals,
-        match &listener {
-            Listener::Unix(_, path) => Some(path.clone()),
-            Listener::Tcp(_) => None,
-        },
-    );
     let place = match &listener {
         Listener::Unix(_, path) => format!("nbd+unix:///EXPORT?socket={}", path.display()),
         Listener::Tcp(l) => {
@@ -169,6 +174,10 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
     UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
 }
 
+fn lock_slot(slot: &Mutex<Option<PathBuf>>) -> std::sync::MutexGuard<'_, Option<PathBuf>> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Blocks SIGINT and SIGTERM in this thread and so in every thread it starts later (all
 /// client threads), to be taken by [`stop_on_signals`] (or `mount`'s own taker).
 pub(crate) fn block_stop_signals() -> Result<libc::sigset_t> {
@@ -189,18 +198,22 @@ pub(crate) fn block_stop_signals() -> Result<libc::sigset_t> {
 
 /// Takes SIGINT and SIGTERM (blocked by [`block_stop_signals`]) on a thread of their own:
 /// removes the socket and exits 0.
-fn stop_on_signals(set: libc::sigset_t, socket: Option<PathBuf>) {
+fn stop_on_signals(set: libc::sigset_t, socket: Arc<Mutex<Option<PathBuf>>>) {
     std::thread::spawn(move || {
         let mut signal = 0;
         // SAFETY: `set` is initialised and blocked in every thread of this process.
         let rc = unsafe { libc::sigwait(&set, &mut signal) };
-        if let Some(path) = &socket {
+        // Held until the exit: a socket being bound now is not left behind.
+        let slot = lock_slot(&socket);
+        if let Some(path) = &*slot {
             let _ = std::fs::remove_file(path);
         }
         let name = if signal == libc::SIGTERM { "SIGTERM" } else { "SIGINT" };
         if rc == 0 {
             eprintln!("serve-nbd stopped ({name}); clients disconnected");
         }
+        // What every other command prints as it returns (BLOCKPROOF_S3_STATS).
+        crate::location::report_requests();
         std::process::exit(crate::exit::OK.into());
     });
 }

@@ -3,7 +3,8 @@
 //! verification, restore, check, forget, gc, copy both ways), large objects by multipart
 //! upload, three backup processes into one bucket at once followed by gc, the server
 //! killed in the middle of a backup, and the backend contract (blockproof_store::contract)
-//! against `S3Backend` itself.
+//! against `S3Backend` itself; copy and serve-nbd reading by pack regions as a restore
+//! does (their GETs counted).
 
 mod harness;
 
@@ -24,6 +25,35 @@ fn init(dir: &Dir, extra: &[&str]) {
 fn requests(stderr: &str) -> Value {
     let line = stderr.lines().find_map(|l| l.strip_prefix("blockproof: s3 requests: ")).expect("request counts");
     serde_json::from_str(line).unwrap()
+}
+
+/// The GETs of a command that ran with `BLOCKPROOF_S3_STATS=1` and succeeded.
+fn gets(out: std::process::Output) -> u64 {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    requests(&stderr)["get"].as_u64().unwrap()
+}
+
+/// A repository with `--pack-size 4MiB` on `garage`'s bucket `bucket`, holding one backup
+/// of a 32 MiB mixed image; returns the directory, the image and the snapshot id, and the
+/// GETs of a restore of it without the local cache.
+fn regions_fixture(garage: &Garage, bucket: &str) -> (Dir, PathBuf, String, u64) {
+    let dir = Dir::on_s3(garage, &format!("s3://{bucket}/repo"));
+    init(&dir, &["--pack-size", "4MiB"]);
+    let img = dir.image("d.img", 32 << 20, 9);
+    let snap = snap_id(&backup(&dir, "vm", &[format!("id=d,source={}", img.display())]));
+    let to = dir.join("restored.raw");
+    let restore = gets(
+        dir.repo_cmd("restore")
+            .arg(&snap)
+            .args(["--disk", "d", "--no-cache", "--to"])
+            .arg(&to)
+            .env("BLOCKPROOF_S3_STATS", "1")
+            .output(),
+    );
+    assert_eq!(hash(&to), hash(&img));
+    fs::remove_file(&to).unwrap();
+    (dir, img, snap, restore)
 }
 
 /// The whole cycle on s3://: init, full backup, incremental with a change list, a lying
@@ -303,26 +333,7 @@ fn stale_multipart_uploads_child() {
 #[test]
 fn copy_reads_pack_regions_like_a_restore() {
     let Some(garage) = Garage::start(&["regions"]) else { return };
-    let dir = Dir::on_s3(&garage, "s3://regions/repo");
-    init(&dir, &["--pack-size", "4MiB"]);
-    let img = dir.image("d.img", 32 << 20, 9);
-    let snap = backup(&dir, "vm", &[format!("id=d,source={}", img.display())])["snapshot"].clone();
-    let gets = |out: std::process::Output| {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{stderr}");
-        requests(&stderr)["get"].as_u64().unwrap()
-    };
-    let to = dir.join("restored.raw");
-    let restore = gets(
-        dir.repo_cmd("restore")
-            .arg(snap.as_str().unwrap())
-            .args(["--disk", "d", "--no-cache", "--to"])
-            .arg(&to)
-            .env("BLOCKPROOF_S3_STATS", "1")
-            .output(),
-    );
-    assert_eq!(hash(&to), hash(&img));
-    fs::remove_file(&to).unwrap();
+    let (dir, _, _, restore) = regions_fixture(&garage, "regions");
     let local = dir.join("local-repo");
     dir.cmd("init")
         .arg("--repo")
@@ -341,4 +352,42 @@ fn copy_reads_pack_regions_like_a_restore() {
     );
     assert!(copy <= 2 * restore, "copy made {copy} GETs, restore {restore}");
     eprintln!("GETs: restore {restore}, copy {copy}");
+}
+
+/// `serve-nbd` on S3 read whole by real NBD clients (qemu-img convert: 2 MiB requests,
+/// several in flight; nbdcopy: 256 KiB requests over several connections) costs about
+/// the GETs of a restore: each read fetches pack regions and a stream is read ahead. At
+/// most twice the restore's (before issue 22: one GET per stored chunk).
+#[test]
+fn serve_nbd_reads_pack_regions_like_a_restore() {
+    let Some(garage) = Garage::start(&["serving"]) else { return };
+    let (dir, img, snap, restore) = regions_fixture(&garage, "serving");
+    let sock = dir.join("nbd.sock");
+    let uri = format!("nbd+unix:///d?socket={}", sock.display());
+    let out = dir.join("served.raw");
+    let clients: [(&str, Vec<&str>); 2] = [
+        ("qemu-img", vec!["convert", "-f", "raw", "-O", "raw", &uri, out.to_str().unwrap()]),
+        ("nbdcopy", vec![&uri, out.to_str().unwrap()]),
+    ];
+    for (client, args) in clients {
+        let server = dir
+            .repo_cmd("serve-nbd")
+            .arg(&snap)
+            .args(["--no-cache", "--socket"])
+            .arg(&sock)
+            .env("BLOCKPROOF_S3_STATS", "1")
+            .spawn_piped();
+        harness::wait_until("serve-nbd listening", || std::os::unix::net::UnixStream::connect(&sock).is_ok());
+        let run = std::process::Command::new(client).args(&args).output().unwrap();
+        assert!(run.status.success(), "{client}: {}", String::from_utf8_lossy(&run.stderr));
+        assert_eq!(hash(&out), hash(&img), "{client}");
+        fs::remove_file(&out).unwrap();
+        // SAFETY: a signal to the child this test started and has not yet reaped.
+        assert_eq!(unsafe { libc::kill(server.id() as i32, libc::SIGTERM) }, 0);
+        let served = gets(server.wait_with_output().unwrap());
+        // Stopped cleanly, though the S3 client had started threads before the handler.
+        assert!(!sock.exists(), "the socket file was left behind");
+        assert!(served <= 2 * restore, "serve-nbd read by {client} made {served} GETs, restore {restore}");
+        eprintln!("GETs: restore {restore}, serve-nbd to {client} {served}");
+    }
 }

@@ -7,6 +7,25 @@
 //! the chunks the range touches: a chunk whose id is the zero id is zeros, without I/O; any
 //! other is read through [`BlobReader`], which authenticates it, decompresses it and
 //! re-hashes it against its id, and is then checked to have the chunk's exact length.
+//!
+//! The stored chunks a read misses are fetched together with
+//! [`BlobReader::read_many`], which reads the blobs of one pack region with one ranged
+//! request: on S3 a 2 MiB NBD request costs a request or two per pack it touches, not one
+//! per 64 KiB chunk. Many missing chunks are cut into groups of consecutive chunks, at
+//! least half a restore batch (2 MiB of 64 KiB chunks) each and at most one per worker
+//! (`workers()`), fetched in parallel, so a big read uses the cores and a streaming client
+//! costs about the requests of a restore.
+//!
+//! **Read-ahead.** A read that misses and continues an earlier read — it starts where one
+//! of the last [`STREAMS`] reads ended, or only zero chunks lie between (qemu-img skips
+//! holes) — also fetches, in the same `read_many`, the following stored chunks that are
+//! not cached: up to [`READ_AHEAD_BYTES`] (4 MiB), and never more than half the chunk
+//! cache (none without a cache). They go to the cache only, so a client reading 128 KiB
+//! at a time (a kernel NBD client) or 2 MiB at a time (qemu-img convert, nbdcopy) costs
+//! about one round of requests per 4 MiB. A read-ahead chunk that fails to read or verify
+//! is dropped without failing the read that fetched it; the read that asks for it meets
+//! the damage. Random reads fetch only what they ask for.
+//!
 //! [`DiskImage::allocation`] and [`DiskImage::is_zero_range`] answer from the ids alone,
 //! which is what NBD `base:allocation` and holes in a read reply need.
 //!
@@ -23,13 +42,15 @@
 //!   also least recently used first, so clients streaming different regions do not make
 //!   each other reload index pages. Below them, one `TreeReader` (one cached page per
 //!   level) behind a mutex loads pages on a miss.
-//! - **No lock is held during blob I/O or decryption.** A read of several missing chunks
-//!   fetches them on up to `workers()` scoped threads (a 2 MiB NBD request is 32 chunks),
-//!   each writing into its own disjoint part of the caller's buffer. Two clients missing the
-//!   same chunk at the same moment may both read it; both get the same verified bytes.
+//! - **No lock is held during blob I/O or decryption.** The groups of a read run on up to
+//!   `workers()` scoped threads, each writing into its own disjoint parts of the caller's
+//!   buffer. Two clients missing the same chunk at the same moment may both read it; both
+//!   get the same verified bytes.
 //!
 //! Memory: `cache_bytes` + at most `LEAF_PAGES` × the page size (2 MiB with the default
-//! fanout) + the chunks in flight of the reads running now.
+//! fanout) + per read running now, the chunks it fetches (its own and at most
+//! [`READ_AHEAD_BYTES`] read ahead) and the pack regions being read for them (each at most
+//! `MAX_SPAN`, 8 MiB, of sealed bytes, one per group in flight).
 //!
 //! ## Errors
 //!
@@ -40,7 +61,7 @@
 //! root of the disk's index is damaged and no byte can be located. No
 //! method returns unverified bytes, and none panics on repository content.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use blockproof_format::tree::chunk_count;
@@ -54,6 +75,11 @@ use crate::{workers, CoreError};
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 /// Leaf pages of chunk ids kept in memory (64 × 1024 ids cover 4 GiB of 64 KiB chunks).
 pub const LEAF_PAGES: usize = 64;
+/// The most a read that continues a stream fetches ahead of itself: 4 MiB, a restore's
+/// batch ([`crate::restore`]), and never more than half the chunk cache.
+pub const READ_AHEAD_BYTES: u64 = 4 << 20;
+/// Streams told apart for read-ahead (the ends of the last reads remembered).
+pub const STREAMS: usize = 8;
 
 /// A map bounded by the total weight of its values, evicting the least recently used.
 struct Lru<V> {
@@ -79,6 +105,11 @@ impl<V: Clone> Lru<V> {
         Some(v.clone())
     }
 
+    /// Whether `key` is held, without counting as a use.
+    fn contains(&self, key: u64) -> bool {
+        self.map.contains_key(&key)
+    }
+
     fn put(&mut self, key: u64, value: V, weight: usize) {
         if weight > self.limit || self.map.contains_key(&key) {
             return;
@@ -96,12 +127,13 @@ impl<V: Clone> Lru<V> {
     }
 }
 
-/// One missing chunk of a read: where its bytes go.
+/// One missing chunk of a read: where its bytes go (nowhere for a chunk read ahead, which
+/// only goes to the cache).
 struct Fetch<'b> {
     chunk: u64,
     id: Id,
     within: usize,
-    out: &'b mut [u8],
+    out: Option<&'b mut [u8]>,
 }
 
 /// One disk of a snapshot, readable at any offset by any number of threads.
@@ -111,6 +143,10 @@ pub struct DiskImage<'a> {
     tree: Mutex<TreeReader<'a>>,
     leaves: Mutex<Lru<Arc<Vec<Id>>>>,
     cache: Mutex<Lru<Arc<Vec<u8>>>>,
+    cache_limit: usize,
+    /// Where the last [`STREAMS`] reads ended (oldest first), to recognise a read that
+    /// continues one of them.
+    streams: Mutex<VecDeque<u64>>,
     threads: usize,
 }
 
@@ -132,6 +168,8 @@ impl<'a> DiskImage<'a> {
             tree: Mutex::new(tree),
             leaves: Mutex::new(Lru::new(LEAF_PAGES)),
             cache: Mutex::new(Lru::new(cache_bytes)),
+            cache_limit: cache_bytes,
+            streams: Mutex::new(VecDeque::with_capacity(STREAMS)),
             threads: workers(),
         })
     }
@@ -193,17 +231,37 @@ impl<'a> DiskImage<'a> {
             .ok_or_else(|| self.damaged(chunk, 1, RepoError::corrupt("index page", "shorter than its geometry")))
     }
 
-    /// Reads, verifies and caches one stored chunk.
-    fn fetch(&self, chunk: u64, id: &Id) -> Result<Arc<Vec<u8>>, CoreError> {
-        let data = self.reader.read(id, BlobKind::Data).map_err(|e| self.damaged(chunk, 1, e))?;
-        let want = (self.size() - chunk * self.chunk_size()).min(self.chunk_size()) as usize;
-        if data.len() != want {
-            let detail = format!("holds {} bytes, the chunk has {want}", data.len());
-            return Err(self.damaged(chunk, 1, RepoError::corrupt(format!("blob {id}"), detail)));
+    /// Reads, verifies and caches the chunks of `group` with one [`BlobReader::read_many`]
+    /// (about one storage request per pack region) and copies each into its part of the
+    /// caller's buffer. The first chunk the caller asked for that fails is the error; a
+    /// read-ahead chunk that fails is dropped (a read that asks for it meets the damage).
+    fn fetch(&self, group: Vec<Fetch<'_>>) -> Result<(), CoreError> {
+        let ids: Vec<Id> = group.iter().map(|f| f.id).collect();
+        let blobs = self.reader.read_many(&ids, BlobKind::Data);
+        let mut first_error = None;
+        for (f, blob) in group.into_iter().zip(blobs) {
+            let want = (self.size() - f.chunk * self.chunk_size()).min(self.chunk_size()) as usize;
+            let checked = blob.and_then(|data| {
+                if data.len() == want {
+                    Ok(data)
+                } else {
+                    let detail = format!("holds {} bytes, the chunk has {want}", data.len());
+                    Err(RepoError::corrupt(format!("blob {}", f.id), detail))
+                }
+            });
+            match (checked, f.out) {
+                (Ok(data), out) => {
+                    if let Some(out) = out {
+                        let n = out.len();
+                        out.copy_from_slice(&data[f.within..f.within + n]);
+                    }
+                    lock(&self.cache).put(f.chunk, Arc::new(data), want);
+                }
+                (Err(e), Some(_)) if first_error.is_none() => first_error = Some(self.damaged(f.chunk, 1, e)),
+                (Err(_), _) => {}
+            }
         }
-        let data = Arc::new(data);
-        lock(&self.cache).put(chunk, data.clone(), want);
-        Ok(data)
+        first_error.map_or(Ok(()), Err)
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), CoreError> {
@@ -218,10 +276,12 @@ impl<'a> DiskImage<'a> {
     }
 
     /// Fills `buf` with the disk's bytes at `offset`. Zero chunks cost no I/O; missing
-    /// chunks are fetched in parallel when there are several.
+    /// chunks are fetched by pack regions, in parallel groups when there are many, with the
+    /// following chunks read ahead when the read continues an earlier one.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), CoreError> {
         self.check_range(offset, buf.len() as u64)?;
         let cs = self.chunk_size();
+        let end = offset + buf.len() as u64;
         let mut missing = Vec::new();
         let (mut rest, mut at) = (buf, offset);
         while !rest.is_empty() {
@@ -239,34 +299,101 @@ impl<'a> DiskImage<'a> {
             if id.is_zero() {
                 out.fill(0);
             } else {
-                missing.push(Fetch { chunk, id, within, out });
+                missing.push(Fetch { chunk, id, within, out: Some(out) });
             }
         }
-        let threads = self.threads.min(missing.len());
-        if threads <= 1 {
-            return missing.into_iter().try_for_each(|f| self.fill(f));
+        if self.continues_a_stream(offset, end, !missing.is_empty()) && !missing.is_empty() {
+            self.read_ahead(end.div_ceil(cs), &mut missing);
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // Groups of consecutive chunks, each one `read_many`: at least half a restore
+        // batch each (so a streaming client costs about the requests of a restore), at
+        // most one per worker.
+        let min_group = (crate::restore::chunks_per_read(cs) / 2).max(1) as usize;
+        let groups = (missing.len() / min_group).clamp(1, self.threads);
+        if groups == 1 {
+            return self.fetch(missing);
+        }
+        let per_group = missing.len().div_ceil(groups);
+        let mut batches = Vec::with_capacity(groups);
+        let mut it = missing.into_iter().peekable();
+        while it.peek().is_some() {
+            batches.push(it.by_ref().take(per_group).collect::<Vec<_>>());
         }
         fan_out(
             self.reader.repo().cancel(),
-            FanOut { workers: threads, queue: threads },
+            FanOut { workers: batches.len(), queue: batches.len() },
             |emit| {
-                for f in missing {
-                    if !emit.send(f) {
+                for b in batches {
+                    if !emit.send(b) {
                         break;
                     }
                 }
                 Ok(())
             },
-            || |f: Fetch<'_>| self.fill(f),
+            || |b: Vec<Fetch<'_>>| self.fetch(b),
             |()| Ok(()),
         )
     }
 
-    fn fill(&self, f: Fetch<'_>) -> Result<(), CoreError> {
-        let data = self.fetch(f.chunk, &f.id)?;
-        let n = f.out.len();
-        f.out.copy_from_slice(&data[f.within..f.within + n]);
-        Ok(())
+    /// Records the read `offset..end` among the recent streams and says whether it
+    /// continues one: it starts where an earlier read ended or, when `look_past_holes`,
+    /// only zero chunks lie between (a client that skips holes, as qemu-img does).
+    fn continues_a_stream(&self, offset: u64, end: u64, look_past_holes: bool) -> bool {
+        if self.read_ahead_bytes() == 0 {
+            return false;
+        }
+        let ends: Vec<u64> = lock(&self.streams).iter().copied().collect();
+        let near = |e: u64| e < offset && offset - e <= READ_AHEAD_BYTES * 4;
+        // Past the exact match, the gap is judged from the ids (a damaged page: not a hole).
+        let from = ends.iter().copied().find(|&e| e == offset).or_else(|| {
+            let mut gaps = ends.iter().copied().filter(|&e| look_past_holes && near(e));
+            gaps.find(|&e| self.is_zero_range(e, offset - e).unwrap_or(false))
+        });
+        let mut streams = lock(&self.streams);
+        if let Some(pos) = from.and_then(|e| streams.iter().position(|&x| x == e)) {
+            streams.remove(pos);
+        }
+        if streams.len() == STREAMS {
+            streams.pop_front();
+        }
+        streams.push_back(end);
+        from.is_some()
+    }
+
+    /// Bytes one read-ahead may add to the cache: [`READ_AHEAD_BYTES`], at most half the
+    /// cache (none without a cache).
+    fn read_ahead_bytes(&self) -> u64 {
+        READ_AHEAD_BYTES.min(self.cache_limit as u64 / 2)
+    }
+
+    /// Appends to `fetch` the stored chunks from `first` on that are not cached, up to
+    /// [`DiskImage::read_ahead_bytes`] of them (looking at most four times that far).
+    fn read_ahead(&self, first: u64, fetch: &mut Vec<Fetch<'_>>) {
+        let cs = self.chunk_size();
+        let chunks = chunk_count(self.size(), self.entry.chunk_size);
+        let budget = self.read_ahead_bytes() / cs;
+        let last = first.saturating_add(budget * 4).min(chunks);
+        let mut taken = 0;
+        for chunk in first..last {
+            if taken >= budget {
+                break;
+            }
+            if lock(&self.cache).contains(chunk) {
+                continue;
+            }
+            let id = match self.id(chunk) {
+                Ok(id) => id,
+                // A damaged index page beyond the read: the read that needs it says so.
+                Err(_) => break,
+            };
+            if !id.is_zero() {
+                fetch.push(Fetch { chunk, id, within: 0, out: None });
+                taken += 1;
+            }
+        }
     }
 
     /// Calls `visit(first byte, end, is_zero)` for each chunk overlapping

@@ -1,13 +1,14 @@
 //! `DiskImage`, the random-access snapshot reader, through the library API: random reads
 //! against the source bytes, zero chunks and allocation from the ids alone, several leaf
-//! pages, a bounded cache, many threads on one image, and damaged packs named, never
-//! returned.
+//! pages, a bounded cache, many threads on one image, damaged packs named, never
+//! returned, and the storage reads it makes (counted through `FaultyBackend`): pack
+//! regions, not one read per chunk, and a bounded read-ahead for a sequential stream.
 
 use blockproof_core::{backup, BackupOptions, CoreError, DiskImage, DiskInput, NoProgress};
 use blockproof_format::KdfParams;
 use blockproof_repo::{BlobIndex, BlobReader, InitOptions, Repository};
 use blockproof_source::{BlockSource, SourceError};
-use blockproof_store::LocalBackend;
+use blockproof_store::{Faults, FaultyBackend, Kind, LocalBackend, Op};
 
 /// A disk in memory.
 struct MemDisk(Vec<u8>);
@@ -64,8 +65,13 @@ struct Fixture {
 
 /// A repository of 4 KiB chunks and 64 KiB packs holding one backup of `data`.
 fn fixture(data: Vec<u8>) -> Fixture {
+    fixture_packs(data, 64 * 1024)
+}
+
+/// A repository of 4 KiB chunks and packs of `pack_size` holding one backup of `data`.
+fn fixture_packs(data: Vec<u8>, pack_size: u32) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let opts = InitOptions { kdf: KdfParams::MIN, chunk_size: CS as u32, pack_size: 64 * 1024, ..Default::default() };
+    let opts = InitOptions { kdf: KdfParams::MIN, chunk_size: CS as u32, pack_size, ..Default::default() };
     let repo =
         Repository::init(Box::new(LocalBackend::create(dir.path().join("repo")).unwrap()), b"pw", &opts).unwrap();
     let options = BackupOptions {
@@ -88,6 +94,23 @@ fn with_image(f: &Fixture, cache: usize, test: impl FnOnce(&DiskImage<'_>)) {
     let snap = f.repo.resolve_snapshot("vm:latest").unwrap();
     let image = DiskImage::new(&reader, snap.snapshot.disk("d").unwrap(), cache).unwrap();
     test(&image);
+}
+
+/// Like [`with_image`], through a `FaultyBackend` that counts the storage calls.
+fn with_counted_image(f: &Fixture, cache: usize, test: impl FnOnce(&DiskImage<'_>, &Faults)) {
+    let faulty = FaultyBackend::new(Box::new(LocalBackend::open(f._dir.path().join("repo")).unwrap()));
+    let faults = faulty.faults();
+    let repo = Repository::open(Box::new(faulty), b"pw").unwrap();
+    let index = BlobIndex::load(&repo).unwrap();
+    let reader = BlobReader::new(&repo, &index);
+    let snap = repo.resolve_snapshot("vm:latest").unwrap();
+    let image = DiskImage::new(&reader, snap.snapshot.disk("d").unwrap(), cache).unwrap();
+    test(&image, &faults);
+}
+
+/// Ranged reads of pack files since the log held `since` calls.
+fn pack_reads(faults: &Faults, since: u64) -> usize {
+    faults.log().iter().filter(|c| c.number > since && c.op == Op::ReadAt && c.kind == Kind::Pack).count()
 }
 
 /// A deterministic stream of (offset, length) inside `size`.
@@ -297,5 +320,103 @@ fn a_damaged_index_page_names_what_it_covers() {
         image.read_at(&mut [0u8; 10], 5 * CS as u64).unwrap();
         let err = image.read_at(&mut [0u8; 10], page + 5).unwrap_err().to_string();
         assert!(err.contains(&format!("bytes {page}..{}", 2 * page)), "{err}");
+    });
+}
+
+/// 2048 chunks of 4 KiB (8 MiB, every third chunk zero) in packs of 1 MiB.
+fn streamed() -> Fixture {
+    fixture_packs(content(2048, 0), 1 << 20)
+}
+
+/// A read of an uncached region fetches the pack regions its chunks lie in: a 2 MiB read
+/// (512 chunks, 341 stored, in about three packs) is a handful of ranged reads. Before
+/// issue 22 it was one read per stored chunk.
+#[test]
+fn a_large_read_fetches_pack_regions_not_chunks() {
+    let f = streamed();
+    with_counted_image(&f, 64 << 20, |image, faults| {
+        let (offset, len) = (1 << 20, 2 << 20);
+        let start = faults.calls();
+        let mut buf = vec![0xee; len];
+        image.read_at(&mut buf, offset as u64).unwrap();
+        assert!(buf == f.data[offset..offset + len]);
+        let reads = pack_reads(faults, start);
+        assert!(reads <= 8, "{reads} pack reads for 341 stored chunks");
+        // Now cached: no storage read at all.
+        let start = faults.calls();
+        image.read_at(&mut buf, offset as u64).unwrap();
+        assert!(buf == f.data[offset..offset + len]);
+        assert_eq!(pack_reads(faults, start), 0);
+    });
+}
+
+/// A client streaming the disk in 128 KiB reads (a kernel NBD client, qemu-img convert)
+/// gets the following chunks read ahead: far fewer pack reads than stored chunks, the
+/// bytes exact, the cache within its bound. Before issue 22: one read per stored chunk.
+#[test]
+fn a_sequential_stream_is_read_ahead() {
+    let f = streamed();
+    let stored = f.data.chunks(CS).filter(|c| c.iter().any(|&b| b != 0)).count();
+    for cache in [64 << 20, 256 << 10] {
+        with_counted_image(&f, cache, |image, faults| {
+            let start = faults.calls();
+            for offset in (0..f.data.len()).step_by(128 << 10) {
+                let mut buf = vec![0xee; 128 << 10];
+                image.read_at(&mut buf, offset as u64).unwrap();
+                assert!(buf == f.data[offset..offset + buf.len()], "{offset}");
+                assert!(image.cached_bytes() <= cache, "{} cached", image.cached_bytes());
+            }
+            let reads = pack_reads(faults, start);
+            assert!(reads * 10 <= stored, "cache {cache}: {reads} pack reads for {stored} stored chunks");
+        });
+    }
+    // Without a cache there is no read-ahead (nothing could keep it): the same bytes, and
+    // still no more than a few reads per 128 KiB request.
+    with_counted_image(&f, 0, |image, faults| {
+        let start = faults.calls();
+        for offset in (0..f.data.len()).step_by(128 << 10) {
+            let mut buf = vec![0xee; 128 << 10];
+            image.read_at(&mut buf, offset as u64).unwrap();
+            assert!(buf == f.data[offset..offset + buf.len()], "{offset}");
+        }
+        assert_eq!(image.cached_bytes(), 0);
+        let reads = pack_reads(faults, start);
+        assert!(reads <= 2 * 64, "{reads} pack reads for 64 requests");
+    });
+}
+
+/// A damaged chunk that read-ahead fetched with its neighbours fails no read that does not
+/// ask for it; the read that does fails naming exactly its bytes.
+#[test]
+fn damage_met_by_read_ahead_fails_only_the_read_of_that_chunk() {
+    let f = streamed();
+    let bad = 301u64; // 301 % 3 != 0: a stored chunk
+    let index = BlobIndex::load(&f.repo).unwrap();
+    let reader = BlobReader::new(&f.repo, &index);
+    let entry = f.repo.resolve_snapshot("vm:latest").unwrap().snapshot.disk("d").unwrap().clone();
+    let id =
+        blockproof_repo::TreeReader::new(&reader, entry.index_root, 2048, entry.index_fanout).unwrap().leaf(0).unwrap()
+            [bad as usize];
+    damage_blob(&f, &id);
+    with_image(&f, 64 << 20, |image| {
+        let step = 128 << 10;
+        let mut offset = 0u64;
+        while offset + step <= bad * CS as u64 {
+            let mut buf = vec![0; step as usize];
+            image.read_at(&mut buf, offset).unwrap();
+            assert!(buf == f.data[offset as usize..][..step as usize], "{offset}");
+            offset += step;
+        }
+        let mut buf = vec![0; CS];
+        match image.read_at(&mut buf, bad * CS as u64) {
+            Err(CoreError::DamagedRange { offset, end, .. }) => {
+                assert_eq!((offset, end), (bad * CS as u64, (bad + 1) * CS as u64))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Past it, the stream goes on.
+        let mut buf = vec![0; step as usize];
+        image.read_at(&mut buf, (bad + 1) * CS as u64).unwrap();
+        assert!(buf == f.data[(bad as usize + 1) * CS..][..step as usize]);
     });
 }
