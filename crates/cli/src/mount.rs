@@ -391,9 +391,12 @@ pub fn mount(a: MountArgs) -> Result<u8> {
     if !Path::new("/dev/fuse").exists() {
         return Err(anyhow!("cannot mount: /dev/fuse does not exist (load the fuse kernel module: modprobe fuse)"));
     }
-    let (fs, what) = snapshot_fs(&a)?;
-    // Blocked before the mount exists, so no signal finds it without its handler.
+    // Blocked before the repository opens (an S3 repository starts threads, which would
+    // otherwise take a signal with its default action and leave the mount behind), so no
+    // signal finds the mount without its handler; one that comes while the snapshot opens
+    // waits, and unmounts as soon as the mount exists.
     let signals = crate::serve::block_stop_signals()?;
+    let (fs, what) = snapshot_fs(&a)?;
     let options = [
         MountOption::RO,
         MountOption::NoSuid,
