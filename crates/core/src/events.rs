@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use blockproof_format::manifest::{ByteRange, ReadMode};
 use blockproof_format::{Id, ObjectMagic, SnapshotStatus};
-use blockproof_repo::{BlobIndex, BlobReader, Repository, SnapshotInfo};
+use blockproof_repo::{BlobIndex, BlobReader, RepoError, Repository, SnapshotInfo};
 use blockproof_store::Kind;
 use serde::{Deserialize, Serialize};
 
@@ -93,14 +93,18 @@ pub fn events(repo: &Repository) -> Result<(Vec<Event>, Vec<String>), CoreError>
         if !n.starts_with(PREFIX) {
             continue;
         }
-        let parsed = repo
-            .read_doc(Kind::State, ObjectMagic::State, &n)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<Event>(&b).map_err(|e| format!("detection event {n}: {e}")));
-        match parsed {
+        let bytes = match repo.read_doc(Kind::State, ObjectMagic::State, &n) {
+            Ok(b) => b,
+            // Gone between the listing and the read (a concurrent prune): nothing to say.
+            Err(RepoError::Store(e)) if e.is_not_found() => continue,
+            Err(e) => {
+                warnings.push(format!("skipped a detection event that cannot be read: {e}"));
+                continue;
+            }
+        };
+        match serde_json::from_slice::<Event>(&bytes) {
             Ok(e) => out.push(e),
-            Err(e) if e.contains("not found") => {}
-            Err(e) => warnings.push(format!("skipped a detection event that cannot be read: {e}")),
+            Err(e) => warnings.push(format!("skipped a detection event that cannot be read: detection event {n}: {e}")),
         }
     }
     out.sort_by(|a, b| a.time.cmp(&b.time).then(a.snapshot.cmp(&b.snapshot)));
@@ -181,15 +185,32 @@ pub fn patch(repo: &Repository, snapshot: &str, disk: &str, target: &Path) -> Re
         .collect();
     ranges.sort_unstable_by_key(|r| r.offset);
     ranges.dedup();
+    // A range outside the disk (a damaged event, or one written by something else) is
+    // refused before anything is written.
+    if let Some(r) = ranges.iter().find(|r| r.offset.checked_add(r.length).is_none_or(|end| end > entry.size)) {
+        return Err(CoreError::Invalid(format!(
+            "a detection event names bytes {}+{} of disk {disk}, outside the disk ({} bytes): the event is damaged; \
+             nothing was patched",
+            r.offset, r.length, entry.size
+        )));
+    }
     let index = BlobIndex::load(repo)?;
     let reader = BlobReader::new(repo, &index);
     let image = DiskImage::new(&reader, good_entry, 16 << 20)?;
     let out = OpenOptions::new().write(true).open(target).map_err(|e| CoreError::io(target, e))?;
     let mut written = 0;
+    // In pieces of at most 4 MiB: a range is as long as the disk at most.
+    const PIECE: u64 = 4 << 20;
+    let mut buf = Vec::new();
     for r in &ranges {
-        let mut buf = vec![0u8; r.length as usize];
-        image.read_at(&mut buf, r.offset)?;
-        out.write_all_at(&buf, r.offset).map_err(|e| CoreError::io(target, e))?;
+        let mut at = r.offset;
+        while at < r.offset + r.length {
+            let n = (r.offset + r.length - at).min(PIECE);
+            buf.resize(n as usize, 0);
+            image.read_at(&mut buf, at)?;
+            out.write_all_at(&buf, at).map_err(|e| CoreError::io(target, e))?;
+            at += n;
+        }
         written += r.length;
     }
     out.sync_all().map_err(|e| CoreError::io(target, e))?;
