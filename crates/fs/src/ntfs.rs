@@ -55,6 +55,25 @@ impl NtfsFs {
     }
 
     /// The file at `path`, walking from the root directory.
+    /// Runs `f` on the unnamed data stream of the regular file at `path` (`None`: the
+    /// file has none, so it is empty): the one place `read` and `read_at` find it.
+    fn with_data<T>(
+        &self,
+        path: &FsPath,
+        f: impl FnOnce(&mut Window, &mut ntfs::attribute_value::NtfsAttributeValue<'_, '_>) -> Result<T, FsError>,
+    ) -> Result<Option<T>, FsError> {
+        let r = &mut *self.reader.borrow_mut();
+        let file = self.find(r, path)?;
+        if file.is_directory() {
+            return Err(FsError::IsADirectory { path: path.to_string() });
+        }
+        let Some(item) = file.data(r, "") else { return Ok(None) };
+        let item = item.map_err(|e| error(e, path))?;
+        let attribute = item.to_attribute().map_err(|e| error(e, path))?;
+        let mut value = attribute.value(r).map_err(|e| error(e, path))?;
+        f(r, &mut value).map(Some)
+    }
+
     fn find<'n>(&'n self, r: &mut Window, path: &FsPath) -> Result<NtfsFile<'n>, FsError> {
         let mut file = self.ntfs.root_directory(r).map_err(|e| error(e, &FsPath::root()))?;
         let mut walked = FsPath::root();
@@ -141,33 +160,19 @@ impl Backend for NtfsFs {
     }
 
     fn read(&self, path: &FsPath, out: &mut dyn Write) -> Result<u64, FsError> {
-        let r = &mut *self.reader.borrow_mut();
-        let file = self.find(r, path)?;
-        if file.is_directory() {
-            return Err(FsError::IsADirectory { path: path.to_string() });
-        }
-        let Some(item) = file.data(r, "") else { return Ok(0) };
-        let item = item.map_err(|e| error(e, path))?;
-        let attribute = item.to_attribute().map_err(|e| error(e, path))?;
-        let mut value = attribute.value(r).map_err(|e| error(e, path))?;
-        copy_stream(|buf| value.read(r, buf).map_err(|e| error(e, path)), out)
+        self.with_data(path, |r, value| copy_stream(|buf| value.read(r, buf).map_err(|e| error(e, path)), out))
+            .map(|n| n.unwrap_or(0))
     }
 
     fn read_at(&self, path: &FsPath, offset: u64, buf: &mut [u8]) -> Result<usize, FsError> {
-        let r = &mut *self.reader.borrow_mut();
-        let file = self.find(r, path)?;
-        if file.is_directory() {
-            return Err(FsError::IsADirectory { path: path.to_string() });
-        }
-        let Some(item) = file.data(r, "") else { return Ok(0) };
-        let item = item.map_err(|e| error(e, path))?;
-        let attribute = item.to_attribute().map_err(|e| error(e, path))?;
-        let mut value = attribute.value(r).map_err(|e| error(e, path))?;
-        if offset >= value.len() {
-            return Ok(0);
-        }
-        value.seek(r, SeekFrom::Start(offset)).map_err(|e| error(e, path))?;
-        fill(buf, |b| value.read(r, b).map_err(|e| error(e, path)))
+        self.with_data(path, |r, value| {
+            if offset >= value.len() {
+                return Ok(0);
+            }
+            value.seek(r, SeekFrom::Start(offset)).map_err(|e| error(e, path))?;
+            fill(buf, |b| value.read(r, b).map_err(|e| error(e, path)))
+        })
+        .map(|n| n.unwrap_or(0))
     }
 
     fn read_link(&self, path: &FsPath) -> Result<Vec<u8>, FsError> {
