@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use blockproof_core::{BackupReport, CoreError, DiskInput};
+use blockproof_format::{Consistency, Machine, MachineKind};
 use blockproof_source::LiveVm;
 
 use crate::args::CleanupArgs;
@@ -60,6 +61,24 @@ impl Live {
                 verify: None,
             })
             .collect()
+    }
+
+    /// The VM as the restore point keeps it: for QMP, the block graph blockproof saw —
+    /// each disk's node name, format driver, image file and size (docs/LIVE-VMS.md).
+    pub fn machine(&self) -> Machine {
+        let disks: Vec<_> = self
+            .vm
+            .disks()
+            .into_iter()
+            .map(|d| serde_json::json!({ "node": d.id, "driver": d.driver, "file": d.filename, "size": d.size }))
+            .collect();
+        Machine {
+            kind: MachineKind::Qmp,
+            consistency: Consistency::Crash,
+            consistency_note: Some("no guest agent was asked to freeze the file systems".into()),
+            definition: serde_json::json!({ "disks": disks }).to_string(),
+            uuid: None,
+        }
     }
 }
 
