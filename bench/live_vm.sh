@@ -91,7 +91,7 @@ timed() { # json-out, command... -> prints "wall core"
   printf '%s %s\n' "$(cat "$work/time")" "$(python3 -c "import json; print(round(json.load(open('$out'))['duration_seconds'], 2))")"
 }
 serve_plain() {
-  qemu-nbd -r -f qcow2 -k "$work/plain.sock" -B bm "$work/plain.qcow2" &
+  qemu-nbd -r -t -f qcow2 -k "$work/plain.sock" -B bm "$work/plain.qcow2" &
   nbd_pid=$!
   for _ in $(seq 100); do [ -S "$work/plain.sock" ] && break; sleep 0.05; done
 }
