@@ -58,7 +58,7 @@ pub fn restore_test(a: RestoreTestArgs) -> Result<u8> {
         .map(|p| FsPath::parse(p.as_bytes()).map_err(|e| Usage(format!("invalid --expect {p:?}: {e}"))))
         .collect::<Result<_, _>>()?;
     let started = Instant::now();
-    let time = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
     let repo: &'static blockproof_repo::Repository = Box::leak(Box::new(open_repo(&a.repo)?));
     let info = resolve_for_reading(repo, &a.snapshot)?;
     let disks: Vec<_> = match &a.disk {

@@ -72,7 +72,7 @@ pub struct RestoreTest {
     /// The tested restore point.
     pub snapshot: Id,
     pub vm: String,
-    /// When the test started (RFC 3339 UTC).
+    /// When the test started (RFC 3339 UTC, microseconds: records sort by it).
     pub time: String,
     pub kind: TestKind,
     pub passed: bool,
