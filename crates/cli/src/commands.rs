@@ -161,7 +161,7 @@ fn backup(a: BackupArgs) -> Result<u8> {
     let repo = open_repo(&a.repo)?;
     // A running VM: its point-in-time view is set up now and torn down after the backup.
     let live = match &from {
-        Some(f) => Some(f.start(&a.vm, a.state_dir.as_deref(), std::time::Duration::from_secs(a.lock_wait))?),
+        Some(f) => Some(f.start(&repo, &a.vm, a.state_dir.as_deref(), std::time::Duration::from_secs(a.lock_wait))?),
         None => None,
     };
     let disks = match &live {

@@ -46,19 +46,24 @@
 
 mod changes;
 mod disk;
+mod libvirt;
 mod live;
 mod nbd;
 mod qemu;
 mod qmp;
 mod raw;
+mod virsh;
+mod xml;
 
 pub use changes::{ChangeList, Changes};
 pub use disk::{AfterCommit, Base, Cbt, DiskSpec, OpenedDisk, Owner, ParentCbt};
-pub use live::{cleanup, read_journal, state_dir, Journal, JournalDisk, LiveVm, VmLock};
+pub use libvirt::{Consistency, LibvirtJournal, LibvirtVm, LIBVIRT_CBT};
+pub use live::{cleanup, read_journal, state_dir, Journal, JournalDisk, JournalKind, LiveVm, VmLock};
 pub use nbd::NbdSource;
 pub use qemu::{add_bitmap, image_bitmaps, image_format, qemu_img_convert, remove_bitmap, Bitmap, QemuNbd};
 pub use qmp::{NodeBitmap, Qmp, QmpError, VmDisk};
 pub use raw::RawFile;
+pub use virsh::{definition_file, parse_domain, restore_definition, Domain, DomainDisk, Virsh, DEFAULT_URI};
 
 use std::path::PathBuf;
 
@@ -91,6 +96,9 @@ pub enum SourceError {
         image.display()
     )]
     InUse { image: PathBuf, detail: String },
+    /// libvirt (through virsh) refused or failed a call.
+    #[error("libvirt: {0}")]
+    Libvirt(String),
     /// The disk spec or its change source is unusable as given (a usage error).
     #[error("{0}")]
     Invalid(String),
