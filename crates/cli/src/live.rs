@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use blockproof_core::{BackupReport, CoreError, DiskInput};
+use blockproof_format::{Consistency, Machine, MachineKind};
 use blockproof_repo::Repository;
-use blockproof_source::{Consistency, LibvirtVm, LiveVm, ParentCbt};
+use blockproof_source::{LibvirtVm, LiveVm, ParentCbt};
 
 use crate::args::CleanupArgs;
 use crate::Usage;
@@ -105,11 +106,39 @@ impl Live {
         }
     }
 
-    /// Whether the guest's file systems were frozen for the view (and if not, why).
-    pub fn consistency(&self) -> (Consistency, Option<String>) {
+    /// The VM as the restore point keeps it. For QMP, the block graph blockproof saw —
+    /// each disk's node name, format driver, image file and size; for libvirt, the
+    /// domain's XML (`virsh dumpxml --inactive`) and UUID, and whether the guest agent
+    /// froze the file systems for the view (docs/LIVE-VMS.md).
+    pub fn machine(&self) -> Machine {
         match self {
-            Live::Qmp(_) => (Consistency::Crash, Some("crash-consistent: no guest agent is used over QMP".into())),
-            Live::Libvirt(vm) => vm.consistency(),
+            Live::Qmp(vm) => {
+                let disks: Vec<_> = vm
+                    .disks()
+                    .into_iter()
+                    .map(|d| serde_json::json!({ "node": d.id, "driver": d.driver, "file": d.filename, "size": d.size }))
+                    .collect();
+                Machine {
+                    kind: MachineKind::Qmp,
+                    consistency: Consistency::Crash,
+                    consistency_note: Some("no guest agent was asked to freeze the file systems".into()),
+                    definition: serde_json::json!({ "disks": disks }).to_string(),
+                    uuid: None,
+                }
+            }
+            Live::Libvirt(vm) => {
+                let (consistency, note) = vm.consistency();
+                Machine {
+                    kind: MachineKind::Libvirt,
+                    consistency: match consistency {
+                        blockproof_source::Consistency::Frozen => Consistency::Frozen,
+                        blockproof_source::Consistency::Crash => Consistency::Crash,
+                    },
+                    consistency_note: note,
+                    definition: vm.definition(),
+                    uuid: Some(vm.uuid()),
+                }
+            }
         }
     }
 
