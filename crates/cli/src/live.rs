@@ -116,7 +116,9 @@ impl Live {
                 let disks: Vec<_> = vm
                     .disks()
                     .into_iter()
-                    .map(|d| serde_json::json!({ "node": d.id, "driver": d.driver, "file": d.filename, "size": d.size }))
+                    .map(
+                        |d| serde_json::json!({ "node": d.id, "driver": d.driver, "file": d.filename, "size": d.size }),
+                    )
                     .collect();
                 Machine {
                     kind: MachineKind::Qmp,

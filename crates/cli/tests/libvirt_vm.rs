@@ -109,6 +109,10 @@ fn a_libvirt_domain_full_incremental_kill_cleanup_and_restart() {
     assert_eq!(mode(&r0, "sys").0, "full");
     assert_eq!(mode(&r0, "vdb"), ("full".into(), RAW_REASON.into()));
     assert_eq!(disk(&r0, "sys")["cbt"], "libvirt");
+    // No guest agent: crash-consistent, and the report says why.
+    assert_eq!(r0["consistency"], "crash", "{r0}");
+    let note = r0["consistency_note"].as_str().unwrap();
+    assert!(note.contains("guest agent is not configured"), "{note}");
     assert_restores(&dir, &r0["snapshot"], "sys", &t0[0]);
     assert_restores(&dir, &r0["snapshot"], "vdb", &t0[1]);
     assert_eq!(std::fs::metadata(&case.state).unwrap().permissions().mode() & 0o777, 0o700);
@@ -192,4 +196,39 @@ fn a_libvirt_domain_full_incremental_kill_cleanup_and_restart() {
     assert_eq!(disk(&r3, "sys")["cbt_reported_chunks"], d.len() as u64, "{r3}");
     assert_restores(&dir, &r3["snapshot"], "sys", &t3);
     case.assert_no_leftovers(5);
+
+    // The restore point keeps the domain: a whole-VM restore writes its definition beside
+    // the disks, which libvirt accepts, pointing at the restored images.
+    let snaps = dir.snapshots();
+    let m = &snaps.last().unwrap()["machine"];
+    assert_eq!((m["kind"].as_str(), m["consistency"].as_str()), (Some("libvirt"), Some("crash")), "{m}");
+    let uuid = harness::libvirt::virsh(&["domuuid", case.vm()]);
+    assert_eq!(m["uuid"].as_str(), Some(uuid.trim()));
+    let to = dir.join("whole");
+    let mut c = dir.repo_cmd("restore");
+    c.arg(r3["snapshot"].as_str().unwrap()).arg("--to").arg(&to);
+    let out = c.ok();
+    let xml = to.join(format!("{}.xml", case.vm()));
+    assert!(out.contains(&format!("virsh define {}", xml.display())), "{out}");
+    let restored_name = format!("{}-restored", case.vm());
+    harness::libvirt::virsh(&["define", xml.to_str().unwrap()]);
+    let _defined = Undefine(restored_name.clone());
+    let def = harness::libvirt::virsh(&["dumpxml", "--inactive", &restored_name]);
+    for (file, format) in [(to.join("sys.raw"), "raw"), (to.join("vdb.raw"), "raw")] {
+        assert!(def.contains(&format!("<source file='{}'/>", file.display())), "{} in {def}", file.display());
+        assert!(file.exists());
+        let _ = format;
+    }
+    assert!(!def.contains(uuid.trim()), "a new uuid: {def}");
+    assert!(!def.contains(dom.image("vda").to_str().unwrap()), "not the original image: {def}");
+    assert_restores(&dir, &r3["snapshot"], "sys", &to.join("sys.raw"));
+}
+
+/// Undefines a domain on drop (also on panic).
+struct Undefine(String);
+
+impl Drop for Undefine {
+    fn drop(&mut self) {
+        let _ = harness::libvirt::virsh_try(&["undefine", &self.0]);
+    }
 }
