@@ -28,7 +28,11 @@
 //!   with a dirty bitmap per vm and disk that becomes the next run's base only once the
 //!   snapshot is committed (otherwise it is merged back); a journal in a private state
 //!   directory names everything set up, and the next run (or `cleanup`) undoes exactly
-//!   that.
+//!   that. A libvirt domain ([`LibvirtVm`], through [`Virsh`]) is read the same way from
+//!   libvirt's pull-mode backup job, with checkpoints `blockproof.<vm>.<n>` in place of
+//!   the bitmaps (older ones deleted on commit, the new one deleted otherwise), the same
+//!   journal (kind `libvirt`) and lock, and a private run directory only QEMU's user (and
+//!   root) can enter. libvirt is only ever driven through `virsh`, with time limits.
 //! - A source is opened read-only, always (seed 004: a backup host must never be able to
 //!   write to production volumes). [`RawFile`] opens with `O_RDONLY`; qemu-nbd is started
 //!   with `--read-only`; the NBD client has no write command. The only writes blockproof

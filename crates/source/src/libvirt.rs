@@ -113,18 +113,19 @@ pub(crate) fn teardown(j: &Journal) -> Result<Vec<String>, SourceError> {
             if ours {
                 virsh.run(&["domjobabort", &l.domain])?;
                 done.push(format!("backup job of domain {}", l.domain));
+                // Another's job is not waited for: only the one aborted here.
+                let deadline = Instant::now() + JOB_WAIT;
+                while virsh.has_job(&l.domain)? {
+                    if Instant::now() > deadline {
+                        return Err(SourceError::Libvirt(format!(
+                            "domain {} still runs a job {}s after it was aborted",
+                            l.domain,
+                            JOB_WAIT.as_secs()
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
-        }
-        let deadline = Instant::now() + JOB_WAIT;
-        while virsh.has_job(&l.domain)? {
-            if Instant::now() > deadline {
-                return Err(SourceError::Libvirt(format!(
-                    "domain {} still runs a job {}s after it was aborted",
-                    l.domain,
-                    JOB_WAIT.as_secs()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
     match std::fs::remove_dir_all(&l.run_dir) {
