@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The orchestration overhead of backing up a running VM (`--from qmp:`): a QEMU VM (no
 # guest OS; KVM where /dev/kvm opens, else TCG) with one qcow2 disk, a full backup, 1% of
-# the disk rewritten through QEMU's block layer (HMP qemu-io, so the dirty bitmap sees
-# it), then the incremental end to end: set-up of the point-in-time view, read, verify 5%
+# the disk rewritten through QEMU's block layer (HMP qemu-io on the disk node; the device
+# shares writes, share-rw=on, so the dirty bitmap sees it), then the incremental end to end: set-up of the point-in-time view, read, verify 5%
 # (the default), teardown and bitmap rotation. Against the same incremental of a plain
 # export of a copy of the disk with the same writes: qemu-nbd serving the image with a
 # persistent bitmap the script manages (`cbt=bitmap:NAME`), and blockproof's own
@@ -38,8 +38,8 @@ accel=tcg
 if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then accel=kvm; fi
 qemu-system-x86_64 -machine pc,accel=$accel -m 128 -display none -nodefaults \
   -blockdev "driver=file,filename=$work/vm.qcow2,node-name=sys-file" \
-  -blockdev driver=qcow2,file=sys-file,node-name=sys -device virtio-blk-pci,drive=sys,id=vd0 \
-  -qmp "unix:$work/vm.qmp,server=on,wait=off" &
+  -blockdev driver=qcow2,file=sys-file,node-name=sys -device virtio-blk-pci,drive=sys,id=vd0,share-rw=on \
+  -qmp "unix:$work/vm.qmp,server=on,wait=off" >/dev/null 2>&1 &
 qemu_pid=$!
 for _ in $(seq 100); do [ -S "$work/vm.qmp" ] && break; sleep 0.1; done
 
@@ -57,6 +57,9 @@ for cmd in ({"execute": "qmp_capabilities"}, json.loads(sys.argv[2])):
             break
     if "error" in r:
         sys.exit(f"QMP: {r['error']}")
+# HMP answers in text: qemu-io's report goes to QEMU's output, an error comes back here.
+if "human-monitor-command" in sys.argv[2] and r["return"].strip() and "wrote" not in r["return"]:
+    sys.exit(f"HMP: {r['return']}")
 PY
 }
 # 1% of the disk in 64 KiB writes at random 64 KiB-aligned offsets (seeded per run).
@@ -72,7 +75,7 @@ PY
 write_vm() {
   local i=0
   for off in $1; do
-    qmp "{\"execute\": \"human-monitor-command\", \"arguments\": {\"command-line\": \"qemu-io -d vd0 \\\"write -P $((i % 250 + 1)) $off 65536\\\"\"}}"
+    qmp "{\"execute\": \"human-monitor-command\", \"arguments\": {\"command-line\": \"qemu-io sys \\\"write -P $((i % 250 + 1)) $off 65536\\\"\"}}"
     i=$((i + 1))
   done
 }
@@ -91,7 +94,7 @@ timed() { # json-out, command... -> prints "wall core"
   printf '%s %s\n' "$(cat "$work/time")" "$(python3 -c "import json; print(round(json.load(open('$out'))['duration_seconds'], 2))")"
 }
 serve_plain() {
-  qemu-nbd -r -f qcow2 -k "$work/plain.sock" -B bm "$work/plain.qcow2" &
+  qemu-nbd -r -t -f qcow2 -k "$work/plain.sock" -B bm "$work/plain.qcow2" &
   nbd_pid=$!
   for _ in $(seq 100); do [ -S "$work/plain.sock" ] && break; sleep 0.05; done
 }

@@ -15,7 +15,8 @@
 //!    planned packs (they load the index without them), so only backups older than the
 //!    plan matter — and once they have finished, their snapshots are visible. The sweep
 //!    marks again and deletes a planned pack only if every blob in it that is referenced
-//!    now has another copy in a pack that stays. It writes new index files without the
+//!    now has another copy in a pack that stays and exists (an index entry of a lost pack
+//!    is no copy). It writes new index files without the
 //!    deleted packs, removes the old index files, then the packs, then the plan.
 //!
 //! A gc that finds its plan not yet safe leaves it for the next gc and says so.
@@ -393,11 +394,14 @@ fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &m
     let index = BlobIndex::load(repo)?;
     let (referenced, _) = mark(repo, &index)?;
     let planned: HashSet<Id> = plan.packs.iter().copied().collect();
-    // Where else each blob lives.
+    // Where else each blob lives: in a pack that stays and that exists. An index entry
+    // of a pack that is gone (lost outside blockproof, or deleted under a backup that
+    // then indexed it) is no copy: counting it would delete the last one.
+    let stored: HashSet<Id> = stored_packs(repo)?.into_iter().map(|(_, id)| id).collect();
     let mut elsewhere: HashSet<Id> = HashSet::new();
     for (_, f) in &files {
         for (pack, entries) in &f.packs {
-            if !planned.contains(pack) {
+            if !planned.contains(pack) && stored.contains(pack) {
                 elsewhere.extend(entries.iter().map(|e| e.id));
             }
         }
