@@ -71,6 +71,53 @@ if ((${#missing_packages[@]})); then
   fi
 fi
 
+# A running VM under libvirt (crates/cli/tests/libvirt_vm.rs): QEMU and libvirt. On Debian
+# 12 they come from bookworm-backports: Debian 12's own qemu-system (7.2) would replace
+# the qemu-utils 10.0.2 the other tests use; backports has the matching 10.0.2.
+vm_tools=(qemu-system-x86_64 libvirtd virtlogd virsh)
+vm_packages=(qemu-system-x86 libvirt-daemon-system libvirt-clients)
+missing_vm=()
+for tool in "${vm_tools[@]}"; do
+  have "$tool" || missing_vm+=("$tool")
+done
+
+# Adds the backports suite of this Debian release to apt's sources (deb822), with the
+# URIs and key of the Debian entry already there; nothing when it is listed already.
+add_backports() {
+  local suite=$1 file=/etc/apt/sources.list.d/$1.sources
+  if grep -rqs -- "$suite" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    return 0
+  fi
+  local uris key
+  uris=$(awk -v s="$2" '/^URIs:/ {u=$2} /^Suites:/ && (" " $0 " ") ~ (" " s " ") {print u; exit}' /etc/apt/sources.list.d/debian.sources)
+  key=$(awk -v s="$2" '/^Signed-By:/ {k=$2} /^Suites:/ && (" " $0 " ") ~ (" " s " ") {f=1} f && /^Signed-By:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+  [ -n "$uris" ] || uris=http://deb.debian.org/debian
+  [ -n "$key" ] || key=/usr/share/keyrings/debian-archive-keyring.gpg
+  printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: %s\n' "$uris" "$suite" "$key" >"$file"
+}
+
+if ((${#missing_vm[@]})); then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && [ -r /etc/os-release ]; then
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+    echo "scripts/test.sh: installing ${vm_packages[*]} (for ${missing_vm[*]})" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    target=()
+    if [ "$codename" = bookworm ]; then
+      add_backports bookworm-backports bookworm
+      target=(-t bookworm-backports)
+    fi
+    apt-get update -qq
+    apt-get install -y -qq "${target[@]}" "${vm_packages[@]}" >/dev/null
+    for tool in "${missing_vm[@]}"; do
+      have "$tool" || { echo "scripts/test.sh: $tool is still missing after the install" >&2; exit 1; }
+    done
+  else
+    echo "scripts/test.sh: missing ${missing_vm[*]}; the libvirt tests fail." >&2
+    echo "  Install them as root (Debian 12: from bookworm-backports):" >&2
+    echo "  apt-get install -t bookworm-backports ${vm_packages[*]}" >&2
+  fi
+fi
+
 status=0
 cargo test --workspace "$@" || status=$?
 if ((status)) && ((${#missing_packages[@]})); then

@@ -169,7 +169,8 @@ pub enum Command {
     #[command(after_help = "Example:\n  blockproof unlock --repo /backup/repo")]
     Unlock(UnlockArgs),
     /// Tear down what an interrupted `backup --from` left in a running VM (exports,
-    /// jobs, overlays, bitmaps), exactly as its journal names it. The next backup of the
+    /// jobs, overlays, bitmaps, libvirt backup jobs, scratch files and checkpoints),
+    /// exactly as its journal names it. The next backup of the
     /// vm does this itself.
     #[command(after_help = "Example:\n  blockproof cleanup --vm web01")]
     Cleanup(CleanupArgs),
@@ -291,9 +292,10 @@ pub struct BackupArgs {
     pub disks: Vec<String>,
     /// A running VM instead of --disk specs: qmp:SOCKET (a QEMU process or a
     /// qemu-storage-daemon, over QMP), or qmp:SOCKET,nbd=PATH when the process already
-    /// runs an NBD server on that unix socket. Every disk node is backed up (its id is
-    /// the node name) from a point-in-time view blockproof sets up and removes
-    /// (docs/LIVE-VMS.md).
+    /// runs an NBD server on that unix socket; or libvirt:DOMAIN[,uri=URI] (a libvirt
+    /// domain, default URI qemu:///system, through virsh). Every disk is backed up (its
+    /// id is the node name; for libvirt the disk's serial or wwn, else its target dev)
+    /// from a point-in-time view blockproof sets up and removes (docs/LIVE-VMS.md).
     #[arg(long, value_name = "VM-SOURCE")]
     pub from: Option<String>,
     /// Private directory (0700) for --from's journal and temporary overlays (default

@@ -162,7 +162,7 @@ fn backup(a: BackupArgs) -> Result<u8> {
     let repo = open_repo(&a.repo)?;
     // A running VM: its point-in-time view is set up now and torn down after the backup.
     let live = match &from {
-        Some(f) => Some(f.start(&a.vm, a.state_dir.as_deref(), std::time::Duration::from_secs(a.lock_wait))?),
+        Some(f) => Some(f.start(&repo, &a.vm, a.state_dir.as_deref(), std::time::Duration::from_secs(a.lock_wait))?),
         None => None,
     };
     let disks = match &live {
@@ -629,6 +629,9 @@ fn restore_vm(repo: &Repository, a: RestoreArgs) -> Result<u8> {
         println!("restored {} of vm {} into {}", count(reports.len() as u64, "disk"), info.snapshot.vm, a.to.display());
         if let Some(p) = &definition {
             println!("wrote the VM's definition to {} (not registered or started)", p.display());
+            if info.snapshot.machine.as_ref().is_some_and(|m| m.kind == blockproof_format::MachineKind::Libvirt) {
+                println!("  to register it with libvirt: virsh define {}", p.display());
+            }
         }
     }
     Ok(exit::OK)

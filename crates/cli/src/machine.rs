@@ -21,7 +21,7 @@ pub struct RestoredDisk<'a> {
 pub fn definition(vm: &str, machine: &Machine, disks: &[RestoredDisk<'_>], dir: &Path) -> Result<(PathBuf, String)> {
     match machine.kind {
         MachineKind::Qmp => Ok((dir.join(format!("{vm}.qmp.json")), qmp_definition(vm, machine, disks)?)),
-        MachineKind::Libvirt => Ok((dir.join(format!("{vm}.xml")), machine.definition.clone())),
+        MachineKind::Libvirt => Ok((dir.join(format!("{vm}.xml")), libvirt_definition(machine, disks)?)),
     }
 }
 
@@ -58,6 +58,21 @@ fn qmp_definition(vm: &str, machine: &Machine, disks: &[RestoredDisk<'_>]) -> Re
         "disks": out,
     });
     Ok(serde_json::to_string_pretty(&doc).expect("JSON values serialize") + "\n")
+}
+
+/// For libvirt: the domain as backed up, named `<domain>-restored` (so defining it never
+/// replaces the original domain's definition), without its UUID, each disk pointing at
+/// its restored image (absolute path, the restored format, no backing chain).
+fn libvirt_definition(machine: &Machine, disks: &[RestoredDisk<'_>]) -> Result<String> {
+    let dom = blockproof_source::parse_domain(&machine.definition)?;
+    let restored = disks
+        .iter()
+        .map(|d| {
+            let path = std::path::absolute(d.path).with_context(|| format!("{}", d.path.display()))?;
+            Ok((d.id.to_string(), path, d.format.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(blockproof_source::restore_definition(&machine.definition, &format!("{}-restored", dom.name), &restored)?)
 }
 
 /// Writes `contents` to `path` whole or not at all: a temporary file beside it, synced,

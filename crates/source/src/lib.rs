@@ -28,7 +28,11 @@
 //!   with a dirty bitmap per vm and disk that becomes the next run's base only once the
 //!   snapshot is committed (otherwise it is merged back); a journal in a private state
 //!   directory names everything set up, and the next run (or `cleanup`) undoes exactly
-//!   that.
+//!   that. A libvirt domain ([`LibvirtVm`], through [`Virsh`]) is read the same way from
+//!   libvirt's pull-mode backup job, with checkpoints `blockproof.<vm>.<n>` in place of
+//!   the bitmaps (older ones deleted on commit, the new one deleted otherwise), the same
+//!   journal (kind `libvirt`) and lock, and a private run directory only QEMU's user (and
+//!   root) can enter. libvirt is only ever driven through `virsh`, with time limits.
 //! - A source is opened read-only, always (seed 004: a backup host must never be able to
 //!   write to production volumes). [`RawFile`] opens with `O_RDONLY`; qemu-nbd is started
 //!   with `--read-only`; the NBD client has no write command. The only writes blockproof
@@ -46,19 +50,24 @@
 
 mod changes;
 mod disk;
+mod libvirt;
 mod live;
 mod nbd;
 mod qemu;
 mod qmp;
 mod raw;
+mod virsh;
+mod xml;
 
 pub use changes::{ChangeList, Changes};
 pub use disk::{AfterCommit, Base, Cbt, DiskSpec, OpenedDisk, Owner, ParentCbt};
-pub use live::{cleanup, read_journal, state_dir, Journal, JournalDisk, LiveVm, VmLock};
+pub use libvirt::{Consistency, LibvirtJournal, LibvirtVm, LIBVIRT_CBT};
+pub use live::{cleanup, read_journal, state_dir, Journal, JournalDisk, JournalKind, LiveVm, VmLock};
 pub use nbd::NbdSource;
 pub use qemu::{add_bitmap, image_bitmaps, image_format, qemu_img_convert, remove_bitmap, Bitmap, QemuNbd};
 pub use qmp::{NodeBitmap, Qmp, QmpError, VmDisk};
 pub use raw::RawFile;
+pub use virsh::{definition_file, parse_domain, restore_definition, Domain, DomainDisk, Virsh, DEFAULT_URI};
 
 use std::path::PathBuf;
 
@@ -91,6 +100,9 @@ pub enum SourceError {
         image.display()
     )]
     InUse { image: PathBuf, detail: String },
+    /// libvirt (through virsh) refused or failed a call.
+    #[error("libvirt: {0}")]
+    Libvirt(String),
     /// The disk spec or its change source is unusable as given (a usage error).
     #[error("{0}")]
     Invalid(String),

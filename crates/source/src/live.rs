@@ -70,17 +70,35 @@ pub struct JournalDisk {
     pub stopped: Vec<String>,
 }
 
+/// Which kind of VM source a journal's run used, so the right teardown undoes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalKind {
+    /// `--from qmp:SOCKET`: `qmp`, `nbd_started` and `disks` name what was set up.
+    #[default]
+    Qmp,
+    /// `--from libvirt:DOMAIN`: `libvirt` names what was set up.
+    Libvirt,
+}
+
 /// The journal of one run: what exists in the VM because of it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Journal {
     pub vm: String,
+    /// Absent in journals written before libvirt sources existed: QMP.
+    #[serde(default)]
+    pub kind: JournalKind,
+    #[serde(default)]
     pub qmp: PathBuf,
     /// The NBD server socket blockproof started (`None`: it used the process's own).
     pub nbd_started: Option<PathBuf>,
     pub disks: Vec<JournalDisk>,
     /// The snapshot was committed: the new bitmaps are the base of the next run.
     pub committed: bool,
+    /// For [`JournalKind::Libvirt`]: the job, files and checkpoint of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<crate::libvirt::LibvirtJournal>,
 }
 
 /// The private state directory (created 0700).
@@ -175,11 +193,11 @@ fn qmp_err(e: QmpError) -> SourceError {
     SourceError::Qemu(e.to_string())
 }
 
-fn journal_path(dir: &Path, vm: &str) -> PathBuf {
+pub(crate) fn journal_path(dir: &Path, vm: &str) -> PathBuf {
     dir.join(format!("{vm}.journal.json"))
 }
 
-fn write_journal(dir: &Path, j: &Journal) -> Result<(), SourceError> {
+pub(crate) fn write_journal(dir: &Path, j: &Journal) -> Result<(), SourceError> {
     let path = journal_path(dir, &j.vm);
     let tmp = path.with_extension("tmp");
     let io = |source| SourceError::Open { path: path.clone(), source };
@@ -213,9 +231,11 @@ pub fn cleanup(dir: &Path, vm: &str) -> Result<Vec<String>, SourceError> {
 
 /// Undoes what a journal names, ignoring what is already gone; returns what was done.
 /// The caller holds the vm's [`VmLock`].
-fn undo(dir: &Path, j: &Journal) -> Result<Vec<String>, SourceError> {
-    let mut qmp = Qmp::connect(&j.qmp).map_err(qmp_err)?;
-    let done = teardown(&mut qmp, j)?;
+pub(crate) fn undo(dir: &Path, j: &Journal) -> Result<Vec<String>, SourceError> {
+    let done = match j.kind {
+        JournalKind::Libvirt => crate::libvirt::teardown(j)?,
+        JournalKind::Qmp => teardown(&mut Qmp::connect(&j.qmp).map_err(qmp_err)?, j)?,
+    };
     std::fs::remove_file(journal_path(dir, &j.vm)).map_err(|source| SourceError::Open { path: dir.into(), source })?;
     Ok(done)
 }
@@ -357,8 +377,15 @@ impl LiveVm {
         }
         let nbd_started = nbd_socket.is_none().then(|| dir.join(format!("{vm}.nbd.sock")));
         let nbd_socket = nbd_socket.map_or_else(|| nbd_started.clone().expect("one of them"), Path::to_path_buf);
-        let mut journal =
-            Journal { vm: vm.into(), qmp: qmp_path.to_path_buf(), nbd_started, disks: Vec::new(), committed: false };
+        let mut journal = Journal {
+            vm: vm.into(),
+            kind: JournalKind::Qmp,
+            qmp: qmp_path.to_path_buf(),
+            nbd_started,
+            disks: Vec::new(),
+            committed: false,
+            libvirt: None,
+        };
         for d in &disks {
             let owner = Owner { vm, disk: &d.id };
             let ours: Vec<_> = d.bitmaps.iter().filter(|b| owner.number(&b.name).is_some()).collect();

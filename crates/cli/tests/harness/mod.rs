@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod garage;
+pub mod libvirt;
 pub mod nbdkit;
 pub mod qemu;
 pub mod qsd;
