@@ -181,12 +181,27 @@ fn backup(a: BackupArgs) -> Result<u8> {
     let progress = progress::for_stderr();
     let vm = opts.vm.clone();
     let result = blockproof_core::backup(&repo, opts, progress.as_ref());
-    let report = match live {
-        Some(l) => crate::live::finish(l, &vm, result)?,
-        None => result?,
+    let consistency = live.as_ref().map(crate::live::Live::consistency);
+    let keep_view = a.keep_view.unwrap_or(crate::live::DEFAULT_KEEP_VIEW);
+    let (report, kept_view) = match live {
+        Some(l) => crate::live::finish(l, &vm, result, keep_view)?,
+        None => (result?, None),
     };
     if a.json {
-        print_json(&report)?;
+        #[derive(serde::Serialize)]
+        struct Report<'a> {
+            #[serde(flatten)]
+            report: &'a blockproof_core::BackupReport,
+            consistency: Option<&'static str>,
+            consistency_note: Option<&'a str>,
+            kept_view: Option<&'a blockproof_source::KeptView>,
+        }
+        print_json(&Report {
+            report: &report,
+            consistency: consistency.as_ref().map(|c| crate::live::consistency_name(c.0)),
+            consistency_note: consistency.as_ref().and_then(|c| c.1.as_deref()),
+            kept_view: kept_view.as_ref(),
+        })?;
     } else {
         println!("snapshot {} of vm {} saved ({})", report.snapshot.short(), report.vm, report.status.as_str());
         for d in &report.disks {
@@ -244,6 +259,17 @@ fn backup(a: BackupArgs) -> Result<u8> {
         }
         if let Some(h) = report.healed_snapshot {
             println!("snapshot {} of vm {} saved (ok): the tainted disks re-read in full", h.short(), report.vm);
+        }
+        if let Some((c, note)) = &consistency {
+            let why = note.as_ref().map(|n| format!(" ({n})")).unwrap_or_default();
+            println!("  {}{why}", crate::live::consistency_text(*c));
+        }
+        if let Some(k) = &kept_view {
+            println!("  the point-in-time view is kept until {} for investigation:", k.until);
+            for e in &k.exports {
+                println!("    disk {}: {}", e.disk, e.uri);
+            }
+            println!("    release it earlier with: blockproof cleanup --vm {}", report.vm);
         }
         println!(
             "  {} written in {}, {:.1} s",

@@ -6,45 +6,60 @@ use std::time::Duration;
 
 use anyhow::Result;
 use blockproof_core::{BackupReport, CoreError, DiskInput};
-use blockproof_source::LiveVm;
+use blockproof_format::SnapshotStatus;
+use blockproof_source::{Consistency, KeptView, LiveVm};
 
 use crate::args::CleanupArgs;
 use crate::Usage;
+
+/// How long a view is kept after a mismatch when `--keep-view` is not given.
+pub const DEFAULT_KEEP_VIEW: Duration = Duration::from_secs(3600);
 
 /// A parsed `--from` value.
 #[derive(Debug, PartialEq, Eq)]
 pub struct VmSource {
     qmp: PathBuf,
     nbd: Option<PathBuf>,
+    qga: Option<PathBuf>,
 }
 
 impl VmSource {
     pub fn parse(s: &str) -> Result<VmSource, Usage> {
-        let rest = s
-            .strip_prefix("qmp:")
-            .ok_or_else(|| Usage(format!("invalid --from {s:?}: expected qmp:SOCKET[,nbd=PATH]")))?;
-        let (qmp, nbd) = match rest.split_once(",nbd=") {
-            Some((q, n)) => (q, Some(n)),
-            None => (rest, None),
-        };
-        if qmp.is_empty() || nbd.is_some_and(str::is_empty) {
-            return Err(Usage(format!("invalid --from {s:?}: expected qmp:SOCKET[,nbd=PATH]")));
+        let bad = || Usage(format!("invalid --from {s:?}: expected qmp:SOCKET[,nbd=PATH][,qga=PATH]"));
+        let rest = s.strip_prefix("qmp:").ok_or_else(bad)?;
+        let mut parts = rest.split(',');
+        let qmp = parts.next().filter(|q| !q.is_empty()).ok_or_else(bad)?;
+        let mut source = VmSource { qmp: qmp.into(), nbd: None, qga: None };
+        for part in parts {
+            let slot = match part.split_once('=') {
+                Some(("nbd", _)) => &mut source.nbd,
+                Some(("qga", _)) => &mut source.qga,
+                _ => return Err(bad()),
+            };
+            let value = part.split_once('=').map(|(_, v)| v).unwrap_or_default();
+            if value.is_empty() || slot.is_some() {
+                return Err(bad());
+            }
+            *slot = Some(value.into());
         }
-        Ok(VmSource { qmp: qmp.into(), nbd: nbd.map(PathBuf::from) })
+        Ok(source)
     }
 
     /// Takes the view of every disk of the VM; another run of the vm from the same state
     /// directory is waited for up to `lock_wait`.
     pub fn start(&self, vm: &str, state_dir: Option<&Path>, lock_wait: Duration) -> Result<Live> {
         let dir = blockproof_source::state_dir(state_dir)?;
-        let vm_view = LiveVm::start(&self.qmp, vm, &dir, self.nbd.as_deref(), lock_wait)?;
-        Ok(Live { vm: vm_view })
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        let vm_view = LiveVm::start(&self.qmp, vm, &dir, self.nbd.as_deref(), self.qga.as_deref(), lock_wait)?;
+        Ok(Live { vm: vm_view, dir })
     }
 }
 
 /// A view set up for one backup.
 pub struct Live {
     vm: LiveVm,
+    /// The state directory (absolute).
+    dir: PathBuf,
 }
 
 impl Live {
@@ -61,19 +76,62 @@ impl Live {
             })
             .collect()
     }
+
+    /// How consistent the view is (frozen through the guest agent, or crash-consistent
+    /// with the reason).
+    pub fn consistency(&self) -> (Consistency, Option<String>) {
+        self.vm.consistency()
+    }
 }
 
 /// Tears the view down after the backup: a committed snapshot (ok or tainted) makes the
-/// new bitmaps the base of the next run; a failed backup merges them back. When a failed
-/// backup's view cannot be released either (the VM process died, say), the backup's error
-/// stays the error and the teardown's is a warning on standard error.
-pub fn finish(live: Live, vm: &str, result: Result<BackupReport, CoreError>) -> Result<BackupReport> {
+/// new bitmaps the base of the next run; a failed backup merges them back. A tainted
+/// restore point that was not healed keeps the view for `keep_view` (not zero) instead:
+/// returned, with a keeper process started that releases it then. When a failed backup's
+/// view cannot be released either (the VM process died, say), the backup's error stays
+/// the error and the teardown's is a warning on standard error.
+pub fn finish(
+    live: Live,
+    vm: &str,
+    result: Result<BackupReport, CoreError>,
+    keep_view: Duration,
+) -> Result<(BackupReport, Option<KeptView>)> {
     let recovered = live.vm.recovered();
     match result {
         Ok(mut report) => {
-            live.vm.finish(true)?;
-            report.warnings.extend(recovered.into_iter().map(|r| format!("cleaned up after an earlier run: {r}")));
-            Ok(report)
+            if let Some(k) = live.vm.released() {
+                report.warnings.push(format!(
+                    "released the point-in-time view kept after the mismatch of snapshot {} (it was kept until {})",
+                    short(&k.snapshot),
+                    k.until
+                ));
+            } else {
+                report.warnings.extend(recovered.into_iter().map(|r| format!("cleaned up after an earlier run: {r}")));
+            }
+            let keep =
+                report.status == SnapshotStatus::Tainted && report.healed_snapshot.is_none() && !keep_view.is_zero();
+            if !keep {
+                live.vm.finish(true)?;
+                return Ok((report, None));
+            }
+            match live.vm.keep(keep_view, &report.snapshot.to_string()) {
+                Ok(kept) => {
+                    drop(live.vm); // releases the vm's lock: the keeper takes it later
+                    if let Err(e) = spawn_keeper(vm, &live.dir) {
+                        report.warnings.push(format!(
+                            "could not start the process that releases the kept view at {} ({e}): release it with \
+                             `blockproof cleanup --vm {vm}`; the next backup of the vm releases it too",
+                            kept.until
+                        ));
+                    }
+                    Ok((report, Some(kept)))
+                }
+                Err(e) => {
+                    report.warnings.push(format!("the point-in-time view could not be kept ({e}); it was released"));
+                    live.vm.finish(true)?;
+                    Ok((report, None))
+                }
+            }
         }
         Err(e) => {
             // The backup's error is what the user must see; a teardown failure is left
@@ -88,10 +146,59 @@ pub fn finish(live: Live, vm: &str, result: Result<BackupReport, CoreError>) -> 
     }
 }
 
+/// A consistency as the JSON report names it.
+pub fn consistency_name(c: Consistency) -> &'static str {
+    match c {
+        Consistency::Crash => "crash",
+        Consistency::Frozen => "frozen",
+    }
+}
+
+/// A consistency in the text report.
+pub fn consistency_text(c: Consistency) -> &'static str {
+    match c {
+        Consistency::Crash => "crash-consistent",
+        Consistency::Frozen => "file-system consistent: the guest's file systems were frozen while the view was taken",
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// Starts `blockproof cleanup --vm VM --state-dir DIR --when-expired` detached (its own
+/// session, no terminal, standard streams to /dev/null), so the kept view is released at
+/// its deadline even if no other blockproof command runs, after this process exited.
+fn spawn_keeper(vm: &str, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let mut c = Command::new(std::env::current_exe()?);
+    c.args(["cleanup", "--vm", vm, "--when-expired", "--state-dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = c.spawn()?;
+    // Reaped if this process outlives it (it exits when the view is released).
+    std::thread::spawn(move || child.wait());
+    Ok(())
+}
+
 /// `blockproof cleanup --vm NAME`: undoes the journal an interrupted backup left.
 pub fn cleanup(a: CleanupArgs) -> Result<u8> {
     let dir = blockproof_source::state_dir(a.state_dir.as_deref())?;
-    let done = blockproof_source::cleanup(&dir, &a.vm)?;
+    let done = if a.when_expired {
+        blockproof_source::release_when_expired(&dir, &a.vm)?
+    } else {
+        blockproof_source::cleanup(&dir, &a.vm)?
+    };
     if a.json {
         crate::commands::print_json(&serde_json::json!({ "vm": a.vm, "removed": done }))?;
     } else if done.is_empty() {
@@ -110,10 +217,14 @@ mod tests {
 
     #[test]
     fn vm_sources_parse() {
-        assert_eq!(VmSource::parse("qmp:/run/vm.qmp").unwrap(), VmSource { qmp: "/run/vm.qmp".into(), nbd: None });
+        let plain = VmSource::parse("qmp:/run/vm.qmp").unwrap();
+        assert_eq!(plain, VmSource { qmp: "/run/vm.qmp".into(), nbd: None, qga: None });
         let with = VmSource::parse("qmp:/q,nbd=/n.sock").unwrap();
-        assert_eq!(with, VmSource { qmp: "/q".into(), nbd: Some("/n.sock".into()) });
-        for bad in ["", "qmp:", "libvirt:dom", "/q", "qmp:/q,nbd="] {
+        assert_eq!(with, VmSource { qmp: "/q".into(), nbd: Some("/n.sock".into()), qga: None });
+        let both = VmSource::parse("qmp:/q,qga=/g.sock,nbd=/n.sock").unwrap();
+        assert_eq!(both, VmSource { qmp: "/q".into(), nbd: Some("/n.sock".into()), qga: Some("/g.sock".into()) });
+        for bad in ["", "qmp:", "libvirt:dom", "/q", "qmp:/q,nbd=", "qmp:/q,qga=", "qmp:/q,nbd=/a,nbd=/b", "qmp:/q,x=1"]
+        {
             assert!(VmSource::parse(bad).is_err(), "{bad}");
         }
     }

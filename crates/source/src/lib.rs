@@ -44,16 +44,20 @@
 //! - A qemu-nbd started by blockproof dies with its guard, and with the blockproof process
 //!   itself (`PR_SET_PDEATHSIG`), on every exit path.
 
+mod agent;
 mod changes;
 mod disk;
+mod kept;
 mod live;
 mod nbd;
 mod qemu;
 mod qmp;
 mod raw;
 
+pub use agent::{AgentError, Consistency, GuestAgent, Timeouts};
 pub use changes::{ChangeList, Changes};
 pub use disk::{AfterCommit, Base, Cbt, DiskSpec, OpenedDisk, Owner, ParentCbt};
+pub use kept::{release_when_expired, KeptExport, KeptView};
 pub use live::{cleanup, read_journal, state_dir, Journal, JournalDisk, LiveVm, VmLock};
 pub use nbd::NbdSource;
 pub use qemu::{add_bitmap, image_bitmaps, image_format, qemu_img_convert, remove_bitmap, Bitmap, QemuNbd};
