@@ -179,6 +179,8 @@ fn a_running_vm_over_qmp_full_incremental_kill_and_recovery() {
     for id in ["sys", "data"] {
         assert_eq!(disk(&r0, id)["mode"], "full", "{r0}");
     }
+    assert_eq!(r0["consistency"], "crash", "{r0}");
+    assert!(r0["consistency_note"].as_str().unwrap().contains("no guest agent socket given"), "{r0}");
     assert_restores(&dir, &r0["snapshot"], "sys", &t0[0]);
     assert_restores(&dir, &r0["snapshot"], "data", &t0[1]);
     use std::os::unix::fs::PermissionsExt;
@@ -473,4 +475,98 @@ fn a_kept_view_is_released_on_schedule() {
     vm.assert_no_leftovers();
     let next = vm.backup_cmd(&dir).json();
     assert_eq!(next["warnings"], json!([]), "nothing left to release: {next}");
+}
+
+/// A real qemu-ga listening on a unix socket, with only `guest-sync-delimited` and
+/// `guest-ping` allowed: an agent that answers and refuses to freeze. (One that may
+/// freeze would freeze this host's file systems: never run that here.)
+struct RefusingAgent {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl RefusingAgent {
+    fn start(dir: &Dir) -> RefusingAgent {
+        let socket = dir.join("qga.sock");
+        let state = dir.join("qga-state");
+        std::fs::create_dir_all(&state).unwrap();
+        let child = std::process::Command::new("qemu-ga")
+            .args(["-m", "unix-listen", "-p"])
+            .arg(&socket)
+            .arg("-t")
+            .arg(&state)
+            .arg("--allow-rpcs=guest-sync-delimited,guest-ping")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-ga (qemu-guest-agent) is installed");
+        wait_for(&socket);
+        RefusingAgent { child, socket }
+    }
+}
+
+impl Drop for RefusingAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `qga=PATH` without a guest: a socket nobody answers (a guest without its agent
+/// running) gives a crash-consistent backup with the reason, within the agent's bound; a
+/// real qemu-ga that refuses the freeze, the same with its words. Both succeed with
+/// nothing left behind.
+#[test]
+fn a_guest_agent_that_does_not_freeze_means_crash_consistent() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    let with_agent = |agent: &Path| {
+        let mut c = dir.repo_cmd("backup");
+        c.args(["--vm", "v", "--json"]).arg("--state-dir").arg(&vm.state);
+        c.arg("--from").arg(format!("qmp:{},nbd={},qga={}", vm.qsd.qmp.display(), vm.nbd.display(), agent.display()));
+        c.json()
+    };
+    // Connections queue on the listening socket; nobody ever reads them.
+    let silent = dir.join("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let r = with_agent(&silent);
+    assert_eq!(r["consistency"], "crash", "{r}");
+    let note = r["consistency_note"].as_str().unwrap();
+    assert!(note.contains("did not answer guest-sync-delimited within 3 s"), "{note}");
+    vm.assert_no_leftovers();
+
+    let agent = RefusingAgent::start(&dir);
+    let r = with_agent(&agent.socket);
+    assert_eq!(r["consistency"], "crash", "{r}");
+    let note = r["consistency_note"].as_str().unwrap();
+    assert!(note.contains("did not freeze") && note.contains("guest-fsfreeze-freeze has been disabled"), "{note}");
+    harness::assert_json_documented("backup", &r);
+    vm.assert_no_leftovers();
+}
+
+/// A run killed while the guest may be frozen leaves `frozen` in its journal (written
+/// before the freeze); `cleanup` then asks the agent to thaw before anything else — here
+/// the refusing qemu-ga, whose refusal is said and does not stop the cleanup.
+#[test]
+fn cleanup_thaws_what_a_killed_run_may_have_frozen() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    let agent = RefusingAgent::start(&dir);
+    vm.backup_cmd(&dir).json();
+    vm.killed_backup(&dir, &dir.join("go"));
+    // The journal as a run killed between the freeze and the thaw leaves it.
+    let path = vm.state.join("v.journal.json");
+    let mut journal: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    journal["frozen"] = json!(agent.socket);
+    std::fs::write(&path, serde_json::to_vec(&journal).unwrap()).unwrap();
+
+    let mut c = dir.cmd("cleanup");
+    c.args(["--vm", "v", "--json"]).arg("--state-dir").arg(&vm.state);
+    let removed = c.json()["removed"].as_array().unwrap().clone();
+    let first = removed[0].as_str().unwrap();
+    assert!(first.starts_with("guest file systems: thaw through") && first.contains("disabled"), "{removed:?}");
+    assert!(removed.iter().any(|r| r == "export blockproof-v-sys"), "{removed:?}");
+    vm.assert_no_leftovers();
 }
