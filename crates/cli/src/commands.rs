@@ -269,7 +269,8 @@ fn backup(a: BackupArgs) -> Result<u8> {
             for e in &k.exports {
                 println!("    disk {}: {}", e.disk, e.uri);
             }
-            println!("    release it earlier with: blockproof cleanup --vm {}", report.vm);
+            let state = a.state_dir.as_ref().map(|d| format!(" --state-dir {}", d.display())).unwrap_or_default();
+            println!("    release it earlier with: blockproof cleanup --vm {}{state}", report.vm);
         }
         println!(
             "  {} written in {}, {:.1} s",
