@@ -177,11 +177,11 @@ fn backup(a: BackupArgs) -> Result<u8> {
         verify,
         on_mismatch,
         lock_wait: std::time::Duration::from_secs(a.lock_wait),
+        machine: live.as_ref().map(crate::live::Live::machine),
     };
     let progress = progress::for_stderr();
     let vm = opts.vm.clone();
     let result = blockproof_core::backup(&repo, opts, progress.as_ref());
-    let consistency = live.as_ref().map(crate::live::Live::consistency);
     let keep_view = a.keep_view.unwrap_or(crate::live::DEFAULT_KEEP_VIEW);
     let (report, kept_view) = match live {
         Some(l) => crate::live::finish(l, &vm, result, keep_view)?,
@@ -192,18 +192,15 @@ fn backup(a: BackupArgs) -> Result<u8> {
         struct Report<'a> {
             #[serde(flatten)]
             report: &'a blockproof_core::BackupReport,
-            consistency: Option<&'static str>,
-            consistency_note: Option<&'a str>,
             kept_view: Option<&'a blockproof_source::KeptView>,
         }
-        print_json(&Report {
-            report: &report,
-            consistency: consistency.as_ref().map(|c| crate::live::consistency_name(c.0)),
-            consistency_note: consistency.as_ref().and_then(|c| c.1.as_deref()),
-            kept_view: kept_view.as_ref(),
-        })?;
+        print_json(&Report { report: &report, kept_view: kept_view.as_ref() })?;
     } else {
         println!("snapshot {} of vm {} saved ({})", report.snapshot.short(), report.vm, report.status.as_str());
+        if let Some(c) = report.consistency {
+            let why = report.consistency_note.as_deref().map(|n| format!(": {n}")).unwrap_or_default();
+            println!("  {}-consistent{why}", c.as_str());
+        }
         for d in &report.disks {
             let mode = match (&d.full_reason, d.mode) {
                 (Some(why), _) => format!("full read: {why}"),
@@ -259,10 +256,6 @@ fn backup(a: BackupArgs) -> Result<u8> {
         }
         if let Some(h) = report.healed_snapshot {
             println!("snapshot {} of vm {} saved (ok): the tainted disks re-read in full", h.short(), report.vm);
-        }
-        if let Some((c, note)) = &consistency {
-            let why = note.as_ref().map(|n| format!(" ({n})")).unwrap_or_default();
-            println!("  {}{why}", crate::live::consistency_text(*c));
         }
         if let Some(k) = &kept_view {
             println!("  the point-in-time view is kept until {} for investigation:", k.until);
@@ -326,7 +319,18 @@ struct SnapshotRow<'a> {
     protected: bool,
     /// The snapshot of the source repository this one is a copy of (`copy`).
     copied_from: Option<String>,
+    /// A running VM's restore point (`--from`): its hypervisor interface, consistency and
+    /// identity (the definition itself is restored by `restore SNAP --to DIR`).
+    machine: Option<MachineRow<'a>>,
     disks: Vec<SnapshotDisk<'a>>,
+}
+
+#[derive(Serialize)]
+struct MachineRow<'a> {
+    kind: &'static str,
+    consistency: &'static str,
+    consistency_note: Option<&'a str>,
+    uuid: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -392,6 +396,12 @@ fn snapshots(a: VmArgs) -> Result<u8> {
             tags: &s.snapshot.tags,
             protected: protected.contains(&s.id),
             copied_from: s.snapshot.copied_from.map(|c| c.to_hex()),
+            machine: s.snapshot.machine.as_ref().map(|m| MachineRow {
+                kind: m.kind.as_str(),
+                consistency: m.consistency.as_str(),
+                consistency_note: m.consistency_note.as_deref(),
+                uuid: m.uuid.as_deref(),
+            }),
             disks: s
                 .snapshot
                 .disks
@@ -420,6 +430,9 @@ fn snapshots(a: VmArgs) -> Result<u8> {
         }
         if let Some(c) = &r.copied_from {
             notes.push(format!("copy of {}", &c[..8]));
+        }
+        if let Some(m) = &r.machine {
+            notes.push(format!("{}:{}-consistent", m.kind, m.consistency));
         }
         let notes = if notes.is_empty() { String::new() } else { format!("  [{}]", notes.join(" ")) };
         println!("{:<10} {:<21} {:<16} {:<8} {}{notes}", &r.id[..8], time, r.vm, status, disks.join(", "));
@@ -573,15 +586,40 @@ fn restore_vm(repo: &Repository, a: RestoreArgs) -> Result<u8> {
             }
         }
     }
+    // A running VM's restore point brings its definition back, pointing at these disks.
+    let definition = match &info.snapshot.machine {
+        Some(m) => {
+            let disks: Vec<crate::machine::RestoredDisk> = reports
+                .iter()
+                .map(|r| crate::machine::RestoredDisk { id: &r.disk, path: &r.target, format: ext })
+                .collect();
+            let written = crate::machine::definition(&info.snapshot.vm, m, &disks, &a.to)
+                .and_then(|(path, text)| crate::machine::write_whole(&path, &text, a.force).map(|()| path));
+            match written {
+                Ok(path) => Some(path),
+                Err(e) => {
+                    for f in &created {
+                        let _ = std::fs::remove_file(f);
+                    }
+                    return Err(e.context(format!("the VM definition of snapshot {}", info.id.short())));
+                }
+            }
+        }
+        None => None,
+    };
     if a.json {
         print_json(&serde_json::json!({
             "snapshot": info.id.to_hex(),
             "vm": info.snapshot.vm,
             "target": a.to,
+            "definition": definition,
             "disks": reports,
         }))?;
     } else {
         println!("restored {} of vm {} into {}", count(reports.len() as u64, "disk"), info.snapshot.vm, a.to.display());
+        if let Some(p) = &definition {
+            println!("wrote the VM's definition to {} (not registered or started)", p.display());
+        }
     }
     Ok(exit::OK)
 }

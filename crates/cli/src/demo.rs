@@ -121,6 +121,7 @@ fn backup_once(
         verify: Budget::parse(verify).map_err(anyhow::Error::msg)?,
         on_mismatch,
         lock_wait: std::time::Duration::ZERO,
+        machine: None,
     };
     Ok(blockproof_core::backup(repo, opts, &NoProgress)?)
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use blockproof_core::{BackupReport, CoreError, DiskInput};
-use blockproof_format::SnapshotStatus;
-use blockproof_source::{Consistency, KeptView, LiveVm};
+use blockproof_format::{Machine, MachineKind, SnapshotStatus};
+use blockproof_source::{KeptView, LiveVm};
 
 use crate::args::CleanupArgs;
 use crate::Usage;
@@ -77,10 +77,25 @@ impl Live {
             .collect()
     }
 
-    /// How consistent the view is (frozen through the guest agent, or crash-consistent
+    /// The VM as the restore point keeps it: for QMP, the block graph blockproof saw —
+    /// each disk's node name, format driver, image file and size (docs/LIVE-VMS.md) —
+    /// and how consistent the view is (frozen through the guest agent, or crash-consistent
     /// with the reason).
-    pub fn consistency(&self) -> (Consistency, Option<String>) {
-        self.vm.consistency()
+    pub fn machine(&self) -> Machine {
+        let disks: Vec<_> = self
+            .vm
+            .disks()
+            .into_iter()
+            .map(|d| serde_json::json!({ "node": d.id, "driver": d.driver, "file": d.filename, "size": d.size }))
+            .collect();
+        let (consistency, consistency_note) = self.vm.consistency();
+        Machine {
+            kind: MachineKind::Qmp,
+            consistency,
+            consistency_note,
+            definition: serde_json::json!({ "disks": disks }).to_string(),
+            uuid: None,
+        }
     }
 }
 
@@ -143,22 +158,6 @@ pub fn finish(
             }
             Err(e.into())
         }
-    }
-}
-
-/// A consistency as the JSON report names it.
-pub fn consistency_name(c: Consistency) -> &'static str {
-    match c {
-        Consistency::Crash => "crash",
-        Consistency::Frozen => "frozen",
-    }
-}
-
-/// A consistency in the text report.
-pub fn consistency_text(c: Consistency) -> &'static str {
-    match c {
-        Consistency::Crash => "crash-consistent",
-        Consistency::Frozen => "file-system consistent: the guest's file systems were frozen while the view was taken",
     }
 }
 

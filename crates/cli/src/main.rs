@@ -28,6 +28,7 @@ mod jobs;
 mod lifecycle;
 mod live;
 mod location;
+mod machine;
 mod mount;
 mod output;
 mod password;

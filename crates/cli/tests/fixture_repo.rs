@@ -1,6 +1,8 @@
 //! The fixture repositories: small repositories written by each format version and
 //! committed under tests/fixtures/repo-vN (version 1: zstd blobs; version 2: LZ4 blobs;
-//! version 3: manifests whose coverage says what the bound rests on).
+//! version 3: manifests whose coverage says what the bound rests on; version 4: a running
+//! VM's restore points, backed up with `--from qmp:` from a qemu-storage-daemon, keep the
+//! VM's `machine`).
 //! Every later version of blockproof must still read them, restore them bit-exact and
 //! find them whole; their files must keep the pinned magic numbers and versions of
 //! docs/FORMAT.md; and writing into an old repository must keep it readable by the build
@@ -11,12 +13,15 @@
 //! and never rewritten after a release: a format change adds repo-vN+1, it does not
 //! replace older ones.
 
+mod harness;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The fixtures and their passwords.
-const FIXTURES: [(u16, &str); 3] = [(1, "fixture password v1"), (2, "fixture password v2"), (3, "fixture password v3")];
+const FIXTURES: [(u16, &str); 4] =
+    [(1, "fixture password v1"), (2, "fixture password v2"), (3, "fixture password v3"), (4, "fixture password v4")];
 const CHUNK: usize = 4096;
 /// 1280 chunks and a 1000-byte tail: two levels of index pages (fanout 1024).
 const SIZE: usize = 1280 * CHUNK + 1000;
@@ -45,6 +50,16 @@ fn image(version: u32) -> Vec<u8> {
         out.extend_from_slice(&chunk);
     }
     out
+}
+
+/// The disk of fixture `fixture` at its snapshot `version`: from version 4 a running VM's
+/// disk, whose size QEMU rounds up to whole 512-byte sectors (the tail reads as zeros).
+fn disk_image(fixture: u16, version: u32) -> Vec<u8> {
+    let mut img = image(version);
+    if fixture >= 4 {
+        img.resize(SIZE.next_multiple_of(512), 0);
+    }
+    img
 }
 
 fn blockproof(password: &str, args: &[&str]) -> Output {
@@ -107,17 +122,48 @@ fn regenerate_fixture() {
         password,
         &["init", "--repo", repo, "--chunk-size", "4KiB", "--kdf-memory", "1", "--kdf-iterations", "1"],
     ));
-    for v in [1, 2] {
-        let img = tmp.path().join(format!("disk-v{v}.img"));
-        fs::write(&img, image(v)).unwrap();
-        let spec = format!("id=fixture-disk-0,source={}", img.display());
-        ok(blockproof(password, &["backup", "--repo", repo, "--vm", "fixture-vm", "--disk", &spec]));
+    if version >= 4 {
+        // A running VM: the disk is node fixture-disk-0 of a qemu-storage-daemon, the
+        // second image written through its block layer so its bitmap sees the change.
+        use harness::qemu::{qemu, s};
+        let vm = harness::Dir::new();
+        // A raw image keeps the disk's exact size (qcow2 rounds it up to 512 bytes).
+        let disk = vm.join("fixture-disk-0.raw");
+        fs::write(&disk, image(1)).unwrap();
+        let nbd = vm.join("vm.nbd");
+        let args = [
+            "--blockdev".to_string(),
+            format!("driver=file,filename={},node-name=fixture-file", disk.display()),
+            "--blockdev".into(),
+            "driver=raw,file=fixture-file,node-name=fixture-disk-0".into(),
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", nbd.display()),
+            "--export".into(),
+            "type=nbd,id=writer,node-name=fixture-disk-0,name=fixture-disk-0,writable=on".into(),
+        ];
+        let qsd = harness::qsd::Qsd::start(&vm, "vm", &args);
+        let from = format!("qmp:{},nbd={}", qsd.qmp.display(), nbd.display());
+        let state = vm.join("state");
+        let backup = ["backup", "--repo", repo, "--vm", "fixture-vm", "--from", &from, "--state-dir", s(&state)];
+        ok(blockproof(password, &backup));
+        let v2 = vm.join("disk-v2.img");
+        fs::write(&v2, image(2)).unwrap();
+        let target = format!("nbd+unix:///fixture-disk-0?socket={}", nbd.display());
+        qemu("qemu-img", &["convert", "-q", "-n", "-f", "raw", "-O", "raw", s(&v2), &target]);
+        ok(blockproof(password, &backup));
+    } else {
+        for v in [1, 2] {
+            let img = tmp.path().join(format!("disk-v{v}.img"));
+            fs::write(&img, image(v)).unwrap();
+            let spec = format!("id=fixture-disk-0,source={}", img.display());
+            ok(blockproof(password, &["backup", "--repo", repo, "--vm", "fixture-vm", "--disk", &spec]));
+        }
     }
     let _ = fs::remove_dir(dir.join("tmp"));
 }
 
 /// Restores every snapshot of the fixture at `repo` bit-exact and checks it clean.
-fn assert_restores_and_checks(password: &str, repo: &str, tmp: &Path) {
+fn assert_restores_and_checks(fixture: u16, password: &str, repo: &str, tmp: &Path) {
     let bp = |args: &[&str]| ok(blockproof(password, args));
     let list: serde_json::Value = serde_json::from_str(&bp(&["snapshots", "--repo", repo, "--json"])).unwrap();
     let snaps = list.as_array().unwrap();
@@ -126,11 +172,11 @@ fn assert_restores_and_checks(password: &str, repo: &str, tmp: &Path) {
         assert_eq!(s["vm"], "fixture-vm");
         assert_eq!(s["status"], "ok");
         assert_eq!(s["disks"][0]["id"], "fixture-disk-0");
-        assert_eq!(s["disks"][0]["size"], SIZE as u64);
+        assert_eq!(s["disks"][0]["size"], disk_image(fixture, 1).len() as u64);
         let target = tmp.join(format!("restored-{i}.img"));
         let id = s["id"].as_str().unwrap();
         bp(&["restore", "--repo", repo, id, "--disk", "fixture-disk-0", "--to", target.to_str().unwrap()]);
-        assert!(fs::read(&target).unwrap() == image(i as u32 + 1), "snapshot {i} restores bit-exact");
+        assert!(fs::read(&target).unwrap() == disk_image(fixture, i as u32 + 1), "snapshot {i} restores bit-exact");
     }
     assert_eq!(snaps[1]["disks"][0]["parent"], snaps[0]["id"]);
     let report: serde_json::Value =
@@ -144,7 +190,7 @@ fn fixtures_restore_bit_exact_and_check_clean() {
     for (version, password) in FIXTURES {
         let tmp = tempfile::tempdir().unwrap();
         let repo = fixture_copy(version, tmp.path());
-        assert_restores_and_checks(password, repo.to_str().unwrap(), tmp.path());
+        assert_restores_and_checks(version, password, repo.to_str().unwrap(), tmp.path());
     }
 }
 
@@ -173,12 +219,13 @@ fn fixture_files_carry_the_pinned_magic_numbers() {
     assert_headers(&fixture_dir(1), 1, 1);
     assert_headers(&fixture_dir(2), 1, 2);
     assert_headers(&fixture_dir(3), 1, 3);
+    assert_headers(&fixture_dir(4), 1, 4);
 }
 
 /// A version 2 build writing into a version 1 repository keeps it a version 1
 /// repository (zstd blobs, version 1 config untouched), which the build that made it
 /// can still read; and a version 2 repository is refused with one clear line by a build
-/// that reads only version 1 (simulated by the config check of this build on version 3).
+/// that reads only version 1 (simulated by the config check of this build on version 5).
 #[test]
 fn writing_into_a_version_1_repository_keeps_it_version_1() {
     let (version, password) = FIXTURES[0];
@@ -208,13 +255,13 @@ fn writing_into_a_version_1_repository_keeps_it_version_1() {
 
     // A config from the future: refused before anything else is read, one line, exit 1.
     let mut future = config_before.clone();
-    future[4] = 4;
+    future[4] = 5;
     fs::write(repo_path.join("config"), &future).unwrap();
     let out = blockproof(password, &["snapshots", "--repo", repo]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("format version 4"), "{stderr}");
+    assert!(stderr.contains("format version 5"), "{stderr}");
 }
 
 #[test]
@@ -299,4 +346,57 @@ fn coverage_fields_exist_from_version_3_and_are_not_written_into_older_repositor
     assert!(c.get("bound").is_none() && c.get("sampled_per_run").is_none(), "{c}");
     assert!(c["full_coverage_within_runs"].as_u64().unwrap() > 0, "{c}");
     assert_headers(&repo2, 1, 2);
+}
+
+/// Version 4 restore points of a running VM keep the VM (`machine`): the fixture's were
+/// backed up with `--from qmp:`, crash-consistent, with the block graph blockproof saw; a
+/// whole-VM restore writes that graph beside the disks, pointing at them. Copied into a
+/// version 3 repository, the field is left out (a version 3 build would reject it).
+#[test]
+fn machine_exists_from_version_4_and_is_not_written_into_older_repositories() {
+    let snapshots = |password: &str, repo: &Path| -> serde_json::Value {
+        serde_json::from_str(&ok(blockproof(password, &["snapshots", "--repo", repo.to_str().unwrap(), "--json"])))
+            .unwrap()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (v4, pw4) = FIXTURES[3];
+    let repo4 = fixture_copy(v4, tmp.path());
+    let list = snapshots(pw4, &repo4);
+    for s in list.as_array().unwrap() {
+        assert_eq!(s["machine"]["kind"], "qmp", "{s}");
+        assert_eq!(s["machine"]["consistency"], "crash", "{s}");
+    }
+    let to = tmp.path().join("vm");
+    ok(blockproof(
+        pw4,
+        &["restore", "--repo", repo4.to_str().unwrap(), "fixture-vm:latest", "--to", to.to_str().unwrap()],
+    ));
+    assert!(fs::read(to.join("fixture-disk-0.raw")).unwrap() == disk_image(4, 2));
+    let def: serde_json::Value = serde_json::from_slice(&fs::read(to.join("fixture-vm.qmp.json")).unwrap()).unwrap();
+    let disk = &def["disks"][0];
+    assert_eq!(disk["node"], "fixture-disk-0", "{def}");
+    let file = to.join("fixture-disk-0.raw");
+    assert_eq!(
+        disk["blockdev"],
+        format!("driver=raw,node-name=fixture-disk-0,file.driver=file,file.filename={}", file.display())
+    );
+    assert_eq!(disk["backed_up_from"]["driver"], "raw", "{def}");
+    assert_eq!(disk["backed_up_from"]["size"], disk_image(4, 2).len() as u64, "{def}");
+
+    let (v3, pw3) = FIXTURES[2];
+    let tmp3 = tempfile::tempdir().unwrap();
+    let repo3 = fixture_copy(v3, tmp3.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_blockproof"))
+        .args(["copy", "--repo", repo4.to_str().unwrap(), "--to", repo3.to_str().unwrap()])
+        .env("BLOCKPROOF_PASSWORD", pw4)
+        .env("BLOCKPROOF_TO_PASSWORD", pw3)
+        .env_remove("BLOCKPROOF_REPO")
+        .output()
+        .unwrap();
+    ok(out);
+    let copies = snapshots(pw3, &repo3);
+    let copies: Vec<_> = copies.as_array().unwrap().iter().filter(|s| !s["copied_from"].is_null()).collect();
+    assert_eq!(copies.len(), 2);
+    assert!(copies.iter().all(|s| s["machine"].is_null()), "{copies:?}");
+    assert_headers(&repo3, 1, 3);
 }

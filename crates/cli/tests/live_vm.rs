@@ -542,6 +542,11 @@ fn a_guest_agent_that_does_not_freeze_means_crash_consistent() {
     let note = r["consistency_note"].as_str().unwrap();
     assert!(note.contains("did not freeze") && note.contains("guest-fsfreeze-freeze has been disabled"), "{note}");
     harness::assert_json_documented("backup", &r);
+    // The restore point says the same.
+    let snaps = dir.repo_cmd("snapshots").args(["--vm", "v", "--json"]).json();
+    let snap = snaps.as_array().unwrap().iter().find(|s| s["id"] == r["snapshot"]).unwrap();
+    assert_eq!(snap["machine"]["consistency"], "crash", "{snap}");
+    assert_eq!(snap["machine"]["consistency_note"].as_str(), Some(note), "{snap}");
     vm.assert_no_leftovers();
 }
 

@@ -123,3 +123,30 @@ fn an_image_held_by_a_running_vm_is_refused_with_advice() {
     assert!(dir.snapshots().is_empty());
     assert_no_qemu_nbd_for(&dir);
 }
+
+/// QEMU refuses node names longer than 31 characters, and libvirt names its nodes like
+/// `libvirt-1-format`: the view's overlay node must fit whatever the disk's node name
+/// (`blockproof-fleece-libvirt-1-format` did not: "Node name too long").
+#[test]
+fn a_disk_with_a_long_node_name_is_backed_up_from_a_view() {
+    let dir = Dir::new();
+    dir.init();
+    let img = qcow2(&dir, "d", 4 << 20, 5);
+    // 26 characters: the harness names the file node under it `<node>-file` (31).
+    let node = "libvirt-1-format-long-disk";
+    let (vm, nbd) = Qsd::serving(&dir, "vm", &img, node);
+    let from = format!("qmp:{},nbd={}", vm.qmp.display(), nbd.display());
+    let report = dir
+        .repo_cmd("backup")
+        .args(["--vm", "v", "--json", "--from", &from, "--state-dir"])
+        .arg(dir.join("state"))
+        .json();
+    assert_eq!(report["disks"][0]["id"], node, "{report}");
+    assert_eq!(report["consistency"], "crash", "no guest agent: {report}");
+    let to = dir.join("restored.raw");
+    dir.repo_cmd("restore").args(["v:latest", "--disk", node, "--to"]).arg(&to).ok();
+    let truth = dir.join("truth.raw");
+    drop(vm);
+    qemu("qemu-img", &["convert", "-q", "-f", "qcow2", "-O", "raw", s(&img), s(&truth)]);
+    assert_eq!(hash(&to), hash(&truth));
+}

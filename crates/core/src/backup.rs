@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use blockproof_format::manifest::{ByteRange, Coverage, DiskStats, ReadMode};
 use blockproof_format::tree::{chunk_count, DEFAULT_FANOUT};
-use blockproof_format::{DiskEntry, Id, Snapshot, SnapshotStatus};
+use blockproof_format::{Consistency, DiskEntry, Id, Machine, Snapshot, SnapshotStatus};
 use blockproof_repo::{
     BlobIndex, BlobReader, Lock, LockKind, Repository, SealedBlob, SnapshotInfo, SnapshotScan, TreeReader,
 };
@@ -101,6 +101,9 @@ pub struct BackupOptions {
     /// How long to wait for another run of the same vm (or a conflicting repository
     /// lock) to finish before giving up.
     pub lock_wait: Duration,
+    /// A running VM's definition and consistency (`--from`), kept in the restore point
+    /// (repositories of format version 4 and later).
+    pub machine: Option<Machine>,
 }
 
 /// The result for one disk. Field names are part of the JSON contract (docs/JSON.md).
@@ -170,6 +173,10 @@ pub struct BackupReport {
     /// or read back whole.
     pub repaired_pages: u64,
     pub duration_seconds: f64,
+    /// A running VM's backup (`--from`): whether its file systems were frozen for the
+    /// view (`frozen`) or not (`crash`), and why not. `None` for disk sources.
+    pub consistency: Option<Consistency>,
+    pub consistency_note: Option<String>,
     /// Things that did not affect the restore point (e.g. an old bitmap that could not be
     /// removed, a confirmation state rebuilt from scratch).
     pub warnings: Vec<String>,
@@ -789,7 +796,16 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
         disks: outcomes.iter().map(|o| o.entry.clone()).collect(),
         program: format!("blockproof {}", env!("CARGO_PKG_VERSION")),
         copied_from: None,
-    };
+        machine: opts.machine.clone(),
+    }
+    .for_version(repo.config().version);
+    if opts.machine.is_some() && snapshot.machine.is_none() {
+        ctx.warnings.push(format!(
+            "this repository is format version {}: the VM's definition and consistency are not kept in the restore \
+             point (version 4 keeps them; `copy` into a new repository to upgrade)",
+            repo.config().version
+        ));
+    }
     // Every pack and index file is durable (the writer finished): commit.
     let id = commit(repo, &lock, &snapshot)?;
     ctx.warnings.extend(crate::integrity::record_commit(repo, id, &snapshot));
@@ -828,6 +844,8 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
         unavailable_packs: avail.unusable_packs(),
         repaired_pages: 0,
         duration_seconds: 0.0,
+        consistency: opts.machine.as_ref().map(|m| m.consistency),
+        consistency_note: opts.machine.as_ref().and_then(|m| m.consistency_note.clone()),
         warnings: vec![],
     };
 

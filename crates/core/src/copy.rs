@@ -261,7 +261,8 @@ pub fn copy(
             Ok(disks)
         })?;
         progress.end();
-        let snapshot = Snapshot { disks, copied_from: Some(s.id), ..s.snapshot.clone() };
+        let snapshot =
+            Snapshot { disks, copied_from: Some(s.id), ..s.snapshot.clone() }.for_version(dst.config().version);
         let target = crate::backup::commit(dst, &lock, &snapshot)?;
         keep_protection(s.id, target)?;
         c.report.warnings.extend(crate::integrity::record_commit(dst, target, &snapshot));

@@ -414,6 +414,7 @@ mod tests {
                 disks: disks.iter().map(|d| entry(d)).collect(),
                 program: "t".into(),
                 copied_from: None,
+                machine: None,
             },
         }
     }

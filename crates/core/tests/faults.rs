@@ -74,6 +74,7 @@ fn backup_of(repo: &Repository, data: &[u8]) -> Result<String, CoreError> {
         verify: blockproof_core::default_verify_budget(),
         on_mismatch: blockproof_core::OnMismatch::Keep,
         lock_wait: std::time::Duration::ZERO,
+        machine: None,
     };
     backup(repo, opts, &NoProgress).map(|r| r.snapshot.to_hex())
 }
@@ -610,6 +611,7 @@ fn tracked_backup_of(
         verify: blockproof_core::default_verify_budget(),
         on_mismatch: blockproof_core::OnMismatch::Keep,
         lock_wait: std::time::Duration::ZERO,
+        machine: None,
     };
     backup(repo, opts, &NoProgress)
 }

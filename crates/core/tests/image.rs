@@ -83,6 +83,7 @@ fn fixture_packs(data: Vec<u8>, pack_size: u32) -> Fixture {
         verify: blockproof_core::default_verify_budget(),
         on_mismatch: blockproof_core::OnMismatch::Keep,
         lock_wait: std::time::Duration::ZERO,
+        machine: None,
     };
     backup(&repo, options, &NoProgress).unwrap();
     Fixture { _dir: dir, repo, data }

@@ -96,6 +96,7 @@ fn opts(d: DiskInput) -> BackupOptions {
         verify: blockproof_core::default_verify_budget(),
         on_mismatch: blockproof_core::OnMismatch::Keep,
         lock_wait: std::time::Duration::ZERO,
+        machine: None,
     }
 }
 

@@ -322,6 +322,7 @@ fn backup(
         on_mismatch: plan.on_mismatch,
         // Another run of the same vm (an overlapping job): this vm fails with the reason.
         lock_wait: std::time::Duration::ZERO,
+        machine: None,
     };
     let progress = monitor.vm_progress(&plan.name);
     match guarded(&format!("the backup of vm {}", plan.name), || blockproof_core::backup(repo, opts, progress.as_ref()))

@@ -192,6 +192,8 @@ mod tests {
         c.version = 3;
         assert!(c.validate().is_ok());
         c.version = 4;
+        assert!(c.validate().is_ok());
+        c.version = 5;
         assert!(c.validate().is_err());
         c.version = 1;
         c.compression = Codec::Zstd;

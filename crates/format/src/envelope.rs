@@ -130,7 +130,7 @@ mod tests {
         assert_eq!(&ObjectMagic::Snapshot.bytes(), b"BPSN");
         assert_eq!(&ObjectMagic::Lock.bytes(), b"BPLK");
         assert_eq!(&ObjectMagic::State.bytes(), b"BPST");
-        assert_eq!(FORMAT_VERSION, 3);
+        assert_eq!(FORMAT_VERSION, 4);
         assert_eq!(MIN_FORMAT_VERSION, 1);
         assert_eq!(LAYOUT_VERSION, 1);
         assert_eq!(ObjectMagic::Index.header(), [b'B', b'P', b'I', b'X', 1, 0]);
@@ -156,10 +156,10 @@ mod tests {
         // The message names what this build reads in that kind of file.
         let err = Envelope::decode(ObjectMagic::Index, &v2).unwrap_err().to_string();
         assert!(err.ends_with("(this build reads version 1)"), "{err}");
-        let mut config = ObjectMagic::Config.header_with(4).to_vec();
+        let mut config = ObjectMagic::Config.header_with(5).to_vec();
         config.extend_from_slice(&[0; 80]);
         let err = ObjectMagic::Config.check(&config).unwrap_err().to_string();
-        assert!(err.ends_with("(this build reads versions 1 to 3)"), "{err}");
+        assert!(err.ends_with("(this build reads versions 1 to 4)"), "{err}");
         assert!(matches!(Envelope::decode(ObjectMagic::Index, &f[..20]), Err(FormatError::Truncated { .. })));
         assert!(matches!(Envelope::decode(ObjectMagic::Index, &f[..3]), Err(FormatError::Truncated { .. })));
     }

@@ -44,14 +44,15 @@ pub use envelope::{Envelope, ObjectMagic};
 pub use id::Id;
 pub use index::IndexFile;
 pub use keyslot::{KdfParams, KeySlot};
-pub use manifest::{DiskEntry, Snapshot, SnapshotStatus};
+pub use manifest::{Consistency, DiskEntry, Machine, MachineKind, Snapshot, SnapshotStatus};
 pub use pack::{BlobEntry, BlobKind, Compression};
 
 /// The newest repository format version this build reads; new repositories get it.
 /// It is written in the config file's header and settings. Version 2 added LZ4 blobs and
 /// the `compression` setting; version 3 the coverage fields of manifests that say what a
-/// verification bound rests on. Neither changed a byte layout.
-pub const FORMAT_VERSION: u16 = 3;
+/// verification bound rests on; version 4 the `machine` of a running VM's manifests. None
+/// changed a byte layout.
+pub const FORMAT_VERSION: u16 = 4;
 /// The oldest repository format version this build reads (and writes into).
 pub const MIN_FORMAT_VERSION: u16 = 1;
 /// The version in the header of every file but the config: the format version that

@@ -209,9 +209,86 @@ pub struct Snapshot {
     /// source repository (a later copy skips it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copied_from: Option<Id>,
+    /// For a backup of a running VM (`--from`): the VM itself — its definition as the
+    /// hypervisor gave it and how consistent the point-in-time view was. From version 4;
+    /// never written into older repositories (FORMAT §11, §17).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<Machine>,
+}
+
+/// A running VM a restore point was taken from: enough to bring the whole VM back, not
+/// only its disks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    /// Which hypervisor interface the VM was backed up through.
+    pub kind: MachineKind,
+    /// Whether the guest's file systems were frozen while the view was taken.
+    pub consistency: Consistency,
+    /// Why the backup is only crash-consistent (no guest agent, it did not answer, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency_note: Option<String>,
+    /// The VM's definition: libvirt's domain XML, or for QMP the JSON block graph
+    /// blockproof saw (each disk's node, driver, file and size).
+    pub definition: String,
+    /// The hypervisor's identity of the VM (libvirt's domain UUID), where it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+}
+
+/// The hypervisor interface of a [`Machine`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineKind {
+    /// A QEMU process or qemu-storage-daemon driven over QMP.
+    Qmp,
+    /// A libvirt domain.
+    Libvirt,
+}
+
+impl MachineKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineKind::Qmp => "qmp",
+            MachineKind::Libvirt => "libvirt",
+        }
+    }
+}
+
+/// How consistent a running VM's point-in-time view is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// As if the VM had lost power at that moment: what the guest had not flushed is
+    /// missing, and its file systems replay their journals on restore.
+    Crash,
+    /// The guest agent froze the guest's file systems while the view was taken.
+    Frozen,
+}
+
+impl Consistency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Crash => "crash",
+            Consistency::Frozen => "frozen",
+        }
+    }
 }
 
 impl Snapshot {
+    /// The fields a repository of format `version` may hold: `machine` and the newer
+    /// coverage fields are left out of older repositories, whose builds reject them
+    /// (FORMAT §15a, §17).
+    pub fn for_version(mut self, version: u16) -> Snapshot {
+        if version < 4 {
+            self.machine = None;
+        }
+        for d in &mut self.disks {
+            d.coverage = d.coverage.take().map(|c| c.for_version(version));
+        }
+        self
+    }
+
     pub fn disk(&self, id: &str) -> Option<&DiskEntry> {
         self.disks.iter().find(|d| d.id == id)
     }
@@ -270,6 +347,7 @@ mod tests {
             }],
             program: "blockproof 0.1.0".into(),
             copied_from: None,
+            machine: None,
         }
     }
 
@@ -341,5 +419,48 @@ mod tests {
         }
         let s = decode(&old).unwrap();
         assert_eq!((s.disks[0].run, s.disks[0].stats.bytes_read), (0, 0));
+    }
+
+    /// A running VM's `machine`: its names are pinned, it is read strictly, and it is
+    /// left out of repositories older than version 4 (with the newer coverage fields).
+    #[test]
+    fn machine_is_pinned_and_only_written_from_version_4() {
+        let mut s = sample();
+        s.machine = Some(Machine {
+            kind: MachineKind::Libvirt,
+            consistency: Consistency::Frozen,
+            consistency_note: None,
+            definition: "<domain/>".into(),
+            uuid: Some("4dea22b3-1d52-d8f3-2516-782e98ab3fa0".into()),
+        });
+        let j: serde_json::Value = serde_json::from_slice(&s.to_json()).unwrap();
+        assert_eq!(j["machine"]["kind"], "libvirt");
+        assert_eq!(j["machine"]["consistency"], "frozen");
+        assert!(j["machine"].get("consistency_note").is_none(), "absent when none");
+        assert_eq!(Snapshot::from_json(&s.to_json()).unwrap(), s);
+        let mut bad = j.clone();
+        bad["machine"]["extra"] = 1.into();
+        let err = Snapshot::from_json(&serde_json::to_vec(&bad).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("unknown field `extra`"), "{err}");
+        let mut bad = j.clone();
+        bad["machine"]["kind"] = "vmware".into();
+        assert!(Snapshot::from_json(&serde_json::to_vec(&bad).unwrap()).is_err());
+
+        s.disks[0].coverage = Some(Coverage {
+            chunks: 1,
+            never_confirmed: 0,
+            oldest_confirmed_runs_ago: 0,
+            full_coverage_within_runs: 1,
+            bound: Some(BoundBasis::Budget),
+            sampled_per_run: Some(1),
+            budget_chunks: Some(1),
+            cut_short: None,
+        });
+        assert_eq!(s.clone().for_version(4), s);
+        let v3 = s.clone().for_version(3);
+        assert!(v3.machine.is_none());
+        assert_eq!(v3.disks[0].coverage.as_ref().unwrap().bound, Some(BoundBasis::Budget));
+        let v2 = s.for_version(2);
+        assert_eq!(v2.disks[0].coverage.as_ref().unwrap().bound, None);
     }
 }

@@ -547,6 +547,7 @@ mod tests {
             }],
             program: "test".into(),
             copied_from: None,
+            machine: None,
         };
         let id = repo.save_snapshot(&snap).unwrap();
         assert_eq!(repo.load_snapshot(&id.to_hex()).unwrap().snapshot, snap);

@@ -121,6 +121,7 @@ mod tests {
             disks: vec![],
             program: "test".into(),
             copied_from: None,
+            machine: None,
         }
     }
 

@@ -93,6 +93,7 @@ mod tests {
                 disks: vec![],
                 program: "t".into(),
                 copied_from: None,
+                machine: None,
             },
         }
     }

@@ -16,18 +16,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use blockproof_format::Consistency;
 use serde_json::{json, Value};
 
 use crate::SourceError;
-
-/// How consistent a point-in-time view is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Consistency {
-    /// As if the VM lost power at that moment.
-    Crash,
-    /// The guest's file systems were frozen through its agent at that moment.
-    Frozen,
-}
 
 /// Bounds of the agent's answers.
 #[derive(Clone, Copy, Debug)]

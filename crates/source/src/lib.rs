@@ -54,7 +54,7 @@ mod qemu;
 mod qmp;
 mod raw;
 
-pub use agent::{AgentError, Consistency, GuestAgent, Timeouts};
+pub use agent::{AgentError, GuestAgent, Timeouts};
 pub use changes::{ChangeList, Changes};
 pub use disk::{AfterCommit, Base, Cbt, DiskSpec, OpenedDisk, Owner, ParentCbt};
 pub use kept::{release_when_expired, KeptExport, KeptView};

@@ -8,7 +8,8 @@
 //!    change to the VM, naming what will exist; a journal left by an earlier run (killed,
 //!    crashed) is undone first — exactly what it names, nothing else. All of it under the
 //!    vm's [`VmLock`], so a journal is never undone while its run is still going.
-//! 2. Per disk, a temporary qcow2 overlay backed by the disk (`blockproof-fleece-<disk>`)
+//! 2. Per disk, a temporary qcow2 overlay backed by the disk (`blockproof-fleece-<disk>`,
+//!    shortened with a hash where QEMU's 31-character node names require)
 //!    is added; then one `transaction` takes the view of every disk at once: a new bitmap
 //!    `blockproof/<vm>/<disk>/<n>` starts recording, the vm's earlier bitmaps of the disk
 //!    stop, and `blockdev-backup sync=none` into the overlay keeps the view as it was.
@@ -29,16 +30,32 @@ use blockproof_nbd::Uri;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::agent::{with_frozen, Consistency, Timeouts};
+use crate::agent::{with_frozen, Timeouts};
 use crate::disk::{Base, Owner, ParentCbt};
 use crate::kept::{KeptExport, KeptView};
 use crate::nbd::BitmapOutcome;
 use crate::qemu::qemu_img_create;
 use crate::qmp::{Qmp, QmpError, VmDisk};
 use crate::{Changes, NbdSource, OpenedDisk, SourceError};
+use blockproof_format::Consistency;
 
 /// How long teardown waits for QEMU to finish removing an export or a job.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(30);
+
+/// The longest node name QEMU takes.
+const NODE_NAME_MAX: usize = 31;
+
+/// The node name of a disk's view overlay: `blockproof-fleece-<disk>`, or, where that is
+/// longer than QEMU takes (a disk node name over 13 characters, as libvirt's
+/// `libvirt-1-format`), `blockproof-fleece-` and 13 hex digits of the disk's BLAKE3 hash.
+fn overlay_node(disk: &str) -> String {
+    let plain = format!("blockproof-fleece-{disk}");
+    if plain.len() <= NODE_NAME_MAX {
+        return plain;
+    }
+    let hash = blake3::hash(disk.as_bytes()).to_hex();
+    format!("blockproof-fleece-{}", &hash[..NODE_NAME_MAX - "blockproof-fleece-".len()])
+}
 
 /// What one run set up for one disk.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -391,7 +408,7 @@ impl LiveVm {
             journal.disks.push(JournalDisk {
                 id: d.id.clone(),
                 node: d.id.clone(),
-                overlay_node: format!("blockproof-fleece-{}", d.id),
+                overlay_node: overlay_node(&d.id),
                 overlay_file: dir.join(format!("{vm}.{}.fleece.qcow2", d.id)),
                 job: format!("blockproof-{vm}-{}", d.id),
                 export: format!("blockproof-{vm}-{}", d.id),
@@ -608,5 +625,21 @@ impl Inner {
         teardown(&mut self.qmp, &self.journal)?;
         std::fs::remove_file(journal_path(&self.dir, &self.journal.vm))
             .map_err(|source| SourceError::Open { path: self.dir.clone(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_node_names_fit_qemu() {
+        assert_eq!(overlay_node("vda"), "blockproof-fleece-vda");
+        assert_eq!(overlay_node("thirteen-char"), "blockproof-fleece-thirteen-char");
+        let long = overlay_node("libvirt-1-format");
+        assert_eq!(long.len(), NODE_NAME_MAX);
+        assert!(long.starts_with("blockproof-fleece-"), "{long}");
+        assert_ne!(long, overlay_node("libvirt-2-format"));
+        assert_eq!(long, overlay_node("libvirt-1-format"), "stable");
     }
 }
