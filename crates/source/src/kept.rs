@@ -52,10 +52,8 @@ pub struct KeptExport {
 impl KeptView {
     /// A kept view of `snapshot` released `keep` from now (rounded up to the second).
     pub fn new(keep: Duration, snapshot: &str, exports: Vec<KeptExport>) -> KeptView {
-        let now = SystemTime::now();
-        let since = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        let secs = since.as_secs() + keep.as_secs() + u64::from(keep.subsec_nanos() > 0 || since.subsec_nanos() > 0);
-        let until = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        let since = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let until = SystemTime::UNIX_EPOCH + round_up(since + keep);
         KeptView {
             id: format!("{}-{}", std::process::id(), since.as_nanos()),
             until: humantime::format_rfc3339_seconds(until).to_string(),
@@ -69,6 +67,11 @@ impl KeptView {
         humantime::parse_rfc3339(&self.until)
             .map_err(|e| SourceError::Invalid(format!("kept view until {:?}: {e}", self.until)))
     }
+}
+
+/// `t` rounded up to the whole second (a deadline is never earlier than asked).
+fn round_up(t: Duration) -> Duration {
+    Duration::from_secs(t.as_secs() + u64::from(t.subsec_nanos() > 0))
 }
 
 /// `blockproof cleanup --when-expired`: waits until the view of `vm` kept now (if any)
@@ -116,6 +119,14 @@ pub fn release_when_expired(dir: &Path, vm: &str) -> Result<Vec<String>, SourceE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deadlines_round_up_to_the_second() {
+        // 100.9 s + 1.5 s = 102.4 s: 103, never 102 (the fractions together pass a second).
+        let t = Duration::from_millis(100_900) + Duration::from_millis(1500);
+        assert_eq!(round_up(t), Duration::from_secs(103));
+        assert_eq!(round_up(Duration::from_secs(7)), Duration::from_secs(7));
+    }
 
     #[test]
     fn a_deadline_is_rounded_up_to_the_second_and_parses_back() {
