@@ -225,6 +225,13 @@ pub enum Command {
         after_help = "Example:\n  blockproof restore-files --repo /backup/repo web01:latest --disk web01-os /etc --to /restore"
     )]
     RestoreFiles(crate::files::RestoreFilesArgs),
+    /// Prove a restore point restores: walk every filesystem of its disks (every
+    /// directory and entry, a sample of the files read to the end, named paths checked),
+    /// with a verdict per filesystem, recorded in the repository. No boot, no mount.
+    #[command(
+        after_help = "Example:\n  blockproof restore-test --repo /backup/repo web01:latest --sample 10% --expect /etc/hostname"
+    )]
+    RestoreTest(crate::restore_test::RestoreTestArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(after_help = "Example:\n  blockproof completions bash > /etc/bash_completion.d/blockproof")]
     Completions(CompletionsArgs),

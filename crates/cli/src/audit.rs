@@ -57,6 +57,17 @@ fn print_status(vms: &[blockproof_core::VmStatus]) {
             v.status.as_str(),
             v.snapshots
         );
+        if let Some(t) = &v.last_restore_test {
+            println!(
+                "  last restore test: snapshot {} tested {}: {}",
+                t.snapshot.short(),
+                crate::timestamp::show(&t.time),
+                match &t.reason {
+                    None => "passed".to_string(),
+                    Some(why) => format!("FAILED ({why})"),
+                }
+            );
+        }
         for d in &v.disks {
             let next = match &d.next_full_reason {
                 Some(why) => format!("next backup: full ({why})"),

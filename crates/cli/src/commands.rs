@@ -43,6 +43,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Ls(a) => crate::files::ls(a),
         Command::Cat(a) => crate::files::cat(a),
         Command::RestoreFiles(a) => crate::files::restore_files(a),
+        Command::RestoreTest(a) => crate::restore_test::restore_test(a),
         Command::Run(a) => crate::jobs::run(a),
         Command::Schedule(a) => crate::jobs::schedule(a),
     }
@@ -322,7 +323,17 @@ struct SnapshotRow<'a> {
     /// A running VM's restore point (`--from`): its hypervisor interface, consistency and
     /// identity (the definition itself is restored by `restore SNAP --to DIR`).
     machine: Option<MachineRow<'a>>,
+    /// The newest restore test of this restore point (`restore-test`), if any.
+    restore_test: Option<TestRow<'a>>,
     disks: Vec<SnapshotDisk<'a>>,
+}
+
+#[derive(Serialize)]
+struct TestRow<'a> {
+    time: &'a str,
+    kind: blockproof_core::restore_test::TestKind,
+    passed: bool,
+    reason: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -363,6 +374,11 @@ fn snapshots(a: VmArgs) -> Result<u8> {
         return Err(Usage(format!("no snapshots of vm {vm:?} (vms in the repository: {known})")).into());
     }
     let protected = blockproof_core::protected(&repo)?;
+    let (tests, test_warnings) = blockproof_core::restore_test::restore_tests(&repo)?;
+    let tested = blockproof_core::restore_test::latest_by_snapshot(&tests);
+    for w in test_warnings {
+        eprintln!("blockproof: warning: {w}");
+    }
     let (events, event_warnings) = blockproof_core::events::events(&repo)?;
     for w in event_warnings {
         eprintln!("blockproof: warning: {w}");
@@ -402,6 +418,12 @@ fn snapshots(a: VmArgs) -> Result<u8> {
                 consistency_note: m.consistency_note.as_deref(),
                 uuid: m.uuid.as_deref(),
             }),
+            restore_test: tested.get(&s.id).map(|t| TestRow {
+                time: &t.time,
+                kind: t.kind,
+                passed: t.passed,
+                reason: t.reason.as_deref(),
+            }),
             disks: s
                 .snapshot
                 .disks
@@ -433,6 +455,9 @@ fn snapshots(a: VmArgs) -> Result<u8> {
         }
         if let Some(m) = &r.machine {
             notes.push(format!("{}:{}-consistent", m.kind, m.consistency));
+        }
+        if let Some(t) = &r.restore_test {
+            notes.push(if t.passed { "restore-tested".into() } else { "restore-test-FAILED".into() });
         }
         let notes = if notes.is_empty() { String::new() } else { format!("  [{}]", notes.join(" ")) };
         println!("{:<10} {:<21} {:<16} {:<8} {}{notes}", &r.id[..8], time, r.vm, status, disks.join(", "));

@@ -34,6 +34,7 @@ mod output;
 mod password;
 mod progress;
 mod reference;
+mod restore_test;
 mod serve;
 mod timestamp;
 

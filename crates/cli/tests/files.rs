@@ -231,3 +231,24 @@ fn file_commands_json_is_documented() {
     let report = on_image(&dir, "restore-files", Some(1)).args(["/", "--json", "--to"]).arg(&to).json();
     harness::assert_json_documented("restore-files", &report);
 }
+
+/// `restore-test` walks all three filesystems of the backed-up disk (ext4 with its
+/// symlink, FAT32, NTFS) and reads every file when asked: a pass, with every file read
+/// to its stated size.
+#[test]
+fn restore_test_walks_ext4_fat_and_ntfs() {
+    let dir = Dir::new();
+    dir.init();
+    let snap = dir.backup("fileserver", &[("os", image())])["snapshot"].as_str().unwrap().to_string();
+    let r = dir.repo_cmd("restore-test").arg(&snap).args(["--sample", "100%", "--json"]).json();
+    assert_eq!(r["passed"], true, "{r}");
+    let fss = r["filesystems"].as_array().unwrap();
+    let kinds: Vec<&str> = fss.iter().map(|f| f["filesystem"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["ext4", "fat32", "ntfs"]);
+    for f in fss {
+        assert!(f["files"].as_u64().unwrap() >= disk_image::files().len() as u64, "{f}");
+        assert_eq!(f["files_read"], f["files"], "{f}");
+        assert!(f["bytes_read"].as_u64().unwrap() >= disk_image::BIG_LEN as u64, "{f}");
+    }
+    assert_eq!(fss[0]["symlinks"], 1, "ext4 holds one symlink: {}", fss[0]);
+}

@@ -340,6 +340,8 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport, C
         warnings = crate::integrity::record_forget(repo, &records)?;
         for d in removed.iter().filter(|d| how(d) == Removal::Forget) {
             repo.backend().remove(Kind::Snapshot, &d.id.to_hex())?;
+            // Its restore-test records go with it: a record never names a gone point.
+            crate::restore_test::remove_for(repo, &d.id)?;
         }
     }
     Ok(ForgetReport { dry_run: opts.dry_run, kept, removed, warnings })

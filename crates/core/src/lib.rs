@@ -49,6 +49,7 @@ mod pipeline;
 mod plan;
 pub mod repair;
 pub mod restore;
+pub mod restore_test;
 pub mod stats;
 pub mod status;
 pub mod verification;

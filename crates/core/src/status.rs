@@ -45,6 +45,8 @@ pub struct VmStatus {
     /// The vm's newest restore point with status `ok` (absent when it has none): what
     /// `status --max-age` measures.
     pub last_good: Option<LastGood>,
+    /// The newest restore test of one of the vm's restore points (`restore-test`).
+    pub last_restore_test: Option<LastTest>,
     pub disks: Vec<DiskStatus>,
     /// Every detection event of the vm, oldest first: they stay after later backups.
     pub events: Vec<EventStatus>,
@@ -55,6 +57,17 @@ pub struct VmStatus {
 pub struct LastGood {
     pub snapshot: Id,
     pub time: String,
+}
+
+/// The newest restore test of a vm.
+#[derive(Clone, Debug, Serialize)]
+pub struct LastTest {
+    pub snapshot: Id,
+    /// When the test ran.
+    pub time: String,
+    pub kind: crate::restore_test::TestKind,
+    pub passed: bool,
+    pub reason: Option<String>,
 }
 
 /// A vm whose last good restore point is older than the age asked for, or missing.
@@ -124,6 +137,8 @@ pub fn status(repo: &Repository, vm: Option<&str>) -> Result<StatusReport, CoreE
     let snapshots = scan.snapshots;
     let (events, event_warnings) = crate::events::events(repo)?;
     warnings.extend(event_warnings);
+    let (tests, test_warnings) = crate::restore_test::restore_tests(repo)?;
+    warnings.extend(test_warnings);
     let mut vms: Vec<&str> =
         snapshots.iter().map(|s| s.snapshot.vm.as_str()).filter(|v| vm.is_none_or(|w| w == *v)).collect();
     vms.sort_unstable();
@@ -204,6 +219,15 @@ pub fn status(repo: &Repository, vm: Option<&str>) -> Result<StatusReport, CoreE
                 .rev()
                 .find(|s| s.snapshot.status == SnapshotStatus::Ok)
                 .map(|s| LastGood { snapshot: s.id, time: s.snapshot.time.clone() }),
+            last_restore_test: tests.iter().rev().find(|t| t.vm == v && of_vm.iter().any(|s| s.id == t.snapshot)).map(
+                |t| LastTest {
+                    snapshot: t.snapshot,
+                    time: t.time.clone(),
+                    kind: t.kind,
+                    passed: t.passed,
+                    reason: t.reason.clone(),
+                },
+            ),
             disks,
         });
     }
@@ -222,6 +246,7 @@ mod tests {
             status: SnapshotStatus::Ok,
             snapshots: 1,
             last_good: last_good.map(|t| LastGood { snapshot: Id::ZERO, time: t.into() }),
+            last_restore_test: None,
             disks: vec![],
             events: vec![],
         }

@@ -18,6 +18,9 @@
 //!   [`read_link`](Filesystem::read_link) for `/etc/hostname`-style paths.
 //! - [`changes`] compares two versions of one filesystem: entries added, removed, or
 //!   modified by kind, size, modification time, mode or link target (contents unread).
+//! - [`survey`] walks one filesystem whole for a restore test: every directory listed,
+//!   every symlink read, a sample of the files (and the files the user names) read to
+//!   the end and checked against their stated size; what failed is listed, not fatal.
 //! - [`extract`] copies paths (files, directories recursively, symlinks) into a target
 //!   directory, preserving modification and access times, and Unix modes where the
 //!   filesystem has them (ext2/3/4) less setuid, setgid, sticky-on-files and
@@ -71,6 +74,7 @@ mod filesystem;
 mod fs_kind;
 mod ntfs;
 mod partition_table;
+mod survey;
 mod window;
 
 use std::fs::File;
@@ -85,6 +89,7 @@ pub use error::FsError;
 pub use extract::{extract, ExtractOptions, ExtractReport, Skipped};
 pub use filesystem::Filesystem;
 pub use fs_kind::{ExtVersion, FatType, FsKind};
+pub use survey::{survey, Expected, Problem, Survey, SurveyOptions};
 
 /// A fixed-size, random-access, read-only byte source: a disk.
 pub trait ReadAt: Send + Sync {

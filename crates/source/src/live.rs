@@ -259,8 +259,8 @@ fn wait_until(qmp: &mut Qmp, query: &str, key: &str, id: &str) -> Result<(), Sou
 }
 
 /// Thaws the guest if the journal says it may be frozen, removes exports, jobs, overlays
-/// and files; then settles the bitmaps: committed, the stopped ones go; otherwise the new
-/// one is merged back into them and they record again.
+/// and files; then settles the bitmaps: committed, the vm's earlier ones of each disk go;
+/// otherwise the new one is merged back into them and they record again.
 fn teardown(qmp: &mut Qmp, j: &Journal) -> Result<Vec<String>, SourceError> {
     let mut done = Vec::new();
     if let Some(agent) = &j.frozen {
@@ -303,14 +303,18 @@ fn release_view(qmp: &mut Qmp, j: &Journal, done: &mut Vec<String>) -> Result<()
     Ok(())
 }
 
-/// Committed, the stopped bitmaps go; otherwise the new one is merged back into them and
-/// they record again. What is already settled is skipped.
+/// Committed, the vm's earlier bitmaps of each disk go; otherwise the new one is merged
+/// back into the stopped ones and they record again. What is already settled is skipped.
 fn settle_bitmaps(qmp: &mut Qmp, j: &Journal, done: &mut Vec<String>) -> Result<(), SourceError> {
     for d in &j.disks {
         let bitmaps = node_bitmaps(qmp, &d.node)?;
         let has = |n: &str| bitmaps.iter().any(|b| b == n);
         if j.committed {
-            for old in d.stopped.iter().filter(|n| has(n)) {
+            // Every earlier bitmap of this vm and disk goes, not only the ones this run
+            // stopped: one left inconsistent by a killed VM (or disabled by hand) would
+            // otherwise stay in the image for ever.
+            let owner = Owner { vm: &j.vm, disk: &d.id };
+            for old in bitmaps.iter().filter(|n| **n != d.new_bitmap && owner.number(n).is_some()) {
                 gone_ok(qmp.execute("block-dirty-bitmap-remove", Some(json!({"node": d.node, "name": old}))))?;
                 done.push(format!("bitmap {old} (replaced by {})", d.new_bitmap));
             }

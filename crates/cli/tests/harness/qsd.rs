@@ -104,6 +104,13 @@ impl Qsd {
         }
     }
 
+    /// Stops the daemon cleanly (QMP `quit`: qcow2 images are closed, their persistent
+    /// bitmaps stored) and waits for it to exit.
+    pub fn quit(mut self) {
+        let _ = self.qmp("quit", json!({}));
+        let _ = self.child.wait();
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -1,0 +1,140 @@
+//! `restore-test` at the filesystem level (issue 18): a restore point whose files are all
+//! there passes; one backed up after the checked file was removed at the source fails,
+//! naming the file; one whose stored data is damaged fails, naming what could not be
+//! read. Every outcome is recorded in the repository, shown by `snapshots` and `status`,
+//! and removed with its restore point by `forget`. Real FAT images (mkfs.vfat, mtools).
+
+mod harness;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use harness::{assert_json_documented, snap_id, Dir};
+use serde_json::Value;
+
+/// A whole-disk FAT filesystem with /hostname and /etc/motd.
+fn fat_image(dir: &Dir, name: &str) -> std::path::PathBuf {
+    let img = dir.join(name);
+    let run = |program: &str, args: &[&str]| {
+        let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run("mkfs.vfat", &["-C", img.to_str().unwrap(), "8192"]);
+    let host = dir.join("hostname");
+    fs::write(&host, b"web01\n").unwrap();
+    let motd = dir.join("motd");
+    fs::write(&motd, "welcome\n".repeat(5000)).unwrap();
+    let i = img.to_str().unwrap();
+    run("mmd", &["-i", i, "::/etc"]);
+    run("mcopy", &["-i", i, host.to_str().unwrap(), "::/hostname"]);
+    run("mcopy", &["-i", i, motd.to_str().unwrap(), "::/etc/motd"]);
+    img
+}
+
+fn mdel(img: &Path, path: &str) {
+    let out = Command::new("mdel").args(["-i", img.to_str().unwrap(), &format!("::{path}")]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn test_cmd(dir: &Dir, snap: &str) -> harness::TestCommand {
+    let mut c = dir.repo_cmd("restore-test");
+    c.arg(snap).args(["--sample", "100%", "--expect", "/hostname", "--json"]);
+    c
+}
+
+fn restore_test_records(dir: &Dir) -> usize {
+    fs::read_dir(dir.repo().join("state"))
+        .map(|d| d.filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("restore-test-")).count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_restore_point_passes_and_one_without_the_checked_file_fails_naming_it() {
+    let dir = Dir::new();
+    dir.init();
+    let img = fat_image(&dir, "d.img");
+    let good = snap_id(&dir.backup("vm", &[("d", &img)])).to_string();
+
+    let r = test_cmd(&dir, &good).json();
+    assert_eq!(r["passed"], true, "{r}");
+    assert_eq!(r["kind"], "filesystem");
+    let f = &r["filesystems"][0];
+    assert_eq!((f["disk"].as_str(), f["partition"].as_u64()), (Some("d"), Some(0)), "{r}");
+    assert!(f["filesystem"].as_str().unwrap().starts_with("fat"), "{f}");
+    assert_eq!((f["dirs"].as_u64(), f["files"].as_u64()), (Some(2), Some(2)), "/ and /etc; hostname and motd: {f}");
+    assert_eq!(f["files_read"], 3, "a sample of 100% reads every file, and /hostname again as expected: {f}");
+    assert_eq!(f["bytes_read"].as_u64().unwrap(), 6 + 40000 + 6, "each file, and /hostname again as expected");
+    assert_eq!(r["expected"][0]["found_in"], serde_json::json!(["d/part0"]));
+    assert_json_documented("restore-test", &r);
+
+    // Removed at the source before the next backup: that restore point fails the test.
+    mdel(&img, "/hostname");
+    let bad = snap_id(&dir.backup("vm", &[("d", &img)])).to_string();
+    let (stdout, _) = test_cmd(&dir, &bad).code(1);
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["passed"], false);
+    assert_eq!(r["reason"], "missing: /hostname", "{r}");
+    let text = dir.repo_cmd("restore-test").arg(&bad).args(["--expect", "/hostname"]).code(1).0;
+    assert!(text.contains("expected /hostname: missing") && text.contains("FAILED: missing: /hostname"), "{text}");
+
+    // Recorded: each restore point shows its newest test; the vm its newest tested point.
+    let snaps = dir.snapshots();
+    let test_of = |id: &str| snaps.iter().find(|s| s["id"] == id).unwrap()["restore_test"].clone();
+    assert_eq!(test_of(&good)["passed"], true);
+    assert_eq!(test_of(&bad)["passed"], false);
+    let status = dir.repo_cmd("status").arg("--json").json();
+    assert_json_documented("status", &status);
+    assert_json_documented("snapshots", &serde_json::json!(snaps));
+    let last = &status[0]["last_restore_test"];
+    assert_eq!((last["snapshot"].as_str(), last["passed"].as_bool()), (Some(bad.as_str()), Some(false)), "{last}");
+    let text = dir.repo_cmd("status").ok();
+    assert!(text.contains("last restore test: snapshot") && text.contains("FAILED (missing: /hostname)"), "{text}");
+    assert_eq!(restore_test_records(&dir), 3);
+
+    // `--no-record` leaves no record; forget takes a restore point's records with it.
+    test_cmd(&dir, &good).arg("--no-record").json();
+    assert_eq!(restore_test_records(&dir), 3);
+    dir.repo_cmd("forget").arg(&bad).ok();
+    assert_eq!(restore_test_records(&dir), 1, "the forgotten point's two records are gone");
+    let status = dir.repo_cmd("status").arg("--json").json();
+    assert_eq!(status[0]["last_restore_test"]["snapshot"], good.as_str());
+}
+
+#[test]
+fn damaged_stored_data_fails_the_test_and_says_what_was_unreadable() {
+    let dir = Dir::new();
+    dir.init();
+    let img = fat_image(&dir, "d.img");
+    let snap = snap_id(&dir.backup("vm", &[("d", &img)])).to_string();
+    // Flip one byte in the middle of every pack: each holds data of the disk.
+    for p in harness::files(&dir.repo().join("data")) {
+        let mut b = fs::read(&p).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0xff;
+        fs::write(&p, b).unwrap();
+    }
+    let (stdout, _) = dir.repo_cmd("restore-test").arg(&snap).args(["--sample", "100%", "--json"]).code(1);
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["passed"], false, "{r}");
+    let reason = r["reason"].as_str().unwrap();
+    // The path that could not be read, and why (a file's data, or the filesystem itself).
+    assert!(reason.contains("problem") && reason.contains("authentication failed"), "{reason}");
+    let problems: usize =
+        r["filesystems"].as_array().unwrap().iter().map(|f| f["problems"].as_array().unwrap().len()).sum();
+    assert!(problems > 0, "{r}");
+}
+
+#[test]
+fn bad_arguments_are_one_line_usage_errors() {
+    let dir = Dir::new();
+    dir.init();
+    let line = dir.repo_cmd("restore-test").args(["vm:latest", "--sample", "150%"]).fails_with_one_line(2);
+    assert!(line.contains("0% to 100%"), "{line}");
+    let img = fat_image(&dir, "d.img");
+    dir.backup("vm", &[("d", &img)]);
+    let line = dir.repo_cmd("restore-test").args(["vm:latest", "--disk", "nope"]).fails_with_one_line(2);
+    assert!(line.contains("has no disk \"nope\""), "{line}");
+    let line = dir.repo_cmd("restore-test").args(["vm:latest", "--expect", "/a/../b"]).fails_with_one_line(2);
+    assert!(line.contains("invalid --expect"), "{line}");
+}
