@@ -290,14 +290,22 @@ pub struct BackupArgs {
     /// bitmap:NAME, bitmap:auto (qcow2) or changes:FILE (VMware change list JSON).
     #[arg(long = "disk", value_name = "SPEC", required_unless_present = "from", conflicts_with = "from")]
     pub disks: Vec<String>,
-    /// A running VM instead of --disk specs: qmp:SOCKET (a QEMU process or a
-    /// qemu-storage-daemon, over QMP), or qmp:SOCKET,nbd=PATH when the process already
-    /// runs an NBD server on that unix socket; or libvirt:DOMAIN[,uri=URI] (a libvirt
-    /// domain, default URI qemu:///system, through virsh). Every disk is backed up (its
-    /// id is the node name; for libvirt the disk's serial or wwn, else its target dev)
-    /// from a point-in-time view blockproof sets up and removes (docs/LIVE-VMS.md).
+    /// A running VM instead of --disk specs: qmp:SOCKET[,nbd=PATH][,qga=PATH] (a QEMU
+    /// process or a qemu-storage-daemon, over QMP; nbd=: the unix socket of the NBD
+    /// server the process already runs; qga=: the host end of the guest agent's channel,
+    /// to freeze the guest's file systems while the view is taken), or
+    /// libvirt:DOMAIN[,uri=URI] (a libvirt domain, default URI qemu:///system, through
+    /// virsh). Every disk is backed up (its id is the node name; for libvirt the disk's
+    /// serial or wwn, else its target dev) from a point-in-time view blockproof sets up
+    /// and removes (docs/LIVE-VMS.md).
     #[arg(long, value_name = "VM-SOURCE")]
     pub from: Option<String>,
+    /// With --from: after a mismatch (exit 3, not healed) keep the point-in-time view
+    /// this long for investigation (its NBD exports are in the report), then release it
+    /// (default 1h; 0 releases it at once). `cleanup --vm NAME` or the vm's next backup
+    /// releases it earlier.
+    #[arg(long, value_name = "DURATION", value_parser = parse_keep, requires = "from")]
+    pub keep_view: Option<std::time::Duration>,
     /// Private directory (0700) for --from's journal and temporary overlays (default
     /// $XDG_STATE_HOME/blockproof, or ~/.local/state/blockproof). The VM's process must
     /// be able to use it.
@@ -331,12 +339,18 @@ pub struct BackupArgs {
 
 #[derive(Args, Debug)]
 pub struct CleanupArgs {
-    /// The vm whose journal to undo.
+    /// The vm whose journal to undo (a killed run's leftovers, or a view kept after a
+    /// mismatch).
     #[arg(long)]
     pub vm: String,
     /// The state directory the backup used (see backup --state-dir).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<std::path::PathBuf>,
+    /// Only a view kept after a mismatch, and only once its time is up: wait until then,
+    /// release it, and return early if something else releases it first (what backup
+    /// starts, detached, for each kept view).
+    #[arg(long)]
+    pub when_expired: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -725,6 +739,14 @@ impl From<Scope> for blockproof_core::RetentionScope {
             Scope::Vm => blockproof_core::RetentionScope::Vm,
         }
     }
+}
+
+/// `--keep-view`: a duration such as `30m` or `2h`, or `0`.
+fn parse_keep(s: &str) -> Result<std::time::Duration, String> {
+    if s == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration such as 30m, 2h or 0 ({e})"))
 }
 
 /// A duration such as `7d`, `12h` or `2w` (not zero).

@@ -183,12 +183,19 @@ fn backup(a: BackupArgs) -> Result<u8> {
     let progress = progress::for_stderr();
     let vm = opts.vm.clone();
     let result = blockproof_core::backup(&repo, opts, progress.as_ref());
-    let report = match live {
-        Some(l) => crate::live::finish(l, &vm, result)?,
-        None => result?,
+    let keep_view = a.keep_view.unwrap_or(crate::live::DEFAULT_KEEP_VIEW);
+    let (report, kept_view) = match live {
+        Some(l) => crate::live::finish(l, &vm, result, keep_view)?,
+        None => (result?, None),
     };
     if a.json {
-        print_json(&report)?;
+        #[derive(serde::Serialize)]
+        struct Report<'a> {
+            #[serde(flatten)]
+            report: &'a blockproof_core::BackupReport,
+            kept_view: Option<&'a blockproof_source::KeptView>,
+        }
+        print_json(&Report { report: &report, kept_view: kept_view.as_ref() })?;
     } else {
         println!("snapshot {} of vm {} saved ({})", report.snapshot.short(), report.vm, report.status.as_str());
         if let Some(c) = report.consistency {
@@ -250,6 +257,14 @@ fn backup(a: BackupArgs) -> Result<u8> {
         }
         if let Some(h) = report.healed_snapshot {
             println!("snapshot {} of vm {} saved (ok): the tainted disks re-read in full", h.short(), report.vm);
+        }
+        if let Some(k) = &kept_view {
+            println!("  the point-in-time view is kept until {} for investigation:", k.until);
+            for e in &k.exports {
+                println!("    disk {}: {}", e.disk, e.uri);
+            }
+            let state = a.state_dir.as_ref().map(|d| format!(" --state-dir {}", d.display())).unwrap_or_default();
+            println!("    release it earlier with: blockproof cleanup --vm {}{state}", report.vm);
         }
         println!(
             "  {} written in {}, {:.1} s",

@@ -7,19 +7,22 @@ use std::time::Duration;
 
 use anyhow::Result;
 use blockproof_core::{BackupReport, CoreError, DiskInput};
-use blockproof_format::{Consistency, Machine, MachineKind};
+use blockproof_format::{Machine, MachineKind, SnapshotStatus};
 use blockproof_repo::Repository;
-use blockproof_source::{LibvirtVm, LiveVm, ParentCbt};
+use blockproof_source::{KeptView, LibvirtVm, LiveVm, ParentCbt};
 
 use crate::args::CleanupArgs;
 use crate::Usage;
 
-const SYNTAX: &str = "expected qmp:SOCKET[,nbd=PATH] or libvirt:DOMAIN[,uri=URI]";
+const SYNTAX: &str = "expected qmp:SOCKET[,nbd=PATH][,qga=PATH] or libvirt:DOMAIN[,uri=URI]";
+
+/// How long a view is kept after a mismatch when `--keep-view` is not given.
+pub const DEFAULT_KEEP_VIEW: Duration = Duration::from_secs(3600);
 
 /// A parsed `--from` value.
 #[derive(Debug, PartialEq, Eq)]
 pub enum VmSource {
-    Qmp { qmp: PathBuf, nbd: Option<PathBuf> },
+    Qmp { qmp: PathBuf, nbd: Option<PathBuf>, qga: Option<PathBuf> },
     Libvirt { domain: String, uri: String },
 }
 
@@ -37,14 +40,21 @@ impl VmSource {
             return Ok(VmSource::Libvirt { domain: domain.into(), uri: uri.into() });
         }
         let rest = s.strip_prefix("qmp:").ok_or_else(bad)?;
-        let (qmp, nbd) = match rest.split_once(",nbd=") {
-            Some((q, n)) => (q, Some(n)),
-            None => (rest, None),
-        };
-        if qmp.is_empty() || nbd.is_some_and(str::is_empty) {
-            return Err(bad());
+        let mut parts = rest.split(',');
+        let qmp = parts.next().filter(|q| !q.is_empty()).ok_or_else(bad)?;
+        let (mut nbd, mut qga) = (None, None);
+        for part in parts {
+            let (slot, value) = match part.split_once('=') {
+                Some(("nbd", v)) => (&mut nbd, v),
+                Some(("qga", v)) => (&mut qga, v),
+                _ => return Err(bad()),
+            };
+            if value.is_empty() || slot.is_some() {
+                return Err(bad());
+            }
+            *slot = Some(PathBuf::from(value));
         }
-        Ok(VmSource::Qmp { qmp: qmp.into(), nbd: nbd.map(PathBuf::from) })
+        Ok(VmSource::Qmp { qmp: qmp.into(), nbd, qga })
     }
 
     /// Takes the view of every disk of the VM; another run of the vm from the same state
@@ -52,10 +62,11 @@ impl VmSource {
     /// are (libvirt begins its backup job incrementally from their checkpoints).
     pub fn start(&self, repo: &Repository, vm: &str, state_dir: Option<&Path>, lock_wait: Duration) -> Result<Live> {
         let dir = blockproof_source::state_dir(state_dir)?;
-        match self {
-            VmSource::Qmp { qmp, nbd } => {
-                let vm_view = LiveVm::start(qmp, vm, &dir, nbd.as_deref(), lock_wait)?;
-                Ok(Live::Qmp(vm_view))
+        // Absolute: a kept view's keeper process is started with it.
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        let view = match self {
+            VmSource::Qmp { qmp, nbd, qga } => {
+                View::Qmp(LiveVm::start(qmp, vm, &dir, nbd.as_deref(), qga.as_deref(), lock_wait)?)
             }
             VmSource::Libvirt { domain, uri } => {
                 // The parent of each disk as the backup finds it: the latest snapshot of
@@ -66,24 +77,32 @@ impl VmSource {
                     let d = p.snapshot.disk(id)?;
                     Some(ParentCbt { cbt: d.cbt.clone(), state: d.cbt_state.clone() })
                 };
-                Ok(Live::Libvirt(LibvirtVm::start(uri, domain, vm, &dir, lock_wait, &parent)?))
+                View::Libvirt(LibvirtVm::start(uri, domain, vm, &dir, lock_wait, &parent)?)
             }
-        }
+        };
+        Ok(Live { view, dir })
     }
 }
 
-/// A view set up for one backup.
-pub enum Live {
+/// The view of one kind of VM source.
+enum View {
     Qmp(LiveVm),
     Libvirt(LibvirtVm),
+}
+
+/// A view set up for one backup.
+pub struct Live {
+    view: View,
+    /// The state directory (absolute).
+    dir: PathBuf,
 }
 
 impl Live {
     /// One disk input per disk of the VM: by node name (QMP), by serial, wwn or target
     /// dev (libvirt).
     pub fn inputs(&self) -> Vec<DiskInput> {
-        match self {
-            Live::Qmp(vm) => vm
+        match &self.view {
+            View::Qmp(vm) => vm
                 .disks()
                 .into_iter()
                 .map(|d| DiskInput {
@@ -93,7 +112,7 @@ impl Live {
                     verify: None,
                 })
                 .collect(),
-            Live::Libvirt(vm) => vm
+            View::Libvirt(vm) => vm
                 .disks()
                 .into_iter()
                 .map(|d| DiskInput {
@@ -108,11 +127,11 @@ impl Live {
 
     /// The VM as the restore point keeps it. For QMP, the block graph blockproof saw —
     /// each disk's node name, format driver, image file and size; for libvirt, the
-    /// domain's XML (`virsh dumpxml --inactive`) and UUID, and whether the guest agent
-    /// froze the file systems for the view (docs/LIVE-VMS.md).
+    /// domain's XML (`virsh dumpxml --inactive`) and UUID; for both, whether the guest
+    /// agent froze the file systems for the view, or why not (docs/LIVE-VMS.md).
     pub fn machine(&self) -> Machine {
-        match self {
-            Live::Qmp(vm) => {
+        match &self.view {
+            View::Qmp(vm) => {
                 let disks: Vec<_> = vm
                     .disks()
                     .into_iter()
@@ -120,23 +139,21 @@ impl Live {
                         |d| serde_json::json!({ "node": d.id, "driver": d.driver, "file": d.filename, "size": d.size }),
                     )
                     .collect();
+                let (consistency, consistency_note) = vm.consistency();
                 Machine {
                     kind: MachineKind::Qmp,
-                    consistency: Consistency::Crash,
-                    consistency_note: Some("no guest agent was asked to freeze the file systems".into()),
+                    consistency,
+                    consistency_note,
                     definition: serde_json::json!({ "disks": disks }).to_string(),
                     uuid: None,
                 }
             }
-            Live::Libvirt(vm) => {
-                let (consistency, note) = vm.consistency();
+            View::Libvirt(vm) => {
+                let (consistency, consistency_note) = vm.consistency();
                 Machine {
                     kind: MachineKind::Libvirt,
-                    consistency: match consistency {
-                        blockproof_source::Consistency::Frozen => Consistency::Frozen,
-                        blockproof_source::Consistency::Crash => Consistency::Crash,
-                    },
-                    consistency_note: note,
+                    consistency,
+                    consistency_note,
                     definition: vm.definition(),
                     uuid: Some(vm.uuid()),
                 }
@@ -145,36 +162,91 @@ impl Live {
     }
 
     fn recovered(&self) -> Vec<String> {
-        match self {
-            Live::Qmp(vm) => vm.recovered(),
-            Live::Libvirt(vm) => vm.recovered(),
+        match &self.view {
+            View::Qmp(vm) => vm.recovered(),
+            View::Libvirt(vm) => vm.recovered(),
         }
     }
 
-    fn finish(self, committed: bool) -> Result<(), blockproof_source::SourceError> {
-        match self {
-            Live::Qmp(vm) => vm.finish(committed),
-            Live::Libvirt(vm) => vm.finish(committed),
+    fn release(self, committed: bool) -> Result<(), blockproof_source::SourceError> {
+        match self.view {
+            View::Qmp(vm) => vm.finish(committed),
+            View::Libvirt(vm) => vm.finish(committed),
         }
     }
 }
 
 /// Tears the view down after the backup: a committed snapshot (ok or tainted) makes the
-/// new bitmaps the base of the next run; a failed backup merges them back. When a failed
-/// backup's view cannot be released either (the VM process died, say), the backup's error
-/// stays the error and the teardown's is a warning on standard error.
-pub fn finish(live: Live, vm: &str, result: Result<BackupReport, CoreError>) -> Result<BackupReport> {
+/// new bitmaps the base of the next run; a failed backup merges them back. A tainted
+/// restore point that was not healed keeps a QMP view for `keep_view` (not zero)
+/// instead: returned, with a keeper process started that releases it then (a libvirt
+/// view is released at once, with a warning). When a failed backup's view cannot be
+/// released either (the VM process died, say), the backup's error stays the error and
+/// the teardown's is a warning on standard error.
+pub fn finish(
+    live: Live,
+    vm: &str,
+    result: Result<BackupReport, CoreError>,
+    keep_view: Duration,
+) -> Result<(BackupReport, Option<KeptView>)> {
     let recovered = live.recovered();
     match result {
         Ok(mut report) => {
-            live.finish(true)?;
-            report.warnings.extend(recovered.into_iter().map(|r| format!("cleaned up after an earlier run: {r}")));
-            Ok(report)
+            let released = match &live.view {
+                View::Qmp(v) => v.released(),
+                View::Libvirt(_) => None,
+            };
+            if let Some(k) = released {
+                report.warnings.push(format!(
+                    "released the point-in-time view kept after the mismatch of snapshot {} (it was kept until {})",
+                    short(&k.snapshot),
+                    k.until
+                ));
+            } else {
+                report.warnings.extend(recovered.into_iter().map(|r| format!("cleaned up after an earlier run: {r}")));
+            }
+            let keep =
+                report.status == SnapshotStatus::Tainted && report.healed_snapshot.is_none() && !keep_view.is_zero();
+            let Live { view, dir } = live;
+            let vm_view = match view {
+                View::Qmp(v) if keep => v,
+                View::Libvirt(v) if keep => {
+                    report.warnings.push(
+                        "the point-in-time view of this libvirt domain was released: keeping it after a mismatch \
+                         (--keep-view) works for qmp: sources only so far"
+                            .into(),
+                    );
+                    v.finish(true)?;
+                    return Ok((report, None));
+                }
+                other => {
+                    Live { view: other, dir }.release(true)?;
+                    return Ok((report, None));
+                }
+            };
+            match vm_view.keep(keep_view, &report.snapshot.to_string()) {
+                Ok(kept) => {
+                    drop(vm_view); // releases the vm's lock: the keeper takes it later
+                    if let Err(e) = spawn_keeper(vm, &dir) {
+                        report.warnings.push(format!(
+                            "could not start the process that releases the kept view at {} ({e}): release it with \
+                             `blockproof cleanup --vm {vm}`; the next backup of the vm releases it too",
+                            kept.until
+                        ));
+                    }
+                    Ok((report, Some(kept)))
+                }
+                Err(e) => {
+                    report.warnings.push(format!("the point-in-time view could not be kept ({e}); it was released"));
+                    vm_view.finish(true)?;
+                    Ok((report, None))
+                }
+            }
         }
         Err(e) => {
             // The backup's error is what the user must see; a teardown failure is left
             // in the journal for the next run, and said.
-            if let Err(t) = live.finish(false) {
+            if let Err(t) = live.release(false) {
                 eprintln!(
                     "warning: the point-in-time view of vm {vm} was not released ({t}); the next run or `blockproof cleanup --vm {vm}` undoes it"
                 );
@@ -184,10 +256,43 @@ pub fn finish(live: Live, vm: &str, result: Result<BackupReport, CoreError>) -> 
     }
 }
 
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// Starts `blockproof cleanup --vm VM --state-dir DIR --when-expired` detached (its own
+/// session, no terminal, standard streams to /dev/null), so the kept view is released at
+/// its deadline even if no other blockproof command runs, after this process exited.
+fn spawn_keeper(vm: &str, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let mut c = Command::new(std::env::current_exe()?);
+    c.args(["cleanup", "--vm", vm, "--when-expired", "--state-dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = c.spawn()?;
+    // Reaped if this process outlives it (it exits when the view is released).
+    std::thread::spawn(move || child.wait());
+    Ok(())
+}
+
 /// `blockproof cleanup --vm NAME`: undoes the journal an interrupted backup left.
 pub fn cleanup(a: CleanupArgs) -> Result<u8> {
     let dir = blockproof_source::state_dir(a.state_dir.as_deref())?;
-    let done = blockproof_source::cleanup(&dir, &a.vm)?;
+    let done = if a.when_expired {
+        blockproof_source::release_when_expired(&dir, &a.vm)?
+    } else {
+        blockproof_source::cleanup(&dir, &a.vm)?
+    };
     if a.json {
         crate::commands::print_json(&serde_json::json!({ "vm": a.vm, "removed": done }))?;
     } else if done.is_empty() {
@@ -206,9 +311,17 @@ mod tests {
 
     #[test]
     fn vm_sources_parse() {
-        assert_eq!(VmSource::parse("qmp:/run/vm.qmp").unwrap(), VmSource::Qmp { qmp: "/run/vm.qmp".into(), nbd: None });
-        let with = VmSource::parse("qmp:/q,nbd=/n.sock").unwrap();
-        assert_eq!(with, VmSource::Qmp { qmp: "/q".into(), nbd: Some("/n.sock".into()) });
+        let q = |qmp: &str, nbd: Option<&str>, qga: Option<&str>| VmSource::Qmp {
+            qmp: qmp.into(),
+            nbd: nbd.map(PathBuf::from),
+            qga: qga.map(PathBuf::from),
+        };
+        assert_eq!(VmSource::parse("qmp:/run/vm.qmp").unwrap(), q("/run/vm.qmp", None, None));
+        assert_eq!(VmSource::parse("qmp:/q,nbd=/n.sock").unwrap(), q("/q", Some("/n.sock"), None));
+        assert_eq!(
+            VmSource::parse("qmp:/q,qga=/g.sock,nbd=/n.sock").unwrap(),
+            q("/q", Some("/n.sock"), Some("/g.sock"))
+        );
         assert_eq!(
             VmSource::parse("libvirt:web01").unwrap(),
             VmSource::Libvirt { domain: "web01".into(), uri: "qemu:///system".into() }
@@ -217,7 +330,19 @@ mod tests {
             VmSource::parse("libvirt:web01,uri=qemu:///session").unwrap(),
             VmSource::Libvirt { domain: "web01".into(), uri: "qemu:///session".into() }
         );
-        for bad in ["", "qmp:", "libvirt:", "libvirt:,uri=x", "libvirt:d,uri=", "libvirt:d,x=y", "/q", "qmp:/q,nbd="] {
+        for bad in [
+            "",
+            "qmp:",
+            "libvirt:",
+            "libvirt:,uri=x",
+            "libvirt:d,uri=",
+            "libvirt:d,x=y",
+            "/q",
+            "qmp:/q,nbd=",
+            "qmp:/q,qga=",
+            "qmp:/q,nbd=/a,nbd=/b",
+            "qmp:/q,x=1",
+        ] {
             assert!(VmSource::parse(bad).is_err(), "{bad}");
         }
     }

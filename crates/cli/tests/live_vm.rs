@@ -102,6 +102,34 @@ impl Vm {
         child.wait().unwrap();
     }
 
+    /// A backup that catches a hidden write in disk sys (exit 3) and keeps its view with
+    /// `keep` (default: none given); returns its report and the truth of sys at the view.
+    fn tainted_and_kept(&self, dir: &Dir, keep: Option<&str>) -> (Value, PathBuf) {
+        self.backup_cmd(dir).json();
+        self.write("sys", &[(0, 65536, 21)]);
+        self.hidden_write("sys", &[(5 << 20, 4096, 22)]);
+        let truth = self.truth(dir, "sys", "t-sys.raw");
+        let mut c = self.backup_cmd(dir);
+        if let Some(k) = keep {
+            c.args(["--keep-view", k]);
+        }
+        let (stdout, _) = c.code(3);
+        let r: Value = serde_json::from_str(&stdout).expect("one JSON document");
+        assert_eq!(disk(&r, "sys")["mismatches"], json!([{"offset": 5 << 20, "length": 4096}]), "{r}");
+        assert!(r["kept_view"]["until"].is_string(), "the view is kept: {r}");
+        assert!(self.state.join("v.journal.json").exists(), "the journal names the kept view");
+        (r, truth)
+    }
+
+    /// Waits until no keeper process of this test's state directory is left.
+    fn assert_keeper_gone(&self) {
+        let pattern = format!("cleanup --vm v --when-expired --state-dir {}", self.state.canonicalize_or_self());
+        harness::wait_until("the keeper exiting", || {
+            let out = std::process::Command::new("pgrep").args(["-f", &pattern]).output().unwrap();
+            !out.status.success()
+        });
+    }
+
     /// Asserts nothing of blockproof is left in the daemon or the state directory, and
     /// each disk carries exactly one bitmap, the vm's.
     fn assert_no_leftovers(&self) {
@@ -151,6 +179,8 @@ fn a_running_vm_over_qmp_full_incremental_kill_and_recovery() {
     for id in ["sys", "data"] {
         assert_eq!(disk(&r0, id)["mode"], "full", "{r0}");
     }
+    assert_eq!(r0["consistency"], "crash", "{r0}");
+    assert!(r0["consistency_note"].as_str().unwrap().contains("no guest agent socket given"), "{r0}");
     assert_restores(&dir, &r0["snapshot"], "sys", &t0[0]);
     assert_restores(&dir, &r0["snapshot"], "data", &t0[1]);
     use std::os::unix::fs::PermissionsExt;
@@ -233,9 +263,9 @@ fn cleanup_undoes_a_killed_run() {
 }
 
 /// A write the vm's bitmap never saw (disabled around it) is caught in the view by
-/// verification: the run exits 3 with the tainted restore point committed and the view
-/// released, change tracking reset, and the next run of the disk a full read with the
-/// reason.
+/// verification: with `--keep-view 0` the run exits 3 with the tainted restore point
+/// committed and the view released at once, change tracking reset, and the next run of
+/// the disk a full read with the reason.
 #[test]
 fn a_hidden_write_is_caught_in_the_view_and_the_next_run_is_full() {
     let dir = Dir::new();
@@ -246,9 +276,10 @@ fn a_hidden_write_is_caught_in_the_view_and_the_next_run_is_full() {
     vm.hidden_write("sys", &[(5 << 20, 4096, 10)]);
     let truth = vm.truth(&dir, "sys", "t-sys.raw");
 
-    let (stdout, _) = vm.backup_cmd(&dir).code(3);
+    let (stdout, _) = vm.backup_cmd(&dir).args(["--keep-view", "0"]).code(3);
     let r: Value = serde_json::from_str(&stdout).expect("one JSON document");
     assert_eq!(r["status"], "tainted", "{r}");
+    assert_eq!(r["kept_view"], Value::Null, "{r}");
     let s = disk(&r, "sys");
     assert_eq!(s["source_changed"], false, "the view does not change: {s}");
     assert_eq!(s["mismatches"], json!([{"offset": 5 << 20, "length": 4096}]), "{s}");
@@ -286,6 +317,7 @@ fn heal_reads_the_clean_restore_point_from_the_view() {
     assert_eq!(disk(&r, "sys")["mismatches"], json!([{"offset": 3 << 20, "length": 8192}]), "{r}");
     let healed = &r["healed_snapshot"];
     assert!(healed.is_string(), "{r}");
+    assert_eq!(r["kept_view"], Value::Null, "healed: the view is released: {r}");
     assert_restores(&dir, healed, "sys", &truth);
     vm.assert_no_leftovers();
 }
@@ -350,4 +382,196 @@ fn a_view_that_cannot_be_released_is_a_warning_not_silence() {
         "the teardown error is not swallowed: {stderr}"
     );
     assert!(vm.state.join("v.journal.json").exists(), "the journal still names the view");
+}
+
+trait CanonicalOrSelf {
+    fn canonicalize_or_self(&self) -> String;
+}
+
+impl CanonicalOrSelf for PathBuf {
+    fn canonicalize_or_self(&self) -> String {
+        self.canonicalize().unwrap_or_else(|_| self.clone()).display().to_string()
+    }
+}
+
+/// A hidden write caught with the default `--keep-view`: the tainted restore point is
+/// committed, the view stays — readable through its export with exactly the content the
+/// backup compared, although the guest writes afterwards — with the bitmaps already
+/// settled, until `cleanup` releases it; then nothing is left and the next run of the
+/// disk is a full read with the reason.
+#[test]
+fn a_view_kept_after_a_mismatch_is_readable_until_cleanup() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    let (r, truth) = vm.tainted_and_kept(&dir, None);
+    harness::assert_json_documented("backup", &r);
+    let kept = &r["kept_view"];
+    assert_eq!(kept["snapshot"], r["snapshot"], "{kept}");
+    let sys = kept["exports"].as_array().unwrap().iter().find(|e| e["disk"] == "sys").unwrap();
+    assert_eq!(sys["name"], "blockproof-v-sys", "{sys}");
+    // The guest overwrites the differing range after the backup: the view does not move.
+    vm.write("sys", &[(5 << 20, 65536, 23)]);
+    let seen = dir.join("kept-sys.raw");
+    qemu("qemu-img", &["convert", "-q", "-f", "raw", "-O", "raw", sys["uri"].as_str().unwrap(), s(&seen)]);
+    assert_eq!(harness::hash(&seen), harness::hash(&truth), "the kept view is the disk at the view");
+    std::fs::remove_file(&seen).unwrap();
+    // Change tracking is settled as for any committed restore point: one bitmap per disk.
+    let nodes = vm.qsd.qmp("query-named-block-nodes", json!({"flat": true})).unwrap();
+    for n in nodes.as_array().unwrap().iter().filter(|n| ["sys", "data"].contains(&n["node-name"].as_str().unwrap())) {
+        let named = n["dirty-bitmaps"].as_array().unwrap().iter().filter(|b| b["name"].is_string()).count();
+        assert_eq!(named, 1, "{n}");
+    }
+
+    let mut c = dir.cmd("cleanup");
+    c.args(["--vm", "v", "--json"]).arg("--state-dir").arg(&vm.state);
+    let removed = c.json()["removed"].to_string();
+    for what in ["export blockproof-v-sys", "job blockproof-v-sys", "overlay blockproof-fleece-data"] {
+        assert!(removed.contains(what), "{what}: {removed}");
+    }
+    vm.assert_no_leftovers();
+    vm.assert_keeper_gone();
+
+    let next = vm.backup_cmd(&dir).json();
+    let s = disk(&next, "sys");
+    assert_eq!(s["mode"], "full", "{s}");
+    assert!(s["full_reason"].as_str().unwrap().contains("recorded no bitmap"), "{s}");
+    vm.assert_no_leftovers();
+}
+
+/// The next backup of the vm releases a kept view first, says so, and succeeds: a full
+/// read of the tainted disk with the reason, restoring to the guest's disk.
+#[test]
+fn the_next_backup_releases_a_kept_view() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    vm.tainted_and_kept(&dir, Some("1h"));
+    vm.write("sys", &[(1 << 20, 65536, 24)]);
+    let truth = vm.truth(&dir, "sys", "t2-sys.raw");
+    let next = vm.backup_cmd(&dir).json();
+    assert_eq!(next["status"], "ok", "{next}");
+    let warnings = next["warnings"].to_string();
+    assert!(warnings.contains("released the point-in-time view kept after the mismatch of snapshot"), "{warnings}");
+    let s = disk(&next, "sys");
+    assert_eq!(s["mode"], "full", "{s}");
+    assert!(s["full_reason"].as_str().unwrap().contains("recorded no bitmap"), "{s}");
+    assert_restores(&dir, &next["snapshot"], "sys", &truth);
+    vm.assert_no_leftovers();
+    vm.assert_keeper_gone();
+}
+
+/// A kept view is released on schedule with no other blockproof command running: by the
+/// keeper the tainted run started, after that run exited.
+#[test]
+fn a_kept_view_is_released_on_schedule() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    vm.tainted_and_kept(&dir, Some("2s"));
+    let journal = vm.state.join("v.journal.json");
+    harness::wait_until("the kept view being released", || !journal.exists());
+    vm.assert_keeper_gone();
+    vm.assert_no_leftovers();
+    let next = vm.backup_cmd(&dir).json();
+    assert_eq!(next["warnings"], json!([]), "nothing left to release: {next}");
+}
+
+/// A real qemu-ga listening on a unix socket, with only `guest-sync-delimited` and
+/// `guest-ping` allowed: an agent that answers and refuses to freeze. (One that may
+/// freeze would freeze this host's file systems: never run that here.)
+struct RefusingAgent {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl RefusingAgent {
+    fn start(dir: &Dir) -> RefusingAgent {
+        let socket = dir.join("qga.sock");
+        let state = dir.join("qga-state");
+        std::fs::create_dir_all(&state).unwrap();
+        let child = std::process::Command::new("qemu-ga")
+            .args(["-m", "unix-listen", "-p"])
+            .arg(&socket)
+            .arg("-t")
+            .arg(&state)
+            .arg("--allow-rpcs=guest-sync-delimited,guest-ping")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-ga (qemu-guest-agent) is installed");
+        wait_for(&socket);
+        RefusingAgent { child, socket }
+    }
+}
+
+impl Drop for RefusingAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `qga=PATH` without a guest: a socket nobody answers (a guest without its agent
+/// running) gives a crash-consistent backup with the reason, within the agent's bound; a
+/// real qemu-ga that refuses the freeze, the same with its words. Both succeed with
+/// nothing left behind.
+#[test]
+fn a_guest_agent_that_does_not_freeze_means_crash_consistent() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    let with_agent = |agent: &Path| {
+        let mut c = dir.repo_cmd("backup");
+        c.args(["--vm", "v", "--json"]).arg("--state-dir").arg(&vm.state);
+        c.arg("--from").arg(format!("qmp:{},nbd={},qga={}", vm.qsd.qmp.display(), vm.nbd.display(), agent.display()));
+        c.json()
+    };
+    // Connections queue on the listening socket; nobody ever reads them.
+    let silent = dir.join("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let r = with_agent(&silent);
+    assert_eq!(r["consistency"], "crash", "{r}");
+    let note = r["consistency_note"].as_str().unwrap();
+    assert!(note.contains("did not answer guest-sync-delimited within 3 s"), "{note}");
+    vm.assert_no_leftovers();
+
+    let agent = RefusingAgent::start(&dir);
+    let r = with_agent(&agent.socket);
+    assert_eq!(r["consistency"], "crash", "{r}");
+    let note = r["consistency_note"].as_str().unwrap();
+    assert!(note.contains("did not freeze") && note.contains("guest-fsfreeze-freeze has been disabled"), "{note}");
+    harness::assert_json_documented("backup", &r);
+    // The restore point says the same.
+    let snaps = dir.repo_cmd("snapshots").args(["--vm", "v", "--json"]).json();
+    let snap = snaps.as_array().unwrap().iter().find(|s| s["id"] == r["snapshot"]).unwrap();
+    assert_eq!(snap["machine"]["consistency"], "crash", "{snap}");
+    assert_eq!(snap["machine"]["consistency_note"].as_str(), Some(note), "{snap}");
+    vm.assert_no_leftovers();
+}
+
+/// A run killed while the guest may be frozen leaves `frozen` in its journal (written
+/// before the freeze); `cleanup` then asks the agent to thaw before anything else — here
+/// the refusing qemu-ga, whose refusal is said and does not stop the cleanup.
+#[test]
+fn cleanup_thaws_what_a_killed_run_may_have_frozen() {
+    let dir = Dir::new();
+    dir.init();
+    let vm = vm(&dir);
+    let agent = RefusingAgent::start(&dir);
+    vm.backup_cmd(&dir).json();
+    vm.killed_backup(&dir, &dir.join("go"));
+    // The journal as a run killed between the freeze and the thaw leaves it.
+    let path = vm.state.join("v.journal.json");
+    let mut journal: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    journal["frozen"] = json!(agent.socket);
+    std::fs::write(&path, serde_json::to_vec(&journal).unwrap()).unwrap();
+
+    let mut c = dir.cmd("cleanup");
+    c.args(["--vm", "v", "--json"]).arg("--state-dir").arg(&vm.state);
+    let removed = c.json()["removed"].as_array().unwrap().clone();
+    let first = removed[0].as_str().unwrap();
+    assert!(first.starts_with("guest file systems: thaw through") && first.contains("disabled"), "{removed:?}");
+    assert!(removed.iter().any(|r| r == "export blockproof-v-sys"), "{removed:?}");
+    vm.assert_no_leftovers();
 }

@@ -48,8 +48,10 @@
 //! - A qemu-nbd started by blockproof dies with its guard, and with the blockproof process
 //!   itself (`PR_SET_PDEATHSIG`), on every exit path.
 
+mod agent;
 mod changes;
 mod disk;
+mod kept;
 mod libvirt;
 mod live;
 mod nbd;
@@ -59,9 +61,11 @@ mod raw;
 mod virsh;
 mod xml;
 
+pub use agent::{AgentError, GuestAgent, Timeouts};
 pub use changes::{ChangeList, Changes};
 pub use disk::{AfterCommit, Base, Cbt, DiskSpec, OpenedDisk, Owner, ParentCbt};
-pub use libvirt::{Consistency, LibvirtJournal, LibvirtVm, LIBVIRT_CBT};
+pub use kept::{release_when_expired, KeptExport, KeptView};
+pub use libvirt::{LibvirtJournal, LibvirtVm, LIBVIRT_CBT};
 pub use live::{cleanup, read_journal, state_dir, Journal, JournalDisk, JournalKind, LiveVm, VmLock};
 pub use nbd::NbdSource;
 pub use qemu::{add_bitmap, image_bitmaps, image_format, qemu_img_convert, remove_bitmap, Bitmap, QemuNbd};

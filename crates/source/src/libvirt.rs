@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use blockproof_format::Consistency;
 use blockproof_nbd::Uri;
 use serde::{Deserialize, Serialize};
 
@@ -44,15 +45,6 @@ const JOB_WAIT: Duration = Duration::from_secs(30);
 
 /// The change source recorded in the manifest for a libvirt disk.
 pub const LIBVIRT_CBT: &str = "libvirt";
-
-/// Whether the guest's file systems were frozen for the moment of the view.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Consistency {
-    /// Crash-consistent: as if the VM lost power at that moment.
-    Crash,
-    /// The guest agent froze the file systems (`virsh domfsfreeze`) for that moment.
-    Frozen,
-}
 
 /// What one libvirt run set up ([`Journal::libvirt`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

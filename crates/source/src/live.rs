@@ -30,11 +30,14 @@ use blockproof_nbd::Uri;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::agent::{with_frozen, Timeouts};
 use crate::disk::{Base, Owner, ParentCbt};
+use crate::kept::{KeptExport, KeptView};
 use crate::nbd::BitmapOutcome;
 use crate::qemu::qemu_img_create;
 use crate::qmp::{Qmp, QmpError, VmDisk};
 use crate::{Changes, NbdSource, OpenedDisk, SourceError};
+use blockproof_format::Consistency;
 
 /// How long teardown waits for QEMU to finish removing an export or a job.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(30);
@@ -99,6 +102,14 @@ pub struct Journal {
     /// For [`JournalKind::Libvirt`]: the job, files and checkpoint of the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt: Option<crate::libvirt::LibvirtJournal>,
+    /// The guest's file systems are (or may be) frozen through this guest agent socket:
+    /// set before the freeze, cleared once thawed. Undoing the journal thaws them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<PathBuf>,
+    /// The view is kept after a mismatch, for investigation, until released
+    /// (docs/LIVE-VMS.md); its bitmaps are already settled as for a committed snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<KeptView>,
 }
 
 /// The private state directory (created 0700).
@@ -267,10 +278,26 @@ fn wait_until(qmp: &mut Qmp, query: &str, key: &str, id: &str) -> Result<(), Sou
     }
 }
 
-/// Removes exports, jobs, overlays and files; then settles the bitmaps: committed, the
-/// vm's earlier ones of each disk go; otherwise the new one is merged back into them and they record again.
+/// Thaws the guest if the journal says it may be frozen, removes exports, jobs, overlays
+/// and files; then settles the bitmaps: committed, the vm's earlier ones of each disk go;
+/// otherwise the new one is merged back into them and they record again.
 fn teardown(qmp: &mut Qmp, j: &Journal) -> Result<Vec<String>, SourceError> {
     let mut done = Vec::new();
+    if let Some(agent) = &j.frozen {
+        // A run killed between freeze and thaw. A guest agent that does not answer cannot
+        // be helped here: said, and the rest is undone (a leftover never blocks the vm).
+        match crate::agent::GuestAgent::connect(agent, crate::agent::Timeouts::default()).and_then(|mut a| a.thaw()) {
+            Ok(n) => done.push(format!("guest file systems thawed ({n})")),
+            Err(e) => done.push(format!("guest file systems: thaw through {} failed ({e})", agent.display())),
+        }
+    }
+    release_view(qmp, j, &mut done)?;
+    settle_bitmaps(qmp, j, &mut done)?;
+    Ok(done)
+}
+
+/// Removes exports, jobs, overlays, their files and the NBD server blockproof started.
+fn release_view(qmp: &mut Qmp, j: &Journal, done: &mut Vec<String>) -> Result<(), SourceError> {
     for d in &j.disks {
         if gone_ok(qmp.execute("block-export-del", Some(json!({"id": d.export, "mode": "hard"}))))? {
             done.push(format!("export {}", d.export));
@@ -293,6 +320,12 @@ fn teardown(qmp: &mut Qmp, j: &Journal) -> Result<Vec<String>, SourceError> {
     if let Some(s) = &j.nbd_started {
         let _ = std::fs::remove_file(s);
     }
+    Ok(())
+}
+
+/// Committed, the vm's earlier bitmaps of each disk go; otherwise the new one is merged
+/// back into the stopped ones and they record again. What is already settled is skipped.
+fn settle_bitmaps(qmp: &mut Qmp, j: &Journal, done: &mut Vec<String>) -> Result<(), SourceError> {
     for d in &j.disks {
         let bitmaps = node_bitmaps(qmp, &d.node)?;
         let has = |n: &str| bitmaps.iter().any(|b| b == n);
@@ -321,7 +354,7 @@ fn teardown(qmp: &mut Qmp, j: &Journal) -> Result<Vec<String>, SourceError> {
             }
         }
     }
-    Ok(done)
+    Ok(())
 }
 
 fn node_bitmaps(qmp: &mut Qmp, node: &str) -> Result<Vec<String>, SourceError> {
@@ -346,6 +379,10 @@ struct Inner {
     nbd_socket: PathBuf,
     /// What undoing an earlier run's journal did.
     recovered: Vec<String>,
+    /// The view an earlier run kept after a mismatch, released by this one.
+    released: Option<KeptView>,
+    /// How consistent the view is, and why not frozen.
+    consistency: (Consistency, Option<String>),
     /// Held as long as the view exists.
     _lock: VmLock,
 }
@@ -354,7 +391,8 @@ impl LiveVm {
     /// Connects, undoes what an earlier run of `vm` left (its journal), and takes the
     /// point-in-time view of every disk. `nbd_socket`: the unix socket of the NBD server
     /// the process already runs (QEMU runs one at most); without it blockproof starts one
-    /// on a private socket.
+    /// on a private socket. `agent`: the guest agent's socket, to freeze the guest's
+    /// file systems for the moment the view is taken ([`crate::agent`]).
     ///
     /// It holds the vm's [`VmLock`] until dropped: another run of the vm from this state
     /// directory waits up to `wait` for it, then fails, and never undoes this run's journal.
@@ -363,12 +401,13 @@ impl LiveVm {
         vm: &str,
         dir: &Path,
         nbd_socket: Option<&Path>,
+        agent: Option<&Path>,
         wait: Duration,
     ) -> Result<LiveVm, SourceError> {
         let lock = VmLock::take(dir, vm, wait)?;
-        let recovered = match read_journal(dir, vm)? {
-            Some(j) => undo(dir, &j)?,
-            None => Vec::new(),
+        let (recovered, released) = match read_journal(dir, vm)? {
+            Some(j) => (undo(dir, &j)?, j.kept),
+            None => (Vec::new(), None),
         };
         let mut qmp = Qmp::connect(qmp_path).map_err(qmp_err)?;
         let disks = qmp.disks().map_err(qmp_err)?;
@@ -385,6 +424,8 @@ impl LiveVm {
             disks: Vec::new(),
             committed: false,
             libvirt: None,
+            frozen: None,
+            kept: None,
         };
         for d in &disks {
             let owner = Owner { vm, disk: &d.id };
@@ -416,8 +457,18 @@ impl LiveVm {
         }
         // From here on the journal names everything that may exist.
         write_journal(dir, &journal)?;
-        let mut inner = Inner { qmp, dir: dir.to_path_buf(), journal, disks, nbd_socket, recovered, _lock: lock };
-        if let Err(e) = inner.set_up() {
+        let mut inner = Inner {
+            qmp,
+            dir: dir.to_path_buf(),
+            journal,
+            disks,
+            nbd_socket,
+            recovered,
+            released,
+            consistency: (Consistency::Crash, None),
+            _lock: lock,
+        };
+        if let Err(e) = inner.set_up(agent) {
             let _ = inner.finish(false);
             return Err(e);
         }
@@ -434,6 +485,18 @@ impl LiveVm {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).recovered.clone()
     }
 
+    /// How consistent the view is: `Frozen` when the guest agent froze the guest's file
+    /// systems for the moment it was taken; otherwise `Crash`, with the reason.
+    pub fn consistency(&self) -> (Consistency, Option<String>) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).consistency.clone()
+    }
+
+    /// The view an earlier run kept after a mismatch, which this run released before it
+    /// set up its own.
+    pub fn released(&self) -> Option<KeptView> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).released.clone()
+    }
+
     /// A function that opens disk `id` of the view for its owner and parent.
     pub fn opener(&self, id: &str) -> impl FnOnce(&Owner<'_>, Option<&ParentCbt>) -> Result<OpenedDisk, SourceError> {
         let inner = self.inner.clone();
@@ -446,10 +509,20 @@ impl LiveVm {
     pub fn finish(self, committed: bool) -> Result<(), SourceError> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).finish(committed)
     }
+
+    /// After a committed tainted `snapshot`: settles the bitmaps as for any committed
+    /// snapshot but keeps the view (overlays, jobs, exports, the NBD server) for `keep`,
+    /// named in the journal as kept. The vm's lock is released with `self`; `cleanup`,
+    /// the next run or a keeper ([`crate::release_when_expired`]) releases the view.
+    /// On an error the view is still whole and the caller releases it with
+    /// [`LiveVm::finish`].
+    pub fn keep(&self, keep: Duration, snapshot: &str) -> Result<KeptView, SourceError> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).keep(keep, snapshot)
+    }
 }
 
 impl Inner {
-    fn set_up(&mut self) -> Result<(), SourceError> {
+    fn set_up(&mut self, agent: Option<&Path>) -> Result<(), SourceError> {
         let mut actions = Vec::new();
         for (d, j) in self.disks.iter().zip(&self.journal.disks) {
             qemu_img_create(&j.overlay_file, d.size)?;
@@ -470,8 +543,19 @@ impl Inner {
             actions.push(json!({"type": "blockdev-backup", "data": {"job-id": j.job, "device": d.id,
                 "target": j.overlay_node, "sync": "none", "auto-finalize": true, "auto-dismiss": true}}));
         }
-        // One moment for every disk.
-        self.qmp.execute("transaction", Some(json!({ "actions": actions }))).map_err(qmp_err)?;
+        // One moment for every disk, with the guest's file systems frozen when its agent
+        // answers; the journal says when they may be frozen.
+        let (dir, journal, qmp) = (&self.dir, &mut self.journal, &mut self.qmp);
+        let ((), consistency, note) = with_frozen(
+            agent,
+            Timeouts::default(),
+            &mut |frozen| {
+                journal.frozen = frozen.then(|| agent.expect("frozen through an agent").to_path_buf());
+                write_journal(dir, journal)
+            },
+            || qmp.execute("transaction", Some(json!({ "actions": actions }))).map(drop).map_err(qmp_err),
+        )?;
+        self.consistency = (consistency, note);
         if let Some(sock) = &self.journal.nbd_started {
             let _ = std::fs::remove_file(sock);
             let addr = json!({"addr": {"type": "unix", "data": {"path": sock}}});
@@ -533,6 +617,32 @@ impl Inner {
             cbt_state: Some(j.new_bitmap.clone()),
             after_commit: Default::default(),
         })
+    }
+
+    fn keep(&mut self, keep: Duration, snapshot: &str) -> Result<KeptView, SourceError> {
+        self.journal.committed = true;
+        write_journal(&self.dir, &self.journal)?;
+        // Each export carries the parent's bitmap, which keeps that bitmap busy: exported
+        // again without it, so the bitmaps settle now, as for any committed snapshot.
+        let mut exports = Vec::new();
+        for j in &self.journal.disks {
+            gone_ok(self.qmp.execute("block-export-del", Some(json!({"id": j.export, "mode": "hard"}))))?;
+            wait_until(&mut self.qmp, "query-block-exports", "id", &j.export)?;
+            let export = json!({"type": "nbd", "id": j.export, "node-name": j.overlay_node,
+                "name": j.export, "writable": false});
+            self.qmp.execute("block-export-add", Some(export)).map_err(qmp_err)?;
+            exports.push(KeptExport {
+                disk: j.id.clone(),
+                socket: self.nbd_socket.clone(),
+                name: j.export.clone(),
+                uri: Uri::unix(&self.nbd_socket, &j.export).to_string(),
+            });
+        }
+        settle_bitmaps(&mut self.qmp, &self.journal, &mut Vec::new())?;
+        let kept = KeptView::new(keep, snapshot, exports);
+        self.journal.kept = Some(kept.clone());
+        write_journal(&self.dir, &self.journal)?;
+        Ok(kept)
     }
 
     fn finish(&mut self, committed: bool) -> Result<(), SourceError> {
