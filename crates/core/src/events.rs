@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use blockproof_format::manifest::{ByteRange, ReadMode};
 use blockproof_format::{Id, ObjectMagic, SnapshotStatus};
-use blockproof_repo::{BlobIndex, BlobReader, RepoError, Repository, SnapshotInfo};
+use blockproof_repo::{BlobIndex, BlobReader, Repository, SnapshotInfo};
 use blockproof_store::Kind;
 use serde::{Deserialize, Serialize};
 
@@ -87,26 +87,7 @@ pub fn record(repo: &Repository, event: &Event) -> Result<(), CoreError> {
 /// Every event, oldest first, and a warning for each one that cannot be read (it is
 /// skipped: one damaged document never hides the others).
 pub fn events(repo: &Repository) -> Result<(Vec<Event>, Vec<String>), CoreError> {
-    let mut out = Vec::new();
-    let mut warnings = Vec::new();
-    for n in repo.backend().list(Kind::State)? {
-        if !n.starts_with(PREFIX) {
-            continue;
-        }
-        let bytes = match repo.read_doc(Kind::State, ObjectMagic::State, &n) {
-            Ok(b) => b,
-            // Gone between the listing and the read (a concurrent prune): nothing to say.
-            Err(RepoError::Store(e)) if e.is_not_found() => continue,
-            Err(e) => {
-                warnings.push(format!("skipped a detection event that cannot be read: {e}"));
-                continue;
-            }
-        };
-        match serde_json::from_slice::<Event>(&bytes) {
-            Ok(e) => out.push(e),
-            Err(e) => warnings.push(format!("skipped a detection event that cannot be read: detection event {n}: {e}")),
-        }
-    }
+    let (mut out, warnings): (Vec<Event>, _) = crate::state_doc::read_all(repo, PREFIX, "detection event")?;
     out.sort_by(|a, b| a.time.cmp(&b.time).then(a.snapshot.cmp(&b.snapshot)));
     Ok((out, warnings))
 }

@@ -50,6 +50,7 @@ mod plan;
 pub mod repair;
 pub mod restore;
 pub mod restore_test;
+mod state_doc;
 pub mod stats;
 pub mod status;
 pub mod verification;

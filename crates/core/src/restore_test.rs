@@ -10,7 +10,7 @@
 //! skipped with a warning, never trusted.
 
 use blockproof_format::{Id, ObjectMagic};
-use blockproof_repo::{RepoError, Repository};
+use blockproof_repo::Repository;
 use blockproof_store::Kind;
 use serde::{Deserialize, Serialize};
 
@@ -99,25 +99,7 @@ pub fn record(repo: &Repository, test: &RestoreTest) -> Result<(), CoreError> {
 
 /// Every record, oldest first, and a warning for each that cannot be read.
 pub fn restore_tests(repo: &Repository) -> Result<(Vec<RestoreTest>, Vec<String>), CoreError> {
-    let mut out = Vec::new();
-    let mut warnings = Vec::new();
-    for n in repo.backend().list(Kind::State)? {
-        if !n.starts_with(PREFIX) {
-            continue;
-        }
-        let bytes = match repo.read_doc(Kind::State, ObjectMagic::State, &n) {
-            Ok(b) => b,
-            Err(RepoError::Store(e)) if e.is_not_found() => continue,
-            Err(e) => {
-                warnings.push(format!("skipped a restore-test record that cannot be read: {e}"));
-                continue;
-            }
-        };
-        match serde_json::from_slice::<RestoreTest>(&bytes) {
-            Ok(t) => out.push(t),
-            Err(e) => warnings.push(format!("skipped a restore-test record that cannot be read: {n}: {e}")),
-        }
-    }
+    let (mut out, warnings): (Vec<RestoreTest>, _) = crate::state_doc::read_all(repo, PREFIX, "restore-test record")?;
     out.sort_by(|a, b| a.time.cmp(&b.time).then(a.snapshot.cmp(&b.snapshot)));
     Ok((out, warnings))
 }
