@@ -71,11 +71,13 @@ if ((${#missing_packages[@]})); then
   fi
 fi
 
-# A running VM under libvirt (crates/cli/tests/libvirt_vm.rs): QEMU and libvirt. On Debian
-# 12 they come from bookworm-backports: Debian 12's own qemu-system (7.2) would replace
-# the qemu-utils 10.0.2 the other tests use; backports has the matching 10.0.2.
-vm_tools=(qemu-system-x86_64 libvirtd virtlogd virsh)
-vm_packages=(qemu-system-x86 libvirt-daemon-system libvirt-clients)
+# A running VM under libvirt (crates/cli/tests/libvirt_vm.rs): QEMU and libvirt; and the
+# QEMU guest agent (crates/cli/tests/live_vm.rs runs a real qemu-ga that may only sync,
+# ping and refuse). On Debian 12 they come from bookworm-backports: Debian 12's own
+# qemu-system (7.2) would replace the qemu-utils 10.0.2 the other tests use; backports
+# has the matching 10.0.2.
+vm_tools=(qemu-system-x86_64 libvirtd virtlogd virsh qemu-ga)
+vm_packages=(qemu-system-x86 libvirt-daemon-system libvirt-clients qemu-guest-agent)
 missing_vm=()
 for tool in "${vm_tools[@]}"; do
   have "$tool" || missing_vm+=("$tool")
