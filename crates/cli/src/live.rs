@@ -174,15 +174,29 @@ impl Live {
             View::Libvirt(vm) => vm.finish(committed),
         }
     }
+
+    /// The view an earlier run kept after a mismatch, released before this run's.
+    fn released(&self) -> Option<KeptView> {
+        match &self.view {
+            View::Qmp(vm) => vm.released(),
+            View::Libvirt(vm) => vm.released(),
+        }
+    }
+
+    fn keep(&self, keep: Duration, snapshot: &str) -> Result<KeptView, blockproof_source::SourceError> {
+        match &self.view {
+            View::Qmp(vm) => vm.keep(keep, snapshot),
+            View::Libvirt(vm) => vm.keep(keep, snapshot),
+        }
+    }
 }
 
 /// Tears the view down after the backup: a committed snapshot (ok or tainted) makes the
-/// new bitmaps the base of the next run; a failed backup merges them back. A tainted
-/// restore point that was not healed keeps a QMP view for `keep_view` (not zero)
-/// instead: returned, with a keeper process started that releases it then (a libvirt
-/// view is released at once, with a warning). When a failed backup's view cannot be
-/// released either (the VM process died, say), the backup's error stays the error and
-/// the teardown's is a warning on standard error.
+/// new bitmaps or checkpoint the base of the next run; a failed backup merges them back.
+/// A tainted restore point that was not healed keeps the view for `keep_view` (not zero)
+/// instead: returned, with a keeper process started that releases it then. When a
+/// failed backup's view cannot be released either (the VM process died, say), the
+/// backup's error stays the error and the teardown's is a warning on standard error.
 pub fn finish(
     live: Live,
     vm: &str,
@@ -192,11 +206,7 @@ pub fn finish(
     let recovered = live.recovered();
     match result {
         Ok(mut report) => {
-            let released = match &live.view {
-                View::Qmp(v) => v.released(),
-                View::Libvirt(_) => None,
-            };
-            if let Some(k) = released {
+            if let Some(k) = live.released() {
                 report.warnings.push(format!(
                     "released the point-in-time view kept after the mismatch of snapshot {} (it was kept until {})",
                     short(&k.snapshot),
@@ -207,26 +217,14 @@ pub fn finish(
             }
             let keep =
                 report.status == SnapshotStatus::Tainted && report.healed_snapshot.is_none() && !keep_view.is_zero();
-            let Live { view, dir } = live;
-            let vm_view = match view {
-                View::Qmp(v) if keep => v,
-                View::Libvirt(v) if keep => {
-                    report.warnings.push(
-                        "the point-in-time view of this libvirt domain was released: keeping it after a mismatch \
-                         (--keep-view) works for qmp: sources only so far"
-                            .into(),
-                    );
-                    v.finish(true)?;
-                    return Ok((report, None));
-                }
-                other => {
-                    Live { view: other, dir }.release(true)?;
-                    return Ok((report, None));
-                }
-            };
-            match vm_view.keep(keep_view, &report.snapshot.to_string()) {
+            if !keep {
+                live.release(true)?;
+                return Ok((report, None));
+            }
+            match live.keep(keep_view, &report.snapshot.to_string()) {
                 Ok(kept) => {
-                    drop(vm_view); // releases the vm's lock: the keeper takes it later
+                    let Live { view, dir } = live;
+                    drop(view); // releases the vm's lock: the keeper takes it later
                     if let Err(e) = spawn_keeper(vm, &dir) {
                         report.warnings.push(format!(
                             "could not start the process that releases the kept view at {} ({e}): release it with \
@@ -238,7 +236,7 @@ pub fn finish(
                 }
                 Err(e) => {
                     report.warnings.push(format!("the point-in-time view could not be kept ({e}); it was released"));
-                    vm_view.finish(true)?;
+                    live.release(true)?;
                     Ok((report, None))
                 }
             }

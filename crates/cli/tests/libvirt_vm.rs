@@ -30,8 +30,12 @@ impl Case {
     }
 
     fn backup_cmd(&self, dir: &Dir) -> harness::TestCommand {
+        self.backup_verifying(dir, "5%")
+    }
+
+    fn backup_verifying(&self, dir: &Dir, verify: &str) -> harness::TestCommand {
         let mut c = dir.repo_cmd("backup");
-        c.args(["--vm", self.vm(), "--json", "--verify", "5%"]);
+        c.args(["--vm", self.vm(), "--json", "--verify", verify]);
         c.arg("--from").arg(format!("libvirt:{},uri=qemu:///system", self.vm()));
         c.arg("--state-dir").arg(&self.state);
         c
@@ -53,6 +57,33 @@ impl Case {
         wait_for(&waiting);
         std::fs::remove_file(waiting).unwrap();
         child
+    }
+
+    /// A backup that catches a write hidden from the checkpoints in disk sys (exit 3) and
+    /// keeps its view with `keep` (default: none given); returns its report and the
+    /// truth of sys at the view.
+    /// `pattern`: the hidden write's byte (each call its own, so it always changes the disk).
+    fn tainted(&self, dir: &Dir, keep: Option<&str>, pattern: u8) -> (Value, PathBuf) {
+        self.dom.write("vda", &[(0, 65536, 21)]);
+        self.dom.hidden_write("vda", &[(5 << 20, 4096, pattern)]);
+        let truth = self.dom.truth(dir, "vda", "t-sys.raw");
+        let mut c = self.backup_verifying(dir, "100%");
+        if let Some(k) = keep {
+            c.args(["--keep-view", k]);
+        }
+        let (stdout, _) = c.code(3);
+        let r: Value = serde_json::from_str(&stdout).expect("one JSON document");
+        assert_eq!(r["status"], "tainted", "{r}");
+        assert_eq!(disk(&r, "sys")["mismatches"], serde_json::json!([{"offset": 5 << 20, "length": 4096}]), "{r}");
+        (r, truth)
+    }
+
+    fn journal(&self) -> PathBuf {
+        self.state.join(format!("{}.journal.json", self.vm()))
+    }
+
+    fn assert_keeper_gone(&self) {
+        harness::wait_until("the keeper exiting", || !harness::keeper_runs(self.vm(), &self.state));
     }
 
     fn run_dirs(&self) -> Vec<String> {
@@ -231,4 +262,85 @@ impl Drop for Undefine {
     fn drop(&mut self) {
         let _ = harness::libvirt::virsh_try(&["undefine", &self.0]);
     }
+}
+
+/// A write hidden from libvirt's checkpoints, caught by verification (exit 3, the tainted
+/// restore point committed): the view — libvirt's backup job, its exports and scratch
+/// files — is kept, readable with exactly the content the backup compared while the
+/// guest overwrites it, until `cleanup`; kept again, released by the next backup (which
+/// says so, reads the tainted disk in full with the reason, and restores to the guest's
+/// disk); released on schedule by the keeper alone; with `--keep-view 0` released at once.
+/// After each release nothing is left and exactly one checkpoint remains.
+#[test]
+fn a_libvirt_view_kept_after_a_mismatch_until_cleanup_the_next_run_or_its_deadline() {
+    let dir = Dir::new();
+    dir.init();
+    let dom = Domain::create("kv", vec![DiskDef { target: "vda", format: "qcow2", size: SIZE, serial: Some("sys") }]);
+    let case = Case { state: dir.join("state"), dom };
+    let dom = &case.dom;
+    case.backup(&dir);
+    case.assert_no_leftovers(1);
+
+    // Kept by default: the report names the export, the job and its directory stay.
+    let (r, truth) = case.tainted(&dir, None, 31);
+    harness::assert_json_documented("backup", &r);
+    let kept = &r["kept_view"];
+    assert_eq!(kept["snapshot"], r["snapshot"], "{kept}");
+    let sys = kept["exports"].as_array().unwrap().iter().find(|e| e["disk"] == "sys").unwrap();
+    assert_eq!(sys["name"], "vda", "{sys}");
+    assert!(case.journal().exists(), "the journal names the kept view");
+    assert!(dom.has_job(), "libvirt's backup job is kept");
+    assert!(harness::keeper_runs(case.vm(), &case.state), "a keeper waits for the deadline");
+    // Change tracking is settled at once, as for any committed restore point.
+    assert_eq!(dom.checkpoints(), [format!("blockproof.{}.2", case.vm())], "only the new checkpoint");
+    // The guest overwrites the differing range after the backup: the view does not move.
+    dom.write("vda", &[(5 << 20, 65536, 23)]);
+    let seen = dir.join("kept-sys.raw");
+    harness::qemu::qemu(
+        "qemu-img",
+        &["convert", "-q", "-f", "raw", "-O", "raw", sys["uri"].as_str().unwrap(), seen.to_str().unwrap()],
+    );
+    assert_eq!(harness::hash(&seen), harness::hash(&truth), "the kept view is the disk at the view");
+    std::fs::remove_file(&seen).unwrap();
+
+    let mut c = dir.cmd("cleanup");
+    c.args(["--vm", case.vm(), "--json"]).arg("--state-dir").arg(&case.state);
+    let removed = c.json()["removed"].to_string();
+    for what in ["backup job of domain", "directory /run/blockproof/"] {
+        assert!(removed.contains(what), "{what} in {removed}");
+    }
+    assert!(!removed.contains("checkpoint"), "the checkpoints were settled already: {removed}");
+    case.assert_no_leftovers(2);
+    case.assert_keeper_gone();
+    // The tainted restore point recorded no checkpoint: the next run reads in full.
+    let next = case.backup(&dir);
+    let (how, reason) = mode(&next, "sys");
+    assert_eq!(how, "full", "{next}");
+    assert!(reason.contains("recorded no checkpoint"), "{reason}");
+    case.assert_no_leftovers(3);
+
+    // Kept again; the next backup releases it first, says so, and succeeds.
+    case.tainted(&dir, Some("1h"), 32);
+    dom.write("vda", &[(1 << 20, 65536, 24)]);
+    let truth = dom.truth(&dir, "vda", "t2-sys.raw");
+    let next = case.backup(&dir);
+    assert_eq!(next["status"], "ok", "{next}");
+    let warnings = next["warnings"].to_string();
+    assert!(warnings.contains("released the point-in-time view kept after the mismatch of snapshot"), "{warnings}");
+    assert_eq!(mode(&next, "sys").0, "full", "{next}");
+    assert_restores(&dir, &next["snapshot"], "sys", &truth);
+    case.assert_no_leftovers(5);
+    case.assert_keeper_gone();
+
+    // Released on schedule by the keeper, with no other blockproof command running.
+    case.tainted(&dir, Some("2s"), 33);
+    harness::wait_until("the kept view being released", || !case.journal().exists());
+    case.assert_keeper_gone();
+    case.assert_no_leftovers(6);
+
+    // --keep-view 0: released at once.
+    case.backup(&dir);
+    let (r, _) = case.tainted(&dir, Some("0"), 34);
+    assert_eq!(r["kept_view"], Value::Null, "{r}");
+    case.assert_no_leftovers(8);
 }

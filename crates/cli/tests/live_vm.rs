@@ -123,11 +123,7 @@ impl Vm {
 
     /// Waits until no keeper process of this test's state directory is left.
     fn assert_keeper_gone(&self) {
-        let pattern = format!("cleanup --vm v --when-expired --state-dir {}", self.state.canonicalize_or_self());
-        harness::wait_until("the keeper exiting", || {
-            let out = std::process::Command::new("pgrep").args(["-f", &pattern]).output().unwrap();
-            !out.status.success()
-        });
+        harness::wait_until("the keeper exiting", || !harness::keeper_runs("v", &self.state));
     }
 
     /// Asserts nothing of blockproof is left in the daemon or the state directory, and
@@ -382,16 +378,6 @@ fn a_view_that_cannot_be_released_is_a_warning_not_silence() {
         "the teardown error is not swallowed: {stderr}"
     );
     assert!(vm.state.join("v.journal.json").exists(), "the journal still names the view");
-}
-
-trait CanonicalOrSelf {
-    fn canonicalize_or_self(&self) -> String;
-}
-
-impl CanonicalOrSelf for PathBuf {
-    fn canonicalize_or_self(&self) -> String {
-        self.canonicalize().unwrap_or_else(|_| self.clone()).display().to_string()
-    }
 }
 
 /// A hidden write caught with the default `--keep-view`: the tainted restore point is

@@ -31,6 +31,7 @@ use blockproof_nbd::Uri;
 use serde::{Deserialize, Serialize};
 
 use crate::disk::{Base, Owner, ParentCbt};
+use crate::kept::{KeptExport, KeptView};
 use crate::live::{journal_path, read_journal, undo, write_journal, Journal, JournalKind, VmLock};
 use crate::nbd::BitmapOutcome;
 use crate::virsh::{parse_domain, DomainDisk, Virsh};
@@ -127,12 +128,8 @@ pub(crate) fn teardown(j: &Journal) -> Result<Vec<String>, SourceError> {
     }
     if let (true, Some(new)) = (exists, &l.checkpoint) {
         let listed = virsh.checkpoints(&l.domain)?;
-        let new_n = checkpoint_number(&j.vm, new);
         if j.committed {
-            for old in listed.iter().filter(|c| checkpoint_number(&j.vm, c).is_some_and(|n| Some(n) < new_n)) {
-                virsh.run(&["checkpoint-delete", &l.domain, old])?;
-                done.push(format!("checkpoint {old} (replaced by {new})"));
-            }
+            delete_older_checkpoints(&virsh, &l.domain, &j.vm, new, &listed, &mut done)?;
         } else if listed.contains(new) {
             // libvirt merges its bitmap into its parent's: the next run still sees every
             // write since the last committed restore point.
@@ -141,6 +138,24 @@ pub(crate) fn teardown(j: &Journal) -> Result<Vec<String>, SourceError> {
         }
     }
     Ok(done)
+}
+
+/// Committed: the vm's checkpoints older than `new` (of those `listed`) are deleted —
+/// `new` is the next run's base.
+fn delete_older_checkpoints(
+    virsh: &Virsh,
+    domain: &str,
+    vm: &str,
+    new: &str,
+    listed: &[String],
+    done: &mut Vec<String>,
+) -> Result<(), SourceError> {
+    let new_n = checkpoint_number(vm, new);
+    for old in listed.iter().filter(|c| checkpoint_number(vm, c).is_some_and(|n| Some(n) < new_n)) {
+        virsh.run(&["checkpoint-delete", domain, old])?;
+        done.push(format!("checkpoint {old} (replaced by {new})"));
+    }
+    Ok(())
 }
 
 /// One disk of the view.
@@ -169,6 +184,8 @@ struct Inner {
     definition: String,
     consistency: (Consistency, Option<String>),
     recovered: Vec<String>,
+    /// The view an earlier run kept after a mismatch, released by this one.
+    released: Option<KeptView>,
     _lock: VmLock,
 }
 
@@ -220,14 +237,14 @@ impl LibvirtVm {
     ) -> Result<LibvirtVm, SourceError> {
         let lock = VmLock::take(dir, vm, wait)?;
         let mut floor = 0;
-        let recovered = match read_journal(dir, vm)? {
+        let (recovered, released) = match read_journal(dir, vm)? {
             Some(j) => {
                 if let Some(c) = j.libvirt.as_ref().and_then(|l| l.checkpoint.as_deref()) {
                     floor = checkpoint_number(vm, c).unwrap_or(0);
                 }
-                undo(dir, &j)?
+                (undo(dir, &j)?, j.kept)
             }
-            None => Vec::new(),
+            None => (Vec::new(), None),
         };
         let virsh = Virsh::new(uri);
         let live = virsh.run(&["dumpxml", domain])?;
@@ -305,6 +322,7 @@ impl LibvirtVm {
             definition,
             consistency: (Consistency::Crash, None),
             recovered,
+            released,
             _lock: lock,
         };
         let set_up = make_run_dir(&run_dir, dom.qemu_user).and_then(|()| inner.set_up(&virsh, &listed));
@@ -351,10 +369,50 @@ impl LibvirtVm {
         move |owner, parent| inner.lock().unwrap_or_else(|e| e.into_inner()).open(&id, owner, parent)
     }
 
+    /// The view an earlier run kept after a mismatch, which this run released before it
+    /// set up its own.
+    pub fn released(&self) -> Option<KeptView> {
+        self.inner().released.clone()
+    }
+
     /// Tears the view down. `committed`: the snapshot was committed, so the new
     /// checkpoint is the base of the next run; otherwise it is deleted.
     pub fn finish(self, committed: bool) -> Result<(), SourceError> {
         self.inner().finish(committed)
+    }
+
+    /// After a committed tainted `snapshot`: settles the checkpoints as for any committed
+    /// snapshot (the older ones are deleted; libvirt allows it while the job runs) but
+    /// keeps the view — the backup job, its NBD exports and scratch files — for `keep`,
+    /// named in the journal as kept. The vm's lock is released with `self`; `cleanup`,
+    /// the next run or a keeper ([`crate::release_when_expired`]) releases the view. On
+    /// an error the view is still whole and the caller releases it with
+    /// [`LibvirtVm::finish`].
+    pub fn keep(&self, keep: Duration, snapshot: &str) -> Result<KeptView, SourceError> {
+        let mut inner = self.inner();
+        let socket = inner.lj().socket.clone();
+        let exports = inner
+            .disks
+            .iter()
+            .map(|d| KeptExport {
+                disk: d.disk.id.clone(),
+                socket: socket.clone(),
+                name: d.export.clone(),
+                uri: Uri::unix(&socket, &d.export).to_string(),
+            })
+            .collect();
+        inner.journal.committed = true;
+        write_journal(&inner.dir, &inner.journal)?;
+        let l = inner.lj().clone();
+        if let Some(new) = &l.checkpoint {
+            let virsh = Virsh::new(&l.uri);
+            let listed = virsh.checkpoints(&l.domain)?;
+            delete_older_checkpoints(&virsh, &l.domain, &inner.journal.vm, new, &listed, &mut Vec::new())?;
+        }
+        let kept = KeptView::new(keep, snapshot, exports);
+        inner.journal.kept = Some(kept.clone());
+        write_journal(&inner.dir, &inner.journal)?;
+        Ok(kept)
     }
 }
 

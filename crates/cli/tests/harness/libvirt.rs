@@ -184,6 +184,42 @@ impl Domain {
         chunks
     }
 
+    /// Like [`Domain::write`], but hidden from change tracking: every bitmap of disk
+    /// `target`'s image node is disabled around the writes (a CBT lie: libvirt's
+    /// checkpoints never see them).
+    pub fn hidden_write(&self, target: &str, writes: &[(u64, u64, u8)]) -> BTreeSet<u64> {
+        let image = self.image(target).to_str().unwrap().to_string();
+        let nodes: serde_json::Value =
+            serde_json::from_str(&self.qmp(r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#))
+                .unwrap();
+        let node = nodes["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["file"] == image.as_str() && n["drv"] != "file")
+            .unwrap_or_else(|| panic!("no format node of {image}: {nodes}"));
+        let name = node["node-name"].as_str().unwrap();
+        let bitmaps: Vec<String> = node["dirty-bitmaps"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|b| b["name"].as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        assert!(!bitmaps.is_empty(), "disk {target} has no bitmap to hide the write from: {node}");
+        let toggle = |cmd: &str| {
+            for b in &bitmaps {
+                self.qmp(&serde_json::json!({"execute": cmd, "arguments": {"node": name, "name": b}}).to_string());
+            }
+        };
+        toggle("block-dirty-bitmap-disable");
+        let chunks = self.write(target, writes);
+        toggle("block-dirty-bitmap-enable");
+        chunks
+    }
+
+    /// A QMP command through libvirt; its answer.
+    pub fn qmp(&self, command: &str) -> String {
+        virsh(&["qemu-monitor-command", &self.name, command])
+    }
+
     /// A copy of disk `target`'s content now (the model of every write so far).
     pub fn truth(&self, dir: &Dir, target: &str, name: &str) -> PathBuf {
         let out = dir.join(name);

@@ -439,3 +439,12 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// Whether a keeper of a kept view (`blockproof cleanup --vm VM --when-expired`) of state
+/// directory `state` runs.
+#[allow(dead_code)]
+pub fn keeper_runs(vm: &str, state: &Path) -> bool {
+    let state = state.canonicalize().unwrap_or_else(|_| state.to_path_buf());
+    let pattern = format!("cleanup --vm {vm} --when-expired --state-dir {}", state.display());
+    std::process::Command::new("pgrep").args(["-f", &pattern]).output().unwrap().status.success()
+}
