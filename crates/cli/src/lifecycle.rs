@@ -28,6 +28,12 @@ fn print_gc(r: &GcReport) {
             count(r.forget_records_dropped, "snapshot")
         );
     }
+    if r.restore_test_records_dropped > 0 {
+        println!(
+            "gc: removed {} of restore points that are gone",
+            count(r.restore_test_records_dropped, "restore-test record")
+        );
+    }
     if r.packs_deferred > 0 {
         println!(
             "gc: {} ({}) deferred: backups that were running may still use them; a later gc removes them",

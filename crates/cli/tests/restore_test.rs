@@ -95,10 +95,27 @@ fn a_restore_point_passes_and_one_without_the_checked_file_fails_naming_it() {
     // `--no-record` leaves no record; forget takes a restore point's records with it.
     test_cmd(&dir, &good).arg("--no-record").json();
     assert_eq!(restore_test_records(&dir), 3);
+    let state = dir.repo().join("state");
+    let of_bad = fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("restore-test-{bad}")))
+        .unwrap();
+    let saved = fs::read(&of_bad).unwrap();
     dir.repo_cmd("forget").arg(&bad).ok();
     assert_eq!(restore_test_records(&dir), 1, "the forgotten point's two records are gone");
     let status = dir.repo_cmd("status").arg("--json").json();
     assert_eq!(status[0]["last_restore_test"]["snapshot"], good.as_str());
+
+    // A forget interrupted between the restore point and its records leaves a record of
+    // a gone point: gc removes it, and says so.
+    fs::write(&of_bad, saved).unwrap();
+    assert_eq!(restore_test_records(&dir), 2);
+    let gc = dir.repo_cmd("gc").arg("--json").json();
+    assert_eq!(gc["restore_test_records_dropped"], 1, "{gc}");
+    assert_json_documented("gc", &gc);
+    assert_eq!(restore_test_records(&dir), 1, "only the record of the point that exists stays");
+    assert_eq!(dir.repo_cmd("gc").arg("--json").json()["restore_test_records_dropped"], 0);
 }
 
 #[test]

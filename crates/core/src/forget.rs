@@ -338,11 +338,13 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport, C
         let records: Vec<Removed<'_>> =
             removed.iter().map(|d| Removed { id: d.id, vm: &d.vm, time: &d.time, how: how(d) }).collect();
         warnings = crate::integrity::record_forget(repo, &records)?;
+        let mut gone = std::collections::HashSet::new();
         for d in removed.iter().filter(|d| how(d) == Removal::Forget) {
             repo.backend().remove(Kind::Snapshot, &d.id.to_hex())?;
-            // Its restore-test records go with it: a record never names a gone point.
-            crate::restore_test::remove_for(repo, &d.id)?;
+            gone.insert(d.id);
         }
+        // Their restore-test records go with them (what a crash here leaves, gc removes).
+        crate::restore_test::remove_for(repo, &gone)?;
     }
     Ok(ForgetReport { dry_run: opts.dry_run, kept, removed, warnings })
 }

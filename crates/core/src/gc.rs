@@ -86,6 +86,8 @@ pub struct GcReport {
     pub temporary_files_removed: u64,
     /// Forget records of snapshots nothing references any more, dropped.
     pub forget_records_dropped: u64,
+    /// Restore-test records of restore points that are gone, removed.
+    pub restore_test_records_dropped: u64,
 }
 
 /// Temporary files older than this belong to writers that died.
@@ -251,10 +253,34 @@ fn stored_packs(repo: &Repository) -> Result<Vec<(String, Id)>, CoreError> {
     Ok(repo.backend().list(Kind::Pack)?.into_iter().filter_map(|n| n.parse::<Id>().ok().map(|id| (n, id))).collect())
 }
 
-/// Runs garbage collection.
+/// Runs garbage collection. A gc that fails after it deleted packs says how many, and
+/// the bytes that freed, in its error ([`CoreError::Interrupted`]): they are gone, and
+/// the next gc does not count them again.
 pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Result<GcReport, CoreError> {
-    let lock = repo.lock(LockKind::Gc, "gc")?;
     let mut report = GcReport { dry_run: opts.dry_run, ..GcReport::default() };
+    match collect(repo, opts, progress, &mut report) {
+        Ok(()) => Ok(report),
+        Err(e) if report.packs_deleted > 0 => Err(CoreError::Interrupted {
+            operation: "gc",
+            done: format!(
+                "freed {} bytes in {} pack{} (gone: a later gc does not count them again)",
+                report.bytes_freed,
+                report.packs_deleted,
+                if report.packs_deleted == 1 { "" } else { "s" }
+            ),
+            source: Box::new(e),
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+fn collect(
+    repo: &Repository,
+    opts: &GcOptions,
+    progress: &dyn Progress,
+    report: &mut GcReport,
+) -> Result<(), CoreError> {
+    let lock = repo.lock(LockKind::Gc, "gc")?;
 
     // Mark, and refuse if referenced data is missing: before anything is deleted.
     let files = index_files(repo)?;
@@ -267,11 +293,12 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
     if !opts.dry_run {
         report.temporary_files_removed = repo.backend().clean_temporary(TEMP_AGE)?;
         for (name, plan) in plans(repo)? {
-            sweep(repo, &lock, &name, &plan, &mut report)?;
+            sweep(repo, &lock, &name, &plan, report)?;
         }
         let others: Vec<u64> =
             repo.live_locks()?.into_iter().filter(|(n, _)| n != lock.name()).map(|(_, l)| l.created).collect();
         report.forget_records_dropped = crate::integrity::prune_records(repo, &others)?;
+        report.restore_test_records_dropped = crate::restore_test::remove_orphans(repo)?;
     }
 
     // Mark again if a sweep changed the index.
@@ -323,7 +350,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         for p in doomed.iter().chain(&repack) {
             report.bytes_freed += repo.backend().size(Kind::Pack, &p.to_hex()).unwrap_or(0);
         }
-        return Ok(report);
+        return Ok(());
     }
 
     // Repack: copy the live blobs of sparse packs into new packs (durable, indexed).
@@ -356,9 +383,9 @@ pub fn gc(repo: &Repository, opts: &GcOptions, progress: &dyn Progress) -> Resul
         let name = format!("{PLAN_PREFIX}{}", hex::encode(rand::random::<[u8; 8]>()));
         let bytes = serde_json::to_vec(&plan).expect("a plan serializes");
         repo.write_doc(Kind::State, ObjectMagic::State, &name, &bytes)?;
-        sweep(repo, &lock, &name, &plan, &mut report)?;
+        sweep(repo, &lock, &name, &plan, report)?;
     }
-    Ok(report)
+    Ok(())
 }
 
 fn defer(repo: &Repository, packs: &[Id], report: &mut GcReport) {
@@ -407,8 +434,15 @@ fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &m
         }
     }
     let mut deletable: HashSet<Id> = HashSet::new();
+    // Planned packs already gone (an earlier gc deleted them and was interrupted before
+    // it removed its plan): dropped from the plan and the index, not counted again.
+    let mut gone: HashSet<Id> = HashSet::new();
     let mut kept = Vec::new();
     for pack in &plan.packs {
+        if !stored.contains(pack) {
+            gone.insert(*pack);
+            continue;
+        }
         let entries = files.iter().flat_map(|(_, f)| f.packs.iter()).find(|(p, _)| p == pack).map(|(_, e)| e);
         let needed =
             entries.is_some_and(|es| es.iter().any(|e| referenced.contains(&e.id) && !elsewhere.contains(&e.id)));
@@ -424,11 +458,12 @@ fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &m
     // Nothing is deleted by a gc that may have lost its lock (stopped for too long).
     lock.ensure_held()?;
     // New index files without the deleted packs, then remove the old ones.
+    let dropped = |p: &Id| deletable.contains(p) || gone.contains(p);
     for (fname, f) in &files {
-        if !f.packs.iter().any(|(p, _)| deletable.contains(p)) {
+        if !f.packs.iter().any(|(p, _)| dropped(p)) {
             continue;
         }
-        let kept: Vec<(Id, Vec<BlobEntry>)> = f.packs.iter().filter(|(p, _)| !deletable.contains(p)).cloned().collect();
+        let kept: Vec<(Id, Vec<BlobEntry>)> = f.packs.iter().filter(|(p, _)| !dropped(p)).cloned().collect();
         if !kept.is_empty() {
             repo.write_index_file(&IndexFile { packs: kept })?;
         }

@@ -107,6 +107,10 @@ pub enum CoreError {
     /// The operation was cancelled: its lock was lost, or the caller asked.
     #[error("{0}")]
     Cancelled(String),
+    /// An operation that changes the repository in steps failed part-way: what it had
+    /// already done (and cannot undo) is said with the cause.
+    #[error("{operation} stopped after it {done}: {source}")]
+    Interrupted { operation: &'static str, done: String, source: Box<CoreError> },
     /// A fault of blockproof itself (a worker thread panicked); never the user's.
     #[error("internal error: {0}")]
     Internal(String),

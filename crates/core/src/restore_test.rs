@@ -5,8 +5,9 @@
 //! A record is a sealed state document `state/restore-test-<snapshot id>-<16 hex>`
 //! (FORMAT §20): which restore point, when, what was checked (per filesystem: how much
 //! was walked and read, what failed), the verdict and how long it took. Every test adds
-//! one; `forget` removes the records of the restore points it removes, so a record never
-//! names a restore point that is gone. Read strictly (FORMAT §15a): a damaged record is
+//! one; `forget` removes the records of the restore points it removes, and gc those of
+//! points that are gone anyway (a `forget` interrupted between the two), so a record
+//! never names a restore point that is gone for long. Read strictly (FORMAT §15a): a damaged record is
 //! skipped with a warning, never trusted.
 
 use blockproof_format::{Id, ObjectMagic};
@@ -104,17 +105,48 @@ pub fn restore_tests(repo: &Repository) -> Result<(Vec<RestoreTest>, Vec<String>
     Ok((out, warnings))
 }
 
-/// Removes the records of `snapshot` (it is being forgotten).
-pub(crate) fn remove_for(repo: &Repository, snapshot: &Id) -> Result<(), CoreError> {
-    let prefix = format!("{PREFIX}{}-", snapshot.to_hex());
-    for n in repo.backend().list(Kind::State)?.into_iter().filter(|n| n.starts_with(&prefix)) {
+/// Removes the records of the restore points `gone` (they are being forgotten), listing
+/// the records once.
+pub(crate) fn remove_for(repo: &Repository, gone: &std::collections::HashSet<Id>) -> Result<u64, CoreError> {
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    let names = repo.backend().list(Kind::State)?;
+    let doomed = names.into_iter().filter(|n| record_snapshot(n).is_some_and(|id| gone.contains(&id)));
+    remove_names(repo, doomed)
+}
+
+/// Removes the records whose restore point is gone (a `forget` that crashed between the
+/// two): gc's upkeep. Records are listed before the restore points, so a record written
+/// meanwhile — always for a point that exists — is never taken for an orphan.
+pub(crate) fn remove_orphans(repo: &Repository) -> Result<u64, CoreError> {
+    let names = repo.backend().list(Kind::State)?;
+    let records: Vec<(String, Id)> = names.into_iter().filter_map(|n| record_snapshot(&n).map(|id| (n, id))).collect();
+    if records.is_empty() {
+        return Ok(0);
+    }
+    let present: std::collections::HashSet<Id> =
+        repo.backend().list(Kind::Snapshot)?.iter().filter_map(|n| n.parse().ok()).collect();
+    remove_names(repo, records.into_iter().filter(|(_, id)| !present.contains(id)).map(|(n, _)| n))
+}
+
+/// The restore point a record's name names (`restore-test-<64 hex>-<16 hex>`).
+fn record_snapshot(name: &str) -> Option<Id> {
+    let rest = name.strip_prefix(PREFIX)?;
+    let (id, _) = rest.split_once('-')?;
+    (id.len() == 64).then(|| id.parse().ok()).flatten()
+}
+
+fn remove_names(repo: &Repository, names: impl Iterator<Item = String>) -> Result<u64, CoreError> {
+    let mut removed = 0;
+    for n in names {
         match repo.backend().remove(Kind::State, &n) {
-            Ok(()) => {}
+            Ok(()) => removed += 1,
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// The newest record of each restore point in `tests` (oldest first).

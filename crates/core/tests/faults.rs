@@ -652,3 +652,54 @@ fn after_a_crash_between_a_commit_and_its_record_the_next_incremental_is_still_o
     }
     assert!(lagging >= 1, "some crash must fall between a commit and the update of the head");
 }
+
+/// A gc that dies part-way — at each of its calls in turn — says in its error how many
+/// packs it had already deleted, so with the next gc's report every deleted pack is
+/// counted exactly once (before, a gc interrupted after its deletions reported nothing,
+/// and the next one "freed 0 B in 0 packs" although the packs were gone).
+#[test]
+fn an_interrupted_gc_says_what_it_already_deleted() {
+    let (store, before, _) = repository();
+    let base = store.fork();
+    let ids: Vec<&str> = before.iter().map(|e| e.id.as_str()).collect();
+    blockproof_core::forget(&open(base.clone()), &forget_refs(&ids)).unwrap();
+    let gc = |r: &Repository| blockproof_core::gc(r, &blockproof_core::GcOptions::default(), &NoProgress);
+    let packs = |m: &MemoryBackend| m.list(Kind::Pack).unwrap().len() as u64;
+    let calls = {
+        let faulty = FaultyBackend::new(Box::new(base.fork()));
+        let faults = faulty.faults();
+        let repo = open(faulty);
+        let start = faults.calls();
+        assert!(gc(&repo).unwrap().packs_deleted > 1, "the forgotten snapshots' packs go");
+        faults.calls() - start
+    };
+    let mut interrupted_after_deleting = 0;
+    for k in 0..=calls {
+        let trial = base.fork();
+        let at_start = packs(&trial);
+        let faulty = FaultyBackend::new(Box::new(trial.clone()));
+        let faults = faulty.faults();
+        let repo = open(faulty);
+        faults.crash_after(faults.calls() + k);
+        let what = format!("crash after call {k} of {calls}");
+        let said = match gc(&repo) {
+            Ok(r) => r.packs_deleted,
+            Err(CoreError::Interrupted { done, source, .. }) => {
+                assert!(source.to_string().contains("injected crash"), "{what}: {source}");
+                interrupted_after_deleting += 1;
+                let n = done.split(" in ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok());
+                n.unwrap_or_else(|| panic!("{what}: no count in {done:?}"))
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("injected crash"), "{what}: {e}");
+                0
+            }
+        };
+        drop(repo);
+        bury_locks(&trial);
+        let next = gc(&open(trial.clone())).unwrap_or_else(|e| panic!("{what}: the next gc: {e}"));
+        assert_eq!(said + next.packs_deleted, at_start - packs(&trial), "{what}: every deleted pack counted once");
+        assert_consistent(&trial, &[], &what);
+    }
+    assert!(interrupted_after_deleting > 0, "some crash points fall after a deletion");
+}
