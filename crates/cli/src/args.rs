@@ -412,6 +412,15 @@ pub struct GcArgs {
     /// Repack a pack when at least this share of it is unreferenced (e.g. 25%).
     #[arg(long, value_name = "PERCENT", default_value = "25%")]
     pub repack_threshold: String,
+    /// Also rewrite cold packs (see --older-than) holding LZ4 blobs with zstd, oldest
+    /// first, within this budget: 10% or 2GiB of those packs, 50ios (packs), 10m,
+    /// until=06:00, or all (alone: all).
+    #[arg(long, value_name = "BUDGET", num_args = 0..=1, default_missing_value = "all")]
+    pub recompress: Option<String>,
+    /// With --recompress: only packs last written at least this long ago (e.g. 30d, 12h;
+    /// 0 for every pack).
+    #[arg(long, value_name = "DURATION", default_value = "7d", requires = "recompress", value_parser = parse_age)]
+    pub older_than: std::time::Duration,
     /// Show what would be removed; remove nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -739,6 +748,14 @@ impl From<Scope> for blockproof_core::RetentionScope {
             Scope::Vm => blockproof_core::RetentionScope::Vm,
         }
     }
+}
+
+/// `--older-than`: a duration such as `30d` or `12h`, or `0`.
+fn parse_age(s: &str) -> Result<std::time::Duration, String> {
+    if s.trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?} ({e}): use e.g. 30d, 12h or 0"))
 }
 
 /// `--keep-view`: a duration such as `30m` or `2h`, or `0`.

@@ -28,6 +28,22 @@ fn print_gc(r: &GcReport) {
             count(r.forget_records_dropped, "snapshot")
         );
     }
+    if r.packs_recompressed > 0 {
+        if r.dry_run {
+            println!(
+                "gc: would recompress {} ({}) with zstd",
+                count(r.packs_recompressed, "pack"),
+                human_bytes(r.bytes_recompressed_from)
+            );
+        } else {
+            println!(
+                "gc: recompressed {} with zstd: their live blobs {} -> {} (the old packs are freed with the plan)",
+                count(r.packs_recompressed, "pack"),
+                human_bytes(r.bytes_recompressed_from),
+                human_bytes(r.bytes_recompressed_to)
+            );
+        }
+    }
     if r.restore_test_records_dropped > 0 {
         println!(
             "gc: removed {} of restore points that are gone",
@@ -56,7 +72,14 @@ fn parse_threshold(s: &str) -> Result<f64, Usage> {
 }
 
 pub fn gc(a: GcArgs) -> Result<u8> {
-    let opts = GcOptions { repack_threshold: parse_threshold(&a.repack_threshold)?, dry_run: a.dry_run };
+    let recompress = match &a.recompress {
+        Some(b) => Some(blockproof_core::RecompressOptions {
+            budget: blockproof_core::Budget::parse(b).map_err(|e| Usage(format!("--recompress: {e}")))?,
+            older_than: a.older_than,
+        }),
+        None => None,
+    };
+    let opts = GcOptions { repack_threshold: parse_threshold(&a.repack_threshold)?, dry_run: a.dry_run, recompress };
     let repo = open_repo(&a.repo)?;
     let progress = progress::for_stderr();
     let r = blockproof_core::gc(&repo, &opts, progress.as_ref())?;

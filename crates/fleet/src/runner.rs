@@ -118,7 +118,7 @@ pub fn run(job: &Job, repos: &Repositories<'_>, history: &[HistoryEntry], monito
         let (due, reason) = gc_due(job, history, SystemTime::now());
         if due {
             monitor.phase("gc");
-            let opts = GcOptions { repack_threshold: job.gc.repack_threshold, dry_run: false };
+            let opts = GcOptions { repack_threshold: job.gc.repack_threshold, dry_run: false, recompress: None };
             match blockproof_core::gc(repos.main, &opts, &blockproof_core::NoProgress) {
                 Ok(r) => GcRun { ran: true, reason, report: Some(r), error: None },
                 Err(e) => {

@@ -48,7 +48,7 @@ pub mod scan;
 pub mod selector;
 pub mod tree;
 
-pub use blob::{BlobCodec, SealedBlob};
+pub use blob::{open_blob, BlobCodec, SealedBlob};
 pub use heads::{ForgetRecords, Forgotten, Head, Named, Recorded, Removal};
 pub use index::{BlobIndex, BlobLocation, BlobReader};
 pub use lock::{time_text, Lock, LockFile, LockInfo, LockKind};
