@@ -472,8 +472,9 @@ fn forget_refs(refs: &[&str]) -> blockproof_core::ForgetOptions {
     blockproof_core::ForgetOptions { snapshots: refs.iter().map(|r| r.to_string()).collect(), ..Default::default() }
 }
 
-/// `forget VM:latest` (which moves the vm's head back), `forget --keep-last 1` and `gc`
-/// after a forget of a parent: the process dies after each of their calls in turn.
+/// `forget VM:latest` (which moves the vm's head back), `forget --keep-last 1`, `gc`
+/// after a forget of a parent and `gc --recompress`: the process dies after each of their
+/// calls in turn.
 /// `check` never reports a deletion that did not happen, every snapshot left restores,
 /// and a backup and a check after it pass.
 #[test]
@@ -481,7 +482,7 @@ fn a_crash_at_any_call_of_forget_or_gc_never_makes_check_report_a_false_deletion
     let (store, before, new) = repository();
     let first_forgotten = store.fork();
     blockproof_core::forget(&open(first_forgotten.clone()), &forget_refs(&[&before[0].id])).unwrap();
-    let ops: [(&str, &MemoryBackend, TrialOp); 3] = [
+    let ops: [(&str, &MemoryBackend, TrialOp); 4] = [
         ("forget vm:latest", &store, |r| blockproof_core::forget(r, &forget_refs(&["vm:latest"])).map(drop)),
         ("forget --keep-last 1", &store, |r| {
             let policy = blockproof_core::KeepPolicy { last: Some(1), ..Default::default() };
@@ -489,6 +490,16 @@ fn a_crash_at_any_call_of_forget_or_gc_never_makes_check_report_a_false_deletion
         }),
         ("gc after a forget of a parent", &first_forgotten, |r| {
             blockproof_core::gc(r, &blockproof_core::GcOptions::default(), &NoProgress).map(drop)
+        }),
+        ("gc --recompress", &store, |r| {
+            let recompress = blockproof_core::RecompressOptions {
+                budget: blockproof_core::Budget::all(),
+                older_than: std::time::Duration::ZERO,
+            };
+            let opts = blockproof_core::GcOptions { recompress: Some(recompress), ..Default::default() };
+            let report = blockproof_core::gc(r, &opts, &NoProgress)?;
+            assert!(report.packs_recompressed > 0, "LZ4 packs are rewritten");
+            Ok(())
         }),
     ];
     for (name, base, op) in ops {
