@@ -750,7 +750,7 @@ fn parse_keep(s: &str) -> Result<std::time::Duration, String> {
 }
 
 /// A duration such as `7d`, `12h` or `2w` (not zero).
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     match humantime::parse_duration(s) {
         Ok(d) if d.is_zero() => Err(format!("{s:?} is zero")),
         Ok(d) => Ok(d),
