@@ -3,8 +3,8 @@
 //! and qcow2 overlays. The disk is built here from the host's Debian kernel and a
 //! busybox initramfs (harness/bootdisk.rs). A restore point that boots passes, with its
 //! boot time recorded; one backed up without the file its init checks fails at once on
-//! the failure marker; one whose boot hangs fails at the timeout; a stopped test stops
-//! its VM. Whatever the outcome, nothing is left: no QEMU, no overlay, socket or
+//! the failure marker; one whose boot hangs fails at the timeout, and so does a check
+//! script that never ends (killed with its children); a stopped test stops its VM. Whatever the outcome, nothing is left: no QEMU, no overlay, socket or
 //! directory (each test points TMPDIR at a directory of its own and checks it is empty).
 
 mod harness;
@@ -165,6 +165,31 @@ fn a_boot_that_hangs_fails_at_the_timeout_with_qemu_stopped_and_nothing_left() {
     eprintln!("console of the hung boot: {:?}", console.lines().last().unwrap_or(""));
     assert_json_documented("restore-test", &r);
     assert_nothing_left(&tmp);
+}
+
+#[test]
+fn a_check_script_that_does_not_finish_fails_at_the_timeout_and_is_killed_with_its_children() {
+    let dir = Dir::new();
+    dir.init();
+    let disk = boot_disk(&dir, "vda.img", true);
+    let snap = snap_id(&dir.backup("vm", &[("vda", &disk)]));
+    let tmp = tmp(&dir);
+    // No marker: the script starts with the VM; its child outlives it unless its whole
+    // process group is killed.
+    let script = dir.join("wait-forever.sh");
+    let child = dir.join("child.sh");
+    fs::write(&child, "sleep 1000\ntrue\n").unwrap();
+    fs::write(&script, format!("#!/bin/sh\nsh {}\n", child.display())).unwrap();
+    make_executable(&script);
+    let (stdout, _) =
+        boot_cmd(&dir, &tmp, &snap).args(["--script", script.to_str().unwrap(), "--timeout", "5s"]).code(1);
+    let r = parse(&stdout);
+    let reason = r["reason"].as_str().unwrap();
+    assert_eq!(reason, format!("the check script {} did not finish within 5s", script.display()), "{r}");
+    assert!(r["boot_seconds"].is_null() && r["check"]["console_marker"].is_null(), "{r}");
+    assert_nothing_left(&tmp);
+    let procs = processes_using(&child);
+    assert!(procs.is_empty(), "the script's child was not killed: {procs:?}");
 }
 
 #[test]

@@ -110,6 +110,9 @@ impl BootOutcome {
 /// throwaway VM and checks it as `spec` says. Everything it started and created is gone
 /// when it returns, whatever happened.
 pub fn boot(exports: &Exports<'_>, spec: &BootSpec) -> Result<BootOutcome, VmError> {
+    if spec.marker.is_none() && spec.script.is_none() {
+        return Err(VmError::NoCheck);
+    }
     let accelerator = accelerator(spec.accel)?;
     let dir = tempfile::Builder::new()
         .prefix("blockproof-boot-")
@@ -280,19 +283,17 @@ fn run(
         }
         if started.elapsed() >= spec.timeout {
             let within = human(spec.timeout);
-            break Some(match (&script, &spec.marker) {
-                (Some(_), _) | (None, None) => {
-                    let path = spec.script.as_deref().unwrap_or(Path::new("?")).display();
-                    format!("the check script {path} did not finish within {within}")
-                }
-                (None, Some(marker)) => format!("no {marker:?} on the console within {within}"),
+            // Without a marker the script started with QEMU: no script yet means the
+            // marker is still awaited.
+            break Some(match (&script, &spec.marker, &spec.script) {
+                (None, Some(marker), _) => format!("no {marker:?} on the console within {within}"),
+                (_, _, Some(path)) => format!("the check script {} did not finish within {within}", path.display()),
+                (_, _, None) => format!("no check within {within}"),
             });
         }
         std::thread::sleep(POLL);
     };
-    if let Some(s) = script.take() {
-        drop(s);
-    }
+    drop(script);
     vm.stop();
     // What QEMU wrote until it stopped, for the excerpt.
     let _ = console.poll(&[]);
@@ -455,10 +456,8 @@ mod tests {
         assert_eq!(human(Duration::from_millis(500)), "500ms");
     }
 
-    #[test]
-    fn a_missing_qemu_is_an_error_and_leaves_nothing() {
-        let tmp = tempfile::tempdir().unwrap();
-        let spec = BootSpec {
+    fn spec(qemu: PathBuf) -> BootSpec {
+        BootSpec {
             memory_mib: 64,
             cpus: 1,
             accel: AccelChoice::Tcg,
@@ -469,10 +468,22 @@ mod tests {
             script_env: Vec::new(),
             timeout: Duration::from_secs(1),
             cancel: Cancel::new(),
-            qemu: tmp.path().join("no-such-qemu"),
+            qemu,
             qemu_img: "qemu-img".into(),
-        };
-        let err = boot(&Vec::new(), &spec).unwrap_err();
+        }
+    }
+
+    #[test]
+    fn a_missing_qemu_is_an_error_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = boot(&Vec::new(), &spec(tmp.path().join("no-such-qemu"))).unwrap_err();
         assert!(matches!(err, VmError::Spawn { .. }) && err.to_string().contains("no-such-qemu"), "{err}");
+    }
+
+    #[test]
+    fn a_spec_without_a_check_is_refused_before_anything_starts() {
+        let mut s = spec("qemu-system-x86_64".into());
+        s.marker = None;
+        assert!(matches!(boot(&Vec::new(), &s), Err(VmError::NoCheck)));
     }
 }

@@ -61,6 +61,9 @@ pub use isolated_vm::{boot, AccelChoice, Accelerator, Boot, BootOutcome, BootSpe
 /// Why a boot test could not be run (a failed boot is a [`BootOutcome`], not an error).
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// A [`BootSpec`] with neither a marker nor a script: nothing would decide the test.
+    #[error("a boot test needs a check: a console marker, a script or both")]
+    NoCheck,
     /// `--accel kvm` on a machine where `/dev/kvm` does not open read-write.
     #[error("KVM is not available: /dev/kvm: {0}")]
     NoKvm(std::io::Error),
