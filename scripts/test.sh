@@ -120,6 +120,26 @@ if ((${#missing_vm[@]})); then
   fi
 fi
 
+# A bootable test disk (crates/cli/tests/boot_test.rs builds it, harness/bootdisk.rs):
+# the kernel of linux-image-amd64 with its modules, and a statically linked busybox for
+# the initramfs. Neither is a program in PATH, so they are checked here.
+boot_packages=()
+compgen -G '/boot/vmlinuz-*' >/dev/null || boot_packages+=(linux-image-amd64)
+if ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'; then
+  boot_packages+=(busybox-static)
+fi
+if ((${#boot_packages[@]})); then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "scripts/test.sh: installing ${boot_packages[*]} (for the boot tests)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${boot_packages[@]}" >/dev/null
+  else
+    echo "scripts/test.sh: missing ${boot_packages[*]}; the boot tests fail." >&2
+    echo "  Install them as root: apt-get install --no-install-recommends ${boot_packages[*]}" >&2
+  fi
+fi
+
 status=0
 cargo test --workspace "$@" || status=$?
 if ((status)) && ((${#missing_packages[@]})); then

@@ -228,9 +228,10 @@ pub enum Command {
     RestoreFiles(crate::files::RestoreFilesArgs),
     /// Prove a restore point restores: walk every filesystem of its disks (every
     /// directory and entry, a sample of the files read to the end, named paths checked),
-    /// with a verdict per filesystem, recorded in the repository. No boot, no mount.
+    /// with a verdict per filesystem; or, with --boot, boot it in an isolated, throwaway
+    /// VM until a check passes. Recorded in the repository.
     #[command(
-        after_help = "Example:\n  blockproof restore-test --repo /backup/repo web01:latest --sample 10% --expect /etc/hostname"
+        after_help = "Examples:\n  blockproof restore-test --repo /backup/repo web01:latest --sample 10% --expect /etc/hostname\n  blockproof restore-test --repo /backup/repo web01:latest --boot --console-marker 'login:' --timeout 10m"
     )]
     RestoreTest(crate::restore_test::RestoreTestArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -767,7 +768,7 @@ fn parse_keep(s: &str) -> Result<std::time::Duration, String> {
 }
 
 /// A duration such as `7d`, `12h` or `2w` (not zero).
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     match humantime::parse_duration(s) {
         Ok(d) if d.is_zero() => Err(format!("{s:?} is zero")),
         Ok(d) => Ok(d),

@@ -19,6 +19,7 @@ macro_rules! print {
 
 mod args;
 mod audit;
+mod boot_test;
 mod changed_files;
 mod commands;
 mod demo;

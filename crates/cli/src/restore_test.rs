@@ -1,16 +1,20 @@
 //! `blockproof restore-test SNAP`: prove a restore point restores, at the filesystem
 //! level and without booting it — every filesystem of every disk walked with the
 //! in-process readers (blockproof_fs::survey), a verdict per filesystem, and the outcome
-//! stored in the repository as evidence (blockproof_core::restore_test).
+//! stored in the repository as evidence (blockproof_core::restore_test). With `--boot`,
+//! the restore point is booted instead (`boot_test.rs`); both end in [`print_record`].
 
 use std::time::{Instant, SystemTime};
 
 use anyhow::Result;
 use blockproof_core::restore_test::{ExpectedPath, RestoreTest, TestKind, TestProblem, TestedFilesystem};
+use blockproof_format::DiskEntry;
 use blockproof_fs::{Disk, FsPath, SurveyOptions};
+use blockproof_repo::SnapshotInfo;
 use clap::Args;
 
 use crate::args::RepoArgs;
+use crate::boot_test::BootArgs;
 use crate::commands::{count, human_bytes, open_repo, print_json, resolve_for_reading};
 use crate::{exit, Usage};
 
@@ -26,14 +30,14 @@ pub struct RestoreTestArgs {
     pub disk: Option<String>,
     /// The share of regular files whose contents are read to the end (0% to 100%;
     /// default 5%). Every directory, entry and symlink is read whatever the share.
-    #[arg(long, value_name = "PCT", default_value = "5%", value_parser = parse_share)]
+    #[arg(long, value_name = "PCT", default_value = "5%", value_parser = parse_share, conflicts_with = "boot")]
     pub sample: f64,
     /// A path that must exist in one of the snapshot's filesystems (`/etc/hostname`);
     /// a regular file is read whole. Repeatable.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "boot")]
     pub expect: Vec<String>,
     /// Chooses which files the sample reads (the same seed reads the same files).
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "boot")]
     pub seed: u64,
     /// Do not store the outcome in the repository.
     #[arg(long)]
@@ -41,6 +45,8 @@ pub struct RestoreTestArgs {
     /// Print the record as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub boot: BootArgs,
 }
 
 fn parse_share(s: &str) -> Result<f64, String> {
@@ -52,6 +58,9 @@ fn parse_share(s: &str) -> Result<f64, String> {
 }
 
 pub fn restore_test(a: RestoreTestArgs) -> Result<u8> {
+    if a.boot.boot {
+        return crate::boot_test::boot_test(a);
+    }
     let expect: Vec<FsPath> = a
         .expect
         .iter()
@@ -61,13 +70,7 @@ pub fn restore_test(a: RestoreTestArgs) -> Result<u8> {
     let time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
     let repo: &'static blockproof_repo::Repository = Box::leak(Box::new(open_repo(&a.repo)?));
     let info = resolve_for_reading(repo, &a.snapshot)?;
-    let disks: Vec<_> = match &a.disk {
-        Some(id) => vec![info.snapshot.disk(id).cloned().ok_or_else(|| {
-            let ids: Vec<_> = info.snapshot.disks.iter().map(|d| d.id.as_str()).collect();
-            Usage(format!("snapshot {} has no disk {id:?} (it has: {})", info.id.short(), ids.join(", ")))
-        })?],
-        None => info.snapshot.disks.clone(),
-    };
+    let disks = selected_disks(&info, a.disk.as_deref())?;
     let reader = crate::files::leaked_reader(repo)?;
     let opts = SurveyOptions { sample: a.sample, seed: a.seed, expect: expect.clone() };
     let mut filesystems = Vec::new();
@@ -136,16 +139,71 @@ pub fn restore_test(a: RestoreTestArgs) -> Result<u8> {
         filesystems,
         unchecked_disks: unchecked,
         expected,
+        boot_seconds: None,
+        console_excerpt: None,
+        check: None,
+        accelerator: None,
     };
+    print_record(&a, repo, &test)
+}
+
+/// The disks to test: `--disk ID`, or every disk of the snapshot in its order.
+pub(crate) fn selected_disks(info: &SnapshotInfo, disk: Option<&str>) -> Result<Vec<DiskEntry>> {
+    Ok(match disk {
+        Some(id) => vec![info.snapshot.disk(id).cloned().ok_or_else(|| {
+            let ids: Vec<_> = info.snapshot.disks.iter().map(|d| d.id.as_str()).collect();
+            Usage(format!("snapshot {} has no disk {id:?} (it has: {})", info.id.short(), ids.join(", ")))
+        })?],
+        None => info.snapshot.disks.clone(),
+    })
+}
+
+/// Stores the record (unless `--no-record`), prints it, and gives the exit code: 0 when
+/// the test passed, 1 when it failed.
+pub(crate) fn print_record(a: &RestoreTestArgs, repo: &blockproof_repo::Repository, test: &RestoreTest) -> Result<u8> {
     if !a.no_record {
-        blockproof_core::restore_test::record(repo, &test)?;
+        blockproof_core::restore_test::record(repo, test)?;
     }
     if a.json {
-        print_json(&test)?;
+        print_json(test)?;
     } else {
-        print_text(&test, !a.no_record);
+        if test.kind == TestKind::Boot {
+            print_boot_text(test);
+        }
+        print_text(test, !a.no_record);
     }
     Ok(if test.passed { exit::OK } else { exit::ERROR })
+}
+
+/// What a boot test booted and saw; on a failure, the end of the console.
+fn print_boot_text(t: &RestoreTest) {
+    if let Some(c) = &t.check {
+        let how = match (&c.kernel, &t.accelerator) {
+            (Some(k), Some(acc)) => format!("kernel {k}, {acc}"),
+            (None, Some(acc)) => format!("firmware, {acc}"),
+            (_, None) => "not started".to_string(),
+        };
+        let mut checks = Vec::new();
+        if let Some(m) = &c.console_marker {
+            checks.push(match t.boot_seconds {
+                Some(s) => format!("{m:?} on the console after {s:.1}s"),
+                None => format!("{m:?} not seen"),
+            });
+        }
+        if let Some(s) = &c.script {
+            checks.push(format!("script {s}"));
+        }
+        println!("booted {} ({how}): {}", c.disks.join(", "), checks.join("; "));
+    }
+    if !t.passed {
+        if let Some(console) = t.console_excerpt.as_deref().filter(|c| !c.trim().is_empty()) {
+            println!("console (last lines):");
+            let lines: Vec<&str> = console.lines().collect();
+            for l in &lines[lines.len().saturating_sub(10)..] {
+                println!("  {l}");
+            }
+        }
+    }
 }
 
 fn failed_open(disk: &str, partition: u32, kind: &str, error: String) -> TestedFilesystem {
@@ -219,7 +277,8 @@ fn print_text(t: &RestoreTest, recorded: bool) {
         Some(why) => format!("FAILED: {why}"),
     };
     println!(
-        "restore test of snapshot {} of vm {} {outcome} ({:.1}s){}",
+        "restore test{} of snapshot {} of vm {} {outcome} ({:.1}s){}",
+        if t.kind == TestKind::Boot { " (boot)" } else { "" },
         t.snapshot.short(),
         t.vm,
         t.duration_seconds,

@@ -28,7 +28,7 @@ use crate::args::ServeArgs;
 use crate::commands::open_repo;
 use crate::Usage;
 
-struct ImageExport<'a>(DiskImage<'a>);
+pub(crate) struct ImageExport<'a>(pub(crate) DiskImage<'a>);
 
 impl Export for ImageExport<'_> {
     fn size(&self) -> u64 {

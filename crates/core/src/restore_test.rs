@@ -4,10 +4,12 @@
 //!
 //! A record is a sealed state document `state/restore-test-<snapshot id>-<16 hex>`
 //! (FORMAT §20): which restore point, when, what was checked (per filesystem: how much
-//! was walked and read, what failed), the verdict and how long it took. Every test adds
-//! one; `forget` removes the records of the restore points it removes, and gc those of
-//! points that are gone anyway (a `forget` interrupted between the two), so a record
-//! never names a restore point that is gone for long. Read strictly (FORMAT §15a): a damaged record is
+//! was walked and read, what failed; for a boot test: how the VM booted, what the check
+//! was, how long the boot took and the end of its console), the verdict and how long it
+//! took. Every test adds one; `forget` removes the records of the restore points it
+//! removes, and gc those of points that are gone anyway (a `forget` interrupted between
+//! the two), so a record never names a restore point that is gone for long. Read
+//! strictly (FORMAT §15a): a damaged record is
 //! skipped with a warning, never trusted.
 
 use blockproof_format::{Id, ObjectMagic};
@@ -25,6 +27,39 @@ const PREFIX: &str = "restore-test-";
 pub enum TestKind {
     /// Every filesystem of every disk walked with blockproof's own readers, no boot.
     Filesystem,
+    /// Booted in an isolated, throwaway VM until a check passed (blockproof-vm).
+    Boot,
+}
+
+/// How a boot test's VM booted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootMethod {
+    /// The firmware (SeaBIOS) booted the first disk with the disk's own boot loader.
+    Firmware,
+    /// QEMU loaded a kernel (and initrd) read out of the restore point itself.
+    Kernel,
+}
+
+/// What a boot test booted and checked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootCheck {
+    /// The text that had to appear on the serial console.
+    pub console_marker: Option<String>,
+    /// The text that failed the test when it appeared.
+    pub fail_marker: Option<String>,
+    /// The check script (exit 0 passes).
+    pub script: Option<String>,
+    pub boot: BootMethod,
+    /// Where the kernel and initrd were read (`DISK/partN:PATH`), and the command line.
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub append: Option<String>,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    /// The disks attached, in order (the first one boots).
+    pub disks: Vec<String>,
 }
 
 /// One filesystem of a tested restore point.
@@ -88,6 +123,20 @@ pub struct RestoreTest {
     /// Disks with no filesystem blockproof can read (nothing of them was checked).
     pub unchecked_disks: Vec<String>,
     pub expected: Vec<ExpectedPath>,
+    // A boot test's (kind `boot`); absent from filesystem tests and from records written
+    // before boot tests existed, so those stay readable and filesystem records stay
+    // readable by older builds.
+    /// Seconds from QEMU's start to the console marker: a measured recovery time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_seconds: Option<f64>,
+    /// The end of the VM's serial console (the last 4 KiB, invalid UTF-8 replaced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_excerpt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<BootCheck>,
+    /// `kvm` or `tcg`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
 }
 
 /// Stores a record (a new document; earlier tests' records stay).
@@ -156,4 +205,50 @@ pub fn latest_by_snapshot(tests: &[RestoreTest]) -> std::collections::HashMap<Id
         m.insert(t.snapshot, t);
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILESYSTEM_RECORD: &str = r#"{"snapshot":"00000000000000000000000000000000000000000000000000000000000000aa",
+        "vm":"web01","time":"2026-12-01T10:00:00.000000Z","kind":"filesystem","passed":true,"reason":null,
+        "duration_seconds":1.5,"hostname":"h","program":"blockproof 0.1.0","sample":0.05,"filesystems":[],
+        "unchecked_disks":[],"expected":[]}"#;
+
+    #[test]
+    fn a_record_written_before_boot_tests_reads_and_a_filesystem_record_writes_the_same_fields() {
+        let t: RestoreTest = serde_json::from_str(FILESYSTEM_RECORD).unwrap();
+        assert_eq!((t.kind, t.boot_seconds.is_none(), t.check.is_none()), (TestKind::Filesystem, true, true));
+        let back: serde_json::Value = serde_json::to_value(&t).unwrap();
+        let old: serde_json::Value = serde_json::from_str(FILESYSTEM_RECORD).unwrap();
+        assert_eq!(back, old, "no new field in a filesystem record: older builds read it strictly");
+    }
+
+    #[test]
+    fn a_boot_record_round_trips_and_unknown_fields_are_refused() {
+        let mut t: RestoreTest = serde_json::from_str(FILESYSTEM_RECORD).unwrap();
+        t.kind = TestKind::Boot;
+        t.boot_seconds = Some(12.5);
+        t.console_excerpt = Some("BLOCKPROOF-BOOT-OK\n".into());
+        t.accelerator = Some("tcg".into());
+        t.check = Some(BootCheck {
+            console_marker: Some("BLOCKPROOF-BOOT-OK".into()),
+            fail_marker: None,
+            script: None,
+            boot: BootMethod::Kernel,
+            kernel: Some("vda/part1:/boot/vmlinuz".into()),
+            initrd: None,
+            append: Some("console=ttyS0".into()),
+            memory_mib: 256,
+            cpus: 1,
+            disks: vec!["vda".into()],
+        });
+        let json = serde_json::to_value(&t).unwrap();
+        assert_eq!((json["kind"].as_str(), json["check"]["boot"].as_str()), (Some("boot"), Some("kernel")));
+        assert_eq!(serde_json::from_value::<RestoreTest>(json.clone()).unwrap(), t);
+        let mut extra = json;
+        extra["check"]["surprise"] = 1.into();
+        assert!(serde_json::from_value::<RestoreTest>(extra).is_err(), "read strictly (FORMAT §15a)");
+    }
 }

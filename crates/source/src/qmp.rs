@@ -15,6 +15,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+/// What [`QmpError::Protocol`] says when the peer closed the connection.
+const CLOSED: &str = "the connection was closed";
+
 /// How long one QMP command may take to answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -55,10 +58,17 @@ impl std::fmt::Debug for Qmp {
 impl Qmp {
     /// Connects, reads the greeting and leaves capabilities negotiation mode.
     pub fn connect(path: &Path) -> Result<Qmp, QmpError> {
+        Qmp::connect_within(path, REPLY_TIMEOUT)
+    }
+
+    /// [`Qmp::connect`], where every read and write of the session gives up after
+    /// `timeout` (a hung QEMU is then the caller's to kill).
+    pub fn connect_within(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
         let stream =
             UnixStream::connect(path).map_err(|source| QmpError::Connect { path: path.to_path_buf(), source })?;
         let io = |source| QmpError::Io { path: path.to_path_buf(), source };
-        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
+        stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(timeout)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
         let mut qmp = Qmp { path: path.to_path_buf(), reader: BufReader::new(stream), writer, version: String::new() };
         let greeting = qmp.read()?;
@@ -86,7 +96,7 @@ impl Qmp {
         let mut line = String::new();
         let n = self.reader.read_line(&mut line).map_err(|source| QmpError::Io { path: self.path.clone(), source })?;
         if n == 0 {
-            return Err(self.protocol("the connection was closed".into()));
+            return Err(self.protocol(CLOSED.into()));
         }
         serde_json::from_str(&line).map_err(|e| self.protocol(format!("not JSON ({e}): {}", line.trim())))
     }
@@ -116,6 +126,17 @@ impl Qmp {
                 });
             }
             return Err(self.protocol(format!("unexpected reply to {command}: {reply}")));
+        }
+    }
+
+    /// Asks QEMU to quit. A connection closed before the answer came counts as done:
+    /// QEMU was quitting.
+    pub fn quit(mut self) -> Result<(), QmpError> {
+        match self.execute("quit", None) {
+            Ok(_) => Ok(()),
+            Err(QmpError::Protocol { what, .. }) if what == CLOSED => Ok(()),
+            Err(QmpError::Io { source, .. }) if source.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -222,6 +243,50 @@ fn disks_of(nodes: Vec<NamedNode>) -> Vec<VmDisk> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake QMP server: greets, answers capabilities, then reads `quit` and either
+    /// sends an event and the answer, or closes the connection at once.
+    fn fake_qemu(answer: bool) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<Vec<String>>) {
+        use std::os::unix::net::UnixListener;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            let mut got = Vec::new();
+            let greeting =
+                r#"{"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2}}, "capabilities": []}}"#;
+            writeln!(w, "{greeting}").unwrap();
+            for _ in 0..2 {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                got.push(line);
+                if got.len() == 2 && !answer {
+                    return got;
+                }
+                if got.len() == 2 {
+                    writeln!(w, r#"{{"event": "SHUTDOWN", "data": {{}}}}"#).unwrap();
+                }
+                writeln!(w, r#"{{"return": {{}}}}"#).unwrap();
+            }
+            got
+        });
+        (dir, path, server)
+    }
+
+    #[test]
+    fn quit_negotiates_skips_events_and_a_closed_connection_is_quitting() {
+        for answer in [true, false] {
+            let (_dir, path, server) = fake_qemu(answer);
+            let qmp = Qmp::connect_within(&path, Duration::from_secs(5)).unwrap();
+            assert_eq!(qmp.version(), "10.0.2");
+            qmp.quit().unwrap_or_else(|e| panic!("answer {answer}: {e}"));
+            let got = server.join().unwrap();
+            assert!(got[0].contains("qmp_capabilities") && got[1].contains("\"quit\""), "{got:?}");
+        }
+    }
 
     fn node(name: &str, drv: &str, file: &str, backing: Option<&str>) -> NamedNode {
         NamedNode {

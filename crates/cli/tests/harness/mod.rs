@@ -3,6 +3,7 @@
 //! and asserts on its exit code and output.
 #![allow(dead_code)]
 
+pub mod bootdisk;
 pub mod garage;
 pub mod libvirt;
 pub mod nbdkit;
