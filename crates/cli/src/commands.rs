@@ -579,11 +579,31 @@ fn restore_vm(repo: &Repository, a: RestoreArgs) -> Result<u8> {
         ))
         .into());
     }
+    let targets: Vec<PathBuf> = info.snapshot.disks.iter().map(|d| a.to.join(format!("{}.{ext}", d.id))).collect();
+    // A running VM's restore point brings its definition back, pointing at these disks:
+    // made (and refused if it exists without --force) before any disk is written.
+    let definition = match &info.snapshot.machine {
+        Some(m) => {
+            let disks: Vec<crate::machine::RestoredDisk> = info
+                .snapshot
+                .disks
+                .iter()
+                .zip(&targets)
+                .map(|(d, t)| crate::machine::RestoredDisk { id: &d.id, path: t, format: ext })
+                .collect();
+            let (path, text) = crate::machine::definition(&info.snapshot.vm, m, &disks, &a.to)
+                .with_context(|| format!("the VM definition of snapshot {}", info.id.short()))?;
+            if path.exists() && !a.force {
+                anyhow::bail!("{} exists (use --force to replace it)", path.display());
+            }
+            Some((path, text))
+        }
+        None => None,
+    };
     std::fs::create_dir_all(&a.to).with_context(|| format!("cannot create the directory {}", a.to.display()))?;
     let mut created: Vec<PathBuf> = Vec::new();
     let mut reports = Vec::new();
-    for d in &info.snapshot.disks {
-        let target = a.to.join(format!("{}.{ext}", d.id));
+    for (d, target) in info.snapshot.disks.iter().zip(targets) {
         let existed = target.exists();
         let opts = RestoreOptions {
             snapshot: info.id.to_hex(),
@@ -611,25 +631,16 @@ fn restore_vm(repo: &Repository, a: RestoreArgs) -> Result<u8> {
             }
         }
     }
-    // A running VM's restore point brings its definition back, pointing at these disks.
-    let definition = match &info.snapshot.machine {
-        Some(m) => {
-            let disks: Vec<crate::machine::RestoredDisk> = reports
-                .iter()
-                .map(|r| crate::machine::RestoredDisk { id: &r.disk, path: &r.target, format: ext })
-                .collect();
-            let written = crate::machine::definition(&info.snapshot.vm, m, &disks, &a.to)
-                .and_then(|(path, text)| crate::machine::write_whole(&path, &text, a.force).map(|()| path));
-            match written {
-                Ok(path) => Some(path),
-                Err(e) => {
-                    for f in &created {
-                        let _ = std::fs::remove_file(f);
-                    }
-                    return Err(e.context(format!("the VM definition of snapshot {}", info.id.short())));
+    let definition = match definition {
+        Some((path, text)) => match crate::machine::write_whole(&path, &text, a.force) {
+            Ok(()) => Some(path),
+            Err(e) => {
+                for f in &created {
+                    let _ = std::fs::remove_file(f);
                 }
+                return Err(e.context(format!("the VM definition of snapshot {}", info.id.short())));
             }
-        }
+        },
         None => None,
     };
     if a.json {

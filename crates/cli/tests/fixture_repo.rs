@@ -382,6 +382,18 @@ fn machine_exists_from_version_4_and_is_not_written_into_older_repositories() {
     );
     assert_eq!(disk["backed_up_from"]["driver"], "raw", "{def}");
     assert_eq!(disk["backed_up_from"]["size"], disk_image(4, 2).len() as u64, "{def}");
+    // A definition already there (and no --force): refused before any disk is written.
+    let again = tmp.path().join("again");
+    fs::create_dir(&again).unwrap();
+    fs::write(again.join("fixture-vm.qmp.json"), b"mine").unwrap();
+    let out = blockproof(
+        pw4,
+        &["restore", "--repo", repo4.to_str().unwrap(), "fixture-vm:latest", "--to", again.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists (use --force to replace it)"));
+    assert_eq!(fs::read_dir(&again).unwrap().count(), 1, "no disk was written");
+    assert_eq!(fs::read(again.join("fixture-vm.qmp.json")).unwrap(), b"mine");
 
     let (v3, pw3) = FIXTURES[2];
     let tmp3 = tempfile::tempdir().unwrap();
