@@ -46,7 +46,8 @@ pub fn run(a: RunArgs) -> Result<u8> {
         print!("{}", blockproof_fleet::plan::describe(&job));
         return Ok(exit::OK);
     }
-    let main = open(&job.repository, &a.store, "[repository]")?;
+    // Lives as long as the process: the restore tests' filesystem readers borrow it.
+    let main: &'static Repository = Box::leak(Box::new(open(&job.repository, &a.store, "[repository]")?));
     let copy = job.copy.as_ref().map(|c| open(c, &a.store, "[copy]")).transpose()?;
     let (history, warnings) = match &job.reports.directory {
         Some(d) => blockproof_fleet::load_history(d),
@@ -56,7 +57,9 @@ pub fn run(a: RunArgs) -> Result<u8> {
         eprintln!("blockproof: warning: {w}");
     }
     let monitor = Terminal::new(job.vms.len());
-    let report = blockproof_fleet::run(&job, &Repositories { main: &main, copy: copy.as_ref() }, &history, &monitor);
+    let tester = Tester { repo: main };
+    let repos = Repositories { main, copy: copy.as_ref(), tester: Some(&tester) };
+    let report = blockproof_fleet::run(&job, &repos, &history, &monitor);
     monitor.finish();
     let publication = blockproof_fleet::publish(&job, &report, &history);
     if a.json {
@@ -79,7 +82,28 @@ pub fn run(a: RunArgs) -> Result<u8> {
     Ok(code)
 }
 
-/// The summary table: one line per vm, then retention, gc, copy.
+/// `[restore_test]`'s tests: the filesystem-level test of `blockproof restore-test`.
+struct Tester {
+    repo: &'static Repository,
+}
+
+impl blockproof_fleet::RestoreTester for Tester {
+    fn test(
+        &self,
+        snapshot: blockproof_format::Id,
+        policy: &blockproof_fleet::RestoreTestPolicy,
+    ) -> Result<blockproof_core::restore_test::RestoreTest, String> {
+        let expect = policy
+            .expect
+            .iter()
+            .map(|p| blockproof_fs::FsPath::parse(p.as_bytes()).map_err(|e| format!("expect {p:?}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let info = crate::commands::resolve_for_reading(self.repo, &snapshot.to_hex()).map_err(|e| format!("{e:#}"))?;
+        crate::restore_test::fs_test(self.repo, &info, None, policy.sample, 0, &expect).map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// The summary table: one line per vm, then retention, gc, copy, restore tests.
 fn summary(r: &blockproof_fleet::RunReport) {
     println!("{:<24} {:<8} {:>10} {:>10} {:>9} {:>8}  note", "VM", "STATUS", "READ", "STORED", "VERIFIED", "SECONDS");
     for vm in &r.vms {
@@ -116,6 +140,11 @@ fn summary(r: &blockproof_fleet::RunReport) {
             (None, Some(e)) => println!("copy to {}: failed: {e}", c.to),
             _ => {}
         }
+    }
+    for t in &r.restore_tests {
+        let verdict =
+            if t.passed { "passed".to_string() } else { format!("FAILED ({})", t.reason.as_deref().unwrap_or("?")) };
+        println!("restore test of vm {} (snapshot {}, {}): {verdict}", t.vm, &t.snapshot[..12], t.due);
     }
     let count = |s: RunStatus| r.vms.iter().filter(|v| v.status == s).count();
     println!(

@@ -66,13 +66,28 @@ pub fn restore_test(a: RestoreTestArgs) -> Result<u8> {
         .iter()
         .map(|p| FsPath::parse(p.as_bytes()).map_err(|e| Usage(format!("invalid --expect {p:?}: {e}"))))
         .collect::<Result<_, _>>()?;
-    let started = Instant::now();
-    let time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
     let repo: &'static blockproof_repo::Repository = Box::leak(Box::new(open_repo(&a.repo)?));
     let info = resolve_for_reading(repo, &a.snapshot)?;
-    let disks = selected_disks(&info, a.disk.as_deref())?;
+    let test = fs_test(repo, &info, a.disk.as_deref(), a.sample, a.seed, &expect)?;
+    print_record(&a, repo, &test)
+}
+
+/// The filesystem-level test of restore point `info` (every disk, or `disk`): every
+/// filesystem walked, `sample` of the regular files read whole (chosen by `seed`), the
+/// `expect`ed paths looked up; the record, not yet stored. Also `run`'s restore tests.
+pub(crate) fn fs_test(
+    repo: &'static blockproof_repo::Repository,
+    info: &SnapshotInfo,
+    disk: Option<&str>,
+    sample: f64,
+    seed: u64,
+    expect: &[FsPath],
+) -> Result<RestoreTest> {
+    let started = Instant::now();
+    let time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+    let disks = selected_disks(info, disk)?;
     let reader = crate::files::leaked_reader(repo)?;
-    let opts = SurveyOptions { sample: a.sample, seed: a.seed, expect: expect.clone() };
+    let opts = SurveyOptions { sample, seed, expect: expect.to_vec() };
     let mut filesystems = Vec::new();
     let mut unchecked = Vec::new();
     let mut found: Vec<Vec<String>> = vec![Vec::new(); expect.len()];
@@ -125,7 +140,7 @@ pub fn restore_test(a: RestoreTestArgs) -> Result<u8> {
     let expected: Vec<ExpectedPath> =
         expect.iter().zip(found).map(|(p, found_in)| ExpectedPath { path: p.to_string(), found_in }).collect();
     let reason = verdict(&filesystems, &expected);
-    let test = RestoreTest {
+    Ok(RestoreTest {
         snapshot: info.id,
         vm: info.snapshot.vm.clone(),
         time,
@@ -135,7 +150,7 @@ pub fn restore_test(a: RestoreTestArgs) -> Result<u8> {
         duration_seconds: started.elapsed().as_secs_f64(),
         hostname: blockproof_core::hostname(),
         program: format!("blockproof {}", env!("CARGO_PKG_VERSION")),
-        sample: a.sample,
+        sample,
         filesystems,
         unchecked_disks: unchecked,
         expected,
@@ -143,8 +158,7 @@ pub fn restore_test(a: RestoreTestArgs) -> Result<u8> {
         console_excerpt: None,
         check: None,
         accelerator: None,
-    };
-    print_record(&a, repo, &test)
+    })
 }
 
 /// The disks to test: `--disk ID`, or every disk of the snapshot in its order.

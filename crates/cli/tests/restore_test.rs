@@ -155,3 +155,83 @@ fn bad_arguments_are_one_line_usage_errors() {
     let line = dir.repo_cmd("restore-test").args(["vm:latest", "--expect", "/a/../b"]).fails_with_one_line(2);
     assert!(line.contains("invalid --expect"), "{line}");
 }
+
+/// `[restore_test]` in a job file: each run tests the latest restore point of the vm
+/// tested least recently (never tested first, in the job's order), `per_run` of them,
+/// and stores the record like `restore-test`; a vm tested less than `every` ago is not
+/// due; a restore point that fails its test fails the run (exit 1) and `status` shows it.
+#[test]
+fn a_job_tests_its_vms_least_recently_tested_first() {
+    let dir = Dir::new();
+    dir.init();
+    fat_image(&dir, "a.img");
+    let b = fat_image(&dir, "b.img");
+    let job = dir.join("job.toml");
+    let text = r#"version = 1
+
+[repository]
+location = "repo"
+
+[restore_test]
+every = "EVERY"
+per_run = 1
+sample = "100%"
+expect = ["/hostname"]
+
+[[vm]]
+name = "a"
+disks = ["id=d,source=a.img"]
+
+[[vm]]
+name = "b"
+disks = ["id=d,source=b.img"]
+"#;
+    fs::write(&job, text.replace("EVERY", "1s")).unwrap();
+    let run = |code: i32| -> Value {
+        let (out, _) = dir.cmd("run").arg(&job).arg("--json").code(code);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let tested = |r: &Value| -> Vec<(String, bool)> {
+        r["restore_tests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["vm"].as_str().unwrap().to_string(), t["passed"].as_bool().unwrap()))
+            .collect()
+    };
+    let r1 = run(0);
+    assert_eq!(tested(&r1), [("a".to_string(), true)], "never tested, first in the job: {r1}");
+    assert_eq!(r1["restore_tests"][0]["due"], "never tested");
+    let r2 = run(0);
+    assert_eq!(tested(&r2), [("b".to_string(), true)], "{r2}");
+    assert_eq!(restore_test_records(&dir), 2, "each test is recorded");
+    // Both were tested: the one tested longest ago is next, once `every` has passed.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let r3 = run(0);
+    assert_eq!(tested(&r3), [("a".to_string(), true)], "{r3}");
+    assert!(r3["restore_tests"][0]["due"].as_str().unwrap().starts_with("last tested "), "{r3}");
+
+    // b's source loses the checked file: its next restore point fails the test.
+    mdel(&b, "/hostname");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let metrics = dir.join("job.prom");
+    let with_metrics = |every: &str| {
+        let t = text.replace("EVERY", every);
+        t.replace("[restore_test]", &format!("[reports]\nmetrics = \"{}\"\n\n[restore_test]", metrics.display()))
+    };
+    fs::write(&job, with_metrics("1s")).unwrap();
+    let r4 = run(1);
+    let prom = fs::read_to_string(&metrics).unwrap();
+    assert!(prom.contains(r#"blockproof_vm_restore_test_passed{blockproof_job="job",vm="b"} 0"#), "{prom}");
+    assert_eq!(tested(&r4), [("b".to_string(), false)], "{r4}");
+    assert_eq!(r4["restore_tests"][0]["reason"], "missing: /hostname", "{r4}");
+    assert!(r4["errors"].to_string().contains("restore test of vm b"), "{r4}");
+    let status = dir.repo_cmd("status").arg("--json").json();
+    let b_status = status.as_array().unwrap().iter().find(|v| v["vm"] == "b").unwrap();
+    assert_eq!(b_status["last_restore_test"]["passed"], false, "{b_status}");
+
+    // Not due within `every`: no test at all.
+    fs::write(&job, text.replace("EVERY", "7d")).unwrap();
+    let r5 = run(0);
+    assert_eq!(tested(&r5), [], "{r5}");
+}

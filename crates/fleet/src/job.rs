@@ -22,6 +22,7 @@ use crate::disk::DiskSpec;
 use crate::hook::Hook;
 use crate::notify::{Notify, NotifyOn, NotifyTarget};
 use crate::objective::Objective;
+use crate::restore_tests::RestoreTestPolicy;
 use crate::schedule::Schedule;
 use crate::JobError;
 
@@ -106,6 +107,8 @@ pub struct Job {
     pub gc: GcPolicy,
     pub vms: Vec<VmPlan>,
     pub notify: Vec<Notify>,
+    /// `[restore_test]`: scheduled restore tests ([`crate::restore_tests`]).
+    pub restore_test: Option<RestoreTestPolicy>,
 }
 
 #[derive(Deserialize)]
@@ -126,6 +129,7 @@ struct RawJob {
     vm: Vec<Spanned<RawEntry>>,
     #[serde(default)]
     notify: Vec<Spanned<RawNotify>>,
+    restore_test: Option<Spanned<RawRestoreTest>>,
     // Reserved for running-VM sources (hypervisor connections).
     libvirt: Option<Spanned<IgnoredAny>>,
     qmp: Option<Spanned<IgnoredAny>>,
@@ -165,6 +169,16 @@ struct RawReports {
     html: Option<bool>,
     keep: Option<Spanned<i64>>,
     heatmap_cells: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRestoreTest {
+    every: Option<Spanned<String>>,
+    per_run: Option<Spanned<i64>>,
+    sample: Option<Spanned<String>>,
+    #[serde(default)]
+    expect: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -371,8 +385,49 @@ impl Job {
             vms.push(vm);
         }
         let notify = raw.notify.iter().map(|n| notify(&src, n)).collect::<Result<_, _>>()?;
-        Ok(Job { name, path: path.to_path_buf(), repository, copy, schedule, parallel, reports, gc, vms, notify })
+        let restore_test = raw.restore_test.as_ref().map(|r| restore_test_policy(&src, r.get_ref())).transpose()?;
+        Ok(Job {
+            name,
+            path: path.to_path_buf(),
+            repository,
+            copy,
+            schedule,
+            parallel,
+            reports,
+            gc,
+            vms,
+            notify,
+            restore_test,
+        })
     }
+}
+
+fn restore_test_policy(src: &Source<'_>, r: &RawRestoreTest) -> Result<RestoreTestPolicy, JobError> {
+    let every =
+        r.every.as_ref().map(|e| src.duration(e, "every")).transpose()?.unwrap_or(Duration::from_secs(7 * 86400));
+    let per_run = match &r.per_run {
+        Some(n) if (1..=1000).contains(n.get_ref()) => *n.get_ref() as usize,
+        Some(n) => return Err(src.err(n.span(), format!("per_run = {}: from 1 to 1000", n.get_ref()))),
+        None => 1,
+    };
+    let sample = match &r.sample {
+        Some(s) => {
+            let text = s.get_ref().trim();
+            match text.strip_suffix('%').unwrap_or(text).trim().parse::<f64>() {
+                Ok(p) if (0.0..=100.0).contains(&p) => p / 100.0,
+                _ => return Err(src.err(s.span(), format!("sample = {:?}: a percentage from 0% to 100%", s.get_ref()))),
+            }
+        }
+        None => 0.05,
+    };
+    let mut expect = Vec::new();
+    for e in &r.expect {
+        if !e.get_ref().starts_with('/') {
+            return Err(src.err(e.span(), format!("expect = {:?}: an absolute path inside the vm", e.get_ref())));
+        }
+        expect.push(e.get_ref().clone());
+    }
+    Ok(RestoreTestPolicy { every, per_run, sample, expect })
 }
 
 /// Names of jobs (unit files, metric labels) and vms: letters, digits and `-_.@+`.

@@ -11,7 +11,8 @@
 //! A **run** ([`run()`]) backs up every vm, `parallel` at a time on the codebase's one
 //! fan-out ([`blockproof_work::fan_out`]) — a vm's failure is its own outcome, never the
 //! others' —, then applies retention per vm, runs gc when due, copies the job's restore
-//! points to the second repository, and reads the repository's state once
+//! points to the second repository, tests the restore points of the vms due for a
+//! restore test ([`restore_tests`]), and reads the repository's state once
 //! ([`inventory`]). Its [`RunReport`] gives the exit code (0 all good, 3 any tainted, 1
 //! any failed) and is **published** ([`publish`]) as a JSON document, a self-contained
 //! HTML page with a coverage heatmap per disk, and a Prometheus textfile, all written
@@ -37,6 +38,7 @@ pub mod objective;
 pub mod plan;
 pub mod publication;
 pub mod report;
+pub mod restore_tests;
 pub mod runner;
 pub mod schedule;
 
@@ -45,6 +47,7 @@ use std::path::PathBuf;
 pub use job::{Job, PasswordSource, RepositorySpec, VmPlan};
 pub use publication::{publish, Publication};
 pub use report::{load_history, HistoryEntry, RunReport, RunStatus, VmRun};
+pub use restore_tests::{RestoreTestPolicy, RestoreTestRun, RestoreTester};
 pub use runner::{run, Monitor, Repositories};
 
 /// A job file that cannot be used: where, and why (exit code 2 in the CLI).

@@ -100,10 +100,19 @@ pub fn render(report: &RunReport) -> String {
     f.add(
         "blockproof_run_overhead_seconds",
         Gauge,
-        "Time of the last run spent outside the backups (retention, gc, copy, reading the repository's state).",
+        "Time of the last run spent outside the backups and restore tests (retention, gc, copy, reading the repository's state).",
         job.clone(),
-        (report.duration_seconds - report.phases.backups_seconds).max(0.0),
+        (report.duration_seconds - report.phases.backups_seconds - report.phases.restore_tests_seconds).max(0.0),
     );
+    for t in &report.restore_tests {
+        f.add(
+            "blockproof_vm_restore_test_passed",
+            Gauge,
+            "Whether the restore test the last run made of the vm's latest restore point passed (only vms tested in it).",
+            vec![("blockproof_job", report.job.clone()), ("vm", t.vm.clone())],
+            f64::from(u8::from(t.passed)),
+        );
+    }
 
     for vm in &report.vms {
         let l = vec![("blockproof_job", report.job.clone()), ("vm", vm.name.clone())];

@@ -118,6 +118,7 @@ pub struct Phases {
     pub retention_seconds: f64,
     pub gc_seconds: f64,
     pub copy_seconds: f64,
+    pub restore_tests_seconds: f64,
     pub inventory_seconds: f64,
 }
 
@@ -136,6 +137,8 @@ pub struct RunReport {
     pub retention: Vec<ForgetRun>,
     pub gc: Option<GcRun>,
     pub copy: Option<CopyRun>,
+    /// The restore tests of this run (`[restore_test]`; empty when none was due).
+    pub restore_tests: Vec<crate::RestoreTestRun>,
     /// The repository after the run (absent when it could not be read).
     pub repository: Option<Inventory>,
     pub phases: Phases,

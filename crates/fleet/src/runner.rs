@@ -26,6 +26,8 @@ pub struct Repositories<'a> {
     pub main: &'a Repository,
     /// The second repository (`[copy]`), when the job has one.
     pub copy: Option<&'a Repository>,
+    /// Runs the restore tests of `[restore_test]` (required when the job has one).
+    pub tester: Option<&'a dyn crate::RestoreTester>,
 }
 
 /// What a front end sees of a run while it goes on.
@@ -151,6 +153,22 @@ pub fn run(job: &Job, repos: &Repositories<'_>, history: &[HistoryEntry], monito
     };
     phases.copy_seconds = t.elapsed().as_secs_f64();
 
+    // Restore tests of the vms that are due.
+    let t = Instant::now();
+    let restore_tests = match (&job.restore_test, repos.tester) {
+        (Some(policy), Some(tester)) => {
+            monitor.phase("restore tests");
+            let names: Vec<String> = job.vms.iter().map(|v| v.name.clone()).collect();
+            crate::restore_tests::run(repos.main, policy, &names, tester, &mut errors)
+        }
+        (Some(_), None) => {
+            errors.push("the job has [restore_test], but this front end cannot run restore tests".into());
+            Vec::new()
+        }
+        (None, _) => Vec::new(),
+    };
+    phases.restore_tests_seconds = t.elapsed().as_secs_f64();
+
     let t = Instant::now();
     monitor.phase("inventory");
     let names: Vec<String> = job.vms.iter().map(|v| v.name.clone()).collect();
@@ -179,6 +197,7 @@ pub fn run(job: &Job, repos: &Repositories<'_>, history: &[HistoryEntry], monito
         retention,
         gc: Some(gc),
         copy,
+        restore_tests,
         repository,
         phases,
         errors,

@@ -137,3 +137,27 @@ fn the_example_job_is_valid() {
     assert_eq!(job.vms[1].verify.text, "5%");
     assert_eq!(job.vms[1].pre.as_ref().unwrap().timeout.as_secs(), 120);
 }
+
+/// `[restore_test]`: its defaults, its values, and its errors naming the line.
+#[test]
+fn restore_tests_in_a_job() {
+    assert_eq!(parse(GOOD).unwrap().restore_test, None, "off unless asked for");
+    let with = |section: &str| GOOD.replacen("[run]", &format!("{section}\n\n[run]"), 1);
+    let p = parse(&with("[restore_test]")).unwrap().restore_test.unwrap();
+    assert_eq!((p.every.as_secs(), p.per_run, p.sample, p.expect.len()), (7 * 86400, 1, 0.05, 0));
+    let text = with("[restore_test]\nevery = \"2d\"\nper_run = 3\nsample = \"100%\"\nexpect = [\"/etc/hostname\"]");
+    let p = parse(&text).unwrap().restore_test.unwrap();
+    assert_eq!((p.every.as_secs(), p.per_run, p.sample), (2 * 86400, 3, 1.0));
+    assert_eq!(p.expect, ["/etc/hostname"]);
+    for (bad, message) in [
+        ("per_run = 0", "from 1 to 1000"),
+        ("every = \"often\"", "every"),
+        ("sample = \"150%\"", "from 0% to 100%"),
+        ("expect = [\"etc/hostname\"]", "absolute path"),
+        ("evry = \"1d\"", "unknown field"),
+    ] {
+        let err = parse(&with(&format!("[restore_test]\n{bad}"))).expect_err(bad);
+        assert_eq!(err.line, Some(17), "{bad}: {err}");
+        assert!(err.to_string().contains(message), "{bad}: {err}");
+    }
+}
