@@ -78,6 +78,7 @@ mod tests {
             retention: Vec::new(),
             gc: None,
             copy: None,
+            restore_tests: Vec::new(),
             repository: None,
             phases: Phases::default(),
             errors: Vec::new(),
