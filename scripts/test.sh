@@ -133,7 +133,10 @@ if ((${#boot_packages[@]})); then
     echo "scripts/test.sh: installing ${boot_packages[*]} (for the boot tests)" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${boot_packages[@]}" >/dev/null
+    # A kernel package runs hooks (initramfs); if it cannot be installed here, say so and
+    # run the tests anyway: only the boot tests need it.
+    apt-get install -y -qq --no-install-recommends "${boot_packages[@]}" >/dev/null ||
+      echo "scripts/test.sh: installing ${boot_packages[*]} failed; the boot tests fail." >&2
   else
     echo "scripts/test.sh: missing ${boot_packages[*]}; the boot tests fail." >&2
     echo "  Install them as root: apt-get install --no-install-recommends ${boot_packages[*]}" >&2
