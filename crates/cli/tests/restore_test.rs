@@ -217,12 +217,23 @@ disks = ["id=d,source=b.img"]
     let metrics = dir.join("job.prom");
     let with_metrics = |every: &str| {
         let t = text.replace("EVERY", every);
-        t.replace("[restore_test]", &format!("[reports]\nmetrics = \"{}\"\n\n[restore_test]", metrics.display()))
+        let reports =
+            format!("[reports]\ndirectory = \"reports\"\nmetrics = \"{}\"\n\n[restore_test]", metrics.display());
+        t.replace("[restore_test]", &reports)
     };
     fs::write(&job, with_metrics("1s")).unwrap();
     let r4 = run(1);
     let prom = fs::read_to_string(&metrics).unwrap();
     assert!(prom.contains(r#"blockproof_vm_restore_test_passed{blockproof_job="job",vm="b"} 0"#), "{prom}");
+    // The repository's state in the reports: each vm's newest test, whichever run made it.
+    assert!(prom.contains(r#"blockproof_vm_last_restore_test_passed{blockproof_job="job",vm="a"} 1"#), "{prom}");
+    assert!(prom.contains(r#"blockproof_vm_last_restore_test_passed{blockproof_job="job",vm="b"} 0"#), "{prom}");
+    let inv =
+        |name: &str| r4["repository"]["vms"].as_array().unwrap().iter().find(|v| v["vm"] == name).unwrap().clone();
+    assert_eq!(inv("a")["last_restore_test"]["passed"], true, "{r4}");
+    assert_eq!(inv("b")["last_restore_test"]["reason"], "missing: /hostname", "{r4}");
+    let html = fs::read_to_string(dir.join("reports/report.html")).unwrap();
+    assert!(html.contains("failed (missing: /hostname)"), "the HTML report shows b's failed test");
     assert_eq!(tested(&r4), [("b".to_string(), false)], "{r4}");
     assert_eq!(r4["restore_tests"][0]["reason"], "missing: /hostname", "{r4}");
     assert!(r4["errors"].to_string().contains("restore test of vm b"), "{r4}");

@@ -70,6 +70,22 @@ pub struct LastTest {
     pub reason: Option<String>,
 }
 
+/// The newest restore test of `vm` (records oldest first) of a restore point that still
+/// exists (`exists`).
+pub fn last_test(
+    tests: &[crate::restore_test::RestoreTest],
+    vm: &str,
+    exists: impl Fn(&Id) -> bool,
+) -> Option<LastTest> {
+    tests.iter().rev().find(|t| t.vm == vm && exists(&t.snapshot)).map(|t| LastTest {
+        snapshot: t.snapshot,
+        time: t.time.clone(),
+        kind: t.kind,
+        passed: t.passed,
+        reason: t.reason.clone(),
+    })
+}
+
 /// A vm whose last good restore point is older than the age asked for, or missing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StaleVm {
@@ -219,15 +235,7 @@ pub fn status(repo: &Repository, vm: Option<&str>) -> Result<StatusReport, CoreE
                 .rev()
                 .find(|s| s.snapshot.status == SnapshotStatus::Ok)
                 .map(|s| LastGood { snapshot: s.id, time: s.snapshot.time.clone() }),
-            last_restore_test: tests.iter().rev().find(|t| t.vm == v && of_vm.iter().any(|s| s.id == t.snapshot)).map(
-                |t| LastTest {
-                    snapshot: t.snapshot,
-                    time: t.time.clone(),
-                    kind: t.kind,
-                    passed: t.passed,
-                    reason: t.reason.clone(),
-                },
-            ),
+            last_restore_test: last_test(&tests, v, |id| of_vm.iter().any(|s| s.id == *id)),
             disks,
         });
     }

@@ -127,7 +127,7 @@ fn vms_table(h: &mut String, report: &RunReport) {
     h.push_str(
         "<section id=\"vms\"><h2>VMs</h2><table><tr><th>vm</th><th>status</th><th class=\"num\">time</th>\
          <th class=\"num\">read</th><th class=\"num\">written</th><th>restore point</th><th>verification</th>\
-         <th>last good</th><th>notes</th></tr>\n",
+         <th>last good</th><th>last restore test</th><th>notes</th></tr>\n",
     );
     for vm in &report.vms {
         let inv = report.repository.as_ref().and_then(|i| i.vms.iter().find(|v| v.vm == vm.name));
@@ -161,11 +161,22 @@ fn vms_table(h: &mut String, report: &RunReport) {
             None => esc(&vm.verify),
         };
         let last_good = inv.and_then(|i| i.last_good.as_ref()).map_or("none".to_string(), |g| esc(&g.time));
+        let last_test = inv.and_then(|i| i.last_restore_test.as_ref()).map_or("never".to_string(), |t| {
+            if t.passed {
+                format!("{}: passed", esc(&t.time))
+            } else {
+                format!(
+                    "<span class=\"err\">{}: failed ({})</span>",
+                    esc(&t.time),
+                    esc(t.reason.as_deref().unwrap_or("?"))
+                )
+            }
+        });
         let _ = writeln!(
             h,
             "<tr data-vm=\"{}\" data-status=\"{}\"><td>{}</td><td><span class=\"status {}\">{}</span></td>\
              <td class=\"num\">{:.1} s</td><td class=\"num\">{read}</td><td class=\"num\">{written}</td><td>{snap}</td>\
-             <td>{verify}</td><td>{last_good}</td><td>{}</td></tr>",
+             <td>{verify}</td><td>{last_good}</td><td data-restore-test>{last_test}</td><td>{}</td></tr>",
             esc(&vm.name),
             vm.status.as_str(),
             esc(&vm.name),

@@ -1,5 +1,5 @@
 //! The repository's state after a run, for the job's vms: the last good restore point,
-//! tainted and suspect restore points, detection events, each disk's coverage and its
+//! tainted and suspect restore points, detection events, the last restore test, each disk's coverage and its
 //! confirmation map (the heatmap), and the repository's size and deduplication. Every
 //! report — JSON, metrics, HTML — is rendered from this one reading, so they agree.
 
@@ -45,6 +45,9 @@ pub struct VmInventory {
     pub suspect_snapshots: u64,
     /// Detection events of the vm (they outlive later backups and forget).
     pub detection_events: u64,
+    /// The newest restore test of one of the vm's restore points (`restore-test` or a
+    /// job's `[restore_test]`).
+    pub last_restore_test: Option<blockproof_core::status::LastTest>,
     pub disks: Vec<DiskInventory>,
 }
 
@@ -72,6 +75,8 @@ pub fn inventory(repo: &Repository, location: &str, vms: &[String], cells: usize
     let snapshots = scan.snapshots;
     let (events, event_warnings) = blockproof_core::events::events(repo)?;
     warnings.extend(event_warnings);
+    let (tests, test_warnings) = blockproof_core::restore_test::restore_tests(repo)?;
+    warnings.extend(test_warnings);
     let stored_bytes: u64 = repo.backend().list_sizes(Kind::Pack)?.iter().map(|(_, n)| n).sum();
     let logical_bytes: u64 = snapshots.iter().flat_map(|s| &s.snapshot.disks).map(|d| d.size).sum();
     let reader = ConfirmationReader::new(repo)?;
@@ -114,6 +119,7 @@ pub fn inventory(repo: &Repository, location: &str, vms: &[String], cells: usize
             tainted_snapshots: of_vm.iter().filter(|s| s.snapshot.status == SnapshotStatus::Tainted).count() as u64,
             suspect_snapshots: suspects,
             detection_events: of_vm_events.len() as u64,
+            last_restore_test: blockproof_core::status::last_test(&tests, vm, |id| of_vm.iter().any(|s| s.id == *id)),
             disks,
         });
     }

@@ -258,6 +258,24 @@ pub fn render(report: &RunReport) -> String {
                     t,
                 );
             }
+            if let Some(t) = &vm.last_restore_test {
+                if let Some(at) = seconds(&t.time) {
+                    f.add(
+                        "blockproof_vm_last_restore_test_timestamp_seconds",
+                        Gauge,
+                        "When the newest restore test of one of the VM's restore points ran.",
+                        l.clone(),
+                        at,
+                    );
+                }
+                f.add(
+                    "blockproof_vm_last_restore_test_passed",
+                    Gauge,
+                    "Whether the newest restore test of one of the VM's restore points passed.",
+                    l.clone(),
+                    f64::from(u8::from(t.passed)),
+                );
+            }
             f.add("blockproof_vm_snapshots", Gauge, "Restore points of the VM.", l.clone(), vm.snapshots as f64);
             f.add(
                 "blockproof_vm_tainted_snapshots",
