@@ -58,6 +58,8 @@ pub(crate) fn choose(
     skip: &HashSet<Id>,
 ) -> Result<Vec<Chosen>, CoreError> {
     let cutoff = SystemTime::now().checked_sub(opts.older_than).unwrap_or(SystemTime::UNIX_EPOCH);
+    // One listing for every pack's size (a request per pack on object storage otherwise).
+    let sizes: HashMap<String, u64> = repo.backend().list_sizes(Kind::Pack)?.into_iter().collect();
     let mut candidates = Vec::new();
     for (name, pack) in stored {
         if skip.contains(pack) {
@@ -75,7 +77,7 @@ pub(crate) fn choose(
         if modified > cutoff {
             continue;
         }
-        let size = repo.backend().size(Kind::Pack, name)?;
+        let Some(&size) = sizes.get(name) else { continue };
         candidates.push((modified, *pack, size));
     }
     candidates.sort();
