@@ -234,6 +234,14 @@ pub enum Command {
         after_help = "Examples:\n  blockproof restore-test --repo /backup/repo web01:latest --sample 10% --expect /etc/hostname\n  blockproof restore-test --repo /backup/repo web01:latest --boot --console-marker 'login:' --timeout 10m"
     )]
     RestoreTest(crate::restore_test::RestoreTestArgs),
+    /// Instant recovery: start the VM from a restore point at once (its disks served from
+    /// the repository under local qcow2 images that take its writes) and copy the disks
+    /// into those images while it runs; ends when the VM runs on ordinary local disks.
+    /// --resume carries on a recovery that was stopped.
+    #[command(
+        after_help = "Examples:\n  blockproof recover --repo /backup/repo web01:latest --dir /var/lib/vms/web01 --qemu-arg=-nic --qemu-arg=bridge,br=br0\n  blockproof recover --repo /backup/repo --resume --dir /var/lib/vms/web01"
+    )]
+    Recover(crate::recover::RecoverArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(after_help = "Example:\n  blockproof completions bash > /etc/bash_completion.d/blockproof")]
     Completions(CompletionsArgs),

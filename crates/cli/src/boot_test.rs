@@ -44,19 +44,26 @@ pub struct BootArgs {
     /// How long the VM gets, from its start, to pass the check.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = crate::args::parse_duration, requires = "boot")]
     pub timeout: Duration,
-    /// The VM's memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u64).range(16..), requires = "boot")]
-    pub memory: u64,
-    /// The VM's virtual CPUs.
-    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64), requires = "boot")]
-    pub cpus: u32,
-    /// The accelerator (auto: KVM when /dev/kvm opens read-write and the CPU has VT-x or
-    /// AMD-V, TCG otherwise).
-    #[arg(long, value_enum, value_name = "ACCEL", default_value_t = Accel::Auto, requires = "boot")]
-    pub accel: Accel,
+    #[command(flatten)]
+    pub machine: MachineArgs,
+}
+
+/// The shape of a VM made from a restore point (`restore-test --boot`, `recover`).
+#[derive(Args, Debug)]
+pub struct MachineArgs {
+    /// The VM's memory in MiB [default: 512].
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(16..))]
+    pub memory: Option<u64>,
+    /// The VM's virtual CPUs [default: 2].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpus: Option<u32>,
+    /// The accelerator [default: auto: KVM when /dev/kvm opens read-write and the CPU has
+    /// VT-x or AMD-V, TCG otherwise].
+    #[arg(long, value_enum, value_name = "ACCEL")]
+    pub accel: Option<Accel>,
     /// Boot this kernel directly instead of the disk's boot loader: a path inside the
     /// snapshot's filesystems (the first disk's), so the kernel is the backup's own.
-    #[arg(long, value_name = "PATH", requires = "boot")]
+    #[arg(long, value_name = "PATH")]
     pub kernel: Option<String>,
     /// The initrd of --kernel, a path in the same filesystem.
     #[arg(long, value_name = "PATH", requires = "kernel")]
@@ -64,6 +71,50 @@ pub struct BootArgs {
     /// The kernel command line of --kernel (add console=ttyS0 to see its console).
     #[arg(long, value_name = "TEXT", requires = "kernel")]
     pub append: Option<String>,
+}
+
+impl MachineArgs {
+    /// Whether any of the options was given.
+    pub fn given(&self) -> bool {
+        self.memory.is_some() || self.cpus.is_some() || self.accel.is_some() || self.kernel.is_some()
+    }
+
+    pub fn memory(&self) -> u64 {
+        self.memory.unwrap_or(512)
+    }
+
+    pub fn cpus(&self) -> u32 {
+        self.cpus.unwrap_or(2)
+    }
+
+    pub fn accel(&self) -> AccelChoice {
+        self.accel.unwrap_or(Accel::Auto).into()
+    }
+
+    /// The kernel and initrd paths of a direct boot, parsed.
+    pub fn kernel_paths(&self) -> Result<Option<(FsPath, Option<FsPath>)>, Usage> {
+        let Some(k) = &self.kernel else { return Ok(None) };
+        let parse =
+            |opt: &str, p: &str| FsPath::parse(p.as_bytes()).map_err(|e| Usage(format!("invalid {opt} {p:?}: {e}")));
+        Ok(Some((parse("--kernel", k)?, self.initrd.as_deref().map(|i| parse("--initrd", i)).transpose()?)))
+    }
+
+    /// How the VM boots: the firmware, or the kernel (and initrd) read out of the first
+    /// disk of the restore point (`Err`: why it cannot be, for the caller to report),
+    /// with where each was found.
+    #[allow(clippy::type_complexity)]
+    pub fn boot(
+        &self,
+        reader: &'static BlobReader<'static>,
+        first: &DiskEntry,
+    ) -> Result<Result<(Boot, Option<String>, Option<String>), String>> {
+        match self.kernel_paths()? {
+            None => Ok(Ok((Boot::Firmware, None, None))),
+            Some((kernel, initrd)) => {
+                kernel_from_snapshot(reader, first, &kernel, initrd.as_ref(), self.append.clone().unwrap_or_default())
+            }
+        }
+    }
 }
 
 /// `restore-test --accel`.
@@ -97,15 +148,9 @@ pub fn boot_test(a: RestoreTestArgs) -> Result<u8> {
             return Err(Usage(format!("--script {}: no such file", s.display())).into());
         }
     }
-    let kernel_paths = match &b.kernel {
-        None => None,
-        Some(k) => {
-            let parse = |opt: &str, p: &str| {
-                FsPath::parse(p.as_bytes()).map_err(|e| Usage(format!("invalid {opt} {p:?}: {e}")))
-            };
-            Some((parse("--kernel", k)?, b.initrd.as_deref().map(|i| parse("--initrd", i)).transpose()?))
-        }
-    };
+    let m = &b.machine;
+    // Checked before anything runs.
+    m.kernel_paths()?;
     // Before anything starts a thread, so that every thread has them blocked and the
     // one below takes them: Ctrl-C stops the VM and removes its files.
     let signals = crate::serve::block_stop_signals()?;
@@ -122,12 +167,12 @@ pub fn boot_test(a: RestoreTestArgs) -> Result<u8> {
         console_marker: b.console_marker.clone(),
         fail_marker: b.fail_marker.clone(),
         script: b.script.as_ref().map(|p| p.display().to_string()),
-        boot: if b.kernel.is_some() { BootMethod::Kernel } else { BootMethod::Firmware },
+        boot: if m.kernel.is_some() { BootMethod::Kernel } else { BootMethod::Firmware },
         kernel: None,
         initrd: None,
-        append: b.append.clone(),
-        memory_mib: b.memory,
-        cpus: b.cpus,
+        append: m.append.clone(),
+        memory_mib: m.memory(),
+        cpus: m.cpus(),
         disks: disks.iter().map(|d| d.id.clone()).collect(),
     };
     let mut test = RestoreTest {
@@ -149,13 +194,7 @@ pub fn boot_test(a: RestoreTestArgs) -> Result<u8> {
         check: None,
         accelerator: None,
     };
-    let found = match &kernel_paths {
-        None => Ok((Boot::Firmware, None, None)),
-        Some((kernel, initrd)) => {
-            let append = b.append.clone().unwrap_or_default();
-            kernel_from_snapshot(reader, &disks[0], kernel, initrd.as_ref(), append)?
-        }
-    };
+    let found = m.boot(reader, &disks[0])?;
     match found {
         Err(why) => test.reason = Some(why),
         Ok((boot, kernel_at, initrd_at)) => {
@@ -166,9 +205,9 @@ pub fn boot_test(a: RestoreTestArgs) -> Result<u8> {
                 exports.push((d.id.clone(), Arc::new(ImageExport(DiskImage::new(reader, d, DEFAULT_CACHE_BYTES)?))));
             }
             let spec = BootSpec {
-                memory_mib: b.memory,
-                cpus: b.cpus,
-                accel: b.accel.into(),
+                memory_mib: m.memory(),
+                cpus: m.cpus(),
+                accel: m.accel(),
                 boot,
                 marker: b.console_marker.clone(),
                 fail_marker: b.fail_marker.clone(),
@@ -250,7 +289,7 @@ fn kernel_from_snapshot(
 /// Takes SIGINT and SIGTERM (blocked by [`crate::serve::block_stop_signals`]) on a
 /// thread of its own and cancels the test: the VM is stopped, its files removed, and the
 /// command ends with an error.
-fn cancel_on_signals(set: libc::sigset_t, cancel: Cancel) {
+pub(crate) fn cancel_on_signals(set: libc::sigset_t, cancel: Cancel) {
     std::thread::spawn(move || {
         let mut signal = 0;
         // SAFETY: `set` is initialised and blocked in every thread of this process.

@@ -44,6 +44,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Cat(a) => crate::files::cat(a),
         Command::RestoreFiles(a) => crate::files::restore_files(a),
         Command::RestoreTest(a) => crate::restore_test::restore_test(a),
+        Command::Recover(a) => crate::recover::recover(a),
         Command::Run(a) => crate::jobs::run(a),
         Command::Schedule(a) => crate::jobs::schedule(a),
     }

@@ -34,6 +34,7 @@ mod mount;
 mod output;
 mod password;
 mod progress;
+mod recover;
 mod reference;
 mod restore_test;
 mod serve;

@@ -32,6 +32,11 @@ pub fn set(setting: Setting) {
     let _ = SETTING.set(setting);
 }
 
+/// The progress mode chosen for the process.
+pub fn mode() -> ProgressMode {
+    setting().mode
+}
+
 fn setting() -> Setting {
     *SETTING.get().unwrap_or(&Setting { mode: ProgressMode::Auto, interval: Duration::from_secs(10) })
 }

@@ -61,6 +61,9 @@ pub fn restore_test(a: RestoreTestArgs) -> Result<u8> {
     if a.boot.boot {
         return crate::boot_test::boot_test(a);
     }
+    if a.boot.machine.given() {
+        return Err(Usage("--memory, --cpus, --accel and --kernel need --boot".into()).into());
+    }
     let expect: Vec<FsPath> = a
         .expect
         .iter()

@@ -88,6 +88,16 @@ impl ExportServer {
     }
 }
 
+/// Stops the server as the scope it runs in ends, even on a panic (the scope would wait
+/// for it).
+pub(crate) struct StopServer<'a>(pub(crate) &'a ExportServer);
+
+impl Drop for StopServer<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -3,17 +3,16 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use blockproof_nbd::Exports;
 use blockproof_work::Cancel;
 
 use crate::console::Console;
-use crate::export_server::ExportServer;
+use crate::export_server::{ExportServer, StopServer};
+use crate::qemu::{accelerator, command, create_overlay, kill_group, last_line, option_value, spawn_error, Tie};
 use crate::VmError;
 
 /// How often the console, QEMU and the script are looked at.
@@ -34,7 +33,8 @@ pub enum AccelChoice {
 }
 
 /// The accelerator a VM ran with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Accelerator {
     Kvm,
     Tcg,
@@ -129,34 +129,6 @@ pub fn boot(exports: &Exports<'_>, spec: &BootSpec) -> Result<BootOutcome, VmErr
     outcome
 }
 
-/// Stops the server as the scope ends, even on a panic (the scope would wait for it).
-struct StopServer<'a>(&'a ExportServer);
-
-impl Drop for StopServer<'_> {
-    fn drop(&mut self) {
-        self.0.stop();
-    }
-}
-
-fn accelerator(choice: AccelChoice) -> Result<Accelerator, VmError> {
-    let kvm = || std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").map(drop);
-    match choice {
-        AccelChoice::Tcg => Ok(Accelerator::Tcg),
-        AccelChoice::Kvm => kvm().map(|()| Accelerator::Kvm).map_err(VmError::NoKvm),
-        AccelChoice::Auto => {
-            Ok(if kvm().is_ok() && hardware_virtualization() { Accelerator::Kvm } else { Accelerator::Tcg })
-        }
-    }
-}
-
-/// Whether the CPU has VT-x or AMD-V. A `/dev/kvm` without them is a paravirtual KVM
-/// (PVM, in some sandboxes) that runs only guest kernels built for it: an ordinary
-/// guest hangs there, so `Auto` takes TCG.
-fn hardware_virtualization() -> bool {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    cpuinfo.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-}
-
 fn run(
     dir: &Path,
     server: &ExportServer,
@@ -187,7 +159,7 @@ fn run(
     ];
     for (i, (name, export)) in exports.iter().enumerate() {
         let overlay = dir.join(format!("disk{i}.qcow2"));
-        create_overlay(spec, name, export.size(), server.path(), &overlay)?;
+        create_overlay(&spec.qemu_img, name, export.size(), server.path(), &overlay)?;
         args.push("-drive".into());
         args.push(format!("if=none,id=disk{i},format=qcow2,cache=unsafe,file={}", option_value(&overlay)));
         args.push("-device".into());
@@ -215,7 +187,7 @@ fn run(
     let mut console = Console::open(&console_path).map_err(VmError::io("cannot read the console file"))?;
     let qemu_log = dir.join("qemu.log");
     let log = File::create(&qemu_log).map_err(VmError::io("cannot create QEMU's log"))?;
-    let mut cmd = command(&spec.qemu, true);
+    let mut cmd = command(&spec.qemu, Tie::DiesWithParent);
     cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     let child = cmd.spawn().map_err(|source| spawn_error(&spec.qemu, source))?;
     let started = Instant::now();
@@ -226,7 +198,7 @@ fn run(
         let path = spec.script.as_ref().expect("a script was given");
         let out = File::create(&script_log).map_err(VmError::io("cannot create the script's log"))?;
         let err = out.try_clone().map_err(VmError::io("cannot create the script's log"))?;
-        let mut cmd = command(path, true);
+        let mut cmd = command(path, Tie::DiesWithParent);
         cmd.envs(spec.script_env.iter().map(|(k, v)| (k, v)))
             .env("BLOCKPROOF_QMP", &qmp_path)
             .env("BLOCKPROOF_CONSOLE", &console_path)
@@ -300,22 +272,6 @@ fn run(
     Ok(BootOutcome { accelerator, reason, boot_seconds, console_excerpt: console.excerpt() })
 }
 
-fn create_overlay(spec: &BootSpec, disk: &str, size: u64, socket: &Path, overlay: &Path) -> Result<(), VmError> {
-    let backing = blockproof_nbd::Uri::unix(socket, disk).to_string();
-    let out = command(&spec.qemu_img, false)
-        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", &backing])
-        .arg(overlay)
-        .arg(size.to_string())
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| spawn_error(&spec.qemu_img, source))?;
-    if !out.status.success() {
-        let message = String::from_utf8_lossy(&out.stderr).trim().replace('\n', "; ");
-        return Err(VmError::Overlay { disk: disk.into(), message });
-    }
-    Ok(())
-}
-
 /// A running QEMU, stopped (and reaped) when dropped.
 struct Vm {
     child: Child,
@@ -360,57 +316,6 @@ impl Drop for Script {
     }
 }
 
-/// SIGKILL to the process group `child` leads (not yet reaped, so its id is still its
-/// own), then reaps it.
-fn kill_group(child: &mut Child) {
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill has no memory preconditions; the group is the child's own.
-        unsafe { libc::kill(-pid, libc::SIGKILL) };
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// A command in a process group of its own, with every signal unblocked (the caller may
-/// have blocked SIGINT and SIGTERM), killed when this process dies if `die_with_parent`.
-fn command(program: &Path, die_with_parent: bool) -> Command {
-    let mut cmd = Command::new(program);
-    cmd.process_group(0);
-    // SAFETY: only async-signal-safe calls (sigemptyset, pthread_sigmask, prctl) between
-    // fork and exec, on local data.
-    unsafe {
-        cmd.pre_exec(move || {
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-            if die_with_parent {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            }
-            Ok(())
-        });
-    }
-    cmd
-}
-
-fn spawn_error(program: &Path, source: io::Error) -> VmError {
-    VmError::Spawn { program: program.display().to_string(), source }
-}
-
-/// `: LAST LINE` of a log file, or nothing when it is empty.
-fn last_line(path: &Path) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    match text.lines().map(str::trim).rfind(|l| !l.is_empty()) {
-        Some(line) => format!(": {}", line.chars().take(300).collect::<String>()),
-        None => String::new(),
-    }
-}
-
-/// A path as the value of a QEMU `key=value,...` option (a comma is doubled).
-fn option_value(path: &Path) -> String {
-    path.display().to_string().replace(',', ",,")
-}
-
 /// `5m`, `20s`, `1m30s`, `500ms`.
 fn human(d: Duration) -> String {
     let s = d.as_secs();
@@ -426,11 +331,6 @@ fn human(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn option_escaping() {
-        assert_eq!(option_value(Path::new("/t/a,b")), "/t/a,,b");
-    }
 
     #[test]
     fn durations_read_as_given() {

@@ -1,10 +1,12 @@
 //! # blockproof-vm
 //!
-//! Boots a restore point in an isolated, throwaway QEMU virtual machine and says whether
-//! it came up: the check behind `blockproof restore-test --boot` (prove the restore, not
-//! just the bytes).
+//! Virtual machines from restore points, two ways: a throwaway, isolated VM that boots a
+//! restore point and says whether it came up (the check behind `blockproof restore-test
+//! --boot`: prove the restore, not just the bytes), and instant recovery (`blockproof
+//! recover`): the VM runs from the backup at once while its disks are copied to local
+//! images under it.
 //!
-//! ## Model
+//! ## The boot test
 //!
 //! [`boot`] takes the restore point's disks as read-only NBD exports
 //! ([`blockproof_nbd::Exports`], in the VM's disk order: the first one boots) and a
@@ -50,12 +52,61 @@
 //! - Children start with every signal unblocked, whatever the caller blocked (the
 //!   binary blocks SIGINT and SIGTERM to turn them into a [`Cancel`]).
 
+//!
+//! ## Instant recovery
+//!
+//! A [`Recovery`] lives in a directory of the user's (mode 0700), described by its
+//! journal (`recovery.json`, `journal.rs`) and locked (`flock`) by the one command
+//! working on it. [`Recovery::create`] writes the journal (the restore point, the disks,
+//! the VM's shape); [`Recovery::run`] does the rest, and also carries on a recovery that
+//! was stopped at any point (`recover --resume`):
+//!
+//! 1. serves the restore point's disks on `nbd.sock` in the directory (the same export
+//!    server as the boot test);
+//! 2. makes a local qcow2 image per disk whose backing file is the disk's export, if it
+//!    is not there yet (made under a temporary name and renamed);
+//! 3. starts QEMU unless the recovery's QEMU still runs: in a session of its own, so it
+//!    outlives the command; the images are its disks, each over an NBD client node with a
+//!    reconnect delay ([`RECONNECT_DELAY_SECS`]) so that a gone server makes reads wait,
+//!    not fail; two QMP sockets (blockproof's own, and `qmp.sock` for the user); the
+//!    serial console appended to `console.log`; no network unless the caller adds one;
+//! 4. starts QEMU's `block-stream` job on each image that still has a backing file (or
+//!    follows the job an earlier run started), throttled if asked: it copies into the
+//!    image every cluster the image does not hold yet, and drops the backing file at the
+//!    end;
+//! 5. for each finished disk: flushes it, removes the backup's node from the VM, records
+//!    it in the journal; when all are done the journal says `complete` and the server
+//!    stops. The VM runs on, on ordinary local images.
+//!
+//! ## Invariants of a recovery
+//!
+//! - **The VM's writes are never lost**: they go to the local images from the first
+//!   moment; the copy only fills the clusters the images do not hold; a cancelled or
+//!   failed copy leaves them as they are.
+//! - **The backup is never written**: the exports are read-only, the backing nodes are
+//!   opened read-only.
+//! - **Safe to stop at any point**: the journal is replaced atomically, images appear
+//!   whole, a killed command leaves the VM running (its reads of data not yet copied wait
+//!   for `--resume`), a VM that is gone is started again by `--resume` on the images as
+//!   they are, and a copy already finished is never started again.
+//! - A disk counts as copied only once QEMU has dropped its backing file and flushed it.
+
 mod console;
 mod export_server;
 mod isolated_vm;
+mod journal;
+mod qemu;
+mod recovery;
+
+use std::path::PathBuf;
 
 pub use blockproof_work::Cancel;
 pub use isolated_vm::{boot, AccelChoice, Accelerator, Boot, BootOutcome, BootSpec};
+pub use journal::{Journal, JournalDisk, Machine, RecoveryState, JOURNAL_FILE, JOURNAL_VERSION};
+pub use recovery::{
+    CopyOptions, NewRecovery, Recovery, RecoveryEvent, RecoveryOutcome, CONSOLE, NBD_SOCKET, QEMU_LOG,
+    RECONNECT_DELAY_SECS, USER_QMP,
+};
 
 /// Why a boot test could not be run (a failed boot is a [`BootOutcome`], not an error).
 #[derive(Debug, thiserror::Error)]
@@ -75,9 +126,40 @@ pub enum VmError {
     /// The private directory, its socket or a file in it.
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
-    /// The caller's [`Cancel`] was cancelled (SIGINT, SIGTERM); everything was stopped.
+    /// The caller's [`Cancel`] was cancelled (SIGINT, SIGTERM): a boot test's VM was
+    /// stopped; a recovery's copy was stopped (its VM runs on).
     #[error("{0}")]
     Cancelled(String),
+    /// A new recovery in a directory that holds files.
+    #[error("{0} is not empty: a new recovery needs an empty or new directory (--resume carries one on)")]
+    DirNotEmpty(PathBuf),
+    /// `--resume` in a directory without a journal.
+    #[error("{0} holds no recovery (no recovery.json)")]
+    NoRecovery(PathBuf),
+    #[error("{0} is in use by another blockproof recover")]
+    Busy(PathBuf),
+    #[error("cannot read the recovery journal {path}: {why}")]
+    Journal { path: PathBuf, why: String },
+    /// The directory's sockets would not fit a unix socket address.
+    #[error("{0}: the path is too long for the VM's sockets (at most 87 bytes): choose a shorter directory")]
+    LongPath(PathBuf),
+    /// The restore point lacks a disk the journal names.
+    #[error("the restore point has no disk {0:?}")]
+    MissingExport(String),
+    #[error(transparent)]
+    Qmp(#[from] blockproof_source::QmpError),
+    /// QEMU did not start, or the VM is not the one blockproof set up.
+    #[error("the VM cannot run: {0}")]
+    VmFailed(String),
+    /// The recovery's QEMU runs but does not answer on blockproof's QMP socket.
+    #[error("the VM's QEMU (pid {pid}) runs but does not answer on {socket}")]
+    VmUnreachable { pid: u32, socket: PathBuf },
+    /// The VM went away before its copy was complete; its images keep everything.
+    #[error("the VM stopped before its disks were copied ({why}); `blockproof recover --resume --dir {}` starts it again and finishes the copy", dir.display())]
+    VmStopped { why: String, dir: PathBuf },
+    /// QEMU's copy of a disk failed; the VM runs on.
+    #[error("the copy of disk {disk} failed: {why}")]
+    Copy { disk: String, why: String },
 }
 
 impl VmError {

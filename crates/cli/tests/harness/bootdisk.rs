@@ -7,7 +7,8 @@
 //! no boot loader: `restore-test --boot --kernel /boot/vmlinuz --initrd /boot/initrd.img`
 //! boots it directly. The initramfs's `/init` loads virtio and ext4, mounts `/dev/vda1`
 //! read-only, prints [`OK`] when `/etc/blockproof-ok` is there and [`FAILED`] when not,
-//! and powers off; with [`HANG`] on the kernel command line it hangs instead. The MBR's
+//! and powers off; with [`HANG`] on the kernel command line it hangs instead, with
+//! [`STAY`] it writes to the disk and stays up. The MBR's
 //! boot code writes [`FIRMWARE_OK`] to the first serial port and halts, so the firmware
 //! boot (SeaBIOS) is tested with the same disk.
 
@@ -26,6 +27,13 @@ pub const FIRMWARE_OK: &str = "BLOCKPROOF-FIRMWARE-OK";
 /// On the kernel command line: the initramfs hangs, printing [`HANGING`].
 pub const HANG: &str = "blockproof.hang";
 pub const HANGING: &str = "blockproof test init: hanging on purpose";
+/// On the kernel command line: after [`OK`], the guest writes [`GUEST_BYTES`] at sector
+/// [`GUEST_SECTOR`] of the disk (in the gap before the partition), prints [`GUEST_WROTE`]
+/// once it is on the disk, and stays up instead of powering off.
+pub const STAY: &str = "blockproof.stay";
+pub const GUEST_BYTES: &str = "written by the guest";
+pub const GUEST_SECTOR: u64 = 100;
+pub const GUEST_WROTE: &str = "BLOCKPROOF-GUEST-WROTE";
 /// The kernel command line of a direct boot.
 pub const APPEND: &str = "console=ttyS0 quiet panic=-1";
 
@@ -118,6 +126,10 @@ if mount -t ext4 -o ro /dev/vda1 /mnt && [ -f /mnt/etc/blockproof-ok ]; then
   echo {OK}
 else
   echo {FAILED}
+fi
+if grep -q {STAY} /proc/cmdline; then
+  printf '%s' '{GUEST_BYTES}' | dd of=/dev/vda bs=512 seek={GUEST_SECTOR} conv=notrunc,fsync 2>/dev/null && echo {GUEST_WROTE}
+  while true; do sleep 3600; done
 fi
 poweroff -f
 "#,

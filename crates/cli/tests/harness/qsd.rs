@@ -65,47 +65,11 @@ impl Qsd {
         (Qsd::start(dir, name, &args), nbd)
     }
 
-    /// Runs one QMP command; `Err` holds the error's description. The monitor serves one
-    /// client at a time and may still be closing the previous connection: retried then.
+    /// Runs one QMP command; `Err` holds the error's description ([`qmp`]).
     pub fn qmp(&self, command: &str, arguments: Value) -> Result<Value, String> {
-        for _ in 0..200 {
-            let once = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.qmp_once(command, &arguments)));
-            if let Ok(r) = once {
-                return r;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("QMP {command} never answered");
+        qmp(&self.qmp, command, arguments)
     }
 
-    fn qmp_once(&self, command: &str, arguments: &Value) -> Result<Value, String> {
-        let stream = UnixStream::connect(&self.qmp).expect("connect to QMP");
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut writer = stream;
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap(); // the greeting
-        let mut call = |v: Value| -> Value {
-            writer.write_all(format!("{v}\n").as_bytes()).unwrap();
-            loop {
-                line.clear();
-                assert!(reader.read_line(&mut line).unwrap() > 0, "QMP closed");
-                let reply: Value = serde_json::from_str(&line).unwrap();
-                if reply.get("event").is_none() {
-                    return reply;
-                }
-            }
-        };
-        call(json!({"execute": "qmp_capabilities"}));
-        let reply = call(json!({"execute": command, "arguments": arguments}));
-        match reply.get("return") {
-            Some(r) => Ok(r.clone()),
-            None => Err(reply["error"]["desc"].as_str().unwrap_or("?").to_string()),
-        }
-    }
-
-    /// Stops the daemon cleanly (QMP `quit`: qcow2 images are closed, their persistent
-    /// bitmaps stored) and waits for it to exit.
     pub fn quit(mut self) {
         let _ = self.qmp("quit", json!({}));
         let _ = self.child.wait();
@@ -125,6 +89,46 @@ impl Qsd {
 impl Drop for Qsd {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Runs one QMP command on the monitor at `socket`; `Err` holds the error's description.
+/// A monitor serves one client at a time and may still be closing the previous
+/// connection: retried then.
+pub fn qmp(socket: &Path, command: &str, arguments: Value) -> Result<Value, String> {
+    for _ in 0..200 {
+        let once = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| qmp_once(socket, command, &arguments)));
+        if let Ok(r) = once {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("QMP {command} on {} never answered", socket.display());
+}
+
+fn qmp_once(socket: &Path, command: &str, arguments: &Value) -> Result<Value, String> {
+    let stream = UnixStream::connect(socket).expect("connect to QMP");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap(); // the greeting
+    let mut call = |v: Value| -> Value {
+        writer.write_all(format!("{v}\n").as_bytes()).unwrap();
+        loop {
+            line.clear();
+            assert!(reader.read_line(&mut line).unwrap() > 0, "QMP closed");
+            let reply: Value = serde_json::from_str(&line).unwrap();
+            if reply.get("event").is_none() {
+                return reply;
+            }
+        }
+    };
+    call(json!({"execute": "qmp_capabilities"}));
+    let reply = call(json!({"execute": command, "arguments": arguments}));
+    match reply.get("return") {
+        Some(r) => Ok(r.clone()),
+        None => Err(reply["error"]["desc"].as_str().unwrap_or("?").to_string()),
     }
 }
 
