@@ -34,6 +34,11 @@ pub struct BootArgs {
     /// Text that must appear on the VM's serial console (ttyS0) for the boot to pass.
     #[arg(long, value_name = "TEXT", requires = "boot")]
     pub console_marker: Option<String>,
+    /// Pass only once the guest agent (qemu-ga in the guest, on the virtio serial port
+    /// org.qemu.guest_agent.0 that the VM gets) answers a ping; after --console-marker
+    /// when both are given.
+    #[arg(long, requires = "boot")]
+    pub guest_agent: bool,
     /// Text that fails the test at once when it appears on the serial console.
     #[arg(long, value_name = "TEXT", requires = "boot")]
     pub fail_marker: Option<String>,
@@ -140,8 +145,11 @@ impl From<Accel> for AccelChoice {
 
 pub fn boot_test(a: RestoreTestArgs) -> Result<u8> {
     let b = &a.boot;
-    if b.console_marker.is_none() && b.script.is_none() {
-        return Err(Usage("--boot needs a check: --console-marker TEXT, --script PATH or both".into()).into());
+    if b.console_marker.is_none() && b.script.is_none() && !b.guest_agent {
+        return Err(Usage(
+            "--boot needs a check: --console-marker TEXT, --guest-agent, --script PATH, or several".into(),
+        )
+        .into());
     }
     if let Some(s) = &b.script {
         if !s.is_file() {
@@ -167,6 +175,7 @@ pub fn boot_test(a: RestoreTestArgs) -> Result<u8> {
         console_marker: b.console_marker.clone(),
         fail_marker: b.fail_marker.clone(),
         script: b.script.as_ref().map(|p| p.display().to_string()),
+        guest_agent: b.guest_agent,
         boot: if m.kernel.is_some() { BootMethod::Kernel } else { BootMethod::Firmware },
         kernel: None,
         initrd: None,
@@ -210,6 +219,7 @@ pub fn boot_test(a: RestoreTestArgs) -> Result<u8> {
                 accel: m.accel(),
                 boot,
                 marker: b.console_marker.clone(),
+                agent: b.guest_agent,
                 fail_marker: b.fail_marker.clone(),
                 script: b.script.clone(),
                 script_env: vec![("BLOCKPROOF_SNAPSHOT".into(), info.id.to_hex())],

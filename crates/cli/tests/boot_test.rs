@@ -12,7 +12,7 @@ mod harness;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use harness::bootdisk::{boot_disk, processes_using, APPEND, FAILED, FIRMWARE_OK, HANG, OK};
+use harness::bootdisk::{boot_disk, processes_using, AGENT, APPEND, FAILED, FIRMWARE_OK, HANG, OK, STAY};
 use harness::{assert_json_documented, snap_id, Dir, TestCommand};
 use serde_json::Value;
 
@@ -240,6 +240,38 @@ fn boot_options_are_checked_as_usage_errors() {
 fn make_executable(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn the_guest_agent_check_passes_when_the_guests_agent_answers_and_fails_when_it_never_does() {
+    let dir = Dir::new();
+    dir.init();
+    let disk = boot_disk(&dir, "vda.img", true);
+    let snap = snap_id(&dir.backup("vm", &[("vda", &disk)]));
+    let tmp = tmp(&dir);
+
+    // The guest starts qemu-ga on the port the VM was given: a heartbeat, no marker.
+    let r = kernel_boot(&mut boot_cmd(&dir, &tmp, &snap), &format!("{APPEND} {AGENT} {STAY}"))
+        .args(["--guest-agent", "--timeout", "4m"])
+        .json();
+    assert_eq!(r["passed"], true, "{r}");
+    assert_eq!(r["check"]["guest_agent"], true, "{r}");
+    assert_eq!(r["check"]["console_marker"], Value::Null, "{r}");
+    assert!(r["boot_seconds"].as_f64().unwrap() > 0.0, "the agent's first answer: {r}");
+    assert!(r["console_excerpt"].as_str().unwrap().contains(OK), "{r}");
+    assert_json_documented("restore-test", &r);
+    assert_nothing_left(&tmp);
+
+    // A guest without its agent: the marker comes, the agent never answers, and the VM
+    // powers off: failed, with the stage it stopped at.
+    let (stdout, _) = kernel_boot(&mut boot_cmd(&dir, &tmp, &snap), APPEND)
+        .args(["--console-marker", OK, "--guest-agent", "--timeout", "4m"])
+        .code(1);
+    let r = parse(&stdout);
+    let reason = r["reason"].as_str().unwrap();
+    assert!(reason.contains("before the guest agent answered"), "{reason}");
+    assert_eq!(r["boot_seconds"], Value::Null, "{r}");
+    assert_nothing_left(&tmp);
 }
 
 /// Not a test: writes the bootable test disk to `$BLOCKPROOF_BOOT_DISK` for

@@ -51,6 +51,10 @@ pub struct BootCheck {
     pub fail_marker: Option<String>,
     /// The check script (exit 0 passes).
     pub script: Option<String>,
+    /// The guest agent had to answer `guest-ping`. Written only when true, so that the
+    /// records of other checks stay readable by builds that predate it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guest_agent: bool,
     pub boot: BootMethod,
     /// Where the kernel and initrd were read (`DISK/partN:PATH`), and the command line.
     pub kernel: Option<String>,
@@ -236,6 +240,7 @@ mod tests {
             console_marker: Some("BLOCKPROOF-BOOT-OK".into()),
             fail_marker: None,
             script: None,
+            guest_agent: false,
             boot: BootMethod::Kernel,
             kernel: Some("vda/part1:/boot/vmlinuz".into()),
             initrd: None,
@@ -247,6 +252,12 @@ mod tests {
         let json = serde_json::to_value(&t).unwrap();
         assert_eq!((json["kind"].as_str(), json["check"]["boot"].as_str()), (Some("boot"), Some("kernel")));
         assert_eq!(serde_json::from_value::<RestoreTest>(json.clone()).unwrap(), t);
+        assert!(json["check"].get("guest_agent").is_none(), "written only when asked for: older builds read strictly");
+        let mut agent = t.clone();
+        agent.check.as_mut().unwrap().guest_agent = true;
+        let with_agent = serde_json::to_value(&agent).unwrap();
+        assert_eq!(with_agent["check"]["guest_agent"], true);
+        assert_eq!(serde_json::from_value::<RestoreTest>(with_agent).unwrap(), agent);
         let mut extra = json;
         extra["check"]["surprise"] = 1.into();
         assert!(serde_json::from_value::<RestoreTest>(extra).is_err(), "read strictly (FORMAT §15a)");

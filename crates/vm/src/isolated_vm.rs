@@ -8,6 +8,7 @@ use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use blockproof_nbd::Exports;
+use blockproof_source::{GuestAgent, Timeouts};
 use blockproof_work::Cancel;
 
 use crate::console::Console;
@@ -17,6 +18,8 @@ use crate::VmError;
 
 /// How often the console, QEMU and the script are looked at.
 const POLL: Duration = Duration::from_millis(50);
+/// How long one guest agent ping may take (and how often the agent is asked).
+const AGENT_ANSWER: Duration = Duration::from_secs(1);
 /// How long QEMU gets to quit when asked over QMP before it is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 
@@ -72,8 +75,12 @@ pub struct BootSpec {
     pub cpus: u32,
     pub accel: AccelChoice,
     pub boot: Boot,
-    /// Passes when this text appears on the serial console (then the script runs).
+    /// Passes when this text appears on the serial console (then the agent is asked, then
+    /// the script runs).
     pub marker: Option<String>,
+    /// Passes when the guest agent (`qemu-ga` in the guest, on a virtio serial port named
+    /// `org.qemu.guest_agent.0`) answers `guest-ping`, after the marker when there is one.
+    pub agent: bool,
     /// Fails at once when this text appears on the serial console.
     pub fail_marker: Option<String>,
     /// Run after the marker (or as QEMU starts, without one), with `BLOCKPROOF_QMP` and
@@ -110,7 +117,7 @@ impl BootOutcome {
 /// throwaway VM and checks it as `spec` says. Everything it started and created is gone
 /// when it returns, whatever happened.
 pub fn boot(exports: &Exports<'_>, spec: &BootSpec) -> Result<BootOutcome, VmError> {
-    if spec.marker.is_none() && spec.script.is_none() {
+    if spec.marker.is_none() && spec.script.is_none() && !spec.agent {
         return Err(VmError::NoCheck);
     }
     let accelerator = accelerator(spec.accel)?;
@@ -183,6 +190,15 @@ fn run(
     args.extend(["-serial".into(), "chardev:console".into()]);
     let qmp_path = dir.join("qmp.sock");
     args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", option_value(&qmp_path))]);
+    // The guest agent's channel: a virtio serial port named as qemu-ga looks for it.
+    let agent_path = dir.join("agent.sock");
+    if spec.agent {
+        args.extend(["-device".into(), "virtio-serial-pci,id=agent-serial".into()]);
+        args.push("-chardev".into());
+        args.push(format!("socket,id=agent,server=on,wait=off,path={}", option_value(&agent_path)));
+        args.push("-device".into());
+        args.push("virtserialport,bus=agent-serial.0,chardev=agent,name=org.qemu.guest_agent.0".into());
+    }
 
     let mut console = Console::open(&console_path).map_err(VmError::io("cannot read the console file"))?;
     let qemu_log = dir.join("qemu.log");
@@ -210,10 +226,14 @@ fn run(
     };
 
     let markers: Vec<&str> = [spec.marker.as_deref().unwrap_or(""), spec.fail_marker.as_deref().unwrap_or("")].into();
+    // The stages: the marker (when given), then the guest agent (when asked for): the VM
+    // is up; then the script (when given). Without a marker or an agent the script
+    // starts with QEMU.
+    let mut marker_seen = spec.marker.is_none();
+    let mut agent_answered = !spec.agent;
+    let mut next_ping = Instant::now();
+    let mut up = false;
     let mut script = None;
-    if spec.marker.is_none() && spec.script.is_some() {
-        script = Some(start_script()?);
-    }
     let mut boot_seconds = None;
     let mut vm_status: Option<ExitStatus> = None;
     let reason: Option<String> = loop {
@@ -226,20 +246,29 @@ fn run(
             vm_status = vm.child.try_wait().map_err(VmError::io("waiting for QEMU"))?;
         }
         let seen = console.poll(&markers).map_err(VmError::io("reading the console"))?;
-        if boot_seconds.is_none() {
+        if !up {
             match seen {
                 Some(1) => {
                     let fail = spec.fail_marker.as_deref().unwrap_or_default();
                     break Some(format!("the console showed the failure marker {fail:?}"));
                 }
-                Some(_) => {
-                    boot_seconds = Some(started.elapsed().as_secs_f64());
-                    match spec.script {
-                        Some(_) => script = Some(start_script()?),
-                        None => break None,
-                    }
-                }
+                Some(_) => marker_seen = true,
                 None => {}
+            }
+            if marker_seen && !agent_answered && vm_status.is_none() && Instant::now() >= next_ping {
+                let timeouts = Timeouts { answer: AGENT_ANSWER, ..Timeouts::default() };
+                agent_answered = GuestAgent::connect(&agent_path, timeouts).is_ok();
+                next_ping = Instant::now() + AGENT_ANSWER;
+            }
+            if marker_seen && agent_answered {
+                up = true;
+                if spec.marker.is_some() || spec.agent {
+                    boot_seconds = Some(started.elapsed().as_secs_f64());
+                }
+                match spec.script {
+                    Some(_) => script = Some(start_script()?),
+                    None => break None,
+                }
             }
         }
         if let Some(s) = &mut script {
@@ -249,18 +278,14 @@ fn run(
                     .then(|| format!("the check script {path} failed ({status}){}", last_line(&script_log)));
             }
         } else if let Some(status) = vm_status {
-            let marker = spec.marker.as_deref().unwrap_or_default();
             let why = if status.success() { String::new() } else { last_line(&qemu_log) };
-            break Some(format!("the VM stopped ({status}) before {marker:?} appeared on the console{why}"));
+            break Some(format!("the VM stopped ({status}) before {}{why}", awaited(spec, marker_seen).1));
         }
         if started.elapsed() >= spec.timeout {
             let within = human(spec.timeout);
-            // Without a marker the script started with QEMU: no script yet means the
-            // marker is still awaited.
-            break Some(match (&script, &spec.marker, &spec.script) {
-                (None, Some(marker), _) => format!("no {marker:?} on the console within {within}"),
-                (_, _, Some(path)) => format!("the check script {} did not finish within {within}", path.display()),
-                (_, _, None) => format!("no check within {within}"),
+            break Some(match (up, &spec.script) {
+                (true, Some(path)) => format!("the check script {} did not finish within {within}", path.display()),
+                _ => format!("no {} within {within}", awaited(spec, marker_seen).0),
             });
         }
         std::thread::sleep(POLL);
@@ -270,6 +295,17 @@ fn run(
     // What QEMU wrote until it stopped, for the excerpt.
     let _ = console.poll(&[]);
     Ok(BootOutcome { accelerator, reason, boot_seconds, console_excerpt: console.excerpt() })
+}
+
+/// What the test still waited for, for a reason: the marker, or the agent's answer (as
+/// "no ... within", and as "before ...").
+fn awaited(spec: &BootSpec, marker_seen: bool) -> (String, String) {
+    match &spec.marker {
+        Some(marker) if !marker_seen => {
+            (format!("{marker:?} on the console"), format!("{marker:?} appeared on the console"))
+        }
+        _ => ("answer from the guest agent".into(), "the guest agent answered".into()),
+    }
 }
 
 /// A running QEMU, stopped (and reaped) when dropped.
@@ -348,6 +384,7 @@ mod tests {
             accel: AccelChoice::Tcg,
             boot: Boot::Firmware,
             marker: Some("x".into()),
+            agent: false,
             fail_marker: None,
             script: None,
             script_env: Vec::new(),

@@ -24,8 +24,10 @@
 //!    firmware (SeaBIOS, from the first disk's boot loader) or directly from a kernel
 //!    and initrd the caller read out of the backup ([`Boot::Kernel`]);
 //! 4. watches the console (`console.rs`) for the success marker (and the failure
-//!    marker), then runs the check script, until the check passes, fails or the timeout
-//!    ends it;
+//!    marker), then pings the guest agent (`qemu-ga` on a virtio serial port, with
+//!    blockproof-source's `GuestAgent`) every second until it answers, then runs the
+//!    check script — each stage only when asked for — until the check passes, fails or
+//!    the timeout ends it;
 //! 5. stops everything: the script's process group is killed, QEMU is asked to `quit`
 //!    over QMP (blockproof-source's `Qmp`) and killed (its whole process group) if it has not gone within
 //!    seconds, the server is stopped and its connections shut down, the directory is
@@ -112,7 +114,7 @@ pub use recovery::{
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// A [`BootSpec`] with neither a marker nor a script: nothing would decide the test.
-    #[error("a boot test needs a check: a console marker, a script or both")]
+    #[error("a boot test needs a check: a console marker, the guest agent, a script, or several")]
     NoCheck,
     /// `--accel kvm` on a machine where `/dev/kvm` does not open read-write.
     #[error("KVM is not available: /dev/kvm: {0}")]

@@ -31,6 +31,10 @@ pub const HANGING: &str = "blockproof test init: hanging on purpose";
 /// [`GUEST_SECTOR`] of the disk (in the gap before the partition), prints [`GUEST_WROTE`]
 /// once it is on the disk, and stays up instead of powering off.
 pub const STAY: &str = "blockproof.stay";
+/// On the kernel command line: after [`OK`], the guest starts its agent (`qemu-ga`, on
+/// the virtio serial port the VM was given).
+pub const AGENT: &str = "blockproof.agent";
+const AGENT_BINARY: &str = "/usr/sbin/qemu-ga";
 pub const GUEST_BYTES: &str = "written by the guest";
 pub const GUEST_SECTOR: u64 = 100;
 pub const GUEST_WROTE: &str = "BLOCKPROOF-GUEST-WROTE";
@@ -127,6 +131,9 @@ if mount -t ext4 -o ro /dev/vda1 /mnt && [ -f /mnt/etc/blockproof-ok ]; then
 else
   echo {FAILED}
 fi
+if grep -q {AGENT} /proc/cmdline; then
+  for p in /dev/vport*p1; do {AGENT_BINARY} -m virtio-serial -p "$p" & done
+fi
 if grep -q {STAY} /proc/cmdline; then
   printf '%s' '{GUEST_BYTES}' | dd of=/dev/vda bs=512 seek={GUEST_SECTOR} conv=notrunc,fsync 2>/dev/null && echo {GUEST_WROTE}
   while true; do sleep 3600; done
@@ -170,10 +177,37 @@ impl Cpio {
 
 /// The initramfs for `modules` (the host kernel's modules directory).
 fn initramfs(modules: &Path) -> Vec<u8> {
-    let files = module_closure(modules, &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"]);
+    let files = module_closure(modules, &["virtio_pci", "virtio_blk", "virtio_console", "crc32c_generic", "ext4"]);
     let mut c = Cpio::default();
-    for d in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "mnt", "modules"] {
+    for d in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "mnt", "modules", "run", "var", "tmp"]
+    {
         c.entry(d, 0o040755, (0, 0), &[]);
+    }
+    c.entry("var/run", 0o120777, (0, 0), b"../run");
+    // The guest agent, with the shared libraries it links (as `ldd` lists them).
+    let agent = Path::new(AGENT_BINARY);
+    assert!(agent.is_file(), "{AGENT_BINARY}: install qemu-guest-agent (scripts/test.sh does)");
+    let ldd = Command::new("ldd").arg(agent).output().expect("ldd");
+    let mut dirs = HashSet::new();
+    let libs: Vec<String> = String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(str::to_string)
+        .collect();
+    for lib in libs.iter().map(String::as_str).chain([AGENT_BINARY]) {
+        let rel = lib.trim_start_matches('/');
+        let mut parent = Path::new(rel).parent();
+        let mut chain = Vec::new();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            chain.push(p.to_str().unwrap().to_string());
+            parent = p.parent();
+        }
+        for d in chain.into_iter().rev() {
+            if dirs.insert(d.clone()) && !["usr", "usr/sbin"].contains(&d.as_str()) {
+                c.entry(&d, 0o040755, (0, 0), &[]);
+            }
+        }
+        c.entry(rel, 0o100755, (0, 0), &std::fs::read(lib).unwrap());
     }
     c.entry("dev/console", 0o020600, (5, 1), &[]);
     c.entry("bin/busybox", 0o100755, (0, 0), &static_busybox());
