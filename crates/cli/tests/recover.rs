@@ -4,7 +4,8 @@
 //! disks alone. Writes made during the copy (by the guest itself, and through QEMU's
 //! block layer with HMP `qemu-io`) end up in the local image with everything the backup
 //! held; a recovery whose command is killed leaves its VM running, and `--resume`
-//! finishes the copy; one whose VM died as well starts it again on the images as they
+//! finishes the copy; one stopped by SIGTERM says so and leaves its VM running; one whose
+//! VM died as well starts it again on the images as they
 //! are. TCG throughout; the copy is throttled (`--speed`) so that it is still running
 //! when the test writes.
 
@@ -230,13 +231,19 @@ fn a_killed_recovery_leaves_its_vm_running_and_resume_finishes_the_copy() {
 }
 
 #[test]
-fn a_recovery_whose_vm_died_too_starts_it_again_on_its_images() {
+fn a_stopped_recovery_whose_vm_died_too_starts_it_again_on_its_images() {
     let dir = Dir::new();
-    let (snap, mut child, vm) = start_recovery(&dir);
+    let (snap, child, vm) = start_recovery(&dir);
     let writes = [(1 << 20, 64 << 10, 0x33)];
     vm.write(&writes);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // SIGTERM stops the copy, not the VM, and says how to go on.
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("recovery paused (SIGTERM): the VM runs on") && stderr.contains("--resume"), "{stderr}");
+    assert!(vm.running());
     let old = vm.pid().unwrap();
     vm.kill();
 
