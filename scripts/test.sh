@@ -122,9 +122,11 @@ fi
 
 # A bootable test disk (crates/cli/tests/boot_test.rs builds it, harness/bootdisk.rs):
 # the kernel of linux-image-amd64 with its modules, and a statically linked busybox for
-# the initramfs. Neither is a program in PATH, so they are checked here.
+# the initramfs; OVMF for the UEFI boot. None is a program in PATH, so they are checked
+# here.
 boot_packages=()
 compgen -G '/boot/vmlinuz-*' >/dev/null || boot_packages+=(linux-image-amd64)
+[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || boot_packages+=(ovmf)
 if ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'; then
   boot_packages+=(busybox-static)
 fi

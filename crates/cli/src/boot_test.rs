@@ -17,7 +17,7 @@ use blockproof_format::DiskEntry;
 use blockproof_fs::{Disk, FsError, FsPath};
 use blockproof_nbd::Exports;
 use blockproof_repo::BlobReader;
-use blockproof_vm::{AccelChoice, Boot, BootSpec, Cancel, VmError};
+use blockproof_vm::{AccelChoice, Boot, BootSpec, Cancel, Firmware, VmError};
 use clap::Args;
 
 use crate::restore_test::{print_record, selected_disks, RestoreTestArgs};
@@ -66,6 +66,10 @@ pub struct MachineArgs {
     /// VT-x or AMD-V, TCG otherwise].
     #[arg(long, value_enum, value_name = "ACCEL")]
     pub accel: Option<Accel>,
+    /// The VM's firmware [default: bios]: uefi boots a disk's EFI system partition
+    /// (OVMF, from Debian's ovmf package).
+    #[arg(long, value_enum, value_name = "FIRMWARE")]
+    pub firmware: Option<FirmwareArg>,
     /// Boot this kernel directly instead of the disk's boot loader: a path inside the
     /// snapshot's filesystems (the first disk's), so the kernel is the backup's own.
     #[arg(long, value_name = "PATH")]
@@ -81,7 +85,18 @@ pub struct MachineArgs {
 impl MachineArgs {
     /// Whether any of the options was given.
     pub fn given(&self) -> bool {
-        self.memory.is_some() || self.cpus.is_some() || self.accel.is_some() || self.kernel.is_some()
+        self.memory.is_some()
+            || self.cpus.is_some()
+            || self.accel.is_some()
+            || self.kernel.is_some()
+            || self.firmware.is_some()
+    }
+
+    pub fn firmware(&self) -> Firmware {
+        match self.firmware {
+            None | Some(FirmwareArg::Bios) => Firmware::Bios,
+            Some(FirmwareArg::Uefi) => Firmware::Uefi,
+        }
     }
 
     pub fn memory(&self) -> u64 {
@@ -120,6 +135,16 @@ impl MachineArgs {
             }
         }
     }
+}
+
+/// `--firmware`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FirmwareArg {
+    /// SeaBIOS: the disk's MBR boot loader.
+    Bios,
+    /// OVMF: the disk's EFI system partition (its boot entries, \EFI\BOOT\BOOTX64.EFI, or
+    /// startup.nsh in the UEFI shell).
+    Uefi,
 }
 
 /// `restore-test --accel`.
@@ -176,6 +201,7 @@ pub fn boot_test(a: RestoreTestArgs) -> Result<u8> {
         fail_marker: b.fail_marker.clone(),
         script: b.script.as_ref().map(|p| p.display().to_string()),
         guest_agent: b.guest_agent,
+        uefi: m.firmware() == Firmware::Uefi,
         boot: if m.kernel.is_some() { BootMethod::Kernel } else { BootMethod::Firmware },
         kernel: None,
         initrd: None,
@@ -217,6 +243,7 @@ pub fn boot_test(a: RestoreTestArgs) -> Result<u8> {
                 memory_mib: m.memory(),
                 cpus: m.cpus(),
                 accel: m.accel(),
+                firmware: m.firmware(),
                 boot,
                 marker: b.console_marker.clone(),
                 agent: b.guest_agent,

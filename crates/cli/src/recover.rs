@@ -91,7 +91,7 @@ struct RecoveredDisk {
 pub fn recover(a: RecoverArgs) -> Result<u8> {
     if a.resume && (a.machine.given() || !a.qemu_args.is_empty()) {
         return Err(Usage(
-            "--resume starts the VM as the recovery first did: --memory, --cpus, --accel, --kernel and --qemu-arg \
+            "--resume starts the VM as the recovery first did: --memory, --cpus, --accel, --firmware, --kernel and --qemu-arg \
              cannot be given with it"
                 .into(),
         )
@@ -217,6 +217,7 @@ fn prepare(
         memory_mib: a.machine.memory(),
         cpus: a.machine.cpus(),
         accel: a.machine.accel(),
+        firmware: a.machine.firmware(),
         boot,
         extra_args: a.qemu_args.clone(),
     };

@@ -62,7 +62,7 @@ pub fn restore_test(a: RestoreTestArgs) -> Result<u8> {
         return crate::boot_test::boot_test(a);
     }
     if a.boot.machine.given() {
-        return Err(Usage("--memory, --cpus, --accel and --kernel need --boot".into()).into());
+        return Err(Usage("--memory, --cpus, --accel, --firmware and --kernel need --boot".into()).into());
     }
     let expect: Vec<FsPath> = a
         .expect

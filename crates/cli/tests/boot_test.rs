@@ -12,7 +12,9 @@ mod harness;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use harness::bootdisk::{boot_disk, processes_using, AGENT, APPEND, FAILED, FIRMWARE_OK, HANG, OK, STAY};
+use harness::bootdisk::{
+    boot_disk, processes_using, uefi_boot_disk, AGENT, APPEND, FAILED, FIRMWARE_OK, HANG, OK, STAY,
+};
 use harness::{assert_json_documented, snap_id, Dir, TestCommand};
 use serde_json::Value;
 
@@ -271,6 +273,33 @@ fn the_guest_agent_check_passes_when_the_guests_agent_answers_and_fails_when_it_
     let reason = r["reason"].as_str().unwrap();
     assert!(reason.contains("before the guest agent answered"), "{reason}");
     assert_eq!(r["boot_seconds"], Value::Null, "{r}");
+    assert_nothing_left(&tmp);
+}
+
+#[test]
+fn a_restore_point_that_boots_only_by_uefi_boots_with_ovmf() {
+    let dir = Dir::new();
+    dir.init();
+    let disk = uefi_boot_disk(&dir, "vda.img");
+    let snap = snap_id(&dir.backup("vm", &[("vda", &disk)]));
+    let tmp = tmp(&dir);
+
+    // The disk's own EFI system partition: OVMF's shell runs its startup.nsh, which
+    // starts the kernel's EFI stub; nothing is handed to QEMU but the disk.
+    let r = boot_cmd(&dir, &tmp, &snap)
+        .args(["--firmware", "uefi", "--console-marker", OK, "--fail-marker", FAILED, "--timeout", "4m"])
+        .json();
+    assert_eq!(r["passed"], true, "{r}");
+    assert_eq!((r["check"]["uefi"].as_bool(), r["check"]["boot"].as_str()), (Some(true), Some("firmware")), "{r}");
+    assert_json_documented("restore-test", &r);
+    assert_nothing_left(&tmp);
+
+    // SeaBIOS finds no boot loader on it: the same restore point fails without UEFI.
+    let (stdout, _) =
+        boot_cmd(&dir, &tmp, &snap).args(["--console-marker", OK, "--timeout", "30s", "--no-record"]).code(1);
+    let r = parse(&stdout);
+    assert!(r["reason"].as_str().unwrap().contains("within 30s"), "{r}");
+    assert!(r["check"].get("uefi").is_none(), "{r}");
     assert_nothing_left(&tmp);
 }
 

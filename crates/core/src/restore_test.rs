@@ -55,6 +55,9 @@ pub struct BootCheck {
     /// records of other checks stay readable by builds that predate it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub guest_agent: bool,
+    /// The VM booted by UEFI (OVMF), not SeaBIOS. Written only when true, as above.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uefi: bool,
     pub boot: BootMethod,
     /// Where the kernel and initrd were read (`DISK/partN:PATH`), and the command line.
     pub kernel: Option<String>,
@@ -241,6 +244,7 @@ mod tests {
             fail_marker: None,
             script: None,
             guest_agent: false,
+            uefi: false,
             boot: BootMethod::Kernel,
             kernel: Some("vda/part1:/boot/vmlinuz".into()),
             initrd: None,
@@ -253,6 +257,7 @@ mod tests {
         assert_eq!((json["kind"].as_str(), json["check"]["boot"].as_str()), (Some("boot"), Some("kernel")));
         assert_eq!(serde_json::from_value::<RestoreTest>(json.clone()).unwrap(), t);
         assert!(json["check"].get("guest_agent").is_none(), "written only when asked for: older builds read strictly");
+        assert!(json["check"].get("uefi").is_none(), "written only when asked for: older builds read strictly");
         let mut agent = t.clone();
         agent.check.as_mut().unwrap().guest_agent = true;
         let with_agent = serde_json::to_value(&agent).unwrap();

@@ -13,7 +13,9 @@ use blockproof_work::Cancel;
 
 use crate::console::Console;
 use crate::export_server::{ExportServer, StopServer};
-use crate::qemu::{accelerator, command, create_overlay, kill_group, last_line, option_value, spawn_error, Tie};
+use crate::qemu::{
+    accelerator, command, create_overlay, firmware_args, kill_group, last_line, option_value, spawn_error, Tie,
+};
 use crate::VmError;
 
 /// How often the console, QEMU and the script are looked at.
@@ -58,6 +60,18 @@ impl fmt::Display for Accelerator {
     }
 }
 
+/// The VM's firmware.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// SeaBIOS: boots the first disk's MBR boot loader.
+    #[default]
+    Bios,
+    /// OVMF (Debian's `ovmf`): boots the EFI system partition's boot entries or
+    /// `\EFI\BOOT\BOOTX64.EFI`, else its UEFI shell runs `startup.nsh`.
+    Uefi,
+}
+
 /// How the VM boots.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Boot {
@@ -74,6 +88,7 @@ pub struct BootSpec {
     pub memory_mib: u64,
     pub cpus: u32,
     pub accel: AccelChoice,
+    pub firmware: Firmware,
     pub boot: Boot,
     /// Passes when this text appears on the serial console (then the agent is asked, then
     /// the script runs).
@@ -164,6 +179,7 @@ fn run(
         "none".into(),
         "-no-reboot".into(),
     ];
+    args.extend(firmware_args(spec.firmware, &dir.join("uefi-vars.fd"))?);
     for (i, (name, export)) in exports.iter().enumerate() {
         let overlay = dir.join(format!("disk{i}.qcow2"));
         create_overlay(&spec.qemu_img, name, export.size(), server.path(), &overlay)?;
@@ -382,6 +398,7 @@ mod tests {
             memory_mib: 64,
             cpus: 1,
             accel: AccelChoice::Tcg,
+            firmware: Firmware::Bios,
             boot: Boot::Firmware,
             marker: Some("x".into()),
             agent: false,

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Accelerator, VmError};
+use crate::{Accelerator, Firmware, VmError};
 
 /// The journal's file name in the recovery directory.
 pub const JOURNAL_FILE: &str = "recovery.json";
@@ -60,6 +60,9 @@ pub struct Machine {
     pub memory_mib: u64,
     pub cpus: u32,
     pub accelerator: Accelerator,
+    /// BIOS or UEFI (the VM's variable store is `uefi-vars.fd` in the directory).
+    #[serde(default)]
+    pub firmware: Firmware,
     /// Whether the VM boots the `kernel` (and `initrd`) file of the recovery directory
     /// directly, with `append` as its command line; otherwise the firmware boots disk 0.
     pub kernel: bool,
@@ -160,6 +163,7 @@ mod tests {
                 memory_mib: 512,
                 cpus: 2,
                 accelerator: Accelerator::Tcg,
+                firmware: Firmware::Uefi,
                 kernel: false,
                 initrd: false,
                 append: None,
@@ -177,7 +181,13 @@ mod tests {
         j.save(dir.path()).unwrap();
         assert_eq!(Journal::load(dir.path()).unwrap(), j);
         let text = fs::read_to_string(dir.path().join(JOURNAL_FILE)).unwrap();
-        for field in ["\"version\": 1", "\"state\": \"copying\"", "\"accelerator\": \"tcg\"", "\"copied\": false"] {
+        for field in [
+            "\"version\": 1",
+            "\"state\": \"copying\"",
+            "\"accelerator\": \"tcg\"",
+            "\"firmware\": \"uefi\"",
+            "\"copied\": false",
+        ] {
             assert!(text.contains(field), "{field} in {text}");
         }
         assert!(!dir.path().join(format!("{JOURNAL_FILE}.tmp")).exists());

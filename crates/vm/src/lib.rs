@@ -103,7 +103,7 @@ mod recovery;
 use std::path::PathBuf;
 
 pub use blockproof_work::Cancel;
-pub use isolated_vm::{boot, AccelChoice, Accelerator, Boot, BootOutcome, BootSpec};
+pub use isolated_vm::{boot, AccelChoice, Accelerator, Boot, BootOutcome, BootSpec, Firmware};
 pub use journal::{Journal, JournalDisk, Machine, RecoveryState, JOURNAL_FILE, JOURNAL_VERSION};
 pub use recovery::{
     CopyOptions, NewRecovery, Recovery, RecoveryEvent, RecoveryOutcome, CONSOLE, NBD_SOCKET, QEMU_LOG,
@@ -119,6 +119,9 @@ pub enum VmError {
     /// `--accel kvm` on a machine where `/dev/kvm` does not open read-write.
     #[error("KVM is not available: /dev/kvm: {0}")]
     NoKvm(std::io::Error),
+    /// UEFI was asked for and OVMF is not installed.
+    #[error("the UEFI firmware {0} is missing: install Debian's ovmf package")]
+    NoUefi(PathBuf),
     /// A program (QEMU, qemu-img, the check script) could not be started.
     #[error("cannot run {program}: {source}")]
     Spawn { program: String, source: std::io::Error },

@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use crate::{AccelChoice, Accelerator, VmError};
+use crate::{AccelChoice, Accelerator, Firmware, VmError};
 
 pub(crate) fn accelerator(choice: AccelChoice) -> Result<Accelerator, VmError> {
     let kvm = || std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").map(drop);
@@ -26,6 +26,36 @@ pub(crate) fn accelerator(choice: AccelChoice) -> Result<Accelerator, VmError> {
 fn hardware_virtualization() -> bool {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     cpuinfo.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+/// Where Debian's `ovmf` package puts the UEFI firmware (code, read-only) and the
+/// template of its variable store (copied for each VM: the VM writes its own).
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// QEMU's arguments for the VM's firmware; for UEFI, the VM's variable store is made at
+/// `vars` (from OVMF's template) unless it is there already (a VM started again keeps
+/// its boot entries).
+pub(crate) fn firmware_args(firmware: Firmware, vars: &Path) -> Result<Vec<String>, VmError> {
+    match firmware {
+        Firmware::Bios => Ok(Vec::new()),
+        Firmware::Uefi => {
+            for f in [OVMF_CODE, OVMF_VARS] {
+                if !Path::new(f).is_file() {
+                    return Err(VmError::NoUefi(f.into()));
+                }
+            }
+            if !vars.exists() {
+                std::fs::copy(OVMF_VARS, vars).map_err(VmError::io(format!("cannot write {}", vars.display())))?;
+            }
+            Ok(vec![
+                "-drive".into(),
+                format!("if=pflash,format=raw,readonly=on,file={}", option_value(Path::new(OVMF_CODE))),
+                "-drive".into(),
+                format!("if=pflash,format=raw,file={}", option_value(vars)),
+            ])
+        }
+    }
 }
 
 /// A qcow2 overlay at `overlay` on export `disk` of the NBD server at `socket`: every

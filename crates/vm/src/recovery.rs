@@ -16,8 +16,10 @@ use serde_json::{json, Value};
 
 use crate::export_server::{ExportServer, StopServer};
 use crate::journal::{sync_dir, DirLock, Journal, JournalDisk, Machine, RecoveryState, JOURNAL_VERSION};
-use crate::qemu::{accelerator, command, create_overlay, kill_group, last_line, option_value, spawn_error, Tie};
-use crate::{AccelChoice, Accelerator, Boot, VmError};
+use crate::qemu::{
+    accelerator, command, create_overlay, firmware_args, kill_group, last_line, option_value, spawn_error, Tie,
+};
+use crate::{AccelChoice, Accelerator, Boot, Firmware, VmError};
 
 /// The NBD server's socket in the recovery directory (the images' backing files).
 pub const NBD_SOCKET: &str = "nbd.sock";
@@ -58,6 +60,7 @@ pub struct NewRecovery {
     pub memory_mib: u64,
     pub cpus: u32,
     pub accel: AccelChoice,
+    pub firmware: Firmware,
     pub boot: Boot,
     pub extra_args: Vec<String>,
 }
@@ -172,6 +175,7 @@ impl Recovery {
                 memory_mib: new.memory_mib,
                 cpus: new.cpus,
                 accelerator,
+                firmware: new.firmware,
                 kernel,
                 initrd,
                 append,
@@ -424,7 +428,8 @@ impl Recovery {
             let image = self.journal.image(&self.dir, i);
             backing.push(image_has_backing(&image).map_err(VmError::io(format!("cannot read {}", image.display())))?);
         }
-        let args = qemu_args(&self.dir, &self.journal, &backing);
+        let mut args = firmware_args(self.journal.machine.firmware, &self.dir.join("uefi-vars.fd"))?;
+        args.extend(qemu_args(&self.dir, &self.journal, &backing));
         let append = |name: &str| {
             let path = self.dir.join(name);
             OpenOptions::new()
@@ -680,6 +685,7 @@ mod tests {
             memory_mib: 256,
             cpus: 1,
             accel: AccelChoice::Tcg,
+            firmware: Firmware::Bios,
             boot: Boot::Kernel { kernel: b"k".to_vec(), initrd: None, append: "console=ttyS0".into() },
             extra_args: vec!["-nic".into(), "user".into()],
         }

@@ -124,9 +124,11 @@ if grep -q {HANG} /proc/cmdline; then
   echo "{HANGING}"
   while true; do sleep 3600; done
 fi
+root=/dev/vda1
+for a in $(cat /proc/cmdline); do case $a in blockproof.root=*) root=${{a#blockproof.root=}};; esac; done
 i=0
-while [ ! -b /dev/vda1 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-if mount -t ext4 -o ro /dev/vda1 /mnt && [ -f /mnt/etc/blockproof-ok ]; then
+while [ ! -b $root ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+if mount -t ext4 -o ro $root /mnt && [ -f /mnt/etc/blockproof-ok ]; then
   echo {OK}
 else
   echo {FAILED}
@@ -247,25 +249,7 @@ fn boot_code() -> Vec<u8> {
 /// The bootable test disk `name` in `dir`; `ok`: with `/etc/blockproof-ok`.
 pub fn boot_disk(dir: &Dir, name: &str, ok: bool) -> PathBuf {
     let (vmlinuz, modules) = host_kernel();
-    let root = dir.join(&format!("{name}.root"));
-    std::fs::create_dir_all(root.join("boot")).unwrap();
-    std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::copy(&vmlinuz, root.join("boot/vmlinuz")).unwrap();
-    std::fs::write(root.join("boot/initrd.img"), initramfs(&modules)).unwrap();
-    if ok {
-        std::fs::write(root.join("etc/blockproof-ok"), b"restore me\n").unwrap();
-    }
-    let fs = dir.join(&format!("{name}.ext4"));
-    let size = format!("{}k", (DISK_BYTES - PART_START) / 1024);
-    let out = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-d"])
-        .arg(&root)
-        .arg(&fs)
-        .arg(&size)
-        .output()
-        .expect("mke2fs");
-    assert!(out.status.success(), "mke2fs: {}", String::from_utf8_lossy(&out.stderr));
-
+    let fs = ext4_root(dir, name, ok, (DISK_BYTES - PART_START) / 1024, Some((&vmlinuz, &modules)));
     let mut disk = vec![0u8; DISK_BYTES as usize];
     let code = boot_code();
     disk[..code.len()].copy_from_slice(&code);
@@ -281,7 +265,88 @@ pub fn boot_disk(dir: &Dir, name: &str, ok: bool) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, disk).unwrap();
     std::fs::remove_file(fs).unwrap();
+    path
+}
+
+/// An ext4 image of `kib` KiB holding `/etc/blockproof-ok` when `ok`, and the host's
+/// kernel with the test's initramfs in `/boot` when given.
+fn ext4_root(dir: &Dir, name: &str, ok: bool, kib: u64, kernel: Option<(&Path, &Path)>) -> PathBuf {
+    let root = dir.join(&format!("{name}.root"));
+    std::fs::create_dir_all(root.join("boot")).unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    if let Some((vmlinuz, modules)) = kernel {
+        std::fs::copy(vmlinuz, root.join("boot/vmlinuz")).unwrap();
+        std::fs::write(root.join("boot/initrd.img"), initramfs(modules)).unwrap();
+    }
+    if ok {
+        std::fs::write(root.join("etc/blockproof-ok"), b"restore me\n").unwrap();
+    }
+    let fs = dir.join(&format!("{name}.ext4"));
+    let out = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&root)
+        .arg(&fs)
+        .arg(format!("{kib}k"))
+        .output()
+        .expect("mke2fs");
+    assert!(out.status.success(), "mke2fs: {}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_dir_all(root).unwrap();
+    fs
+}
+
+/// A disk that boots only by UEFI: GPT, an EFI system partition (FAT32, `vda1`) holding
+/// the host's kernel as `vmlinuz.efi` (its EFI stub), the test's initramfs and a
+/// `startup.nsh` that OVMF's UEFI shell runs (no boot entry matches, so the firmware
+/// falls back to the shell), and an ext4 root (`vda2`) with `/etc/blockproof-ok`. The
+/// shell starts the kernel with `console=ttyS0 blockproof.root=/dev/vda2`, so the same
+/// initramfs prints [`OK`].
+pub fn uefi_boot_disk(dir: &Dir, name: &str) -> PathBuf {
+    const ESP_SECTORS: u64 = 40 << 11; // 40 MiB
+    let (vmlinuz, modules) = host_kernel();
+    let esp = dir.join(&format!("{name}.esp"));
+    std::fs::write(&esp, vec![0u8; (ESP_SECTORS * 512) as usize]).unwrap();
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/test.sh installs it)"));
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(Command::new("mkfs.vfat").args(["-F", "32"]).arg(&esp));
+    let initrd = dir.join(&format!("{name}.initrd"));
+    std::fs::write(&initrd, initramfs(&modules)).unwrap();
+    let nsh = dir.join(&format!("{name}.nsh"));
+    std::fs::write(&nsh, format!("fs0:\\vmlinuz.efi initrd=\\initrd.img {APPEND} blockproof.root=/dev/vda2\r\n"))
+        .unwrap();
+    for (from, to) in [(vmlinuz.as_path(), "::vmlinuz.efi"), (&initrd, "::initrd.img"), (&nsh, "::startup.nsh")] {
+        run(Command::new("mcopy").arg("-i").arg(&esp).arg(from).arg(to));
+    }
+    let root_start = PART_START / 512 + ESP_SECTORS;
+    let root_sectors = DISK_BYTES / 512 - root_start - 64; // the backup GPT at the end
+    let root = ext4_root(dir, name, true, root_sectors / 2, None);
+    let path = dir.join(name);
+    let mut disk = vec![0u8; DISK_BYTES as usize];
+    let esp_bytes = std::fs::read(&esp).unwrap();
+    disk[PART_START as usize..PART_START as usize + esp_bytes.len()].copy_from_slice(&esp_bytes);
+    let root_bytes = std::fs::read(&root).unwrap();
+    let at = (root_start * 512) as usize;
+    disk[at..at + root_bytes.len()].copy_from_slice(&root_bytes);
+    std::fs::write(&path, disk).unwrap();
+    let table = format!(
+        "label: gpt\nstart={}, size={ESP_SECTORS}, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n\
+         start={root_start}, size={root_sectors}, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n",
+        PART_START / 512
+    );
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["-q", "--no-reread", "--no-tell-kernel"])
+        .arg(&path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk (scripts/test.sh installs fdisk)");
+    use std::io::Write as _;
+    sfdisk.stdin.take().unwrap().write_all(table.as_bytes()).unwrap();
+    assert!(sfdisk.wait().unwrap().success(), "sfdisk");
+    for f in [esp, initrd, nsh, root] {
+        std::fs::remove_file(f).unwrap();
+    }
     path
 }
 
