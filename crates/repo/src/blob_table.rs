@@ -1,16 +1,17 @@
 //! The blob index's table: blob locations as compact slots in runs sorted by blob id.
 //!
 //! A [`Slot`] is one location of one blob in 54 bytes without padding (the id, the pack's
-//! position, offset, lengths, kind and compression; every field has alignment 1). A run
-//! is a `Vec<Slot>` sorted by id; the locations of a blob stored more than once are
-//! adjacent in it, in load order (the first location first). Lookups are an
-//! interpolation search on the id's first 8 bytes (blob ids are keyed hashes, uniform),
-//! bounded to a few probes and finished by a binary search, so ids that are not uniform
-//! cost at most a binary search.
+//! position, offset, lengths, kind and compression; every field has alignment 1). A
+//! [`Run`] is slots sorted by id, with a directory of where each value of the ids' top
+//! bits starts (4 bytes per [`BUCKET`] slots): blob ids are keyed hashes, uniform, so a
+//! lookup reads one directory entry and binary-searches a bucket of a few slots, about
+//! two cache misses like a hash table (ids that are not uniform only make some buckets
+//! larger). The locations of a blob stored more than once are adjacent in a run, in load
+//! order (the first location first).
 //!
 //! Two ways to build a run: a bulk load appends every listing's slots unsorted and
 //! [`settle`]s them once (one in-place sort, then one pass keeping the locations the
-//! index keeps); a run added later is [`merge_into`] an older one in place.
+//! index keeps); a run added later is merged into an older one in place ([`Run::merge`]).
 
 use blockproof_format::{BlobEntry, BlobKind, Compression, Id};
 
@@ -30,11 +31,6 @@ pub(crate) struct Slot {
 /// Bytes per slot: docs/ARCHITECTURE.md §7 counts on it.
 pub(crate) const SLOT_SIZE: usize = 54;
 const _: () = assert!(std::mem::size_of::<Slot>() == SLOT_SIZE && std::mem::align_of::<Slot>() == 1);
-
-/// Interpolation probes before the binary search takes over.
-const INTERPOLATION_PROBES: usize = 6;
-/// Below this many slots a lookup goes straight to the binary search.
-const SMALL_RANGE: usize = 16;
 
 impl Slot {
     pub(crate) fn new(entry: &BlobEntry, pack: u32) -> Self {
@@ -86,38 +82,80 @@ fn by_id(a: &Slot, b: &Slot) -> std::cmp::Ordering {
     a.prefix().cmp(&b.prefix()).then_with(|| a.id.0[8..].cmp(&b.id.0[8..]))
 }
 
-/// The first position in `run` (sorted by id) whose id is not below `id`.
-pub(crate) fn lower_bound(run: &[Slot], id: &Id) -> usize {
-    let key = prefix(id);
-    // run[..lo] is below id, run[hi..] is not.
-    let (mut lo, mut hi) = (0, run.len());
-    for _ in 0..INTERPOLATION_PROBES {
-        if hi - lo <= SMALL_RANGE {
-            break;
-        }
-        let (a, b) = (run[lo].prefix(), run[hi - 1].prefix());
-        let probe = if key <= a {
-            lo
-        } else if key >= b {
-            hi - 1
-        } else {
-            let span = (hi - 1 - lo) as u128;
-            lo + (u128::from(key - a) * span / u128::from(b - a)) as usize
-        };
-        if run[probe].id < *id {
-            lo = probe + 1;
-        } else {
-            hi = probe;
-        }
-    }
-    lo + run[lo..hi].partition_point(|s| s.id < *id)
+/// A run: slots sorted by id, and a directory of where each value of the ids' top
+/// `bits` bits starts, so that a lookup reads one directory entry and then searches a
+/// bucket of about [`BUCKET`] slots (a page or two of the run) instead of the whole run.
+#[derive(Debug, Default)]
+pub(crate) struct Run {
+    slots: Vec<Slot>,
+    /// `dir[b]..dir[b + 1]`: the slots whose top `bits` bits are `b`. Empty for a run of
+    /// more than `u32::MAX` slots (searched whole).
+    dir: Vec<u32>,
+    bits: u32,
 }
 
-/// The slots of `id` in `run`: its locations there, in load order.
-pub(crate) fn group<'r>(run: &'r [Slot], id: &Id) -> &'r [Slot] {
-    let lo = lower_bound(run, id);
-    let n = run[lo..].iter().take_while(|s| s.id == *id).count();
-    &run[lo..lo + n]
+/// Slots per directory bucket, on average: the directory costs 4 bytes per bucket.
+pub(crate) const BUCKET: usize = 8;
+
+impl Run {
+    /// A run of `slots`, which must be sorted by id.
+    pub(crate) fn new(slots: Vec<Slot>) -> Self {
+        let bits = (slots.len() / BUCKET).max(1).ilog2().min(30);
+        let mut run = Run { slots, dir: Vec::new(), bits };
+        let Ok(len) = u32::try_from(run.slots.len()) else { return run };
+        let buckets = 1usize << bits;
+        run.dir.reserve_exact(buckets + 1);
+        let mut at = 0u32;
+        for b in 0..buckets {
+            while (at as usize) < run.slots.len() && run.bucket(&run.slots[at as usize].id) < b {
+                at += 1;
+            }
+            run.dir.push(at);
+        }
+        run.dir.push(len);
+        run
+    }
+
+    fn bucket(&self, id: &Id) -> usize {
+        if self.bits == 0 {
+            0
+        } else {
+            (prefix(id) >> (64 - self.bits)) as usize
+        }
+    }
+
+    pub(crate) fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The first position whose id is not below `id`.
+    pub(crate) fn lower_bound(&self, id: &Id) -> usize {
+        let (lo, hi) = if self.dir.is_empty() {
+            (0, self.slots.len())
+        } else {
+            let b = self.bucket(id);
+            (self.dir[b] as usize, self.dir[b + 1] as usize)
+        };
+        lo + self.slots[lo..hi].partition_point(|s| s.id < *id)
+    }
+
+    /// The slots of `id`: its locations in this run, in load order.
+    pub(crate) fn group(&self, id: &Id) -> &[Slot] {
+        let lo = self.lower_bound(id);
+        let n = self.slots[lo..].iter().take_while(|s| s.id == *id).count();
+        &self.slots[lo..lo + n]
+    }
+
+    /// Merges the run `newer` into this older one, in place from the back (no second
+    /// copy of the older slots); of equal ids, the older slots stay first.
+    pub(crate) fn merge(&mut self, newer: Run) {
+        let slots = std::mem::take(&mut self.slots);
+        *self = Run::new(merge_into(slots, &newer.slots));
+    }
 }
 
 /// Settles the slots of a bulk load, whose `pack` is still the number of the listing
@@ -127,7 +165,7 @@ pub(crate) fn group<'r>(run: &'r [Slot], id: &Id) -> &'r [Slot] {
 /// another pack (the first in that pack), as [`crate::BlobIndex::add_pack`] does one
 /// listing at a time; every slot's `pack` becomes the pack's position. Returns the
 /// number of distinct blobs.
-pub(crate) fn settle(slots: &mut Vec<Slot>, listing_pack: &[u32]) -> usize {
+pub(crate) fn settle(mut slots: Vec<Slot>, listing_pack: &[u32]) -> (Run, usize) {
     slots.sort_unstable_by(|a, b| {
         by_id(a, b).then_with(|| a.pack().cmp(&b.pack())).then_with(|| a.offset().cmp(&b.offset()))
     });
@@ -149,13 +187,13 @@ pub(crate) fn settle(slots: &mut Vec<Slot>, listing_pack: &[u32]) -> usize {
     }
     slots.truncate(write);
     slots.shrink_to_fit();
-    blobs
+    (Run::new(slots), blobs)
 }
 
 /// Merges the sorted run `newer` into the sorted run `older`, in place from the back
 /// (no second copy of `older`); of equal ids, `older`'s slots stay first.
-pub(crate) fn merge_into(older: &mut Vec<Slot>, newer: &[Slot]) {
-    let Some(&filler) = newer.first() else { return };
+fn merge_into(mut older: Vec<Slot>, newer: &[Slot]) -> Vec<Slot> {
+    let Some(&filler) = newer.first() else { return older };
     let mut i = older.len();
     older.resize(older.len() + newer.len(), filler);
     let mut j = newer.len();
@@ -170,6 +208,7 @@ pub(crate) fn merge_into(older: &mut Vec<Slot>, newer: &[Slot]) {
             j -= 1;
         }
     }
+    older
 }
 
 #[cfg(test)]
@@ -237,21 +276,23 @@ mod tests {
             .collect();
         for ids in [uniform, same_prefix, clustered] {
             let (present, absent) = ids.split_at(ids.len() * 4 / 5);
-            let mut run: Vec<Slot> = present.iter().map(|i| slot(*i, 0, 0)).collect();
-            run.sort_unstable_by(by_id);
+            let mut slots: Vec<Slot> = present.iter().map(|i| slot(*i, 0, 0)).collect();
+            slots.sort_unstable_by(by_id);
+            let run = Run::new(slots);
+            assert!(run.dir.len() > 2 || ids.len() < 100);
             for i in present {
-                let g = group(&run, i);
+                let g = run.group(i);
                 assert_eq!(g.len(), 1);
                 assert_eq!(g[0].id, *i);
             }
             for i in absent {
-                assert!(group(&run, i).is_empty());
-                let at = lower_bound(&run, i);
-                assert!(at == run.len() || run[at].id > *i);
-                assert!(at == 0 || run[at - 1].id < *i);
+                assert!(run.group(i).is_empty());
+                let at = run.lower_bound(i);
+                assert!(at == run.len() || run.slots[at].id > *i);
+                assert!(at == 0 || run.slots[at - 1].id < *i);
             }
         }
-        assert!(group(&[], &id(1)).is_empty());
+        assert!(Run::new(Vec::new()).group(&id(1)).is_empty());
     }
 
     /// Settling keeps a blob's first location and its further ones in other packs, in
@@ -261,7 +302,7 @@ mod tests {
         let (a, b) = (id(1), id(2));
         // Listings 0..4 name packs 5, 7, 5 (again), 9.
         let listing_pack = [5, 7, 5, 9];
-        let mut slots = vec![
+        let slots = vec![
             slot(a, 0, 100),
             slot(b, 1, 0),
             slot(a, 1, 50),
@@ -270,28 +311,37 @@ mod tests {
             slot(a, 3, 0),
             slot(a, 3, 70),
         ];
-        assert_eq!(settle(&mut slots, &listing_pack), 2);
-        let locs = |i: Id| group(&slots, &i).iter().map(|s| (s.pack(), s.offset())).collect::<Vec<_>>();
+        let (run, blobs) = settle(slots, &listing_pack);
+        assert_eq!(blobs, 2);
+        let locs = |i: Id| run.group(&i).iter().map(|s| (s.pack(), s.offset())).collect::<Vec<_>>();
         assert_eq!(locs(a), vec![(5, 100), (7, 50), (9, 0)]);
         assert_eq!(locs(b), vec![(7, 0), (9, 10)]);
-        let mut none = Vec::new();
-        assert_eq!(settle(&mut none, &[]), 0);
+        assert_eq!(settle(Vec::new(), &[]).1, 0);
     }
 
     #[test]
     fn merging_keeps_older_slots_first_and_the_run_sorted() {
-        let mut older: Vec<Slot> = (0..300).map(|k| slot(id(k), 0, 0)).collect();
-        older.sort_unstable_by(by_id);
-        let mut newer: Vec<Slot> = (250..400).map(|k| slot(id(k), 1, 0)).collect();
-        newer.sort_unstable_by(by_id);
-        merge_into(&mut older, &newer);
+        let sorted = |range: std::ops::Range<u64>, pack| {
+            let mut v: Vec<Slot> = range.map(|k| slot(id(k), pack, 0)).collect();
+            v.sort_unstable_by(by_id);
+            Run::new(v)
+        };
+        let mut older = sorted(0..300, 0);
+        older.merge(sorted(250..400, 1));
         assert_eq!(older.len(), 450);
-        assert!(older.windows(2).all(|w| by_id(&w[0], &w[1]).is_le()));
-        for k in 250..300 {
-            let packs: Vec<u32> = group(&older, &id(k)).iter().map(Slot::pack).collect();
-            assert_eq!(packs, vec![0, 1]);
+        assert!(older.slots.windows(2).all(|w| by_id(&w[0], &w[1]).is_le()));
+        for k in 0..400 {
+            let packs: Vec<u32> = older.group(&id(k)).iter().map(Slot::pack).collect();
+            let want = if k < 250 {
+                vec![0]
+            } else if k < 300 {
+                vec![0, 1]
+            } else {
+                vec![1]
+            };
+            assert_eq!(packs, want);
         }
-        merge_into(&mut older, &[]);
+        older.merge(Run::default());
         assert_eq!(older.len(), 450);
     }
 }

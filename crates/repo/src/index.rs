@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use blockproof_format::{BlobEntry, BlobKind, Id, IndexFile};
 
 use crate::blob::open_blob;
-use crate::blob_table::{self, Slot};
+use crate::blob_table::{self, Run, Slot};
 use crate::scan::{stray_error, Skipped};
 use crate::{RepoError, Repository};
 use blockproof_store::{Kind, StoreError};
@@ -24,7 +24,8 @@ pub struct BlobLocation {
 }
 
 /// The union of all index files: blob id → location, in compact slots sorted by id
-/// (54 bytes per location, see `blob_table.rs`); see docs/ARCHITECTURE.md §7.
+/// (54 bytes per location and a directory of 4 bytes per 8,
+/// see `blob_table.rs`); see docs/ARCHITECTURE.md §7.
 ///
 /// A blob stored more than once (two backups at once, a backup that stored again what
 /// was missing or damaged, a repair or a repack that copied it) keeps its first location
@@ -37,7 +38,8 @@ pub struct BlobLocation {
 /// loaded index add a further sorted run, checked against the runs before it (so each
 /// run holds only locations the index keeps); a run is merged in place into the one
 /// before it once that one is at most twice its size, so there are O(log n) runs and
-/// each slot is moved O(log n) times. Lookups search the runs oldest first.
+/// each slot is moved O(log n) times. Lookups search the runs oldest first: in each, one
+/// directory entry and a bucket of about 8 slots.
 #[derive(Default)]
 pub struct BlobIndex {
     packs: Vec<Id>,
@@ -45,7 +47,7 @@ pub struct BlobIndex {
     /// Per pack (by position): what its first index listing says about its layout.
     layouts: Vec<PackLayout>,
     /// Sorted runs of locations, oldest first.
-    runs: Vec<Vec<Slot>>,
+    runs: Vec<Run>,
     /// Number of distinct blobs.
     blobs: usize,
     /// The index files this was loaded from.
@@ -95,10 +97,11 @@ impl IndexBuilder {
 
     /// The index: the locations sorted by id.
     pub fn finish(self) -> BlobIndex {
-        let IndexBuilder { mut index, mut slots, listing_pack } = self;
-        index.blobs = blob_table::settle(&mut slots, &listing_pack);
-        if !slots.is_empty() {
-            index.runs.push(slots);
+        let IndexBuilder { mut index, slots, listing_pack } = self;
+        let (run, blobs) = blob_table::settle(slots, &listing_pack);
+        index.blobs = blobs;
+        if run.len() > 0 {
+            index.runs.push(run);
         }
         index
     }
@@ -206,20 +209,20 @@ impl BlobIndex {
         if fresh.is_empty() {
             return;
         }
-        self.runs.push(fresh.into_iter().map(|f| f.0).collect());
+        self.runs.push(Run::new(fresh.into_iter().map(|f| f.0).collect()));
         while let [.., older, newer] = &self.runs[..] {
             if older.len() > 2 * newer.len() {
                 break;
             }
             let newer = self.runs.pop().expect("two runs");
-            blob_table::merge_into(self.runs.last_mut().expect("one run"), &newer);
+            self.runs.last_mut().expect("one run").merge(newer);
         }
     }
 
     /// Every slot of a blob: its locations in load order.
     fn slots<'s>(&'s self, id: &Id) -> impl Iterator<Item = &'s Slot> + 's {
         let id = *id;
-        self.runs.iter().flat_map(move |run| blob_table::group(run, &id))
+        self.runs.iter().flat_map(move |run| run.group(&id))
     }
 
     fn location(&self, slot: &Slot) -> (Id, BlobEntry) {
@@ -283,9 +286,10 @@ impl BlobIndex {
             .iter()
             .enumerate()
             .flat_map(move |(r, run)| {
-                run.iter().enumerate().filter(move |(k, s)| {
-                    let first_here = *k == 0 || run[*k - 1].id != s.id;
-                    first_here && self.runs[..r].iter().all(|older| blob_table::group(older, &s.id).is_empty())
+                let slots = run.slots();
+                slots.iter().enumerate().filter(move |(k, s)| {
+                    let first_here = *k == 0 || slots[*k - 1].id != s.id;
+                    first_here && self.runs[..r].iter().all(|older| older.group(&s.id).is_empty())
                 })
             })
             .map(|(_, s)| {
@@ -297,7 +301,7 @@ impl BlobIndex {
     /// Iterates over every location of every blob, further copies included, in no
     /// particular order.
     pub fn iter_all(&self) -> impl Iterator<Item = (&Id, Id, BlobEntry)> + '_ {
-        self.runs.iter().flatten().map(|s| {
+        self.runs.iter().flat_map(Run::slots).map(|s| {
             let (pack, entry) = self.location(s);
             (&s.id, pack, entry)
         })
