@@ -30,7 +30,7 @@ use blockproof_format::{Id, ObjectMagic};
 use blockproof_repo::blob::open_blob;
 use blockproof_repo::pack_writer::read_pack_header;
 use blockproof_repo::repository::check_name;
-use blockproof_repo::{BlobIndex, BlobReader, Repository, TreeReader};
+use blockproof_repo::{BlobIndex, BlobReader, IndexBuilder, Repository, TreeReader};
 use blockproof_store::Kind;
 use blockproof_work::{fan_out, FanOut};
 use rand::seq::SliceRandom;
@@ -172,7 +172,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     }
 
     // Index files.
-    let mut index = BlobIndex::default();
+    let mut index = IndexBuilder::new();
     for name in backend.list(Kind::Index)? {
         if !Id::is_file_name(&name) {
             stray.push(format!("{}/{name}", Kind::Index.dir()));
@@ -185,6 +185,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
             Err(e) => report.errors.push(e.to_string()),
         }
     }
+    let index = index.finish();
     report.index_files = index.files().len() as u64;
     report.blobs = index.len() as u64;
 
@@ -309,11 +310,7 @@ struct PackVerdict {
 
 /// Reads one pack whole and verifies it: its name is its hash, its header authenticates
 /// and agrees with the index, every blob opens and re-hashes to its id.
-fn verify_pack(
-    repo: &Repository,
-    name: &str,
-    by_pack: &HashMap<Id, Vec<&blockproof_format::BlobEntry>>,
-) -> PackVerdict {
+fn verify_pack(repo: &Repository, name: &str, by_pack: &HashMap<Id, Vec<blockproof_format::BlobEntry>>) -> PackVerdict {
     let mut v = PackVerdict { bytes_read: 0, blobs_checked: 0, errors: Vec::new() };
     let file = match repo.backend().read(Kind::Pack, name) {
         Ok(f) => f,
@@ -343,7 +340,7 @@ fn verify_pack(
     if let Ok(id) = name.parse::<Id>() {
         let header: HashSet<_> = entries.iter().collect();
         for e in by_pack.get(&id).into_iter().flatten() {
-            if !header.contains(*e) {
+            if !header.contains(e) {
                 v.errors.push(format!("pack {name}: index entry for blob {} disagrees with the pack header", e.id));
             }
         }
@@ -374,7 +371,7 @@ fn read_data(
     let total: u64 = packs.iter().map(|p| p.1).sum();
     let byte_limit = budget.byte_limit(total);
     let mut r = ReadDataReport { packs_total: packs.len() as u64, run, ..Default::default() };
-    let by_pack: HashMap<Id, Vec<&blockproof_format::BlobEntry>> =
+    let by_pack: HashMap<Id, Vec<blockproof_format::BlobEntry>> =
         index.iter_all().fold(HashMap::new(), |mut m, (_, p, e)| {
             m.entry(p).or_default().push(e);
             m

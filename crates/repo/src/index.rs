@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use blockproof_format::{BlobEntry, BlobKind, Id, IndexFile};
 
 use crate::blob::open_blob;
+use crate::blob_table::{self, Run, Slot};
 use crate::scan::{stray_error, Skipped};
 use crate::{RepoError, Repository};
 use blockproof_store::{Kind, StoreError};
@@ -22,24 +23,88 @@ pub struct BlobLocation {
     pub entry: BlobEntry,
 }
 
-/// The union of all index files: blob id → location. Memory is about 100 bytes per
-/// blob; see docs/ARCHITECTURE.md for the plan to page it.
+/// The union of all index files: blob id → location, in compact slots sorted by id
+/// (54 bytes per location and a directory of 4 bytes per 8,
+/// see `blob_table.rs`); see docs/ARCHITECTURE.md §7.
 ///
 /// A blob stored more than once (two backups at once, a backup that stored again what
 /// was missing or damaged, a repair or a repack that copied it) keeps its first location
-/// in `blobs` and its further ones in `copies`; [`BlobReader`] tries them in turn when a
-/// read fails, so one good copy is enough.
+/// — the first in load order: index files in listing order, packs and entries in the
+/// order each file gives them — and its further ones, one per other pack, in load order;
+/// [`BlobReader`] tries them in turn when a read fails, so one good copy is enough.
+///
+/// The loaders ([`BlobIndex::load`], [`BlobIndex::scan`], [`IndexBuilder`]) sort every
+/// location once into one run. [`BlobIndex::add_pack`] and [`BlobIndex::add_file`] on a
+/// loaded index add a further sorted run, checked against the runs before it (so each
+/// run holds only locations the index keeps); a run is merged in place into the one
+/// before it once that one is at most twice its size, so there are O(log n) runs and
+/// each slot is moved O(log n) times. Lookups search the runs oldest first: in each, one
+/// directory entry and a bucket of about 8 slots.
 #[derive(Default)]
 pub struct BlobIndex {
     packs: Vec<Id>,
     pack_pos: HashMap<Id, u32>,
     /// Per pack (by position): what its first index listing says about its layout.
     layouts: Vec<PackLayout>,
-    blobs: HashMap<Id, BlobLocation>,
-    /// Further locations of blobs stored more than once (rare).
-    copies: HashMap<Id, Vec<BlobLocation>>,
+    /// Sorted runs of locations, oldest first.
+    runs: Vec<Run>,
+    /// Number of distinct blobs.
+    blobs: usize,
     /// The index files this was loaded from.
     files: Vec<String>,
+}
+
+/// Builds a [`BlobIndex`] from index listings in bulk: every location is appended
+/// unsorted and sorted once by [`IndexBuilder::finish`] (the loaders use it; so does
+/// `check`, which reports damaged index files itself). The result is the index that
+/// [`BlobIndex::add_pack`] would give for the same listings in the same order.
+#[derive(Default)]
+pub struct IndexBuilder {
+    index: BlobIndex,
+    slots: Vec<Slot>,
+    /// Per listing added: the pack's position.
+    listing_pack: Vec<u32>,
+}
+
+impl IndexBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the blobs of one pack listing.
+    pub fn add_pack(&mut self, pack: Id, entries: &[BlobEntry]) {
+        let pos = self.index.register_pack(pack, entries);
+        let listing = self.listing_pack.len() as u32;
+        self.listing_pack.push(pos);
+        // Settling orders a listing's slots by offset; a listing whose offsets do not
+        // increase (never written so) first loses its repeated ids, so that its first
+        // mention of a blob is the one kept, as add_pack keeps it.
+        if entries.windows(2).all(|w| w[0].offset < w[1].offset) {
+            self.slots.extend(entries.iter().map(|e| Slot::new(e, listing)));
+        } else {
+            let mut seen = HashSet::new();
+            self.slots.extend(entries.iter().filter(|e| seen.insert(e.id)).map(|e| Slot::new(e, listing)));
+        }
+    }
+
+    /// Adds every pack listing of an index file, and its name to [`BlobIndex::files`].
+    pub fn add_file(&mut self, name: String, file: &IndexFile) {
+        for (pack, entries) in &file.packs {
+            self.add_pack(*pack, entries);
+        }
+        self.index.files.push(name);
+    }
+
+    /// The index: the locations sorted by id.
+    pub fn finish(self) -> BlobIndex {
+        let IndexBuilder { mut index, slots, listing_pack } = self;
+        let (run, blobs) = blob_table::settle(slots, &listing_pack);
+        index.blobs = blobs;
+        if run.len() > 0 {
+            index.runs.push(run);
+        }
+        index
+    }
 }
 
 /// A pack's layout as its index listing gives it: how many blobs its header lists and
@@ -82,7 +147,7 @@ impl BlobIndex {
     }
 
     fn read(repo: &Repository, excluded: &HashSet<Id>, strict: bool) -> Result<(Self, Skipped), RepoError> {
-        let mut idx = BlobIndex::default();
+        let mut builder = IndexBuilder::new();
         let mut skipped = Skipped::default();
         for name in repo.backend().list(Kind::Index)? {
             if !Id::is_file_name(&name) {
@@ -104,17 +169,16 @@ impl BlobIndex {
                 Err(e) => return Err(e),
             };
             for (pack, entries) in file.packs.iter().filter(|(p, _)| !excluded.contains(p)) {
-                idx.add_pack(*pack, entries);
+                builder.add_pack(*pack, entries);
             }
-            idx.files.push(name);
+            builder.index.files.push(name);
         }
         skipped.stray.sort();
-        Ok((idx, skipped))
+        Ok((builder.finish(), skipped))
     }
 
-    /// Adds the blobs of one pack. A blob already known keeps its first location; a
-    /// location in another pack is kept as a further copy.
-    pub fn add_pack(&mut self, pack: Id, entries: &[BlobEntry]) {
+    /// The position of a pack, added (with the layout of this listing) if new.
+    fn register_pack(&mut self, pack: Id, entries: &[BlobEntry]) -> u32 {
         let next = self.packs.len() as u32;
         let pos = *self.pack_pos.entry(pack).or_insert(next);
         if pos == next {
@@ -122,37 +186,66 @@ impl BlobIndex {
             let end = entries.iter().map(BlobEntry::end).max().unwrap_or(0);
             self.layouts.push(PackLayout { blobs: entries.len() as u64, end });
         }
+        pos
+    }
+
+    /// Adds the blobs of one pack. A blob already known keeps its first location; a
+    /// location in another pack is kept as a further copy (one per pack).
+    pub fn add_pack(&mut self, pack: Id, entries: &[BlobEntry]) {
+        let pos = self.register_pack(pack, entries);
+        // (slot, whether the blob is new), in listing order; then sorted by id, the
+        // first mention of each id kept.
+        let mut fresh: Vec<(Slot, bool)> = Vec::with_capacity(entries.len());
         for e in entries {
-            let here = BlobLocation { pack: pos, entry: *e };
-            match self.blobs.entry(e.id) {
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(here);
-                }
-                std::collections::hash_map::Entry::Occupied(o) if o.get().pack != pos => {
-                    let copies = self.copies.entry(e.id).or_default();
-                    if !copies.iter().any(|c| c.pack == pos) {
-                        copies.push(here);
-                    }
-                }
-                std::collections::hash_map::Entry::Occupied(_) => {}
+            let mut known = self.slots(&e.id).peekable();
+            let new = known.peek().is_none();
+            if new || known.all(|s| s.pack() != pos) {
+                fresh.push((Slot::new(e, pos), new));
             }
+        }
+        fresh.sort_by_key(|f| f.0.id);
+        fresh.dedup_by(|b, a| a.0.id == b.0.id);
+        self.blobs += fresh.iter().filter(|f| f.1).count();
+        if fresh.is_empty() {
+            return;
+        }
+        self.runs.push(Run::new(fresh.into_iter().map(|f| f.0).collect()));
+        while let [.., older, newer] = &self.runs[..] {
+            if older.len() > 2 * newer.len() {
+                break;
+            }
+            let newer = self.runs.pop().expect("two runs");
+            self.runs.last_mut().expect("one run").merge(newer);
         }
     }
 
+    /// Every slot of a blob: its locations in load order.
+    fn slots<'s>(&'s self, id: &Id) -> impl Iterator<Item = &'s Slot> + 's {
+        let id = *id;
+        self.runs.iter().flat_map(move |run| run.group(&id))
+    }
+
+    fn location(&self, slot: &Slot) -> (Id, BlobEntry) {
+        (self.packs[slot.pack() as usize], slot.entry())
+    }
+
     pub fn contains(&self, id: &Id) -> bool {
-        self.blobs.contains_key(id)
+        self.slots(id).next().is_some()
     }
 
     /// The pack id and entry of a blob (its first location).
     pub fn get(&self, id: &Id) -> Option<(Id, BlobEntry)> {
-        self.blobs.get(id).map(|l| (self.packs[l.pack as usize], l.entry))
+        self.slots(id).next().map(|s| self.location(s))
     }
 
     /// Every location of a blob: the first one, then its further copies.
     pub fn locations<'s>(&'s self, id: &Id) -> impl Iterator<Item = (Id, BlobEntry)> + 's {
-        let first = self.blobs.get(id).into_iter();
-        let copies = self.copies.get(id).into_iter().flatten();
-        first.chain(copies).map(|l| (self.packs[l.pack as usize], l.entry))
+        self.slots(id).map(|s| self.location(s))
+    }
+
+    /// Whether the blob has a location besides its first.
+    fn has_copies(&self, id: &Id) -> bool {
+        self.slots(id).nth(1).is_some()
     }
 
     /// Whether some location of the blob is in a pack `usable` accepts.
@@ -179,26 +272,43 @@ impl BlobIndex {
 
     /// Number of blobs.
     pub fn len(&self) -> usize {
-        self.blobs.len()
+        self.blobs
     }
 
     pub fn is_empty(&self) -> bool {
-        self.blobs.is_empty()
+        self.blobs == 0
     }
 
-    /// Iterates over (blob id, pack id, entry): the first location of each blob.
-    pub fn iter(&self) -> impl Iterator<Item = (&Id, Id, &BlobEntry)> + '_ {
-        self.blobs.iter().map(|(id, l)| (id, self.packs[l.pack as usize], &l.entry))
+    /// Iterates over (blob id, pack id, entry): the first location of each blob, in no
+    /// particular order (today: by id within each run).
+    pub fn iter(&self) -> impl Iterator<Item = (&Id, Id, BlobEntry)> + '_ {
+        self.runs
+            .iter()
+            .enumerate()
+            .flat_map(move |(r, run)| {
+                let slots = run.slots();
+                slots.iter().enumerate().filter(move |(k, s)| {
+                    let first_here = *k == 0 || slots[*k - 1].id != s.id;
+                    first_here && self.runs[..r].iter().all(|older| older.group(&s.id).is_empty())
+                })
+            })
+            .map(|(_, s)| {
+                let (pack, entry) = self.location(s);
+                (&s.id, pack, entry)
+            })
     }
 
-    /// Iterates over every location of every blob, further copies included.
-    pub fn iter_all(&self) -> impl Iterator<Item = (&Id, Id, &BlobEntry)> + '_ {
-        let copies = self.copies.iter().flat_map(|(id, ls)| ls.iter().map(move |l| (id, l)));
-        self.blobs.iter().chain(copies).map(|(id, l)| (id, self.packs[l.pack as usize], &l.entry))
+    /// Iterates over every location of every blob, further copies included, in no
+    /// particular order.
+    pub fn iter_all(&self) -> impl Iterator<Item = (&Id, Id, BlobEntry)> + '_ {
+        self.runs.iter().flat_map(Run::slots).map(|s| {
+            let (pack, entry) = self.location(s);
+            (&s.id, pack, entry)
+        })
     }
 
-    /// Decodes an index file's plaintext into this index (used by loaders that skip
-    /// damaged files, such as `check`).
+    /// Decodes an index file's plaintext into this index, as [`BlobIndex::add_pack`]
+    /// does; loading many files is faster through [`IndexBuilder`].
     pub fn add_file(&mut self, name: String, file: &IndexFile) {
         for (pack, entries) in &file.packs {
             self.add_pack(*pack, entries);
@@ -227,7 +337,7 @@ impl<'a> BlobReader<'a> {
     pub fn read(&self, id: &Id, kind: BlobKind) -> Result<Vec<u8>, RepoError> {
         let first = self.read_first(id, kind);
         let result = match first {
-            Err(e) if self.index.copies.contains_key(id) => self.read_copies(id, kind).ok_or(e),
+            Err(e) if self.index.has_copies(id) => self.read_copies(id, kind).ok_or(e),
             r => r,
         };
         if kind != BlobKind::Data && result.is_ok() {
@@ -328,7 +438,7 @@ impl<'a> BlobReader<'a> {
         }
         // A blob whose first location failed: its further copies, if it has any.
         for (k, r) in out.iter_mut().enumerate() {
-            if matches!(r, Some(Err(_))) && self.index.copies.contains_key(&ids[k]) {
+            if matches!(r, Some(Err(_))) && self.index.has_copies(&ids[k]) {
                 if let Some(plain) = self.read_copies(&ids[k], kind) {
                     *r = Some(Ok(plain));
                 }
@@ -346,3 +456,6 @@ impl<'a> BlobReader<'a> {
         self.repo
     }
 }
+
+#[cfg(test)]
+mod tests;

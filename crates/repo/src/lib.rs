@@ -38,6 +38,7 @@
 //!   names that is neither present nor recorded was removed outside blockproof.
 
 pub mod blob;
+mod blob_table;
 pub mod heads;
 pub mod index;
 pub mod keys;
@@ -50,7 +51,7 @@ pub mod tree;
 
 pub use blob::{open_blob, BlobCodec, SealedBlob};
 pub use heads::{ForgetRecords, Forgotten, Head, Named, Recorded, Removal};
-pub use index::{BlobIndex, BlobLocation, BlobReader};
+pub use index::{BlobIndex, BlobLocation, BlobReader, IndexBuilder};
 pub use lock::{time_text, Lock, LockFile, LockInfo, LockKind};
 pub use pack_writer::{PackWriter, PackWriterStats};
 pub use repository::{InitOptions, Repository, SnapshotInfo};

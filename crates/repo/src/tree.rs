@@ -289,7 +289,7 @@ mod tests {
         for (gone, leaf, want) in cases {
             let mut index = BlobIndex::default();
             for (_, pack, entry) in full.iter().filter(|(id, _, _)| **id != gone) {
-                index.add_pack(pack, std::slice::from_ref(entry));
+                index.add_pack(pack, std::slice::from_ref(&entry));
             }
             let reader = BlobReader::new(&repo, &index);
             let mut tree = TreeReader::new(&reader, root, 3000, 32).unwrap();
