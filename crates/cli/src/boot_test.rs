@@ -128,11 +128,24 @@ impl MachineArgs {
         reader: &'static BlobReader<'static>,
         first: &DiskEntry,
     ) -> Result<Result<(Boot, Option<String>, Option<String>), String>> {
-        match self.kernel_paths()? {
-            None => Ok(Ok((Boot::Firmware, None, None))),
-            Some((kernel, initrd)) => {
-                kernel_from_snapshot(reader, first, &kernel, initrd.as_ref(), self.append.clone().unwrap_or_default())
-            }
+        boot_from_snapshot(reader, first, self.kernel_paths()?.as_ref(), self.append.clone())
+    }
+}
+
+/// How a VM of the restore point boots: the firmware, or the kernel (and initrd) at these
+/// paths in the first disk of the restore point (`Err`: why it cannot be, for the
+/// caller to report), with where each was found.
+#[allow(clippy::type_complexity)]
+fn boot_from_snapshot(
+    reader: &'static BlobReader<'static>,
+    first: &DiskEntry,
+    kernel: Option<&(FsPath, Option<FsPath>)>,
+    append: Option<String>,
+) -> Result<Result<(Boot, Option<String>, Option<String>), String>> {
+    match kernel {
+        None => Ok(Ok((Boot::Firmware, None, None))),
+        Some((kernel, initrd)) => {
+            kernel_from_snapshot(reader, first, kernel, initrd.as_ref(), append.unwrap_or_default())
         }
     }
 }
@@ -182,32 +195,73 @@ pub fn boot_test(a: RestoreTestArgs) -> Result<u8> {
         }
     }
     let m = &b.machine;
-    // Checked before anything runs.
-    m.kernel_paths()?;
+    let params = BootParams {
+        console_marker: b.console_marker.clone(),
+        fail_marker: b.fail_marker.clone(),
+        guest_agent: b.guest_agent,
+        script: b.script.clone(),
+        timeout: b.timeout,
+        memory_mib: m.memory(),
+        cpus: m.cpus(),
+        accel: m.accel(),
+        firmware: m.firmware(),
+        // Checked before anything runs.
+        kernel: m.kernel_paths()?,
+        append: m.append.clone(),
+    };
     // Before anything starts a thread, so that every thread has them blocked and the
     // one below takes them: Ctrl-C stops the VM and removes its files.
     let signals = crate::serve::block_stop_signals()?;
     let cancel = Cancel::new();
     cancel_on_signals(signals, cancel.clone());
-    let started = Instant::now();
-    let time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
     let repo: &'static blockproof_repo::Repository = Box::leak(Box::new(crate::commands::open_repo(&a.repo)?));
     let info = crate::commands::resolve_for_reading(repo, &a.snapshot)?;
     let disks = selected_disks(&info, a.disk.as_deref())?;
-    let reader = crate::files::leaked_reader(repo)?;
+    let test = run_boot_test(repo, &info, &disks, &params, cancel)?;
+    print_record(&a, repo, &test)
+}
 
+/// What a boot test boots and checks (`restore-test --boot`, or a job's
+/// `[restore_test.boot]`).
+pub(crate) struct BootParams {
+    pub console_marker: Option<String>,
+    pub fail_marker: Option<String>,
+    pub guest_agent: bool,
+    pub script: Option<PathBuf>,
+    pub timeout: Duration,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub accel: AccelChoice,
+    pub firmware: Firmware,
+    /// A direct kernel boot: the kernel's and initrd's paths in the backup.
+    pub kernel: Option<(FsPath, Option<FsPath>)>,
+    pub append: Option<String>,
+}
+
+/// Boots `disks` of the restore point `info` as `p` says and returns the record (not yet
+/// stored). `Err`: the test could not run (QEMU missing, cancelled, ...).
+pub(crate) fn run_boot_test(
+    repo: &'static blockproof_repo::Repository,
+    info: &blockproof_repo::SnapshotInfo,
+    disks: &[DiskEntry],
+    p: &BootParams,
+    cancel: Cancel,
+) -> Result<RestoreTest> {
+    let started = Instant::now();
+    let time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+    let reader = crate::files::leaked_reader(repo)?;
     let mut check = BootCheck {
-        console_marker: b.console_marker.clone(),
-        fail_marker: b.fail_marker.clone(),
-        script: b.script.as_ref().map(|p| p.display().to_string()),
-        guest_agent: b.guest_agent,
-        uefi: m.firmware() == Firmware::Uefi,
-        boot: if m.kernel.is_some() { BootMethod::Kernel } else { BootMethod::Firmware },
+        console_marker: p.console_marker.clone(),
+        fail_marker: p.fail_marker.clone(),
+        script: p.script.as_ref().map(|p| p.display().to_string()),
+        guest_agent: p.guest_agent,
+        uefi: p.firmware == Firmware::Uefi,
+        boot: if p.kernel.is_some() { BootMethod::Kernel } else { BootMethod::Firmware },
         kernel: None,
         initrd: None,
-        append: m.append.clone(),
-        memory_mib: m.memory(),
-        cpus: m.cpus(),
+        append: p.append.clone(),
+        memory_mib: p.memory_mib,
+        cpus: p.cpus,
         disks: disks.iter().map(|d| d.id.clone()).collect(),
     };
     let mut test = RestoreTest {
@@ -229,28 +283,29 @@ pub fn boot_test(a: RestoreTestArgs) -> Result<u8> {
         check: None,
         accelerator: None,
     };
-    let found = m.boot(reader, &disks[0])?;
+    let first = disks.first().ok_or_else(|| Usage(format!("snapshot {} has no disk", info.id.short())))?;
+    let found = boot_from_snapshot(reader, first, p.kernel.as_ref(), p.append.clone())?;
     match found {
         Err(why) => test.reason = Some(why),
         Ok((boot, kernel_at, initrd_at)) => {
             check.kernel = kernel_at;
             check.initrd = initrd_at;
             let mut exports: Exports<'static> = Vec::new();
-            for d in &disks {
+            for d in disks {
                 exports.push((d.id.clone(), Arc::new(ImageExport(DiskImage::new(reader, d, DEFAULT_CACHE_BYTES)?))));
             }
             let spec = BootSpec {
-                memory_mib: m.memory(),
-                cpus: m.cpus(),
-                accel: m.accel(),
-                firmware: m.firmware(),
+                memory_mib: p.memory_mib,
+                cpus: p.cpus,
+                accel: p.accel,
+                firmware: p.firmware,
                 boot,
-                marker: b.console_marker.clone(),
-                agent: b.guest_agent,
-                fail_marker: b.fail_marker.clone(),
-                script: b.script.clone(),
+                marker: p.console_marker.clone(),
+                agent: p.guest_agent,
+                fail_marker: p.fail_marker.clone(),
+                script: p.script.clone(),
                 script_env: vec![("BLOCKPROOF_SNAPSHOT".into(), info.id.to_hex())],
-                timeout: b.timeout,
+                timeout: p.timeout,
                 cancel,
                 qemu: "qemu-system-x86_64".into(),
                 qemu_img: "qemu-img".into(),
@@ -269,7 +324,7 @@ pub fn boot_test(a: RestoreTestArgs) -> Result<u8> {
     test.check = Some(check);
     test.passed = test.reason.is_none();
     test.duration_seconds = started.elapsed().as_secs_f64();
-    print_record(&a, repo, &test)
+    Ok(test)
 }
 
 /// The kernel (and initrd) read out of the first filesystem of `disk` that has it, and

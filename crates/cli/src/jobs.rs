@@ -82,7 +82,9 @@ pub fn run(a: RunArgs) -> Result<u8> {
     Ok(code)
 }
 
-/// `[restore_test]`'s tests: the filesystem-level test of `blockproof restore-test`.
+/// `[restore_test]`'s tests: the filesystem-level test of `blockproof restore-test`, or
+/// with `[restore_test.boot]` its boot test (stopped with the run: the repository's
+/// cancellation).
 struct Tester {
     repo: &'static Repository,
 }
@@ -93,12 +95,31 @@ impl blockproof_fleet::RestoreTester for Tester {
         snapshot: blockproof_format::Id,
         policy: &blockproof_fleet::RestoreTestPolicy,
     ) -> Result<blockproof_core::restore_test::RestoreTest, String> {
-        let expect = policy
-            .expect
-            .iter()
-            .map(|p| blockproof_fs::FsPath::parse(p.as_bytes()).map_err(|e| format!("expect {p:?}: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let parse = |p: &str| blockproof_fs::FsPath::parse(p.as_bytes()).map_err(|e| format!("{p:?}: {e}"));
         let info = crate::commands::resolve_for_reading(self.repo, &snapshot.to_hex()).map_err(|e| format!("{e:#}"))?;
+        if let Some(b) = &policy.boot {
+            let kernel = match &b.kernel {
+                None => None,
+                Some(k) => Some((parse(k)?, b.initrd.as_deref().map(parse).transpose()?)),
+            };
+            let params = crate::boot_test::BootParams {
+                console_marker: b.console_marker.clone(),
+                fail_marker: b.fail_marker.clone(),
+                guest_agent: b.guest_agent,
+                script: None,
+                timeout: b.timeout,
+                memory_mib: b.memory_mib,
+                cpus: b.cpus,
+                accel: blockproof_vm::AccelChoice::Auto,
+                firmware: if b.uefi { blockproof_vm::Firmware::Uefi } else { blockproof_vm::Firmware::Bios },
+                kernel,
+                append: b.append.clone(),
+            };
+            let disks = info.snapshot.disks.clone();
+            return crate::boot_test::run_boot_test(self.repo, &info, &disks, &params, self.repo.cancel().clone())
+                .map_err(|e| format!("{e:#}"));
+        }
+        let expect = policy.expect.iter().map(|p| parse(p)).collect::<Result<Vec<_>, _>>()?;
         crate::restore_test::fs_test(self.repo, &info, None, policy.sample, 0, &expect).map_err(|e| format!("{e:#}"))
     }
 }

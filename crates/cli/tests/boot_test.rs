@@ -303,6 +303,56 @@ fn a_restore_point_that_boots_only_by_uefi_boots_with_ovmf() {
     assert_nothing_left(&tmp);
 }
 
+/// `[restore_test.boot]` in a job file: the run boots the latest restore point as
+/// `restore-test --boot` would, records it, and a second run soon after finds nothing
+/// due.
+#[test]
+fn a_job_boots_the_restore_point_it_tests() {
+    let dir = Dir::new();
+    dir.init();
+    boot_disk(&dir, "vda.img", true);
+    let tmp = tmp(&dir);
+    let job = dir.join("job.toml");
+    let text = format!(
+        r#"version = 1
+
+[repository]
+location = "repo"
+
+[restore_test]
+every = "1h"
+
+[restore_test.boot]
+console_marker = "{OK}"
+fail_marker = "{FAILED}"
+kernel = "/boot/vmlinuz"
+initrd = "/boot/initrd.img"
+append = "{APPEND}"
+memory = 256
+cpus = 1
+timeout = "4m"
+
+[[vm]]
+name = "web"
+disks = ["id=vda,source=vda.img"]
+"#
+    );
+    fs::write(&job, text).unwrap();
+    let run = || -> Value {
+        let (out, _) = dir.cmd("run").arg(&job).arg("--json").env("TMPDIR", tmp.to_str().unwrap()).code(0);
+        parse(&out)
+    };
+    let r = run();
+    let t = &r["restore_tests"][0];
+    assert_eq!((t["vm"].as_str(), t["passed"].as_bool()), (Some("web"), Some(true)), "{r}");
+    assert_nothing_left(&tmp);
+    let status = dir.repo_cmd("status").arg("--json").json();
+    let last = &status[0]["last_restore_test"];
+    assert_eq!((last["passed"].as_bool(), last["kind"].as_str()), (Some(true), Some("boot")), "{status}");
+    let r = run();
+    assert_eq!(r["restore_tests"], serde_json::json!([]), "tested within the hour: not due");
+}
+
 /// Not a test: writes the bootable test disk to `$BLOCKPROOF_BOOT_DISK` for
 /// bench/boot_rto.sh (`cargo test -p blockproof --test boot_test -- --ignored
 /// write_boot_disk`).

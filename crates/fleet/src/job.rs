@@ -22,7 +22,7 @@ use crate::disk::DiskSpec;
 use crate::hook::Hook;
 use crate::notify::{Notify, NotifyOn, NotifyTarget};
 use crate::objective::Objective;
-use crate::restore_tests::RestoreTestPolicy;
+use crate::restore_tests::{BootTestPolicy, RestoreTestPolicy};
 use crate::schedule::Schedule;
 use crate::JobError;
 
@@ -179,6 +179,31 @@ struct RawRestoreTest {
     sample: Option<Spanned<String>>,
     #[serde(default)]
     expect: Vec<Spanned<String>>,
+    boot: Option<Spanned<RawBootTest>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBootTest {
+    console_marker: Option<String>,
+    fail_marker: Option<String>,
+    #[serde(default)]
+    guest_agent: bool,
+    timeout: Option<Spanned<String>>,
+    memory: Option<Spanned<i64>>,
+    cpus: Option<Spanned<i64>>,
+    firmware: Option<Spanned<FirmwareChoice>>,
+    kernel: Option<String>,
+    initrd: Option<String>,
+    append: Option<String>,
+}
+
+/// `firmware` of `[restore_test.boot]`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum FirmwareChoice {
+    Bios,
+    Uefi,
 }
 
 #[derive(Deserialize)]
@@ -427,7 +452,50 @@ fn restore_test_policy(src: &Source<'_>, r: &RawRestoreTest) -> Result<RestoreTe
         }
         expect.push(e.get_ref().clone());
     }
-    Ok(RestoreTestPolicy { every, per_run, sample, expect })
+    let boot = r.boot.as_ref().map(|b| boot_test_policy(src, b)).transpose()?;
+    if boot.is_some() {
+        if let Some(s) = r.sample.as_ref() {
+            return Err(src.err(s.span(), "sample: a boot test reads no files (remove it or [restore_test.boot])"));
+        }
+        if let Some(e) = r.expect.first() {
+            return Err(src.err(e.span(), "expect: a boot test reads no files (remove it or [restore_test.boot])"));
+        }
+    }
+    Ok(RestoreTestPolicy { every, per_run, sample, expect, boot })
+}
+
+fn boot_test_policy(src: &Source<'_>, b: &Spanned<RawBootTest>) -> Result<BootTestPolicy, JobError> {
+    let r = b.get_ref();
+    if r.console_marker.is_none() && !r.guest_agent {
+        return Err(src.err(b.span(), "[restore_test.boot] needs a check: console_marker, guest_agent = true or both"));
+    }
+    if r.kernel.is_none() && (r.initrd.is_some() || r.append.is_some()) {
+        return Err(src.err(b.span(), "[restore_test.boot]: initrd and append need kernel"));
+    }
+    let ranged = |v: &Option<Spanned<i64>>, key: &str, range: std::ops::RangeInclusive<i64>, default: i64| match v {
+        Some(n) if range.contains(n.get_ref()) => Ok(*n.get_ref()),
+        Some(n) => {
+            Err(src.err(n.span(), format!("{key} = {}: from {} to {}", n.get_ref(), range.start(), range.end())))
+        }
+        None => Ok(default),
+    };
+    Ok(BootTestPolicy {
+        console_marker: r.console_marker.clone(),
+        fail_marker: r.fail_marker.clone(),
+        guest_agent: r.guest_agent,
+        timeout: r
+            .timeout
+            .as_ref()
+            .map(|t| src.duration(t, "timeout"))
+            .transpose()?
+            .unwrap_or(Duration::from_secs(300)),
+        memory_mib: ranged(&r.memory, "memory", 16..=1 << 20, 512)? as u64,
+        cpus: ranged(&r.cpus, "cpus", 1..=64, 2)? as u32,
+        uefi: r.firmware.as_ref().is_some_and(|f| *f.get_ref() == FirmwareChoice::Uefi),
+        kernel: r.kernel.clone(),
+        initrd: r.initrd.clone(),
+        append: r.append.clone(),
+    })
 }
 
 /// Names of jobs (unit files, metric labels) and vms: letters, digits and `-_.@+`.

@@ -47,7 +47,7 @@ use std::path::PathBuf;
 pub use job::{Job, PasswordSource, RepositorySpec, VmPlan};
 pub use publication::{publish, Publication};
 pub use report::{load_history, HistoryEntry, RunReport, RunStatus, VmRun};
-pub use restore_tests::{RestoreTestPolicy, RestoreTestRun, RestoreTester};
+pub use restore_tests::{BootTestPolicy, RestoreTestPolicy, RestoreTestRun, RestoreTester};
 pub use runner::{run, Monitor, Repositories};
 
 /// A job file that cannot be used: where, and why (exit code 2 in the CLI).

@@ -10,7 +10,9 @@
 //! them once a week, round robin.
 //!
 //! The test itself is the front end's ([`RestoreTester`]: the binary walks every
-//! filesystem with blockproof-fs, as `blockproof restore-test` does); the run stores its
+//! filesystem with blockproof-fs, as `blockproof restore-test` does, or with
+//! `[restore_test.boot]` boots the restore point in an isolated VM, as `restore-test
+//! --boot` does); the run stores its
 //! record in the repository like that command, so `status` and `snapshots` show it, and a
 //! test that fails — or cannot run — fails the run.
 
@@ -34,6 +36,25 @@ pub struct RestoreTestPolicy {
     pub sample: f64,
     /// Paths that must exist in one of the restore point's filesystems.
     pub expect: Vec<String>,
+    /// `[restore_test.boot]`: boot the restore point instead of walking its filesystems.
+    pub boot: Option<BootTestPolicy>,
+}
+
+/// `[restore_test.boot]`: the check of `restore-test --boot` (no script: a job file
+/// starts no program of its own but its hooks).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BootTestPolicy {
+    pub console_marker: Option<String>,
+    pub fail_marker: Option<String>,
+    pub guest_agent: bool,
+    pub timeout: Duration,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub uefi: bool,
+    /// A direct kernel boot: the kernel, initrd and command line, paths in the backup.
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub append: Option<String>,
 }
 
 /// Runs one restore test of a restore point (the front end's: it reads filesystems).

@@ -160,4 +160,23 @@ fn restore_tests_in_a_job() {
         assert_eq!(err.line, Some(17), "{bad}: {err}");
         assert!(err.to_string().contains(message), "{bad}: {err}");
     }
+    // A boot test instead of the filesystem walk.
+    assert_eq!(p.boot, None);
+    let text = with("[restore_test]\nevery = \"7d\"\n\n[restore_test.boot]\nconsole_marker = \"login:\"\nguest_agent = true\ntimeout = \"10m\"\nmemory = 2048\ncpus = 4\nfirmware = \"uefi\"");
+    let b = parse(&text).unwrap().restore_test.unwrap().boot.unwrap();
+    assert_eq!((b.console_marker.as_deref(), b.guest_agent, b.timeout.as_secs()), (Some("login:"), true, 600));
+    assert_eq!((b.memory_mib, b.cpus, b.uefi, b.kernel), (2048, 4, true, None));
+    let b = parse(&with("[restore_test.boot]\nguest_agent = true")).unwrap().restore_test.unwrap().boot.unwrap();
+    assert_eq!((b.memory_mib, b.cpus, b.uefi, b.timeout.as_secs()), (512, 2, false, 300), "the defaults of --boot");
+    for (bad, message) in [
+        ("[restore_test.boot]\nfail_marker = \"panic\"", "needs a check"),
+        ("[restore_test.boot]\nguest_agent = true\nappend = \"quiet\"", "need kernel"),
+        ("[restore_test.boot]\nguest_agent = true\ncpus = 0", "from 1 to 64"),
+        ("[restore_test.boot]\nguest_agent = true\nfirmware = \"coreboot\"", "coreboot"),
+        ("[restore_test.boot]\nguest_agent = true\nscript = \"/bin/true\"", "unknown field"),
+        ("[restore_test]\nsample = \"10%\"\n[restore_test.boot]\nguest_agent = true", "reads no files"),
+    ] {
+        let err = parse(&with(bad)).expect_err(bad);
+        assert!(err.line.is_some() && err.to_string().contains(message), "{bad}: {err}");
+    }
 }
