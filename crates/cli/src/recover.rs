@@ -239,7 +239,7 @@ fn print_text(r: &RecoverReport) {
     println!(
         "recover: vm {} from snapshot {}: every disk is local; the VM runs on them{}",
         r.vm,
-        &r.snapshot[..r.snapshot.len().min(12)],
+        r.snapshot.get(..12).unwrap_or(&r.snapshot),
         r.qemu_pid.map(|p| format!(" (QEMU pid {p})")).unwrap_or_default()
     );
     for d in &r.disks {

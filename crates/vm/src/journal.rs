@@ -19,7 +19,7 @@ use crate::{Accelerator, Firmware, VmError};
 /// The journal's file name in the recovery directory.
 pub const JOURNAL_FILE: &str = "recovery.json";
 /// The lock file's name: held (`flock`) by the one command working on the directory.
-const LOCK_FILE: &str = "recovery.lock";
+pub(crate) const LOCK_FILE: &str = "recovery.lock";
 /// The journal's version; a journal of another version is refused with a message.
 pub const JOURNAL_VERSION: u32 = 1;
 
@@ -96,7 +96,13 @@ impl Journal {
                 why: format!("version {} (this blockproof reads {JOURNAL_VERSION})", version.unwrap_or(0)),
             });
         }
-        serde_json::from_slice(&bytes).map_err(|e| VmError::Journal { path, why: e.to_string() })
+        let journal: Journal =
+            serde_json::from_slice(&bytes).map_err(|e| VmError::Journal { path: path.clone(), why: e.to_string() })?;
+        // Images are files of the directory: a journal naming one elsewhere is not ours.
+        if let Some(d) = journal.disks.iter().find(|d| !is_file_name(&d.image)) {
+            return Err(VmError::Journal { path, why: format!("image {:?} is not a file name", d.image) });
+        }
+        Ok(journal)
     }
 
     /// Replaces the journal atomically and durably.
@@ -117,6 +123,11 @@ impl Journal {
     pub(crate) fn image(&self, dir: &Path, i: usize) -> PathBuf {
         dir.join(&self.disks[i].image)
     }
+}
+
+/// A plain file name: no directory part, not `.` or `..`.
+fn is_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
 }
 
 /// Syncs a directory, so that a rename or a new file in it survives a crash.
@@ -204,6 +215,11 @@ mod tests {
         assert!(err.contains("version 2"), "{err}");
         fs::write(dir.path().join(JOURNAL_FILE), "{").unwrap();
         assert!(matches!(Journal::load(dir.path()), Err(VmError::Journal { .. })));
+        let mut outside = journal();
+        outside.disks[0].image = "../elsewhere.qcow2".into();
+        outside.save(dir.path()).unwrap();
+        let err = Journal::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not a file name"), "{err}");
     }
 
     #[test]

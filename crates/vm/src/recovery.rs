@@ -138,6 +138,15 @@ impl Recovery {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
             .map_err(VmError::io(format!("cannot restrict {}", dir.display())))?;
         let lock = DirLock::take(&dir)?;
+        // Another `recover` may have filled the directory between the look above and
+        // the lock: only the lock file may be there now.
+        let others = fs::read_dir(&dir)
+            .map_err(VmError::io(format!("cannot read {}", dir.display())))?
+            .filter_map(Result::ok)
+            .any(|e| e.file_name() != crate::journal::LOCK_FILE);
+        if others {
+            return Err(VmError::DirNotEmpty(dir));
+        }
         let accelerator = accelerator(new.accel)?;
         let (kernel, initrd, append) = match new.boot {
             Boot::Firmware => (false, false, None),
