@@ -63,9 +63,10 @@ impl Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct RepoArgs {
-    /// Repository location: a directory, or s3://BUCKET/PREFIX (credentials and region
-    /// from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION). Required, here or in
-    /// BLOCKPROOF_REPO.
+    /// Repository location: a directory, s3://BUCKET/PREFIX (credentials and region
+    /// from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION), or a repository
+    /// server's https://HOST:PORT/NAME (a token in BLOCKPROOF_TOKEN or --token-file).
+    /// Required, here or in BLOCKPROOF_REPO.
     #[arg(long, env = "BLOCKPROOF_REPO", value_name = "REPO")]
     pub repo: Option<String>,
     /// Read the password from the first line of this file.
@@ -108,6 +109,18 @@ pub struct StoreArgs {
     /// Do not cache index files and manifests locally.
     #[arg(long)]
     pub no_cache: bool,
+    /// Repository servers (https://HOST:PORT/NAME): read the token from the first line
+    /// of this file (else BLOCKPROOF_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Repository servers: trust the server whose certificate has this SHA-256
+    /// fingerprint (printed by `blockproof server serve`), e.g. sha256:3f…
+    #[arg(long, env = "BLOCKPROOF_SERVER_FINGERPRINT", value_name = "FINGERPRINT")]
+    pub server_fingerprint: Option<String>,
+    /// Repository servers: trust certificates issued by the CA in this PEM file (else the
+    /// system's roots, when no fingerprint is given).
+    #[arg(long, env = "BLOCKPROOF_SERVER_CA", value_name = "FILE")]
+    pub server_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -188,6 +201,9 @@ pub enum Command {
     /// Manage key slots: the passphrases that open the repository.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Run a repository server, and manage its tokens and trash.
+    #[command(subcommand)]
+    Server(crate::repo_server::ServerCommand),
     /// Compare a snapshot with its sources now, without taking a backup (exit 3 when they
     /// differ). Reads only; nothing is written.
     #[command(

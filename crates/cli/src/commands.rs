@@ -31,6 +31,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Cleanup(a) => crate::live::cleanup(a),
         Command::Repair(a) => crate::lifecycle::repair(a),
         Command::Key(k) => crate::lifecycle::key(k),
+        Command::Server(c) => crate::repo_server::run(c),
         Command::Copy(a) => crate::lifecycle::copy(a),
         Command::Stats(a) => crate::audit::stats(a),
         Command::Verify(a) => crate::audit::verify(a),

@@ -1,4 +1,5 @@
-//! Repository locations: a directory or `s3://BUCKET/PREFIX`.
+//! Repository locations: a directory, `s3://BUCKET/PREFIX` or a repository server's
+//! `https://HOST:PORT/NAME`.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -6,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use blockproof_s3::{RequestCounts, S3Backend, S3Location, S3Options};
+use blockproof_server::client::{ClientError, ClientOptions, RemoteBackend};
 use blockproof_store::{Backend, LocalBackend, ReadCache};
 
 use crate::args::StoreArgs;
@@ -16,6 +18,22 @@ static S3_COUNTS: Mutex<Vec<Arc<RequestCounts>>> = Mutex::new(Vec::new());
 
 /// Opens (or, with `create`, prepares) the repository at `location`.
 pub fn backend(location: &str, store: &StoreArgs, create: bool) -> Result<Box<dyn Backend>> {
+    if blockproof_server::client::is_server_url(location) {
+        let options = client_options(store)?;
+        let remote = if create {
+            RemoteBackend::connect(location, &options).map(|(r, _)| r)
+        } else {
+            RemoteBackend::open(location, &options)
+        }
+        .map_err(server_error)?;
+        if store.no_cache {
+            return Ok(Box::new(remote));
+        }
+        let dir = cache_dir(store.cache_dir.clone(), location, "server");
+        let cached =
+            ReadCache::new(Box::new(remote), &dir).with_context(|| format!("cache directory {}", dir.display()))?;
+        return Ok(Box::new(cached));
+    }
     if !S3Location::is_s3_url(location) {
         let backend = if create { LocalBackend::create(location) } else { LocalBackend::open(location) };
         return Ok(Box::new(backend?));
@@ -60,5 +78,35 @@ pub fn report_requests() {
         let map: serde_json::Map<String, serde_json::Value> =
             counts.snapshot().into_iter().map(|(k, v)| (k.to_string(), v.into())).collect();
         eprintln!("blockproof: s3 requests: {}", serde_json::Value::Object(map));
+    }
+}
+
+/// How to reach a repository server: the token (`--token-file`, else BLOCKPROOF_TOKEN)
+/// and how to trust its certificate.
+pub fn client_options(store: &StoreArgs) -> Result<ClientOptions> {
+    let token = match &store.token_file {
+        Some(file) => std::fs::read_to_string(file)
+            .with_context(|| format!("token file {}", file.display()))?
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+        None => std::env::var("BLOCKPROOF_TOKEN").unwrap_or_default(),
+    };
+    let fingerprint = match &store.server_fingerprint {
+        Some(text) => Some(blockproof_server::tls::parse_fingerprint(text).ok_or_else(|| {
+            crate::Usage(format!("--server-fingerprint {text:?}: expected sha256: and 64 hex digits"))
+        })?),
+        None => None,
+    };
+    Ok(ClientOptions { token, fingerprint, ca: store.server_ca.clone() })
+}
+
+/// A client error as the CLI reports it: a bad URL or missing token is a usage error.
+pub fn server_error(e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Url(m) => crate::Usage(m).into(),
+        other => other.into(),
     }
 }

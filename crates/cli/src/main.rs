@@ -36,6 +36,7 @@ mod password;
 mod progress;
 mod recover;
 mod reference;
+mod repo_server;
 mod restore_test;
 mod serve;
 mod timestamp;

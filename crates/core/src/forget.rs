@@ -111,6 +111,22 @@ fn protect_name(id: &Id) -> String {
     format!("protect-{}", id.to_hex())
 }
 
+/// Through a repository server ([`blockproof_store::Backend::receipt_times`]), each
+/// snapshot's time becomes the time the server received it, oldest first: a client that
+/// wrote a back-dated (or future-dated) snapshot cannot place it in a retention window
+/// and push real history out of it.
+fn by_receipt_time(repo: &Repository, mut all: Vec<SnapshotInfo>) -> Result<Vec<SnapshotInfo>, CoreError> {
+    if !repo.backend().receipt_times() {
+        return Ok(all);
+    }
+    for s in &mut all {
+        let received = repo.backend().modified(Kind::Snapshot, &s.id.to_hex())?;
+        s.snapshot.time = humantime::format_rfc3339_seconds(received).to_string();
+    }
+    all.sort_by(|a, b| (&a.snapshot.time, &a.id).cmp(&(&b.snapshot.time, &b.id)));
+    Ok(all)
+}
+
 /// The protected snapshots.
 pub fn protected(repo: &Repository) -> Result<HashSet<Id>, CoreError> {
     let mut out = HashSet::new();
@@ -309,7 +325,7 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport, C
         }
     } else {
         // A policy needs every snapshot: a damaged or stray snapshot file is an error.
-        let all = repo.snapshots()?;
+        let all = by_receipt_time(repo, repo.snapshots()?)?;
         let mut vms: Vec<&str> = all.iter().map(|s| s.snapshot.vm.as_str()).collect();
         vms.dedup();
         vms.sort_unstable();

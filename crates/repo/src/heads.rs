@@ -281,6 +281,19 @@ impl Repository {
         self.replace_forget_records(all, &old.files)
     }
 
+    /// Drops these snapshots from the forget records (they were put back, from a
+    /// repository server's trash); returns how many were recorded.
+    pub fn unrecord_forgotten(&self, ids: &[Id]) -> Result<usize, RepoError> {
+        let records = self.forget_records()?;
+        let dropped = records.snapshots.keys().filter(|id| ids.contains(id)).count();
+        if dropped == 0 {
+            return Ok(0);
+        }
+        let rest: Vec<Forgotten> = records.snapshots.into_values().filter(|f| !ids.contains(&f.snapshot)).collect();
+        self.replace_forget_records(rest, &records.files)?;
+        Ok(dropped)
+    }
+
     /// Writes `snapshots` as one new forget record, then removes the record files
     /// `replaced` (whose entries the caller folded in, or chose to drop).
     pub fn replace_forget_records(&self, mut snapshots: Vec<Forgotten>, replaced: &[String]) -> Result<(), RepoError> {

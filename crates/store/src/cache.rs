@@ -166,6 +166,10 @@ impl Backend for ReadCache {
     fn parallelism(&self) -> usize {
         self.inner.parallelism()
     }
+
+    fn receipt_times(&self) -> bool {
+        self.inner.receipt_times()
+    }
 }
 
 #[cfg(test)]

@@ -231,4 +231,11 @@ pub trait Backend: Send + Sync {
     fn parallelism(&self) -> usize {
         1
     }
+    /// Whether [`Backend::modified`] of a snapshot is the time a server *received* it,
+    /// recorded by the server and beyond the writer's reach (a repository server).
+    /// Retention (forget) then judges snapshots by that time, not by the time written
+    /// inside them, so a client cannot back-date a snapshot into a retention window.
+    fn receipt_times(&self) -> bool {
+        false
+    }
 }
