@@ -159,6 +159,10 @@ fn every_role_does_its_part_and_a_forget_comes_back_from_the_trash() {
         .env("BLOCKPROOF_TOKEN", &admin)
         .env("BLOCKPROOF_SERVER_FINGERPRINT", &server.fingerprint);
     let trash = list.json();
+    harness::assert_json_documented("server trash list", &trash);
+    let mut tokens = dir.cmd("server");
+    tokens.args(["token", "list", "--json", "--state"]).arg(&server.state);
+    harness::assert_json_documented("server token list", &tokens.json());
     let kinds: Vec<&str> = trash.as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert!(kinds.contains(&"snapshot") && kinds.contains(&"pack"), "{trash}");
 

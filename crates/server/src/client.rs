@@ -354,7 +354,15 @@ impl Backend for RemoteBackend {
     }
 
     fn write(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError> {
-        self.call(Method::PUT, &self.object(kind, name), None, |r| r.body(data.to_vec())).map(|_| ())
+        let body = bytes::Bytes::copy_from_slice(data);
+        self.call(Method::PUT, &self.object(kind, name), None, |r| r.body(body.clone())).map(|_| ())
+    }
+
+    fn write_owned(&self, kind: Kind, name: &str, data: Vec<u8>) -> Result<Option<Vec<u8>>, StoreError> {
+        // The body is shared by the attempts of a retried request, never copied.
+        let body = bytes::Bytes::from(data);
+        self.call(Method::PUT, &self.object(kind, name), None, |r| r.body(body.clone()))?;
+        Ok(None)
     }
 
     fn list(&self, kind: Kind) -> Result<Vec<String>, StoreError> {

@@ -200,6 +200,26 @@ mod tests {
         assert!(authenticate(&store.load().unwrap(), &secret).is_none());
     }
 
+    /// The stored form (docs/FORMAT.md §21): a version-1 file written by hand
+    /// authenticates its token, so the hash's context and encoding cannot drift.
+    #[test]
+    fn the_version_1_token_file_is_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = format!("bpt_host-1.{}", "ab".repeat(32));
+        let text = r#"{"version": 1, "tokens": [{"name": "host-1", "role": "backup", "repos": "prod-*",
+            "hash": "HASH", "created": 1796000000}]}"#;
+        std::fs::write(dir.path().join(TOKENS_FILE), text.replace("HASH", PINNED)).unwrap();
+        let tokens = TokenStore::new(dir.path()).load().unwrap();
+        assert_eq!(hash(&secret), PINNED);
+        assert_eq!(authenticate(&tokens, &secret).unwrap().role, Role::Backup);
+        std::fs::write(dir.path().join(TOKENS_FILE), text.replace("\"version\": 1", "\"version\": 2")).unwrap();
+        assert!(TokenStore::new(dir.path()).load().is_err());
+        std::fs::write(dir.path().join(TOKENS_FILE), text.replace("\"created\"", "\"extra\": 1, \"created\"")).unwrap();
+        assert!(TokenStore::new(dir.path()).load().is_err());
+    }
+
+    const PINNED: &str = "cf1beec15830461d740762baf17209ac442a7d4907b86425a43403ddd15ce31f";
+
     #[test]
     fn globs() {
         assert!(glob("*", "") && glob("*", "abc") && glob("a*c", "abbbc") && glob("a?c", "abc"));

@@ -167,6 +167,16 @@ impl Trash {
 mod tests {
     use super::*;
 
+    /// The stored form of an entry (docs/FORMAT.md §21).
+    #[test]
+    fn the_entry_format_is_pinned() {
+        let text = r#"{"id":"1796000000-42-snapshot-abcd","kind":"snapshot","name":"abcd","size":14,
+            "trashed":1796000000,"token":"ops","why":"remove"}"#;
+        let entry: TrashEntry = serde_json::from_str(text).unwrap();
+        assert_eq!((entry.kind(), entry.trashed, entry.why.as_str()), (Some(Kind::Snapshot), 1796000000, "remove"));
+        assert!(serde_json::from_str::<TrashEntry>(&text.replace("\"why\"", "\"new\":1,\"why\"")).is_err());
+    }
+
     #[test]
     fn trashed_files_come_back_whole_and_only_time_purges_them() {
         let dir = tempfile::tempdir().unwrap();
