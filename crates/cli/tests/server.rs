@@ -398,3 +398,42 @@ fn three_clients_and_gc_at_once_through_the_server() {
     let check = server.cmd(&dir, "check", &maintain).args(["--read-data", "100%", "--json"]).json();
     assert_eq!(check["ok"], true, "{check}");
 }
+
+/// A body over `--max-body` is refused before it is read, with one line; a path outside
+/// the protocol is a 404; a request without a token is refused and logged.
+#[test]
+fn oversized_and_unauthenticated_requests_are_refused() {
+    let dir = Dir::new();
+    let server = Server::start(&dir, &["--max-body", "1"]);
+    let admin = server.token("root", "admin");
+    server.cmd(&dir, "init", &admin).args(["--kdf-memory", "8", "--kdf-iterations", "1"]).ok();
+    let remote = server.remote(&admin);
+    let big = vec![7u8; 2 << 20];
+    let e = remote.write(Kind::Pack, &blake3::hash(&big).to_hex(), &big).unwrap_err().to_string();
+    assert!(e.contains("a request body may be at most 1048576 bytes"), "{e}");
+    assert_eq!(e.lines().count(), 1);
+    assert!(remote.list(Kind::Pack).unwrap().is_empty());
+    let small = vec![7u8; 1000];
+    remote.write(Kind::Pack, &blake3::hash(&small).to_hex(), &small).unwrap();
+
+    let options = ClientOptions { token: "bpt_root.0000".into(), ..ClientOptions::default() };
+    let options =
+        ClientOptions { fingerprint: blockproof_server::tls::parse_fingerprint(&server.fingerprint), ..options };
+    let e = RemoteBackend::open(&server.url, &options).err().unwrap().to_string();
+    assert!(e.contains("the server refused the token: unknown or revoked token"), "{e}");
+    let wrong = ClientOptions { token: admin.clone(), fingerprint: Some([0; 32]), ca: None };
+    let e = RemoteBackend::open(&server.url, &wrong).err().unwrap().to_string();
+    assert!(e.contains("not the pinned fingerprint"), "{e}");
+    assert!(server
+        .audit()
+        .iter()
+        .any(|e| e["op"] == "authenticate" && e["outcome"] == "refused" && e["token"] == "root"));
+    let mut other = dir.cmd("snapshots");
+    other
+        .arg("--repo")
+        .arg(format!("{}x", server.url))
+        .env("BLOCKPROOF_TOKEN", &admin)
+        .env("BLOCKPROOF_SERVER_FINGERPRINT", &server.fingerprint);
+    let line = other.fails_with_one_line(1);
+    assert!(line.contains("no repository mainx on this server"), "{line}");
+}
