@@ -121,6 +121,10 @@ pub struct StoreArgs {
     /// system's roots, when no fingerprint is given).
     #[arg(long, env = "BLOCKPROOF_SERVER_CA", value_name = "FILE")]
     pub server_ca: Option<PathBuf>,
+    /// The vm the command works on, declared to a repository server (set by the
+    /// command, not an option).
+    #[arg(skip)]
+    pub vm: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -153,7 +153,8 @@ fn init(a: InitArgs) -> Result<u8> {
     Ok(exit::OK)
 }
 
-fn backup(a: BackupArgs) -> Result<u8> {
+fn backup(mut a: BackupArgs) -> Result<u8> {
+    a.repo.store.vm = Some(a.vm.clone());
     let verify = match &a.verify {
         Some(v) => Budget::parse(v).map_err(Usage)?,
         None => blockproof_core::default_verify_budget(),

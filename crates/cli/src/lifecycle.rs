@@ -154,7 +154,8 @@ pub fn repair(a: RepairArgs) -> Result<u8> {
     Ok(code)
 }
 
-pub fn forget(a: ForgetArgs) -> Result<u8> {
+pub fn forget(mut a: ForgetArgs) -> Result<u8> {
+    a.repo.store.vm = a.vm.clone();
     let policy = KeepPolicy {
         last: a.keep_last,
         hourly: a.keep_hourly,

@@ -100,7 +100,7 @@ pub fn client_options(store: &StoreArgs) -> Result<ClientOptions> {
         })?),
         None => None,
     };
-    Ok(ClientOptions { token, fingerprint, ca: store.server_ca.clone() })
+    Ok(ClientOptions { token, fingerprint, ca: store.server_ca.clone(), vm: store.vm.clone() })
 }
 
 /// A client error as the CLI reports it: a bad URL or missing token is a usage error.

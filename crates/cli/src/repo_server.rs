@@ -124,6 +124,10 @@ pub struct TokenCreateArgs {
     /// The repositories it may use: a name or a pattern with * and ?.
     #[arg(long, default_value = "*", value_name = "PATTERN")]
     pub repos: String,
+    /// The vms whose snapshots it may write and remove: a name or a pattern with * and ?.
+    /// A token limited to some vms cannot run gc.
+    #[arg(long, default_value = "*", value_name = "PATTERN")]
+    pub vms: String,
 }
 
 #[derive(Args, Debug)]
@@ -189,13 +193,14 @@ pub fn run(c: ServerCommand) -> Result<u8> {
     match c {
         ServerCommand::Serve(a) => serve(a),
         ServerCommand::Token(TokenCommand::Create(a)) => {
-            let secret = TokenStore::new(&a.state).create(&a.name, a.role.into(), &a.repos)?;
+            let secret = TokenStore::new(&a.state).create(&a.name, a.role.into(), &a.repos, &a.vms)?;
             println!("{secret}");
             eprintln!(
-                "blockproof: token {} ({}, repositories {}): shown this once",
+                "blockproof: token {} ({}, repositories {}, vms {}): shown this once",
                 a.name,
                 Role::from(a.role),
-                a.repos
+                a.repos,
+                a.vms
             );
             Ok(exit::OK)
         }
@@ -205,7 +210,7 @@ pub fn run(c: ServerCommand) -> Result<u8> {
                 let list: Vec<serde_json::Value> = tokens
                     .iter()
                     .map(|t| {
-                        serde_json::json!({"name": t.name, "role": t.role, "repos": t.repos,
+                        serde_json::json!({"name": t.name, "role": t.role, "repos": t.repos, "vms": t.vms,
                             "created": t.created, "revoked": t.revoked})
                     })
                     .collect();
@@ -216,7 +221,7 @@ pub fn run(c: ServerCommand) -> Result<u8> {
                         Some(when) => format!("revoked {}", blockproof_repo::time_text(when)),
                         None => "active".into(),
                     };
-                    println!("{:<24} {:<8} {:<16} {state}", t.name, t.role.name(), t.repos);
+                    println!("{:<24} {:<8} repos {:<12} vms {:<12} {state}", t.name, t.role.name(), t.repos, t.vms);
                 }
             }
             Ok(exit::OK)

@@ -48,8 +48,13 @@ impl Server {
 
     /// Creates a token; returns its secret.
     fn token(&self, name: &str, role: &str) -> String {
+        self.token_for(name, role, "*")
+    }
+
+    /// Creates a token limited to the vms matching `vms`; returns its secret.
+    fn token_for(&self, name: &str, role: &str, vms: &str) -> String {
         let out = Command::new(env!("CARGO_BIN_EXE_blockproof"))
-            .args(["server", "token", "create", "--name", name, "--role", role, "--state"])
+            .args(["server", "token", "create", "--name", name, "--role", role, "--vms", vms, "--state"])
             .arg(&self.state)
             .output()
             .unwrap();
@@ -73,6 +78,7 @@ impl Server {
             token: token.into(),
             fingerprint: blockproof_server::tls::parse_fingerprint(&self.fingerprint),
             ca: None,
+            vm: None,
         };
         RemoteBackend::open(&self.url, &options).unwrap()
     }
@@ -421,7 +427,7 @@ fn oversized_and_unauthenticated_requests_are_refused() {
         ClientOptions { fingerprint: blockproof_server::tls::parse_fingerprint(&server.fingerprint), ..options };
     let e = RemoteBackend::open(&server.url, &options).err().unwrap().to_string();
     assert!(e.contains("the server refused the token: unknown or revoked token"), "{e}");
-    let wrong = ClientOptions { token: admin.clone(), fingerprint: Some([0; 32]), ca: None };
+    let wrong = ClientOptions { token: admin.clone(), fingerprint: Some([0; 32]), ..ClientOptions::default() };
     let e = RemoteBackend::open(&server.url, &wrong).err().unwrap().to_string();
     assert!(e.contains("not the pinned fingerprint"), "{e}");
     assert!(server
@@ -436,4 +442,37 @@ fn oversized_and_unauthenticated_requests_are_refused() {
         .env("BLOCKPROOF_SERVER_FINGERPRINT", &server.fingerprint);
     let line = other.fails_with_one_line(1);
     assert!(line.contains("no repository mainx on this server"), "{line}");
+}
+
+/// Tokens limited to some vms: a backup token writes snapshots of its vms only; a
+/// maintain token removes snapshots of its vms only, and cannot run gc.
+#[test]
+fn tokens_limited_to_some_vms() {
+    let dir = Dir::new();
+    let server = Server::start(&dir, &[]);
+    let admin = server.token("root", "admin");
+    server.cmd(&dir, "init", &admin).args(["--kdf-memory", "8", "--kdf-iterations", "1"]).ok();
+    let (web, db) = (server.token_for("web-hosts", "backup", "web*"), server.token_for("db-hosts", "backup", "db*"));
+    let (web_ops, ops) = (server.token_for("web-ops", "maintain", "web*"), server.token("ops", "maintain"));
+    let img = dir.image("d.img", 2 << 20, 1);
+    let web01 = backup(&server, &dir, &web, "web01", &img);
+    let line = server
+        .cmd(&dir, "backup", &web)
+        .args(["--vm", "db01", "--disk"])
+        .arg(format!("id=d,source={}", img.display()))
+        .fails_with_one_line(1);
+    assert!(line.contains("token web-hosts may not write snapshots of vm db01"), "{line}");
+    let db01 = backup(&server, &dir, &db, "db01", &img);
+
+    let (_, stderr) = server.cmd(&dir, "forget", &web_ops).arg(&db01).code(1);
+    assert!(stderr.contains("token web-ops may not remove snapshots of vm db01"), "{stderr}");
+    restores(&server, &dir, &db, &db01, &hash(&img));
+    server.cmd(&dir, "forget", &web_ops).arg(&web01).ok();
+    let img2 = dir.random_image("e.img", 1 << 20, 2);
+    let gone = backup(&server, &dir, &web, "web02", &img2);
+    server.cmd(&dir, "forget", &web_ops).arg(&gone).ok();
+    let line = server.cmd(&dir, "gc", &web_ops).fails_with_one_line(1);
+    assert!(line.contains("needs a token for every vm"), "{line}");
+    server.cmd(&dir, "gc", &ops).ok();
+    restores(&server, &dir, &db, &db01, &hash(&img));
 }

@@ -35,6 +35,9 @@ pub struct ClientOptions {
     pub fingerprint: Option<[u8; 32]>,
     /// A PEM file of the CA (or certificate) to trust.
     pub ca: Option<PathBuf>,
+    /// The vm the operation is for, declared on every request (a token limited to some
+    /// vms needs it to write snapshots).
+    pub vm: Option<String>,
 }
 
 /// Errors of connecting to a server.
@@ -62,6 +65,7 @@ pub struct RemoteBackend {
     base: String,
     repo: String,
     token: String,
+    vm: Option<String>,
     client: Client,
 }
 
@@ -191,6 +195,7 @@ impl RemoteBackend {
             base,
             repo,
             token: options.token.clone(),
+            vm: options.vm.clone(),
             client,
         };
         let info = me.call(Method::GET, &format!("/v1/{}/", me.repo), None, |r| r)?;
@@ -247,8 +252,12 @@ impl RemoteBackend {
         let start = Instant::now();
         let mut pause = Duration::from_millis(100);
         loop {
-            let request =
-                extra(self.client.request(method.clone(), format!("{}{path}", self.base)).bearer_auth(&self.token));
+            let mut request =
+                self.client.request(method.clone(), format!("{}{path}", self.base)).bearer_auth(&self.token);
+            if let Some(vm) = &self.vm {
+                request = request.header(crate::route::VM, vm);
+            }
+            let request = extra(request);
             let retry_text = match request.send() {
                 Ok(resp) => {
                     let status = resp.status();

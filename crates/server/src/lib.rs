@@ -40,8 +40,8 @@
 pub mod audit;
 pub mod client;
 mod files;
-mod owners;
 pub mod policy;
+mod records;
 pub mod route;
 mod server;
 mod service;

@@ -26,6 +26,18 @@ use blockproof_store::{relative_path, Kind};
 /// Unix epoch (the time retention judges a snapshot by through a server).
 pub const MODIFIED: &str = "blockproof-modified";
 
+/// Request header: the vm the client's operation is for (checked against a token
+/// limited to some vms, and recorded for the snapshots it writes).
+pub const VM: &str = "blockproof-vm";
+
+/// A vm name as blockproof accepts it: 1–128 of `A–Z a–z 0–9 - _ . @ +`, not starting
+/// with `.`.
+pub fn valid_vm_name(vm: &str) -> bool {
+    (1..=128).contains(&vm.len())
+        && !vm.starts_with('.')
+        && vm.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@+".contains(&b))
+}
+
 /// The kinds, by their names on the wire ([`Kind::name`]).
 pub const KINDS: [Kind; 7] =
     [Kind::Config, Kind::Key, Kind::Pack, Kind::Index, Kind::Snapshot, Kind::Lock, Kind::State];

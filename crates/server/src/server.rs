@@ -143,6 +143,10 @@ async fn answer(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) 
         Err(e @ RouteError::Method(_)) => return Answer::text(405, e.to_string()),
         Err(e @ RouteError::Bad(_)) => return Answer::text(400, e.to_string()),
     };
+    let vm = header(crate::route::VM);
+    if vm.as_deref().is_some_and(|v| !crate::route::valid_vm_name(v)) {
+        return Answer::text(400, "an invalid vm name in blockproof-vm");
+    }
     let tokens = match shared.tokens() {
         Ok(t) => t,
         Err(e) => {
@@ -221,7 +225,7 @@ async fn answer(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) 
     let shared2 = shared.clone();
     let answer = tokio::task::spawn_blocking(move || {
         let served: &Served = &shared2.repos[&repo_name];
-        let request = crate::service::Request { token: &token, from, audit: &shared2.audit };
+        let request = crate::service::Request { token: &token, vm, from, audit: &shared2.audit };
         execute(served, route, body, &request)
     })
     .await

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 use blockproof_store::{Backend, Kind, StoreError};
 
 use crate::audit::{Audit, Event};
-use crate::owners::Owners;
 use crate::policy::{content_addressed, decide, Action, Decision, Role};
+use crate::records::Records;
 use crate::route::Route;
 use crate::token::TokenEntry;
 use crate::trash::Trash;
@@ -19,7 +19,9 @@ use crate::trash::Trash;
 pub struct Served {
     pub backend: Arc<dyn Backend>,
     pub trash: Trash,
-    pub owners: Owners,
+    pub owners: Records,
+    /// The vm each snapshot was declared for when it was written.
+    pub vms: Records,
     /// Serializes the check-then-act of writes and removes of files that are not
     /// content-addressed (state documents, locks, config), so two requests cannot both
     /// see a name free, or both trash the same version.
@@ -31,7 +33,8 @@ impl Served {
         Served {
             backend,
             trash: Trash::new(state_dir, name),
-            owners: Owners::new(state_dir, name),
+            owners: Records::new(state_dir, "owners", name),
+            vms: Records::new(state_dir, "vms", name),
             mutate: Mutex::new(()),
         }
     }
@@ -81,6 +84,8 @@ pub struct Target<'a> {
 /// The context of one request.
 pub struct Request<'a> {
     pub token: &'a TokenEntry,
+    /// The vm the client declared its operation is for (header `blockproof-vm`).
+    pub vm: Option<String>,
     pub from: String,
     pub audit: &'a Audit,
 }
@@ -216,7 +221,11 @@ fn write(repo: &Served, rname: &str, kind: Kind, name: &str, body: Vec<u8>, req:
     };
     let own = kind == Kind::Lock && repo.owners.of(name).as_deref() == Some(req.token.name.as_str());
     let (action, op) = if present { (Action::Overwrite, "replace") } else { (Action::Create, "create") };
-    match decide(req.token.role, action, kind, name, own) {
+    let decision = match out_of_scope(repo, req, action, kind, name) {
+        Some(why) => Decision::Refuse(why),
+        None => decide(req.token.role, action, kind, name, own),
+    };
+    match decision {
         Decision::Refuse(why) => return refuse(req, &Target { repo: rname, op, kind: Some(kind), name }, why),
         Decision::KeepOld => {
             if let Err(answer) = to_trash(repo, kind, name, req, "replace") {
@@ -224,6 +233,11 @@ fn write(repo: &Served, rname: &str, kind: Kind, name: &str, body: Vec<u8>, req:
             }
         }
         Decision::Allow => {}
+    }
+    if let (Kind::Snapshot, false, Some(vm)) = (kind, present, &req.vm) {
+        if let Err(e) = repo.vms.set(name, vm) {
+            return failed(req, &Target { repo: rname, op, kind: Some(kind), name }, Answer::text(500, e.to_string()));
+        }
     }
     if kind == Kind::Lock && !present {
         if let Err(e) = repo.owners.set(name, &req.token.name) {
@@ -236,6 +250,35 @@ fn write(repo: &Served, rname: &str, kind: Kind, name: &str, body: Vec<u8>, req:
             Answer { status: 201, body: Vec::new(), headers: Vec::new() }
         }
         Err(e) => failed(req, &Target { repo: rname, op, kind: Some(kind), name }, store_answer(e)),
+    }
+}
+
+/// Why a token limited to some vms may not do this, if it may not: it writes snapshots
+/// only of the vms it declares and its pattern matches, removes only snapshots recorded
+/// for such vms, and never removes packs or index files (gc needs a token for every vm).
+fn out_of_scope(repo: &Served, req: &Request<'_>, action: Action, kind: Kind, name: &str) -> Option<String> {
+    let t = req.token;
+    if !t.vm_scoped() {
+        return None;
+    }
+    match (kind, action) {
+        (Kind::Snapshot, Action::Create) => match &req.vm {
+            Some(vm) if t.may_touch_vm(vm) => None,
+            Some(vm) => Some(format!("token {} may not write snapshots of vm {vm} (its vms: {})", t.name, t.vms)),
+            None => Some(format!("token {} is limited to vms {} and the client declared no vm", t.name, t.vms)),
+        },
+        (Kind::Snapshot, Action::Remove) => match repo.vms.of(name) {
+            Some(vm) if t.may_touch_vm(&vm) => None,
+            Some(vm) => Some(format!("token {} may not remove snapshots of vm {vm} (its vms: {})", t.name, t.vms)),
+            None => {
+                Some(format!("token {} may not remove snapshot {name}: the server has no record of its vm", t.name))
+            }
+        },
+        (Kind::Pack | Kind::Index, Action::Remove) => Some(format!(
+            "token {} is limited to vms {}: removing packs and index files (gc) needs a token for every vm",
+            t.name, t.vms
+        )),
+        _ => None,
     }
 }
 
@@ -255,7 +298,11 @@ fn to_trash(repo: &Served, kind: Kind, name: &str, req: &Request<'_>, why: &str)
 fn remove(repo: &Served, rname: &str, kind: Kind, name: &str, req: &Request<'_>) -> Answer {
     let _serial = repo.mutate.lock().expect("mutate lock");
     let own = kind == Kind::Lock && repo.owners.of(name).as_deref() == Some(req.token.name.as_str());
-    match decide(req.token.role, Action::Remove, kind, name, own) {
+    let decision = match out_of_scope(repo, req, Action::Remove, kind, name) {
+        Some(why) => Decision::Refuse(why),
+        None => decide(req.token.role, Action::Remove, kind, name, own),
+    };
+    match decision {
         Decision::Refuse(why) => {
             return refuse(req, &Target { repo: rname, op: "remove", kind: Some(kind), name }, why)
         }
@@ -270,6 +317,9 @@ fn remove(repo: &Served, rname: &str, kind: Kind, name: &str, req: &Request<'_>)
         Ok(()) => {
             if kind == Kind::Lock {
                 repo.owners.clear(name);
+            }
+            if kind == Kind::Snapshot {
+                repo.vms.clear(name);
             }
             req.log(&Target { repo: rname, op: "remove", kind: Some(kind), name }, 0, "ok", "");
             Answer { status: 204, body: Vec::new(), headers: Vec::new() }

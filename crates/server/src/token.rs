@@ -28,6 +28,10 @@ pub struct TokenEntry {
     pub role: Role,
     /// The repositories it may use: a name, or a pattern with `*` and `?`.
     pub repos: String,
+    /// The vms whose snapshots it may write and remove: a name or a pattern (`*`: all,
+    /// and then it may also remove packs and index files, as gc does).
+    #[serde(default = "every")]
+    pub vms: String,
     /// BLAKE3 (keyed by derivation from a fixed context) of the secret, hex.
     pub hash: String,
     /// Seconds since the Unix epoch.
@@ -36,10 +40,28 @@ pub struct TokenEntry {
     pub revoked: Option<u64>,
 }
 
+fn every() -> String {
+    "*".into()
+}
+
 impl TokenEntry {
     pub fn may_use(&self, repo: &str) -> bool {
         glob(&self.repos, repo)
     }
+
+    /// Limited to some vms (not `*`).
+    pub fn vm_scoped(&self) -> bool {
+        self.vms != "*"
+    }
+
+    pub fn may_touch_vm(&self, vm: &str) -> bool {
+        glob(&self.vms, vm)
+    }
+}
+
+/// A pattern of names: `[A-Za-z0-9_-.@+*?]`, 1-128 characters.
+fn valid_pattern(p: &str) -> bool {
+    (1..=128).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@+*?".contains(&b))
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -102,12 +124,15 @@ impl TokenStore {
     }
 
     /// Creates a token and returns its secret (the only time it is shown).
-    pub fn create(&self, name: &str, role: Role, repos: &str) -> Result<String, ServerError> {
+    pub fn create(&self, name: &str, role: Role, repos: &str, vms: &str) -> Result<String, ServerError> {
         if !valid_name(name) {
             return Err(ServerError::Config(format!("invalid token name {name:?}: 1-64 of [A-Za-z0-9_-]")));
         }
         if repos.is_empty() || !repos.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_*?".contains(&b)) {
             return Err(ServerError::Config(format!("invalid repository pattern {repos:?}")));
+        }
+        if !valid_pattern(vms) {
+            return Err(ServerError::Config(format!("invalid vm pattern {vms:?}")));
         }
         let mut tokens = self.load()?;
         if tokens.iter().any(|t| t.name == name) {
@@ -120,6 +145,7 @@ impl TokenStore {
             name: name.into(),
             role,
             repos: repos.into(),
+            vms: vms.into(),
             hash: hash(&secret),
             created: now(),
             revoked: None,
@@ -182,15 +208,17 @@ mod tests {
     fn a_token_authenticates_until_it_is_revoked_and_the_file_holds_no_secret() {
         let dir = tempfile::tempdir().unwrap();
         let store = TokenStore::new(dir.path());
-        let secret = store.create("host-1", Role::Backup, "prod-*").unwrap();
-        assert!(store.create("host-1", Role::Admin, "*").is_err());
-        assert!(store.create("bad name", Role::Admin, "*").is_err());
+        let secret = store.create("host-1", Role::Backup, "prod-*", "web*").unwrap();
+        assert!(store.create("host-1", Role::Admin, "*", "*").is_err());
+        assert!(store.create("bad name", Role::Admin, "*", "*").is_err());
         let text = std::fs::read_to_string(store.path()).unwrap();
         assert!(!text.contains(&secret[secret.len() - 64..]));
         let tokens = store.load().unwrap();
         let t = authenticate(&tokens, &secret).unwrap();
         assert_eq!((t.name.as_str(), t.role), ("host-1", Role::Backup));
         assert!(t.may_use("prod-eu") && !t.may_use("test"));
+        assert!(t.vm_scoped() && t.may_touch_vm("web01") && !t.may_touch_vm("db01"));
+        assert!(store.create("x", Role::Admin, "*", "a/b").is_err());
         let mut wrong = secret.clone();
         wrong.pop();
         wrong.push(if secret.ends_with('0') { '1' } else { '0' });
