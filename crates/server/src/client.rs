@@ -237,8 +237,8 @@ impl RemoteBackend {
         path: &str,
         not_found: Option<(Kind, &str)>,
         extra: impl Fn(RequestBuilder) -> RequestBuilder,
-    ) -> Result<Vec<u8>, StoreError> {
-        self.call_response(method, path, not_found, extra, |r| r.bytes().map(|b| b.to_vec()))
+    ) -> Result<bytes::Bytes, StoreError> {
+        self.call_response(method, path, not_found, extra, |r| r.bytes())
     }
 
     fn call_response<T>(
@@ -336,7 +336,7 @@ impl Backend for RemoteBackend {
     }
 
     fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>, StoreError> {
-        self.call(Method::GET, &self.object(kind, name), Some((kind, name)), |r| r)
+        Ok(self.call(Method::GET, &self.object(kind, name), Some((kind, name)), |r| r)?.into())
     }
 
     fn read_at(&self, kind: Kind, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
@@ -380,7 +380,8 @@ impl Backend for RemoteBackend {
 
     fn list_sizes(&self, kind: Kind) -> Result<Vec<(String, u64)>, StoreError> {
         let bytes = self.call(Method::GET, &format!("/v1/{}/o/{}/", self.repo, kind.name()), None, |r| r)?;
-        let text = String::from_utf8(bytes).map_err(|_| StoreError::Remote(format!("{}: bad listing", self.url)))?;
+        let text =
+            String::from_utf8(bytes.into()).map_err(|_| StoreError::Remote(format!("{}: bad listing", self.url)))?;
         text.lines()
             .map(|l| {
                 let (n, s) =

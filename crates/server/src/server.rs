@@ -210,7 +210,7 @@ async fn answer(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) 
         }
         let limited = Limited::new(req.into_body(), max as usize);
         match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
-            Ok(Ok(collected)) => collected.to_bytes().to_vec(),
+            Ok(Ok(collected)) => collected.to_bytes(),
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                 return Answer::text(413, format!("a request body may be at most {max} bytes"))
             }
@@ -218,7 +218,7 @@ async fn answer(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) 
             Err(_) => return Answer::text(408, "the request body did not arrive in time"),
         }
     } else {
-        Vec::new()
+        bytes::Bytes::new()
     };
     let token = token.clone();
     let from = peer.to_string();

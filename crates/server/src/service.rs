@@ -124,7 +124,7 @@ fn nanos(t: SystemTime) -> u128 {
 }
 
 /// Executes a routed, authenticated request for a token that may use the repository.
-pub fn execute(repo: &Served, route: Route, body: Vec<u8>, req: &Request<'_>) -> Answer {
+pub fn execute(repo: &Served, route: Route, body: bytes::Bytes, req: &Request<'_>) -> Answer {
     let token = req.token;
     let b = &*repo.backend;
     match route {
@@ -206,7 +206,7 @@ fn failed(req: &Request<'_>, t: &Target<'_>, answer: Answer) -> Answer {
     answer
 }
 
-fn write(repo: &Served, rname: &str, kind: Kind, name: &str, body: Vec<u8>, req: &Request<'_>) -> Answer {
+fn write(repo: &Served, rname: &str, kind: Kind, name: &str, body: bytes::Bytes, req: &Request<'_>) -> Answer {
     let b = &*repo.backend;
     let size = body.len() as u64;
     if content_addressed(kind) && blake3::hash(&body).to_hex().as_str() != name {
