@@ -410,7 +410,7 @@ fn three_clients_and_gc_at_once_through_the_server() {
 #[test]
 fn oversized_and_unauthenticated_requests_are_refused() {
     let dir = Dir::new();
-    let server = Server::start(&dir, &["--max-body", "1"]);
+    let mut server = Server::start(&dir, &["--max-body", "1", "--per-token", "1"]);
     let admin = server.token("root", "admin");
     server.cmd(&dir, "init", &admin).args(["--kdf-memory", "8", "--kdf-iterations", "1"]).ok();
     let remote = server.remote(&admin);
@@ -442,6 +442,29 @@ fn oversized_and_unauthenticated_requests_are_refused() {
         .env("BLOCKPROOF_SERVER_FINGERPRINT", &server.fingerprint);
     let line = other.fails_with_one_line(1);
     assert!(line.contains("no repository mainx on this server"), "{line}");
+
+    // One request in progress per token: two backups with the same token at once are
+    // answered 429 in turn, wait and retry, and both complete.
+    let images: Vec<_> = (0..2).map(|i| dir.random_image(&format!("p{i}.img"), 512 << 10, 30 + i)).collect();
+    let children: Vec<_> = images
+        .iter()
+        .enumerate()
+        .map(|(i, img)| {
+            let mut c = server.cmd(&dir, "backup", &admin);
+            c.args(["--vm", &format!("p{i}"), "--json", "--disk"]).arg(format!("id=d,source={}", img.display()));
+            c.spawn_piped()
+        })
+        .collect();
+    for (child, img) in children.into_iter().zip(&images) {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        restores(&server, &dir, &admin, &snap_id(&report), &hash(img));
+    }
+
+    // SIGTERM: the server stops cleanly.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    assert!(server.child.wait().unwrap().success());
 }
 
 /// Tokens limited to some vms: a backup token writes snapshots of its vms only; a
