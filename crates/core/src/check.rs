@@ -398,11 +398,6 @@ fn read_data(
     let total: u64 = packs.iter().map(|p| p.1).sum();
     let byte_limit = budget.byte_limit(total);
     let mut r = ReadDataReport { packs_total: packs.len() as u64, run, ..Default::default() };
-    let by_pack: HashMap<Id, Vec<blockproof_format::BlobEntry>> =
-        index.iter_all().fold(HashMap::new(), |mut m, (_, p, e)| {
-            m.entry(p).or_default().push(e);
-            m
-        });
     progress.begin("check data", byte_limit);
     // The byte and pack-count limits pick the packs up front (each tested before the
     // pack, as documented); the time limit is tested by the readers before each pack.
@@ -416,6 +411,19 @@ fn read_data(
         }
         planned_bytes += size;
         chosen.push((name, size));
+    }
+    // The index entries of the chosen packs (not of every pack: a second copy of the
+    // index), from one pass over its table.
+    let wanted: HashMap<u32, Id> = chosen
+        .iter()
+        .filter_map(|(n, _)| n.parse::<Id>().ok())
+        .filter_map(|id| index.pack_position(&id).map(|p| (p, id)))
+        .collect();
+    let mut by_pack: HashMap<Id, Vec<blockproof_format::BlobEntry>> = HashMap::new();
+    for t in index.iter_table() {
+        if let Some(id) = wanted.get(&t.pack) {
+            by_pack.entry(*id).or_default().push(t.entry);
+        }
     }
     // Packs are verified in parallel (one per core, more on a remote store), each
     // reader holding one whole pack: at most 256 MiB of packs in memory at once.
