@@ -230,9 +230,20 @@ pub(crate) fn for_each_live_list(
     live: &LiveBlobs,
     usage: &[PackUsage],
     packs: &[Id],
-    mut each: impl FnMut(usize, Vec<BlobEntry>) -> Result<bool, CoreError>,
+    each: impl FnMut(usize, Vec<BlobEntry>) -> Result<bool, CoreError>,
 ) -> Result<(), CoreError> {
     let limit = (index.table_len() / 32).max(BATCH_MIN) as u64;
+    live_lists_in_batches(index, live, usage, packs, limit, each)
+}
+
+fn live_lists_in_batches(
+    index: &BlobIndex,
+    live: &LiveBlobs,
+    usage: &[PackUsage],
+    packs: &[Id],
+    limit: u64,
+    mut each: impl FnMut(usize, Vec<BlobEntry>) -> Result<bool, CoreError>,
+) -> Result<(), CoreError> {
     let mut start = 0;
     while start < packs.len() {
         // This batch: packs[start..end], by pack position.
@@ -262,4 +273,96 @@ pub(crate) fn for_each_live_list(
         start = end;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockproof_repo::IndexBuilder;
+
+    fn id(k: u32) -> Id {
+        let mut i = Id([0; 32]);
+        i.0[..4].copy_from_slice(&k.wrapping_mul(0x9E37_79B9).to_be_bytes());
+        i.0[31] = 1;
+        i
+    }
+
+    fn entry(k: u32, offset: u64, compression: Compression) -> BlobEntry {
+        BlobEntry { kind: BlobKind::Data, compression, id: id(k), offset, length: 100 + k, raw_length: 200 }
+    }
+
+    /// Packs 1000..1004 of blobs 10 * p .. 10 * p + 10 (blob 6 also in pack 1001, LZ4
+    /// only in pack 1000); every third blob referenced.
+    fn fixture() -> (BlobIndex, LiveBlobs) {
+        let mut b = IndexBuilder::new();
+        for p in 0..4u32 {
+            let compression = if p == 0 { Compression::Lz4 } else { Compression::Zstd };
+            let mut es: Vec<BlobEntry> = (0..10).map(|k| entry(10 * p + k, u64::from(k) * 1000, compression)).collect();
+            if p == 1 {
+                es.push(entry(6, 20_000, compression));
+            }
+            // Listed out of offset order: the lists come back in offset order.
+            es.reverse();
+            b.add_pack(id(1000 + p), &es);
+        }
+        let index = b.finish();
+        let mut live = LiveBlobs { marks: Marks::new(&index), unindexed: HashSet::new(), snapshots: 1 };
+        for k in (0..40).step_by(3) {
+            live.marks.mark(&index, &id(k)).expect("indexed");
+        }
+        (index, live)
+    }
+
+    #[test]
+    fn pack_usage_counts_live_and_dead_bytes_per_pack() {
+        let (index, live) = fixture();
+        let usage = pack_usage(&index, &live);
+        for p in 0..4u32 {
+            let u = usage[index.pack_position(&id(1000 + p)).unwrap() as usize];
+            let mut ks: Vec<u32> = (10 * p..10 * p + 10).collect();
+            if p == 1 {
+                ks.push(6);
+            }
+            let total: u64 = ks.iter().map(|k| u64::from(100 + k)).sum();
+            let live_ks: Vec<&u32> = ks.iter().filter(|k| *k % 3 == 0).collect();
+            let dead: u64 = ks.iter().filter(|k| *k % 3 != 0).map(|k| u64::from(100 + k)).sum();
+            assert_eq!((u.total, u.dead, u.live_blobs, u.live_lz4), (total, dead, live_ks.len() as u64, p == 0));
+        }
+    }
+
+    /// Whatever the batch size, every pack asked for comes once, in order, with exactly
+    /// its referenced blobs in offset order; returning false stops.
+    #[test]
+    fn live_lists_come_per_pack_in_offset_order_in_any_batching() {
+        let (index, live) = fixture();
+        let usage = pack_usage(&index, &live);
+        let packs = [id(1002), id(1000), id(9999), id(1001)];
+        let mut want = Vec::new();
+        for (k, p) in packs.iter().enumerate() {
+            let mut es: Vec<BlobEntry> = index
+                .iter_all()
+                .filter(|(i, pack, _)| pack == p && live.marks.is_marked(&index, i))
+                .map(|t| t.2)
+                .collect();
+            es.sort_by_key(|e| e.offset);
+            want.push((k, es));
+        }
+        assert!(want[3].1.last().is_some_and(|e| e.id == id(6)) && want[2].1.is_empty());
+        for limit in [1, 3, 100] {
+            let mut got = Vec::new();
+            live_lists_in_batches(&index, &live, &usage, &packs, limit, |k, es| {
+                got.push((k, es));
+                Ok(true)
+            })
+            .unwrap();
+            assert_eq!(got, want, "batches of {limit}");
+            let mut calls = 0;
+            live_lists_in_batches(&index, &live, &usage, &packs, limit, |_, _| {
+                calls += 1;
+                Ok(calls < 2)
+            })
+            .unwrap();
+            assert_eq!(calls, 2);
+        }
+    }
 }
