@@ -3,7 +3,8 @@
 //! ## Two phases
 //!
 //! 1. **Mark and plan.** Under the gc lock (one gc at a time), walk every snapshot's
-//!    trees (index pages, chunks, confirmation pages) into the set of referenced blobs.
+//!    trees (index pages, chunks, confirmation pages) and mark the referenced blobs, as
+//!    bits over the blob index's table (`live_blobs.rs`).
 //!    Packs with no referenced blob, and packs no index lists (left by crashed backups,
 //!    or being written right now), are *planned* for deletion; packs whose unreferenced
 //!    share reaches the repack threshold have their referenced blobs copied into new
