@@ -25,8 +25,8 @@
 #
 # Needs: GNU time (package `time`), qemu-nbd (qemu-utils), python3; installs the first
 # two with apt-get when run as root. Disk: about 90 bytes per blob (index files and tree
-# pages; the packs are sparse). Memory: about 55 bytes per blob for backup, restore and
-# copy, 140-200 for check and gc (10 M blobs: ~2 GB). Not part of CI.
+# pages; the packs are sparse). Memory: about 55 bytes per blob for every step but
+# `snapshots` (10 M blobs: ~540 MiB). Not part of CI.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)

@@ -30,7 +30,7 @@ use blockproof_format::{Id, ObjectMagic};
 use blockproof_repo::blob::open_blob;
 use blockproof_repo::pack_writer::read_pack_header;
 use blockproof_repo::repository::check_name;
-use blockproof_repo::{BlobIndex, BlobReader, IndexBuilder, Repository, TreeReader};
+use blockproof_repo::{BlobIndex, BlobReader, IndexBuilder, Marks, Repository};
 use blockproof_store::Kind;
 use blockproof_work::{fan_out, FanOut};
 use rand::seq::SliceRandom;
@@ -221,7 +221,10 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     // records after it (see crate::integrity).
     let heads = crate::integrity::read_heads(repo)?;
     let reader = BlobReader::new(repo, &index);
-    let mut referenced: HashSet<Id> = HashSet::new();
+    // Referenced chunks and tree pages read whole, as bits parallel to the index's table
+    // (a page a snapshot shares with one checked before is not read again); chunks the
+    // index does not know, by id.
+    let mut referenced = Referenced { chunks: Marks::new(&index), pages: Marks::new(&index), missing: HashSet::new() };
     let (names, stray_snapshots): (Vec<String>, Vec<String>) =
         backend.list(Kind::Snapshot)?.into_iter().partition(|n| Id::is_file_name(n));
     let present: HashSet<Id> = names.iter().filter_map(|n| n.parse().ok()).collect();
@@ -258,12 +261,10 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     progress.end();
     report.heads = heads.report();
     crate::integrity::check_snapshot_set(repo, heads, &present, &loaded, &mut report.errors, &mut report.warnings)?;
-    for id in &referenced {
-        if !index.contains(id) {
-            report.errors.push(format!("chunk {id} is used by a snapshot but not stored"));
-        }
+    for id in &referenced.missing {
+        report.errors.push(format!("chunk {id} is used by a snapshot but not stored"));
     }
-    report.referenced_chunks = referenced.len() as u64;
+    report.referenced_chunks = (referenced.chunks.count() + referenced.missing.len()) as u64;
 
     if let Some(budget) = &opts.read_data {
         let mut state = CheckState::load(repo, &mut report.warnings);
@@ -283,22 +284,48 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     Ok(report)
 }
 
-/// Reads every page of a disk's tree; collects the chunk ids it names.
+/// What the snapshots' trees reference, marked in the index.
+struct Referenced {
+    chunks: Marks,
+    /// Tree pages read whole, with every page below them.
+    pages: Marks,
+    /// Chunks the index does not know.
+    missing: HashSet<Id>,
+}
+
+/// Reads every page of a disk's tree not read whole for an earlier one; marks the chunk
+/// ids it names. The pages a failed walk marked are unmarked again, so that every
+/// snapshot sharing a damaged page reports it.
 fn check_tree(
     reader: &BlobReader<'_>,
     disk: &blockproof_format::DiskEntry,
-    referenced: &mut HashSet<Id>,
+    referenced: &mut Referenced,
 ) -> Result<(), CoreError> {
     let n = chunk_count(disk.size, disk.chunk_size);
-    let mut tree = TreeReader::new(reader, disk.index_root, n, disk.index_fanout)?;
-    for page in 0..tree.leaf_pages() {
-        for id in tree.leaf(page)? {
-            if !id.is_zero() {
-                referenced.insert(*id);
-            }
+    let index = reader.index();
+    let Referenced { chunks, pages, missing } = referenced;
+    let mut walked = Vec::new();
+    let mut leaf = |_: &mut Marks, id: Id| {
+        if chunks.mark(index, &id).is_none() {
+            missing.insert(id);
+        }
+    };
+    let result = crate::live_blobs::walk(
+        reader,
+        disk.index_root,
+        n,
+        disk.index_fanout,
+        pages,
+        &mut walked,
+        &HashSet::new(),
+        &mut leaf,
+    );
+    if result.is_err() {
+        for at in walked {
+            pages.remove(at);
         }
     }
-    Ok(())
+    result
 }
 
 /// What reading one pack found.
@@ -371,11 +398,6 @@ fn read_data(
     let total: u64 = packs.iter().map(|p| p.1).sum();
     let byte_limit = budget.byte_limit(total);
     let mut r = ReadDataReport { packs_total: packs.len() as u64, run, ..Default::default() };
-    let by_pack: HashMap<Id, Vec<blockproof_format::BlobEntry>> =
-        index.iter_all().fold(HashMap::new(), |mut m, (_, p, e)| {
-            m.entry(p).or_default().push(e);
-            m
-        });
     progress.begin("check data", byte_limit);
     // The byte and pack-count limits pick the packs up front (each tested before the
     // pack, as documented); the time limit is tested by the readers before each pack.
@@ -389,6 +411,19 @@ fn read_data(
         }
         planned_bytes += size;
         chosen.push((name, size));
+    }
+    // The index entries of the chosen packs (not of every pack: a second copy of the
+    // index), from one pass over its table.
+    let wanted: HashMap<u32, Id> = chosen
+        .iter()
+        .filter_map(|(n, _)| n.parse::<Id>().ok())
+        .filter_map(|id| index.pack_position(&id).map(|p| (p, id)))
+        .collect();
+    let mut by_pack: HashMap<Id, Vec<blockproof_format::BlobEntry>> = HashMap::new();
+    for t in index.iter_table() {
+        if let Some(id) = wanted.get(&t.pack) {
+            by_pack.entry(*id).or_default().push(t.entry);
+        }
     }
     // Packs are verified in parallel (one per core, more on a remote store), each
     // reader holding one whole pack: at most 256 MiB of packs in memory at once.

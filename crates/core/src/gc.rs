@@ -3,7 +3,8 @@
 //! ## Two phases
 //!
 //! 1. **Mark and plan.** Under the gc lock (one gc at a time), walk every snapshot's
-//!    trees (index pages, chunks, confirmation pages) into the set of referenced blobs.
+//!    trees (index pages, chunks, confirmation pages) and mark the referenced blobs, as
+//!    bits over the blob index's table (`live_blobs.rs`).
 //!    Packs with no referenced blob, and packs no index lists (left by crashed backups,
 //!    or being written right now), are *planned* for deletion; packs whose unreferenced
 //!    share reaches the repack threshold have their referenced blobs copied into new
@@ -34,16 +35,16 @@
 //! so a crash leaves at worst unindexed packs (planned by the next gc) or blobs listed
 //! twice (harmless).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
-use blockproof_format::tree::{chunk_count, decode_page, level_sizes, page_len, DEFAULT_FANOUT};
-use blockproof_format::{BlobEntry, BlobKind, Id, IndexFile, ObjectMagic};
+use blockproof_format::{BlobEntry, Id, IndexFile, ObjectMagic};
 use blockproof_repo::lock::now_secs;
-use blockproof_repo::{BlobIndex, BlobReader, Lock, LockKind, PackWriter, Repository, SealedBlob};
+use blockproof_repo::{BlobIndex, Lock, LockKind, Marks, PackWriter, Repository, SealedBlob};
 use blockproof_store::Kind;
 use serde::{Deserialize, Serialize};
 
+use crate::live_blobs::{covered, for_each_live_list, mark, pack_usage, refuse_if_data_missing};
 use crate::{CoreError, Progress};
 
 /// Backups whose lock is younger than a plan by less than this still block its sweep
@@ -136,126 +137,6 @@ fn plans(repo: &Repository) -> Result<Vec<(String, Plan)>, CoreError> {
     Ok(out)
 }
 
-/// The index files with their content.
-fn index_files(repo: &Repository) -> Result<Vec<(String, IndexFile)>, CoreError> {
-    let mut out = Vec::new();
-    for name in repo.backend().list(Kind::Index)? {
-        out.push((name.clone(), repo.read_index_file(&name)?));
-    }
-    Ok(out)
-}
-
-/// Every blob some snapshot references (chunks, index pages, confirmation pages). gc
-/// deletes by the absence of references, so a snapshot whose trees cannot be read whole
-/// makes it refuse to run.
-///
-/// Blobs `repair` found in no pack and reported lost (`state/repair`) are the exception:
-/// repair read every pack, so no pack holds them, and a lost page's subtree can only come
-/// back with a backup that stores the same content again (which stores its chunks too).
-fn mark(repo: &Repository, index: &BlobIndex) -> Result<(HashSet<Id>, u64), CoreError> {
-    let lost = crate::repair::recorded_losses(repo);
-    mark_all(repo, index, &lost).map_err(|e| {
-        CoreError::Refused(format!(
-            "gc refuses to run while data that snapshots reference is missing or unreadable (it could not \
-             tell what is unused): {e}; nothing was deleted (run blockproof check, then blockproof repair)"
-        ))
-    })
-}
-
-fn mark_all(repo: &Repository, index: &BlobIndex, lost: &HashSet<Id>) -> Result<(HashSet<Id>, u64), CoreError> {
-    let reader = BlobReader::new(repo, index);
-    let snapshots = repo.snapshots()?;
-    let mut seen = HashSet::new();
-    for s in &snapshots {
-        for d in &s.snapshot.disks {
-            walk(&reader, d.index_root, chunk_count(d.size, d.chunk_size), d.index_fanout, &mut seen, lost)?;
-            if let Some(root) = d.confirm_root {
-                let pages = blockproof_format::confirm::page_count(chunk_count(d.size, d.chunk_size));
-                walk(&reader, root, pages, DEFAULT_FANOUT, &mut seen, lost)?;
-            }
-        }
-    }
-    Ok((seen, snapshots.len() as u64))
-}
-
-/// Adds a tree's pages and leaves to `seen`; a page already seen is not read again (its
-/// content, and so its subtree, is determined by its id). A page `repair` recorded as
-/// lost is skipped.
-fn walk(
-    reader: &BlobReader<'_>,
-    root: Id,
-    leaves: u64,
-    fanout: u32,
-    seen: &mut HashSet<Id>,
-    lost: &HashSet<Id>,
-) -> Result<(), CoreError> {
-    let sizes = level_sizes(leaves, fanout);
-    let mut stack = vec![(sizes.len() - 1, 0u64, root)];
-    while let Some((level, page, id)) = stack.pop() {
-        if id.is_zero() || !seen.insert(id) {
-            continue;
-        }
-        let plain = match reader.read(&id, BlobKind::Tree) {
-            Ok(p) => p,
-            Err(_) if lost.contains(&id) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let ids = decode_page(&plain, page_len(sizes[level], page, fanout))
-            .map_err(|e| blockproof_repo::RepoError::corrupt(format!("index page {id}"), e))?;
-        for (k, child) in ids.into_iter().enumerate() {
-            if level == 0 {
-                if !child.is_zero() {
-                    seen.insert(child);
-                }
-            } else {
-                stack.push((level - 1, page * u64::from(fanout) + k as u64, child));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Fails unless every blob some snapshot references is listed by an index file in a pack
-/// that exists: gc deletes by the absence of references, so it must never run on a
-/// repository whose references it cannot see whole (a pack renamed or lost, an index
-/// file lost — its packs would look unindexed and be deleted). Blobs `repair` recorded as
-/// lost after reading every pack are the exception (see [`mark`]).
-fn refuse_if_data_missing(
-    repo: &Repository,
-    index: &BlobIndex,
-    referenced: &HashSet<Id>,
-    stored: &HashSet<Id>,
-) -> Result<(), CoreError> {
-    let lost = crate::repair::recorded_losses(repo);
-    let mut unindexed = 0u64;
-    let mut missing_packs: BTreeMap<Id, u64> = BTreeMap::new();
-    for id in referenced.iter().filter(|id| !lost.contains(*id)) {
-        match index.get(id) {
-            None => unindexed += 1,
-            Some(_) if index.stored_where(id, |p| stored.contains(p)) => {}
-            Some((pack, _)) => *missing_packs.entry(pack).or_default() += 1,
-        }
-    }
-    if unindexed == 0 && missing_packs.is_empty() {
-        return Ok(());
-    }
-    let mut what = Vec::new();
-    if let Some((pack, blobs)) = missing_packs.iter().next() {
-        what.push(format!(
-            "{} pack file(s) listed by the index are missing (e.g. pack {pack}, holding {blobs} referenced blob(s))",
-            missing_packs.len()
-        ));
-    }
-    if unindexed > 0 {
-        what.push(format!("{unindexed} referenced blob(s) are in no index file"));
-    }
-    Err(CoreError::Refused(format!(
-        "gc refuses to run while data that snapshots reference is missing: {}; nothing was deleted \
-         (run blockproof check for the full list, and blockproof repair)",
-        what.join("; ")
-    )))
-}
-
 /// The packs that exist, by id (names that are not ids are not packs of this format).
 fn stored_packs(repo: &Repository) -> Result<Vec<(String, Id)>, CoreError> {
     Ok(repo.backend().list(Kind::Pack)?.into_iter().filter_map(|n| n.parse::<Id>().ok().map(|id| (n, id))).collect())
@@ -291,16 +172,22 @@ fn collect(
     let lock = repo.lock(LockKind::Gc, "gc")?;
 
     // Mark, and refuse if referenced data is missing: before anything is deleted.
-    let files = index_files(repo)?;
     let index = BlobIndex::load(repo)?;
-    let (referenced, snapshots) = mark(repo, &index)?;
+    let live = mark(repo, &index)?;
     let stored = stored_packs(repo)?;
-    refuse_if_data_missing(repo, &index, &referenced, &stored.iter().map(|(_, id)| *id).collect())?;
+    refuse_if_data_missing(repo, &index, &live, &stored.iter().map(|(_, id)| *id).collect())?;
+    let mut marked = Some((index, live, stored));
 
     // Carry out earlier plans that have become safe; drop forget records nothing needs.
     if !opts.dry_run {
         report.temporary_files_removed = repo.backend().clean_temporary(TEMP_AGE)?;
         for (name, plan) in plans(repo)? {
+            if blocked(repo, &lock, &plan)? {
+                defer(repo, &plan.packs, report);
+                continue;
+            }
+            // A sweep loads the index and marks again: one index in memory at a time.
+            marked = None;
             sweep(repo, &lock, &name, &plan, report)?;
         }
         let others: Vec<u64> =
@@ -309,28 +196,21 @@ fn collect(
         report.restore_test_records_dropped = crate::restore_test::remove_orphans(repo)?;
     }
 
-    // Mark again if a sweep changed the index.
-    let (files, index, referenced, snapshots, stored) =
-        if opts.dry_run || (report.index_files_rewritten == 0 && report.packs_deleted == 0) {
-            (files, index, referenced, snapshots, stored)
-        } else {
-            let files = index_files(repo)?;
+    // Mark again after a sweep (it may have changed the index).
+    let (index, live, stored) = match marked {
+        Some(m) => m,
+        None => {
             let index = BlobIndex::load(repo)?;
-            let (referenced, snapshots) = mark(repo, &index)?;
-            (files, index, referenced, snapshots, stored_packs(repo)?)
-        };
-    drop(index);
-    report.snapshots = snapshots;
-    report.referenced_blobs = referenced.len() as u64;
+            let live = mark(repo, &index)?;
+            (index, live, stored_packs(repo)?)
+        }
+    };
+    report.snapshots = live.snapshots;
+    report.referenced_blobs = live.count();
     let already: HashSet<Id> = planned_packs(repo)?;
 
-    // Plan.
-    let mut pack_entries: HashMap<Id, Vec<BlobEntry>> = HashMap::new();
-    for (_, f) in &files {
-        for (pack, entries) in &f.packs {
-            pack_entries.entry(*pack).or_insert_with(|| entries.clone());
-        }
-    }
+    // Plan, from the index's table and the marks: each pack's live and dead bytes.
+    let usage = pack_usage(&index, &live);
     report.packs = stored.len() as u64;
     let mut doomed = Vec::new();
     let mut repack = Vec::new();
@@ -338,15 +218,12 @@ fn collect(
         if already.contains(&pack) {
             continue;
         }
-        match pack_entries.get(&pack) {
+        match index.pack_position(&pack).map(|p| usage[p as usize]) {
             None => doomed.push(pack), // unindexed: a crashed backup's, or one being written
-            Some(entries) => {
-                let total: u64 = entries.iter().map(|e| u64::from(e.length)).sum();
-                let dead: u64 =
-                    entries.iter().filter(|e| !referenced.contains(&e.id)).map(|e| u64::from(e.length)).sum();
-                if dead == total {
+            Some(u) => {
+                if u.dead == u.total {
                     doomed.push(pack);
-                } else if total > 0 && dead as f64 / total as f64 >= opts.repack_threshold {
+                } else if u.total > 0 && u.dead as f64 / u.total as f64 >= opts.repack_threshold {
                     repack.push(pack);
                 }
             }
@@ -355,7 +232,7 @@ fn collect(
     let chosen = match &opts.recompress {
         Some(r) => {
             let skip: HashSet<Id> = already.iter().chain(&doomed).chain(&repack).copied().collect();
-            crate::recompress::choose(repo, r, &stored, &pack_entries, &referenced, &skip)?
+            crate::recompress::choose(repo, r, &stored, &index, &usage, &skip)?
         }
         None => Vec::new(),
     };
@@ -374,10 +251,10 @@ fn collect(
     if !repack.is_empty() {
         progress.begin_count("repack", repack.len() as u64);
         let mut writer = PackWriter::new(repo);
-        for pack in &repack {
-            for e in pack_entries[pack].iter().filter(|e| referenced.contains(&e.id)) {
+        for_each_live_list(&index, &live, &usage, &repack, |k, entries| {
+            for e in entries {
                 let mut bytes = vec![0u8; e.length as usize];
-                repo.backend().read_at(Kind::Pack, &pack.to_hex(), e.offset, &mut bytes)?;
+                repo.backend().read_at(Kind::Pack, &repack[k].to_hex(), e.offset, &mut bytes)?;
                 report.bytes_repacked += u64::from(e.length);
                 writer.add(SealedBlob {
                     kind: e.kind,
@@ -388,7 +265,8 @@ fn collect(
                 })?;
             }
             progress.advance(1);
-        }
+            Ok(true)
+        })?;
         writer.finish()?;
         progress.end();
         report.packs_repacked = repack.len() as u64;
@@ -396,8 +274,10 @@ fn collect(
 
     doomed.extend(repack);
     if let Some(r) = &opts.recompress {
-        doomed.extend(crate::recompress::rewrite(repo, r, &chosen, &pack_entries, &referenced, report, progress)?);
+        doomed.extend(crate::recompress::rewrite(repo, r, &chosen, &index, &live, &usage, report, progress)?);
     }
+    // The sweep loads the index and marks again.
+    drop((index, live, usage));
     if !doomed.is_empty() {
         let plan = Plan { created: now_secs(), host: crate::hostname(), packs: doomed };
         let name = format!("{PLAN_PREFIX}{}", hex::encode(rand::random::<[u8; 8]>()));
@@ -421,13 +301,12 @@ fn defer(repo: &Repository, packs: &[Id], report: &mut GcReport) {
 /// lock times their host's), is never deleted: it may be that operation's, and stays
 /// planned for a later gc.
 fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &mut GcReport) -> Result<(), CoreError> {
-    let live: Vec<_> = repo.live_locks()?.into_iter().filter(|(n, _)| n != lock.name()).map(|(_, l)| l).collect();
-    let blocking = live.iter().any(|l| l.kind == LockKind::Shared && l.created <= plan.created + CLOCK_SKEW.as_secs());
-    if blocking {
+    if blocked(repo, lock, plan)? {
         defer(repo, &plan.packs, report);
         return Ok(());
     }
-    let oldest_running = live.iter().map(|l| l.created).min().unwrap_or(u64::MAX);
+    let live_locks: Vec<_> = repo.live_locks()?.into_iter().filter(|(n, _)| n != lock.name()).map(|(_, l)| l).collect();
+    let oldest_running = live_locks.iter().map(|l| l.created).min().unwrap_or(u64::MAX);
     // Pack times come from the store's clock, lock times from their host's: allow skew.
     let running_since = oldest_running.saturating_sub(CLOCK_SKEW.as_secs());
     let young = |pack: &Id| match repo.backend().modified(Kind::Pack, &pack.to_hex()) {
@@ -437,20 +316,20 @@ fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &m
         Err(e) => !e.is_not_found(),
     };
     // Mark again: snapshots committed since the plan count.
-    let files = index_files(repo)?;
     let index = BlobIndex::load(repo)?;
-    let (referenced, _) = mark(repo, &index)?;
+    let live = mark(repo, &index)?;
     let planned: HashSet<Id> = plan.packs.iter().copied().collect();
     // Where else each blob lives: in a pack that stays and that exists. An index entry
     // of a pack that is gone (lost outside blockproof, or deleted under a backup that
     // then indexed it) is no copy: counting it would delete the last one.
     let stored: HashSet<Id> = stored_packs(repo)?.into_iter().map(|(_, id)| id).collect();
-    let mut elsewhere: HashSet<Id> = HashSet::new();
-    for (_, f) in &files {
-        for (pack, entries) in &f.packs {
-            if !planned.contains(pack) && stored.contains(pack) {
-                elsewhere.extend(entries.iter().map(|e| e.id));
-            }
+    let stays: Vec<bool> = index.packs().iter().map(|p| !planned.contains(p) && stored.contains(p)).collect();
+    let elsewhere: Marks = covered(&index, &live, |pack| stays[pack as usize]);
+    // Planned packs (by position) holding a referenced blob that has no copy elsewhere.
+    let mut needed: HashSet<u32> = HashSet::new();
+    for t in index.iter_table() {
+        if !stays[t.pack as usize] && live.contains(t.blob) && !elsewhere.contains(t.blob) {
+            needed.insert(t.pack);
         }
     }
     let mut deletable: HashSet<Id> = HashSet::new();
@@ -463,10 +342,7 @@ fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &m
             gone.insert(*pack);
             continue;
         }
-        let entries = files.iter().flat_map(|(_, f)| f.packs.iter()).find(|(p, _)| p == pack).map(|(_, e)| e);
-        let needed =
-            entries.is_some_and(|es| es.iter().any(|e| referenced.contains(&e.id) && !elsewhere.contains(&e.id)));
-        if needed {
+        if index.pack_position(pack).is_some_and(|p| needed.contains(&p)) {
             continue;
         }
         if young(pack) {
@@ -475,15 +351,21 @@ fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &m
             deletable.insert(*pack);
         }
     }
+    // The index files listing a pack to drop, rewritten below one at a time.
+    let dropped = |p: &Id| deletable.contains(p) || gone.contains(p);
+    let rewrite: Vec<String> =
+        index.file_packs().filter(|(_, packs)| packs.iter().any(dropped)).map(|(f, _)| f.to_string()).collect();
+    drop((index, live, elsewhere));
     // Nothing is deleted by a gc that may have lost its lock (stopped for too long).
     lock.ensure_held()?;
     // New index files without the deleted packs, then remove the old ones.
-    let dropped = |p: &Id| deletable.contains(p) || gone.contains(p);
-    for (fname, f) in &files {
-        if !f.packs.iter().any(|(p, _)| dropped(p)) {
-            continue;
-        }
-        let kept: Vec<(Id, Vec<BlobEntry>)> = f.packs.iter().filter(|(p, _)| !dropped(p)).cloned().collect();
+    for fname in &rewrite {
+        let f = match repo.read_index_file(fname) {
+            Ok(f) => f,
+            Err(blockproof_repo::RepoError::Store(e)) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let kept: Vec<(Id, Vec<BlobEntry>)> = f.packs.into_iter().filter(|(p, _)| !dropped(p)).collect();
         if !kept.is_empty() {
             repo.write_index_file(&IndexFile { packs: kept })?;
         }
@@ -505,4 +387,11 @@ fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &m
         repo.write_doc(Kind::State, ObjectMagic::State, name, &serde_json::to_vec(&rest).expect("a plan serializes"))?;
     }
     Ok(())
+}
+
+/// Whether a backup that could use the plan's packs may still run: a live shared lock
+/// created before the plan (plus [`CLOCK_SKEW`]).
+fn blocked(repo: &Repository, lock: &Lock<'_>, plan: &Plan) -> Result<bool, CoreError> {
+    let live: Vec<_> = repo.live_locks()?.into_iter().filter(|(n, _)| n != lock.name()).map(|(_, l)| l).collect();
+    Ok(live.iter().any(|l| l.kind == LockKind::Shared && l.created <= plan.created + CLOCK_SKEW.as_secs()))
 }

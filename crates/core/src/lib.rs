@@ -45,6 +45,7 @@ pub mod forget;
 pub mod gc;
 pub mod image;
 mod integrity;
+mod live_blobs;
 mod pipeline;
 mod plan;
 pub mod recompress;

@@ -21,11 +21,12 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
-use blockproof_format::{BlobEntry, Codec, Compression, Id};
-use blockproof_repo::{open_blob, BlobCodec, PackWriter, Repository, SealedBlob};
+use blockproof_format::{Codec, Compression, Id};
+use blockproof_repo::{open_blob, BlobCodec, BlobIndex, PackWriter, Repository, SealedBlob};
 use blockproof_store::Kind;
 
 use crate::gc::GcReport;
+use crate::live_blobs::{for_each_live_list, LiveBlobs, PackUsage};
 use crate::{Budget, CoreError, Progress};
 
 /// The zstd level cold packs are rewritten with: slower than a backup could afford
@@ -53,8 +54,8 @@ pub(crate) fn choose(
     repo: &Repository,
     opts: &RecompressOptions,
     stored: &[(String, Id)],
-    pack_entries: &HashMap<Id, Vec<BlobEntry>>,
-    referenced: &HashSet<Id>,
+    index: &BlobIndex,
+    usage: &[PackUsage],
     skip: &HashSet<Id>,
 ) -> Result<Vec<Chosen>, CoreError> {
     let cutoff = SystemTime::now().checked_sub(opts.older_than).unwrap_or(SystemTime::UNIX_EPOCH);
@@ -65,8 +66,8 @@ pub(crate) fn choose(
         if skip.contains(pack) {
             continue;
         }
-        let Some(entries) = pack_entries.get(pack) else { continue };
-        if !entries.iter().any(|e| e.compression == Compression::Lz4 && referenced.contains(&e.id)) {
+        // Indexed, with a referenced LZ4 blob.
+        if !index.pack_position(pack).is_some_and(|p| usage[p as usize].live_lz4) {
             continue;
         }
         let modified = match repo.backend().modified(Kind::Pack, name) {
@@ -102,12 +103,14 @@ pub(crate) fn choose(
 /// with zstd; returns the packs that were rewritten whole (to be planned for deletion).
 /// Stops choosing more when the budget's time is up. A pack holding a blob that does not
 /// open is left alone, with a warning.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn rewrite(
     repo: &Repository,
     opts: &RecompressOptions,
     chosen: &[Chosen],
-    pack_entries: &HashMap<Id, Vec<BlobEntry>>,
-    referenced: &HashSet<Id>,
+    index: &BlobIndex,
+    live: &LiveBlobs,
+    usage: &[PackUsage],
     report: &mut GcReport,
     progress: &dyn Progress,
 ) -> Result<Vec<Id>, CoreError> {
@@ -120,9 +123,11 @@ pub(crate) fn rewrite(
     let mut writer = PackWriter::new(repo);
     let mut done = Vec::new();
     progress.begin_count("recompress", chosen.len() as u64);
-    for c in chosen {
+    let packs: Vec<Id> = chosen.iter().map(|c| c.pack).collect();
+    for_each_live_list(index, live, usage, &packs, |k, entries| {
+        let c = &chosen[k];
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            break;
+            return Ok(false);
         }
         let hex = c.pack.to_hex();
         let mut bytes = vec![0u8; c.size as usize];
@@ -130,7 +135,7 @@ pub(crate) fn rewrite(
         let mut out = Vec::new();
         let (mut from, mut to) = (0u64, 0u64);
         let mut damaged = None;
-        for e in pack_entries[&c.pack].iter().filter(|e| referenced.contains(&e.id)) {
+        for e in &entries {
             let Some(sealed) =
                 usize::try_from(e.offset).ok().and_then(|o| bytes.get(o..o.checked_add(e.length as usize)?))
             else {
@@ -175,7 +180,8 @@ pub(crate) fn rewrite(
             done.push(c.pack);
         }
         progress.advance(1);
-    }
+        Ok(true)
+    })?;
     writer.finish()?;
     progress.end();
     Ok(done)

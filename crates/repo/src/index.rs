@@ -50,8 +50,9 @@ pub struct BlobIndex {
     runs: Vec<Run>,
     /// Number of distinct blobs.
     blobs: usize,
-    /// The index files this was loaded from.
+    /// The index files this was loaded from, and the packs each lists.
     files: Vec<String>,
+    file_packs: Vec<Vec<Id>>,
 }
 
 /// Builds a [`BlobIndex`] from index listings in bulk: every location is appended
@@ -92,7 +93,7 @@ impl IndexBuilder {
         for (pack, entries) in &file.packs {
             self.add_pack(*pack, entries);
         }
-        self.index.files.push(name);
+        self.index.push_file(name, file);
     }
 
     /// The index: the locations sorted by id.
@@ -171,7 +172,7 @@ impl BlobIndex {
             for (pack, entries) in file.packs.iter().filter(|(p, _)| !excluded.contains(p)) {
                 builder.add_pack(*pack, entries);
             }
-            builder.index.files.push(name);
+            builder.index.push_file(name, &file);
         }
         skipped.stray.sort();
         Ok((builder.finish(), skipped))
@@ -270,6 +271,16 @@ impl BlobIndex {
         &self.files
     }
 
+    /// Each index file it was loaded from with the packs it lists (excluded ones too).
+    pub fn file_packs(&self) -> impl Iterator<Item = (&str, &[Id])> + '_ {
+        self.files.iter().map(String::as_str).zip(self.file_packs.iter().map(Vec::as_slice))
+    }
+
+    fn push_file(&mut self, name: String, file: &IndexFile) {
+        self.files.push(name);
+        self.file_packs.push(file.packs.iter().map(|(p, _)| *p).collect());
+    }
+
     /// Number of blobs.
     pub fn len(&self) -> usize {
         self.blobs
@@ -307,13 +318,98 @@ impl BlobIndex {
         })
     }
 
+    /// The number of locations in the table (the runs one after the other): every
+    /// [`BlobIndex::position`] is below it.
+    pub fn table_len(&self) -> usize {
+        self.runs.iter().map(Run::len).sum()
+    }
+
+    /// Where a blob's first location lies in the table: a number below
+    /// [`BlobIndex::table_len`], one per blob, that stays the same while the index is
+    /// not changed ([`crate::Marks`] keep one bit per position). `None` for a blob the
+    /// index does not know. One directory entry and a bucket per run, like [`BlobIndex::get`].
+    pub fn position(&self, id: &Id) -> Option<usize> {
+        position_in(&self.runs, id)
+    }
+
+    /// The position of a pack in [`BlobIndex::packs`] (the `pack` of a [`TableEntry`]).
+    pub fn pack_position(&self, pack: &Id) -> Option<u32> {
+        self.pack_pos.get(pack).copied()
+    }
+
+    /// Every location of every blob, further copies included, in table order, each with
+    /// its blob's [`BlobIndex::position`]: a pass over the table, with no lookup unless
+    /// the index has more than one run (an index changed after loading).
+    pub fn iter_table(&self) -> TableIter<'_> {
+        TableIter { index: self, run: 0, at: 0, base: 0, blob: 0 }
+    }
+
     /// Decodes an index file's plaintext into this index, as [`BlobIndex::add_pack`]
     /// does; loading many files is faster through [`IndexBuilder`].
     pub fn add_file(&mut self, name: String, file: &IndexFile) {
         for (pack, entries) in &file.packs {
             self.add_pack(*pack, entries);
         }
-        self.files.push(name);
+        self.push_file(name, file);
+    }
+}
+
+/// The position of `id`'s first location in `runs` (one after the other).
+fn position_in(runs: &[Run], id: &Id) -> Option<usize> {
+    let mut base = 0;
+    for run in runs {
+        let at = run.lower_bound(id);
+        if run.slots().get(at).is_some_and(|s| s.id == *id) {
+            return Some(base + at);
+        }
+        base += run.len();
+    }
+    None
+}
+
+/// One location in the table ([`BlobIndex::iter_table`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableEntry {
+    /// The position of the blob: of its first location.
+    pub blob: usize,
+    /// The position of this location: equal to `blob` for the first location.
+    pub at: usize,
+    /// The pack, by position in [`BlobIndex::packs`].
+    pub pack: u32,
+    pub entry: BlobEntry,
+}
+
+/// The iterator of [`BlobIndex::iter_table`].
+pub struct TableIter<'a> {
+    index: &'a BlobIndex,
+    run: usize,
+    at: usize,
+    /// The position of the current run's first slot.
+    base: usize,
+    /// The position of the current slot's blob.
+    blob: usize,
+}
+
+impl Iterator for TableIter<'_> {
+    type Item = TableEntry;
+
+    fn next(&mut self) -> Option<TableEntry> {
+        loop {
+            let runs = &self.index.runs;
+            let slots = runs.get(self.run)?.slots();
+            let Some(slot) = slots.get(self.at) else {
+                self.base += slots.len();
+                (self.run, self.at) = (self.run + 1, 0);
+                continue;
+            };
+            if self.at == 0 || slots[self.at - 1].id != slot.id {
+                // A blob's locations are adjacent in a run; an older run may hold its first.
+                self.blob = position_in(&runs[..self.run], &slot.id).unwrap_or(self.base + self.at);
+            }
+            let item = TableEntry { blob: self.blob, at: self.base + self.at, pack: slot.pack(), entry: slot.entry() };
+            self.at += 1;
+            return Some(item);
+        }
     }
 }
 

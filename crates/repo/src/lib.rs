@@ -43,6 +43,7 @@ pub mod heads;
 pub mod index;
 pub mod keys;
 pub mod lock;
+pub mod marks;
 pub mod pack_writer;
 pub mod repository;
 pub mod scan;
@@ -51,8 +52,9 @@ pub mod tree;
 
 pub use blob::{open_blob, BlobCodec, SealedBlob};
 pub use heads::{ForgetRecords, Forgotten, Head, Named, Recorded, Removal};
-pub use index::{BlobIndex, BlobLocation, BlobReader, IndexBuilder};
+pub use index::{BlobIndex, BlobLocation, BlobReader, IndexBuilder, TableEntry, TableIter};
 pub use lock::{time_text, Lock, LockFile, LockInfo, LockKind};
+pub use marks::Marks;
 pub use pack_writer::{PackWriter, PackWriterStats};
 pub use repository::{InitOptions, Repository, SnapshotInfo};
 pub use scan::{Skipped, SnapshotScan};

@@ -58,6 +58,25 @@ impl Model {
             self.locations.iter().flat_map(|(i, l)| l.iter().map(move |(p, e)| (*i, *p, e.offset))).collect();
         want.sort();
         assert_eq!(all, want);
+        // Positions: one per blob, below the table's length, at its first location; the
+        // table pass gives every location once, in order, with its blob's position.
+        let table: Vec<_> = index.iter_table().collect();
+        assert_eq!(table.len(), index.table_len());
+        assert!(table.iter().enumerate().all(|(k, t)| t.at == k));
+        for (id, locs) in &self.locations {
+            let p = index.position(id).expect("a known blob has a position");
+            let mine: Vec<_> = table.iter().filter(|t| t.entry.id == *id).collect();
+            assert!(mine.iter().all(|t| t.blob == p));
+            assert_eq!(mine.len(), locs.len());
+            let first = table[p];
+            assert_eq!((index.packs()[first.pack as usize], first.entry), locs[0]);
+            assert_eq!(index.pack_position(&locs[0].0), Some(first.pack));
+        }
+        let positions: HashSet<usize> = table.iter().map(|t| t.blob).collect();
+        assert_eq!(positions.len(), self.locations.len());
+        for id in absent {
+            assert_eq!(index.position(id), None);
+        }
     }
 }
 
