@@ -406,34 +406,3 @@ fn patch_refuses_ranges_outside_the_disk() {
         assert_eq!(std::fs::read(&target).unwrap(), data, "nothing written");
     }
 }
-
-/// The confirmation page summaries are a cache: damaged or gone, the next backup reads
-/// the pages instead and reports the same coverage.
-#[test]
-fn damaged_page_summaries_only_cost_reading_the_pages() {
-    use blockproof_store::Kind;
-    let dir = tempfile::tempdir().unwrap();
-    let repo = small_chunk_repo(dir.path());
-    let (data, zero) = paged_disk();
-    backup(&repo, opts(tracked(data.clone(), None, zero.clone())), &NoProgress).unwrap();
-    let docs = || -> Vec<String> {
-        repo.backend().list(Kind::State).unwrap().into_iter().filter(|n| n.starts_with("confirm-")).collect()
-    };
-    assert_eq!(docs().len(), 1, "one summary document per disk");
-    let none = || {
-        let mut o = opts(tracked(data.clone(), Some(vec![]), zero.clone()));
-        o.verify = blockproof_core::Budget { nothing: true, ..Default::default() };
-        o
-    };
-    let intact = backup(&repo, none(), &NoProgress).unwrap();
-    for damage in [&b"garbage"[..], b""] {
-        std::fs::write(dir.path().join("repo/state").join(&docs()[0]), damage).unwrap();
-        let r = backup(&repo, none(), &NoProgress).unwrap();
-        assert_eq!(r.disks[0].coverage.never_confirmed, intact.disks[0].coverage.never_confirmed);
-        assert_eq!(
-            r.disks[0].coverage.oldest_confirmed_runs_ago,
-            intact.disks[0].coverage.oldest_confirmed_runs_ago + 1
-        );
-    }
-    assert_eq!(docs().len(), 1, "rewritten whole");
-}
