@@ -282,6 +282,9 @@ fn a_backup_token_cannot_destroy_the_history() {
     let mut fake = repo.load_snapshot(&b).unwrap().snapshot;
     fake.time = "2099-01-01T00:00:00Z".into();
     let fake_id = repo.save_snapshot(&fake).unwrap().to_hex();
+    let mut old = repo.load_snapshot(&b).unwrap().snapshot;
+    old.time = "2001-01-01T00:00:00Z".into();
+    let old_id = repo.save_snapshot(&old).unwrap().to_hex();
     drop(repo);
     std::thread::sleep(Duration::from_millis(1100));
     let img3 = dir.image("c.img", 4 << 20, 3);
@@ -292,7 +295,15 @@ fn a_backup_token_cannot_destroy_the_history() {
     assert_eq!(kept, [c.as_str()], "{report}");
     let removed: Vec<&str> =
         report["forget"]["removed"].as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap()).collect();
-    assert!(removed.contains(&fake_id.as_str()), "{report}");
+    assert!(removed.contains(&fake_id.as_str()) && removed.contains(&old_id.as_str()), "{report}");
+    // Every decision judged the server's receipt time (this last hour), never the time
+    // the client wrote.
+    let now = std::time::SystemTime::now();
+    for d in report["forget"]["removed"].as_array().unwrap().iter().chain(report["forget"]["kept"].as_array().unwrap())
+    {
+        let t = humantime::parse_rfc3339(d["time"].as_str().unwrap()).unwrap();
+        assert!(now.duration_since(t).unwrap_or_default() < Duration::from_secs(3600) && t <= now, "{d}");
+    }
     restores(&server, &dir, &attacker, &c, &c_hash);
 }
 
