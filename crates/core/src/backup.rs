@@ -333,12 +333,13 @@ impl Ctx<'_, '_> {
             Some(e) => Some(TreeReader::new(self.reader, e.index_root, n, e.index_fanout)?),
             None => None,
         };
+        // Loaded page by page as needed; not copied: the selection reads only chunks this
+        // run did not read, which hold what they held before it.
         let (mut state, warning) = match d.parent_entry() {
             Some(e) => ConfirmState::load(self.reader, e, n),
             None => (ConfirmState::never(n), None),
         };
         self.warnings.extend(warning);
-        let previous = state.clone();
 
         let counters = DiskCounters::default();
         // Damage is not inherited: chunks whose stored copy is unusable are read from the
@@ -415,8 +416,10 @@ impl Ctx<'_, '_> {
                 _ => Err(CoreError::Internal(format!("chunk {c} was read, not left unread"))),
             }
         };
-        let verdict = check.run(d.source.as_mut(), self.repo, &previous.last, &mut expected, self.progress)?;
+        let verdict = check.run(d.source.as_mut(), self.repo, &state, &mut expected, self.progress)?;
         self.warnings.extend(verdict.warning.clone());
+        // When the stale chunks were last confirmed, before this run says anything.
+        let stale_last: Vec<u32> = verdict.stale.iter().map(|&(c, _)| state.get(c)).collect();
         for c in &verdict.confirmed {
             state.confirm(*c, run);
         }
@@ -425,13 +428,14 @@ impl Ctx<'_, '_> {
             state.confirm(c, 0);
         }
         let suspects =
-            self.suspects(&d.id, parent_entry.as_ref(), d.parent.map(|p| p.id), &verdict.stale, &previous.last)?;
+            self.suspects(&d.id, parent_entry.as_ref(), d.parent.map(|p| p.id), &verdict.stale, &stale_last)?;
         for &c in &verdict.changing {
             state.confirm(c, 0);
         }
         let mismatches = verdict.mismatches.clone();
-        let coverage = state.coverage(run, &verdict.sampling);
         let confirm_root = state.store(&mut BlobSink::new(self.repo, self.dedup, blobs))?;
+        let coverage = state.coverage(run, &verdict.sampling);
+        self.warnings.extend(state.take_warnings().into_iter().map(|w| format!("disk {}: {w}", d.id)));
 
         // What the findings say about the change tracking and the allocation map.
         let lied_alloc = verdict.stale.iter().any(|(c, _)| plan.action(*c) == Some(Action::Zero));
@@ -528,7 +532,7 @@ impl Ctx<'_, '_> {
 
     /// Earlier restore points of the disk, from `parent` back, that hold the same id at a
     /// `stale` chunk as this run's restore point and were taken after the chunk was last
-    /// confirmed (`last`, the state before this run): by chunk, then newest first, each
+    /// confirmed (`last`, per stale chunk: its run in the state before this run): by chunk, then newest first, each
     /// once. One walk down the chain: each restore point's index is opened once.
     fn suspects(
         &self,
@@ -547,7 +551,7 @@ impl Ctx<'_, '_> {
             let n = chunk_count(e.size, e.chunk_size);
             live.retain(|&k| {
                 let c = stale[k].0;
-                e.run > u64::from(last[c as usize]) && c < n
+                e.run > u64::from(last[k]) && c < n
             });
             if live.is_empty() {
                 break;

@@ -161,6 +161,12 @@ impl<'a, 'd> BlobSink<'a, 'd> {
         Ok(id)
     }
 
+    /// Whether a copy of the blob lies in a pack that may be reused (or it is being
+    /// stored by this backup): a metadata blob kept by id without being read back.
+    pub(crate) fn reusable(&self, id: &Id) -> bool {
+        self.dedup.contains(id)
+    }
+
     /// Stores one page of a fixed index tree.
     pub(crate) fn page(&mut self, ids: &[Id]) -> Result<Id, CoreError> {
         self.put(BlobKind::Tree, &encode_page(ids))
