@@ -8,7 +8,7 @@
 //! rebuilt as "never confirmed", with a warning: verification then simply starts over.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 use blockproof_format::confirm::{decode_page, encode_page, page_count, ENTRIES_PER_PAGE};
@@ -22,7 +22,7 @@ use crate::verify::LastConfirmed;
 use crate::CoreError;
 
 /// How many chunks of a page were last confirmed at each run: (run, count), by run.
-pub(crate) type Runs = Vec<(u32, u64)>;
+pub(crate) type Runs = blockproof_format::confirm::PageRuns;
 
 fn runs_of(entries: &[u32]) -> Runs {
     let mut sorted = entries.to_vec();
@@ -104,13 +104,25 @@ impl<'r> ConfirmState<'r> {
     /// The state a restore point left for `chunks` chunks; "never confirmed" (and the
     /// reason, as a warning) when there is none or it cannot be read.
     pub fn load(reader: &'r BlobReader<'r>, entry: &DiskEntry, chunks: u64) -> (Self, Option<String>) {
+        Self::load_with(reader, entry, chunks, &HashMap::new())
+    }
+
+    /// [`ConfirmState::load`], taking a page's summary from `known` (by page id) instead
+    /// of reading the page where it is there: a state whose pages are all known loads
+    /// without reading a page.
+    pub fn load_with(
+        reader: &'r BlobReader<'r>,
+        entry: &DiskEntry,
+        chunks: u64,
+        known: &HashMap<Id, Runs>,
+    ) -> (Self, Option<String>) {
         let Some(root) = entry.confirm_root else {
             return (Self::never(chunks), None);
         };
         if chunk_count(entry.size, entry.chunk_size) != chunks {
             return (Self::never(chunks), None);
         }
-        match Self::read(reader, root, chunks) {
+        match Self::read(reader, root, chunks, known) {
             Ok(s) => (s, None),
             Err(e) => (
                 Self::never(chunks),
@@ -122,7 +134,7 @@ impl<'r> ConfirmState<'r> {
         }
     }
 
-    fn read(reader: &'r BlobReader<'r>, root: Id, chunks: u64) -> Result<Self, CoreError> {
+    fn read(reader: &'r BlobReader<'r>, root: Id, chunks: u64, known: &HashMap<Id, Runs>) -> Result<Self, CoreError> {
         let pages = page_count(chunks);
         let mut tree = TreeReader::new(reader, root, pages, DEFAULT_FANOUT)?;
         let mut s = Self::never(chunks);
@@ -132,7 +144,11 @@ impl<'r> ConfirmState<'r> {
             let id = tree.chunk(p)?;
             inner.ids[p as usize] = id;
             if !id.is_zero() {
-                inner.runs[p as usize] = runs_of(&read_page(reader, id, page_len(chunks, p))?);
+                let len = page_len(chunks, p);
+                inner.runs[p as usize] = match known.get(&id) {
+                    Some(runs) if runs.iter().map(|&(_, n)| n).sum::<u64>() == len => runs.clone(),
+                    _ => runs_of(&read_page(reader, id, len)?),
+                };
             }
         }
         Ok(s)
@@ -231,9 +247,23 @@ impl<'r> ConfirmState<'r> {
                 }
             };
             tree.push(id, &mut |ids: &[Id]| sink.page(ids))?;
+            let inner = self.inner.get_mut();
+            inner.ids[p as usize] = id;
+            if let Some(page) = inner.pages.get_mut(&p) {
+                page.1 = false;
+            }
         }
         let root = tree.finish(&mut |ids: &[Id]| sink.page(ids))?;
         Ok((!root.is_zero()).then_some(root))
+    }
+
+    /// The summaries of the stored pages, by id (after [`ConfirmState::store`]), encoded
+    /// ([`blockproof_format::confirm::encode_summaries`]).
+    pub fn summaries(&self) -> Vec<u8> {
+        let inner = self.inner.borrow();
+        let pages: Vec<(Id, &Runs)> =
+            inner.ids.iter().zip(&inner.runs).filter(|(id, _)| !id.is_zero()).map(|(id, r)| (*id, r)).collect();
+        blockproof_format::confirm::encode_summaries(&pages)
     }
 
     /// Coverage after run `run`, given how this run sampled (docs/VERIFICATION.md, "The
@@ -571,7 +601,7 @@ mod tests {
         // Loaded: no page is read until needed; the coverage comes from the summaries.
         let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
         let reader = BlobReader::new(&repo, &index);
-        let s = ConfirmState::read(&reader, root1, n).unwrap();
+        let s = ConfirmState::read(&reader, root1, n, &HashMap::new()).unwrap();
         assert!(s.inner.borrow().pages.is_empty());
         let off = Sampling { off: true, ..Sampling::default() };
         let reference = ConfirmState::of(&model).coverage(4, &count(1000));
@@ -583,7 +613,7 @@ mod tests {
         assert_eq!(s.all(), model);
 
         // One chunk of page 2 confirmed again: only that page (and the root) is new.
-        let mut s = ConfirmState::read(&reader, root1, n).unwrap();
+        let mut s = ConfirmState::read(&reader, root1, n, &HashMap::new()).unwrap();
         s.confirm(2 * ENTRIES_PER_PAGE + 7, 4);
         assert_eq!(s.inner.borrow().pages.len(), 1);
         let (root2, written) = store_in(&repo, &mut s);
@@ -594,7 +624,26 @@ mod tests {
         model[(2 * ENTRIES_PER_PAGE + 7) as usize] = 4;
         let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
         let reader = BlobReader::new(&repo, &index);
-        assert_eq!(ConfirmState::read(&reader, root2.unwrap(), n).unwrap().all(), model);
+        let s2 = ConfirmState::read(&reader, root2.unwrap(), n, &HashMap::new()).unwrap();
+        assert_eq!(s2.all(), model);
+
+        // With the pages' summaries (the state document a backup keeps), no page is read
+        // to load: an index without the pages still loads it, and the coverage is right;
+        // a page then needed and not readable counts as never confirmed, with a warning.
+        let known: HashMap<Id, Runs> =
+            blockproof_format::confirm::decode_summaries(&s.summaries()).unwrap().into_iter().collect();
+        assert_eq!(known.len(), 3);
+        let mut partial = blockproof_repo::BlobIndex::default();
+        for (id, pack, entry) in index.iter().filter(|(id, _, _)| !ids2.contains(id)) {
+            partial.add_pack(pack, std::slice::from_ref(&entry));
+        }
+        let reader = BlobReader::new(&repo, &partial);
+        assert!(ConfirmState::read(&reader, root2.unwrap(), n, &HashMap::new()).is_err());
+        let s3 = ConfirmState::read(&reader, root2.unwrap(), n, &known).unwrap();
+        assert_eq!(s3.coverage(4, &off), ConfirmState::of(&model).coverage(4, &off));
+        assert_eq!(s3.get(2 * ENTRIES_PER_PAGE + 7), 0);
+        assert_eq!(s3.take_warnings().len(), 1);
+        assert_eq!(s3.coverage(4, &off).never_confirmed, reference.never_confirmed + 16384 / 5 + 1);
     }
 
     /// The selection over the paged state picks as over the plain runs: the same chunks
