@@ -634,7 +634,7 @@ mod tests {
             blockproof_format::confirm::decode_summaries(&s.summaries()).unwrap().into_iter().collect();
         assert_eq!(known.len(), 3);
         let mut partial = blockproof_repo::BlobIndex::default();
-        for (id, pack, entry) in index.iter().filter(|(id, _, _)| !ids2.contains(id)) {
+        for (_, pack, entry) in index.iter().filter(|(id, _, _)| !ids2.contains(id)) {
             partial.add_pack(pack, std::slice::from_ref(&entry));
         }
         let reader = BlobReader::new(&repo, &partial);
