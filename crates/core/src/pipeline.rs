@@ -289,7 +289,8 @@ fn overlap(runs: &[Range<u64>], span: Range<u64>) -> u64 {
     runs[k..].iter().take_while(|r| r.start < span.end).map(|r| r.end.min(span.end) - r.start.max(span.start)).sum()
 }
 
-/// Progress is reported at most once per this many bytes (and once per inherited page).
+/// Progress is reported once per read chunk, once per page taken whole, and at most once
+/// per this many bytes of zero and inherited chunks taken one by one.
 const PROGRESS_STEP: u64 = 64 << 20;
 
 /// Builds the new fixed index tree of one disk from the plan, the read chunks' ids and
@@ -352,8 +353,9 @@ impl Builder<'_, '_, '_, '_> {
             self.counters.overreported.fetch_add(1, Ordering::Relaxed);
         }
         self.push(id)?;
+        // A read chunk took a read: reported at once (the rate shown is the source's).
         let len = self.chunk_len(i);
-        self.done(len, false);
+        self.done(len, true);
         Ok(())
     }
 
