@@ -506,3 +506,32 @@ fn a_page_listing_a_missing_blob_is_not_inherited_blindly() {
         }
     }
 }
+
+/// The confirmation page summaries are a cache: damaged or gone, the next backup reads
+/// the pages instead and reports the same coverage.
+#[test]
+fn damaged_page_summaries_only_cost_reading_the_pages() {
+    use blockproof_store::Kind;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = small_chunk_repo(dir.path());
+    let (data, zero) = paged_disk();
+    backup(&repo, opts(tracked(data.clone(), None, zero.clone())), &NoProgress).unwrap();
+    let docs = || -> Vec<String> {
+        repo.backend().list(Kind::State).unwrap().into_iter().filter(|n| n.starts_with("confirm-")).collect()
+    };
+    assert_eq!(docs().len(), 1, "one summary document per disk");
+    let none = || {
+        let mut o = opts(tracked(data.clone(), Some(vec![]), zero.clone()));
+        o.verify = blockproof_core::Budget { nothing: true, ..Default::default() };
+        o
+    };
+    let intact = backup(&repo, none(), &NoProgress).unwrap();
+    for (k, damage) in [&b"garbage"[..], b""].into_iter().enumerate() {
+        std::fs::write(dir.path().join("repo/state").join(&docs()[0]), damage).unwrap();
+        let r = backup(&repo, none(), &NoProgress).unwrap();
+        let (a, b) = (&r.disks[0].coverage, &intact.disks[0].coverage);
+        assert_eq!(a.never_confirmed, b.never_confirmed);
+        assert_eq!(a.oldest_confirmed_runs_ago, b.oldest_confirmed_runs_ago + 1 + k as u64);
+    }
+    assert_eq!(docs().len(), 1, "rewritten whole");
+}
