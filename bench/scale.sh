@@ -21,7 +21,8 @@
 # backup read through qemu-nbd (block status: the holes are not read), then one 64 KiB
 # chunk in the middle rewritten and a one-chunk incremental of the raw file itself with a
 # change list (cbt=changes:FILE) and --verify none (the default 5% sample would read 5% of
-# the holes). Both are measured.
+# the holes). Both are measured. ext4 refuses files of 16 TiB and more: for such sizes put
+# --work on another file system (tmpfs, e.g. /dev/shm/NAME, holds the holes for free).
 #
 # Needs: GNU time (package `time`), qemu-nbd (qemu-utils), python3; installs the first
 # two with apt-get when run as root. Disk: about 90 bytes per blob (index files and tree

@@ -409,10 +409,10 @@ impl<'t> Sim<'t> {
             }
         }
         match &self.chunk_at {
-            None => select(&self.last, &candidates, Some(lrc), &mut self.ties),
+            None => select(&self.last[..], &candidates, Some(lrc), &mut self.ties),
             Some(m) => {
                 let last: Vec<u32> = m.iter().map(|&c| self.last[c as usize]).collect();
-                let picked = select(&last, &candidates, Some(lrc), &mut self.ties);
+                let picked = select(&last[..], &candidates, Some(lrc), &mut self.ties);
                 picked.into_iter().map(|p| m[p as usize]).collect()
             }
         }

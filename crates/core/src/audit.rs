@@ -86,7 +86,7 @@ pub fn verify(repo: &Repository, opts: VerifyOptions, progress: &dyn Progress) -
         };
         let mut tree = TreeReader::new(&reader, entry.index_root, n, entry.index_fanout)?;
         let mut expected = |c: u64| -> Result<Id, CoreError> { Ok(tree.chunk(c)?) };
-        let verdict = check.run(source.as_mut(), repo, &state.last, &mut expected, progress)?;
+        let verdict = check.run(source.as_mut(), repo, &state, &mut expected, progress)?;
         disks.push(DiskVerifyReport {
             id: input.id.clone(),
             chunks: n,

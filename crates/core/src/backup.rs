@@ -10,21 +10,23 @@
 //! [`OnMismatch::Heal`] the same run re-reads the tainted disks in full from the same
 //! source handles and commits a second, clean snapshot.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use blockproof_format::manifest::{ByteRange, Coverage, DiskStats, ReadMode};
 use blockproof_format::tree::{chunk_count, DEFAULT_FANOUT};
-use blockproof_format::{Consistency, DiskEntry, Id, Machine, Snapshot, SnapshotStatus};
+use blockproof_format::{Consistency, DiskEntry, Id, Machine, ObjectMagic, Snapshot, SnapshotStatus};
 use blockproof_repo::{
     BlobIndex, BlobReader, Lock, LockKind, Repository, SealedBlob, SnapshotInfo, SnapshotScan, TreeReader,
 };
 use blockproof_source::{AfterCommit, BlockSource, Changes, DiskSpec, OpenedDisk, Owner, ParentCbt, SourceError};
+use blockproof_store::Kind;
 use crossbeam_channel::Sender;
 use serde::Serialize;
 
 use crate::availability::Availability;
-use crate::confirm::ConfirmState;
+use crate::confirm::{ConfirmState, Runs};
 use crate::events::{Cause, Event, EventDisk};
 use crate::integrity::Lineage;
 use crate::pipeline::{store_disk, with_pack_writer, BlobSink, Dedup, DiskCounters, Stored};
@@ -307,6 +309,38 @@ struct DiskOutcome {
     report: DiskReport,
     /// What made it differ from its source, if it does.
     causes: Vec<Cause>,
+    /// The summaries of its confirmation pages, for the disk's state document.
+    summaries: Vec<u8>,
+}
+
+/// The state document caching a disk's confirmation page summaries (FORMAT §20): one per
+/// vm and disk, named by a keyed hash of both.
+fn summaries_name(repo: &Repository, vm: &str, disk: &str) -> String {
+    format!("confirm-{}", repo.keys().name_id(&format!("{vm}/{disk}")).to_hex())
+}
+
+/// The page summaries a backup of `vm` left for `disk` (empty when there are none or they
+/// cannot be read: the pages are then read).
+fn known_summaries(repo: &Repository, vm: &str, disk: &str) -> HashMap<Id, Runs> {
+    repo.read_doc(Kind::State, ObjectMagic::State, &summaries_name(repo, vm, disk))
+        .ok()
+        .and_then(|b| blockproof_format::confirm::decode_summaries(&b).ok())
+        .map(|v| v.into_iter().collect())
+        .unwrap_or_default()
+}
+
+/// After a commit: keeps each disk's page summaries for the next backup (a cache; a
+/// failure is a warning).
+fn keep_summaries(repo: &Repository, vm: &str, outcomes: &[&DiskOutcome], warnings: &mut Vec<String>) {
+    for o in outcomes {
+        let name = summaries_name(repo, vm, &o.entry.id);
+        if let Err(e) = repo.write_doc(Kind::State, ObjectMagic::State, &name, &o.summaries) {
+            warnings.push(format!(
+                "disk {}: the confirmation page summaries could not be kept ({e}); the next backup reads the pages",
+                o.entry.id
+            ));
+        }
+    }
 }
 
 /// Context shared by every disk of a backup.
@@ -320,6 +354,7 @@ struct Ctx<'a, 'd> {
     warnings: Vec<String>,
     /// Compare every unread chunk once one differs (`--on-mismatch=scan`).
     scan: bool,
+    vm: String,
 }
 
 impl Ctx<'_, '_> {
@@ -333,12 +368,13 @@ impl Ctx<'_, '_> {
             Some(e) => Some(TreeReader::new(self.reader, e.index_root, n, e.index_fanout)?),
             None => None,
         };
+        // Loaded page by page as needed; not copied: the selection reads only chunks this
+        // run did not read, which hold what they held before it.
         let (mut state, warning) = match d.parent_entry() {
-            Some(e) => ConfirmState::load(self.reader, e, n),
+            Some(e) => ConfirmState::load_with(self.reader, e, n, &known_summaries(self.repo, &self.vm, &d.id)),
             None => (ConfirmState::never(n), None),
         };
         self.warnings.extend(warning);
-        let previous = state.clone();
 
         let counters = DiskCounters::default();
         // Damage is not inherited: chunks whose stored copy is unusable are read from the
@@ -415,8 +451,10 @@ impl Ctx<'_, '_> {
                 _ => Err(CoreError::Internal(format!("chunk {c} was read, not left unread"))),
             }
         };
-        let verdict = check.run(d.source.as_mut(), self.repo, &previous.last, &mut expected, self.progress)?;
+        let verdict = check.run(d.source.as_mut(), self.repo, &state, &mut expected, self.progress)?;
         self.warnings.extend(verdict.warning.clone());
+        // When the stale chunks were last confirmed, before this run says anything.
+        let stale_last: Vec<u32> = verdict.stale.iter().map(|&(c, _)| state.get(c)).collect();
         for c in &verdict.confirmed {
             state.confirm(*c, run);
         }
@@ -425,13 +463,14 @@ impl Ctx<'_, '_> {
             state.confirm(c, 0);
         }
         let suspects =
-            self.suspects(&d.id, parent_entry.as_ref(), d.parent.map(|p| p.id), &verdict.stale, &previous.last)?;
+            self.suspects(&d.id, parent_entry.as_ref(), d.parent.map(|p| p.id), &verdict.stale, &stale_last)?;
         for &c in &verdict.changing {
             state.confirm(c, 0);
         }
         let mismatches = verdict.mismatches.clone();
-        let coverage = state.coverage(run, &verdict.sampling);
         let confirm_root = state.store(&mut BlobSink::new(self.repo, self.dedup, blobs))?;
+        let coverage = state.coverage(run, &verdict.sampling);
+        self.warnings.extend(state.take_warnings().into_iter().map(|w| format!("disk {}: {w}", d.id)));
 
         // What the findings say about the change tracking and the allocation map.
         let lied_alloc = verdict.stale.iter().any(|(c, _)| plan.action(*c) == Some(Action::Zero));
@@ -523,12 +562,12 @@ impl Ctx<'_, '_> {
             coverage: Some(coverage.for_version(self.repo.config().version)),
             next_full,
         };
-        Ok(DiskOutcome { entry, report, causes })
+        Ok(DiskOutcome { entry, report, causes, summaries: state.summaries() })
     }
 
     /// Earlier restore points of the disk, from `parent` back, that hold the same id at a
     /// `stale` chunk as this run's restore point and were taken after the chunk was last
-    /// confirmed (`last`, the state before this run): by chunk, then newest first, each
+    /// confirmed (`last`, per stale chunk: its run in the state before this run): by chunk, then newest first, each
     /// once. One walk down the chain: each restore point's index is opened once.
     fn suspects(
         &self,
@@ -547,7 +586,7 @@ impl Ctx<'_, '_> {
             let n = chunk_count(e.size, e.chunk_size);
             live.retain(|&k| {
                 let c = stale[k].0;
-                e.run > u64::from(last[c as usize]) && c < n
+                e.run > u64::from(last[k]) && c < n
             });
             if live.is_empty() {
                 break;
@@ -780,6 +819,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
         chunk_size,
         warnings,
         scan: opts.on_mismatch == OnMismatch::Scan,
+        vm: opts.vm.clone(),
     };
 
     let (outcomes, stats) =
@@ -808,6 +848,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
     }
     // Every pack and index file is durable (the writer finished): commit.
     let id = commit(repo, &lock, &snapshot)?;
+    keep_summaries(repo, &opts.vm, &outcomes.iter().collect::<Vec<_>>(), &mut ctx.warnings);
     ctx.warnings.extend(crate::integrity::record_commit(repo, id, &snapshot));
     // A finding is recorded in the repository, not only printed (docs/VERIFICATION.md).
     let mut event = tainted.then(|| Event {
@@ -853,6 +894,7 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
         let heal_time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
         let (entries, heal_stats) = with_pack_writer(repo, |tx| {
             let mut entries = Vec::new();
+            let mut healed = Vec::new();
             for (d, o) in prepared.iter_mut().zip(&outcomes) {
                 if o.entry.mismatches.is_empty() {
                     let mut e = o.entry.clone();
@@ -860,13 +902,17 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
                     e.run += 1;
                     entries.push(e);
                 } else {
-                    entries.push(ctx.heal(d, id, o.entry.next_full.clone(), tx)?.entry);
+                    let h = ctx.heal(d, id, o.entry.next_full.clone(), tx)?;
+                    entries.push(h.entry.clone());
+                    healed.push(h);
                 }
             }
-            Ok(entries)
+            Ok((entries, healed))
         })?;
+        let (entries, healed_outcomes) = entries;
         let healed = Snapshot { time: heal_time, status: SnapshotStatus::Ok, disks: entries, ..snapshot };
         let healed_id = commit(repo, &lock, &healed)?;
+        keep_summaries(repo, &opts.vm, &healed_outcomes.iter().collect::<Vec<_>>(), &mut ctx.warnings);
         ctx.warnings.extend(crate::integrity::record_commit(repo, healed_id, &healed));
         report.healed_snapshot = Some(healed_id);
         if let Some(e) = event.as_mut() {

@@ -7,38 +7,122 @@
 //! loaded (lost or damaged pages, an older snapshot without one, a resized disk) is
 //! rebuilt as "never confirmed", with a warning: verification then simply starts over.
 
-use blockproof_format::confirm::{decode_page, encode_page, page_count, ENTRIES_PER_PAGE};
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 
+use blockproof_format::confirm::{decode_page, encode_page, page_count, ENTRIES_PER_PAGE};
 use blockproof_format::manifest::{BoundBasis, Coverage, CutShort};
 use blockproof_format::tree::{chunk_count, DEFAULT_FANOUT};
 use blockproof_format::{BlobKind, DiskEntry, Id};
 use blockproof_repo::{BlobReader, TreeReader, TreeWriter};
 
 use crate::pipeline::BlobSink;
+use crate::verify::LastConfirmed;
 use crate::CoreError;
 
-/// Last-confirmed run per chunk (0: never).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct ConfirmState {
-    pub last: Vec<u32>,
+/// How many chunks of a page were last confirmed at each run: (run, count), by run.
+pub(crate) type Runs = blockproof_format::confirm::PageRuns;
+
+fn runs_of(entries: &[u32]) -> Runs {
+    let mut sorted = entries.to_vec();
+    sorted.sort_unstable();
+    let mut out: Runs = Vec::new();
+    for r in sorted {
+        match out.last_mut() {
+            Some((run, n)) if *run == r => *n += 1,
+            _ => out.push((r, 1)),
+        }
+    }
+    out
 }
 
-impl ConfirmState {
+fn add_run(runs: &mut Runs, run: u32, delta: i64) {
+    match runs.binary_search_by_key(&run, |&(r, _)| r) {
+        Ok(k) => {
+            runs[k].1 = (runs[k].1 as i64 + delta) as u64;
+            if runs[k].1 == 0 {
+                runs.remove(k);
+            }
+        }
+        Err(k) => runs.insert(k, (run, delta as u64)),
+    }
+}
+
+/// Clean pages kept loaded at most (64 KiB each); changed pages stay until stored.
+const CLEAN_PAGES: usize = 64;
+
+/// Last-confirmed run per chunk (0: never), page by page ([`ENTRIES_PER_PAGE`] chunks):
+/// each page is loaded from the restore point's state when first needed and kept while
+/// this run changes it (copy on write); a page this run leaves alone keeps the id it had,
+/// so storing the state stores only the changed pages (and the index pages above them).
+/// Beside the pages, how many chunks of each page were confirmed at each run ([`Runs`]),
+/// kept current: the coverage and the selection's histogram come from those, not from
+/// every chunk.
+pub(crate) struct ConfirmState<'r> {
+    chunks: u64,
+    reader: Option<&'r BlobReader<'r>>,
+    inner: RefCell<Inner>,
+}
+
+struct Inner {
+    /// Per page: the id it had in the restore point's state (zero: all never confirmed).
+    ids: Vec<Id>,
+    /// Per page: its runs, current.
+    runs: Vec<Runs>,
+    /// Loaded pages: their entries, and whether this run changed them.
+    pages: BTreeMap<u64, (Vec<u32>, bool)>,
+    /// Pages that could not be loaded when needed (they count as never confirmed).
+    warnings: Vec<String>,
+}
+
+impl<'r> ConfirmState<'r> {
     pub fn never(chunks: u64) -> Self {
-        ConfirmState { last: vec![0; chunks as usize] }
+        let pages = page_count(chunks);
+        ConfirmState {
+            chunks,
+            reader: None,
+            inner: RefCell::new(Inner {
+                ids: vec![Id::ZERO; pages as usize],
+                runs: (0..pages).map(|p| vec![(0, page_len(chunks, p))]).collect(),
+                pages: BTreeMap::new(),
+                warnings: Vec::new(),
+            }),
+        }
+    }
+
+    /// A state holding `last` (tests).
+    #[cfg(test)]
+    pub fn of(last: &[u32]) -> Self {
+        let mut s = Self::never(last.len() as u64);
+        for (c, &r) in last.iter().enumerate() {
+            s.confirm(c as u64, r);
+        }
+        s
     }
 
     /// The state a restore point left for `chunks` chunks; "never confirmed" (and the
     /// reason, as a warning) when there is none or it cannot be read.
-    pub fn load(reader: &BlobReader<'_>, entry: &DiskEntry, chunks: u64) -> (Self, Option<String>) {
+    pub fn load(reader: &'r BlobReader<'r>, entry: &DiskEntry, chunks: u64) -> (Self, Option<String>) {
+        Self::load_with(reader, entry, chunks, &HashMap::new())
+    }
+
+    /// [`ConfirmState::load`], taking a page's summary from `known` (by page id) instead
+    /// of reading the page where it is there: a state whose pages are all known loads
+    /// without reading a page.
+    pub fn load_with(
+        reader: &'r BlobReader<'r>,
+        entry: &DiskEntry,
+        chunks: u64,
+        known: &HashMap<Id, Runs>,
+    ) -> (Self, Option<String>) {
         let Some(root) = entry.confirm_root else {
             return (Self::never(chunks), None);
         };
         if chunk_count(entry.size, entry.chunk_size) != chunks {
             return (Self::never(chunks), None);
         }
-        match Self::read(reader, root, chunks) {
+        match Self::read(reader, root, chunks, known) {
             Ok(s) => (s, None),
             Err(e) => (
                 Self::never(chunks),
@@ -50,54 +134,151 @@ impl ConfirmState {
         }
     }
 
-    fn read(reader: &BlobReader<'_>, root: Id, chunks: u64) -> Result<Self, CoreError> {
+    fn read(reader: &'r BlobReader<'r>, root: Id, chunks: u64, known: &HashMap<Id, Runs>) -> Result<Self, CoreError> {
         let pages = page_count(chunks);
         let mut tree = TreeReader::new(reader, root, pages, DEFAULT_FANOUT)?;
-        let mut last = Vec::with_capacity(chunks as usize);
+        let mut s = Self::never(chunks);
+        s.reader = Some(reader);
+        let inner = s.inner.get_mut();
         for p in 0..pages {
-            let len = (chunks - p * ENTRIES_PER_PAGE).min(ENTRIES_PER_PAGE) as usize;
             let id = tree.chunk(p)?;
-            if id.is_zero() {
-                last.resize(last.len() + len, 0);
-            } else {
-                let plain = reader.read(&id, BlobKind::Confirm)?;
-                let page = decode_page(&plain, len)
-                    .map_err(|e| CoreError::Repo(blockproof_repo::RepoError::corrupt(format!("page {id}"), e)))?;
-                last.extend_from_slice(&page);
+            inner.ids[p as usize] = id;
+            if !id.is_zero() {
+                let len = page_len(chunks, p);
+                inner.runs[p as usize] = match known.get(&id) {
+                    Some(runs) if runs.iter().map(|&(_, n)| n).sum::<u64>() == len => runs.clone(),
+                    _ => runs_of(&read_page(reader, id, len)?),
+                };
             }
         }
-        Ok(ConfirmState { last })
+        Ok(s)
     }
 
-    /// Stores the state; returns the root (`None` when nothing was ever confirmed).
-    pub fn store(&self, sink: &mut BlobSink<'_, '_>) -> Result<Option<Id>, CoreError> {
-        let pages = page_count(self.last.len() as u64);
+    /// Calls `f` with page `p`'s entries and changed flag, loading the page first if it
+    /// is not (a page that cannot be read counts as never confirmed, with a warning).
+    fn with_page<T>(&self, p: u64, f: impl FnOnce(&mut Vec<u32>, &mut bool) -> T) -> T {
+        let mut inner = self.inner.borrow_mut();
+        let inner = &mut *inner;
+        if !inner.pages.contains_key(&p) {
+            let len = page_len(self.chunks, p);
+            let id = inner.ids[p as usize];
+            let mut page = (vec![0; len as usize], false);
+            if let Some(reader) = self.reader.filter(|_| !id.is_zero()) {
+                match read_page(reader, id, len) {
+                    Ok(last) => page.0 = last,
+                    Err(e) => {
+                        inner.warnings.push(format!(
+                            "confirmation page {p} cannot be read ({e}); its chunks count as never confirmed"
+                        ));
+                        inner.runs[p as usize] = vec![(0, len)];
+                        page.1 = true;
+                    }
+                }
+            }
+            // Only unchanged pages are dropped, the first ones first.
+            let clean: Vec<u64> = inner.pages.iter().filter(|(_, pg)| !pg.1).map(|(&k, _)| k).collect();
+            for k in clean.iter().take((clean.len() + 1).saturating_sub(CLEAN_PAGES)) {
+                inner.pages.remove(k);
+            }
+            inner.pages.insert(p, page);
+        }
+        let (last, dirty) = inner.pages.get_mut(&p).expect("loaded above");
+        f(last, dirty)
+    }
+
+    /// Warnings about pages that could not be loaded when needed.
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut self.inner.borrow_mut().warnings)
+    }
+
+    /// The run at which chunk `c` was last confirmed.
+    pub fn get(&self, c: u64) -> u32 {
+        self.with_page(c / ENTRIES_PER_PAGE, |last, _| last[(c % ENTRIES_PER_PAGE) as usize])
+    }
+
+    pub fn confirm(&mut self, chunk: u64, run: u32) {
+        let p = chunk / ENTRIES_PER_PAGE;
+        let before = self.with_page(p, |last, dirty| {
+            let at = &mut last[(chunk % ENTRIES_PER_PAGE) as usize];
+            let before = *at;
+            if before != run {
+                *at = run;
+                *dirty = true;
+            }
+            before
+        });
+        if before != run {
+            let runs = &mut self.inner.get_mut().runs[p as usize];
+            add_run(runs, before, -1);
+            add_run(runs, run, 1);
+        }
+    }
+
+    /// How many chunks were last confirmed at each run, over the whole disk.
+    fn histogram(&self) -> BTreeMap<u32, u64> {
+        let mut hist = BTreeMap::new();
+        for runs in &self.inner.borrow().runs {
+            for &(r, n) in runs {
+                *hist.entry(r).or_default() += n;
+            }
+        }
+        hist
+    }
+
+    /// Stores the state; returns the root (`None` when nothing was ever confirmed). A
+    /// page this run did not change keeps its id when a copy of it may be reused (like an
+    /// inherited chunk); otherwise it is read and stored again.
+    pub fn store(&mut self, sink: &mut BlobSink<'_, '_>) -> Result<Option<Id>, CoreError> {
+        let pages = page_count(self.chunks);
         let mut tree = TreeWriter::new(pages, DEFAULT_FANOUT);
-        for page in self.last.chunks(ENTRIES_PER_PAGE as usize) {
-            let id =
-                if page.iter().all(|&r| r == 0) { Id::ZERO } else { sink.put(BlobKind::Confirm, &encode_page(page))? };
+        for p in 0..pages {
+            let (old, dirty) = {
+                let inner = self.inner.get_mut();
+                (inner.ids[p as usize], inner.pages.get(&p).is_some_and(|pg| pg.1))
+            };
+            let id = if !dirty && (old.is_zero() || sink.reusable(&old)) {
+                old
+            } else {
+                let last = self.with_page(p, |last, _| last.clone());
+                if last.iter().all(|&r| r == 0) {
+                    Id::ZERO
+                } else {
+                    sink.put(BlobKind::Confirm, &encode_page(&last))?
+                }
+            };
             tree.push(id, &mut |ids: &[Id]| sink.page(ids))?;
+            let inner = self.inner.get_mut();
+            inner.ids[p as usize] = id;
+            if let Some(page) = inner.pages.get_mut(&p) {
+                page.1 = false;
+            }
         }
         let root = tree.finish(&mut |ids: &[Id]| sink.page(ids))?;
         Ok((!root.is_zero()).then_some(root))
     }
 
-    pub fn confirm(&mut self, chunk: u64, run: u32) {
-        self.last[chunk as usize] = run;
+    /// The summaries of the stored pages, by id (after [`ConfirmState::store`]), encoded
+    /// ([`blockproof_format::confirm::encode_summaries`]).
+    pub fn summaries(&self) -> Vec<u8> {
+        let inner = self.inner.borrow();
+        let pages: Vec<(Id, &Runs)> =
+            inner.ids.iter().zip(&inner.runs).filter(|(id, _)| !id.is_zero()).map(|(id, r)| (*id, r)).collect();
+        blockproof_format::confirm::encode_summaries(&pages)
     }
 
     /// Coverage after run `run`, given how this run sampled (docs/VERIFICATION.md, "The
-    /// bound").
+    /// bound"). From the pages' runs: no chunk is visited.
     pub fn coverage(&self, run: u32, sampling: &Sampling) -> Coverage {
-        let chunks = self.last.len() as u64;
-        let never = self.last.iter().filter(|&&r| r == 0).count() as u64;
-        let oldest = self.last.iter().copied().filter(|&r| r > 0).min().unwrap_or(run);
+        let chunks = self.chunks;
+        let hist = self.histogram();
+        let never = hist.get(&0).copied().unwrap_or(0);
+        let oldest = hist.keys().copied().find(|&r| r > 0).unwrap_or(run);
         let (rate, bound) = sampling.rate(chunks);
         Coverage {
             chunks,
             never_confirmed: never,
             oldest_confirmed_runs_ago: u64::from(run.saturating_sub(oldest)),
-            full_coverage_within_runs: rate.map_or(0, |r| self.bound(run, r)),
+            full_coverage_within_runs: rate.map_or(0, |r| self.bound(run, r, hist)),
             bound: Some(bound),
             sampled_per_run: rate,
             budget_chunks: sampling.budget_chunks,
@@ -112,15 +293,19 @@ impl ConfirmState {
     /// `rate` of those `p`, which then leave that set for good — so it is confirmed again
     /// by the `⌊p / rate⌋ + 1`-th later run, `run − v + ⌊p / rate⌋ + 1` runs after `v`.
     /// `K` is the largest such gap: at least `⌈(chunks − 1) / rate⌉` (the steady state, from
-    /// the chunks confirmed last), never below `oldest_confirmed_runs_ago + 1`.
-    fn bound(&self, run: u32, rate: u64) -> u64 {
-        let others = self.last.len().saturating_sub(1) as u64;
-        if others == 0 {
+    /// the chunks confirmed last), never below `oldest_confirmed_runs_ago + 1`. `hist`:
+    /// every chunk's run, counted.
+    fn bound(&self, run: u32, rate: u64, mut hist: BTreeMap<u32, u64>) -> u64 {
+        if self.chunks <= 1 {
             return 1;
         }
-        let mut hist: BTreeMap<u32, u64> = BTreeMap::new();
-        for &v in &self.last[1..] {
-            *hist.entry(v).or_default() += 1;
+        // The first chunk does not count.
+        let first = self.get(0);
+        if let Some(n) = hist.get_mut(&first) {
+            *n -= 1;
+            if *n == 0 {
+                hist.remove(&first);
+            }
         }
         // (The chunks confirmed last give the steady state, ⌈others / rate⌉.)
         let mut at_or_before = 0u64;
@@ -131,6 +316,50 @@ impl ConfirmState {
             k = k.max(u64::from(run.saturating_sub(v)) + p / rate + 1);
         }
         k
+    }
+
+    /// Every chunk's run, in order (tests).
+    #[cfg(test)]
+    pub fn all(&self) -> Vec<u32> {
+        (0..self.chunks).map(|c| self.get(c)).collect()
+    }
+}
+
+fn page_len(chunks: u64, page: u64) -> u64 {
+    (chunks - page * ENTRIES_PER_PAGE).min(ENTRIES_PER_PAGE)
+}
+
+fn read_page(reader: &BlobReader<'_>, id: Id, len: u64) -> Result<Vec<u32>, CoreError> {
+    let plain = reader.read(&id, BlobKind::Confirm)?;
+    decode_page(&plain, len as usize)
+        .map_err(|e| CoreError::Repo(blockproof_repo::RepoError::corrupt(format!("page {id}"), e)))
+}
+
+impl LastConfirmed for ConfirmState<'_> {
+    fn chunks(&self) -> u64 {
+        self.chunks
+    }
+
+    fn run_of(&self, chunk: u64) -> u32 {
+        self.get(chunk)
+    }
+
+    fn add_runs(&self, range: Range<u64>, hist: &mut BTreeMap<u32, u64>) {
+        let p = range.start / ENTRIES_PER_PAGE;
+        if range.start == p * ENTRIES_PER_PAGE && range.end - range.start == page_len(self.chunks, p) {
+            for &(r, n) in &self.inner.borrow().runs[p as usize] {
+                *hist.entry(r).or_default() += n;
+            }
+        } else {
+            for c in range {
+                *hist.entry(self.get(c)).or_default() += 1;
+            }
+        }
+    }
+
+    fn may_hold(&self, range: Range<u64>, runs: Range<u32>) -> bool {
+        let p = range.start / ENTRIES_PER_PAGE;
+        self.inner.borrow().runs[p as usize].iter().any(|(r, _)| runs.contains(r))
     }
 }
 
@@ -270,8 +499,7 @@ mod tests {
                 // A time limit may cut the count short.
                 let cut = timed && rng.gen_bool(0.5);
                 let take = if cut { rng.gen_range(0..=budget) } else { budget };
-                let picked = crate::verify::select(&state.last, &unread, Some(take), &mut rng);
-                let previous = state.clone();
+                let picked = crate::verify::select(&state, &unread, Some(take), &mut rng);
                 for &c in changed.iter().chain(&picked) {
                     state.confirm(c, run);
                 }
@@ -290,13 +518,12 @@ mod tests {
                     cov.full_coverage_within_runs == 0 || cov.full_coverage_within_runs > cov.oldest_confirmed_runs_ago,
                     "seed {seed}: a bound below the state's age"
                 );
-                let _ = previous;
                 history.push((
                     run,
                     cov.full_coverage_within_runs,
                     cov.sampled_per_run.unwrap_or(0),
                     cov.bound.unwrap(),
-                    state.last.clone(),
+                    state.all(),
                 ));
                 // Check every earlier claim whose deadline is this run.
                 for (r, k, rate, basis, last) in &history {
@@ -312,7 +539,7 @@ mod tests {
                         let due = u64::from(was) + k;
                         if u64::from(run) == due {
                             assert!(
-                                state.last[c] > was,
+                                state.get(c as u64) > was,
                                 "seed {seed}: chunk {c} confirmed at run {was} not again by run {run} (K {k} after \
                                  run {r}, n {n}, budget {budget}, rate {rate}, {basis:?})"
                             );
@@ -320,6 +547,136 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Stores `state` into `repo`; returns the root and the blobs written.
+    fn store_in(repo: &blockproof_repo::Repository, state: &mut ConfirmState<'_>) -> (Option<Id>, u64) {
+        let index = blockproof_repo::BlobIndex::load(repo).unwrap();
+        let reader = BlobReader::new(repo, &index);
+        let avail = crate::availability::Availability::assess(repo, &index, &mut Vec::new()).unwrap();
+        let dedup = crate::pipeline::Dedup::new(&reader, &avail);
+        let (root, stats) = crate::pipeline::with_pack_writer(repo, |tx| {
+            let mut sink = BlobSink::new(repo, &dedup, tx);
+            state.store(&mut sink)
+        })
+        .unwrap();
+        (root, stats.blobs)
+    }
+
+    fn page_ids(repo: &blockproof_repo::Repository, root: Id, chunks: u64) -> Vec<Id> {
+        let index = blockproof_repo::BlobIndex::load(repo).unwrap();
+        let reader = BlobReader::new(repo, &index);
+        let pages = page_count(chunks);
+        let mut tree = TreeReader::new(&reader, root, pages, DEFAULT_FANOUT).unwrap();
+        (0..pages).map(|p| tree.chunk(p).unwrap()).collect()
+    }
+
+    /// Pages are loaded when first needed and stored copy-on-write: a page the run did not
+    /// change keeps its id and is not stored again; the summaries give the coverage
+    /// without loading a page.
+    #[test]
+    fn pages_load_on_demand_and_unchanged_ones_keep_their_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = blockproof_repo::InitOptions {
+            kdf: blockproof_format::KdfParams::MIN,
+            ..blockproof_repo::InitOptions::default()
+        };
+        let backend = blockproof_store::LocalBackend::create(dir.path()).unwrap();
+        let repo = blockproof_repo::Repository::init(Box::new(backend), b"pw", &opts).unwrap();
+        // 4 pages, the last one short; pages 0, 2 and 3 hold confirmations, page 1 none.
+        let n = 3 * ENTRIES_PER_PAGE + 100;
+        let mut model = vec![0u32; n as usize];
+        let mut s = ConfirmState::never(n);
+        for c in (0..n).filter(|c| c / ENTRIES_PER_PAGE != 1 && c % 5 == 0) {
+            s.confirm(c, 1 + (c % 3) as u32);
+            model[c as usize] = 1 + (c % 3) as u32;
+        }
+        let (root1, written) = store_in(&repo, &mut s);
+        let root1 = root1.unwrap();
+        assert_eq!(written, 3 + 1, "three pages and the root");
+        let ids1 = page_ids(&repo, root1, n);
+        assert!(ids1[1].is_zero() && !ids1[0].is_zero());
+
+        // Loaded: no page is read until needed; the coverage comes from the summaries.
+        let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
+        let reader = BlobReader::new(&repo, &index);
+        let s = ConfirmState::read(&reader, root1, n, &HashMap::new()).unwrap();
+        assert!(s.inner.borrow().pages.is_empty());
+        let off = Sampling { off: true, ..Sampling::default() };
+        let reference = ConfirmState::of(&model).coverage(4, &count(1000));
+        assert_eq!(s.coverage(4, &off).never_confirmed, reference.never_confirmed);
+        assert_eq!(s.coverage(4, &off).oldest_confirmed_runs_ago, 3);
+        assert!(s.inner.borrow().pages.is_empty(), "the coverage loads no page");
+        assert_eq!(s.coverage(4, &count(1000)), reference);
+        assert_eq!(s.get(2 * ENTRIES_PER_PAGE + 5), model[(2 * ENTRIES_PER_PAGE + 5) as usize]);
+        assert_eq!(s.all(), model);
+
+        // One chunk of page 2 confirmed again: only that page (and the root) is new.
+        let mut s = ConfirmState::read(&reader, root1, n, &HashMap::new()).unwrap();
+        s.confirm(2 * ENTRIES_PER_PAGE + 7, 4);
+        assert_eq!(s.inner.borrow().pages.len(), 1);
+        let (root2, written) = store_in(&repo, &mut s);
+        assert_eq!(written, 2);
+        let ids2 = page_ids(&repo, root2.unwrap(), n);
+        assert_eq!((ids2[0], ids2[1], ids2[3]), (ids1[0], ids1[1], ids1[3]));
+        assert_ne!(ids2[2], ids1[2]);
+        model[(2 * ENTRIES_PER_PAGE + 7) as usize] = 4;
+        let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
+        let reader = BlobReader::new(&repo, &index);
+        let s2 = ConfirmState::read(&reader, root2.unwrap(), n, &HashMap::new()).unwrap();
+        assert_eq!(s2.all(), model);
+
+        // With the pages' summaries (the state document a backup keeps), no page is read
+        // to load: an index without the pages still loads it, and the coverage is right;
+        // a page then needed and not readable counts as never confirmed, with a warning.
+        let known: HashMap<Id, Runs> =
+            blockproof_format::confirm::decode_summaries(&s.summaries()).unwrap().into_iter().collect();
+        assert_eq!(known.len(), 3);
+        let mut partial = blockproof_repo::BlobIndex::default();
+        for (_, pack, entry) in index.iter().filter(|(id, _, _)| !ids2.contains(id)) {
+            partial.add_pack(pack, std::slice::from_ref(&entry));
+        }
+        let reader = BlobReader::new(&repo, &partial);
+        assert!(ConfirmState::read(&reader, root2.unwrap(), n, &HashMap::new()).is_err());
+        let s3 = ConfirmState::read(&reader, root2.unwrap(), n, &known).unwrap();
+        assert_eq!(s3.coverage(4, &off), ConfirmState::of(&model).coverage(4, &off));
+        assert_eq!(s3.get(2 * ENTRIES_PER_PAGE + 7), 0);
+        assert_eq!(s3.take_warnings().len(), 1);
+        assert_eq!(s3.coverage(4, &off).never_confirmed, reference.never_confirmed + 16384 / 5 + 1);
+    }
+
+    /// The selection over the paged state picks as over the plain runs: the same chunks
+    /// older than the threshold, in the same order, and as many at it.
+    #[test]
+    fn the_paged_selection_matches_the_plain_one() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let n = 2 * ENTRIES_PER_PAGE + 3000;
+        let last: Vec<u32> = (0..n)
+            .map(|c| {
+                if c / ENTRIES_PER_PAGE == 1 {
+                    5
+                } else if rng.gen_bool(0.01) {
+                    rng.gen_range(0..4)
+                } else {
+                    4
+                }
+            })
+            .collect();
+        let s = ConfirmState::of(&last);
+        let cands = [0..100, 200..ENTRIES_PER_PAGE + 10, ENTRIES_PER_PAGE + 20..n];
+        for limit in [0, 1, 50, 300, 5000, 40000] {
+            let plain = crate::verify::select(&last[..], &cands, Some(limit), &mut rng);
+            let paged = crate::verify::select(&s, &cands, Some(limit), &mut rng);
+            assert_eq!(plain.len(), paged.len(), "limit {limit}");
+            let threshold = paged.iter().skip(1).map(|&c| last[c as usize]).max().unwrap_or(0);
+            let older = |v: &[u64]| v.iter().copied().filter(|&c| last[c as usize] < threshold).collect::<Vec<_>>();
+            assert_eq!(older(&plain), older(&paged), "limit {limit}");
+            let mut unique = paged.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            assert_eq!(unique.len(), paged.len());
         }
     }
 

@@ -11,7 +11,10 @@ use blockproof_format::tree::chunk_count;
 use blockproof_repo::{BlobIndex, BlobReader, Repository, SnapshotInfo};
 use serde::Serialize;
 
+use std::collections::BTreeMap;
+
 use crate::confirm::ConfirmState;
+use crate::verify::{LastConfirmed, PAGE};
 use crate::CoreError;
 
 /// A run of consecutive chunks of a disk, aggregated.
@@ -75,7 +78,11 @@ impl<'a> ConfirmationReader<'a> {
         let cs = u64::from(entry.chunk_size);
         let chunk_ranges: Vec<(u64, u64)> =
             entry.mismatches.iter().map(|r| (r.offset / cs, (r.offset + r.length).div_ceil(cs))).collect();
-        let cells = aggregate(&state.last, entry.run, max_cells, &chunk_ranges);
+        let cells = aggregate(&state, entry.run, max_cells, &chunk_ranges);
+        let warning = warning.or_else(|| {
+            let w = state.take_warnings();
+            (!w.is_empty()).then(|| format!("disk {}: {}", entry.id, w.join("; ")))
+        });
         Ok(ConfirmationMap {
             disk: entry.id.clone(),
             run: entry.run,
@@ -90,22 +97,30 @@ impl<'a> ConfirmationReader<'a> {
 }
 
 /// Aggregates last-confirmed runs (0: never) seen at run `run` into at most `max_cells`
-/// cells; `tainted` are half-open chunk ranges.
-fn aggregate(last: &[u32], run: u64, max_cells: usize, tainted: &[(u64, u64)]) -> Vec<ConfirmationCell> {
-    let n = last.len() as u64;
+/// cells; `tainted` are half-open chunk ranges. A page wholly inside a cell is counted
+/// from its summary ([`LastConfirmed::add_runs`]).
+fn aggregate(last: &dyn LastConfirmed, run: u64, max_cells: usize, tainted: &[(u64, u64)]) -> Vec<ConfirmationCell> {
+    let n = last.chunks();
     let cells = (max_cells.max(1) as u64).min(n);
     (0..cells)
         .map(|i| {
             let (start, end) = (i * n / cells, (i + 1) * n / cells);
-            let part = &last[start as usize..end as usize];
-            let confirmed = part.iter().copied().filter(|&r| r > 0);
-            let never = part.iter().filter(|&&r| r == 0).count() as u64;
+            let mut hist = BTreeMap::new();
+            let mut at = start;
+            while at < end {
+                let part_end = ((at / PAGE + 1) * PAGE).min(end);
+                last.add_runs(at..part_end, &mut hist);
+                at = part_end;
+            }
+            let never = hist.get(&0).copied().unwrap_or(0);
             let ago = |r: u32| run.saturating_sub(u64::from(r));
+            let min = hist.keys().copied().find(|&r| r > 0);
+            let max = hist.keys().copied().next_back().filter(|&r| r > 0);
             ConfirmationCell {
                 first_chunk: start,
                 chunks: end - start,
-                oldest_runs_ago: if never > 0 { None } else { confirmed.clone().min().map(ago) },
-                newest_runs_ago: confirmed.max().map(ago),
+                oldest_runs_ago: if never > 0 { None } else { min.map(ago) },
+                newest_runs_ago: max.map(ago),
                 never_confirmed: never,
                 tainted: tainted.iter().any(|&(a, b)| a < end && start < b),
             }
@@ -120,7 +135,7 @@ mod tests {
     #[test]
     fn cells_cover_every_chunk_in_order_and_keep_the_oldest() {
         let last: Vec<u32> = (0..10).map(|c| if c == 7 { 0 } else { c + 1 }).collect();
-        let cells = aggregate(&last, 10, 4, &[(5, 6)]);
+        let cells = aggregate(&ConfirmState::of(&last), 10, 4, &[(5, 6)]);
         assert_eq!(cells.len(), 4);
         assert_eq!(cells.iter().map(|c| c.chunks).sum::<u64>(), 10);
         let mut next = 0;
@@ -136,7 +151,7 @@ mod tests {
         let tainted: Vec<bool> = cells.iter().map(|c| c.tainted).collect();
         assert_eq!(tainted.iter().filter(|&&t| t).count(), 1);
         // More cells than chunks: one per chunk.
-        assert_eq!(aggregate(&last, 10, 1000, &[]).len(), 10);
-        assert_eq!(aggregate(&last, 10, 0, &[]).len(), 1);
+        assert_eq!(aggregate(&ConfirmState::of(&last), 10, 1000, &[]).len(), 10);
+        assert_eq!(aggregate(&ConfirmState::of(&last), 10, 0, &[]).len(), 1);
     }
 }

@@ -172,7 +172,7 @@ impl Copier<'_, '_> {
             start = end;
         }
         let root = tree.finish(&mut |ids: &[Id]| sink.page(ids))?;
-        let (state, _) = ConfirmState::load(self.src_reader, entry, n);
+        let (mut state, _) = ConfirmState::load(self.src_reader, entry, n);
         let confirm_root = match entry.confirm_root {
             Some(_) => state.store(&mut sink)?,
             None => None,

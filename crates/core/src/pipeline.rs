@@ -161,6 +161,12 @@ impl<'a, 'd> BlobSink<'a, 'd> {
         Ok(id)
     }
 
+    /// Whether a copy of the blob lies in a pack that may be reused (or it is being
+    /// stored by this backup): a metadata blob kept by id without being read back.
+    pub(crate) fn reusable(&self, id: &Id) -> bool {
+        self.dedup.contains(id)
+    }
+
     /// Stores one page of a fixed index tree.
     pub(crate) fn page(&mut self, ids: &[Id]) -> Result<Id, CoreError> {
         self.put(BlobKind::Tree, &encode_page(ids))
@@ -223,56 +229,276 @@ pub(crate) fn is_zero(buf: &[u8]) -> bool {
     words.into_iter().all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0) && tail.iter().all(|&b| b == 0)
 }
 
-/// Puts chunk ids into the fixed index tree in disk order: zero and inherited chunks
-/// straight from the plan, read ones once the workers have hashed them (they arrive out
-/// of order and wait here for their turn).
+/// Walks the plan in disk order: hands each read chunk to `push` once the workers have
+/// hashed it (they arrive out of order and wait here for their turn), and each stretch of
+/// zero and inherited chunks as it comes; `push` says how many chunks it took.
 struct Assembler<'p> {
-    runs: std::slice::Iter<'p, (Range<u64>, Action)>,
-    current: Option<(Range<u64>, Action)>,
+    runs: &'p [(Range<u64>, Action)],
+    /// The run holding `pos`.
+    k: usize,
+    /// The next chunk to hand on.
+    pos: u64,
     pending: BTreeMap<u64, Id>,
 }
 
 impl<'p> Assembler<'p> {
     fn new(plan: &'p ChunkPlan) -> Self {
-        Assembler { runs: plan.runs.iter(), current: None, pending: BTreeMap::new() }
+        Assembler { runs: &plan.runs, k: 0, pos: 0, pending: BTreeMap::new() }
     }
 
-    /// Hands every chunk whose id is known, in disk order, to `push`; stops at the first
-    /// read chunk that has not arrived yet.
+    /// Hands on every chunk whose id is known or comes from the plan, in disk order;
+    /// stops at the first read chunk that has not arrived yet. `push` gets the chunk, its
+    /// id if it was read, and the plan's runs from the one holding it on.
     fn advance(
         &mut self,
-        mut push: impl FnMut(u64, Action, Option<Id>) -> Result<(), CoreError>,
+        mut push: impl FnMut(u64, Option<Id>, &[(Range<u64>, Action)]) -> Result<u64, CoreError>,
     ) -> Result<(), CoreError> {
         loop {
-            let (run, action) = match &mut self.current {
-                Some((r, _)) if r.is_empty() => {
-                    self.current = None;
-                    continue;
-                }
-                Some(c) => c,
-                None => match self.runs.next() {
-                    Some(c) => {
-                        self.current = Some(c.clone());
-                        continue;
-                    }
-                    None => return Ok(()),
-                },
+            while self.runs.get(self.k).is_some_and(|(r, _)| r.end <= self.pos) {
+                self.k += 1;
+            }
+            let Some((_, action)) = self.runs.get(self.k) else {
+                return Ok(());
             };
-            let i = run.start;
             let read = match action {
-                Action::Read => match self.pending.remove(&i) {
+                Action::Read => match self.pending.remove(&self.pos) {
                     Some(id) => Some(id),
                     None => return Ok(()),
                 },
                 _ => None,
             };
-            push(i, *action, read)?;
-            run.start += 1;
+            let took = push(self.pos, read, &self.runs[self.k..])?;
+            self.pos += took.max(1);
         }
     }
 
     fn done(&self) -> bool {
-        self.current.is_none() && self.runs.len() == 0
+        self.k >= self.runs.len()
+    }
+}
+
+/// Whether chunk `i` lies in one of the sorted runs.
+fn in_runs(runs: &[Range<u64>], i: u64) -> bool {
+    let k = runs.partition_point(|r| r.end <= i);
+    runs.get(k).is_some_and(|r| r.contains(&i))
+}
+
+/// Chunks of `span` that lie in the sorted runs.
+fn overlap(runs: &[Range<u64>], span: Range<u64>) -> u64 {
+    let k = runs.partition_point(|r| r.end <= span.start);
+    runs[k..].iter().take_while(|r| r.start < span.end).map(|r| r.end.min(span.end) - r.start.max(span.start)).sum()
+}
+
+/// Progress is reported once per read chunk, once per page taken whole, and at most once
+/// per this many bytes of zero and inherited chunks taken one by one.
+const PROGRESS_STEP: u64 = 64 << 20;
+
+/// Builds the new fixed index tree of one disk from the plan, the read chunks' ids and
+/// the parent's tree: a page of the parent wholly made of zero and inherited chunks is
+/// taken by its id, not chunk by chunk ([`Builder::unread`]).
+struct Builder<'a, 'r, 's, 'd> {
+    n: u64,
+    chunk_size: u64,
+    size: u64,
+    parent: Option<&'a mut TreeReader<'r>>,
+    tree: TreeWriter,
+    sink: BlobSink<'s, 'd>,
+    dedup: &'s Dedup<'d>,
+    counters: &'a DiskCounters,
+    progress: &'a dyn Progress,
+    reported: &'a [Range<u64>],
+    unavailable: Vec<u64>,
+    parent_failed: Option<String>,
+    /// Bytes done but not yet reported to `progress`.
+    unreported: u64,
+}
+
+impl Builder<'_, '_, '_, '_> {
+    fn chunk_len(&self, i: u64) -> u64 {
+        (self.size - i * self.chunk_size).min(self.chunk_size)
+    }
+
+    /// Records a parent page that cannot be read: this pass stops, the caller reads in full.
+    fn parent_error(&mut self, e: blockproof_repo::RepoError) -> CoreError {
+        let e = CoreError::from(e);
+        self.parent_failed.get_or_insert(e.to_string());
+        e
+    }
+
+    fn parent_chunk(&mut self, i: u64) -> Result<Option<Id>, CoreError> {
+        let Some(parent) = self.parent.as_deref_mut() else {
+            return Ok(None);
+        };
+        match parent.chunk(i) {
+            Ok(id) => Ok(Some(id)),
+            Err(e) => Err(self.parent_error(e)),
+        }
+    }
+
+    fn done(&mut self, bytes: u64, flush: bool) {
+        self.unreported += bytes;
+        if flush || self.unreported >= PROGRESS_STEP {
+            self.progress.advance(std::mem::take(&mut self.unreported));
+        }
+    }
+
+    fn push(&mut self, id: Id) -> Result<(), CoreError> {
+        let sink = &mut self.sink;
+        self.tree.push(id, &mut |ids: &[Id]| sink.page(ids))
+    }
+
+    /// A read chunk, hashed.
+    fn read(&mut self, i: u64, id: Id) -> Result<(), CoreError> {
+        if self.parent_chunk(i)? == Some(id) {
+            self.counters.overreported.fetch_add(1, Ordering::Relaxed);
+        }
+        self.push(id)?;
+        // A read chunk took a read: reported at once (the rate shown is the source's).
+        let len = self.chunk_len(i);
+        self.done(len, true);
+        Ok(())
+    }
+
+    /// Zero and inherited chunks from chunk `i` on (`runs`: the plan from the run holding
+    /// `i`); returns how many were taken: a whole page of the parent when one starts at `i`
+    /// and lies wholly in zero and inherited runs ([`Builder::page`]), else one chunk.
+    fn unread(&mut self, i: u64, runs: &[(Range<u64>, Action)]) -> Result<u64, CoreError> {
+        let mut stretch = i;
+        for (r, a) in runs {
+            if *a == Action::Read || r.start > stretch {
+                break;
+            }
+            stretch = r.end;
+        }
+        let f = u64::from(DEFAULT_FANOUT);
+        // The largest page (below the root) starting at `i` inside the stretch.
+        for level in (0..self.tree.levels() - 1).rev() {
+            let span = (0..=level).fold(1u64, |acc, _| acc.saturating_mul(f));
+            let end = i.saturating_add(span).min(self.n);
+            if i.is_multiple_of(span) && end <= stretch && self.page(level, i..end, span, runs)? {
+                self.done((end * self.chunk_size).min(self.size) - i * self.chunk_size, true);
+                return Ok(end - i);
+            }
+        }
+        self.chunk(i, runs[0].1)?;
+        Ok(1)
+    }
+
+    /// Takes the parent's page of `level` covering `chunks` (all zero or inherited) whole
+    /// when that gives the same tree and the same counts as chunk by chunk: a page that
+    /// was all zeros in the parent (or any page of zero chunks in a full backup), or a
+    /// leaf page of inherited chunks. For the latter every chunk id it lists is looked up
+    /// as chunk by chunk ([`Dedup::contains`]): one without a copy that may be reused is
+    /// recorded as unavailable, so the page is never referenced while a blob it lists is
+    /// missing. Returns false when the chunks must be taken one by one.
+    fn page(
+        &mut self,
+        level: usize,
+        chunks: Range<u64>,
+        span: u64,
+        runs: &[(Range<u64>, Action)],
+    ) -> Result<bool, CoreError> {
+        let within = || runs.iter().take_while(|(r, _)| r.start < chunks.end);
+        let zero_runs: Vec<Range<u64>> = within()
+            .filter(|(_, a)| *a == Action::Zero)
+            .map(|(r, _)| r.start.max(chunks.start)..r.end.min(chunks.end))
+            .collect();
+        let all_zero = zero_runs.iter().map(|r| r.end - r.start).sum::<u64>() == chunks.end - chunks.start;
+        let count = chunks.end - chunks.start;
+        let Some(parent) = self.parent.as_deref_mut() else {
+            // A full backup: zero chunks only (an inherited one is an error, chunk by chunk).
+            if !all_zero {
+                return Ok(false);
+            }
+            self.counters.zero_chunks.fetch_add(count, Ordering::Relaxed);
+            let sink = &mut self.sink;
+            self.tree.push_page(level, Id::ZERO, &mut |ids: &[Id]| sink.page(ids))?;
+            return Ok(true);
+        };
+        if parent.fanout() != DEFAULT_FANOUT || parent.levels() != self.tree.levels() {
+            return Ok(false);
+        }
+        let id = match parent.page_id(level, chunks.start / span) {
+            Ok(id) => id,
+            Err(e) => return Err(self.parent_error(e)),
+        };
+        if id.is_zero() {
+            // Zero in the parent: a zero chunk change tracking reported was over-reported;
+            // none was missed (the parent held no data).
+            let over: u64 = zero_runs.iter().map(|r| overlap(self.reported, r.clone())).sum();
+            self.counters.overreported.fetch_add(over, Ordering::Relaxed);
+            self.counters.zero_chunks.fetch_add(count, Ordering::Relaxed);
+        } else if level == 0 && zero_runs.is_empty() {
+            let leaf = match parent.leaf(chunks.start / span) {
+                Ok(ids) => ids,
+                Err(e) => return Err(self.parent_error(e)),
+            };
+            let mut zeros = 0;
+            for (j, c) in leaf.iter().enumerate() {
+                if c.is_zero() {
+                    zeros += 1;
+                } else if !self.dedup.contains(c) {
+                    if !self.dedup.indexed(c) {
+                        self.counters.repaired.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.unavailable.push(chunks.start + j as u64);
+                }
+            }
+            self.counters.zero_chunks.fetch_add(zeros, Ordering::Relaxed);
+            // The page itself was read whole just now; without a copy that may be reused
+            // (say, in a pack gc is about to delete) it is stored again.
+            if !self.dedup.contains(&id) {
+                let again = self.sink.page(leaf)?;
+                debug_assert_eq!(again, id);
+            }
+        } else {
+            return Ok(false);
+        }
+        let sink = &mut self.sink;
+        self.tree.push_page(level, id, &mut |ids: &[Id]| sink.page(ids))?;
+        Ok(true)
+    }
+
+    /// One zero or inherited chunk.
+    fn chunk(&mut self, i: u64, action: Action) -> Result<(), CoreError> {
+        let id = match action {
+            Action::Zero => {
+                // What the parent held here tells over-reporting from a missed write.
+                if let Some(before) = self.parent_chunk(i)? {
+                    let was_reported = in_runs(self.reported, i);
+                    if was_reported && before.is_zero() {
+                        self.counters.overreported.fetch_add(1, Ordering::Relaxed);
+                    } else if !was_reported && !before.is_zero() {
+                        self.counters.cbt_missed.fetch_add(1, Ordering::Relaxed);
+                        let mut missed = self.counters.missed_chunks.lock().expect("evidence lock");
+                        if missed.len() < EVIDENCE_LIMIT {
+                            missed.push(i);
+                        }
+                    }
+                }
+                Id::ZERO
+            }
+            Action::Inherit => {
+                let id = self
+                    .parent_chunk(i)?
+                    .ok_or_else(|| CoreError::Internal("an incremental plan without a parent".into()))?;
+                if !id.is_zero() && !self.dedup.contains(&id) {
+                    if !self.dedup.indexed(&id) {
+                        self.counters.repaired.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.unavailable.push(i);
+                }
+                id
+            }
+            Action::Read => return Err(CoreError::Internal(format!("chunk {i} was never read"))),
+        };
+        if id.is_zero() {
+            self.counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
+        }
+        self.push(id)?;
+        let len = self.chunk_len(i);
+        self.done(len, false);
+        Ok(())
     }
 }
 
@@ -281,6 +507,10 @@ impl<'p> Assembler<'p> {
 /// of the new fixed index tree. With a parent (an incremental), read chunks whose id is
 /// the parent's are counted as over-reported. The reader, the workers and this thread are
 /// one [`fan_out`]: the first error, a panic or the repository's cancellation stops all.
+///
+/// Runs of zero and inherited chunks are taken a page at a time where they cover a whole
+/// page of the parent's tree ([`Builder::page`]): an unchanged part of a large disk costs
+/// its pages, not its chunks.
 ///
 /// Damage is not inherited: when inherited chunks have no copy that may be reused, or
 /// the parent's pages cannot be read, the tree is not finished and the caller is told
@@ -291,7 +521,7 @@ pub(crate) fn store_disk(
     dedup: &Dedup<'_>,
     source: &mut dyn BlockSource,
     plan: &ChunkPlan,
-    mut parent: Option<&mut TreeReader<'_>>,
+    parent: Option<&mut TreeReader<'_>>,
     blobs: &Sender<SealedBlob>,
     counters: &DiskCounters,
     progress: &dyn Progress,
@@ -302,70 +532,28 @@ pub(crate) fn store_disk(
     let chunk_len = |i: u64| (size - i * chunk_size).min(chunk_size);
     let reads: Vec<Range<u64>> = plan.runs.iter().filter(|(_, a)| *a == Action::Read).map(|(r, _)| r.clone()).collect();
 
-    let mut sink = BlobSink::new(repo, dedup, blobs);
-    let mut tree = TreeWriter::new(n, DEFAULT_FANOUT);
-    let mut reported = plan.reported.iter().peekable();
-    let mut unavailable = Vec::new();
-    let mut parent_failed: Option<String> = None;
+    let mut b = Builder {
+        n,
+        chunk_size,
+        size,
+        parent,
+        tree: TreeWriter::new(n, DEFAULT_FANOUT),
+        sink: BlobSink::new(repo, dedup, blobs),
+        dedup,
+        counters,
+        progress,
+        reported: &plan.reported,
+        unavailable: Vec::new(),
+        parent_failed: None,
+        unreported: 0,
+    };
     let outcome = {
         let mut assembler = Assembler::new(plan);
-        // A parent page that cannot be read stops this pass; the caller reads in full.
-        let mut parent_chunk = |parent: &mut TreeReader<'_>, i: u64| {
-            parent.chunk(i).map_err(|e| {
-                let e = CoreError::from(e);
-                parent_failed.get_or_insert(e.to_string());
-                e
-            })
-        };
-        let mut push = |i: u64, action: Action, read: Option<Id>| -> Result<(), CoreError> {
-            let id = match (action, read) {
-                (Action::Zero, _) => {
-                    // What the parent held here tells over-reporting from a missed write.
-                    if let Some(parent) = parent.as_deref_mut() {
-                        while reported.next_if(|r| r.end <= i).is_some() {}
-                        let was_reported = reported.peek().is_some_and(|r| r.contains(&i));
-                        let before = parent_chunk(parent, i)?;
-                        if was_reported && before.is_zero() {
-                            counters.overreported.fetch_add(1, Ordering::Relaxed);
-                        } else if !was_reported && !before.is_zero() {
-                            counters.cbt_missed.fetch_add(1, Ordering::Relaxed);
-                            let mut missed = counters.missed_chunks.lock().expect("evidence lock");
-                            if missed.len() < EVIDENCE_LIMIT {
-                                missed.push(i);
-                            }
-                        }
-                    }
-                    Id::ZERO
-                }
-                (Action::Inherit, _) => {
-                    let parent = parent
-                        .as_deref_mut()
-                        .ok_or_else(|| CoreError::Internal("an incremental plan without a parent".into()))?;
-                    let id = parent_chunk(parent, i)?;
-                    if !id.is_zero() && !dedup.contains(&id) {
-                        if !dedup.indexed(&id) {
-                            counters.repaired.fetch_add(1, Ordering::Relaxed);
-                        }
-                        unavailable.push(i);
-                    }
-                    id
-                }
-                (Action::Read, Some(id)) => {
-                    if let Some(parent) = parent.as_deref_mut() {
-                        if parent_chunk(parent, i)? == id {
-                            counters.overreported.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    id
-                }
-                (Action::Read, None) => return Err(CoreError::Internal(format!("chunk {i} was never read"))),
-            };
-            if action != Action::Read && id == Id::ZERO {
-                counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
+        let mut push = |i: u64, read: Option<Id>, runs: &[(Range<u64>, Action)]| -> Result<u64, CoreError> {
+            match read {
+                Some(id) => b.read(i, id).map(|()| 1),
+                None => b.unread(i, runs),
             }
-            tree.push(id, &mut |ids: &[Id]| sink.page(ids))?;
-            progress.advance(chunk_len(i));
-            Ok(())
         };
 
         let run = fan_out(
@@ -414,14 +602,16 @@ pub(crate) fn store_disk(
             }
         })
     };
-    if let Some(why) = parent_failed {
+    b.done(0, true);
+    if let Some(why) = b.parent_failed {
         return Ok(Stored::ParentUnreadable(why));
     }
     outcome?;
-    if !unavailable.is_empty() {
-        return Ok(Stored::Unavailable(unavailable));
+    if !b.unavailable.is_empty() {
+        return Ok(Stored::Unavailable(b.unavailable));
     }
-    let root = tree.finish(&mut |ids: &[Id]| sink.page(ids))?;
+    let sink = &mut b.sink;
+    let root = b.tree.finish(&mut |ids: &[Id]| sink.page(ids))?;
     Ok(Stored::Whole(DiskResult { root, chunks: n }))
 }
 

@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::budget::TimeLimit;
 use crate::confirm::Sampling;
 use crate::pipeline::is_zero;
-use crate::verify::{chunk_limit, differing_ranges, merge_ranges, sample, select, Sampled, SEGMENT};
+use crate::verify::{chunk_limit, differing_ranges, merge_ranges, sample, select, LastConfirmed, Sampled, SEGMENT};
 use crate::{Budget, CoreError, Progress};
 
 /// At most this many chunks are compared around mismatches per disk and run (1 GiB of
@@ -101,7 +101,7 @@ impl DiskCheck<'_> {
         &self,
         source: &mut dyn BlockSource,
         repo: &blockproof_repo::Repository,
-        last: &[u32],
+        last: &dyn LastConfirmed,
         expected: &mut dyn FnMut(u64) -> Result<Id, CoreError>,
         progress: &dyn Progress,
     ) -> Result<Verdict, CoreError> {

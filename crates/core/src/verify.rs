@@ -26,7 +26,6 @@ use blockproof_format::{BlobKind, Id};
 use blockproof_repo::BlobReader;
 use blockproof_source::BlockSource;
 use blockproof_work::{fan_out, FanOut};
-use rand::seq::SliceRandom;
 use rand::Rng;
 
 use crate::pipeline::is_zero;
@@ -51,10 +50,98 @@ pub fn chunk_limit(budget: &Budget, chunks: u64, chunk_size: u32) -> Option<u64>
     [by_fraction, by_bytes, budget.ios].into_iter().flatten().min()
 }
 
+/// The last-confirmed run of every chunk of a disk (0: never), as the selection reads it:
+/// chunk by chunk, or by page of [`PAGE`] chunks where the implementation keeps a summary
+/// (the confirmation state keeps each page's runs, so whole pages are never visited).
+pub trait LastConfirmed {
+    /// Chunks of the disk.
+    fn chunks(&self) -> u64;
+    /// The run at which chunk `chunk` was last confirmed.
+    fn run_of(&self, chunk: u64) -> u32;
+    /// Adds the runs of the chunks of `range` (within one page) to `hist`.
+    fn add_runs(&self, range: Range<u64>, hist: &mut BTreeMap<u32, u64>) {
+        for c in range {
+            *hist.entry(self.run_of(c)).or_default() += 1;
+        }
+    }
+    /// False only if no chunk of `range` (within one page) was last confirmed at a run in
+    /// `runs`.
+    fn may_hold(&self, range: Range<u64>, runs: Range<u32>) -> bool {
+        let _ = (range, runs);
+        true
+    }
+}
+
+impl LastConfirmed for [u32] {
+    fn chunks(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn run_of(&self, chunk: u64) -> u32 {
+        self[chunk as usize]
+    }
+}
+
+/// The page of [`LastConfirmed`]: the confirmation state's page (a multiple of [`SEGMENT`]).
+pub const PAGE: u64 = blockproof_format::confirm::ENTRIES_PER_PAGE;
+
+/// `r` cut at page boundaries.
+fn by_page(r: Range<u64>) -> impl Iterator<Item = Range<u64>> {
+    let mut at = r.start;
+    std::iter::from_fn(move || {
+        (at < r.end).then(|| {
+            let end = ((at / PAGE + 1) * PAGE).min(r.end);
+            let part = at..end;
+            at = end;
+            part
+        })
+    })
+}
+
+/// A random order of `0..n`, drawn lazily (Fisher–Yates, keeping only the positions
+/// swapped so far): memory for what was drawn, not for `n`.
+struct LazyShuffle {
+    n: u64,
+    next: u64,
+    swapped: HashMap<u64, u64>,
+}
+
+impl LazyShuffle {
+    fn new(n: u64) -> Self {
+        LazyShuffle { n, next: 0, swapped: HashMap::new() }
+    }
+
+    fn draw(&mut self, rng: &mut impl Rng) -> Option<u64> {
+        if self.next >= self.n {
+            return None;
+        }
+        let t = self.next;
+        let j = rng.gen_range(t..self.n);
+        let at_j = self.swapped.get(&j).copied().unwrap_or(j);
+        let at_t = self.swapped.remove(&t).unwrap_or(t);
+        if j != t {
+            self.swapped.insert(j, at_t);
+        }
+        self.next += 1;
+        Some(at_j)
+    }
+}
+
 /// Picks up to `limit` chunks among `candidates` (sorted, disjoint runs of chunk numbers),
 /// least recently confirmed first, plus chunk 0 (on top of the limit) when it is a
 /// candidate. Returns them in priority order.
-pub fn select(last: &[u32], candidates: &[Range<u64>], limit: Option<u64>, rng: &mut impl Rng) -> Vec<u64> {
+///
+/// The histogram of the candidates' runs comes from the pages' summaries where a page is
+/// wholly a candidate; pages holding no chunk older than the threshold, or none at it,
+/// are skipped; the random order of segments is drawn lazily, among the segments of pages
+/// holding chunks at the threshold. So the cost is the pages the selection touches, not
+/// the disk.
+pub fn select<L: LastConfirmed + ?Sized>(
+    last: &L,
+    candidates: &[Range<u64>],
+    limit: Option<u64>,
+    rng: &mut impl Rng,
+) -> Vec<u64> {
     let first_is_candidate = candidates.first().is_some_and(|r| r.start == 0 && r.end > 0);
     let total: u64 = candidates.iter().map(|r| r.end - r.start).sum::<u64>() - u64::from(first_is_candidate);
     let limit = limit.unwrap_or(total).min(total);
@@ -70,8 +157,8 @@ pub fn select(last: &[u32], candidates: &[Range<u64>], limit: Option<u64>, rng: 
     // Histogram of last-confirmed runs, to find the run `t` at which the budget runs out.
     let mut hist: BTreeMap<u32, u64> = BTreeMap::new();
     for r in candidates {
-        for c in others(r) {
-            *hist.entry(last[c as usize]).or_default() += 1;
+        for part in by_page(others(r)) {
+            last.add_runs(part, &mut hist);
         }
     }
     let mut below = 0u64;
@@ -85,24 +172,40 @@ pub fn select(last: &[u32], candidates: &[Range<u64>], limit: Option<u64>, rng: 
     }
     // Everything confirmed before `threshold`, oldest first...
     let mut older: Vec<(u32, u64)> = Vec::with_capacity(below as usize);
-    for r in candidates {
-        for c in others(r) {
-            let run = last[c as usize];
-            if run < threshold {
-                older.push((run, c));
+    if below > 0 {
+        for r in candidates {
+            for part in by_page(others(r)) {
+                if !last.may_hold(part.clone(), 0..threshold) {
+                    continue;
+                }
+                for c in part {
+                    let run = last.run_of(c);
+                    if run < threshold {
+                        older.push((run, c));
+                    }
+                }
             }
         }
     }
     older.sort_unstable();
     out.extend(older.into_iter().map(|(_, c)| c));
-    // ...then the rest among those confirmed at `threshold`, by random segments.
+    // ...then the rest among those confirmed at `threshold`, by random segments (drawn
+    // among the segments of the pages holding such chunks: the others hold none).
     let mut rest = limit - below;
     if rest > 0 && threshold != u32::MAX {
-        let chunks = last.len() as u64;
-        let mut segments: Vec<u64> = (0..chunks.div_ceil(SEGMENT)).collect();
-        segments.shuffle(rng);
-        for seg in segments {
+        let chunks = last.chunks();
+        let at = threshold..threshold + 1;
+        let pages: Vec<u64> = (0..chunks.div_ceil(PAGE))
+            .filter(|&p| last.may_hold(p * PAGE..((p + 1) * PAGE).min(chunks), at.clone()))
+            .collect();
+        let per_page = PAGE / SEGMENT;
+        let mut order = LazyShuffle::new(pages.len() as u64 * per_page);
+        while let Some(k) = order.draw(rng) {
+            let seg = pages[(k / per_page) as usize] * per_page + k % per_page;
             let (lo, hi) = (seg * SEGMENT, ((seg + 1) * SEGMENT).min(chunks));
+            if lo >= hi {
+                continue;
+            }
             let first_run = candidates.partition_point(|r| r.end <= lo);
             for r in &candidates[first_run..] {
                 if r.start >= hi {
@@ -110,7 +213,7 @@ pub fn select(last: &[u32], candidates: &[Range<u64>], limit: Option<u64>, rng: 
                 }
                 let r = others(r);
                 for c in r.start.max(lo)..r.end.min(hi) {
-                    if rest > 0 && last[c as usize] == threshold {
+                    if rest > 0 && last.run_of(c) == threshold {
                         out.push(c);
                         rest -= 1;
                     }
@@ -338,19 +441,19 @@ mod tests {
         // Chunks 0..10; candidates all but 4..6 (those were read).
         let last = [5, 1, 0, 3, 9, 9, 2, 0, 4, 1];
         let cands = [0..4, 6..10];
-        let sel = select(&last, &cands, Some(4), &mut rng());
+        let sel = select(&last[..], &cands, Some(4), &mut rng());
         assert_eq!(sel[0], 0, "the first chunk leads");
         assert_eq!(sel, vec![0, 2, 7, 1, 9], "the first chunk comes on top of the budget");
         // Budget zero: only the first chunk.
-        assert_eq!(select(&last, &cands, Some(0), &mut rng()), vec![0]);
+        assert_eq!(select(&last[..], &cands, Some(0), &mut rng()), vec![0]);
         // Unlimited: every candidate once, oldest first.
-        let all = select(&last, &cands, None, &mut rng());
+        let all = select(&last[..], &cands, None, &mut rng());
         assert_eq!(all.len(), 8);
         let mut sorted = all.clone();
         sorted.sort();
         assert_eq!(sorted, vec![0, 1, 2, 3, 6, 7, 8, 9]);
         // Chunk 0 not a candidate: not selected.
-        assert!(!select(&last, &[1..10], Some(3), &mut rng()).contains(&0));
+        assert!(!select(&last[..], &[1..10], Some(3), &mut rng()).contains(&0));
     }
 
     #[test]
@@ -359,17 +462,17 @@ mod tests {
         // covers every chunk in exactly 4 runs, whatever the random order.
         let mut last = vec![1u32; 1000];
         let mut r = rng();
-        let first = select(&last, &[0..1000], Some(250), &mut r);
+        let first = select(&last[..], &[0..1000], Some(250), &mut r);
         for run in 2..=5u32 {
-            let sel = select(&last, &[0..1000], Some(250), &mut r);
+            let sel = select(&last[..], &[0..1000], Some(250), &mut r);
             assert_eq!(sel.len(), 251);
             for c in sel {
                 last[c as usize] = run;
             }
         }
         assert!(last.iter().all(|&x| x >= 2), "every chunk confirmed within 4 runs");
-        assert_eq!(select(&last, &[0..1000], Some(0), &mut r), vec![0]);
-        let again = select(&vec![1u32; 1000], &[0..1000], Some(250), &mut rand::rngs::StdRng::seed_from_u64(8));
+        assert_eq!(select(&last[..], &[0..1000], Some(0), &mut r), vec![0]);
+        let again = select(&vec![1u32; 1000][..], &[0..1000], Some(250), &mut rand::rngs::StdRng::seed_from_u64(8));
         assert_ne!(first, again, "ties are broken randomly");
     }
 

@@ -406,3 +406,132 @@ fn patch_refuses_ranges_outside_the_disk() {
         assert_eq!(std::fs::read(&target).unwrap(), data, "nothing written");
     }
 }
+
+/// A repository of 4 KiB chunks, so that a small disk spans several leaf pages (1024
+/// chunk ids each).
+fn small_chunk_repo(dir: &std::path::Path) -> Repository {
+    let opts = InitOptions { kdf: KdfParams::MIN, chunk_size: 4096, pack_size: 256 * 1024, ..InitOptions::default() };
+    Repository::init(Box::new(LocalBackend::create(dir.join("repo")).unwrap()), b"pw", &opts).unwrap()
+}
+
+/// 3500 chunks of 4 KiB (leaves 0..3, the last one short): data in leaves 0, 1 and 3,
+/// leaf 2 a hole the allocation map reports.
+fn paged_disk() -> (Vec<u8>, Vec<(u64, u64)>) {
+    let cs = 4096usize;
+    // Incompressible, so that the chunks fill many packs.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut data: Vec<u8> = (0..3500 * cs)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    data[2048 * cs..3072 * cs].fill(0);
+    data[100 * cs..110 * cs].fill(0); // zero chunks inside a data page
+    (data, vec![(2048 * 4096, 1024 * 4096)])
+}
+
+fn entry_root(repo: &Repository, snapshot: &blockproof_format::Id) -> blockproof_format::Id {
+    let s = repo.snapshots().unwrap().into_iter().find(|s| s.id == *snapshot).unwrap();
+    s.snapshot.disks[0].index_root
+}
+
+/// An incremental takes the parent's unchanged pages whole: its tree is the one a full
+/// backup of the same content builds, the counts are those of a chunk-by-chunk walk, and
+/// it restores bit-exact.
+#[test]
+fn unchanged_pages_are_inherited_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = small_chunk_repo(dir.path());
+    let cs = 4096u64;
+    let (mut data, zero) = paged_disk();
+    let first = backup(&repo, opts(tracked(data.clone(), None, zero.clone())), &NoProgress).unwrap();
+    assert_eq!(first.disks[0].zero_chunks, 1024 + 10);
+    // One chunk of leaf 1 changes; change tracking also reports a chunk of the hole.
+    data[(1500 * cs) as usize] ^= 0xff;
+    let changes = vec![(1500 * cs, 1), (2500 * cs, 1)];
+    let r = backup(&repo, opts(tracked(data.clone(), Some(changes), zero.clone())), &NoProgress).unwrap();
+    let d = &r.disks[0];
+    assert_eq!(d.mode, blockproof_format::manifest::ReadMode::Incremental, "{:?}", d.full_reason);
+    assert_eq!((d.bytes_read, d.zero_chunks, d.cbt_overreported_chunks), (cs, 1024 + 10, 1));
+    assert_eq!((d.cbt_missed_chunks, d.repaired_chunks), (0, 0));
+    assert_eq!(restored(&repo, dir.path(), &r.snapshot.to_hex()), data);
+    // The same content read in full builds the same tree.
+    let mut full = opts(tracked(data.clone(), None, zero));
+    full.full = true;
+    let f = backup(&repo, full, &NoProgress).unwrap();
+    assert_eq!(entry_root(&repo, &r.snapshot), entry_root(&repo, &f.snapshot));
+    let c = check(&repo, &CheckOptions { read_data: Some(Default::default()) }, &NoProgress).unwrap();
+    assert!(c.ok, "{:?}", c.errors);
+}
+
+/// A page of the parent listing a blob that has no usable copy (its pack is gone) is not
+/// referenced blindly: the chunk is read from the source and stored again, and the new
+/// restore point is whole.
+#[test]
+fn a_page_listing_a_missing_blob_is_not_inherited_blindly() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = small_chunk_repo(dir.path());
+    let cs = 4096u64;
+    let (mut data, zero) = paged_disk();
+    backup(&repo, opts(tracked(data.clone(), None, zero.clone())), &NoProgress).unwrap();
+    // Remove the pack holding chunk 5 (leaf 0, which the next run inherits whole).
+    let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
+    let id = repo.keys().blob_id(&data[5 * cs as usize..6 * cs as usize]);
+    let (pack, _) = index.get(&id).unwrap();
+    let hex = pack.to_hex();
+    std::fs::remove_file(dir.path().join("repo/data").join(&hex[..2]).join(&hex)).unwrap();
+    // Only leaf 3 changes.
+    data[(3200 * cs) as usize] ^= 0xff;
+    let mut o = opts(tracked(data.clone(), Some(vec![(3200 * cs, 1)]), zero));
+    o.verify = blockproof_core::Budget { nothing: true, ..Default::default() };
+    let r = backup(&repo, o, &NoProgress).unwrap();
+    let d = &r.disks[0];
+    assert_eq!(d.mode, blockproof_format::manifest::ReadMode::Incremental, "{:?}", d.full_reason);
+    assert!(d.repaired_chunks >= 1 && d.bytes_read > cs, "{d:?}");
+    assert_eq!(restored(&repo, dir.path(), &r.snapshot.to_hex()), data);
+    // Every blob the new restore point references is there (the old one stays damaged).
+    let latest = repo.snapshots().unwrap().into_iter().find(|s| s.id == r.snapshot).unwrap();
+    let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
+    let reader = blockproof_repo::BlobReader::new(&repo, &index);
+    let e = &latest.snapshot.disks[0];
+    let mut tree = blockproof_repo::TreeReader::new(&reader, e.index_root, 3500, e.index_fanout).unwrap();
+    for c in 0..3500 {
+        let id = tree.chunk(c).unwrap();
+        if !id.is_zero() {
+            assert!(index.locations(&id).any(|(p, _)| p != pack), "chunk {c}: its only copy was in the removed pack");
+            assert!(reader.read(&id, blockproof_format::BlobKind::Data).is_ok(), "chunk {c}");
+        }
+    }
+}
+
+/// The confirmation page summaries are a cache: damaged or gone, the next backup reads
+/// the pages instead and reports the same coverage.
+#[test]
+fn damaged_page_summaries_only_cost_reading_the_pages() {
+    use blockproof_store::Kind;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = small_chunk_repo(dir.path());
+    let (data, zero) = paged_disk();
+    backup(&repo, opts(tracked(data.clone(), None, zero.clone())), &NoProgress).unwrap();
+    let docs = || -> Vec<String> {
+        repo.backend().list(Kind::State).unwrap().into_iter().filter(|n| n.starts_with("confirm-")).collect()
+    };
+    assert_eq!(docs().len(), 1, "one summary document per disk");
+    let none = || {
+        let mut o = opts(tracked(data.clone(), Some(vec![]), zero.clone()));
+        o.verify = blockproof_core::Budget { nothing: true, ..Default::default() };
+        o
+    };
+    let intact = backup(&repo, none(), &NoProgress).unwrap();
+    for (k, damage) in [&b"garbage"[..], b""].into_iter().enumerate() {
+        std::fs::write(dir.path().join("repo/state").join(&docs()[0]), damage).unwrap();
+        let r = backup(&repo, none(), &NoProgress).unwrap();
+        let (a, b) = (&r.disks[0].coverage, &intact.disks[0].coverage);
+        assert_eq!(a.never_confirmed, b.never_confirmed);
+        assert_eq!(a.oldest_confirmed_runs_ago, b.oldest_confirmed_runs_ago + 1 + k as u64);
+    }
+    assert_eq!(docs().len(), 1, "rewritten whole");
+}

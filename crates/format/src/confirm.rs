@@ -9,8 +9,13 @@
 //! else. A page of only zeros is not stored (its id is [`crate::Id::ZERO`]). The page ids
 //! form a fixed index tree ([`crate::tree`]) whose root is the disk entry's
 //! `confirm_root`; the tree's "chunks" are the pages.
+//!
+//! **Page summaries** (a cache, not part of the restore point): for each stored page, by
+//! its id, how many of its entries hold each run number. A backup keeps them in a state
+//! document per disk ([`encode_summaries`]) so that the next one knows every page's
+//! summary without reading the page; a page whose id the document does not list is read.
 
-use crate::FormatError;
+use crate::{FormatError, Id, Reader};
 
 /// Entries per page: 16384 × 4 bytes = 64 KiB of plaintext.
 pub const ENTRIES_PER_PAGE: u64 = 16384;
@@ -40,9 +45,87 @@ pub fn decode_page(buf: &[u8], len: usize) -> Result<Vec<u32>, FormatError> {
     Ok(buf.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
 }
 
+/// The magic and version opening an encoded set of page summaries.
+pub const SUMMARY_MAGIC: &[u8; 4] = b"BPCS";
+pub const SUMMARY_VERSION: u16 = 1;
+
+/// How many entries of a page hold each run: `(run, count)`, runs ascending, counts > 0.
+pub type PageRuns = Vec<(u32, u64)>;
+
+/// Encodes page summaries: `"BPCS" | version u16 | count u32`, then per page `id (32) |
+/// runs u16 | runs × (run u32 | count u64)`, all little-endian.
+pub fn encode_summaries(pages: &[(Id, &PageRuns)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + pages.len() * 60);
+    out.extend_from_slice(SUMMARY_MAGIC);
+    out.extend_from_slice(&SUMMARY_VERSION.to_le_bytes());
+    out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    for (id, runs) in pages {
+        out.extend_from_slice(&id.0);
+        out.extend_from_slice(&(runs.len() as u16).to_le_bytes());
+        for &(run, n) in runs.iter() {
+            out.extend_from_slice(&run.to_le_bytes());
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Decodes page summaries; a page whose runs are not ascending, count zero or more than
+/// a page holds, or an unknown version, is an error.
+pub fn decode_summaries(buf: &[u8]) -> Result<Vec<(Id, PageRuns)>, FormatError> {
+    let mut r = Reader::new(buf, "confirmation page summaries");
+    if &r.array::<4>()? != SUMMARY_MAGIC {
+        return Err(r.malformed("bad magic"));
+    }
+    let version = r.u16()?;
+    if version != SUMMARY_VERSION {
+        return Err(r.malformed(format!("version {version}")));
+    }
+    let count = r.u32()?;
+    let mut out = Vec::with_capacity((count as usize).min(buf.len() / 34));
+    for _ in 0..count {
+        let id = Id(r.array()?);
+        let k = r.u16()?;
+        let mut runs: PageRuns = Vec::with_capacity(k as usize);
+        for _ in 0..k {
+            let (run, n) = (r.u32()?, r.u64()?);
+            if n == 0 || runs.last().is_some_and(|&(last, _)| last >= run) {
+                return Err(r.malformed(format!("page {id}: runs out of order or empty")));
+            }
+            runs.push((run, n));
+        }
+        if runs.iter().map(|&(_, n)| n).sum::<u64>() > ENTRIES_PER_PAGE {
+            return Err(r.malformed(format!("page {id}: more entries than a page holds")));
+        }
+        out.push((id, runs));
+    }
+    r.finish()?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn summaries_are_pinned() {
+        let a: PageRuns = vec![(0, 2), (7, 16382)];
+        let b: PageRuns = vec![(1, 100)];
+        let enc = encode_summaries(&[(Id([1; 32]), &a), (Id([2; 32]), &b)]);
+        let mut want = b"BPCS\x01\x00\x02\x00\x00\x00".to_vec();
+        want.extend_from_slice(&[1; 32]);
+        want.extend_from_slice(&[2, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0xfe, 0x3f, 0, 0, 0, 0, 0, 0]);
+        want.extend_from_slice(&[2; 32]);
+        want.extend_from_slice(&[1, 0, 1, 0, 0, 0, 100, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(enc, want);
+        assert_eq!(decode_summaries(&enc).unwrap(), vec![(Id([1; 32]), a), (Id([2; 32]), b)]);
+        assert!(decode_summaries(&enc[..enc.len() - 1]).is_err());
+        let mut bad = enc.clone();
+        bad[4] = 2;
+        assert!(decode_summaries(&bad).is_err(), "an unknown version");
+        let unordered: PageRuns = vec![(5, 1), (5, 1)];
+        assert!(decode_summaries(&encode_summaries(&[(Id([3; 32]), &unordered)])).is_err());
+    }
 
     #[test]
     fn pages_are_little_endian_u32s() {

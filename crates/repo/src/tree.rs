@@ -38,6 +38,36 @@ impl TreeWriter {
         Ok(())
     }
 
+    /// Appends the id of a whole page of level `level` (0: a leaf page, listing chunk ids;
+    /// 1: a page listing leaf page ids; ...) in place of the chunk ids below it, as an
+    /// incremental inherits an unchanged part of its parent's tree (pages are named by
+    /// their content, so the tree is the same as if every chunk id had been pushed). The
+    /// page must start at the next chunk to push, on a boundary of `fanout^(level + 1)`
+    /// chunks, and may not be the root (`level < levels() - 1`).
+    pub fn push_page<E>(
+        &mut self,
+        level: usize,
+        id: Id,
+        store: &mut impl FnMut(&[Id]) -> Result<Id, E>,
+    ) -> Result<(), E> {
+        assert!(level < self.top(), "the root page cannot be pushed");
+        let span = (0..=level).fold(1u64, |acc, _| acc.saturating_mul(self.fanout as u64));
+        assert!(self.pushed.is_multiple_of(span) && self.pushed < self.chunks, "a page pushed off its boundary");
+        self.pushed += span.min(self.chunks - self.pushed);
+        self.levels[level + 1].push(id);
+        let mut at = level + 1;
+        while at < self.top() && self.levels[at].len() == self.fanout {
+            self.emit(at, store)?;
+            at += 1;
+        }
+        Ok(())
+    }
+
+    /// Number of levels (1: the root page lists the chunk ids).
+    pub fn levels(&self) -> usize {
+        self.levels.len()
+    }
+
     fn emit<E>(&mut self, level: usize, store: &mut impl FnMut(&[Id]) -> Result<Id, E>) -> Result<(), E> {
         let page = &self.levels[level];
         let id = if page.iter().all(Id::is_zero) { Id::ZERO } else { store(page)? };
@@ -95,6 +125,28 @@ impl<'a> TreeReader<'a> {
     /// Number of chunks.
     pub fn chunks(&self) -> u64 {
         self.sizes[0]
+    }
+
+    /// Ids per page.
+    pub fn fanout(&self) -> u32 {
+        self.fanout
+    }
+
+    /// Number of levels (1: the root page lists the chunk ids).
+    pub fn levels(&self) -> usize {
+        self.sizes.len()
+    }
+
+    /// The id of page `page` of level `level` (0: leaf pages; the root is the single page
+    /// of level `levels() - 1`). [`Id::ZERO`]: every chunk below it is zero.
+    pub fn page_id(&mut self, level: usize, page: u64) -> Result<Id, RepoError> {
+        let top = self.sizes.len() - 1;
+        if level >= top {
+            return Ok(self.root);
+        }
+        let f = u64::from(self.fanout);
+        self.load(level + 1, page / f)?;
+        Ok(self.cache[level + 1].as_ref().expect("loaded").1[(page % f) as usize])
     }
 
     /// Number of leaf pages.
@@ -223,6 +275,49 @@ mod tests {
         // fits in one page: the root is the only page.
         let (_, pages) = build(&ids[..3], 4);
         assert_eq!(pages, vec![ids[..3].to_vec()]);
+    }
+
+    /// Pushing an unchanged page's id builds the same tree as pushing its chunk ids.
+    #[test]
+    fn pushed_pages_build_the_same_tree_as_their_chunks() {
+        // A content hash standing for the blob id.
+        fn store(p: &[Id]) -> Result<Id, ()> {
+            let mut h = [0u8; 32];
+            for (k, id) in p.iter().enumerate() {
+                h[k % 31] = h[k % 31].wrapping_mul(31).wrapping_add(id.0[0]).wrapping_add(k as u8);
+            }
+            h[31] = p.len() as u8;
+            Ok(Id(h))
+        }
+        let ids: Vec<Id> =
+            (0..70u32).map(|i| if i % 7 == 3 { Id::ZERO } else { Id([(i % 251) as u8 + 1; 32]) }).collect();
+        // fanout 4, 70 chunks: levels of 70, 18, 5 and 2 entries.
+        let mut whole = TreeWriter::new(70, 4);
+        assert_eq!(whole.levels(), 4);
+        for id in &ids {
+            whole.push(*id, &mut store).unwrap();
+        }
+        let root = whole.finish(&mut store).unwrap();
+        // The same with leaf 1 (chunks 4..8), the level-1 page 1 (chunks 16..32) and the
+        // short last leaf (chunks 68..70) pushed as pages.
+        let leaf1 = store(&ids[4..8]).unwrap();
+        let leaves: Vec<Id> = (4..8).map(|l| store(&ids[l * 4..l * 4 + 4]).unwrap()).collect();
+        let mid = store(&leaves).unwrap();
+        let last = store(&ids[68..70]).unwrap();
+        let mut w = TreeWriter::new(70, 4);
+        for id in &ids[..4] {
+            w.push(*id, &mut store).unwrap();
+        }
+        w.push_page(0, leaf1, &mut store).unwrap();
+        for id in &ids[8..16] {
+            w.push(*id, &mut store).unwrap();
+        }
+        w.push_page(1, mid, &mut store).unwrap();
+        for id in &ids[32..68] {
+            w.push(*id, &mut store).unwrap();
+        }
+        w.push_page(0, last, &mut store).unwrap();
+        assert_eq!(w.finish(&mut store).unwrap(), root);
     }
 
     #[test]
