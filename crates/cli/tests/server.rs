@@ -99,14 +99,16 @@ impl Drop for Server {
     }
 }
 
+/// A backup through the server; it must leave no warning (every document a backup
+/// writes is one the backup role may write).
 fn backup(server: &Server, dir: &Dir, token: &str, vm: &str, img: &Path) -> String {
-    snap_id(
-        &server
-            .cmd(dir, "backup", token)
-            .args(["--vm", vm, "--json", "--disk"])
-            .arg(format!("id=d,source={}", img.display()))
-            .json(),
-    )
+    let report = server
+        .cmd(dir, "backup", token)
+        .args(["--vm", vm, "--json", "--disk"])
+        .arg(format!("id=d,source={}", img.display()))
+        .json();
+    assert_eq!(report["warnings"].as_array().map(Vec::len), Some(0), "{report}");
+    snap_id(&report)
 }
 
 fn restores(server: &Server, dir: &Dir, token: &str, snap: &str, expected: &blake3::Hash) {

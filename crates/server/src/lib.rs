@@ -25,7 +25,7 @@
 //! ## Invariants
 //!
 //! 1. A backup or restore token can never remove or replace a file, whatever it sends,
-//!    but its own locks; a backup token's vm heads are replaced with the old version in
+//!    but its own locks; a backup token's vm heads and confirmation summaries are replaced with the old version in
 //!    the trash. Content-addressed files (packs, index files, snapshots, key slots) are
 //!    written only under the BLAKE3 hash of their bytes, which the server checks, so no
 //!    token can put other bytes under an existing name.

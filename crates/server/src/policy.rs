@@ -3,7 +3,7 @@
 //!
 //! | role | read, list | create | overwrite | remove |
 //! |---|---|---|---|---|
-//! | backup | everything | packs, index files, snapshots, vm heads and events, locks | its own locks; vm heads (the old version kept in the trash) | its own locks |
+//! | backup | everything | packs, index files, snapshots, vm heads, events and confirmation summaries, locks | its own locks; vm heads and confirmation summaries (the old version kept in the trash) | its own locks |
 //! | restore | everything | locks | its own locks | its own locks |
 //! | maintain | everything | as backup | everything but config and keys (old version to the trash) | everything but config and keys (into the trash); any lock |
 //! | admin | everything | everything | everything (old version to the trash) | everything (into the trash); any lock |
@@ -95,8 +95,12 @@ pub fn content_addressed(kind: Kind) -> bool {
 
 /// Name prefix of a vm's head in `state/` (the repository's own convention).
 const HEAD_PREFIX: &str = "head-";
-/// The state documents a backup creates: its vm's head, and the events of its snapshot.
-const BACKUP_STATE: [&str; 2] = [HEAD_PREFIX, "event-"];
+/// The state documents a backup creates: its vm's head, the events of its snapshot, and
+/// its disks' confirmation page summaries (a cache).
+const BACKUP_STATE: [&str; 3] = [HEAD_PREFIX, "event-", CONFIRM_PREFIX];
+/// Name prefix of a disk's confirmation page summaries in `state/`, which each backup
+/// of the disk replaces.
+const CONFIRM_PREFIX: &str = "confirm-";
 
 /// The policy. `own_lock`: the file is a lock this token created.
 pub fn decide(role: Role, action: Action, kind: Kind, name: &str, own_lock: bool) -> Decision {
@@ -133,7 +137,11 @@ pub fn decide(role: Role, action: Action, kind: Kind, name: &str, own_lock: bool
                     refuse("replace")
                 }
             }
-            Kind::State if role == Role::Backup && name.starts_with(HEAD_PREFIX) => Decision::KeepOld,
+            Kind::State
+                if role == Role::Backup && (name.starts_with(HEAD_PREFIX) || name.starts_with(CONFIRM_PREFIX)) =>
+            {
+                Decision::KeepOld
+            }
             _ if role.maintains() && kind != Kind::Lock => Decision::KeepOld,
             _ => refuse("replace"),
         },
@@ -156,7 +164,7 @@ mod tests {
     fn backup_and_restore_can_never_destroy_anything_but_their_own_locks() {
         for role in [Role::Backup, Role::Restore] {
             for kind in KINDS {
-                for name in ["head-00", "forgotten-00", "abcd", "config"] {
+                for name in ["head-00", "confirm-00", "forgotten-00", "abcd", "config"] {
                     for own in [false, true] {
                         let d = decide(role, Remove, kind, name, own);
                         if kind == Kind::Lock && own {
@@ -166,7 +174,9 @@ mod tests {
                         }
                         let d = decide(role, Overwrite, kind, name, own);
                         let harmless = (content_addressed(kind) && kind != Kind::Key) || (kind == Kind::Lock && own);
-                        let kept = role == Role::Backup && kind == Kind::State && name.starts_with("head-");
+                        let kept = role == Role::Backup
+                            && kind == Kind::State
+                            && (name.starts_with("head-") || name.starts_with("confirm-"));
                         match d {
                             Decision::Allow => assert!(harmless, "{role} overwrite {kind} {name}"),
                             Decision::KeepOld => assert!(kept, "{role} overwrite {kind} {name}"),
