@@ -107,8 +107,10 @@ pub enum TokenCommand {
     )]
     Create(TokenCreateArgs),
     /// List the tokens (never their secrets).
+    #[command(after_help = "Example:\n  blockproof server token list --state /var/lib/blockproof-server")]
     List(TokenListArgs),
     /// Revoke a token: its next request fails.
+    #[command(after_help = "Example:\n  blockproof server token revoke --state /var/lib/blockproof-server web01")]
     Revoke(TokenRevokeArgs),
 }
 
