@@ -118,6 +118,29 @@ impl TokenStore {
         }
     }
 
+    /// Holds an exclusive `flock` on `tokens.lock` beside the file while `change`
+    /// reads, changes and saves it, so two `token` commands at once cannot lose one
+    /// another's change.
+    fn change<T>(&self, change: impl FnOnce(&Self) -> Result<T, ServerError>) -> Result<T, ServerError> {
+        use std::os::unix::io::AsRawFd;
+        let path = self.path.with_file_name("tokens.lock");
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| ServerError::io(dir, e))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| ServerError::io(&path, e))?;
+        // SAFETY: flock on a file descriptor this function owns; it is released when the
+        // file is closed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(ServerError::io(&path, std::io::Error::last_os_error()));
+        }
+        change(self)
+    }
+
     fn save(&self, tokens: Vec<TokenEntry>) -> Result<(), ServerError> {
         let bytes = serde_json::to_vec_pretty(&TokenFile { version: 1, tokens }).expect("tokens serialize");
         crate::files::write_atomic(&self.path, &bytes, 0o600)
@@ -134,36 +157,42 @@ impl TokenStore {
         if !valid_pattern(vms) {
             return Err(ServerError::Config(format!("invalid vm pattern {vms:?}")));
         }
-        let mut tokens = self.load()?;
-        if tokens.iter().any(|t| t.name == name) {
-            return Err(ServerError::Config(format!("a token named {name} exists (revoked tokens keep their name)")));
-        }
-        let mut raw = [0u8; 32];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
-        let secret = format!("{PREFIX}{name}.{}", hex::encode(raw));
-        tokens.push(TokenEntry {
-            name: name.into(),
-            role,
-            repos: repos.into(),
-            vms: vms.into(),
-            hash: hash(&secret),
-            created: now(),
-            revoked: None,
-        });
-        self.save(tokens)?;
-        Ok(secret)
+        self.change(|store| {
+            let mut tokens = store.load()?;
+            if tokens.iter().any(|t| t.name == name) {
+                return Err(ServerError::Config(format!(
+                    "a token named {name} exists (revoked tokens keep their name)"
+                )));
+            }
+            let mut raw = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
+            let secret = format!("{PREFIX}{name}.{}", hex::encode(raw));
+            tokens.push(TokenEntry {
+                name: name.into(),
+                role,
+                repos: repos.into(),
+                vms: vms.into(),
+                hash: hash(&secret),
+                created: now(),
+                revoked: None,
+            });
+            store.save(tokens)?;
+            Ok(secret)
+        })
     }
 
     /// Revokes a token; it fails on its next request.
     pub fn revoke(&self, name: &str) -> Result<(), ServerError> {
-        let mut tokens = self.load()?;
-        let Some(t) = tokens.iter_mut().find(|t| t.name == name) else {
-            return Err(ServerError::Config(format!("no token named {name}")));
-        };
-        if t.revoked.is_none() {
-            t.revoked = Some(now());
-        }
-        self.save(tokens)
+        self.change(|store| {
+            let mut tokens = store.load()?;
+            let Some(t) = tokens.iter_mut().find(|t| t.name == name) else {
+                return Err(ServerError::Config(format!("no token named {name}")));
+            };
+            if t.revoked.is_none() {
+                t.revoked = Some(now());
+            }
+            store.save(tokens)
+        })
     }
 }
 
@@ -247,6 +276,23 @@ mod tests {
     }
 
     const PINNED: &str = "cf1beec15830461d740762baf17209ac442a7d4907b86425a43403ddd15ce31f";
+
+    /// Two token commands at once: neither loses the other's token.
+    #[test]
+    fn tokens_created_at_once_are_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let path = dir.path();
+                s.spawn(move || {
+                    for i in 0..10 {
+                        TokenStore::new(path).create(&format!("t{t}-{i}"), Role::Backup, "*", "*").unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(TokenStore::new(dir.path()).load().unwrap().len(), 40);
+    }
 
     #[test]
     fn globs() {
