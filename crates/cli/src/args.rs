@@ -103,11 +103,12 @@ pub struct StoreArgs {
     #[arg(long, env = "BLOCKPROOF_S3_UPLOADS", value_name = "N", default_value_t = blockproof_s3::S3Options::DEFAULT_UPLOADS,
           value_parser = clap::value_parser!(u16).range(1..=16))]
     pub s3_uploads: u16,
-    /// Local cache of index files and manifests of S3 repositories (disposable).
+    /// Local caches (disposable): the blob index of every repository, and the index files
+    /// and manifests of S3 and served repositories.
     #[arg(long, env = "BLOCKPROOF_CACHE_DIR", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// Do not cache index files and manifests locally.
-    #[arg(long)]
+    /// No local caches: the blob index is loaded into memory from the index files.
+    #[arg(long, env = "BLOCKPROOF_NO_CACHE")]
     pub no_cache: bool,
     /// Repository servers (https://HOST:PORT/NAME): read the token from the first line
     /// of this file (else BLOCKPROOF_TOKEN).

@@ -55,7 +55,9 @@ pub fn run(cli: Cli) -> Result<u8> {
 pub fn open_repo(args: &RepoArgs) -> Result<Repository> {
     let backend = crate::location::backend(args.location()?, &args.store, false)?;
     let pw = password::password(args.password_file.as_deref(), false)?;
-    Ok(Repository::open(backend, &pw)?)
+    let mut repo = Repository::open(backend, &pw)?;
+    repo.set_index_cache(crate::location::index_cache(&args.store, args.location()?));
+    Ok(repo)
 }
 
 /// Prints the warnings for files a tolerant read skipped (stray and damaged files).

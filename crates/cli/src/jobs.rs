@@ -37,7 +37,9 @@ fn open(spec: &RepositorySpec, store: &StoreArgs, label: &str) -> Result<Reposit
         PasswordSource::File(f) => crate::password::secret("", "password_file", Some(f), &what, false)?,
         PasswordSource::Env(var) => crate::password::secret(var, "password_file", None, &what, false)?,
     };
-    Repository::open(backend, &pw).with_context(|| format!("{label} {}", spec.location))
+    let mut repo = Repository::open(backend, &pw).with_context(|| format!("{label} {}", spec.location))?;
+    repo.set_index_cache(crate::location::index_cache(&store, &spec.location));
+    Ok(repo)
 }
 
 pub fn run(a: RunArgs) -> Result<u8> {

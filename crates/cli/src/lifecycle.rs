@@ -309,7 +309,8 @@ pub fn copy(a: CopyArgs) -> Result<u8> {
     )?;
     let backend =
         crate::location::backend(&a.to, &a.repo.store, false).map_err(|e| anyhow::anyhow!("{}: {e}", a.to))?;
-    let dst = blockproof_repo::Repository::open(backend, &pw)?;
+    let mut dst = blockproof_repo::Repository::open(backend, &pw)?;
+    dst.set_index_cache(crate::location::index_cache(&a.repo.store, &a.to));
     let progress = progress::for_stderr();
     let r =
         blockproof_core::copy(&src, &dst, &blockproof_core::CopyOptions { snapshots: a.snapshots }, progress.as_ref())?;

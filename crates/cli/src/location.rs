@@ -55,6 +55,24 @@ pub fn backend(location: &str, store: &StoreArgs, create: bool) -> Result<Box<dy
     Ok(Box::new(cached))
 }
 
+/// Where the blob index keeps its local cache for the repository at `location`: the
+/// repository's cache directory (the read cache's, for S3 and servers); none with
+/// `--no-cache`.
+pub fn index_cache(store: &StoreArgs, location: &str) -> Option<PathBuf> {
+    if store.no_cache {
+        return None;
+    }
+    let (key, endpoints) = if blockproof_server::client::is_server_url(location) {
+        (location.to_string(), "server".to_string())
+    } else if S3Location::is_s3_url(location) {
+        (location.to_string(), S3Options::parse_endpoints(&store.s3_endpoint).unwrap_or_default().join(","))
+    } else {
+        let canonical = std::fs::canonicalize(location).map(|p| p.display().to_string());
+        (canonical.unwrap_or_else(|_| location.to_string()), "directory".to_string())
+    };
+    Some(cache_dir(store.cache_dir.clone(), &key, &endpoints))
+}
+
 /// `--cache-dir`, else `$XDG_CACHE_HOME/blockproof` or `~/.cache/blockproof`, then one
 /// directory per repository location.
 fn cache_dir(explicit: Option<PathBuf>, location: &str, endpoints: &str) -> PathBuf {

@@ -207,3 +207,55 @@ fn any_damage_to_any_file_is_an_error_never_a_panic_or_wrong_bytes() {
     }
     dir.repo_cmd("check").arg("--read-data").ok();
 }
+
+/// The blob index's local cache (FORMAT §22) is never believed when it is damaged: with
+/// every page of its table overwritten, a restore fails in one line naming the cache
+/// (which it removes), the next one rebuilds it and restores bit-exact; `check` reports
+/// the damage the same way, then is clean; a backup on it stores its chunks again rather
+/// than trust it. The repository itself is never touched.
+#[test]
+fn a_damaged_index_cache_is_rebuilt_never_believed() {
+    let dir = Dir::new();
+    dir.init();
+    let img = dir.image("d.img", 8 << 20, 71);
+    dir.backup("v", &[("d", &img)]);
+    // A second backup of other data, so that the cache built by it covers the first.
+    let other = dir.image("e.img", 4 << 20, 72);
+    dir.backup("w", &[("e", &other)]);
+    dir.restore("v:latest", "d", "warm.img");
+    let caches = harness::files(&dir.join("cache"));
+    let cache = caches.iter().find(|p| p.ends_with("blob-index")).expect("the index cache").clone();
+    let repo_before: Vec<_> = dir.repo_files().iter().map(|p| (p.clone(), fs::read(p).unwrap())).collect();
+    let trash = |path: &Path| {
+        let bytes = fs::read(path).unwrap();
+        let slots = u64::from_le_bytes(bytes[40..48].try_into().unwrap()) as usize;
+        let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(&vec![0x5a; slots * 54], 128).unwrap();
+    };
+
+    trash(&cache);
+    let out = dir.repo_cmd("restore").args(["v:latest", "--disk", "d", "--to"]).arg(dir.join("r1.img")).output();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("blob index cache") && err.contains("run the command again to rebuild it"), "{err}");
+    assert!(!cache.exists(), "the damaged cache is removed");
+    let restored = dir.restore("v:latest", "d", "r2.img");
+    assert_eq!(hash(&restored), hash(&img));
+    assert!(cache.exists(), "rebuilt");
+
+    trash(&cache);
+    let report = dir.repo_cmd("check").arg("--json").output();
+    let text = String::from_utf8_lossy(&report.stdout).to_string();
+    assert!(!report.status.success() && text.contains("blob index cache"), "{text}");
+    dir.check_all();
+
+    trash(&cache);
+    let img2 = dir.image("d2.img", 2 << 20, 73);
+    dir.backup("x", &[("d", &img2)]);
+    dir.check_all();
+    assert_eq!(hash(&dir.restore("x:latest", "d", "r3.img")), hash(&img2));
+    for (path, bytes) in repo_before {
+        assert_eq!(fs::read(&path).unwrap(), bytes, "{} changed", path.display());
+    }
+}

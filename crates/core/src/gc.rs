@@ -332,6 +332,11 @@ fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &m
             needed.insert(t.pack);
         }
     }
+    // A local cache of the index that failed its check gave an incomplete table: nothing
+    // is deleted on it.
+    if let Some(e) = index.damage() {
+        return Err(e.into());
+    }
     let mut deletable: HashSet<Id> = HashSet::new();
     // Planned packs already gone (an earlier gc deleted them and was interrupted before
     // it removed its plan): dropped from the plan and the index, not counted again.

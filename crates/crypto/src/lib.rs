@@ -60,6 +60,8 @@ pub const SEAL_KEY_CONTEXT_V2: &str = "blockproof 2026-12-01 repository sealing 
 pub const ID_KEY_CONTEXT: &str = "blockproof 2026-11-22 chunk id key v1";
 /// The context of the key that names state documents after what they are about.
 pub const NAME_KEY_CONTEXT: &str = "blockproof 2026-12-03 state document name key v1";
+/// Context of the key that authenticates the local blob-index cache (FORMAT §22).
+pub const CACHE_KEY_CONTEXT: &str = "blockproof 2026-12-04 local blob index cache key v1";
 
 /// Errors of the crypto layer.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -89,6 +91,7 @@ pub struct Keys {
     cipher: SealKey,
     id_key: [u8; 32],
     name_key: [u8; 32],
+    cache_key: [u8; 32],
 }
 
 impl Keys {
@@ -103,7 +106,8 @@ impl Keys {
         let seal = blake3::derive_key(context, &secret.0);
         let id_key = blake3::derive_key(ID_KEY_CONTEXT, &secret.0);
         let name_key = blake3::derive_key(NAME_KEY_CONTEXT, &secret.0);
-        Keys { cipher: SealKey::new(aead, seal), id_key, name_key }
+        let cache_key = blake3::derive_key(CACHE_KEY_CONTEXT, &secret.0);
+        Keys { cipher: SealKey::new(aead, seal), id_key, name_key, cache_key }
     }
 
     /// The AEAD of the sealing key.
@@ -120,6 +124,13 @@ impl Keys {
     /// version and for every session of the repository, and meaningless without the key.
     pub fn name_id(&self, name: &str) -> Id {
         Id(*blake3::keyed_hash(&self.name_key, name.as_bytes()).as_bytes())
+    }
+
+    /// A keyed BLAKE3 hasher under the cache key: it authenticates the local cache of
+    /// the blob index, which only a holder of the master secret can then forge. The same
+    /// in every version.
+    pub fn cache_hasher(&self) -> blake3::Hasher {
+        blake3::Hasher::new_keyed(&self.cache_key)
     }
 
     /// Seals `plaintext`, appending `nonce | ciphertext | tag` to `out`.
@@ -216,5 +227,18 @@ mod tests {
         assert_eq!(NAME_KEY_CONTEXT, "blockproof 2026-12-03 state document name key v1");
         // ... and as literal bytes: a head named in one build is found by every later one.
         assert_eq!(format!("{id}"), "6e6422c002d1fcca5371b92606cb41fb6748822c37a091089ebe94b0b20f9218");
+    }
+
+    #[test]
+    fn the_cache_key_is_pinned_and_apart_from_the_other_keys() {
+        let k = keys();
+        let mac = |k: &Keys| *k.cache_hasher().update(b"page").finalize().as_bytes();
+        assert_eq!(mac(&k), mac(&Keys::from_secret(&MasterSecret([7u8; 64]), 1)), "the same in every version");
+        assert_ne!(mac(&k), mac(&Keys::from_secret(&MasterSecret([8u8; 64]), 2)));
+        assert_ne!(mac(&k), k.blob_id(b"page").0);
+        assert_ne!(mac(&k), k.name_id("page").0);
+        assert_eq!(CACHE_KEY_CONTEXT, "blockproof 2026-12-04 local blob index cache key v1");
+        let expected = blake3::keyed_hash(&blake3::derive_key(CACHE_KEY_CONTEXT, &[7u8; 64]), b"page");
+        assert_eq!(mac(&k), *expected.as_bytes());
     }
 }

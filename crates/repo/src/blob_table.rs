@@ -71,6 +71,39 @@ impl Slot {
     fn prefix(&self) -> u64 {
         prefix(&self.id)
     }
+
+    /// The slot as the index cache stores it (FORMAT §22): id, pack, offset, length and
+    /// raw length little-endian, kind, compression; [`SLOT_SIZE`] bytes.
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.id.0);
+        out.extend_from_slice(&self.pack);
+        out.extend_from_slice(&self.offset);
+        out.extend_from_slice(&self.length);
+        out.extend_from_slice(&self.raw_length);
+        out.push(self.kind as u8);
+        out.push(self.compression as u8);
+    }
+
+    /// A slot from [`SLOT_SIZE`] stored bytes; `None` for an unknown kind or compression.
+    pub(crate) fn decode(b: &[u8]) -> Option<Slot> {
+        let b: &[u8; SLOT_SIZE] = b.try_into().ok()?;
+        let array = |at: usize| -> [u8; 4] { b[at..at + 4].try_into().expect("4 bytes") };
+        Some(Slot {
+            id: Id(b[..32].try_into().expect("32 bytes")),
+            pack: array(32),
+            offset: b[36..44].try_into().expect("8 bytes"),
+            length: array(44),
+            raw_length: array(48),
+            kind: BlobKind::from_u8(b[52])?,
+            compression: Compression::from_u8(b[53])?,
+        })
+    }
+
+    /// The same location with its pack at another position.
+    pub(crate) fn with_pack(mut self, pack: u32) -> Slot {
+        self.set_pack(pack);
+        self
+    }
 }
 
 /// The id's first 8 bytes as a number: ids sort as these do, then by the rest.
@@ -78,7 +111,7 @@ fn prefix(id: &Id) -> u64 {
     u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"))
 }
 
-fn by_id(a: &Slot, b: &Slot) -> std::cmp::Ordering {
+pub(crate) fn by_id(a: &Slot, b: &Slot) -> std::cmp::Ordering {
     a.prefix().cmp(&b.prefix()).then_with(|| a.id.0[8..].cmp(&b.id.0[8..]))
 }
 
@@ -130,6 +163,10 @@ impl Run {
 
     pub(crate) fn len(&self) -> usize {
         self.slots.len()
+    }
+
+    pub(crate) fn into_slots(self) -> Vec<Slot> {
+        self.slots
     }
 
     /// The first position whose id is not below `id`.
@@ -253,6 +290,15 @@ mod tests {
         };
         let s = Slot::new(&e, 0xDEAD_BEEF);
         assert_eq!((s.entry(), s.pack()), (e, 0xDEAD_BEEF));
+        let mut stored = Vec::new();
+        s.encode(&mut stored);
+        assert_eq!(stored.len(), SLOT_SIZE);
+        // Pinned: the index cache's table holds slots in exactly these bytes.
+        assert_eq!(&stored[32..], &hex::decode("efbeadde0700000000010000ffffffff0c0000000201").unwrap()[..]);
+        assert_eq!(Slot::decode(&stored), Some(s));
+        stored[52] = 9;
+        assert_eq!(Slot::decode(&stored), None);
+        assert_eq!(Slot::decode(&stored[1..]), None);
     }
 
     /// Lookups find every id at its first slot and no absent one, in uniform ids and in

@@ -6,6 +6,7 @@ use blockproof_format::{BlobEntry, BlobKind, Id, IndexFile};
 
 use crate::blob::open_blob;
 use crate::blob_table::{self, Run, Slot};
+use crate::index_cache::CachedTable;
 use crate::scan::{stray_error, Skipped};
 use crate::{RepoError, Repository};
 use blockproof_store::{Kind, StoreError};
@@ -40,13 +41,23 @@ pub struct BlobLocation {
 /// before it once that one is at most twice its size, so there are O(log n) runs and
 /// each slot is moved O(log n) times. Lookups search the runs oldest first: in each, one
 /// directory entry and a bucket of about 8 slots.
+///
+/// With a cache directory ([`Repository::set_index_cache`]) the loaders take the table
+/// from the local cache file instead ([`crate::index_cache`]): the oldest run is then on
+/// disk, read a verified page at a time, and only the index files written since the
+/// cache was built are held in memory. Packs excluded from such a load stay in
+/// [`BlobIndex::packs`] and [`BlobIndex::len`]; their locations are left out of lookups.
 #[derive(Default)]
 pub struct BlobIndex {
     packs: Vec<Id>,
     pack_pos: HashMap<Id, u32>,
     /// Per pack (by position): what its first index listing says about its layout.
     layouts: Vec<PackLayout>,
-    /// Sorted runs of locations, oldest first.
+    /// The table of the local cache: the oldest run, on disk.
+    base: Option<CachedTable>,
+    /// Packs (by position) whose locations in `base` lookups leave out.
+    excluded_base: HashSet<u32>,
+    /// Sorted runs of locations in memory, oldest first (after `base`).
     runs: Vec<Run>,
     /// Number of distinct blobs.
     blobs: usize,
@@ -148,6 +159,11 @@ impl BlobIndex {
     }
 
     fn read(repo: &Repository, excluded: &HashSet<Id>, strict: bool) -> Result<(Self, Skipped), RepoError> {
+        if let Some(dir) = repo.index_cache() {
+            if let Some(loaded) = Self::read_cached(repo, dir, excluded, strict)? {
+                return Ok(loaded);
+            }
+        }
         let mut builder = IndexBuilder::new();
         let mut skipped = Skipped::default();
         for name in repo.backend().list(Kind::Index)? {
@@ -198,9 +214,9 @@ impl BlobIndex {
         // first mention of each id kept.
         let mut fresh: Vec<(Slot, bool)> = Vec::with_capacity(entries.len());
         for e in entries {
-            let mut known = self.slots(&e.id).peekable();
-            let new = known.peek().is_none();
-            if new || known.all(|s| s.pack() != pos) {
+            let known = self.slots(&e.id, true);
+            let new = known.is_empty();
+            if new || known.iter().all(|s| s.pack() != pos) {
                 fresh.push((Slot::new(e, pos), new));
             }
         }
@@ -220,10 +236,37 @@ impl BlobIndex {
         }
     }
 
-    /// Every slot of a blob: its locations in load order.
-    fn slots<'s>(&'s self, id: &Id) -> impl Iterator<Item = &'s Slot> + 's {
-        let id = *id;
-        self.runs.iter().flat_map(move |run| run.group(&id))
+    /// Every slot of a blob: its locations in load order. `filtered`: ask the cache's
+    /// membership filter first (for ids that are often absent).
+    fn slots(&self, id: &Id, filtered: bool) -> Vec<Slot> {
+        let mut out = match &self.base {
+            Some(base) if !filtered || base.may_contain(id) => {
+                let mut group = base.find(id).1;
+                if !self.excluded_base.is_empty() {
+                    group.retain(|s| !self.excluded_base.contains(&s.pack()));
+                }
+                group
+            }
+            _ => Vec::new(),
+        };
+        for run in &self.runs {
+            out.extend_from_slice(run.group(id));
+        }
+        out
+    }
+
+    /// Whether the cache's table is loaded, and the number of runs in memory.
+    #[cfg(test)]
+    pub(crate) fn layers(&self) -> (bool, usize) {
+        (self.base.is_some(), self.runs.len())
+    }
+
+    /// What failed its check in the local cache since this index was loaded: lookups
+    /// that needed it answered "not found", and passes over the table ended early. An
+    /// operation that deletes must not act on such an index.
+    pub fn damage(&self) -> Option<RepoError> {
+        let base = self.base.as_ref()?;
+        base.damage().map(|d| RepoError::corrupt(d, "it was removed; run the command again to rebuild it"))
     }
 
     fn location(&self, slot: &Slot) -> (Id, BlobEntry) {
@@ -231,27 +274,27 @@ impl BlobIndex {
     }
 
     pub fn contains(&self, id: &Id) -> bool {
-        self.slots(id).next().is_some()
+        !self.slots(id, true).is_empty()
     }
 
     /// The pack id and entry of a blob (its first location).
     pub fn get(&self, id: &Id) -> Option<(Id, BlobEntry)> {
-        self.slots(id).next().map(|s| self.location(s))
+        self.slots(id, false).first().map(|s| self.location(s))
     }
 
     /// Every location of a blob: the first one, then its further copies.
     pub fn locations<'s>(&'s self, id: &Id) -> impl Iterator<Item = (Id, BlobEntry)> + 's {
-        self.slots(id).map(|s| self.location(s))
+        self.slots(id, false).into_iter().map(|s| self.location(&s))
     }
 
     /// Whether the blob has a location besides its first.
     fn has_copies(&self, id: &Id) -> bool {
-        self.slots(id).nth(1).is_some()
+        self.slots(id, false).len() > 1
     }
 
     /// Whether some location of the blob is in a pack `usable` accepts.
     pub fn stored_where(&self, id: &Id, usable: impl Fn(&Id) -> bool) -> bool {
-        self.locations(id).any(|(pack, _)| usable(&pack))
+        self.slots(id, true).iter().any(|s| usable(&self.packs[s.pack() as usize]))
     }
 
     /// The size the pack file must have, from its index listing ([`pack_size`]); `None`
@@ -292,36 +335,25 @@ impl BlobIndex {
 
     /// Iterates over (blob id, pack id, entry): the first location of each blob, in no
     /// particular order (today: by id within each run).
-    pub fn iter(&self) -> impl Iterator<Item = (&Id, Id, BlobEntry)> + '_ {
-        self.runs
-            .iter()
-            .enumerate()
-            .flat_map(move |(r, run)| {
-                let slots = run.slots();
-                slots.iter().enumerate().filter(move |(k, s)| {
-                    let first_here = *k == 0 || slots[*k - 1].id != s.id;
-                    first_here && self.runs[..r].iter().all(|older| older.group(&s.id).is_empty())
-                })
-            })
-            .map(|(_, s)| {
-                let (pack, entry) = self.location(s);
-                (&s.id, pack, entry)
-            })
+    pub fn iter(&self) -> impl Iterator<Item = (Id, Id, BlobEntry)> + '_ {
+        self.iter_table().filter(|t| t.at == t.blob).filter_map(|t| self.visible(t))
     }
 
     /// Iterates over every location of every blob, further copies included, in no
     /// particular order.
-    pub fn iter_all(&self) -> impl Iterator<Item = (&Id, Id, BlobEntry)> + '_ {
-        self.runs.iter().flat_map(Run::slots).map(|s| {
-            let (pack, entry) = self.location(s);
-            (&s.id, pack, entry)
-        })
+    pub fn iter_all(&self) -> impl Iterator<Item = (Id, Id, BlobEntry)> + '_ {
+        self.iter_table().filter_map(|t| self.visible(t))
     }
 
-    /// The number of locations in the table (the runs one after the other): every
-    /// [`BlobIndex::position`] is below it.
+    /// A location of the table as (blob id, pack id, entry), unless its pack is excluded.
+    fn visible(&self, t: TableEntry) -> Option<(Id, Id, BlobEntry)> {
+        (!self.excluded_base.contains(&t.pack)).then(|| (t.entry.id, self.packs[t.pack as usize], t.entry))
+    }
+
+    /// The number of locations in the table (the cache's, then the runs one after the
+    /// other): every [`BlobIndex::position`] is below it.
     pub fn table_len(&self) -> usize {
-        self.runs.iter().map(Run::len).sum()
+        self.base.as_ref().map_or(0, CachedTable::len) + self.runs.iter().map(Run::len).sum::<usize>()
     }
 
     /// Where a blob's first location lies in the table: a number below
@@ -329,7 +361,21 @@ impl BlobIndex {
     /// not changed ([`crate::Marks`] keep one bit per position). `None` for a blob the
     /// index does not know. One directory entry and a bucket per run, like [`BlobIndex::get`].
     pub fn position(&self, id: &Id) -> Option<usize> {
-        position_in(&self.runs, id)
+        self.position_before(self.runs.len(), id)
+    }
+
+    /// The position of `id`'s first location in the cache's table and the first `runs`
+    /// runs.
+    fn position_before(&self, runs: usize, id: &Id) -> Option<usize> {
+        let mut base_len = 0;
+        if let Some(base) = &self.base {
+            let (at, group) = base.find(id);
+            if !group.is_empty() {
+                return Some(at);
+            }
+            base_len = base.len();
+        }
+        position_in(&self.runs[..runs], id).map(|p| base_len + p)
     }
 
     /// The position of a pack in [`BlobIndex::packs`] (the `pack` of a [`TableEntry`]).
@@ -341,7 +387,9 @@ impl BlobIndex {
     /// its blob's [`BlobIndex::position`]: a pass over the table, with no lookup unless
     /// the index has more than one run (an index changed after loading).
     pub fn iter_table(&self) -> TableIter<'_> {
-        TableIter { index: self, run: 0, at: 0, base: 0, blob: 0 }
+        let pass = self.base.as_ref().map(CachedTable::pass);
+        let base = self.base.as_ref().map_or(0, CachedTable::len);
+        TableIter { index: self, pass, passed: 0, previous: None, run: 0, at: 0, base, blob: 0 }
     }
 
     /// Decodes an index file's plaintext into this index, as [`BlobIndex::add_pack`]
@@ -382,6 +430,11 @@ pub struct TableEntry {
 /// The iterator of [`BlobIndex::iter_table`].
 pub struct TableIter<'a> {
     index: &'a BlobIndex,
+    /// The pass over the cache's table, until it ends.
+    pass: Option<crate::index_cache::Pass<'a>>,
+    /// Slots of the cache's table passed, and the id of the last.
+    passed: usize,
+    previous: Option<Id>,
     run: usize,
     at: usize,
     /// The position of the current run's first slot.
@@ -394,6 +447,17 @@ impl Iterator for TableIter<'_> {
     type Item = TableEntry;
 
     fn next(&mut self) -> Option<TableEntry> {
+        if let Some(pass) = &mut self.pass {
+            if let Some(slot) = pass.next() {
+                if self.previous != Some(slot.id) {
+                    (self.previous, self.blob) = (Some(slot.id), self.passed);
+                }
+                let item = TableEntry { blob: self.blob, at: self.passed, pack: slot.pack(), entry: slot.entry() };
+                self.passed += 1;
+                return Some(item);
+            }
+            self.pass = None;
+        }
         loop {
             let runs = &self.index.runs;
             let slots = runs.get(self.run)?.slots();
@@ -404,7 +468,7 @@ impl Iterator for TableIter<'_> {
             };
             if self.at == 0 || slots[self.at - 1].id != slot.id {
                 // A blob's locations are adjacent in a run; an older run may hold its first.
-                self.blob = position_in(&runs[..self.run], &slot.id).unwrap_or(self.base + self.at);
+                self.blob = self.index.position_before(self.run, &slot.id).unwrap_or(self.base + self.at);
             }
             let item = TableEntry { blob: self.blob, at: self.base + self.at, pack: slot.pack(), entry: slot.entry() };
             self.at += 1;
@@ -454,7 +518,10 @@ impl<'a> BlobReader<'a> {
     }
 
     fn read_first(&self, id: &Id, kind: BlobKind) -> Result<Vec<u8>, RepoError> {
-        let (pack, entry) = self.index.get(id).ok_or(RepoError::MissingBlob(*id))?;
+        // A blob the index does not give because its local cache failed a check is that
+        // failure, not a missing blob.
+        let missing = || self.index.damage().unwrap_or(RepoError::MissingBlob(*id));
+        let (pack, entry) = self.index.get(id).ok_or_else(missing)?;
         self.read_location(id, kind, pack, entry)
     }
 
@@ -553,5 +620,6 @@ impl<'a> BlobReader<'a> {
     }
 }
 
+pub(crate) mod load;
 #[cfg(test)]
 mod tests;

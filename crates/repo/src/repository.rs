@@ -59,6 +59,9 @@ pub struct Repository {
     /// The locks this session holds: index files and snapshots are written only while
     /// every one of them is certainly held (see [`crate::lock`]).
     pub(crate) leases: std::sync::Mutex<Vec<std::sync::Arc<crate::lock::Held>>>,
+    /// Where the blob index keeps its local cache ([`crate::index_cache`]); none: the
+    /// index is loaded into memory from the index files.
+    index_cache: Option<std::path::PathBuf>,
 }
 
 fn kdf_err(e: CryptoError) -> RepoError {
@@ -184,13 +187,26 @@ impl Repository {
     ) -> Self {
         let cancel = blockproof_work::Cancel::new();
         backend.observe_cancel(&cancel);
-        Repository { backend: backend.into(), keys, header, config, secret, slot, cancel, leases: Default::default() }
+        let leases = Default::default();
+        Repository { backend: backend.into(), keys, header, config, secret, slot, cancel, leases, index_cache: None }
     }
 
     /// The cancellation token of this session's operations: every parallel stage stops
     /// when it is cancelled (by a lost lock, see [`crate::lock`], or by the caller).
     pub fn cancel(&self) -> &blockproof_work::Cancel {
         &self.cancel
+    }
+
+    /// Keeps the blob index's cache in `dir` (created when needed; one directory per
+    /// repository): [`crate::BlobIndex`] then holds about 1.5 bytes per blob instead of
+    /// 55 and starts without reading every index file. `None`: no cache.
+    pub fn set_index_cache(&mut self, dir: Option<std::path::PathBuf>) {
+        self.index_cache = dir;
+    }
+
+    /// The directory of the blob index's cache, if one is set.
+    pub fn index_cache(&self) -> Option<&std::path::Path> {
+        self.index_cache.as_deref()
     }
 
     pub fn keys(&self) -> &Keys {

@@ -383,7 +383,7 @@ mod tests {
         ];
         for (gone, leaf, want) in cases {
             let mut index = BlobIndex::default();
-            for (_, pack, entry) in full.iter().filter(|(id, _, _)| **id != gone) {
+            for (_, pack, entry) in full.iter().filter(|(id, _, _)| *id != gone) {
                 index.add_pack(pack, std::slice::from_ref(&entry));
             }
             let reader = BlobReader::new(&repo, &index);

@@ -77,7 +77,7 @@ mod memory;
 pub use cache::ReadCache;
 #[cfg(any(test, feature = "testing"))]
 pub use faulty::{is_injected, Call, Calls, Fault, Faults, FaultyBackend, Op};
-pub use local::LocalBackend;
+pub use local::{create_private_dir_all, LocalBackend};
 #[cfg(any(test, feature = "testing"))]
 pub use memory::MemoryBackend;
 

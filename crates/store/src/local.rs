@@ -34,7 +34,7 @@ pub(crate) const FILE_MODE: u32 = 0o600;
 
 /// `create_dir_all` whose new directories are [`DIR_MODE`] (the umask can only take
 /// bits away, never add them).
-pub(crate) fn create_private_dir_all(dir: &Path) -> Result<(), StoreError> {
+pub fn create_private_dir_all(dir: &Path) -> Result<(), StoreError> {
     fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir).map_err(|e| io_err(dir, e))
 }
 

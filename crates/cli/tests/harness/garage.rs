@@ -35,8 +35,21 @@ struct Node {
     child: Option<Child>,
 }
 
+/// A port for a node, below the kernel's ephemeral range (32768 and up by default): an
+/// ephemeral port that is free now may be taken by any outgoing connection (the tests'
+/// own clients) before the node binds it, or while a node is down for a restart on the
+/// same ports; a port below the range only by another listener. Never the same port
+/// twice in one test process.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = 20_000 + (rand::thread_rng().next_u32() % 12_000) as u16;
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn hex(n: usize) -> String {

@@ -62,6 +62,8 @@ impl Dir {
     pub fn cmd(&self, sub: &str) -> TestCommand {
         let mut c = Command::new(env!("CARGO_BIN_EXE_blockproof"));
         c.arg(sub).current_dir(self.path()).env("BLOCKPROOF_PASSWORD", PASSWORD).env_remove("BLOCKPROOF_REPO");
+        // The caches (the blob index's; for S3, the read cache) inside this directory.
+        c.env("BLOCKPROOF_CACHE_DIR", self.join("cache"));
         if let Some((_, env)) = &self.s3 {
             c.envs(env.iter().map(|(k, v)| (k, v))).env("BLOCKPROOF_CACHE_DIR", self.join("s3-cache"));
         }

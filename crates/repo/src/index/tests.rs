@@ -47,12 +47,12 @@ impl Model {
             assert_eq!(index.locations(id).count(), 0);
             assert!(!index.stored_where(id, |_| true));
         }
-        let mut firsts: Vec<(Id, Id, BlobEntry)> = index.iter().map(|(i, p, e)| (*i, p, e)).collect();
+        let mut firsts: Vec<(Id, Id, BlobEntry)> = index.iter().collect();
         firsts.sort_by_key(|f| f.0);
         let mut want: Vec<(Id, Id, BlobEntry)> = self.locations.iter().map(|(i, l)| (*i, l[0].0, l[0].1)).collect();
         want.sort_by_key(|f| f.0);
         assert_eq!(firsts, want);
-        let mut all: Vec<(Id, Id, u64)> = index.iter_all().map(|(i, p, e)| (*i, p, e.offset)).collect();
+        let mut all: Vec<(Id, Id, u64)> = index.iter_all().map(|(i, p, e)| (i, p, e.offset)).collect();
         all.sort();
         let mut want: Vec<(Id, Id, u64)> =
             self.locations.iter().flat_map(|(i, l)| l.iter().map(move |(p, e)| (*i, *p, e.offset))).collect();
@@ -221,7 +221,7 @@ fn excluded_packs_are_left_out_of_a_load() {
     let full = BlobIndex::load(&repo).unwrap();
     assert_eq!(full.len(), 60);
     let excluded: HashSet<Id> = full.packs()[..2].iter().copied().collect();
-    let gone: Vec<Id> = full.iter().filter(|(_, p, _)| excluded.contains(p)).map(|(i, _, _)| *i).collect();
+    let gone: Vec<Id> = full.iter().filter(|(_, p, _)| excluded.contains(p)).map(|(i, _, _)| i).collect();
     assert!(!gone.is_empty());
     let partial = BlobIndex::load_excluding(&repo, &excluded).unwrap();
     let (scanned, skipped) = BlobIndex::scan(&repo, &excluded).unwrap();
@@ -231,7 +231,7 @@ fn excluded_packs_are_left_out_of_a_load() {
         assert!(index.packs().iter().all(|p| !excluded.contains(p)));
         assert!(gone.iter().all(|id| !index.contains(id)));
         for (id, pack, entry) in full.iter().filter(|(_, p, _)| !excluded.contains(p)) {
-            assert_eq!(index.get(id), Some((pack, entry)));
+            assert_eq!(index.get(&id), Some((pack, entry)));
         }
         assert_eq!(index.files(), full.files());
     }

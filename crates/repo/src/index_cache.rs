@@ -1,0 +1,370 @@
+//! The blob index's local cache: its sorted table on disk, read a verified page at a time.
+//!
+//! ## Model
+//!
+//! One file per repository in the cache directory ([`CACHE_FILE`], FORMAT §22): the
+//! index's slots sorted by id in pages of [`PAGE_SLOTS`], a membership filter, and a
+//! meta section (the packs with their layouts, the index files it covers with the packs
+//! each lists, each page's first id and MAC). Opening reads and authenticates the header
+//! and the meta section only (about 0.4 bytes per blob); a lookup finds the page by its
+//! first id, reads it with one `pread` and checks its MAC before using it; a small cache
+//! keeps the pages read last. The filter (1 byte per blob) is read on the first
+//! membership test. So a process holds about 1.5 bytes per blob however large the
+//! repository, and starts without reading the index files.
+//!
+//! ## Invariants
+//!
+//! - Every byte used is authenticated with the repository's cache key
+//!   ([`blockproof_crypto::Keys::cache_hasher`]): a cache file that is damaged, truncated,
+//!   of another repository or forged without the master secret is never believed. At open
+//!   it is refused (and rebuilt); a page or the filter that fails later is reported as
+//!   damage ([`CachedTable::damage`]), its lookups answer "not found", and the file is
+//!   removed so the next command rebuilds it. Operations that delete check the damage
+//!   before they act.
+//! - The cache is disposable: it is derived only from the repository's index files
+//!   and names the ones it covers; deleting it costs one rebuild.
+//! - A cache file appears whole or not at all (written aside, then renamed), so two
+//!   processes that rebuild it at once each leave a valid file.
+//! - Building holds at most [`BATCH_SLOTS`] slots in memory: listings are sorted in
+//!   batches, spilled to temporary run files, and merged with the previous cache's table
+//!   (whose packs no index file lists any more are dropped).
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use blockproof_format::Id;
+
+use crate::blob_table::{Slot, SLOT_SIZE};
+use crate::membership::{Membership, BLOCK_BYTES};
+use crate::Repository;
+
+/// The cache file's name in the repository's cache directory.
+pub const CACHE_FILE: &str = "blob-index";
+pub(crate) const MAGIC: [u8; 4] = *b"BPIX";
+pub(crate) const VERSION: u32 = 1;
+/// Slots per page: a lookup reads and authenticates 6 912 bytes.
+pub(crate) const PAGE_SLOTS: usize = 128;
+const PAGE_BYTES: usize = PAGE_SLOTS * SLOT_SIZE;
+pub(crate) const HEADER_LEN: usize = 128;
+const MAC_LEN: usize = 16;
+/// Slots sorted in memory at once while building (54 MiB; small in tests, so that they
+/// spill and merge).
+const BATCH_SLOTS: usize = if cfg!(test) { 1000 } else { 1 << 20 };
+/// Pages kept by lookups (7 MiB).
+const CACHED_PAGES: usize = 1024;
+/// Pages read at once by a pass over the table.
+const PASS_PAGES: usize = 64;
+
+/// One pack as the cache records it: its id and its layout (blobs listed, end of the last).
+pub(crate) type PackRecord = (Id, u64, u64);
+
+/// The meta section: the packs (position order) and the index files covered.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub(crate) packs: Vec<PackRecord>,
+    pub(crate) files: Vec<(String, Vec<u32>)>,
+}
+
+/// An open cache file: the table's fences and MACs in memory, its pages on disk.
+pub(crate) struct CachedTable {
+    file: File,
+    path: PathBuf,
+    keyed: blake3::Hasher,
+    slots: usize,
+    blobs: usize,
+    filter_at: u64,
+    filter_blocks: usize,
+    filter_mac: [u8; MAC_LEN],
+    fences: Vec<Id>,
+    macs: Vec<[u8; MAC_LEN]>,
+    filter: OnceLock<Option<Membership>>,
+    pages: Mutex<PageCache>,
+    damage: Mutex<Option<String>>,
+}
+
+#[derive(Default)]
+struct PageCache {
+    pages: HashMap<usize, Arc<[Slot]>>,
+    order: VecDeque<usize>,
+}
+
+fn mac(keyed: &blake3::Hasher, domain: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = keyed.clone();
+    h.update(domain);
+    for p in parts {
+        h.update(p);
+    }
+    *h.finalize().as_bytes()
+}
+
+fn short(m: [u8; 32]) -> [u8; MAC_LEN] {
+    m[..MAC_LEN].try_into().expect("16 bytes")
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Reads the meta section (checked against its length by the caller's MAC).
+struct Cursor<'a>(&'a [u8]);
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        if self.0.len() < n {
+            return Err("meta section is short".into());
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32_at(self.take(4)?, 0))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64_at(self.take(8)?, 0))
+    }
+    fn id(&mut self) -> Result<Id, String> {
+        Ok(Id(self.take(32)?.try_into().expect("32 bytes")))
+    }
+}
+
+impl CachedTable {
+    /// Opens and authenticates the cache file of `repo` at `path`; an error says why it
+    /// cannot be used (missing, damaged, another repository's or another version).
+    pub(crate) fn open(path: &Path, repo: &Repository) -> Result<(CachedTable, Meta), String> {
+        let file = File::open(path).map_err(|e| e.to_string())?;
+        let mut header = [0u8; HEADER_LEN];
+        file.read_exact_at(&mut header, 0).map_err(|e| format!("header: {e}"))?;
+        if header[..4] != MAGIC || u32_at(&header, 4) != VERSION {
+            return Err("not a version 1 cache file".into());
+        }
+        if header[8..40] != repo.id().0 {
+            return Err("the cache of another repository".into());
+        }
+        let (slots, blobs) = (u64_at(&header, 40), u64_at(&header, 48));
+        let (filter_blocks, meta_len) = (u64_at(&header, 56), u64_at(&header, 64));
+        if u32_at(&header, 72) as usize != PAGE_SLOTS || blobs > slots || meta_len > 1 << 40 {
+            return Err("implausible header".into());
+        }
+        let filter_at = HEADER_LEN as u64 + slots * SLOT_SIZE as u64;
+        let meta_at = filter_at + filter_blocks * BLOCK_BYTES as u64;
+        let size = file.metadata().map_err(|e| e.to_string())?.len();
+        if size != meta_at + meta_len {
+            return Err(format!("{size} bytes where the header gives {}", meta_at + meta_len));
+        }
+        let mut meta = vec![0u8; meta_len as usize];
+        file.read_exact_at(&mut meta, meta_at).map_err(|e| format!("meta: {e}"))?;
+        let keyed = repo.keys().cache_hasher();
+        if mac(&keyed, b"header", &[&header[..96], &meta]) != header[96..128] {
+            return Err("its header does not authenticate".into());
+        }
+        let pages = (slots as usize).div_ceil(PAGE_SLOTS);
+        let mut c = Cursor(&meta);
+        let mut parsed = Meta::default();
+        for _ in 0..c.u32()? {
+            parsed.packs.push((c.id()?, c.u64()?, c.u64()?));
+        }
+        for _ in 0..c.u32()? {
+            let name = c.id()?.to_hex();
+            let n = c.u32()? as usize;
+            let listed = c.take(n * 4)?.chunks_exact(4).map(|b| u32_at(b, 0)).collect();
+            parsed.files.push((name, listed));
+        }
+        let macs = c.take(pages * MAC_LEN)?.chunks_exact(MAC_LEN).map(|m| m.try_into().expect("16")).collect();
+        let fences = (0..pages).map(|_| c.id()).collect::<Result<Vec<_>, _>>()?;
+        if !c.0.is_empty() {
+            return Err("meta section is long".into());
+        }
+        let table = CachedTable {
+            file,
+            path: path.to_path_buf(),
+            keyed,
+            slots: slots as usize,
+            blobs: blobs as usize,
+            filter_at,
+            filter_blocks: filter_blocks as usize,
+            filter_mac: header[80..96].try_into().expect("16 bytes"),
+            fences,
+            macs,
+            filter: OnceLock::new(),
+            pages: Mutex::new(PageCache::default()),
+            damage: Mutex::new(None),
+        };
+        Ok((table, parsed))
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.slots
+    }
+
+    /// Distinct blobs in the table.
+    pub(crate) fn blobs(&self) -> usize {
+        self.blobs
+    }
+
+    fn pages(&self) -> usize {
+        self.fences.len()
+    }
+
+    /// What failed its check since the file was opened, if anything.
+    pub(crate) fn damage(&self) -> Option<String> {
+        self.damage.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn damaged(&self, what: String) {
+        let mut d = self.damage.lock().unwrap_or_else(|e| e.into_inner());
+        if d.is_none() {
+            *d = Some(format!("the local blob index cache {} failed its check ({what})", self.path.display()));
+            // The next command rebuilds it.
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// Reads and authenticates pages `first..first + count`.
+    fn read_pages(&self, first: usize, count: usize) -> Result<Vec<Arc<[Slot]>>, String> {
+        let start = first * PAGE_SLOTS;
+        let end = ((first + count) * PAGE_SLOTS).min(self.slots);
+        let mut buf = vec![0u8; (end - start) * SLOT_SIZE];
+        self.file
+            .read_exact_at(&mut buf, HEADER_LEN as u64 + (start * SLOT_SIZE) as u64)
+            .map_err(|e| format!("page {first}: {e}"))?;
+        let mut out = Vec::with_capacity(count);
+        for (k, bytes) in buf.chunks(PAGE_BYTES).enumerate() {
+            let p = first + k;
+            if short(mac(&self.keyed, b"page", &[&(p as u64).to_le_bytes(), bytes])) != self.macs[p] {
+                return Err(format!("page {p} does not authenticate"));
+            }
+            let slots: Option<Vec<Slot>> = bytes.chunks_exact(SLOT_SIZE).map(Slot::decode).collect();
+            out.push(Arc::from(slots.ok_or_else(|| format!("page {p} holds an unknown kind"))?));
+        }
+        Ok(out)
+    }
+
+    /// Page `p` from the page cache or the file; `None` (and the damage recorded) when
+    /// it fails its check.
+    fn page(&self, p: usize) -> Option<Arc<[Slot]>> {
+        if let Some(page) = self.pages.lock().unwrap_or_else(|e| e.into_inner()).pages.get(&p) {
+            return Some(page.clone());
+        }
+        match self.read_pages(p, 1) {
+            Ok(mut v) => {
+                let page = v.pop().expect("one page");
+                let mut cache = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+                if cache.pages.len() >= CACHED_PAGES {
+                    if let Some(old) = cache.order.pop_front() {
+                        cache.pages.remove(&old);
+                    }
+                }
+                if cache.pages.insert(p, page.clone()).is_none() {
+                    cache.order.push_back(p);
+                }
+                Some(page)
+            }
+            Err(e) => {
+                self.damaged(e);
+                None
+            }
+        }
+    }
+
+    /// The first position whose id is not below `id`, and the slots of `id` (its
+    /// locations in load order; empty if absent, or when a page fails its check).
+    pub(crate) fn find(&self, id: &Id) -> (usize, Vec<Slot>) {
+        let mut p = self.fences.partition_point(|f| f < id).saturating_sub(1);
+        let (mut at, mut group) = (None, Vec::new());
+        while p < self.pages() {
+            let Some(page) = self.page(p) else { return (self.slots, Vec::new()) };
+            let from = if at.is_some() { 0 } else { page.partition_point(|s| s.id < *id) };
+            if at.is_none() {
+                if from == page.len() {
+                    p += 1;
+                    continue;
+                }
+                at = Some(p * PAGE_SLOTS + from);
+            }
+            let same = page[from..].iter().take_while(|s| s.id == *id).count();
+            group.extend_from_slice(&page[from..from + same]);
+            if from + same < page.len() {
+                break;
+            }
+            p += 1;
+        }
+        (at.unwrap_or(self.slots), group)
+    }
+
+    /// False only if the table certainly does not hold `id` (the filter, read and
+    /// authenticated on the first call; a filter that fails its check answers true).
+    pub(crate) fn may_contain(&self, id: &Id) -> bool {
+        let filter = self.filter.get_or_init(|| {
+            let mut bytes = vec![0u8; self.filter_blocks * BLOCK_BYTES];
+            let read = self.file.read_exact_at(&mut bytes, self.filter_at).map_err(|e| format!("filter: {e}"));
+            let checked = read.and_then(|()| {
+                if short(mac(&self.keyed, b"filter", &[&bytes])) != self.filter_mac {
+                    return Err("its filter does not authenticate".to_string());
+                }
+                Membership::from_bytes(&bytes).ok_or_else(|| "its filter is empty".to_string())
+            });
+            checked.map_err(|e| self.damaged(e)).ok()
+        });
+        filter.as_ref().is_none_or(|f| f.may_contain(id))
+    }
+
+    /// Every slot in table order, read [`PASS_PAGES`] pages at a time (not through the
+    /// page cache). A page that fails its check ends the pass and is recorded as damage.
+    pub(crate) fn pass(&self) -> Pass<'_> {
+        Pass { table: self, next_page: 0, batch: VecDeque::new(), current: Arc::from(Vec::new()), k: 0 }
+    }
+}
+
+/// The iterator of [`CachedTable::pass`].
+pub(crate) struct Pass<'a> {
+    table: &'a CachedTable,
+    next_page: usize,
+    batch: VecDeque<Arc<[Slot]>>,
+    current: Arc<[Slot]>,
+    k: usize,
+}
+
+impl Iterator for Pass<'_> {
+    type Item = Slot;
+
+    fn next(&mut self) -> Option<Slot> {
+        loop {
+            if let Some(s) = self.current.get(self.k) {
+                self.k += 1;
+                return Some(*s);
+            }
+            if self.batch.is_empty() {
+                let pages = self.table.pages();
+                if self.next_page >= pages {
+                    return None;
+                }
+                let n = PASS_PAGES.min(pages - self.next_page);
+                match self.table.read_pages(self.next_page, n) {
+                    Ok(v) => self.batch.extend(v),
+                    Err(e) => {
+                        self.table.damaged(e);
+                        self.next_page = pages;
+                        return None;
+                    }
+                }
+                self.next_page += n;
+            }
+            self.current = self.batch.pop_front().expect("a page");
+            self.k = 0;
+        }
+    }
+}
+
+mod build;
+pub(crate) use build::{build, BuildError};
+
+#[cfg(test)]
+mod tests;

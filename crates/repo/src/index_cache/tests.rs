@@ -1,0 +1,314 @@
+//! The index through its cache against the index loaded into memory from the same index
+//! files: built from nothing, with files added, with files replaced and removed, with the
+//! cache damaged in every section, of another repository, and with packs excluded.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+
+use blockproof_format::{BlobEntry, BlobKind, Compression, Id, IndexFile, KdfParams};
+use blockproof_store::{Kind, MemoryBackend};
+
+use super::{CACHE_FILE, HEADER_LEN, PAGE_SLOTS};
+use crate::blob_table::SLOT_SIZE;
+use crate::{BlobIndex, InitOptions, Repository};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn id(&mut self) -> Id {
+        let mut out = [0u8; 32];
+        out.chunks_mut(8).for_each(|c| c.copy_from_slice(&self.next().to_le_bytes()));
+        Id(out)
+    }
+}
+
+fn repo() -> (Repository, MemoryBackend) {
+    let opts = InitOptions { kdf: KdfParams::MIN, ..InitOptions::default() };
+    let store = MemoryBackend::new();
+    (Repository::init(Box::new(store.clone()), b"pw", &opts).unwrap(), store)
+}
+
+/// Another session of the same repository, with its index cache in `dir`.
+fn cached(store: &MemoryBackend, dir: &Path) -> Repository {
+    let mut r = Repository::open(Box::new(store.clone()), b"pw").unwrap();
+    r.set_index_cache(Some(dir.to_path_buf()));
+    r
+}
+
+/// Writes `files` index files of 1–4 pack listings each, drawing blob ids from `pool` so
+/// that many blobs are stored more than once; some packs are listed again (with the same
+/// listing, as a pack's contents never change).
+fn write_files(repo: &Repository, rng: &mut Rng, pool: &[Id], packs: &mut Vec<Listing>, files: usize) -> Vec<String> {
+    (0..files)
+        .map(|_| {
+            let listings = (0..1 + rng.next() % 4)
+                .map(|_| {
+                    if !packs.is_empty() && rng.next().is_multiple_of(5) {
+                        return packs[rng.next() as usize % packs.len()].clone();
+                    }
+                    let n = 1 + rng.next() as usize % 300;
+                    let entries: Vec<BlobEntry> = (0..n)
+                        .map(|k| BlobEntry {
+                            kind: if k % 50 == 0 { BlobKind::Tree } else { BlobKind::Data },
+                            compression: Compression::Lz4,
+                            id: pool[rng.next() as usize % pool.len()],
+                            offset: k as u64 * 70_000,
+                            length: 1000 + (rng.next() % 60_000) as u32,
+                            raw_length: 65_536,
+                        })
+                        .collect();
+                    packs.push((rng.id(), entries));
+                    packs[packs.len() - 1].clone()
+                })
+                .collect();
+            repo.write_index_file(&IndexFile { packs: listings }).unwrap().to_hex()
+        })
+        .collect()
+}
+
+type Listing = (Id, Vec<BlobEntry>);
+
+/// The two indexes answer every query alike. `exact`: also in the same order (a cache
+/// built from nothing loads the files in the same order as memory does).
+fn assert_agree(memory: &BlobIndex, cache: &BlobIndex, absent: &[Id], exact: bool) {
+    assert!(cache.layers().0, "the index was loaded through its cache");
+    assert!(cache.damage().is_none());
+    assert_eq!(cache.len(), memory.len());
+    assert_eq!(cache.table_len(), memory.table_len());
+    let set = |i: &BlobIndex| i.packs().iter().copied().collect::<BTreeSet<_>>();
+    assert_eq!(set(cache), set(memory));
+    let files = |i: &BlobIndex| i.file_packs().map(|(f, p)| (f.to_string(), p.to_vec())).collect::<BTreeSet<_>>();
+    assert_eq!(files(cache), files(memory));
+    let table: Vec<_> = cache.iter_table().collect();
+    assert_eq!(table.len(), cache.table_len());
+    let mut ids = HashSet::new();
+    for t in &table {
+        let id = t.entry.id;
+        assert_eq!(cache.position(&id), Some(t.blob));
+        if !ids.insert(id) {
+            continue;
+        }
+        assert!(cache.contains(&id));
+        assert_eq!(table[t.blob].at, t.blob);
+        let (mine, theirs): (Vec<_>, Vec<_>) = (cache.locations(&id).collect(), memory.locations(&id).collect());
+        if exact {
+            assert_eq!(mine, theirs);
+        } else {
+            assert_eq!(mine.iter().map(|(p, _)| *p).collect::<BTreeSet<_>>().len(), mine.len());
+            let key = |v: &[(Id, BlobEntry)]| v.iter().map(|(p, e)| (*p, e.offset)).collect::<BTreeSet<_>>();
+            assert_eq!(key(&mine), key(&theirs), "{id:?}");
+        }
+        assert_eq!(cache.get(&id), mine.first().copied());
+        let (pack, entry) = mine[0];
+        assert_eq!(cache.expected_pack_size(&pack), memory.expected_pack_size(&pack));
+        assert_eq!(entry.id, id);
+    }
+    assert_eq!(ids.len(), memory.len());
+    if exact {
+        let memory_table: Vec<_> = memory.iter_table().collect();
+        assert_eq!(table, memory_table);
+    }
+    for id in absent {
+        assert!(!cache.contains(id) && cache.get(id).is_none() && cache.position(id).is_none());
+    }
+}
+
+fn modified(path: &Path) -> (u64, std::time::SystemTime) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap();
+    (m.ino(), m.modified().unwrap())
+}
+
+/// From nothing (several spilled runs: batches are small in tests), then index files
+/// added (read on top of the cache, then rebuilt into it), then files replaced and
+/// removed as gc does: the cache answers as the index loaded into memory does.
+#[test]
+fn the_cache_agrees_with_memory_as_files_come_and_go() {
+    let (repo, store) = repo();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let pool: Vec<Id> = (0..20_000).map(|_| rng.id()).collect();
+    let absent: Vec<Id> = (0..500).map(|_| rng.id()).collect();
+    let mut packs = Vec::new();
+    write_files(&repo, &mut rng, &pool, &mut packs, 40);
+    let c = cached(&store, dir.path());
+    let memory = BlobIndex::load(&repo).unwrap();
+    assert!(memory.table_len() > 10 * super::BATCH_SLOTS, "{} slots", memory.table_len());
+    assert!(memory.table_len() > 20 * PAGE_SLOTS);
+    assert_agree(&memory, &BlobIndex::load(&c).unwrap(), &absent, true);
+    let file = dir.path().join(CACHE_FILE);
+    let built = modified(&file);
+
+    // A file more: read on top of the cache, which stays as it is.
+    write_files(&repo, &mut rng, &pool, &mut packs, 1);
+    let memory = BlobIndex::load(&repo).unwrap();
+    let index = BlobIndex::load(&c).unwrap();
+    assert!(index.layers().1 > 0);
+    assert_agree(&memory, &index, &absent, false);
+    assert_eq!(modified(&file), built);
+
+    // Many more: the cache is rebuilt with them.
+    write_files(&repo, &mut rng, &pool, &mut packs, crate::index::load::DELTA_FILES + 1);
+    let memory = BlobIndex::load(&repo).unwrap();
+    let index = BlobIndex::load(&c).unwrap();
+    assert!(index.layers().1 == 0, "everything is in the rebuilt cache");
+    assert_ne!(modified(&file), built);
+    assert_agree(&memory, &index, &absent, false);
+
+    // gc: one file replaced by one listing part of its packs, another removed outright.
+    let names = repo.backend().list(Kind::Index).unwrap();
+    let first = repo.read_index_file(&names[0]).unwrap();
+    let part = IndexFile { packs: first.packs[..first.packs.len().div_ceil(2)].to_vec() };
+    repo.write_index_file(&part).unwrap();
+    repo.backend().remove(Kind::Index, &names[0]).unwrap();
+    repo.backend().remove(Kind::Index, &names[1]).unwrap();
+    let memory = BlobIndex::load(&repo).unwrap();
+    let index = BlobIndex::load(&c).unwrap();
+    assert!(index.layers().1 == 0);
+    assert_agree(&memory, &index, &absent, false);
+    assert!(index.files().iter().all(|f| *f != names[0] && *f != names[1]));
+    let again = BlobIndex::load(&c).unwrap();
+    assert_agree(&memory, &again, &absent, false);
+}
+
+/// A cache that is damaged anywhere, truncated, or another repository's is never
+/// believed: refused at open (and rebuilt), or, for a page, noticed at the lookup that
+/// reads it (reported as damage, the file removed) and rebuilt by the next load.
+#[test]
+fn a_damaged_or_foreign_cache_is_never_believed() {
+    let (repo, store) = repo();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(99);
+    let pool: Vec<Id> = (0..5_000).map(|_| rng.id()).collect();
+    write_files(&repo, &mut rng, &pool, &mut Vec::new(), 10);
+    let c = cached(&store, dir.path());
+    let memory = BlobIndex::load(&repo).unwrap();
+    drop(BlobIndex::load(&c).unwrap());
+    let file = dir.path().join(CACHE_FILE);
+    let good = std::fs::read(&file).unwrap();
+    let slots = memory.table_len();
+    let filter_at = HEADER_LEN + slots * SLOT_SIZE;
+    let meta_len = u64::from_le_bytes(good[64..72].try_into().unwrap()) as usize;
+    let meta_at = good.len() - meta_len;
+    let flip = |at: usize| {
+        let mut b = good.clone();
+        b[at] ^= 0x40;
+        std::fs::write(&file, b).unwrap();
+    };
+
+    // Header, meta section (fences, MACs, packs): refused at open, rebuilt.
+    for at in [0, 4, 8, 45, 70, 100, good.len() - 1, good.len() - 40, meta_at + meta_len / 2, meta_at] {
+        flip(at);
+        assert_agree(&memory, &BlobIndex::load(&c).unwrap(), &[], true);
+        assert_eq!(std::fs::read(&file).unwrap().len(), good.len(), "rebuilt whole");
+    }
+    std::fs::write(&file, &good[..good.len() - 1]).unwrap();
+    assert_agree(&memory, &BlobIndex::load(&c).unwrap(), &[], true);
+
+    // A page: found by the lookup that reads it.
+    let page = 3;
+    flip(HEADER_LEN + page * PAGE_SLOTS * SLOT_SIZE + 17);
+    let index = BlobIndex::load(&c).unwrap();
+    let victim = memory.iter_table().nth(page * PAGE_SLOTS + 1).unwrap().entry.id;
+    assert_eq!(index.get(&victim), None, "a page that fails its check gives nothing");
+    let damage = index.damage().expect("the damage is reported").to_string();
+    assert!(damage.contains("page 3 does not authenticate"), "{damage}");
+    assert!(!file.exists(), "the damaged cache is removed");
+    let table: Vec<_> = BlobIndex::load(&c).unwrap().iter_table().collect();
+    assert_eq!(table.len(), slots);
+    // ... and by a pass over the table, which ends early and says so.
+    flip(HEADER_LEN + page * PAGE_SLOTS * SLOT_SIZE + 17);
+    let index = BlobIndex::load(&c).unwrap();
+    assert!(index.iter_table().count() < slots);
+    assert!(index.damage().is_some());
+
+    // The filter: a membership test falls back to the table, the damage is reported.
+    std::fs::write(&file, &good).unwrap();
+    flip(filter_at + 3);
+    let index = BlobIndex::load(&c).unwrap();
+    assert!(index.contains(&victim));
+    assert!(index.damage().unwrap().to_string().contains("filter does not authenticate"));
+
+    // Another repository's cache file, whole and valid for it: refused.
+    let (other, other_store) = self::repo();
+    write_files(&other, &mut rng, &pool, &mut Vec::new(), 3);
+    let other_dir = tempfile::tempdir().unwrap();
+    drop(BlobIndex::load(&cached(&other_store, other_dir.path())).unwrap());
+    std::fs::copy(other_dir.path().join(CACHE_FILE), &file).unwrap();
+    assert_agree(&memory, &BlobIndex::load(&c).unwrap(), &[], true);
+}
+
+/// Strict loads refuse what they refused without a cache (a damaged index file, a stray
+/// file), tolerant loads skip and list it; excluded packs are left out of lookups.
+#[test]
+fn strictness_and_exclusion_are_kept() {
+    let (repo, store) = repo();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(7);
+    let pool: Vec<Id> = (0..3_000).map(|_| rng.id()).collect();
+    let mut packs = Vec::new();
+    write_files(&repo, &mut rng, &pool, &mut packs, 6);
+    let c = cached(&store, dir.path());
+    let memory = BlobIndex::load(&repo).unwrap();
+    let excluded: HashSet<Id> = memory.packs()[..3].iter().copied().collect();
+    let partial = BlobIndex::load_excluding(&c, &excluded).unwrap();
+    for (id, _, _) in memory.iter() {
+        let want: Vec<_> = memory.locations(&id).filter(|(p, _)| !excluded.contains(p)).collect();
+        assert_eq!(partial.locations(&id).collect::<Vec<_>>(), want);
+        assert_eq!(partial.contains(&id), !want.is_empty());
+    }
+    assert!(partial.iter_all().all(|(_, p, _)| !excluded.contains(&p)));
+
+    // A damaged index file and a stray one, added after the cache was built.
+    let bad = write_files(&repo, &mut rng, &pool, &mut packs, 1).pop().unwrap();
+    let mut bytes = repo.backend().read(Kind::Index, &bad).unwrap();
+    bytes[60] ^= 1;
+    repo.backend().remove(Kind::Index, &bad).unwrap();
+    repo.backend().write(Kind::Index, &bad, &bytes).unwrap();
+    repo.backend().write(Kind::Index, "notes", b"x").unwrap();
+    let strict = BlobIndex::load(&c).err().unwrap().to_string();
+    assert!(strict.contains("notes"), "{strict}");
+    repo.backend().remove(Kind::Index, "notes").unwrap();
+    assert!(BlobIndex::load(&c).err().unwrap().is_damage());
+    let (scanned, skipped) = BlobIndex::scan(&c, &HashSet::new()).unwrap();
+    assert_eq!(skipped.damaged.len(), 1);
+    assert!(skipped.damaged[0].contains(&bad));
+    assert_agree(&memory, &scanned, &[], false);
+    // Never covered: still reported by the next load, with the cache rebuilt or not.
+    std::fs::remove_file(dir.path().join(CACHE_FILE)).unwrap();
+    assert_eq!(BlobIndex::scan(&c, &HashSet::new()).unwrap().1.damaged.len(), 1);
+    assert_eq!(BlobIndex::scan(&c, &HashSet::new()).unwrap().1.damaged.len(), 1);
+}
+
+/// The file's layout is pinned: magic, version, where each header field lies, and the
+/// size the sections add up to.
+#[test]
+fn the_layout_is_pinned() {
+    let (repo, store) = repo();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(3);
+    let pool: Vec<Id> = (0..1_000).map(|_| rng.id()).collect();
+    write_files(&repo, &mut rng, &pool, &mut Vec::new(), 2);
+    let memory = BlobIndex::load(&repo).unwrap();
+    drop(BlobIndex::load(&cached(&store, dir.path())).unwrap());
+    let b = std::fs::read(dir.path().join(CACHE_FILE)).unwrap();
+    let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    assert_eq!(&b[..8], b"BPIX\x01\x00\x00\x00");
+    assert_eq!(&b[8..40], &repo.id().0);
+    assert_eq!(u64_at(40) as usize, memory.table_len());
+    assert_eq!(u64_at(48) as usize, memory.len());
+    assert_eq!(&b[72..80], &[128, 0, 0, 0, 0, 0, 0, 0]);
+    let pages = memory.table_len().div_ceil(128) as u64;
+    let files: u64 = memory.file_packs().map(|(_, p)| 36 + 4 * p.len() as u64).sum();
+    let meta = 4 + 48 * memory.packs().len() as u64 + 4 + files + pages * (16 + 32);
+    assert_eq!(u64_at(64), meta);
+    assert!(u64_at(56) >= (memory.len() as u64 * 8).div_ceil(256), "1 byte of filter per blob");
+    assert_eq!(b.len() as u64, 128 + 54 * memory.table_len() as u64 + 32 * u64_at(56) + meta);
+}
