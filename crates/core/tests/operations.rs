@@ -728,3 +728,34 @@ fn restored_sparse_chunk(repo: &Repository, dir: &std::path::Path, snapshot: &st
     let _ = dir;
     reader.read(&tree.chunk(chunk).unwrap(), blockproof_format::BlobKind::Data).unwrap()
 }
+
+/// A disk the vm no longer has loses its page summaries when a policy forgets its last
+/// snapshot; the disk the vm still has keeps its own.
+#[test]
+fn a_policy_forgetting_a_dropped_disks_last_snapshot_removes_only_its_summaries() {
+    use blockproof_core::{forget, ForgetOptions, KeepPolicy, RetentionScope};
+    use blockproof_store::Kind;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let data = content(1 << 20);
+    let second = DiskInput::source(
+        "d2",
+        Box::new(MemDisk { data: data.clone(), fail_after: None, reads: AtomicU64::new(0), zero: vec![] }),
+    );
+    let mut both = opts(disk(data.clone(), None));
+    both.disks.push(second);
+    backup(&repo, both, &NoProgress).unwrap();
+    let docs = || repo.backend().list(Kind::State).unwrap().into_iter().filter(|n| n.starts_with("confirm-")).count();
+    assert_eq!(docs(), 2);
+    backup(&repo, opts(disk(data, None)), &NoProgress).unwrap();
+    let o = ForgetOptions {
+        snapshots: vec![],
+        policy: KeepPolicy { last: Some(1), ..KeepPolicy::default() },
+        vm: None,
+        scope: RetentionScope::Vm,
+        dry_run: false,
+    };
+    let r = forget(&repo, &o).unwrap();
+    assert_eq!((r.removed.len(), r.kept.len()), (1, 1));
+    assert_eq!(docs(), 1, "d2's summaries went with its last snapshot, d's stay");
+}
