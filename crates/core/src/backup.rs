@@ -10,23 +10,21 @@
 //! [`OnMismatch::Heal`] the same run re-reads the tainted disks in full from the same
 //! source handles and commits a second, clean snapshot.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use blockproof_format::manifest::{ByteRange, Coverage, DiskStats, ReadMode};
 use blockproof_format::tree::{chunk_count, DEFAULT_FANOUT};
-use blockproof_format::{Consistency, DiskEntry, Id, Machine, ObjectMagic, Snapshot, SnapshotStatus};
+use blockproof_format::{Consistency, DiskEntry, Id, Machine, Snapshot, SnapshotStatus};
 use blockproof_repo::{
     BlobIndex, BlobReader, Lock, LockKind, Repository, SealedBlob, SnapshotInfo, SnapshotScan, TreeReader,
 };
 use blockproof_source::{AfterCommit, BlockSource, Changes, DiskSpec, OpenedDisk, Owner, ParentCbt, SourceError};
-use blockproof_store::Kind;
 use crossbeam_channel::Sender;
 use serde::Serialize;
 
 use crate::availability::Availability;
-use crate::confirm::{ConfirmState, Runs};
+use crate::confirm::{ConfirmState, SummaryDocs};
 use crate::events::{Cause, Event, EventDisk};
 use crate::integrity::Lineage;
 use crate::pipeline::{store_disk, with_pack_writer, BlobSink, Dedup, DiskCounters, Stored};
@@ -309,37 +307,15 @@ struct DiskOutcome {
     report: DiskReport,
     /// What made it differ from its source, if it does.
     causes: Vec<Cause>,
-    /// The summaries of its confirmation pages, for the disk's state document.
-    summaries: Vec<u8>,
-}
-
-/// The state document caching a disk's confirmation page summaries (FORMAT §20): one per
-/// vm and disk, named by a keyed hash of both.
-fn summaries_name(repo: &Repository, vm: &str, disk: &str) -> String {
-    format!("confirm-{}", repo.keys().name_id(&format!("{vm}/{disk}")).to_hex())
-}
-
-/// The page summaries a backup of `vm` left for `disk` (empty when there are none or they
-/// cannot be read: the pages are then read).
-fn known_summaries(repo: &Repository, vm: &str, disk: &str) -> HashMap<Id, Runs> {
-    repo.read_doc(Kind::State, ObjectMagic::State, &summaries_name(repo, vm, disk))
-        .ok()
-        .and_then(|b| blockproof_format::confirm::decode_summaries(&b).ok())
-        .map(|v| v.into_iter().collect())
-        .unwrap_or_default()
+    /// The summaries of its confirmation pages, for the disk's state documents.
+    summaries: SummaryDocs,
 }
 
 /// After a commit: keeps each disk's page summaries for the next backup (a cache; a
 /// failure is a warning).
 fn keep_summaries(repo: &Repository, vm: &str, outcomes: &[&DiskOutcome], warnings: &mut Vec<String>) {
     for o in outcomes {
-        let name = summaries_name(repo, vm, &o.entry.id);
-        if let Err(e) = repo.write_doc(Kind::State, ObjectMagic::State, &name, &o.summaries) {
-            warnings.push(format!(
-                "disk {}: the confirmation page summaries could not be kept ({e}); the next backup reads the pages",
-                o.entry.id
-            ));
-        }
+        crate::page_summaries::keep(repo, vm, &o.entry.id, &o.summaries, warnings);
     }
 }
 
@@ -371,7 +347,9 @@ impl Ctx<'_, '_> {
         // Loaded page by page as needed; not copied: the selection reads only chunks this
         // run did not read, which hold what they held before it.
         let (mut state, warning) = match d.parent_entry() {
-            Some(e) => ConfirmState::load_with(self.reader, e, n, &known_summaries(self.repo, &self.vm, &d.id)),
+            Some(e) => {
+                ConfirmState::load_with(self.reader, e, n, crate::page_summaries::known(self.repo, &self.vm, &d.id))
+            }
             None => (ConfirmState::never(n), None),
         };
         self.warnings.extend(warning);

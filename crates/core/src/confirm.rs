@@ -6,20 +6,29 @@
 //! which references it: it changes atomically with the snapshot. A state that cannot be
 //! loaded (lost or damaged pages, an older snapshot without one, a resized disk) is
 //! rebuilt as "never confirmed", with a warning: verification then simply starts over.
+//!
+//! The pages come in **groups** of [`GROUP_PAGES`], the pages one leaf page of the state's
+//! tree lists. With the group list the previous backup left (FORMAT §19), a group whose
+//! leaf page is the one the list names is known by its summed runs alone: its page ids
+//! and per-page runs are loaded only if this run needs them, and storing the state takes
+//! such a group's leaf page whole. A one-chunk incremental of a 64 TiB disk so handles
+//! the 64 groups and the one page it changes, not the 65 536 pages.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
-use blockproof_format::confirm::{decode_page, encode_page, page_count, ENTRIES_PER_PAGE};
-use blockproof_format::manifest::{BoundBasis, Coverage, CutShort};
+use blockproof_format::confirm::{decode_page, encode_page, group_count, page_count, ENTRIES_PER_PAGE, GROUP_PAGES};
 use blockproof_format::tree::{chunk_count, DEFAULT_FANOUT};
 use blockproof_format::{BlobKind, DiskEntry, Id};
 use blockproof_repo::{BlobReader, TreeReader, TreeWriter};
 
 use crate::pipeline::BlobSink;
+
+mod bound;
 use crate::verify::LastConfirmed;
 use crate::CoreError;
+pub(crate) use bound::Sampling;
 
 /// How many chunks of a page were last confirmed at each run: (run, count), by run.
 pub(crate) type Runs = blockproof_format::confirm::PageRuns;
@@ -49,6 +58,29 @@ fn add_run(runs: &mut Runs, run: u32, delta: i64) {
     }
 }
 
+fn total(runs: &Runs) -> u64 {
+    runs.iter().map(|&(_, n)| n).sum()
+}
+
+/// What the previous backup of the disk left in its summary documents (a cache).
+pub(crate) enum Known<'r> {
+    /// Nothing: every stored page is read.
+    None,
+    /// Page summaries by page id (FORMAT §19, version 1).
+    Pages(HashMap<Id, Runs>),
+    /// A group list (version 2): per group its leaf page id and summed runs; `load` reads
+    /// one group's page summaries (empty when they cannot be read).
+    Groups { groups: Vec<(Id, Runs)>, load: Box<dyn Fn(u64) -> HashMap<Id, Runs> + 'r> },
+}
+
+/// The summary documents of a stored state ([`ConfirmState::summaries`]).
+pub(crate) struct SummaryDocs {
+    /// The disk's document: page summaries for a disk of one group, else the group list.
+    pub list: Vec<u8>,
+    /// The page summaries of each group (by number) whose document must be (re)written.
+    pub groups: Vec<(u64, Vec<u8>)>,
+}
+
 /// Clean pages kept loaded at most (64 KiB each); changed pages stay until stored.
 const CLEAN_PAGES: usize = 64;
 
@@ -56,37 +88,74 @@ const CLEAN_PAGES: usize = 64;
 /// each page is loaded from the restore point's state when first needed and kept while
 /// this run changes it (copy on write); a page this run leaves alone keeps the id it had,
 /// so storing the state stores only the changed pages (and the index pages above them).
-/// Beside the pages, how many chunks of each page were confirmed at each run ([`Runs`]),
-/// kept current: the coverage and the selection's histogram come from those, not from
-/// every chunk.
+/// Beside the pages, how many chunks of each page and of each group were confirmed at each
+/// run ([`Runs`]), kept current: the coverage and the selection's histogram come from
+/// those, not from every chunk.
 pub(crate) struct ConfirmState<'r> {
     chunks: u64,
     reader: Option<&'r BlobReader<'r>>,
-    inner: RefCell<Inner>,
+    inner: RefCell<Inner<'r>>,
 }
 
-struct Inner {
-    /// Per page: the id it had in the restore point's state (zero: all never confirmed).
-    ids: Vec<Id>,
-    /// Per page: its runs, current.
-    runs: Vec<Runs>,
+struct Inner<'r> {
+    groups: Vec<Group>,
     /// Loaded pages: their entries, and whether this run changed them.
     pages: BTreeMap<u64, (Vec<u32>, bool)>,
     /// Pages that could not be loaded when needed (they count as never confirmed).
     warnings: Vec<String>,
+    /// The restore point's state tree (none: nothing stored).
+    tree: Option<TreeReader<'r>>,
+    known: Known<'r>,
+}
+
+struct Group {
+    /// The id of its leaf page in the restore point's state (zero: no page stored), then,
+    /// once stored, in this run's.
+    leaf: Id,
+    /// Its runs, summed over its pages, current.
+    runs: Runs,
+    /// Its pages' ids (in the restore point's state) and runs (current), once loaded.
+    pages: Option<Pages>,
+    /// Whether its summary document is known to describe `leaf`.
+    doc: bool,
+}
+
+struct Pages {
+    ids: Vec<Id>,
+    runs: Vec<Runs>,
+}
+
+fn group_len(chunks: u64, g: u64) -> u64 {
+    (chunks - g * GROUP_PAGES * ENTRIES_PER_PAGE).min(GROUP_PAGES * ENTRIES_PER_PAGE)
+}
+
+fn group_pages(chunks: u64, g: u64) -> Range<u64> {
+    g * GROUP_PAGES..((g + 1) * GROUP_PAGES).min(page_count(chunks))
+}
+
+/// Group `g`'s pages as never confirmed.
+fn never_pages(chunks: u64, g: u64) -> Pages {
+    let range = group_pages(chunks, g);
+    Pages {
+        ids: vec![Id::ZERO; (range.end - range.start) as usize],
+        runs: range.map(|p| vec![(0, page_len(chunks, p))]).collect(),
+    }
 }
 
 impl<'r> ConfirmState<'r> {
     pub fn never(chunks: u64) -> Self {
-        let pages = page_count(chunks);
+        let groups = group_count(page_count(chunks));
         ConfirmState {
             chunks,
             reader: None,
             inner: RefCell::new(Inner {
-                ids: vec![Id::ZERO; pages as usize],
-                runs: (0..pages).map(|p| vec![(0, page_len(chunks, p))]).collect(),
+                groups: (0..groups)
+                    .map(|g| Group { leaf: Id::ZERO, runs: vec![(0, group_len(chunks, g))], pages: None, doc: true })
+                    .collect(),
                 pages: BTreeMap::new(),
                 warnings: Vec::new(),
+                tree: None,
+                known: Known::None,
             }),
         }
     }
@@ -104,17 +173,17 @@ impl<'r> ConfirmState<'r> {
     /// The state a restore point left for `chunks` chunks; "never confirmed" (and the
     /// reason, as a warning) when there is none or it cannot be read.
     pub fn load(reader: &'r BlobReader<'r>, entry: &DiskEntry, chunks: u64) -> (Self, Option<String>) {
-        Self::load_with(reader, entry, chunks, &HashMap::new())
+        Self::load_with(reader, entry, chunks, Known::None)
     }
 
-    /// [`ConfirmState::load`], taking a page's summary from `known` (by page id) instead
-    /// of reading the page where it is there: a state whose pages are all known loads
-    /// without reading a page.
+    /// [`ConfirmState::load`], taking summaries from `known` instead of reading pages where
+    /// they are there: a state whose groups are all known loads without reading a page
+    /// (nor listing a group's pages).
     pub fn load_with(
         reader: &'r BlobReader<'r>,
         entry: &DiskEntry,
         chunks: u64,
-        known: &HashMap<Id, Runs>,
+        known: Known<'r>,
     ) -> (Self, Option<String>) {
         let Some(root) = entry.confirm_root else {
             return (Self::never(chunks), None);
@@ -134,24 +203,59 @@ impl<'r> ConfirmState<'r> {
         }
     }
 
-    fn read(reader: &'r BlobReader<'r>, root: Id, chunks: u64, known: &HashMap<Id, Runs>) -> Result<Self, CoreError> {
+    fn read(reader: &'r BlobReader<'r>, root: Id, chunks: u64, known: Known<'r>) -> Result<Self, CoreError> {
         let pages = page_count(chunks);
         let mut tree = TreeReader::new(reader, root, pages, DEFAULT_FANOUT)?;
         let mut s = Self::never(chunks);
         s.reader = Some(reader);
         let inner = s.inner.get_mut();
-        for p in 0..pages {
-            let id = tree.chunk(p)?;
-            inner.ids[p as usize] = id;
-            if !id.is_zero() {
-                let len = page_len(chunks, p);
-                inner.runs[p as usize] = match known.get(&id) {
-                    Some(runs) if runs.iter().map(|&(_, n)| n).sum::<u64>() == len => runs.clone(),
-                    _ => runs_of(&read_page(reader, id, len)?),
-                };
+        let listed = match &known {
+            Known::Groups { groups, .. } if groups.len() == inner.groups.len() => groups.as_slice(),
+            _ => &[],
+        };
+        let mut eager = Vec::new();
+        for (g, group) in inner.groups.iter_mut().enumerate() {
+            let g = g as u64;
+            group.leaf = tree.leaf_id(g)?;
+            if group.leaf.is_zero() {
+                continue;
+            }
+            match listed.get(g as usize) {
+                Some((leaf, runs)) if *leaf == group.leaf && total(runs) == group_len(chunks, g) => {
+                    group.runs = runs.clone();
+                }
+                _ => eager.push(g),
             }
         }
+        inner.tree = Some(tree);
+        inner.known = known;
+        for g in eager {
+            load_group(chunks, reader, inner, g)?;
+        }
         Ok(s)
+    }
+
+    /// Loads group `g`'s page ids and runs if they are not (a group that cannot be read
+    /// counts as never confirmed, with a warning).
+    fn ensure(&self, inner: &mut Inner<'r>, g: u64) {
+        if inner.groups[g as usize].pages.is_some() {
+            return;
+        }
+        let Some(reader) = self.reader else {
+            inner.groups[g as usize].pages = Some(never_pages(self.chunks, g));
+            return;
+        };
+        if let Err(e) = load_group(self.chunks, reader, inner, g) {
+            let range = group_pages(self.chunks, g);
+            inner.warnings.push(format!(
+                "confirmation pages {}..{} cannot be read ({e}); their chunks count as never confirmed",
+                range.start, range.end
+            ));
+            let group = &mut inner.groups[g as usize];
+            group.pages = Some(never_pages(self.chunks, g));
+            group.runs = vec![(0, group_len(self.chunks, g))];
+            group.doc = false;
+        }
     }
 
     /// Calls `f` with page `p`'s entries and changed flag, loading the page first if it
@@ -160,8 +264,11 @@ impl<'r> ConfirmState<'r> {
         let mut inner = self.inner.borrow_mut();
         let inner = &mut *inner;
         if !inner.pages.contains_key(&p) {
+            let g = p / GROUP_PAGES;
+            self.ensure(inner, g);
             let len = page_len(self.chunks, p);
-            let id = inner.ids[p as usize];
+            let at = (p % GROUP_PAGES) as usize;
+            let id = inner.groups[g as usize].pages.as_ref().expect("loaded").ids[at];
             let mut page = (vec![0; len as usize], false);
             if let Some(reader) = self.reader.filter(|_| !id.is_zero()) {
                 match read_page(reader, id, len) {
@@ -170,7 +277,13 @@ impl<'r> ConfirmState<'r> {
                         inner.warnings.push(format!(
                             "confirmation page {p} cannot be read ({e}); its chunks count as never confirmed"
                         ));
-                        inner.runs[p as usize] = vec![(0, len)];
+                        let group = &mut inner.groups[g as usize];
+                        let runs = &mut group.pages.as_mut().expect("loaded").runs[at];
+                        for &(r, n) in runs.iter() {
+                            add_run(&mut group.runs, r, -(n as i64));
+                        }
+                        add_run(&mut group.runs, 0, len as i64);
+                        *runs = vec![(0, len)];
                         page.1 = true;
                     }
                 }
@@ -184,6 +297,14 @@ impl<'r> ConfirmState<'r> {
         }
         let (last, dirty) = inner.pages.get_mut(&p).expect("loaded above");
         f(last, dirty)
+    }
+
+    /// Calls `f` with page `p`'s runs, loading its group first if it is not.
+    fn with_runs<T>(&self, p: u64, f: impl FnOnce(&Runs) -> T) -> T {
+        let mut inner = self.inner.borrow_mut();
+        let g = p / GROUP_PAGES;
+        self.ensure(&mut inner, g);
+        f(&inner.groups[g as usize].pages.as_ref().expect("loaded").runs[(p % GROUP_PAGES) as usize])
     }
 
     /// Warnings about pages that could not be loaded when needed.
@@ -208,17 +329,21 @@ impl<'r> ConfirmState<'r> {
             before
         });
         if before != run {
-            let runs = &mut self.inner.get_mut().runs[p as usize];
+            let group = &mut self.inner.get_mut().groups[(p / GROUP_PAGES) as usize];
+            let runs = &mut group.pages.as_mut().expect("loaded with the page").runs[(p % GROUP_PAGES) as usize];
             add_run(runs, before, -1);
             add_run(runs, run, 1);
+            add_run(&mut group.runs, before, -1);
+            add_run(&mut group.runs, run, 1);
         }
     }
 
-    /// How many chunks were last confirmed at each run, over the whole disk.
+    /// How many chunks were last confirmed at each run, over the whole disk (from the
+    /// groups' sums: no page is visited).
     fn histogram(&self) -> BTreeMap<u32, u64> {
         let mut hist = BTreeMap::new();
-        for runs in &self.inner.borrow().runs {
-            for &(r, n) in runs {
+        for group in &self.inner.borrow().groups {
+            for &(r, n) in &group.runs {
                 *hist.entry(r).or_default() += n;
             }
         }
@@ -227,95 +352,109 @@ impl<'r> ConfirmState<'r> {
 
     /// Stores the state; returns the root (`None` when nothing was ever confirmed). A
     /// page this run did not change keeps its id when a copy of it may be reused (like an
-    /// inherited chunk); otherwise it is read and stored again.
+    /// inherited chunk); otherwise it is read and stored again. A group this run did not
+    /// load keeps its leaf page whole when every page it lists, and the leaf page itself,
+    /// may be reused (the ids are checked, the pages not read).
     pub fn store(&mut self, sink: &mut BlobSink<'_, '_>) -> Result<Option<Id>, CoreError> {
         let pages = page_count(self.chunks);
         let mut tree = TreeWriter::new(pages, DEFAULT_FANOUT);
-        for p in 0..pages {
-            let (old, dirty) = {
-                let inner = self.inner.get_mut();
-                (inner.ids[p as usize], inner.pages.get(&p).is_some_and(|pg| pg.1))
-            };
-            let id = if !dirty && (old.is_zero() || sink.reusable(&old)) {
-                old
-            } else {
-                let last = self.with_page(p, |last, _| last.clone());
-                if last.iter().all(|&r| r == 0) {
-                    Id::ZERO
-                } else {
-                    sink.put(BlobKind::Confirm, &encode_page(&last))?
-                }
-            };
-            tree.push(id, &mut |ids: &[Id]| sink.page(ids))?;
-            let inner = self.inner.get_mut();
-            inner.ids[p as usize] = id;
-            if let Some(page) = inner.pages.get_mut(&p) {
-                page.1 = false;
+        let groups = self.inner.get_mut().groups.len() as u64;
+        let whole = tree.levels() > 1;
+        for g in 0..groups {
+            if whole && self.inherit(g, &mut tree, sink)? {
+                continue;
             }
+            self.ensure(&mut self.inner.borrow_mut(), g);
+            let mut ids = Vec::with_capacity(GROUP_PAGES as usize);
+            for p in group_pages(self.chunks, g) {
+                let at = (p % GROUP_PAGES) as usize;
+                let (old, dirty) = {
+                    let inner = self.inner.get_mut();
+                    let old = inner.groups[g as usize].pages.as_ref().expect("loaded").ids[at];
+                    (old, inner.pages.get(&p).is_some_and(|pg| pg.1))
+                };
+                let id = if !dirty && (old.is_zero() || sink.reusable(&old)) {
+                    old
+                } else {
+                    let last = self.with_page(p, |last, _| last.clone());
+                    if last.iter().all(|&r| r == 0) {
+                        Id::ZERO
+                    } else {
+                        sink.put(BlobKind::Confirm, &encode_page(&last))?
+                    }
+                };
+                tree.push(id, &mut |ids: &[Id]| sink.page(ids))?;
+                ids.push(id);
+                let inner = self.inner.get_mut();
+                inner.groups[g as usize].pages.as_mut().expect("loaded").ids[at] = id;
+                if let Some(page) = inner.pages.get_mut(&p) {
+                    page.1 = false;
+                }
+            }
+            let group = &mut self.inner.get_mut().groups[g as usize];
+            let leaf = sink.page_id(&ids);
+            group.doc &= leaf == group.leaf;
+            group.leaf = leaf;
         }
         let root = tree.finish(&mut |ids: &[Id]| sink.page(ids))?;
         Ok((!root.is_zero()).then_some(root))
     }
 
-    /// The summaries of the stored pages, by id (after [`ConfirmState::store`]), encoded
-    /// ([`blockproof_format::confirm::encode_summaries`]).
-    pub fn summaries(&self) -> Vec<u8> {
-        let inner = self.inner.borrow();
-        let pages: Vec<(Id, &Runs)> =
-            inner.ids.iter().zip(&inner.runs).filter(|(id, _)| !id.is_zero()).map(|(id, r)| (*id, r)).collect();
-        blockproof_format::confirm::encode_summaries(&pages)
-    }
-
-    /// Coverage after run `run`, given how this run sampled (docs/VERIFICATION.md, "The
-    /// bound"). From the pages' runs: no chunk is visited.
-    pub fn coverage(&self, run: u32, sampling: &Sampling) -> Coverage {
-        let chunks = self.chunks;
-        let hist = self.histogram();
-        let never = hist.get(&0).copied().unwrap_or(0);
-        let oldest = hist.keys().copied().find(|&r| r > 0).unwrap_or(run);
-        let (rate, bound) = sampling.rate(chunks);
-        Coverage {
-            chunks,
-            never_confirmed: never,
-            oldest_confirmed_runs_ago: u64::from(run.saturating_sub(oldest)),
-            full_coverage_within_runs: rate.map_or(0, |r| self.bound(run, r, hist)),
-            bound: Some(bound),
-            sampled_per_run: rate,
-            budget_chunks: sampling.budget_chunks,
-            cut_short: sampling.cut_short,
+    /// Takes group `g`, which this run did not load, whole from the restore point's tree
+    /// if it may be: true when it did.
+    fn inherit(&mut self, g: u64, tree: &mut TreeWriter, sink: &mut BlobSink<'_, '_>) -> Result<bool, CoreError> {
+        let inner = self.inner.get_mut();
+        let group = &inner.groups[g as usize];
+        if group.pages.is_some() {
+            return Ok(false);
         }
-    }
-
-    /// The bound `K` after run `run` if every later run samples at least `rate` chunks
-    /// besides the first (which is compared every run and not counted): for a chunk last
-    /// confirmed at run `v`, at most `p` other chunks (the first excluded) have been
-    /// confirmed no later than it, and each later run in which it is not sampled samples
-    /// `rate` of those `p`, which then leave that set for good — so it is confirmed again
-    /// by the `⌊p / rate⌋ + 1`-th later run, `run − v + ⌊p / rate⌋ + 1` runs after `v`.
-    /// `K` is the largest such gap: at least `⌈(chunks − 1) / rate⌉` (the steady state, from
-    /// the chunks confirmed last), never below `oldest_confirmed_runs_ago + 1`. `hist`:
-    /// every chunk's run, counted.
-    fn bound(&self, run: u32, rate: u64, mut hist: BTreeMap<u32, u64>) -> u64 {
-        if self.chunks <= 1 {
-            return 1;
-        }
-        // The first chunk does not count.
-        let first = self.get(0);
-        if let Some(n) = hist.get_mut(&first) {
-            *n -= 1;
-            if *n == 0 {
-                hist.remove(&first);
+        let leaf = group.leaf;
+        if !leaf.is_zero() {
+            let Some(ids) = inner.tree.as_mut().and_then(|t| t.leaf(g).ok()) else {
+                return Ok(false);
+            };
+            if !ids.iter().all(|id| id.is_zero() || sink.reusable(id)) {
+                return Ok(false);
+            }
+            // The leaf page was read whole just now; without a copy that may be reused it
+            // is stored again.
+            if !sink.reusable(&leaf) {
+                let again = sink.page(ids)?;
+                debug_assert_eq!(again, leaf);
             }
         }
-        // (The chunks confirmed last give the steady state, ⌈others / rate⌉.)
-        let mut at_or_before = 0u64;
-        let mut k = 1;
-        for (&v, &n) in &hist {
-            at_or_before += n;
-            let p = at_or_before - 1;
-            k = k.max(u64::from(run.saturating_sub(v)) + p / rate + 1);
+        tree.push_page(0, leaf, &mut |ids: &[Id]| sink.page(ids))?;
+        Ok(true)
+    }
+
+    /// The summary documents of the stored state (after [`ConfirmState::store`]), encoded
+    /// ([`blockproof_format::confirm`]): for a disk of one group its page summaries; else
+    /// the group list and the page summaries of every group this run stored anew (or whose
+    /// document was not known to be current).
+    pub fn summaries(&self) -> SummaryDocs {
+        let mut inner = self.inner.borrow_mut();
+        let encode_group = |group: &Group| {
+            let pages = group.pages.as_ref().expect("loaded");
+            let listed: Vec<(Id, &Runs)> =
+                pages.ids.iter().zip(&pages.runs).filter(|(id, _)| !id.is_zero()).map(|(id, r)| (*id, r)).collect();
+            blockproof_format::confirm::encode_summaries(&listed)
+        };
+        if inner.groups.len() <= 1 {
+            if inner.groups.is_empty() {
+                return SummaryDocs { list: blockproof_format::confirm::encode_summaries(&[]), groups: Vec::new() };
+            }
+            self.ensure(&mut inner, 0);
+            return SummaryDocs { list: encode_group(&inner.groups[0]), groups: Vec::new() };
         }
-        k
+        let groups = inner
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|(_, group)| group.pages.is_some() && !group.doc && !group.leaf.is_zero())
+            .map(|(g, group)| (g as u64, encode_group(group)))
+            .collect();
+        let list: Vec<(Id, &Runs)> = inner.groups.iter().map(|group| (group.leaf, &group.runs)).collect();
+        SummaryDocs { list: blockproof_format::confirm::encode_groups(&list), groups }
     }
 
     /// Every chunk's run, in order (tests).
@@ -323,6 +462,57 @@ impl<'r> ConfirmState<'r> {
     pub fn all(&self) -> Vec<u32> {
         (0..self.chunks).map(|c| self.get(c)).collect()
     }
+}
+
+/// Loads group `g`'s page ids (from its leaf page) and runs (from the summaries where they
+/// are known, else by reading the page); sets the group's summed runs from them.
+fn load_group<'r>(chunks: u64, reader: &'r BlobReader<'r>, inner: &mut Inner<'r>, g: u64) -> Result<(), CoreError> {
+    let range = group_pages(chunks, g);
+    let leaf = inner.groups[g as usize].leaf;
+    if leaf.is_zero() {
+        let group = &mut inner.groups[g as usize];
+        group.pages = Some(never_pages(chunks, g));
+        group.runs = vec![(0, group_len(chunks, g))];
+        return Ok(());
+    }
+    let ids = match inner.tree.as_mut() {
+        Some(tree) => tree.leaf(g)?.to_vec(),
+        None => vec![Id::ZERO; (range.end - range.start) as usize],
+    };
+    let from_doc = match &inner.known {
+        Known::Groups { load, .. } => load(g),
+        _ => HashMap::new(),
+    };
+    let known = match &inner.known {
+        Known::Pages(m) => m,
+        _ => &from_doc,
+    };
+    let mut doc = matches!(inner.known, Known::Groups { .. });
+    let mut runs = Vec::with_capacity(ids.len());
+    let mut sum = Runs::new();
+    for (p, id) in range.zip(&ids) {
+        let len = page_len(chunks, p);
+        let page = if id.is_zero() {
+            vec![(0, len)]
+        } else {
+            match known.get(id).filter(|r| total(r) == len) {
+                Some(r) => r.clone(),
+                None => {
+                    doc = false;
+                    runs_of(&read_page(reader, *id, len)?)
+                }
+            }
+        };
+        for &(r, n) in &page {
+            add_run(&mut sum, r, n as i64);
+        }
+        runs.push(page);
+    }
+    let group = &mut inner.groups[g as usize];
+    group.pages = Some(Pages { ids, runs });
+    group.runs = sum;
+    group.doc = doc;
+    Ok(())
 }
 
 fn page_len(chunks: u64, page: u64) -> u64 {
@@ -347,9 +537,11 @@ impl LastConfirmed for ConfirmState<'_> {
     fn add_runs(&self, range: Range<u64>, hist: &mut BTreeMap<u32, u64>) {
         let p = range.start / ENTRIES_PER_PAGE;
         if range.start == p * ENTRIES_PER_PAGE && range.end - range.start == page_len(self.chunks, p) {
-            for &(r, n) in &self.inner.borrow().runs[p as usize] {
-                *hist.entry(r).or_default() += n;
-            }
+            self.with_runs(p, |runs| {
+                for &(r, n) in runs {
+                    *hist.entry(r).or_default() += n;
+                }
+            });
         } else {
             for c in range {
                 *hist.entry(self.get(c)).or_default() += 1;
@@ -359,49 +551,7 @@ impl LastConfirmed for ConfirmState<'_> {
 
     fn may_hold(&self, range: Range<u64>, runs: Range<u32>) -> bool {
         let p = range.start / ENTRIES_PER_PAGE;
-        self.inner.borrow().runs[p as usize].iter().any(|(r, _)| runs.contains(r))
-    }
-}
-
-/// How one run sampled, for its coverage bound.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Sampling {
-    /// Verification is off (`--verify none`).
-    pub off: bool,
-    /// The budget's count part in chunks per run, the first chunk not counted (`None`:
-    /// no count part: `all`, or time only).
-    pub budget_chunks: Option<u64>,
-    /// Whether the budget has a time limit.
-    pub timed: bool,
-    /// Chunks sampled within the budget this run (the first chunk and chunks sampled as
-    /// evidence not counted).
-    pub sampled: u64,
-    /// The time limit that stopped sampling before the count was reached.
-    pub cut_short: Option<CutShort>,
-}
-
-impl Sampling {
-    /// The rate the bound may assume for later runs, and what it rests on.
-    fn rate(&self, chunks: u64) -> (Option<u64>, BoundBasis) {
-        if self.off {
-            return (None, BoundBasis::Off);
-        }
-        let (rate, basis) = match (self.budget_chunks, self.timed, self.cut_short) {
-            // A count without a time limit: every run samples it (or every candidate).
-            (Some(b), false, _) => (b, BoundBasis::Budget),
-            // `all` without a time limit: every candidate, every run.
-            (None, false, _) => (chunks.saturating_sub(1).max(1), BoundBasis::Budget),
-            // A count reached under a time limit: a later run may be cut short, so the
-            // bound assumes they reach it too.
-            (Some(b), true, None) => (b, BoundBasis::Achieved),
-            // A time limit decided: later runs are assumed to reach this run's sample.
-            _ => (self.sampled, BoundBasis::Achieved),
-        };
-        if rate == 0 {
-            (None, BoundBasis::None)
-        } else {
-            (Some(rate), basis)
-        }
+        self.with_runs(p, |page| page.iter().any(|(r, _)| runs.contains(r)))
     }
 }
 
@@ -411,143 +561,6 @@ mod tests {
 
     fn count(b: u64) -> Sampling {
         Sampling { budget_chunks: Some(b), sampled: b, ..Sampling::default() }
-    }
-
-    #[test]
-    fn the_steady_state_bound_is_the_others_over_the_rate() {
-        // 101 chunks: the first and 100 others.
-        let mut s = ConfirmState::never(101);
-        for c in 0..101 {
-            s.confirm(c, 1);
-        }
-        assert_eq!(s.coverage(1, &count(25)).full_coverage_within_runs, 4);
-        assert_eq!(s.coverage(1, &count(30)).full_coverage_within_runs, 4);
-        assert_eq!(s.coverage(1, &count(100)).full_coverage_within_runs, 1);
-        assert_eq!(s.coverage(1, &count(1000)).full_coverage_within_runs, 1);
-        let off = s.coverage(1, &Sampling { off: true, ..Sampling::default() });
-        assert_eq!((off.full_coverage_within_runs, off.bound), (0, Some(BoundBasis::Off)));
-        let none = s.coverage(1, &count(0));
-        assert_eq!((none.full_coverage_within_runs, none.bound), (0, Some(BoundBasis::None)));
-        // Staggered as sampling leaves it: 25 others confirmed at each of runs 4..=7.
-        for c in 1..101 {
-            s.confirm(c, 4 + ((c - 1) / 25) as u32);
-        }
-        s.confirm(0, 7); // the first chunk, every run
-        let c = s.coverage(7, &count(25));
-        assert_eq!((c.oldest_confirmed_runs_ago, c.full_coverage_within_runs), (3, 4));
-    }
-
-    #[test]
-    fn old_chunks_raise_the_bound_so_it_never_contradicts_the_state() {
-        // A deadline cut runs short: 10 of 100 others are 9 runs old.
-        let mut s = ConfirmState::never(101);
-        for c in 0..101 {
-            s.confirm(c, if (1..11).contains(&c) { 1 } else { 10 });
-        }
-        let cut = Sampling {
-            budget_chunks: Some(25),
-            timed: true,
-            sampled: 5,
-            cut_short: Some(CutShort::Deadline),
-            ..Sampling::default()
-        };
-        let c = s.coverage(10, &cut);
-        assert_eq!(c.bound, Some(BoundBasis::Achieved));
-        assert_eq!(c.sampled_per_run, Some(5));
-        // The 10 old ones: 9 runs old, 9 others at or before them → next sampled within
-        // ⌊9 / 5⌋ + 1 = 2 runs: 11. The rest: ⌈100 / 5⌉ = 20.
-        assert_eq!(c.full_coverage_within_runs, 20);
-        assert!(c.full_coverage_within_runs > c.oldest_confirmed_runs_ago);
-        // With the count honoured, the age still shows: 9 + ⌊9/25⌋ + 1 = 10 > ⌈100/25⌉.
-        assert_eq!(s.coverage(10, &count(25)).full_coverage_within_runs, 10);
-    }
-
-    #[test]
-    fn a_lone_first_chunk_and_never_confirmed_chunks() {
-        assert_eq!(ConfirmState::never(1).coverage(3, &count(5)).full_coverage_within_runs, 1);
-        let c = ConfirmState::never(11).coverage(2, &count(5));
-        assert_eq!((c.never_confirmed, c.full_coverage_within_runs), (11, 2 + 9 / 5 + 1));
-    }
-
-    /// The property behind `full_coverage_within_runs`: after every run `r`, every chunk is
-    /// confirmed again no later than `last_r[c] + K_r`, over random disk sizes, budgets,
-    /// change patterns and runs whose time limit cut the sample — for a `budget` bound
-    /// always, for an `achieved` one as long as later runs sample at least as much (the
-    /// condition it states). A lie — a chunk left stale — is detected when the chunk is
-    /// next sampled, so this bounds detection too. 400 random cases.
-    #[test]
-    fn the_bound_holds_for_random_budgets_disks_changes_and_cuts() {
-        use rand::{Rng, SeedableRng};
-        for seed in 0..400u64 {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let n = rng.gen_range(1..300u64);
-            let others = n.saturating_sub(1).max(1);
-            let budget = rng.gen_range(1..=others);
-            let change = rng.gen_range(0.0..0.3);
-            let timed = rng.gen_bool(0.4);
-            let runs = 40u32;
-            let mut state = ConfirmState::never(n);
-            // Run 1: a full read.
-            (0..n).for_each(|c| state.confirm(c, 1));
-            // (run, K, rate, basis, last) after each run.
-            let mut history: Vec<(u32, u64, u64, BoundBasis, Vec<u32>)> = Vec::new();
-            let mut samples = vec![0u64; runs as usize + 1];
-            for run in 2..=runs {
-                // Changes change tracking reports: read, so confirmed.
-                let changed: Vec<u64> = (0..n).filter(|_| rng.gen_bool(change)).collect();
-                let unread = crate::verify::tests_support::runs_without(n, &changed);
-                // A time limit may cut the count short.
-                let cut = timed && rng.gen_bool(0.5);
-                let take = if cut { rng.gen_range(0..=budget) } else { budget };
-                let picked = crate::verify::select(&state, &unread, Some(take), &mut rng);
-                for &c in changed.iter().chain(&picked) {
-                    state.confirm(c, run);
-                }
-                let sampled = picked.iter().filter(|&&c| c != 0).count() as u64;
-                samples[run as usize] = sampled;
-                let sampling = Sampling {
-                    off: false,
-                    budget_chunks: Some(budget),
-                    timed,
-                    sampled,
-                    cut_short: (cut && sampled < budget && sampled < unread_len(&unread, 0))
-                        .then_some(CutShort::Deadline),
-                };
-                let cov = state.coverage(run, &sampling);
-                assert!(
-                    cov.full_coverage_within_runs == 0 || cov.full_coverage_within_runs > cov.oldest_confirmed_runs_ago,
-                    "seed {seed}: a bound below the state's age"
-                );
-                history.push((
-                    run,
-                    cov.full_coverage_within_runs,
-                    cov.sampled_per_run.unwrap_or(0),
-                    cov.bound.unwrap(),
-                    state.all(),
-                ));
-                // Check every earlier claim whose deadline is this run.
-                for (r, k, rate, basis, last) in &history {
-                    if *k == 0 {
-                        continue;
-                    }
-                    let kept = *basis == BoundBasis::Budget
-                        || samples[(*r as usize + 1)..=run as usize].iter().all(|&s| s >= *rate);
-                    if !kept {
-                        continue;
-                    }
-                    for (c, &was) in last.iter().enumerate().skip(1) {
-                        let due = u64::from(was) + k;
-                        if u64::from(run) == due {
-                            assert!(
-                                state.get(c as u64) > was,
-                                "seed {seed}: chunk {c} confirmed at run {was} not again by run {run} (K {k} after \
-                                 run {r}, n {n}, budget {budget}, rate {rate}, {basis:?})"
-                            );
-                        }
-                    }
-                }
-            }
-        }
     }
 
     /// Stores `state` into `repo`; returns the root and the blobs written.
@@ -601,7 +614,7 @@ mod tests {
         // Loaded: no page is read until needed; the coverage comes from the summaries.
         let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
         let reader = BlobReader::new(&repo, &index);
-        let s = ConfirmState::read(&reader, root1, n, &HashMap::new()).unwrap();
+        let s = ConfirmState::read(&reader, root1, n, Known::None).unwrap();
         assert!(s.inner.borrow().pages.is_empty());
         let off = Sampling { off: true, ..Sampling::default() };
         let reference = ConfirmState::of(&model).coverage(4, &count(1000));
@@ -613,7 +626,7 @@ mod tests {
         assert_eq!(s.all(), model);
 
         // One chunk of page 2 confirmed again: only that page (and the root) is new.
-        let mut s = ConfirmState::read(&reader, root1, n, &HashMap::new()).unwrap();
+        let mut s = ConfirmState::read(&reader, root1, n, Known::None).unwrap();
         s.confirm(2 * ENTRIES_PER_PAGE + 7, 4);
         assert_eq!(s.inner.borrow().pages.len(), 1);
         let (root2, written) = store_in(&repo, &mut s);
@@ -624,22 +637,22 @@ mod tests {
         model[(2 * ENTRIES_PER_PAGE + 7) as usize] = 4;
         let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
         let reader = BlobReader::new(&repo, &index);
-        let s2 = ConfirmState::read(&reader, root2.unwrap(), n, &HashMap::new()).unwrap();
+        let s2 = ConfirmState::read(&reader, root2.unwrap(), n, Known::None).unwrap();
         assert_eq!(s2.all(), model);
 
         // With the pages' summaries (the state document a backup keeps), no page is read
         // to load: an index without the pages still loads it, and the coverage is right;
         // a page then needed and not readable counts as never confirmed, with a warning.
         let known: HashMap<Id, Runs> =
-            blockproof_format::confirm::decode_summaries(&s.summaries()).unwrap().into_iter().collect();
+            blockproof_format::confirm::decode_summaries(&s.summaries().list).unwrap().into_iter().collect();
         assert_eq!(known.len(), 3);
         let mut partial = blockproof_repo::BlobIndex::default();
         for (_, pack, entry) in index.iter().filter(|(id, _, _)| !ids2.contains(id)) {
             partial.add_pack(pack, std::slice::from_ref(&entry));
         }
         let reader = BlobReader::new(&repo, &partial);
-        assert!(ConfirmState::read(&reader, root2.unwrap(), n, &HashMap::new()).is_err());
-        let s3 = ConfirmState::read(&reader, root2.unwrap(), n, &known).unwrap();
+        assert!(ConfirmState::read(&reader, root2.unwrap(), n, Known::None).is_err());
+        let s3 = ConfirmState::read(&reader, root2.unwrap(), n, Known::Pages(known.clone())).unwrap();
         assert_eq!(s3.coverage(4, &off), ConfirmState::of(&model).coverage(4, &off));
         assert_eq!(s3.get(2 * ENTRIES_PER_PAGE + 7), 0);
         assert_eq!(s3.take_warnings().len(), 1);
@@ -680,7 +693,107 @@ mod tests {
         }
     }
 
-    fn unread_len(runs: &[std::ops::Range<u64>], skip_first: u64) -> u64 {
-        runs.iter().map(|r| r.end - r.start).sum::<u64>().saturating_sub(skip_first)
+    /// A state of three groups (the last one short): with the group list, a run that
+    /// changes one page loads only that page's group, stores only it (the others' leaf
+    /// pages are taken whole) and rewrites only its group document; the tree is the one
+    /// a run loading everything builds, and the version-1 summaries still load it.
+    #[test]
+    fn groups_not_touched_are_neither_loaded_nor_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = blockproof_repo::InitOptions {
+            kdf: blockproof_format::KdfParams::MIN,
+            ..blockproof_repo::InitOptions::default()
+        };
+        let backend = blockproof_store::LocalBackend::create(dir.path()).unwrap();
+        let repo = blockproof_repo::Repository::init(Box::new(backend), b"pw", &opts).unwrap();
+        let group = GROUP_PAGES * ENTRIES_PER_PAGE;
+        let n = 2 * group + 5 * ENTRIES_PER_PAGE + 77;
+        // Confirmed: a few chunks in pages of groups 0 and 2, one page of group 1.
+        let confirmed = [3, 5 * ENTRIES_PER_PAGE + 1, group + 7, 2 * group + 3 * ENTRIES_PER_PAGE, n - 1];
+        let mut s = ConfirmState::never(n);
+        confirmed.iter().for_each(|&c| s.confirm(c, 1));
+        let root1 = store_in(&repo, &mut s).0.unwrap();
+        let docs1 = s.summaries();
+        assert_eq!(docs1.groups.iter().map(|(g, _)| *g).collect::<Vec<_>>(), vec![0, 1, 2], "every group is new");
+        let group_docs: HashMap<u64, Vec<u8>> = docs1.groups.into_iter().collect();
+        let list = match blockproof_format::confirm::decode_any(&docs1.list).unwrap() {
+            blockproof_format::confirm::Summaries::Groups(g) => g,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(list.len(), 3);
+        assert_eq!(list[1].1, vec![(0, group - 1), (1, 1)]);
+        let loads = std::cell::Cell::new(0);
+        let known = || Known::Groups {
+            groups: list.clone(),
+            load: Box::new(|g| {
+                loads.set(loads.get() + 1);
+                blockproof_format::confirm::decode_summaries(&group_docs[&g]).unwrap().into_iter().collect()
+            }),
+        };
+
+        // Loaded with the list: no group's pages, the coverage from the sums.
+        let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
+        let reader = BlobReader::new(&repo, &index);
+        let mut s2 = ConfirmState::read(&reader, root1, n, known()).unwrap();
+        assert!(s2.inner.borrow().groups.iter().all(|g| g.pages.is_none()));
+        let off = Sampling { off: true, ..Sampling::default() };
+        assert_eq!(s2.coverage(2, &off).never_confirmed, n - confirmed.len() as u64);
+        // One chunk of group 1 confirmed again (chunk 0, which the bound looks up, is in
+        // group 0: that group is loaded, not changed).
+        s2.confirm(group + 8, 2);
+        assert_eq!(loads.get(), 1, "group 1 was loaded");
+        let loaded: Vec<bool> = s2.inner.borrow().groups.iter().map(|g| g.pages.is_some()).collect();
+        assert_eq!(loaded, vec![false, true, false]);
+        let (root2, written) = store_in(&repo, &mut s2);
+        assert_eq!(written, 1 + 1 + 1, "the page, group 1's leaf page and the root");
+        let docs2 = s2.summaries();
+        assert_eq!(docs2.groups.iter().map(|(g, _)| *g).collect::<Vec<_>>(), vec![1], "only group 1 is rewritten");
+        let list2 = match blockproof_format::confirm::decode_any(&docs2.list).unwrap() {
+            blockproof_format::confirm::Summaries::Groups(g) => g,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((list2[0].0, list2[2].0), (list[0].0, list[2].0));
+        assert_ne!(list2[1].0, list[1].0);
+        assert_eq!(list2[1].1, vec![(0, group - 2), (1, 1), (2, 1)]);
+
+        // The same content, every group loaded from the pages: the same tree and sums.
+        let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
+        let reader = BlobReader::new(&repo, &index);
+        let mut model = ConfirmState::never(n);
+        confirmed.iter().for_each(|&c| model.confirm(c, 1));
+        model.confirm(group + 8, 2);
+        assert_eq!(store_in(&repo, &mut model).0, root2);
+        let eager = ConfirmState::read(&reader, root2.unwrap(), n, Known::None).unwrap();
+        assert!(eager.inner.borrow().groups.iter().all(|g| g.pages.is_some()));
+        assert_eq!(eager.coverage(2, &off), s2.coverage(2, &off));
+        // A version-1 document of every page still loads it, and its stores write every
+        // group's document (the list replaces it).
+        let pages: HashMap<Id, Runs> = (0..3)
+            .flat_map(|g| {
+                let group = &eager.inner.borrow().groups[g];
+                let p = group.pages.as_ref().unwrap();
+                p.ids.iter().copied().zip(p.runs.iter().cloned()).filter(|(id, _)| !id.is_zero()).collect::<Vec<_>>()
+            })
+            .collect();
+        let mut v1 = ConfirmState::read(&reader, root2.unwrap(), n, Known::Pages(pages)).unwrap();
+        assert_eq!(v1.coverage(2, &off), s2.coverage(2, &off));
+        assert_eq!(store_in(&repo, &mut v1), (root2, 0));
+        assert_eq!(v1.summaries().groups.len(), 3);
+        // A list naming another leaf for a group: that group is loaded from its pages.
+        let mut stale = list2.clone();
+        stale[2].0 = Id([9; 32]);
+        let s3 = ConfirmState::read(
+            &reader,
+            root2.unwrap(),
+            n,
+            Known::Groups { groups: stale, load: Box::new(|_| HashMap::new()) },
+        )
+        .unwrap();
+        let loaded: Vec<bool> = s3.inner.borrow().groups.iter().map(|g| g.pages.is_some()).collect();
+        assert_eq!(loaded, vec![false, false, true]);
+        for c in confirmed.iter().flat_map(|&c| [c.saturating_sub(1), c, (c + 1).min(n - 1)]).chain([group + 8]) {
+            assert_eq!(s3.get(c), eager.get(c), "chunk {c}");
+        }
+        assert_eq!((s3.get(group + 8), s3.get(n - 1), s3.get(n - 2)), (2, 1, 0));
     }
 }

@@ -294,6 +294,9 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport, C
     let protected = protected(repo)?;
     let mut kept = Vec::new();
     let mut removed = Vec::new();
+    // The vm and disks of each snapshot removed (one that is already missing has none).
+    let mut disks_of_removed: Vec<(String, Vec<String>)> = Vec::new();
+    let disks = |s: &SnapshotInfo| (s.snapshot.vm.clone(), s.snapshot.disks.iter().map(|d| d.id.clone()).collect());
     if !opts.snapshots.is_empty() {
         let mut ids = Vec::new();
         for r in &opts.snapshots {
@@ -321,6 +324,7 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport, C
             if !ids.contains(&s.id) {
                 ids.push(s.id);
                 removed.push(decision(&s, vec!["named".into()]));
+                disks_of_removed.push(disks(&s));
             }
         }
     } else {
@@ -341,7 +345,10 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport, C
             for (i, s) in snaps.iter().enumerate() {
                 match keep.remove(&i) {
                     Some(reasons) => kept.push(decision(s, reasons)),
-                    None => removed.push(decision(s, vec![])),
+                    None => {
+                        removed.push(decision(s, vec![]));
+                        disks_of_removed.push(disks(s));
+                    }
                 }
             }
         }
@@ -361,6 +368,17 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport, C
         }
         // Their restore-test records go with them (what a crash here leaves, gc removes).
         crate::restore_test::remove_for(repo, &gone)?;
+        // And the confirmation page summaries of a disk no snapshot has any more (a cache:
+        // failing to remove them is a warning).
+        if !disks_of_removed.is_empty() {
+            let pruned = repo
+                .scan_snapshots()
+                .map_err(CoreError::from)
+                .and_then(|scan| crate::page_summaries::prune(repo, &disks_of_removed, &scan.snapshots));
+            if let Err(e) = pruned {
+                warnings.push(format!("the confirmation page summaries of a removed disk could not be removed: {e}"));
+            }
+        }
     }
     Ok(ForgetReport { dry_run: opts.dry_run, kept, removed, warnings })
 }

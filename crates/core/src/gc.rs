@@ -44,8 +44,23 @@ use blockproof_repo::{BlobIndex, Lock, LockKind, Marks, PackWriter, Repository, 
 use blockproof_store::Kind;
 use serde::{Deserialize, Serialize};
 
-use crate::live_blobs::{covered, for_each_live_list, mark, pack_usage, refuse_if_data_missing};
+use crate::live_blobs::{covered, for_each_live_list, mark, pack_usage, refuse_if_data_missing, LiveBlobs};
 use crate::{CoreError, Progress};
+
+#[cfg(test)]
+thread_local! {
+    /// Blob index loads by gc on this thread (tests).
+    static INDEX_LOADS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn load_index(repo: &Repository) -> Result<BlobIndex, CoreError> {
+    #[cfg(test)]
+    INDEX_LOADS.with(|n| n.set(n.get() + 1));
+    Ok(BlobIndex::load(repo)?)
+}
+
+/// The index, its marks and the packs stored, as one mark left them.
+type Marked = (BlobIndex, LiveBlobs, Vec<(String, Id)>);
 
 /// Backups whose lock is younger than a plan by less than this still block its sweep
 /// (clocks of different hosts may disagree).
@@ -172,7 +187,7 @@ fn collect(
     let lock = repo.lock(LockKind::Gc, "gc")?;
 
     // Mark, and refuse if referenced data is missing: before anything is deleted.
-    let index = BlobIndex::load(repo)?;
+    let index = load_index(repo)?;
     let live = mark(repo, &index)?;
     let stored = stored_packs(repo)?;
     refuse_if_data_missing(repo, &index, &live, &stored.iter().map(|(_, id)| *id).collect())?;
@@ -186,9 +201,10 @@ fn collect(
                 defer(repo, &plan.packs, report);
                 continue;
             }
-            // A sweep loads the index and marks again: one index in memory at a time.
-            marked = None;
-            sweep(repo, &lock, &name, &plan, report)?;
+            // A sweep loads the index and marks again: one index in memory at a time. One
+            // that changed nothing hands its marks back.
+            drop(marked.take());
+            marked = sweep(repo, &lock, &name, &plan, report)?;
         }
         let others: Vec<u64> =
             repo.live_locks()?.into_iter().filter(|(n, _)| n != lock.name()).map(|(_, l)| l.created).collect();
@@ -196,11 +212,11 @@ fn collect(
         report.restore_test_records_dropped = crate::restore_test::remove_orphans(repo)?;
     }
 
-    // Mark again after a sweep (it may have changed the index).
+    // Mark again after a sweep that changed the index.
     let (index, live, stored) = match marked {
         Some(m) => m,
         None => {
-            let index = BlobIndex::load(repo)?;
+            let index = load_index(repo)?;
             let live = mark(repo, &index)?;
             (index, live, stored_packs(repo)?)
         }
@@ -299,11 +315,18 @@ fn defer(repo: &Repository, packs: &[Id], report: &mut GcReport) {
 /// lock files say, a pack written after the plan was made, or after the oldest operation
 /// still running began (less [`CLOCK_SKEW`], since pack times are the store's clock and
 /// lock times their host's), is never deleted: it may be that operation's, and stays
-/// planned for a later gc.
-fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &mut GcReport) -> Result<(), CoreError> {
+/// planned for a later gc. A sweep that deletes nothing and rewrites no index file
+/// returns the index, marks and stored packs it read, for the caller to plan from.
+fn sweep(
+    repo: &Repository,
+    lock: &Lock<'_>,
+    name: &str,
+    plan: &Plan,
+    report: &mut GcReport,
+) -> Result<Option<Marked>, CoreError> {
     if blocked(repo, lock, plan)? {
         defer(repo, &plan.packs, report);
-        return Ok(());
+        return Ok(None);
     }
     let live_locks: Vec<_> = repo.live_locks()?.into_iter().filter(|(n, _)| n != lock.name()).map(|(_, l)| l).collect();
     let oldest_running = live_locks.iter().map(|l| l.created).min().unwrap_or(u64::MAX);
@@ -316,13 +339,14 @@ fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &m
         Err(e) => !e.is_not_found(),
     };
     // Mark again: snapshots committed since the plan count.
-    let index = BlobIndex::load(repo)?;
+    let index = load_index(repo)?;
     let live = mark(repo, &index)?;
     let planned: HashSet<Id> = plan.packs.iter().copied().collect();
     // Where else each blob lives: in a pack that stays and that exists. An index entry
     // of a pack that is gone (lost outside blockproof, or deleted under a backup that
     // then indexed it) is no copy: counting it would delete the last one.
-    let stored: HashSet<Id> = stored_packs(repo)?.into_iter().map(|(_, id)| id).collect();
+    let listing = stored_packs(repo)?;
+    let stored: HashSet<Id> = listing.iter().map(|(_, id)| *id).collect();
     let stays: Vec<bool> = index.packs().iter().map(|p| !planned.contains(p) && stored.contains(p)).collect();
     let elsewhere: Marks = covered(&index, &live, |pack| stays[pack as usize]);
     // Planned packs (by position) holding a referenced blob that has no copy elsewhere.
@@ -360,7 +384,14 @@ fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &m
     let dropped = |p: &Id| deletable.contains(p) || gone.contains(p);
     let rewrite: Vec<String> =
         index.file_packs().filter(|(_, packs)| packs.iter().any(dropped)).map(|(f, _)| f.to_string()).collect();
-    drop((index, live, elsewhere));
+    drop(elsewhere);
+    let unchanged = rewrite.is_empty() && deletable.is_empty();
+    let marked = if unchanged {
+        Some((index, live, listing))
+    } else {
+        drop((index, live));
+        None
+    };
     // Nothing is deleted by a gc that may have lost its lock (stopped for too long).
     lock.ensure_held()?;
     // New index files without the deleted packs, then remove the old ones.
@@ -391,7 +422,7 @@ fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &m
         let rest = Plan { packs: kept, ..plan.clone() };
         repo.write_doc(Kind::State, ObjectMagic::State, name, &serde_json::to_vec(&rest).expect("a plan serializes"))?;
     }
-    Ok(())
+    Ok(marked)
 }
 
 /// Whether a backup that could use the plan's packs may still run: a live shared lock
@@ -399,4 +430,35 @@ fn sweep(repo: &Repository, lock: &Lock<'_>, name: &str, plan: &Plan, report: &m
 fn blocked(repo: &Repository, lock: &Lock<'_>, plan: &Plan) -> Result<bool, CoreError> {
     let live: Vec<_> = repo.live_locks()?.into_iter().filter(|(n, _)| n != lock.name()).map(|(_, l)| l).collect();
     Ok(live.iter().any(|l| l.kind == LockKind::Shared && l.created <= plan.created + CLOCK_SKEW.as_secs()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sweep that deletes nothing (here: a plan of packs already gone) hands its marks
+    /// back: gc loads the index once to mark and once in the sweep, not a third time.
+    #[test]
+    fn a_sweep_that_changes_nothing_does_not_reload_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = blockproof_repo::InitOptions {
+            kdf: blockproof_format::KdfParams::MIN,
+            ..blockproof_repo::InitOptions::default()
+        };
+        let backend = blockproof_store::LocalBackend::create(dir.path()).unwrap();
+        let repo = Repository::init(Box::new(backend), b"pw", &opts).unwrap();
+        let loads = || INDEX_LOADS.with(|n| n.get());
+        let plan = Plan { created: 0, host: "h".into(), packs: vec![Id([7; 32])] };
+        let bytes = serde_json::to_vec(&plan).unwrap();
+        repo.write_doc(Kind::State, ObjectMagic::State, "gc-plan-0000000000000000", &bytes).unwrap();
+        let before = loads();
+        let report = gc(&repo, &GcOptions::default(), &crate::NoProgress).unwrap();
+        assert_eq!((report.packs_deleted, report.packs_deferred), (0, 0));
+        assert!(plans(&repo).unwrap().is_empty(), "the plan is done");
+        assert_eq!(loads() - before, 2, "marked, swept; no reload");
+        // Without a plan: one load.
+        let before = loads();
+        gc(&repo, &GcOptions::default(), &crate::NoProgress).unwrap();
+        assert_eq!(loads() - before, 1);
+    }
 }

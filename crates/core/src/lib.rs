@@ -46,6 +46,7 @@ pub mod gc;
 pub mod image;
 mod integrity;
 mod live_blobs;
+mod page_summaries;
 mod pipeline;
 mod plan;
 pub mod recompress;

@@ -171,6 +171,16 @@ impl<'a, 'd> BlobSink<'a, 'd> {
     pub(crate) fn page(&mut self, ids: &[Id]) -> Result<Id, CoreError> {
         self.put(BlobKind::Tree, &encode_page(ids))
     }
+
+    /// The id [`BlobSink::page`] gives a page of `ids` (zero for one of zero ids, which a
+    /// tree does not store), without storing it.
+    pub(crate) fn page_id(&self, ids: &[Id]) -> Id {
+        if ids.iter().all(Id::is_zero) {
+            Id::ZERO
+        } else {
+            self.codec.keys().blob_id(&encode_page(ids))
+        }
+    }
 }
 
 /// At most this many chunks of evidence are kept per disk to be re-read.

@@ -535,3 +535,227 @@ fn damaged_page_summaries_only_cost_reading_the_pages() {
     }
     assert_eq!(docs().len(), 1, "rewritten whole");
 }
+
+/// A disk's confirmation page summaries go when its last snapshot does (forget), not
+/// before, and another vm's stay.
+#[test]
+fn forgetting_a_disks_last_snapshot_removes_its_page_summaries() {
+    use blockproof_core::{forget, ForgetOptions, KeepPolicy, RetentionScope};
+    use blockproof_store::Kind;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let data = content(2 << 20);
+    let a1 = backup(&repo, opts(disk(data.clone(), None)), &NoProgress).unwrap();
+    let a2 = backup(&repo, opts(disk(data.clone(), None)), &NoProgress).unwrap();
+    let mut other = opts(disk(data, None));
+    other.vm = "other".into();
+    backup(&repo, other, &NoProgress).unwrap();
+    let docs = || -> Vec<String> {
+        let mut d: Vec<String> =
+            repo.backend().list(Kind::State).unwrap().into_iter().filter(|n| n.starts_with("confirm-")).collect();
+        d.sort();
+        d
+    };
+    let all = docs();
+    assert_eq!(all.len(), 2, "one per vm and disk");
+    let forget_one = |id: blockproof_format::Id| {
+        let o = ForgetOptions {
+            snapshots: vec![id.to_hex()],
+            policy: KeepPolicy::default(),
+            vm: None,
+            scope: RetentionScope::default(),
+            dry_run: false,
+        };
+        forget(&repo, &o).unwrap()
+    };
+    let r = forget_one(a1.snapshot);
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    assert_eq!(docs(), all, "a snapshot of the disk remains");
+    forget_one(a2.snapshot);
+    let left = docs();
+    assert_eq!(left.len(), 1, "{left:?}");
+    // The one left is the other vm's: its next backup still finds its summaries.
+    assert!(all.contains(&left[0]));
+    assert!(repo.snapshots().unwrap().iter().all(|s| s.snapshot.vm == "other"));
+}
+
+/// A sparse disk in memory: `size` bytes, zero but for the chunks (4 KiB) in `data`, whose
+/// bytes are `fill`; its allocation map reports the rest as zero.
+struct SparseDisk {
+    size: u64,
+    data: Vec<u64>,
+    fill: u8,
+}
+
+impl BlockSource for SparseDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_ranges(
+        &mut self,
+        ranges: &mut dyn Iterator<Item = (u64, usize)>,
+        sink: &mut dyn FnMut(u64, Vec<u8>) -> bool,
+    ) -> Result<(), SourceError> {
+        for (offset, len) in ranges {
+            let mut buf = vec![0u8; len];
+            for c in &self.data {
+                let (start, end) = (c * 4096, c * 4096 + 4096);
+                if start < offset + len as u64 && offset < end {
+                    let (a, b) = (start.max(offset), end.min(offset + len as u64));
+                    buf[(a - offset) as usize..(b - offset) as usize].fill(self.fill ^ (*c as u8));
+                }
+            }
+            if !sink(offset, buf) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn zero_ranges(&mut self) -> Result<Vec<(u64, u64)>, SourceError> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut data = self.data.clone();
+        data.sort_unstable();
+        for c in data {
+            if c * 4096 > at {
+                out.push((at, c * 4096 - at));
+            }
+            at = c * 4096 + 4096;
+        }
+        if at < self.size {
+            out.push((at, self.size - at));
+        }
+        Ok(out)
+    }
+
+    fn describe(&self) -> String {
+        "sparse".into()
+    }
+}
+
+/// A disk of more than one group of confirmation pages (1024 pages of 16 384 chunks):
+/// the backup keeps a group list and one document per group; an incremental changing
+/// one chunk rewrites that group's document only, and reports the coverage a backup
+/// reading every page reports.
+#[test]
+fn a_large_disks_page_summaries_are_kept_per_group() {
+    use blockproof_store::Kind;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = small_chunk_repo(dir.path());
+    let group = 1024 * 16384u64;
+    let size = (group + 3 * 16384 + 10) * 4096;
+    let data = vec![5, group / 2, group + 2 * 16384 + 1];
+    let sparse = |fill: u8, changes: Option<Vec<(u64, u64)>>| {
+        let source = Box::new(SparseDisk { size, data: data.clone(), fill });
+        let mut o = opts(DiskInput {
+            id: "d".into(),
+            cbt: "changes:test".into(),
+            open: Box::new(move |_, _| {
+                let mut opened = OpenedDisk::full(source, "unused");
+                opened.changes = match changes {
+                    Some(r) => Changes::ranges(r),
+                    None => Changes::All { reason: "test".into() },
+                };
+                Ok(opened)
+            }),
+            verify: None,
+        });
+        o.verify = blockproof_core::Budget { nothing: true, ..Default::default() };
+        o
+    };
+    let docs = || -> std::collections::BTreeMap<String, Vec<u8>> {
+        let state = dir.path().join("repo/state");
+        repo.backend()
+            .list(Kind::State)
+            .unwrap()
+            .into_iter()
+            .filter(|n| n.starts_with("confirm-"))
+            .map(|n| (n.clone(), std::fs::read(state.join(&n)).unwrap()))
+            .collect()
+    };
+    let full = backup(&repo, sparse(1, None), &NoProgress).unwrap();
+    assert_eq!(full.disks[0].coverage.never_confirmed, size / 4096 - 3);
+    let first = docs();
+    let names: Vec<&String> = first.keys().collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    let list = names[0].clone();
+    assert_eq!((names[1], names[2]), (&format!("{list}-0"), &format!("{list}-1")));
+    // The chunk in group 1 changes.
+    let changed = group + 2 * 16384 + 1;
+    let r = backup(&repo, sparse(2, Some(vec![(changed * 4096, 4096)])), &NoProgress).unwrap();
+    let d = &r.disks[0];
+    assert_eq!(
+        (d.mode, d.bytes_read),
+        (blockproof_format::manifest::ReadMode::Incremental, 4096),
+        "{:?}",
+        d.full_reason
+    );
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    let second = docs();
+    assert_eq!(second[&format!("{list}-0")], first[&format!("{list}-0")], "group 0's document untouched");
+    assert_ne!(second[&format!("{list}-1")], first[&format!("{list}-1")]);
+    assert_ne!(second[&list], first[&list]);
+    // The same coverage as a backup that finds no summaries and reads every page.
+    for n in second.keys() {
+        std::fs::remove_file(dir.path().join("repo/state").join(n)).unwrap();
+    }
+    let again = backup(&repo, sparse(2, Some(vec![])), &NoProgress).unwrap();
+    let (a, b) = (&again.disks[0].coverage, &r.disks[0].coverage);
+    assert_eq!((a.never_confirmed, a.oldest_confirmed_runs_ago), (b.never_confirmed, b.oldest_confirmed_runs_ago + 1));
+    assert_eq!(docs().len(), 3);
+    let c = check(&repo, &CheckOptions { read_data: Some(Default::default()) }, &NoProgress).unwrap();
+    assert!(c.ok, "{:?}", c.errors);
+    assert_eq!(
+        restored_sparse_chunk(&repo, dir.path(), &again.snapshot.to_hex(), changed),
+        vec![2 ^ changed as u8; 4096]
+    );
+}
+
+fn restored_sparse_chunk(repo: &Repository, dir: &std::path::Path, snapshot: &str, chunk: u64) -> Vec<u8> {
+    let latest = repo.snapshots().unwrap().into_iter().find(|s| s.id.to_hex() == snapshot).unwrap();
+    let e = &latest.snapshot.disks[0];
+    let index = blockproof_repo::BlobIndex::load(repo).unwrap();
+    let reader = blockproof_repo::BlobReader::new(repo, &index);
+    let mut tree = blockproof_repo::TreeReader::new(
+        &reader,
+        e.index_root,
+        e.size / 4096 + (e.size % 4096 > 0) as u64,
+        e.index_fanout,
+    )
+    .unwrap();
+    let _ = dir;
+    reader.read(&tree.chunk(chunk).unwrap(), blockproof_format::BlobKind::Data).unwrap()
+}
+
+/// A disk the vm no longer has loses its page summaries when a policy forgets its last
+/// snapshot; the disk the vm still has keeps its own.
+#[test]
+fn a_policy_forgetting_a_dropped_disks_last_snapshot_removes_only_its_summaries() {
+    use blockproof_core::{forget, ForgetOptions, KeepPolicy, RetentionScope};
+    use blockproof_store::Kind;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let data = content(1 << 20);
+    let second = DiskInput::source(
+        "d2",
+        Box::new(MemDisk { data: data.clone(), fail_after: None, reads: AtomicU64::new(0), zero: vec![] }),
+    );
+    let mut both = opts(disk(data.clone(), None));
+    both.disks.push(second);
+    backup(&repo, both, &NoProgress).unwrap();
+    let docs = || repo.backend().list(Kind::State).unwrap().into_iter().filter(|n| n.starts_with("confirm-")).count();
+    assert_eq!(docs(), 2);
+    backup(&repo, opts(disk(data, None)), &NoProgress).unwrap();
+    let o = ForgetOptions {
+        snapshots: vec![],
+        policy: KeepPolicy { last: Some(1), ..KeepPolicy::default() },
+        vm: None,
+        scope: RetentionScope::Vm,
+        dry_run: false,
+    };
+    let r = forget(&repo, &o).unwrap();
+    assert_eq!((r.removed.len(), r.kept.len()), (1, 1));
+    assert_eq!(docs(), 1, "d2's summaries went with its last snapshot, d's stay");
+}

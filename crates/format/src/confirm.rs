@@ -11,9 +11,13 @@
 //! `confirm_root`; the tree's "chunks" are the pages.
 //!
 //! **Page summaries** (a cache, not part of the restore point): for each stored page, by
-//! its id, how many of its entries hold each run number. A backup keeps them in a state
-//! document per disk ([`encode_summaries`]) so that the next one knows every page's
+//! its id, how many of its entries hold each run number. A backup keeps them in state
+//! documents per disk ([`encode_summaries`]) so that the next one knows every page's
 //! summary without reading the page; a page whose id the document does not list is read.
+//! A disk of more than one **group** (the [`GROUP_PAGES`] pages one leaf page of the tree
+//! lists) keeps one such document per group and a **group list** ([`encode_groups`]):
+//! per group the id of its leaf page and its summed runs, so that a backup touching few
+//! groups reads and rewrites only those.
 
 use crate::{FormatError, Id, Reader};
 
@@ -48,6 +52,16 @@ pub fn decode_page(buf: &[u8], len: usize) -> Result<Vec<u32>, FormatError> {
 /// The magic and version opening an encoded set of page summaries.
 pub const SUMMARY_MAGIC: &[u8; 4] = b"BPCS";
 pub const SUMMARY_VERSION: u16 = 1;
+/// The version of a group list: the same layout, one entry per group.
+pub const GROUPS_VERSION: u16 = 2;
+
+/// Pages per group: the pages one leaf page of the confirmation tree lists.
+pub const GROUP_PAGES: u64 = crate::tree::DEFAULT_FANOUT as u64;
+
+/// Groups needed for `pages` pages.
+pub fn group_count(pages: u64) -> u64 {
+    pages.div_ceil(GROUP_PAGES)
+}
 
 /// How many entries of a page hold each run: `(run, count)`, runs ascending, counts > 0.
 pub type PageRuns = Vec<(u32, u64)>;
@@ -55,9 +69,20 @@ pub type PageRuns = Vec<(u32, u64)>;
 /// Encodes page summaries: `"BPCS" | version u16 | count u32`, then per page `id (32) |
 /// runs u16 | runs × (run u32 | count u64)`, all little-endian.
 pub fn encode_summaries(pages: &[(Id, &PageRuns)]) -> Vec<u8> {
+    encode(SUMMARY_VERSION, pages)
+}
+
+/// Encodes a group list (version 2): the layout of [`encode_summaries`], per group (in
+/// order, every group of the disk) the id of its leaf page (zero: no page of the group is
+/// stored) and how many entries of the whole group hold each run.
+pub fn encode_groups(groups: &[(Id, &PageRuns)]) -> Vec<u8> {
+    encode(GROUPS_VERSION, groups)
+}
+
+fn encode(version: u16, pages: &[(Id, &PageRuns)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(10 + pages.len() * 60);
     out.extend_from_slice(SUMMARY_MAGIC);
-    out.extend_from_slice(&SUMMARY_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
     for (id, runs) in pages {
         out.extend_from_slice(&id.0);
@@ -70,17 +95,37 @@ pub fn encode_summaries(pages: &[(Id, &PageRuns)]) -> Vec<u8> {
     out
 }
 
-/// Decodes page summaries; a page whose runs are not ascending, count zero or more than
-/// a page holds, or an unknown version, is an error.
+/// A decoded summary document: page summaries (version 1) or a group list (version 2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Summaries {
+    Pages(Vec<(Id, PageRuns)>),
+    Groups(Vec<(Id, PageRuns)>),
+}
+
+/// Decodes page summaries (version 1 only); a page whose runs are not ascending, count
+/// zero or more than a page holds, or another version, is an error.
 pub fn decode_summaries(buf: &[u8]) -> Result<Vec<(Id, PageRuns)>, FormatError> {
+    match decode_any(buf)? {
+        Summaries::Pages(p) => Ok(p),
+        Summaries::Groups(_) => {
+            Err(FormatError::Malformed { what: "confirmation page summaries", detail: "a group list".into() })
+        }
+    }
+}
+
+/// Decodes either version: page summaries (1) or a group list (2, whose entries may
+/// count up to a group's entries, [`GROUP_PAGES`] pages).
+pub fn decode_any(buf: &[u8]) -> Result<Summaries, FormatError> {
     let mut r = Reader::new(buf, "confirmation page summaries");
     if &r.array::<4>()? != SUMMARY_MAGIC {
         return Err(r.malformed("bad magic"));
     }
     let version = r.u16()?;
-    if version != SUMMARY_VERSION {
-        return Err(r.malformed(format!("version {version}")));
-    }
+    let limit = match version {
+        SUMMARY_VERSION => ENTRIES_PER_PAGE,
+        GROUPS_VERSION => ENTRIES_PER_PAGE * GROUP_PAGES,
+        _ => return Err(r.malformed(format!("version {version}"))),
+    };
     let count = r.u32()?;
     let mut out = Vec::with_capacity((count as usize).min(buf.len() / 34));
     for _ in 0..count {
@@ -94,13 +139,13 @@ pub fn decode_summaries(buf: &[u8]) -> Result<Vec<(Id, PageRuns)>, FormatError> 
             }
             runs.push((run, n));
         }
-        if runs.iter().map(|&(_, n)| n).sum::<u64>() > ENTRIES_PER_PAGE {
+        if runs.iter().map(|&(_, n)| n).sum::<u64>() > limit {
             return Err(r.malformed(format!("page {id}: more entries than a page holds")));
         }
         out.push((id, runs));
     }
     r.finish()?;
-    Ok(out)
+    Ok(if version == SUMMARY_VERSION { Summaries::Pages(out) } else { Summaries::Groups(out) })
 }
 
 #[cfg(test)]
@@ -125,6 +170,32 @@ mod tests {
         assert!(decode_summaries(&bad).is_err(), "an unknown version");
         let unordered: PageRuns = vec![(5, 1), (5, 1)];
         assert!(decode_summaries(&encode_summaries(&[(Id([3; 32]), &unordered)])).is_err());
+    }
+
+    #[test]
+    fn group_lists_are_pinned_and_both_versions_read() {
+        let a: PageRuns = vec![(0, 5), (3, ENTRIES_PER_PAGE * GROUP_PAGES - 5)];
+        let enc = encode_groups(&[(Id([4; 32]), &a), (Id::ZERO, &vec![(0, 16384)])]);
+        let mut want = b"BPCS\x02\x00\x02\x00\x00\x00".to_vec();
+        want.extend_from_slice(&[4; 32]);
+        want.extend_from_slice(&[
+            2, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0xfb, 0xff, 0xff, 0, 0, 0, 0, 0,
+        ]);
+        want.extend_from_slice(&[0; 32]);
+        want.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(enc, want);
+        assert_eq!(
+            decode_any(&enc).unwrap(),
+            Summaries::Groups(vec![(Id([4; 32]), a.clone()), (Id::ZERO, vec![(0, 16384)])])
+        );
+        assert!(decode_summaries(&enc).is_err(), "a group list is not page summaries");
+        let pages = encode_summaries(&[(Id([1; 32]), &vec![(1, 7)])]);
+        assert_eq!(decode_any(&pages).unwrap(), Summaries::Pages(vec![(Id([1; 32]), vec![(1, 7)])]));
+        // A page's summary may not count a group's entries.
+        assert!(decode_any(&encode_summaries(&[(Id([1; 32]), &a)])).is_err());
+        let too_many: PageRuns = vec![(1, ENTRIES_PER_PAGE * GROUP_PAGES + 1)];
+        assert!(decode_any(&encode_groups(&[(Id([1; 32]), &too_many)])).is_err());
+        assert_eq!((GROUP_PAGES, group_count(0), group_count(1024), group_count(1025)), (1024, 0, 1, 2));
     }
 
     #[test]
