@@ -166,31 +166,13 @@ impl BlobIndex {
         }
         let mut builder = IndexBuilder::new();
         let mut skipped = Skipped::default();
-        for name in repo.backend().list(Kind::Index)? {
-            if !Id::is_file_name(&name) {
-                if strict {
-                    return Err(stray_error(Kind::Index, &name));
-                }
-                skipped.stray.push(format!("{}/{name}", Kind::Index.dir()));
-                continue;
-            }
-            // An index file replaced by garbage collection between listing and reading
-            // is skipped: its successor, if listed, holds what is still needed.
-            let file = match repo.read_index_file(&name) {
-                Ok(f) => f,
-                Err(RepoError::Store(e)) if e.is_not_found() => continue,
-                Err(e) if !strict && e.is_damage() => {
-                    skipped.damaged.push(e.to_string());
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
+        for name in list_files(repo, strict, &mut skipped)? {
+            let Some(file) = read_listed(repo, &name, strict, &mut skipped)? else { continue };
             for (pack, entries) in file.packs.iter().filter(|(p, _)| !excluded.contains(p)) {
                 builder.add_pack(*pack, entries);
             }
             builder.index.push_file(name, &file);
         }
-        skipped.stray.sort();
         Ok((builder.finish(), skipped))
     }
 
@@ -399,6 +381,43 @@ impl BlobIndex {
             self.add_pack(*pack, entries);
         }
         self.push_file(name, file);
+    }
+}
+
+/// The index files listed, in listing order; a stray file is an error when `strict`,
+/// else recorded in `skipped` (sorted).
+fn list_files(repo: &Repository, strict: bool, skipped: &mut Skipped) -> Result<Vec<String>, RepoError> {
+    let mut names = Vec::new();
+    for name in repo.backend().list(Kind::Index)? {
+        if Id::is_file_name(&name) {
+            names.push(name);
+        } else if strict {
+            return Err(stray_error(Kind::Index, &name));
+        } else {
+            skipped.stray.push(format!("{}/{name}", Kind::Index.dir()));
+        }
+    }
+    skipped.stray.sort();
+    Ok(names)
+}
+
+/// Reads a listed index file: `None` for one removed since the listing (garbage
+/// collection replaced it: its successor, if listed, holds what is still needed) or, when
+/// not `strict`, a damaged one (recorded in `skipped`).
+fn read_listed(
+    repo: &Repository,
+    name: &str,
+    strict: bool,
+    skipped: &mut Skipped,
+) -> Result<Option<IndexFile>, RepoError> {
+    match repo.read_index_file(name) {
+        Ok(f) => Ok(Some(f)),
+        Err(RepoError::Store(e)) if e.is_not_found() => Ok(None),
+        Err(e) if !strict && e.is_damage() => {
+            skipped.damaged.push(e.to_string());
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -622,4 +641,4 @@ impl<'a> BlobReader<'a> {
 
 pub(crate) mod load;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

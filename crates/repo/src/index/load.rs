@@ -4,11 +4,10 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use blockproof_format::{Id, IndexFile};
-use blockproof_store::Kind;
 
-use super::{BlobIndex, PackLayout};
+use super::{list_files, read_listed, BlobIndex, PackLayout};
 use crate::index_cache::{build, BuildError, CachedTable, Meta, CACHE_FILE};
-use crate::scan::{stray_error, Skipped};
+use crate::scan::Skipped;
 use crate::{RepoError, Repository};
 
 /// Index files written since the cache was built that are read into memory on top of
@@ -50,18 +49,7 @@ impl BlobIndex {
         strict: bool,
     ) -> Result<Option<(Self, Skipped)>, RepoError> {
         let mut skipped = Skipped::default();
-        let mut names = Vec::new();
-        for name in repo.backend().list(Kind::Index)? {
-            if !Id::is_file_name(&name) {
-                if strict {
-                    return Err(stray_error(Kind::Index, &name));
-                }
-                skipped.stray.push(format!("{}/{name}", Kind::Index.dir()));
-                continue;
-            }
-            names.push(name);
-        }
-        skipped.stray.sort();
+        let names = list_files(repo, strict, &mut skipped)?;
         let path = dir.join(CACHE_FILE);
         let mut opened = CachedTable::open(&path, repo).ok();
         let mut cover = coverage(&names, opened.as_ref().map(|(_, m)| m));
@@ -122,9 +110,8 @@ fn slots(files: &[(String, IndexFile)]) -> usize {
     files.iter().map(|(_, f)| f.packs.iter().map(|(_, e)| e.len()).sum::<usize>()).sum()
 }
 
-/// Reads index files into memory, as the in-memory loader does (a file gone since the
-/// listing is passed over; a damaged one is an error when `strict`, else skipped), until
-/// they list more than `limit` locations.
+/// Reads index files into memory, as the in-memory loader does, until they list more
+/// than `limit` locations.
 fn read_files(
     repo: &Repository,
     names: &[String],
@@ -135,15 +122,7 @@ fn read_files(
     let mut out = Vec::new();
     let mut total = 0;
     for name in names {
-        let file = match repo.read_index_file(name) {
-            Ok(f) => f,
-            Err(RepoError::Store(e)) if e.is_not_found() => continue,
-            Err(e) if !strict && e.is_damage() => {
-                skipped.damaged.push(e.to_string());
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let Some(file) = read_listed(repo, name, strict, skipped)? else { continue };
         total += file.packs.iter().map(|(_, e)| e.len()).sum::<usize>();
         out.push((name.clone(), file));
         if total > limit {

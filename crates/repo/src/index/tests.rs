@@ -81,17 +81,17 @@ impl Model {
 }
 
 /// A deterministic pseudo-random sequence (xorshift).
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
 
-    fn id(&mut self) -> Id {
+    pub(crate) fn id(&mut self) -> Id {
         let mut out = [0u8; 32];
         for chunk in out.chunks_mut(8) {
             chunk.copy_from_slice(&self.next().to_le_bytes());

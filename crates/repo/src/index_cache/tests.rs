@@ -10,24 +10,8 @@ use blockproof_store::{Kind, MemoryBackend};
 
 use super::{CACHE_FILE, HEADER_LEN, PAGE_SLOTS};
 use crate::blob_table::SLOT_SIZE;
+use crate::index::tests::Rng;
 use crate::{BlobIndex, InitOptions, Repository};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn id(&mut self) -> Id {
-        let mut out = [0u8; 32];
-        out.chunks_mut(8).for_each(|c| c.copy_from_slice(&self.next().to_le_bytes()));
-        Id(out)
-    }
-}
 
 fn repo() -> (Repository, MemoryBackend) {
     let opts = InitOptions { kdf: KdfParams::MIN, ..InitOptions::default() };
