@@ -67,7 +67,12 @@ impl BlobIndex {
                 return Ok(None);
             }
             let old = opened.as_ref().map(|(t, m)| (t, m));
-            match build(repo, &path, old, &cover.keep, &cover.added) {
+            let mut built = build(repo, &path, old, &cover.keep, &cover.added);
+            if matches!(built, Err(BuildError::Cache(_))) && old.is_some_and(|(t, _)| t.damage().is_some()) {
+                // The previous table failed its check while it was merged: from nothing.
+                built = build(repo, &path, None, &HashSet::new(), &names);
+            }
+            match built {
                 Ok(()) => {}
                 Err(BuildError::Repo(e)) => return Err(e),
                 Err(BuildError::Cache(_)) => return Ok(None),
