@@ -190,6 +190,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
         }
     }
     let index = if cached { BlobIndex::scan(repo, &Default::default())?.0 } else { index.finish() };
+    index.set_page_cache(crate::live_blobs::MARK_PAGE_CACHE);
     report.index_files = index.files().len() as u64;
     report.blobs = index.len() as u64;
 

@@ -237,6 +237,14 @@ impl BlobIndex {
         out
     }
 
+    /// Lets lookups in the local cache's table keep up to `bytes` of the pages they read
+    /// (7 MiB by default). Without a cache, nothing changes.
+    pub fn set_page_cache(&self, bytes: usize) {
+        if let Some(base) = &self.base {
+            base.set_cached_bytes(bytes);
+        }
+    }
+
     /// Whether the cache's table is loaded, and the number of runs in memory.
     #[cfg(test)]
     pub(crate) fn layers(&self) -> (bool, usize) {

@@ -33,6 +33,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use blockproof_format::Id;
@@ -53,7 +54,8 @@ const MAC_LEN: usize = 16;
 /// Slots sorted in memory at once while building (54 MiB; small in tests, so that they
 /// spill and merge).
 const BATCH_SLOTS: usize = if cfg!(test) { 1000 } else { 1 << 20 };
-/// Pages kept by lookups (7 MiB).
+/// Pages kept by lookups unless the caller sets more ([`CachedTable::set_cached_bytes`]):
+/// 7 MiB.
 const CACHED_PAGES: usize = 1024;
 /// Pages read at once by a pass over the table.
 const PASS_PAGES: usize = 64;
@@ -82,6 +84,8 @@ pub(crate) struct CachedTable {
     macs: Vec<[u8; MAC_LEN]>,
     filter: OnceLock<Option<Membership>>,
     pages: Mutex<PageCache>,
+    /// The most pages `pages` keeps.
+    capacity: AtomicUsize,
     damage: Mutex<Option<String>>,
 }
 
@@ -195,6 +199,7 @@ impl CachedTable {
             macs,
             filter: OnceLock::new(),
             pages: Mutex::new(PageCache::default()),
+            capacity: AtomicUsize::new(CACHED_PAGES),
             damage: Mutex::new(None),
         };
         Ok((table, parsed))
@@ -211,6 +216,13 @@ impl CachedTable {
 
     fn pages(&self) -> usize {
         self.fences.len()
+    }
+
+    /// Lets lookups keep up to `bytes` of pages read (at least the default 7 MiB): for
+    /// operations that look up every blob (gc's and check's marks), a table that fits is
+    /// then read once.
+    pub(crate) fn set_cached_bytes(&self, bytes: usize) {
+        self.capacity.store((bytes / PAGE_BYTES).max(CACHED_PAGES), Ordering::Relaxed);
     }
 
     /// What failed its check since the file was opened, if anything.
@@ -257,10 +269,9 @@ impl CachedTable {
             Ok(mut v) => {
                 let page = v.pop().expect("one page");
                 let mut cache = self.pages.lock().unwrap_or_else(|e| e.into_inner());
-                if cache.pages.len() >= CACHED_PAGES {
-                    if let Some(old) = cache.order.pop_front() {
-                        cache.pages.remove(&old);
-                    }
+                while cache.pages.len() >= self.capacity.load(Ordering::Relaxed).max(1) {
+                    let Some(old) = cache.order.pop_front() else { break };
+                    cache.pages.remove(&old);
                 }
                 if cache.pages.insert(p, page.clone()).is_none() {
                     cache.order.push_back(p);
