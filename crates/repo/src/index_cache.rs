@@ -116,26 +116,35 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Reads the meta section (checked against its length by the caller's MAC).
-struct Cursor<'a>(&'a [u8]);
+/// Reads the meta section a record at a time, hashing what it reads (so that the section
+/// is never held whole beside what is parsed from it); nothing parsed is used before the
+/// whole section authenticates.
+struct MetaReader<'a> {
+    reader: std::io::BufReader<&'a File>,
+    left: u64,
+    hasher: blake3::Hasher,
+}
 
-impl Cursor<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], String> {
-        if self.0.len() < n {
+impl MetaReader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        use std::io::Read;
+        if self.left < N as u64 {
             return Err("meta section is short".into());
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
+        let mut b = [0u8; N];
+        self.reader.read_exact(&mut b).map_err(|e| format!("meta: {e}"))?;
+        self.hasher.update(&b);
+        self.left -= N as u64;
+        Ok(b)
     }
     fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32_at(self.take(4)?, 0))
+        Ok(u32::from_le_bytes(self.take()?))
     }
     fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64_at(self.take(8)?, 0))
+        Ok(u64::from_le_bytes(self.take()?))
     }
     fn id(&mut self) -> Result<Id, String> {
-        Ok(Id(self.take(32)?.try_into().expect("32 bytes")))
+        Ok(Id(self.take()?))
     }
 }
 
@@ -163,28 +172,30 @@ impl CachedTable {
         if size != meta_at + meta_len {
             return Err(format!("{size} bytes where the header gives {}", meta_at + meta_len));
         }
-        let mut meta = vec![0u8; meta_len as usize];
-        file.read_exact_at(&mut meta, meta_at).map_err(|e| format!("meta: {e}"))?;
         let keyed = repo.keys().cache_hasher();
-        if mac(&keyed, b"header", &[&header[..96], &meta]) != header[96..128] {
-            return Err("its header does not authenticate".into());
-        }
+        let mut hasher = keyed.clone();
+        hasher.update(b"header");
+        hasher.update(&header[..96]);
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, &file);
+        std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(meta_at)).map_err(|e| format!("meta: {e}"))?;
+        let mut c = MetaReader { reader, left: meta_len, hasher };
         let pages = (slots as usize).div_ceil(PAGE_SLOTS);
-        let mut c = Cursor(&meta);
         let mut parsed = Meta::default();
         for _ in 0..c.u32()? {
             parsed.packs.push((c.id()?, c.u64()?, c.u64()?));
         }
         for _ in 0..c.u32()? {
             let name = c.id()?.to_hex();
-            let n = c.u32()? as usize;
-            let listed = c.take(n * 4)?.chunks_exact(4).map(|b| u32_at(b, 0)).collect();
+            let listed = (0..c.u32()?).map(|_| c.u32()).collect::<Result<_, _>>()?;
             parsed.files.push((name, listed));
         }
-        let macs = c.take(pages * MAC_LEN)?.chunks_exact(MAC_LEN).map(|m| m.try_into().expect("16")).collect();
+        let macs = (0..pages).map(|_| c.take::<MAC_LEN>()).collect::<Result<Vec<_>, _>>()?;
         let fences = (0..pages).map(|_| c.id()).collect::<Result<Vec<_>, _>>()?;
-        if !c.0.is_empty() {
+        if c.left != 0 {
             return Err("meta section is long".into());
+        }
+        if *c.hasher.finalize().as_bytes() != header[96..128] {
+            return Err("its header does not authenticate".into());
         }
         let table = CachedTable {
             file,
@@ -313,18 +324,30 @@ impl CachedTable {
     /// False only if the table certainly does not hold `id` (the filter, read and
     /// authenticated on the first call; a filter that fails its check answers true).
     pub(crate) fn may_contain(&self, id: &Id) -> bool {
-        let filter = self.filter.get_or_init(|| {
-            let mut bytes = vec![0u8; self.filter_blocks * BLOCK_BYTES];
-            let read = self.file.read_exact_at(&mut bytes, self.filter_at).map_err(|e| format!("filter: {e}"));
-            let checked = read.and_then(|()| {
-                if short(mac(&self.keyed, b"filter", &[&bytes])) != self.filter_mac {
-                    return Err("its filter does not authenticate".to_string());
-                }
-                Membership::from_bytes(&bytes).ok_or_else(|| "its filter is empty".to_string())
-            });
-            checked.map_err(|e| self.damaged(e)).ok()
-        });
+        let filter = self.filter.get_or_init(|| self.read_filter().map_err(|e| self.damaged(e)).ok());
         filter.as_ref().is_none_or(|f| f.may_contain(id))
+    }
+
+    /// Reads and authenticates the filter, 1 MiB at a time into its words (so that it is
+    /// never held twice).
+    fn read_filter(&self) -> Result<Membership, String> {
+        let len = self.filter_blocks * BLOCK_BYTES;
+        let mut words = Vec::with_capacity(len / 4);
+        let mut h = self.keyed.clone();
+        h.update(b"filter");
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(buf.len());
+            self.file.read_exact_at(&mut buf[..n], self.filter_at + at as u64).map_err(|e| format!("filter: {e}"))?;
+            h.update(&buf[..n]);
+            words.extend(buf[..n].chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes"))));
+            at += n;
+        }
+        if short(*h.finalize().as_bytes()) != self.filter_mac {
+            return Err("its filter does not authenticate".into());
+        }
+        Membership::from_words(words).ok_or_else(|| "its filter is empty".into())
     }
 
     /// Every slot in table order, read [`PASS_PAGES`] pages at a time (not through the

@@ -61,12 +61,17 @@ impl Membership {
     }
 
     /// A filter from its stored bytes (a whole number of blocks, at least one).
+    #[cfg(test)]
     pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        if bytes.is_empty() || !bytes.len().is_multiple_of(BLOCK_BYTES) {
+        if !bytes.len().is_multiple_of(4) {
             return None;
         }
-        let words = bytes.chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes"))).collect();
-        Some(Membership { words })
+        Self::from_words(bytes.chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes"))).collect())
+    }
+
+    /// A filter from its words as stored (a whole number of blocks, at least one).
+    pub(crate) fn from_words(words: Vec<u32>) -> Option<Self> {
+        (!words.is_empty() && words.len().is_multiple_of(BLOCK_BYTES / 4)).then_some(Membership { words })
     }
 }
 
