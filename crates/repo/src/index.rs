@@ -59,6 +59,9 @@ pub struct BlobIndex {
     excluded_base: HashSet<u32>,
     /// Sorted runs of locations in memory, oldest first (after `base`).
     runs: Vec<Run>,
+    /// While the loader adds a few index files on top of the cache: look them up without
+    /// the membership filter (reading it would cost more than the lookups).
+    unfiltered_adds: bool,
     /// Number of distinct blobs.
     blobs: usize,
     /// The index files this was loaded from, and the packs each lists.
@@ -196,7 +199,7 @@ impl BlobIndex {
         // first mention of each id kept.
         let mut fresh: Vec<(Slot, bool)> = Vec::with_capacity(entries.len());
         for e in entries {
-            let known = self.slots(&e.id, true);
+            let known = self.slots(&e.id, !self.unfiltered_adds);
             let new = known.is_empty();
             if new || known.iter().all(|s| s.pack() != pos) {
                 fresh.push((Slot::new(e, pos), new));

@@ -181,7 +181,9 @@ impl CachedTable {
         let mut c = MetaReader { reader, left: meta_len, hasher };
         let pages = (slots as usize).div_ceil(PAGE_SLOTS);
         let mut parsed = Meta::default();
-        for _ in 0..c.u32()? {
+        let packs = c.u32()?;
+        parsed.packs.reserve_exact((packs as u64).min(meta_len / 48) as usize);
+        for _ in 0..packs {
             parsed.packs.push((c.id()?, c.u64()?, c.u64()?));
         }
         for _ in 0..c.u32()? {
@@ -189,8 +191,14 @@ impl CachedTable {
             let listed = (0..c.u32()?).map(|_| c.u32()).collect::<Result<_, _>>()?;
             parsed.files.push((name, listed));
         }
-        let macs = (0..pages).map(|_| c.take::<MAC_LEN>()).collect::<Result<Vec<_>, _>>()?;
-        let fences = (0..pages).map(|_| c.id()).collect::<Result<Vec<_>, _>>()?;
+        // Sized up front (the file's size bounds `pages`): no doubling on the way.
+        let (mut macs, mut fences) = (Vec::with_capacity(pages), Vec::with_capacity(pages));
+        for _ in 0..pages {
+            macs.push(c.take::<MAC_LEN>()?);
+        }
+        for _ in 0..pages {
+            fences.push(c.id()?);
+        }
         if c.left != 0 {
             return Err("meta section is long".into());
         }

@@ -17,6 +17,10 @@ pub(crate) const DELTA_FILES: usize = 64;
 /// cache's, so a small repository's cache covers everything), and it is rebuilt first.
 const DELTA_SLOTS: usize = 1 << 18;
 
+/// Locations on top of the cache from which the membership filter is read to add them
+/// (1 byte per blob of the cache, against a page read per location).
+const FILTERED_DELTA: usize = 4096;
+
 /// The index files listed, against those a cache covers.
 struct Coverage {
     /// Covered and still listed.
@@ -88,6 +92,10 @@ impl BlobIndex {
         }
         let (table, meta) = opened.expect("a cache, opened or built");
         let mut index = BlobIndex::default();
+        let n = meta.packs.len();
+        index.packs.reserve_exact(n);
+        index.layouts.reserve_exact(n);
+        index.pack_pos.reserve(n);
         for (pack, blobs, end) in &meta.packs {
             index.pack_pos.insert(*pack, index.packs.len() as u32);
             index.packs.push(*pack);
@@ -100,12 +108,14 @@ impl BlobIndex {
         index.excluded_base = excluded.iter().filter_map(|p| index.pack_pos.get(p).copied()).collect();
         index.blobs = table.blobs();
         index.base = Some(table);
+        index.unfiltered_adds = slots(&delta) < FILTERED_DELTA;
         for (name, file) in delta {
             for (pack, entries) in file.packs.iter().filter(|(p, _)| !excluded.contains(p)) {
                 index.add_pack(*pack, entries);
             }
             index.push_file(name, &file);
         }
+        index.unfiltered_adds = false;
         Ok(Some((index, skipped)))
     }
 }
