@@ -227,6 +227,11 @@ fn collect(
 
     // Plan, from the index's table and the marks: each pack's live and dead bytes.
     let usage = pack_usage(&index, &live);
+    // A local cache of the index that failed its check gave an incomplete table: no plan
+    // is made on it.
+    if let Some(e) = index.damage() {
+        return Err(e.into());
+    }
     report.packs = stored.len() as u64;
     let mut doomed = Vec::new();
     let mut repack = Vec::new();

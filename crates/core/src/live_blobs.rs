@@ -55,6 +55,10 @@ pub(crate) fn mark(repo: &Repository, index: &BlobIndex) -> Result<LiveBlobs, Co
     index.set_page_cache(MARK_PAGE_CACHE);
     let lost = crate::repair::recorded_losses(repo);
     mark_all(repo, index, &lost).map_err(|e| {
+        // What the index's local cache failed to give is that failure, not missing data.
+        if let Some(damage) = index.damage() {
+            return damage.into();
+        }
         CoreError::Refused(format!(
             "gc refuses to run while data that snapshots reference is missing or unreadable (it could not \
              tell what is unused): {e}; nothing was deleted (run blockproof check, then blockproof repair)"
