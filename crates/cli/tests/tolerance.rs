@@ -209,6 +209,16 @@ fn a_damaged_index_file_is_skipped_by_backup_and_restore_and_stops_gc() {
     flip(&index_of_a[0]);
     let name = index_of_a[0].file_name().unwrap().to_str().unwrap().to_string();
 
+    // This client's local cache of the blob index read a's index file while it was
+    // intact and keeps an authenticated copy of it: readers go on using that copy (a
+    // restores), and check, which reads every index file, reports the damage.
+    dir.restore("a:latest", "d", "a-cached.out");
+    assert_eq!(hash(&dir.join("a-cached.out")), hash(&a));
+    let (_, stderr) = dir.repo_cmd("check").code(1);
+    assert!(stderr.contains(&name[..16]), "{stderr}");
+    // Another client (here: the cache removed) has only the damaged file to go by.
+    std::fs::remove_dir_all(dir.join("cache")).unwrap();
+
     // b's blobs are in b's own index file: it restores, with a warning.
     let out = dir.repo_cmd("restore").arg(&snap_b).args(["--disk", "d", "--to"]).arg(dir.join("b.out")).output();
     let stderr = String::from_utf8_lossy(&out.stderr);
