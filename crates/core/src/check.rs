@@ -30,7 +30,7 @@ use blockproof_format::{Id, ObjectMagic};
 use blockproof_repo::blob::open_blob;
 use blockproof_repo::pack_writer::read_pack_header;
 use blockproof_repo::repository::check_name;
-use blockproof_repo::{BlobIndex, BlobReader, IndexBuilder, Marks, Repository};
+use blockproof_repo::{BlobIndex, BlobReader, IndexBuilder, MarkQueue, Marks, Repository};
 use blockproof_store::Kind;
 use blockproof_work::{fan_out, FanOut};
 use rand::seq::SliceRandom;
@@ -190,7 +190,6 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
         }
     }
     let index = if cached { BlobIndex::scan(repo, &Default::default())?.0 } else { index.finish() };
-    index.set_page_cache(crate::live_blobs::MARK_PAGE_CACHE);
     report.index_files = index.files().len() as u64;
     report.blobs = index.len() as u64;
 
@@ -226,10 +225,11 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     // records after it (see crate::integrity).
     let heads = crate::integrity::read_heads(repo)?;
     let reader = BlobReader::new(repo, &index);
-    // Referenced chunks and tree pages read whole, as bits parallel to the index's table
-    // (a page a snapshot shares with one checked before is not read again); chunks the
-    // index does not know, by id.
-    let mut referenced = Referenced { chunks: Marks::new(&index), pages: Marks::new(&index), missing: HashSet::new() };
+    // Tree pages read whole, as bits parallel to the index's table (a page a snapshot
+    // shares with one checked before is not read again); the chunks they name, queued and
+    // marked together after the walk.
+    let mut referenced =
+        Referenced { queue: MarkQueue::new(&index), chunks: Marks::new(&index), pages: Marks::new(&index) };
     let (names, stray_snapshots): (Vec<String>, Vec<String>) =
         backend.list(Kind::Snapshot)?.into_iter().partition(|n| Id::is_file_name(n));
     let present: HashSet<Id> = names.iter().filter_map(|n| n.parse().ok()).collect();
@@ -252,8 +252,11 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
         };
         for disk in &info.snapshot.disks {
             let place = format!("snapshot {} disk {}", info.id.short(), disk.id);
-            if let Err(e) = check_tree(&reader, disk, &mut referenced) {
-                report.errors.push(format!("{place}: {e}"));
+            match check_tree(&reader, disk, &mut referenced) {
+                Ok(()) => {}
+                // The queue's temporary files: not a fault of this snapshot.
+                Err(e @ CoreError::Refused(_)) => return Err(e),
+                Err(e) => report.errors.push(format!("{place}: {e}")),
             }
             // The confirmation state is advisory: damage there is a warning.
             let n = chunk_count(disk.size, disk.chunk_size);
@@ -266,10 +269,12 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     progress.end();
     report.heads = heads.report();
     crate::integrity::check_snapshot_set(repo, heads, &present, &loaded, &mut report.errors, &mut report.warnings)?;
-    for id in &referenced.missing {
+    let Referenced { queue, mut chunks, .. } = referenced;
+    let missing = queue.finish(&index, &mut chunks).map_err(crate::live_blobs::scratch_error)?;
+    for id in &missing {
         report.errors.push(format!("chunk {id} is used by a snapshot but not stored"));
     }
-    report.referenced_chunks = (referenced.chunks.count() + referenced.missing.len()) as u64;
+    report.referenced_chunks = (chunks.count() + missing.len()) as u64;
 
     if let Some(budget) = &opts.read_data {
         let mut state = CheckState::load(repo, &mut report.warnings);
@@ -294,13 +299,13 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     Ok(report)
 }
 
-/// What the snapshots' trees reference, marked in the index.
+/// What the snapshots' trees reference.
 struct Referenced {
+    /// The chunks, marked in `chunks` (at once, or together once every tree is walked).
+    queue: MarkQueue,
     chunks: Marks,
     /// Tree pages read whole, with every page below them.
     pages: Marks,
-    /// Chunks the index does not know.
-    missing: HashSet<Id>,
 }
 
 /// Reads every page of a disk's tree not read whole for an earlier one; marks the chunk
@@ -313,13 +318,9 @@ fn check_tree(
 ) -> Result<(), CoreError> {
     let n = chunk_count(disk.size, disk.chunk_size);
     let index = reader.index();
-    let Referenced { chunks, pages, missing } = referenced;
+    let Referenced { queue, chunks, pages } = referenced;
     let mut walked = Vec::new();
-    let mut leaf = |_: &mut Marks, id: Id| {
-        if chunks.mark(index, &id).is_none() {
-            missing.insert(id);
-        }
-    };
+    let mut leaf = |_: &mut Marks, id: Id| queue.push(index, chunks, id).map_err(crate::live_blobs::scratch_error);
     let result = crate::live_blobs::walk(
         reader,
         disk.index_root,

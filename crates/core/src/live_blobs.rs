@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use blockproof_format::tree::{decode_page, level_sizes, page_len, MAX_FANOUT, MIN_FANOUT};
 use blockproof_format::{BlobEntry, BlobKind, Compression, Id};
-use blockproof_repo::{BlobIndex, BlobReader, Marks, RepoError, Repository};
+use blockproof_repo::{BlobIndex, BlobReader, MarkQueue, Marks, RepoError, Repository};
 
 use crate::CoreError;
 
@@ -47,17 +47,15 @@ impl LiveBlobs {
 /// Blobs `repair` found in no pack and reported lost (`state/repair`) are the exception:
 /// repair read every pack, so no pack holds them, and a lost page's subtree can only come
 /// back with a backup that stores the same content again (which stores its chunks too).
-/// Pages of the blob index's local cache kept while marking (every referenced blob is
-/// looked up): a table of up to about 1.2 M locations is read once.
-pub(crate) const MARK_PAGE_CACHE: usize = 64 << 20;
-
 pub(crate) fn mark(repo: &Repository, index: &BlobIndex) -> Result<LiveBlobs, CoreError> {
-    index.set_page_cache(MARK_PAGE_CACHE);
     let lost = crate::repair::recorded_losses(repo);
     mark_all(repo, index, &lost).map_err(|e| {
         // What the index's local cache failed to give is that failure, not missing data.
         if let Some(damage) = index.damage() {
             return damage.into();
+        }
+        if let CoreError::Refused(_) = e {
+            return e;
         }
         CoreError::Refused(format!(
             "gc refuses to run while data that snapshots reference is missing or unreadable (it could not \
@@ -72,12 +70,10 @@ fn mark_all(repo: &Repository, index: &BlobIndex, lost: &HashSet<Id>) -> Result<
     let snapshots = repo.snapshots()?;
     let mut live = LiveBlobs { marks: Marks::new(index), unindexed: HashSet::new(), snapshots: snapshots.len() as u64 };
     let mut walked = Vec::new();
-    let unindexed = &mut live.unindexed;
-    let mut leaf = |marks: &mut Marks, id: Id| {
-        if marks.mark(index, &id).is_none() {
-            unindexed.insert(id);
-        }
-    };
+    // Pages are marked as they are walked (so that a shared one is read once); their
+    // leaves are queued and marked together after the walk.
+    let mut queue = MarkQueue::new(index);
+    let mut leaf = |marks: &mut Marks, id: Id| queue.push(index, marks, id).map_err(scratch_error);
     for s in &snapshots {
         for d in &s.snapshot.disks {
             let chunks = chunk_count(d.size, d.chunk_size);
@@ -89,7 +85,16 @@ fn mark_all(repo: &Repository, index: &BlobIndex, lost: &HashSet<Id>) -> Result<
             walked.clear();
         }
     }
+    live.unindexed.extend(queue.finish(index, &mut live.marks).map_err(scratch_error)?);
     Ok(live)
+}
+
+/// A failure to sort the referenced blobs aside ([`MarkQueue`]): not missing data.
+pub(crate) fn scratch_error(e: RepoError) -> CoreError {
+    CoreError::Refused(format!(
+        "the referenced blobs could not be sorted in the index cache's directory ({e}); nothing was changed \
+         (free space there, or run with --no-cache)"
+    ))
 }
 
 /// Walks a tree: each page not yet marked in `pages` is marked, read and its children
@@ -107,7 +112,7 @@ pub(crate) fn walk(
     pages: &mut Marks,
     walked: &mut Vec<usize>,
     lost: &HashSet<Id>,
-    leaf: &mut impl FnMut(&mut Marks, Id),
+    leaf: &mut impl FnMut(&mut Marks, Id) -> Result<(), CoreError>,
 ) -> Result<(), CoreError> {
     if !(MIN_FANOUT..=MAX_FANOUT).contains(&fanout) {
         return Err(RepoError::corrupt("fixed index", format!("fanout {fanout} out of range")).into());
@@ -136,7 +141,7 @@ pub(crate) fn walk(
         for (k, child) in ids.into_iter().enumerate() {
             if level == 0 {
                 if !child.is_zero() {
-                    leaf(pages, child);
+                    leaf(pages, child)?;
                 }
             } else {
                 stack.push((level - 1, page * u64::from(fanout) + k as u64, child));

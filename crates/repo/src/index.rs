@@ -240,14 +240,6 @@ impl BlobIndex {
         out
     }
 
-    /// Lets lookups in the local cache's table keep up to `bytes` of the pages they read
-    /// (7 MiB by default). Without a cache, nothing changes.
-    pub fn set_page_cache(&self, bytes: usize) {
-        if let Some(base) = &self.base {
-            base.set_cached_bytes(bytes);
-        }
-    }
-
     /// Whether the cache's table is loaded, and the number of runs in memory.
     #[cfg(test)]
     pub(crate) fn layers(&self) -> (bool, usize) {
@@ -369,6 +361,33 @@ impl BlobIndex {
             base_len = base.len();
         }
         position_in(&self.runs[..runs], id).map(|p| base_len + p)
+    }
+
+    /// [`BlobIndex::position`] of each of `ids` (ascending, distinct; `count` of them, or
+    /// an upper bound), given to `found` in order. With a local cache this walks its
+    /// table once rather than reading a page per id (what marking every referenced blob
+    /// needs, [`crate::MarkQueue`]).
+    pub fn positions_sorted(
+        &self,
+        ids: impl Iterator<Item = Id>,
+        count: u64,
+        mut found: impl FnMut(Id, Option<usize>),
+    ) {
+        let Some(base) = &self.base else {
+            ids.for_each(|id| found(id, self.position(&id)));
+            return;
+        };
+        // Reading every page in order costs less than a page per id once the ids touch
+        // about one page in eight.
+        let dense = count.saturating_mul(8) >= (base.len() / crate::index_cache::PAGE_SLOTS) as u64;
+        base.find_sorted(ids, dense, |id, at| {
+            found(id, at.or_else(|| position_in(&self.runs, &id).map(|p| base.len() + p)))
+        });
+    }
+
+    /// Where temporary files of work on this index go: beside its local cache, if it has one.
+    pub(crate) fn scratch_base(&self, name: &str) -> Option<std::path::PathBuf> {
+        self.base.as_ref().map(|b| b.path().with_file_name(name))
     }
 
     /// The position of a pack in [`BlobIndex::packs`] (the `pack` of a [`TableEntry`]).

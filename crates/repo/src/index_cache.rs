@@ -33,7 +33,6 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use blockproof_format::Id;
@@ -54,8 +53,7 @@ const MAC_LEN: usize = 16;
 /// Slots sorted in memory at once while building (54 MiB; small in tests, so that they
 /// spill and merge).
 const BATCH_SLOTS: usize = if cfg!(test) { 1000 } else { 1 << 20 };
-/// Pages kept by lookups unless the caller sets more ([`CachedTable::set_cached_bytes`]):
-/// 7 MiB.
+/// Pages kept by lookups: 7 MiB.
 const CACHED_PAGES: usize = 1024;
 /// Pages read at once by a pass over the table.
 const PASS_PAGES: usize = 64;
@@ -84,8 +82,6 @@ pub(crate) struct CachedTable {
     macs: Vec<[u8; MAC_LEN]>,
     filter: OnceLock<Option<Membership>>,
     pages: Mutex<PageCache>,
-    /// The most pages `pages` keeps.
-    capacity: AtomicUsize,
     damage: Mutex<Option<String>>,
 }
 
@@ -218,7 +214,6 @@ impl CachedTable {
             macs,
             filter: OnceLock::new(),
             pages: Mutex::new(PageCache::default()),
-            capacity: AtomicUsize::new(CACHED_PAGES),
             damage: Mutex::new(None),
         };
         Ok((table, parsed))
@@ -228,6 +223,11 @@ impl CachedTable {
         self.slots
     }
 
+    /// The cache file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Distinct blobs in the table.
     pub(crate) fn blobs(&self) -> usize {
         self.blobs
@@ -235,13 +235,6 @@ impl CachedTable {
 
     fn pages(&self) -> usize {
         self.fences.len()
-    }
-
-    /// Lets lookups keep up to `bytes` of pages read (at least the default 7 MiB): for
-    /// operations that look up every blob (gc's and check's marks), a table that fits is
-    /// then read once.
-    pub(crate) fn set_cached_bytes(&self, bytes: usize) {
-        self.capacity.store((bytes / PAGE_BYTES).max(CACHED_PAGES), Ordering::Relaxed);
     }
 
     /// What failed its check since the file was opened, if anything.
@@ -288,7 +281,7 @@ impl CachedTable {
             Ok(mut v) => {
                 let page = v.pop().expect("one page");
                 let mut cache = self.pages.lock().unwrap_or_else(|e| e.into_inner());
-                while cache.pages.len() >= self.capacity.load(Ordering::Relaxed).max(1) {
+                while cache.pages.len() >= CACHED_PAGES {
                     let Some(old) = cache.order.pop_front() else { break };
                     cache.pages.remove(&old);
                 }
@@ -327,6 +320,51 @@ impl CachedTable {
             p += 1;
         }
         (at.unwrap_or(self.slots), group)
+    }
+
+    /// The first position of each of `ids` (ascending, distinct), or `None` for an id the
+    /// table does not hold, given to `found` in order: one walk along the table instead
+    /// of a lookup each. `dense`: the ids touch most pages, which are then read
+    /// [`PASS_PAGES`] at a time, not through the page cache. A page that fails its check
+    /// is recorded as damage and the ids from there on are not found.
+    pub(crate) fn find_sorted(
+        &self,
+        ids: impl Iterator<Item = Id>,
+        dense: bool,
+        mut found: impl FnMut(Id, Option<usize>),
+    ) {
+        // Pages `first..first + window.len()`, as read last.
+        let (mut first, mut window): (usize, Vec<Arc<[Slot]>>) = (0, Vec::new());
+        let mut failed = false;
+        for id in ids {
+            let mut p = self.fences.partition_point(|f| *f < id).saturating_sub(1);
+            let at = loop {
+                if failed || p >= self.pages() {
+                    break None;
+                }
+                if !(first..first + window.len()).contains(&p) {
+                    let read = if dense {
+                        self.read_pages(p, PASS_PAGES.min(self.pages() - p)).map_err(|e| self.damaged(e)).ok()
+                    } else {
+                        self.page(p).map(|page| vec![page])
+                    };
+                    let Some(read) = read else {
+                        failed = true;
+                        continue;
+                    };
+                    (first, window) = (p, read);
+                }
+                let page = &window[p - first];
+                let from = page.partition_point(|s| s.id < id);
+                if from == page.len() {
+                    // Its first location, if any, opens the next page.
+                    p += 1;
+                    continue;
+                }
+                break (page[from].id == id).then_some(p * PAGE_SLOTS + from);
+            };
+            found(id, at);
+        }
     }
 
     /// False only if the table certainly does not hold `id` (the filter, read and

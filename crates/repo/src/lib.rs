@@ -48,15 +48,17 @@ pub mod marks;
 mod membership;
 pub mod pack_writer;
 pub mod repository;
+mod run_file;
 pub mod scan;
 pub mod selector;
+mod sorted_ids;
 pub mod tree;
 
 pub use blob::{open_blob, BlobCodec, SealedBlob};
 pub use heads::{ForgetRecords, Forgotten, Head, Named, Recorded, Removal};
 pub use index::{BlobIndex, BlobLocation, BlobReader, IndexBuilder, TableEntry, TableIter};
 pub use lock::{time_text, Lock, LockFile, LockInfo, LockKind};
-pub use marks::Marks;
+pub use marks::{MarkQueue, Marks};
 pub use pack_writer::{PackWriter, PackWriterStats};
 pub use repository::{InitOptions, Repository, SnapshotInfo};
 pub use scan::{Skipped, SnapshotScan};

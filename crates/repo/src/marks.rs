@@ -10,9 +10,13 @@
 //! Marks belong to one index as it was when they were made: a position means nothing
 //! in another index, or in the same one after a pack was added.
 
-use blockproof_format::Id;
+use std::path::Path;
 
-use crate::BlobIndex;
+use blockproof_format::Id;
+use blockproof_store::StoreError;
+
+use crate::sorted_ids::SortedIds;
+use crate::{BlobIndex, RepoError};
 
 /// A set of positions of one [`BlobIndex`]'s table, one bit each.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -97,6 +101,70 @@ impl Marks {
             })
         })
     }
+}
+
+/// Ids kept in memory at once while marking through a local cache: 64 MiB (small in
+/// tests, so that they spill and merge).
+const QUEUE_BATCH: usize = if cfg!(test) { 100 } else { 1 << 21 };
+
+/// Blobs to mark, by id, gathered while trees are walked and marked together by
+/// [`MarkQueue::finish`]: with the blob index's table on disk (a local cache), looking up
+/// each referenced blob would read a page per blob; the queue sorts the ids in bounded
+/// memory ([`crate::sorted_ids`], spilling runs beside the cache file) and marks them in
+/// one walk along the table. An index in memory is marked at once.
+pub struct MarkQueue {
+    deferred: Option<SortedIds>,
+    unknown: Vec<Id>,
+}
+
+impl MarkQueue {
+    pub fn new(index: &BlobIndex) -> Self {
+        let deferred = index.scratch_base("marks").map(|base| SortedIds::new(base, QUEUE_BATCH));
+        MarkQueue { deferred, unknown: Vec::new() }
+    }
+
+    /// Queues the blob `id` to be marked in `marks` (or marks it now). Fails only if its
+    /// temporary files cannot be written.
+    pub fn push(&mut self, index: &BlobIndex, marks: &mut Marks, id: Id) -> Result<(), RepoError> {
+        match &mut self.deferred {
+            Some(ids) => ids.push(id).map_err(|e| scratch_error(index, e)),
+            None => {
+                if marks.mark(index, &id).is_none() {
+                    self.unknown.push(id);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Marks every queued blob in `marks`; returns those the index does not know (each
+    /// once).
+    pub fn finish(self, index: &BlobIndex, marks: &mut Marks) -> Result<Vec<Id>, RepoError> {
+        let MarkQueue { deferred, mut unknown } = self;
+        if let Some(ids) = deferred {
+            let count = ids.pushed();
+            let mut merged = ids.finish().map_err(|e| scratch_error(index, e))?;
+            index.positions_sorted(&mut merged, count, |id, at| match at {
+                Some(at) => {
+                    marks.insert(at);
+                }
+                None => unknown.push(id),
+            });
+            if merged.failed() {
+                let e = std::io::Error::other("a temporary run changed while it was merged");
+                return Err(scratch_error(index, e));
+            }
+        }
+        unknown.sort_unstable();
+        unknown.dedup();
+        Ok(unknown)
+    }
+}
+
+fn scratch_error(index: &BlobIndex, e: std::io::Error) -> RepoError {
+    let path = index.scratch_base("marks").unwrap_or_default();
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    RepoError::Store(StoreError::Io { path: dir, source: e })
 }
 
 #[cfg(test)]

@@ -4,8 +4,7 @@ use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -13,8 +12,9 @@ use blockproof_format::{BlobEntry, Id};
 
 use super::{mac, short, CachedTable, Meta, PackRecord, BATCH_SLOTS, HEADER_LEN, MAC_LEN, MAGIC, PAGE_BYTES};
 use super::{PAGE_SLOTS, VERSION};
-use crate::blob_table::{settle, Slot, SLOT_SIZE};
+use crate::blob_table::{settle, Slot};
 use crate::membership::Membership;
+use crate::run_file::{private_file, RunFiles};
 use crate::{RepoError, Repository};
 
 /// Why a build did not leave a cache file.
@@ -63,7 +63,7 @@ pub(crate) fn build(
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let result = (|| {
-        let spill = Spill { base: tmp.clone(), runs: Vec::new() };
+        let spill = RunFiles::new(tmp.clone());
         let (spill, last, listing_pack, total) = read_added(repo, &mut table, added, spill)?;
         let mut sources: Vec<Box<dyn Iterator<Item = Slot> + '_>> = Vec::new();
         let mut old_slots = 0;
@@ -76,8 +76,8 @@ pub(crate) fn build(
             })));
         }
         let failed = Rc::new(Cell::new(false));
-        for (run_path, len, hash) in &spill.runs {
-            sources.push(Box::new(RunReader::open(run_path, *len, *hash, failed.clone())?));
+        for run in spill.readers::<Slot>(1 << 20, &failed)? {
+            sources.push(Box::new(run));
         }
         let (last_run, _) = settle(last, &listing_pack);
         sources.push(Box::new(last_run.into_slots().into_iter()));
@@ -116,49 +116,16 @@ impl Tables {
     }
 }
 
-/// Sorted runs written aside while reading: (path, slots, BLAKE3 of the bytes).
-struct Spill {
-    base: PathBuf,
-    runs: Vec<(PathBuf, usize, blake3::Hash)>,
-}
-
-impl Drop for Spill {
-    fn drop(&mut self) {
-        for (path, _, _) in &self.runs {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-impl Spill {
-    fn write(&mut self, slots: Vec<Slot>, listing_pack: &[u32]) -> Result<(), BuildError> {
-        let (run, _) = settle(slots, listing_pack);
-        let path = self.base.with_extension(format!("run{}.{}", std::process::id(), self.runs.len()));
-        let mut out = BufWriter::new(private_file(&path)?);
-        let mut hasher = blake3::Hasher::new();
-        let mut bytes = Vec::with_capacity(SLOT_SIZE);
-        let len = run.len();
-        for s in run.into_slots() {
-            bytes.clear();
-            s.encode(&mut bytes);
-            hasher.update(&bytes);
-            out.write_all(&bytes)?;
-        }
-        out.flush()?;
-        self.runs.push((path, len, hasher.finalize()));
-        Ok(())
-    }
-}
-
-fn private_file(path: &Path) -> std::io::Result<File> {
-    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(path)
-}
-
-type Added = (Spill, Vec<Slot>, Vec<u32>, usize);
+type Added = (RunFiles, Vec<Slot>, Vec<u32>, usize);
 
 /// Reads the added index files into batches of slots (settled and spilled when full);
 /// returns the spilled runs, the last batch, each listing's pack and the slot count.
-fn read_added(repo: &Repository, table: &mut Tables, added: &[String], mut spill: Spill) -> Result<Added, BuildError> {
+fn read_added(
+    repo: &Repository,
+    table: &mut Tables,
+    added: &[String],
+    mut spill: RunFiles,
+) -> Result<Added, BuildError> {
     let (mut batch, mut listing_pack, mut total) = (Vec::new(), Vec::new(), 0);
     for name in added {
         repo.cancel().check().map_err(|e| BuildError::Repo(e.into()))?;
@@ -188,46 +155,10 @@ fn read_added(repo: &Repository, table: &mut Tables, added: &[String], mut spill
         }
         table.files.push((name.clone(), listed));
         if batch.len() >= BATCH_SLOTS {
-            spill.write(std::mem::take(&mut batch), &listing_pack)?;
+            spill.write(settle(std::mem::take(&mut batch), &listing_pack).0.into_slots())?;
         }
     }
     Ok((spill, batch, listing_pack, total))
-}
-
-/// A spilled run read back, its bytes hashed as they go; `failed` is set when it ends
-/// short or its hash differs.
-struct RunReader {
-    reader: BufReader<File>,
-    left: usize,
-    hasher: blake3::Hasher,
-    expect: blake3::Hash,
-    failed: Rc<Cell<bool>>,
-}
-
-impl RunReader {
-    fn open(path: &Path, len: usize, expect: blake3::Hash, failed: Rc<Cell<bool>>) -> Result<Self, BuildError> {
-        let reader = BufReader::with_capacity(1 << 20, File::open(path)?);
-        Ok(RunReader { reader, left: len, hasher: blake3::Hasher::new(), expect, failed })
-    }
-}
-
-impl Iterator for RunReader {
-    type Item = Slot;
-
-    fn next(&mut self) -> Option<Slot> {
-        if self.left == 0 {
-            return None;
-        }
-        let mut b = [0u8; SLOT_SIZE];
-        let slot = self.reader.read_exact(&mut b).ok().and_then(|()| Slot::decode(&b));
-        self.hasher.update(&b);
-        self.left -= 1;
-        if slot.is_none() || (self.left == 0 && self.hasher.finalize() != self.expect) {
-            self.failed.set(true);
-            self.left = 0;
-        }
-        slot
-    }
 }
 
 /// Merges sorted sources by id (of equal ids, earlier sources first) into `writer`,

@@ -11,7 +11,7 @@ use blockproof_store::{Kind, MemoryBackend};
 use super::{CACHE_FILE, HEADER_LEN, PAGE_SLOTS};
 use crate::blob_table::SLOT_SIZE;
 use crate::index::tests::Rng;
-use crate::{BlobIndex, InitOptions, Repository};
+use crate::{BlobIndex, InitOptions, MarkQueue, Marks, Repository};
 
 fn repo() -> (Repository, MemoryBackend) {
     let opts = InitOptions { kdf: KdfParams::MIN, ..InitOptions::default() };
@@ -104,6 +104,26 @@ fn assert_agree(memory: &BlobIndex, cache: &BlobIndex, absent: &[Id], exact: boo
     }
 }
 
+/// Marking `ids` through a [`MarkQueue`] (sorted aside, marked in one walk along the
+/// table) gives the marks and the unknown ids that a lookup each gives; its temporary
+/// files are gone afterwards.
+fn assert_queue_agrees(index: &BlobIndex, ids: &[Id], dir: &Path) {
+    let mut direct = Marks::new(index);
+    let mut unknown_direct: Vec<Id> = ids.iter().filter(|id| direct.mark(index, id).is_none()).copied().collect();
+    unknown_direct.sort();
+    unknown_direct.dedup();
+    let mut queued = Marks::new(index);
+    let mut queue = MarkQueue::new(index);
+    for id in ids {
+        queue.push(index, &mut queued, *id).unwrap();
+    }
+    let unknown = queue.finish(index, &mut queued).unwrap();
+    assert_eq!(queued, direct);
+    assert_eq!(unknown, unknown_direct);
+    let left: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.iter().all(|n| n == CACHE_FILE), "{left:?}");
+}
+
 fn modified(path: &Path) -> (u64, std::time::SystemTime) {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).unwrap();
@@ -137,6 +157,15 @@ fn the_cache_agrees_with_memory_as_files_come_and_go() {
     assert!(index.layers().1 > 0);
     assert_agree(&memory, &index, &absent, false);
     assert_eq!(modified(&file), built);
+    // Marking many blobs at once (every page read in order; repeats; blobs only the run
+    // in memory holds; unknown ones), and a few (a page each).
+    let mut many: Vec<Id> = pool.iter().chain(&absent).chain(&pool[..5000]).copied().collect();
+    many.extend(index.iter_table().skip(index.table_len() - 50).map(|t| t.entry.id));
+    assert_queue_agrees(&index, &many, dir.path());
+    let few: Vec<Id> = pool.iter().step_by(997).chain(&absent[..3]).copied().collect();
+    assert_queue_agrees(&index, &few, dir.path());
+    assert_queue_agrees(&index, &[], dir.path());
+    assert_queue_agrees(&memory, &many, dir.path());
 
     // Many more: the cache is rebuilt with them.
     write_files(&repo, &mut rng, &pool, &mut packs, crate::index::load::DELTA_FILES + 1);
@@ -212,6 +241,17 @@ fn a_damaged_or_foreign_cache_is_never_believed() {
     let index = BlobIndex::load(&c).unwrap();
     assert!(index.iter_table().count() < slots);
     assert!(index.damage().is_some());
+    // ... and by marking through a queue, which marks nothing from that page on.
+    flip(HEADER_LEN + page * PAGE_SLOTS * SLOT_SIZE + 17);
+    let index = BlobIndex::load(&c).unwrap();
+    let (mut marks, mut queue) = (Marks::new(&index), MarkQueue::new(&index));
+    for t in memory.iter_table() {
+        queue.push(&index, &mut marks, t.entry.id).unwrap();
+    }
+    let unknown = queue.finish(&index, &mut marks).unwrap();
+    assert!(marks.count() < memory.len());
+    assert_eq!(marks.count() + unknown.len(), memory.len());
+    assert!(index.damage().unwrap().to_string().contains("page 3 does not authenticate"));
 
     // The filter: a membership test falls back to the table, the damage is reported.
     std::fs::write(&file, &good).unwrap();

@@ -1,0 +1,204 @@
+//! Sorted runs of fixed-size records written aside to temporary files and read back.
+//!
+//! Work that must sort more than it may hold (building the index cache's table, marking
+//! every blob the snapshots reference) sorts a batch in memory, writes it here as one
+//! run, and later merges the runs. A run file is private to the process (mode 0600, a
+//! name with the process id), removed when its [`RunFiles`] is dropped, and hashed with
+//! BLAKE3 as it is written: a reader that finds it shorter or different from what was
+//! written says so ([`RunReader::failed`]) instead of giving other records.
+
+use std::cell::Cell;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use blockproof_format::Id;
+
+use crate::blob_table::{Slot, SLOT_SIZE};
+
+/// A record of fixed size.
+pub(crate) trait Record: Sized {
+    const SIZE: usize;
+    fn encode(&self, out: &mut Vec<u8>);
+    /// `None` for bytes no record encodes to.
+    fn decode(bytes: &[u8]) -> Option<Self>;
+}
+
+impl Record for Slot {
+    const SIZE: usize = SLOT_SIZE;
+    fn encode(&self, out: &mut Vec<u8>) {
+        Slot::encode(self, out)
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        Slot::decode(bytes)
+    }
+}
+
+impl Record for Id {
+    const SIZE: usize = 32;
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.0);
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        Some(Id(bytes.try_into().ok()?))
+    }
+}
+
+/// A file created for this process only (mode 0600), truncated.
+pub(crate) fn private_file(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(path)
+}
+
+/// The runs written so far: (path, records, BLAKE3 of the bytes). Their files are
+/// removed on drop.
+pub(crate) struct RunFiles {
+    base: PathBuf,
+    serial: u64,
+    runs: Vec<(PathBuf, usize, blake3::Hash)>,
+}
+
+impl RunFiles {
+    /// Runs named after `base` (`<base>.run<pid>-<k>.<n>`, `k` distinct for every
+    /// `RunFiles` of the process): `base` names a file in the directory they go to.
+    pub(crate) fn new(base: PathBuf) -> Self {
+        static SERIAL: AtomicU64 = AtomicU64::new(0);
+        RunFiles { base, serial: SERIAL.fetch_add(1, Ordering::Relaxed), runs: Vec::new() }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// Writes one run, in the order given (the caller sorted it).
+    pub(crate) fn write<R: Record>(&mut self, records: impl IntoIterator<Item = R>) -> std::io::Result<()> {
+        let path = self.base.with_extension(format!("run{}-{}.{}", std::process::id(), self.serial, self.runs.len()));
+        let mut out = BufWriter::with_capacity(1 << 20, private_file(&path)?);
+        // Registered before it is written, so that a failed write leaves no file behind.
+        self.runs.push((path, 0, blake3::Hasher::new().finalize()));
+        let mut hasher = blake3::Hasher::new();
+        let mut bytes = Vec::with_capacity(R::SIZE);
+        let mut len = 0;
+        for r in records {
+            bytes.clear();
+            r.encode(&mut bytes);
+            hasher.update(&bytes);
+            out.write_all(&bytes)?;
+            len += 1;
+        }
+        out.flush()?;
+        let last = self.runs.last_mut().expect("registered above");
+        (last.1, last.2) = (len, hasher.finalize());
+        Ok(())
+    }
+
+    /// A reader of every run, with `buffer` bytes of read-ahead each; all share `failed`.
+    pub(crate) fn readers<R: Record>(
+        &self,
+        buffer: usize,
+        failed: &Rc<Cell<bool>>,
+    ) -> std::io::Result<Vec<RunReader<R>>> {
+        self.runs.iter().map(|(path, len, hash)| RunReader::open(path, *len, *hash, buffer, failed.clone())).collect()
+    }
+}
+
+impl Drop for RunFiles {
+    fn drop(&mut self) {
+        for (path, _, _) in &self.runs {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A run read back, its bytes hashed as they go; `failed` is set when it ends short, holds
+/// bytes no record encodes to, or its hash differs (it then ends).
+pub(crate) struct RunReader<R> {
+    reader: BufReader<File>,
+    left: usize,
+    hasher: blake3::Hasher,
+    expect: blake3::Hash,
+    failed: Rc<Cell<bool>>,
+    buf: Vec<u8>,
+    _record: std::marker::PhantomData<R>,
+}
+
+impl<R: Record> RunReader<R> {
+    fn open(
+        path: &Path,
+        len: usize,
+        expect: blake3::Hash,
+        buffer: usize,
+        failed: Rc<Cell<bool>>,
+    ) -> std::io::Result<Self> {
+        let reader = BufReader::with_capacity(buffer, File::open(path)?);
+        let hasher = blake3::Hasher::new();
+        let buf = vec![0; R::SIZE];
+        Ok(RunReader { reader, left: len, hasher, expect, failed, buf, _record: std::marker::PhantomData })
+    }
+}
+
+impl<R: Record> Iterator for RunReader<R> {
+    type Item = R;
+
+    fn next(&mut self) -> Option<R> {
+        if self.left == 0 {
+            return None;
+        }
+        let record = self.reader.read_exact(&mut self.buf).ok().and_then(|()| R::decode(&self.buf));
+        self.hasher.update(&self.buf);
+        self.left -= 1;
+        if record.is_none() || (self.left == 0 && self.hasher.finalize() != self.expect) {
+            self.failed.set(true);
+            self.left = 0;
+            return None;
+        }
+        record
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(k: u8) -> Id {
+        Id([k; 32])
+    }
+
+    #[test]
+    fn runs_read_back_as_written_and_are_removed_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut runs = RunFiles::new(dir.path().join("x"));
+        runs.write([id(1), id(3)]).unwrap();
+        runs.write([id(2)]).unwrap();
+        let failed = Rc::new(Cell::new(false));
+        let read: Vec<Vec<Id>> = runs.readers(64, &failed).unwrap().into_iter().map(|r| r.collect()).collect();
+        assert_eq!(read, vec![vec![id(1), id(3)], vec![id(2)]]);
+        assert!(!failed.get());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        drop(runs);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// A run changed or cut short after it was written is never read as other records.
+    #[test]
+    fn a_run_changed_behind_the_reader_fails_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut runs = RunFiles::new(dir.path().join("x"));
+        runs.write([id(1), id(2), id(3)]).unwrap();
+        let path = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[40] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let failed = Rc::new(Cell::new(false));
+        let read: Vec<Id> = runs.readers(64, &failed).unwrap().remove(0).collect();
+        assert!(failed.get());
+        assert_eq!(read[0], id(1), "what was read before the end is as written; the end is refused");
+        std::fs::write(&path, &bytes[..50]).unwrap();
+        let failed = Rc::new(Cell::new(false));
+        let read: Vec<Id> = runs.readers(64, &failed).unwrap().remove(0).collect();
+        assert!(failed.get() && read.len() == 1);
+    }
+}
