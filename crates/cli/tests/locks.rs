@@ -19,13 +19,27 @@ use serde_json::Value;
 /// Starts a backup of `img` as vm `vm` that pauses before its commit until `gate` exists;
 /// returns once it is waiting there.
 fn paused_backup(dir: &Dir, via: Option<&[&str]>, vm: &str, img: &Path, gate: &Path, env: &[(&str, &str)]) -> Child {
+    paused_at("BLOCKPROOF_PAUSE_BEFORE_COMMIT", dir, via, vm, img, gate, env)
+}
+
+/// Starts a backup that pauses at the test hook `hook` until `gate` exists; returns once
+/// it is waiting there.
+fn paused_at(
+    hook: &str,
+    dir: &Dir,
+    via: Option<&[&str]>,
+    vm: &str,
+    img: &Path,
+    gate: &Path,
+    env: &[(&str, &str)],
+) -> Child {
     let mut c = match via {
         Some(via) => dir.cmd_via(via, "backup"),
         None => dir.cmd("backup"),
     };
     c.arg("--repo").arg(dir.repo()).args(["--vm", vm, "--json", "--disk"]);
     c.arg(format!("id=d,source={}", img.display()));
-    c.env("BLOCKPROOF_PAUSE_BEFORE_COMMIT", gate.to_str().unwrap());
+    c.env(hook, gate.to_str().unwrap());
     for (k, v) in env {
         c.env(k, v);
     }
@@ -151,6 +165,39 @@ fn a_backup_stopped_past_the_stale_age_does_not_commit() {
     fs::write(&gate, b"").unwrap();
     unsafe { libc::kill(pid, libc::SIGCONT) };
     assert_backup_refused_to_commit(&dir, child, &img);
+}
+
+/// A backup stopped past the stale age right after it made an index file visible: while
+/// it is stopped, another backup deduplicates against every blob that file lists and
+/// commits, and gc keeps them for it. When the stopped backup continues it fails (its lock
+/// is lost) — and its index file must stay. Removing it, as the writer did, took the other
+/// snapshot's chunks out of the index ("used by a snapshot but not stored"; found by the
+/// crash harness, `crash.rs`).
+#[test]
+fn an_index_file_others_rely_on_stays_when_its_writer_loses_its_lock() {
+    let dir = Dir::new();
+    dir.init();
+    let img = dir.random_image("a.img", 4 << 20, 4);
+    let gate = dir.join("go");
+    let child = paused_at("BLOCKPROOF_PAUSE_AFTER_INDEX_WRITE", &dir, None, "v0", &img, &gate, &FAST_LOCKS);
+    let pid = child.id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(5));
+    let other = dir.backup("v1", &[("d", &img)]);
+    assert_eq!(other["disks"][0]["new_chunks"], 0, "it deduplicated against the stopped backup's index file");
+    let r = gc(&dir, &FAST_LOCKS);
+    assert_eq!(r["packs_deleted"], 0, "every pack is referenced: {r}");
+    fs::write(&gate, b"").unwrap();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the stopped backup fails: {stderr}");
+    assert!(stderr.contains("lost the repository lock"), "{stderr}");
+    dir.check_all();
+    assert_eq!(hash(&dir.restore(&snap_id(&other), "d", "r.img")), hash(&img));
+    gc(&dir, &[]);
+    dir.check_all();
+    assert_eq!(hash(&dir.restore(&snap_id(&other), "d", "r2.img")), hash(&img));
 }
 
 /// Issue 14, item 2: a pack renamed to another valid-looking name is "unindexed" under

@@ -662,37 +662,15 @@ fn advice(cbt: &str, lied_cbt: bool, lied_alloc: bool, changing: bool, missed: b
 /// `BLOCKPROOF_PAUSE_BEFORE_COMMIT=PATH` in the environment, a backup that has written all
 /// its data waits, before committing its snapshot, until the file PATH exists (it creates
 /// `PATH.waiting` while it waits).
-#[cfg(not(feature = "test-hooks"))]
-fn pause_before_commit() {}
-
-#[cfg(not(feature = "test-hooks"))]
-fn pause_after_open() {}
+fn pause_before_commit() {
+    blockproof_repo::hooks::pause_at("BLOCKPROOF_PAUSE_BEFORE_COMMIT");
+}
 
 /// With `BLOCKPROOF_PAUSE_AFTER_OPEN=PATH` (test builds only), a backup that has opened
 /// every disk — its change source queried — waits like [`pause_before_commit`] before it
 /// reads: a test can then change the source behind the backup's view.
-#[cfg(feature = "test-hooks")]
 fn pause_after_open() {
-    pause_at("BLOCKPROOF_PAUSE_AFTER_OPEN");
-}
-
-#[cfg(feature = "test-hooks")]
-fn pause_before_commit() {
-    pause_at("BLOCKPROOF_PAUSE_BEFORE_COMMIT");
-}
-
-#[cfg(feature = "test-hooks")]
-fn pause_at(var: &str) {
-    if let Some(path) = std::env::var_os(var) {
-        let path = std::path::PathBuf::from(path);
-        let mut waiting = path.clone().into_os_string();
-        waiting.push(".waiting");
-        let _ = std::fs::write(&waiting, b"");
-        while !path.exists() {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let _ = std::fs::remove_file(&waiting);
-    }
+    blockproof_repo::hooks::pause_at("BLOCKPROOF_PAUSE_AFTER_OPEN");
 }
 
 /// Makes a snapshot visible — only while this backup certainly holds its lock, checked

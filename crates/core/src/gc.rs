@@ -18,7 +18,9 @@
 //!    marks again and deletes a planned pack only if every blob in it that is referenced
 //!    now has another copy in a pack that stays and exists (an index entry of a lost pack
 //!    is no copy). It writes new index files without the
-//!    deleted packs, removes the old index files, then the packs, then the plan.
+//!    deleted packs, removes the old index files, then the packs; then rewrites any index
+//!    file that appeared since its load naming a deleted pack (written by a backup that
+//!    lost its lock as it wrote it); then removes the plan.
 //!
 //! A gc that finds its plan not yet safe leaves it for the next gc and says so.
 //!
@@ -47,10 +49,17 @@ use serde::{Deserialize, Serialize};
 use crate::live_blobs::{covered, for_each_live_list, mark, pack_usage, refuse_if_data_missing, LiveBlobs};
 use crate::{CoreError, Progress};
 
+/// What a test runs in the middle of a sweep.
+#[cfg(test)]
+type SweepHook = Box<dyn FnOnce(&Repository)>;
+
 #[cfg(test)]
 thread_local! {
     /// Blob index loads by gc on this thread (tests).
     static INDEX_LOADS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Run once by the next sweep on this thread after it rewrote the index files and
+    /// before it deletes packs (tests of what other processes do meanwhile).
+    static BEFORE_DELETE: std::cell::RefCell<Option<SweepHook>> = const { std::cell::RefCell::new(None) };
 }
 
 fn load_index(repo: &Repository) -> Result<BlobIndex, CoreError> {
@@ -391,6 +400,7 @@ fn sweep(
         index.file_packs().filter(|(_, packs)| packs.iter().any(dropped)).map(|(f, _)| f.to_string()).collect();
     drop(elsewhere);
     let unchanged = rewrite.is_empty() && deletable.is_empty();
+    let loaded: HashSet<String> = index.files().iter().cloned().collect();
     let marked = if unchanged {
         Some((index, live, listing))
     } else {
@@ -400,25 +410,29 @@ fn sweep(
     // Nothing is deleted by a gc that may have lost its lock (stopped for too long).
     lock.ensure_held()?;
     // New index files without the deleted packs, then remove the old ones.
-    for fname in &rewrite {
-        let f = match repo.read_index_file(fname) {
-            Ok(f) => f,
-            Err(blockproof_repo::RepoError::Store(e)) if e.is_not_found() => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let kept: Vec<(Id, Vec<BlobEntry>)> = f.packs.into_iter().filter(|(p, _)| !dropped(p)).collect();
-        if !kept.is_empty() {
-            repo.write_index_file(&IndexFile { packs: kept })?;
-        }
-        repo.backend().remove(Kind::Index, fname)?;
-        report.index_files_rewritten += 1;
-    }
+    rewrite_without(repo, &rewrite, &dropped, report)?;
+    #[cfg(test)]
+    BEFORE_DELETE.with(|f| f.borrow_mut().take().map(|f| f(repo)));
     for pack in &deletable {
         let hex = pack.to_hex();
         let size = repo.backend().size(Kind::Pack, &hex).unwrap_or(0);
         repo.backend().remove(Kind::Pack, &hex)?;
         report.packs_deleted += 1;
         report.bytes_freed += size;
+    }
+    // A process that lost its lock may have made an index file visible after the index
+    // above was loaded, naming a pack just deleted: it checks its packs after the write
+    // (`Repository::write_index_file`), and this closes the other half of that race —
+    // index files new since the load are read, and one naming a deleted pack is
+    // rewritten without it.
+    if !deletable.is_empty() {
+        let new: Vec<String> = repo
+            .backend()
+            .list(Kind::Index)?
+            .into_iter()
+            .filter(|n| Id::is_file_name(n) && !loaded.contains(n))
+            .collect();
+        rewrite_without(repo, &new, &dropped, report)?;
     }
     if kept.is_empty() {
         repo.backend().remove(Kind::State, name)?;
@@ -428,6 +442,34 @@ fn sweep(
         repo.write_doc(Kind::State, ObjectMagic::State, name, &serde_json::to_vec(&rest).expect("a plan serializes"))?;
     }
     Ok(marked)
+}
+
+/// Replaces each of `files` that lists a `dropped` pack by an index file without those
+/// packs (none, when nothing else is left), then removes it. A file already gone (its
+/// writer settled it) is skipped.
+fn rewrite_without(
+    repo: &Repository,
+    files: &[String],
+    dropped: &dyn Fn(&Id) -> bool,
+    report: &mut GcReport,
+) -> Result<(), CoreError> {
+    for fname in files {
+        let f = match repo.read_index_file(fname) {
+            Ok(f) => f,
+            Err(blockproof_repo::RepoError::Store(e)) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if !f.packs.iter().any(|(p, _)| dropped(p)) {
+            continue;
+        }
+        let kept: Vec<(Id, Vec<BlobEntry>)> = f.packs.into_iter().filter(|(p, _)| !dropped(p)).collect();
+        if !kept.is_empty() {
+            repo.write_index_file(&IndexFile { packs: kept })?;
+        }
+        repo.backend().remove(Kind::Index, fname)?;
+        report.index_files_rewritten += 1;
+    }
+    Ok(())
 }
 
 /// Whether a backup that could use the plan's packs may still run: a live shared lock
@@ -465,5 +507,59 @@ mod tests {
         let before = loads();
         gc(&repo, &GcOptions::default(), &crate::NoProgress).unwrap();
         assert_eq!(loads() - before, 1);
+    }
+
+    /// Writes one pack holding one blob of `fill` bytes; returns the pack and its entries.
+    fn one_pack(repo: &Repository, fill: u8) -> (Id, Vec<BlobEntry>) {
+        let mut codec = blockproof_repo::BlobCodec::for_repo(repo);
+        let data = vec![fill; 4096];
+        let id = repo.keys().blob_id(&data);
+        let mut writer = PackWriter::new(repo);
+        writer.add(codec.seal(blockproof_format::BlobKind::Data, id, &data)).unwrap();
+        writer.finish().unwrap().0.remove(0)
+    }
+
+    /// The packs each index file lists.
+    fn listings(repo: &Repository) -> Vec<(String, Vec<Id>)> {
+        let names = repo.backend().list(Kind::Index).unwrap();
+        let packs = |n: &str| repo.read_index_file(n).unwrap().packs.into_iter().map(|(p, _)| p).collect();
+        names.into_iter().map(|n| (n.clone(), packs(&n))).collect()
+    }
+
+    /// An index file that becomes visible between a sweep's load and its deletions (a
+    /// backup that lost its lock as it wrote it) and names a pack the sweep deletes is
+    /// rewritten without it: no index file names a deleted pack, and the other pack it
+    /// listed stays indexed.
+    #[test]
+    fn an_index_file_that_appears_during_a_sweep_loses_only_the_deleted_packs() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = blockproof_repo::InitOptions {
+            kdf: blockproof_format::KdfParams::MIN,
+            ..blockproof_repo::InitOptions::default()
+        };
+        let backend = blockproof_store::LocalBackend::create(dir.path()).unwrap();
+        let repo = Repository::init(Box::new(backend), b"pw", &opts).unwrap();
+        // A pack no snapshot references: gc plans it and deletes it at once.
+        let doomed = one_pack(&repo, 1);
+        let late = std::rc::Rc::new(std::cell::RefCell::new(None));
+        let seen = late.clone();
+        let listed = doomed.clone();
+        BEFORE_DELETE.with(|f| {
+            *f.borrow_mut() = Some(Box::new(move |repo: &Repository| {
+                // A pack written after the plan (not in it), and a file naming both.
+                let fresh = one_pack(repo, 2);
+                let id = repo.write_index_file(&IndexFile { packs: vec![listed, fresh.clone()] }).unwrap();
+                *seen.borrow_mut() = Some((id.to_hex(), fresh.0));
+            }));
+        });
+        let report = gc(&repo, &GcOptions::default(), &crate::NoProgress).unwrap();
+        assert_eq!(report.packs_deleted, 1, "{report:?}");
+        let (late, fresh) = late.borrow().clone().expect("the hook ran");
+        let now = listings(&repo);
+        assert!(now.iter().all(|(n, _)| *n != late), "the late file was rewritten: {now:?}");
+        assert!(now.iter().all(|(_, p)| !p.contains(&doomed.0)), "no index file names the deleted pack: {now:?}");
+        assert!(now.iter().any(|(_, p)| *p == [fresh]), "the rest of the late file is indexed: {now:?}");
+        let report = crate::check::check(&repo, &Default::default(), &crate::NoProgress).unwrap();
+        assert!(report.ok, "{report:?}");
     }
 }

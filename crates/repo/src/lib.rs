@@ -25,7 +25,9 @@
 //!   visible snapshot never references a missing blob, whatever moment a crash hits.
 //! - Every blob read is authenticated *and* re-hashed against its id before its bytes
 //!   are returned ([`BlobReader::read`]): wrong bytes are an error, never data.
-//! - Nothing here ever rewrites or deletes an object (that is garbage collection's job).
+//! - Nothing here ever rewrites or deletes an object (that is garbage collection's job),
+//!   except what a session wrote itself as it lost its lock: a snapshot is withdrawn, an
+//!   index file loses the packs gc deleted meanwhile ([`Repository::write_index_file`]).
 //! - One bad file never hides the rest from a reader: stray files (names that are not
 //!   object ids) and damaged snapshot and index files are skipped and listed
 //!   ([`Repository::scan_snapshots`], [`BlobIndex::scan`]); the strict loaders
@@ -40,6 +42,7 @@
 pub mod blob;
 mod blob_table;
 pub mod heads;
+pub mod hooks;
 pub mod index;
 pub mod index_cache;
 pub mod keys;

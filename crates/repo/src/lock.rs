@@ -32,11 +32,16 @@
 //! which stops every stage of the running operation, and [`Lock::ensure_held`] fails. A
 //! refresh that fails is retried every few seconds, never ignored. Every write that
 //! makes earlier writes reachable — an index file (it names packs) and a snapshot (it
-//! names blobs) — is checked against the session's locks just before and just after
-//! (`Repository::visible_write`), and removed again if a lock was lost in between; an
-//! operation also calls `ensure_held`, which reads the lock file back, around its commit.
+//! names blobs) — is checked against the session's locks just before and just after;
+//! an operation also calls `ensure_held`, which reads the lock file back, around its
+//! commit. A snapshot written as the lock was lost is withdrawn. An index file written
+//! then is *settled*, not removed (`Repository::write_index_file`): it was visible, and
+//! while its writer was stopped others may have deduplicated against it, so it keeps
+//! every pack that still exists and loses only those gc deleted meanwhile (gc, for its
+//! part, rewrites an index file that appeared during its sweep naming a pack it deleted).
 //! So a process stopped for longer than the stale age (SIGSTOP, a frozen VM, a suspended
-//! laptop) can never index packs or commit a snapshot that gc removed in the meantime.
+//! laptop) can never commit a snapshot, nor leave an index entry, that names what gc
+//! removed in the meantime.
 //!
 //! ## Files that are not locks
 //!

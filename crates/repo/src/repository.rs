@@ -235,12 +235,54 @@ impl Repository {
     }
 
     /// Writes an index file durably; returns its id. Under a lock, only while the lock is
-    /// certainly held (checked before and after; see [`Repository::visible_write`]).
+    /// certainly held: checked before the write and after it. An index file written as
+    /// the lock was lost is settled, not removed ([`Repository::settle_unleased_index`]),
+    /// and the write fails.
     pub fn write_index_file(&self, index: &IndexFile) -> Result<Id, RepoError> {
         let bytes = seal_index(self, index);
         let id = Id(*blake3::hash(&bytes).as_bytes());
-        self.visible_write(Kind::Index, &id.to_hex(), &bytes)?;
+        self.leases_held()?;
+        self.backend.write(Kind::Index, &id.to_hex(), &bytes)?;
+        crate::hooks::pause_at("BLOCKPROOF_PAUSE_AFTER_INDEX_WRITE");
+        if let Err(e) = self.leases_held() {
+            self.settle_unleased_index(id, index);
+            return Err(e);
+        }
         Ok(id)
+    }
+
+    /// Settles an index file this session wrote as it lost its lock (a process stopped
+    /// for longer than the stale age, right before or right after the write). The file
+    /// was visible from the moment it was written, and others may have deduplicated
+    /// against the blobs it lists since — their snapshots then reference blobs in these
+    /// packs — so removing it could take blobs of committed snapshots out of the index.
+    /// It stays while its packs exist (no snapshot of this session references them; gc
+    /// collects them like any unreferenced pack). Packs that gc deleted meanwhile (the
+    /// process was stopped before the write landed) are dropped from it: it is replaced
+    /// by a file without them, or removed when none is left, and the replacement is
+    /// checked the same way. Best effort: a store that fails here leaves a file naming a
+    /// missing pack, which `check` reports and `repair` mends, never a lost blob.
+    pub(crate) fn settle_unleased_index(&self, mut id: Id, index: &IndexFile) {
+        let mut packs = index.packs.clone();
+        loop {
+            let before = packs.len();
+            packs.retain(|(p, _)| !matches!(self.backend.size(Kind::Pack, &p.to_hex()), Err(e) if e.is_not_found()));
+            if packs.len() == before {
+                return;
+            }
+            let old = id;
+            if !packs.is_empty() {
+                let bytes = seal_index(self, &IndexFile { packs: packs.clone() });
+                id = Id(*blake3::hash(&bytes).as_bytes());
+                if self.backend.write(Kind::Index, &id.to_hex(), &bytes).is_err() {
+                    return;
+                }
+            }
+            let _ = self.backend.remove(Kind::Index, &old.to_hex());
+            if packs.is_empty() {
+                return;
+            }
+        }
     }
 
     /// Seals and writes a snapshot manifest. Call only after everything it references is
@@ -268,21 +310,6 @@ impl Repository {
         let record = crate::heads::Forgotten::new(id, &snapshot.vm, &snapshot.time, crate::heads::Removal::Withdrawn);
         let _ = self.record_forgotten(vec![record]);
         let _ = self.backend.remove(Kind::Snapshot, &id.to_hex());
-    }
-
-    /// Writes a file that makes earlier writes reachable (an index file names packs; a
-    /// snapshot names blobs, see [`Repository::save_snapshot`]) only while every lock of
-    /// this session is certainly held: checked before the write, and after it — a
-    /// process stopped in between for longer than the stale age may have had its packs
-    /// deleted by gc meanwhile, so the file is then removed again and the write fails.
-    fn visible_write(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<(), RepoError> {
-        self.leases_held()?;
-        self.backend.write(kind, name, bytes)?;
-        if let Err(e) = self.leases_held() {
-            let _ = self.backend.remove(kind, name);
-            return Err(e);
-        }
-        Ok(())
     }
 
     /// Fails if this session has lost any lock it holds (see [`crate::lock`]).
@@ -571,5 +598,55 @@ mod tests {
         assert_eq!(repo.resolve_snapshot("vm:latest").unwrap().id, id);
         assert!(matches!(repo.resolve_snapshot("other:latest"), Err(RepoError::NotFound(_))));
         assert!(matches!(repo.resolve_snapshot("zz"), Err(RepoError::Invalid(_))));
+    }
+
+    /// An index file written as the lock was lost keeps every pack that still exists
+    /// (others may have deduplicated against them while it was visible) and loses only the
+    /// packs gc deleted meanwhile.
+    #[test]
+    fn an_index_file_written_as_the_lock_was_lost_keeps_the_packs_that_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo =
+            Repository::init(Box::new(LocalBackend::create(dir.path().join("r")).unwrap()), b"pw", &fast()).unwrap();
+        let mut codec = BlobCodec::for_repo(&repo);
+        let mut pack = |fill: u8| {
+            let data = vec![fill; 4096];
+            let mut writer = PackWriter::new(&repo);
+            writer.add(codec.seal(BlobKind::Data, repo.keys().blob_id(&data), &data)).unwrap();
+            writer.finish().unwrap().0.remove(0)
+        };
+        let packs: Vec<_> = (1..=3).map(&mut pack).collect();
+        // Only the file under test lists them.
+        for name in repo.backend().list(Kind::Index).unwrap() {
+            repo.backend().remove(Kind::Index, &name).unwrap();
+        }
+        let listings = || -> Vec<Vec<Id>> {
+            let names = repo.backend().list(Kind::Index).unwrap();
+            names.iter().map(|n| repo.read_index_file(n).unwrap().packs.into_iter().map(|(p, _)| p).collect()).collect()
+        };
+        let file = IndexFile { packs: packs.clone() };
+        let id = repo.write_index_file(&file).unwrap();
+        let before = listings();
+
+        // Every pack there: the file stays as it is.
+        repo.settle_unleased_index(id, &file);
+        assert_eq!(listings(), before);
+
+        // One deleted by gc: replaced by a file of the other two.
+        repo.backend().remove(Kind::Pack, &packs[1].0.to_hex()).unwrap();
+        repo.settle_unleased_index(id, &file);
+        let now = listings();
+        assert!(!now.iter().any(|l| l.contains(&packs[1].0)), "{now:?}");
+        assert!(now.contains(&vec![packs[0].0, packs[2].0]), "{now:?}");
+        assert_eq!(now.len(), before.len());
+
+        // All gone: no file of it is left.
+        let file = IndexFile { packs: vec![packs[0].clone(), packs[2].clone()] };
+        let id = repo.write_index_file(&file).unwrap();
+        for (p, _) in &file.packs {
+            repo.backend().remove(Kind::Pack, &p.to_hex()).unwrap();
+        }
+        repo.settle_unleased_index(id, &file);
+        assert!(!repo.backend().list(Kind::Index).unwrap().contains(&id.to_hex()));
     }
 }

@@ -29,7 +29,12 @@ pub struct Dir {
 
 impl Dir {
     pub fn new() -> Self {
-        Dir { tmp: tempfile::Builder::new().prefix("blockproof-test-").tempdir().unwrap(), s3: None }
+        // BLOCKPROOF_TEST_KEEP=1 keeps the directory (to inspect the repository of a failure).
+        let keep = std::env::var_os("BLOCKPROOF_TEST_KEEP").is_some();
+        Dir {
+            tmp: tempfile::Builder::new().prefix("blockproof-test-").disable_cleanup(keep).tempdir().unwrap(),
+            s3: None,
+        }
     }
 
     /// A directory whose repository is `url` (s3://BUCKET/PREFIX) on `garage`; commands get
