@@ -52,6 +52,8 @@ impl BlobIndex {
         excluded: &HashSet<Id>,
         strict: bool,
     ) -> Result<Option<(Self, Skipped)>, RepoError> {
+        // Runs a killed build or marking left here (they can take gigabytes).
+        crate::run_file::remove_stale(dir);
         let mut skipped = Skipped::default();
         let names = list_files(repo, strict, &mut skipped)?;
         let path = dir.join(CACHE_FILE);

@@ -61,9 +61,11 @@ pub(crate) fn build(
             table.files.push((name.clone(), listed.iter().map(|p| remap[*p as usize]).collect()));
         }
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // The sorted runs and the file being built: `blob-index.run<pid>-<k>.*`, removed
+    // when `spill` is dropped, or by a later load if this process is killed.
+    let mut spill = RunFiles::new(path.to_path_buf());
+    let tmp = spill.aside("cache")?;
     let result = (|| {
-        let spill = RunFiles::new(tmp.clone());
         let (spill, last, listing_pack, total) = read_added(repo, &mut table, added, spill)?;
         let mut sources: Vec<Box<dyn Iterator<Item = Slot> + '_>> = Vec::new();
         let mut old_slots = 0;
@@ -91,9 +93,6 @@ pub(crate) fn build(
         }
         writer.finish(repo.id(), &table, path)
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
     result
 }
 

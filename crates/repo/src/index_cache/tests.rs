@@ -319,6 +319,34 @@ fn strictness_and_exclusion_are_kept() {
     assert_eq!(BlobIndex::scan(&c, &HashSet::new()).unwrap().1.damaged.len(), 1);
 }
 
+/// Sorted runs a killed process left beside the cache (a cache build's, a gc's marks)
+/// are removed by the next load through the cache; the cache itself stays.
+#[test]
+fn a_load_removes_the_runs_of_a_killed_process() {
+    let (repo, store) = repo();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(11);
+    let pool: Vec<Id> = (0..500).map(|_| rng.id()).collect();
+    write_files(&repo, &mut rng, &pool, &mut Vec::new(), 3);
+    let c = cached(&store, dir.path());
+    BlobIndex::load(&c).unwrap();
+    let left = [
+        "marks.run4194305-0.lock",
+        "marks.run4194305-0.0",
+        "blob-index.run4194306-2.lock",
+        "blob-index.run4194306-2.7",
+        "blob-index.run4194306-2.cache",
+    ];
+    for name in left {
+        std::fs::write(dir.path().join(name), vec![0u8; 4096]).unwrap();
+    }
+    let memory = BlobIndex::load(&repo).unwrap();
+    assert_agree(&memory, &BlobIndex::load(&c).unwrap(), &[], false);
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(names, [CACHE_FILE.to_string()]);
+}
+
 /// The file's layout is pinned: magic, version, where each header field lies, and the
 /// size the sections add up to.
 #[test]
