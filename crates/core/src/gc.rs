@@ -400,7 +400,7 @@ fn sweep(
         index.file_packs().filter(|(_, packs)| packs.iter().any(dropped)).map(|(f, _)| f.to_string()).collect();
     drop(elsewhere);
     let unchanged = rewrite.is_empty() && deletable.is_empty();
-    let loaded: HashSet<String> = index.files().iter().cloned().collect();
+    let mut loaded: HashSet<String> = index.files().iter().cloned().collect();
     let marked = if unchanged {
         Some((index, live, listing))
     } else {
@@ -410,7 +410,7 @@ fn sweep(
     // Nothing is deleted by a gc that may have lost its lock (stopped for too long).
     lock.ensure_held()?;
     // New index files without the deleted packs, then remove the old ones.
-    rewrite_without(repo, &rewrite, &dropped, report)?;
+    loaded.extend(rewrite_without(repo, &rewrite, &dropped, report)?);
     #[cfg(test)]
     BEFORE_DELETE.with(|f| f.borrow_mut().take().map(|f| f(repo)));
     for pack in &deletable {
@@ -445,14 +445,15 @@ fn sweep(
 }
 
 /// Replaces each of `files` that lists a `dropped` pack by an index file without those
-/// packs (none, when nothing else is left), then removes it. A file already gone (its
-/// writer settled it) is skipped.
+/// packs (none, when nothing else is left), then removes it; returns the names of the
+/// files written. A file already gone (its writer settled it) is skipped.
 fn rewrite_without(
     repo: &Repository,
     files: &[String],
     dropped: &dyn Fn(&Id) -> bool,
     report: &mut GcReport,
-) -> Result<(), CoreError> {
+) -> Result<Vec<String>, CoreError> {
+    let mut written = Vec::new();
     for fname in files {
         let f = match repo.read_index_file(fname) {
             Ok(f) => f,
@@ -464,12 +465,12 @@ fn rewrite_without(
         }
         let kept: Vec<(Id, Vec<BlobEntry>)> = f.packs.into_iter().filter(|(p, _)| !dropped(p)).collect();
         if !kept.is_empty() {
-            repo.write_index_file(&IndexFile { packs: kept })?;
+            written.push(repo.write_index_file(&IndexFile { packs: kept })?.to_hex());
         }
         repo.backend().remove(Kind::Index, fname)?;
         report.index_files_rewritten += 1;
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Whether a backup that could use the plan's packs may still run: a live shared lock
