@@ -343,8 +343,12 @@ impl CachedTable {
                     break None;
                 }
                 if !(first..first + window.len()).contains(&p) {
+                    // A window starts a page early: when `p` was reached from the page
+                    // before it (the id's group opened `p`), the next id may still fall
+                    // on that page, which is then not read a second time.
+                    let start = if dense { p.saturating_sub(1) } else { p };
                     let read = if dense {
-                        self.read_pages(p, PASS_PAGES.min(self.pages() - p)).map_err(|e| self.damaged(e)).ok()
+                        self.read_pages(start, PASS_PAGES.min(self.pages() - start)).map_err(|e| self.damaged(e)).ok()
                     } else {
                         self.page(p).map(|page| vec![page])
                     };
@@ -352,7 +356,7 @@ impl CachedTable {
                         failed = true;
                         continue;
                     };
-                    (first, window) = (p, read);
+                    (first, window) = (start, read);
                 }
                 let page = &window[p - first];
                 let from = page.partition_point(|s| s.id < id);
