@@ -591,12 +591,7 @@ mod tests {
     #[test]
     fn pages_load_on_demand_and_unchanged_ones_keep_their_id() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = blockproof_repo::InitOptions {
-            kdf: blockproof_format::KdfParams::MIN,
-            ..blockproof_repo::InitOptions::default()
-        };
-        let backend = blockproof_store::LocalBackend::create(dir.path()).unwrap();
-        let repo = blockproof_repo::Repository::init(Box::new(backend), b"pw", &opts).unwrap();
+        let repo = crate::test_repo::in_dir(dir.path());
         // 4 pages, the last one short; pages 0, 2 and 3 hold confirmations, page 1 none.
         let n = 3 * ENTRIES_PER_PAGE + 100;
         let mut model = vec![0u32; n as usize];
@@ -700,12 +695,7 @@ mod tests {
     #[test]
     fn groups_not_touched_are_neither_loaded_nor_rewritten() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = blockproof_repo::InitOptions {
-            kdf: blockproof_format::KdfParams::MIN,
-            ..blockproof_repo::InitOptions::default()
-        };
-        let backend = blockproof_store::LocalBackend::create(dir.path()).unwrap();
-        let repo = blockproof_repo::Repository::init(Box::new(backend), b"pw", &opts).unwrap();
+        let repo = crate::test_repo::in_dir(dir.path());
         let group = GROUP_PAGES * ENTRIES_PER_PAGE;
         let n = 2 * group + 5 * ENTRIES_PER_PAGE + 77;
         // Confirmed: a few chunks in pages of groups 0 and 2, one page of group 1.

@@ -489,12 +489,7 @@ mod tests {
     #[test]
     fn a_sweep_that_changes_nothing_does_not_reload_the_index() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = blockproof_repo::InitOptions {
-            kdf: blockproof_format::KdfParams::MIN,
-            ..blockproof_repo::InitOptions::default()
-        };
-        let backend = blockproof_store::LocalBackend::create(dir.path()).unwrap();
-        let repo = Repository::init(Box::new(backend), b"pw", &opts).unwrap();
+        let repo = crate::test_repo::in_dir(dir.path());
         let loads = || INDEX_LOADS.with(|n| n.get());
         let plan = Plan { created: 0, host: "h".into(), packs: vec![Id([7; 32])] };
         let bytes = serde_json::to_vec(&plan).unwrap();
@@ -534,12 +529,7 @@ mod tests {
     #[test]
     fn an_index_file_that_appears_during_a_sweep_loses_only_the_deleted_packs() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = blockproof_repo::InitOptions {
-            kdf: blockproof_format::KdfParams::MIN,
-            ..blockproof_repo::InitOptions::default()
-        };
-        let backend = blockproof_store::LocalBackend::create(dir.path()).unwrap();
-        let repo = Repository::init(Box::new(backend), b"pw", &opts).unwrap();
+        let repo = crate::test_repo::in_dir(dir.path());
         // A pack no snapshot references: gc plans it and deletes it at once.
         let doomed = one_pack(&repo, 1);
         let late = std::rc::Rc::new(std::cell::RefCell::new(None));

@@ -59,6 +59,9 @@ pub mod status;
 pub mod verification;
 pub mod verify;
 
+#[cfg(test)]
+mod test_repo;
+
 pub use audit::{verify, DiskVerifyReport, VerifyOptions, VerifyReport};
 pub use backup::{
     backup, default_verify_budget, BackupOptions, BackupReport, DiskInput, DiskReport, OnMismatch, OpenFn,
