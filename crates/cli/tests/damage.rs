@@ -275,3 +275,46 @@ fn a_damaged_index_cache_is_rebuilt_never_believed() {
     }
     assert_eq!(hash(&dir.restore("v:latest", "d", "r4.img")), hash(&img));
 }
+
+/// A page of the index cache's table that holds only chunk entries, damaged: gc's walk
+/// finds every tree page, and only the marking of the chunks reads that page. gc then
+/// names the damaged cache (not "referenced blobs in no index file", which would send the
+/// administrator to repair a whole repository) and deletes nothing; the next gc, on the
+/// rebuilt cache, runs.
+#[test]
+fn gc_names_a_damaged_cache_page_that_only_chunks_needed() {
+    let dir = Dir::new();
+    dir.init();
+    let img = dir.image("d.img", 128 << 20, 81);
+    dir.backup("v", &[("d", &img)]);
+    // A second backup, so that the cache built by it covers the first.
+    let other = dir.image("e.img", 1 << 20, 82);
+    dir.backup("w", &[("e", &other)]);
+    dir.restore("v:latest", "d", "warm.img");
+    let caches = harness::files(&dir.join("cache"));
+    let cache = caches.iter().find(|p| p.ends_with("blob-index")).expect("the index cache").clone();
+    let bytes = fs::read(&cache).unwrap();
+    let slots = u64::from_le_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    let (header, slot, page) = (128, 54, 128);
+    let kind = |s: usize| bytes[header + s * slot + 52];
+    // A few index and confirmation pages among more than a thousand chunks: most
+    // pages of the table hold chunk entries only.
+    let data_page = (0..slots / page)
+        .find(|p| (p * page..(p + 1) * page).all(|s| kind(s) == 0))
+        .unwrap_or_else(|| panic!("a page of chunk entries only among {slots} slots"));
+    let f = fs::OpenOptions::new().write(true).open(&cache).unwrap();
+    f.write_all_at(&[!bytes[header + data_page * page * slot + 7]], (header + data_page * page * slot + 7) as u64)
+        .unwrap();
+
+    let packs = dir.packs();
+    let out = dir.repo_cmd("gc").output();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("blob index cache") && err.contains("run the command again"), "{err}");
+    assert!(!err.contains("no index file"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(dir.packs(), packs, "nothing deleted");
+    dir.repo_cmd("gc").ok();
+    dir.check_all();
+    assert_eq!(hash(&dir.restore("v:latest", "d", "r.img")), hash(&img));
+}

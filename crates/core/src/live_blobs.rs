@@ -47,9 +47,13 @@ impl LiveBlobs {
 /// Blobs `repair` found in no pack and reported lost (`state/repair`) are the exception:
 /// repair read every pack, so no pack holds them, and a lost page's subtree can only come
 /// back with a backup that stores the same content again (which stores its chunks too).
+/// Marks what every snapshot references. A page of the index's local cache that failed
+/// its check during the walk is reported as that, whether the walk failed on it (a tree
+/// page not found) or not (the leaves it should have marked would otherwise look like
+/// blobs in no index file).
 pub(crate) fn mark(repo: &Repository, index: &BlobIndex) -> Result<LiveBlobs, CoreError> {
     let lost = crate::repair::recorded_losses(repo);
-    mark_all(repo, index, &lost).map_err(|e| {
+    let live = mark_all(repo, index, &lost).map_err(|e| {
         // What the index's local cache failed to give is that failure, not missing data.
         if let Some(damage) = index.damage() {
             return damage.into();
@@ -61,7 +65,11 @@ pub(crate) fn mark(repo: &Repository, index: &BlobIndex) -> Result<LiveBlobs, Co
             "gc refuses to run while data that snapshots reference is missing or unreadable (it could not \
              tell what is unused): {e}; nothing was deleted (run blockproof check, then blockproof repair)"
         ))
-    })
+    })?;
+    match index.damage() {
+        Some(damage) => Err(damage.into()),
+        None => Ok(live),
+    }
 }
 
 fn mark_all(repo: &Repository, index: &BlobIndex, lost: &HashSet<Id>) -> Result<LiveBlobs, CoreError> {

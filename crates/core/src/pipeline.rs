@@ -65,6 +65,24 @@ impl<'a> Dedup<'a> {
         self.stored(id) || self.new.lock().expect("dedup lock").contains(id)
     }
 
+    /// [`Dedup::contains`] of each of `ids` (ascending, distinct), in one walk along the
+    /// index rather than a lookup each.
+    pub(crate) fn contains_sorted(&self, ids: &[Id]) -> Vec<bool> {
+        let mut out = Vec::with_capacity(ids.len());
+        let all = self.avail.all_usable();
+        self.reader.index().stored_where_sorted(
+            ids.iter().copied(),
+            ids.len() as u64,
+            |pack| all || self.avail.usable(pack),
+            |_, stored| out.push(stored),
+        );
+        let new = self.new.lock().expect("dedup lock");
+        for (stored, id) in out.iter_mut().zip(ids) {
+            *stored = *stored || new.contains(id);
+        }
+        out
+    }
+
     /// Whether the index knows the blob at all: a blob it knows that must be stored
     /// again had only unusable copies (a repair).
     pub(crate) fn indexed(&self, id: &Id) -> bool {
@@ -161,10 +179,11 @@ impl<'a, 'd> BlobSink<'a, 'd> {
         Ok(id)
     }
 
-    /// Whether a copy of the blob lies in a pack that may be reused (or it is being
-    /// stored by this backup): a metadata blob kept by id without being read back.
-    pub(crate) fn reusable(&self, id: &Id) -> bool {
-        self.dedup.contains(id)
+    /// For each of `ids` (ascending, distinct), looked up together: whether a copy of the
+    /// blob lies in a pack that may be reused (or it is being stored by this backup), so
+    /// that a metadata blob may be kept by id without being read back.
+    pub(crate) fn reusable_sorted(&self, ids: &[Id]) -> Vec<bool> {
+        self.dedup.contains_sorted(ids)
     }
 
     /// Stores one page of a fixed index tree.

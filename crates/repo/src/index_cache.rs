@@ -265,8 +265,8 @@ impl CachedTable {
             if short(mac(&self.keyed, b"page", &[&(p as u64).to_le_bytes(), bytes])) != self.macs[p] {
                 return Err(format!("page {p} does not authenticate"));
             }
-            let slots: Option<Vec<Slot>> = bytes.chunks_exact(SLOT_SIZE).map(Slot::decode).collect();
-            out.push(Arc::from(slots.ok_or_else(|| format!("page {p} holds an unknown kind"))?));
+            let slots: Option<Arc<[Slot]>> = bytes.chunks_exact(SLOT_SIZE).map(Slot::decode).collect();
+            out.push(slots.ok_or_else(|| format!("page {p} holds an unknown kind"))?);
         }
         Ok(out)
     }
@@ -323,52 +323,82 @@ impl CachedTable {
     }
 
     /// The first position of each of `ids` (ascending, distinct), or `None` for an id the
-    /// table does not hold, given to `found` in order: one walk along the table instead
-    /// of a lookup each. `dense`: the ids touch most pages, which are then read
-    /// [`PASS_PAGES`] at a time, not through the page cache. A page that fails its check
-    /// is recorded as damage and the ids from there on are not found.
+    /// table does not hold, given to `found` in order with the id's slots (its locations
+    /// in load order; empty when absent): one walk along the table instead of a lookup
+    /// each. `dense`: the ids touch most pages, which are then read [`PASS_PAGES`] at a
+    /// time, not through the page cache. A page that fails its check is recorded as
+    /// damage, and no id is found from the pages read with it on.
     pub(crate) fn find_sorted(
         &self,
         ids: impl Iterator<Item = Id>,
         dense: bool,
-        mut found: impl FnMut(Id, Option<usize>),
+        mut found: impl FnMut(Id, Option<usize>, &[Slot]),
     ) {
-        // Pages `first..first + window.len()`, as read last.
-        let (mut first, mut window): (usize, Vec<Arc<[Slot]>>) = (0, Vec::new());
-        let mut failed = false;
+        let mut window = Window { first: 0, pages: Vec::new(), dense, failed: false };
+        let mut group = Vec::new();
+        // Where the previous id's search ended (page, slot): the ids ascend, so the next
+        // one lies there or after.
+        let mut cursor: Option<(usize, usize)> = None;
         for id in ids {
-            let mut p = self.fences.partition_point(|f| *f < id).saturating_sub(1);
-            let at = loop {
-                if failed || p >= self.pages() {
-                    break None;
-                }
-                if !(first..first + window.len()).contains(&p) {
-                    // A window starts a page early: when `p` was reached from the page
-                    // before it (the id's group opened `p`), the next id may still fall
-                    // on that page, which is then not read a second time.
-                    let start = if dense { p.saturating_sub(1) } else { p };
-                    let read = if dense {
-                        self.read_pages(start, PASS_PAGES.min(self.pages() - start)).map_err(|e| self.damaged(e)).ok()
-                    } else {
-                        self.page(p).map(|page| vec![page])
-                    };
-                    let Some(read) = read else {
-                        failed = true;
-                        continue;
-                    };
-                    (first, window) = (start, read);
-                }
-                let page = &window[p - first];
-                let from = page.partition_point(|s| s.id < id);
-                if from == page.len() {
-                    // Its first location, if any, opens the next page.
-                    p += 1;
-                    continue;
-                }
-                break (page[from].id == id).then_some(p * PAGE_SLOTS + from);
+            group.clear();
+            let (mut p, mut start) = match cursor {
+                Some((p0, k0)) if window.last_id(p0).is_some_and(|last| id <= last) => (p0, k0),
+                _ => (self.fences.partition_point(|f| *f < id).saturating_sub(1), 0),
             };
-            found(id, at);
+            let mut at = None;
+            while p < self.pages() {
+                let Some(page) = self.window_page(&mut window, p) else {
+                    (at, group) = (None, Vec::new());
+                    break;
+                };
+                let from = if at.is_some() { 0 } else { lower_bound_from(page, start, &id) };
+                start = 0;
+                if at.is_none() {
+                    if from == page.len() {
+                        // Its first location, if any, opens the next page.
+                        p += 1;
+                        continue;
+                    }
+                    cursor = Some((p, from));
+                    if page[from].id != id {
+                        break;
+                    }
+                    at = Some(p * PAGE_SLOTS + from);
+                }
+                let same = page[from..].iter().take_while(|s| s.id == id).count();
+                group.extend_from_slice(&page[from..from + same]);
+                if from + same < page.len() {
+                    break;
+                }
+                p += 1;
+            }
+            found(id, at, &group);
         }
+    }
+
+    /// Page `p` for [`CachedTable::find_sorted`]: from the window read last, else read
+    /// (with the window's neighbours when dense). `None` once a page failed its check.
+    fn window_page<'w>(&self, window: &'w mut Window, p: usize) -> Option<&'w [Slot]> {
+        if window.failed {
+            return None;
+        }
+        if !(window.first..window.first + window.pages.len()).contains(&p) {
+            // A window starts a page early: when `p` was reached from the page before it
+            // (the id's group opened `p`), the next id may still fall on that page,
+            // which is then not read a second time.
+            let start = if window.dense { p.saturating_sub(1) } else { p };
+            let read = if window.dense {
+                self.read_pages(start, PASS_PAGES.min(self.pages() - start)).map_err(|e| self.damaged(e)).ok()
+            } else {
+                self.page(p).map(|page| vec![page])
+            };
+            let Some(read) = read else {
+                window.failed = true;
+                return None;
+            };
+            (window.first, window.pages) = (start, read);
+        }
+        Some(&window.pages[p - window.first])
     }
 
     /// False only if the table certainly does not hold `id` (the filter, read and
@@ -404,6 +434,33 @@ impl CachedTable {
     /// page cache). A page that fails its check ends the pass and is recorded as damage.
     pub(crate) fn pass(&self) -> Pass<'_> {
         Pass { table: self, next_page: 0, batch: VecDeque::new(), current: Arc::from(Vec::new()), k: 0 }
+    }
+}
+
+/// The pages [`CachedTable::find_sorted`] read last: `first..first + pages.len()`.
+struct Window {
+    first: usize,
+    pages: Vec<Arc<[Slot]>>,
+    dense: bool,
+    failed: bool,
+}
+
+impl Window {
+    /// The last id of page `p`, if the window holds it.
+    fn last_id(&self, p: usize) -> Option<Id> {
+        let page = self.pages.get(p.checked_sub(self.first)?)?;
+        page.last().map(|s| s.id)
+    }
+}
+
+/// The first slot of `page` at or after `start` whose id is not below `id`: a few steps
+/// forward first (sorted ids that touch most slots lie close together), then a binary
+/// search over the rest.
+fn lower_bound_from(page: &[Slot], start: usize, id: &Id) -> usize {
+    let near = (start + 4).min(page.len());
+    match page[start..near].iter().position(|s| s.id >= *id) {
+        Some(k) => start + k,
+        None => near + page[near..].partition_point(|s| s.id < *id),
     }
 }
 

@@ -10,6 +10,7 @@
 //! Marks belong to one index as it was when they were made: a position means nothing
 //! in another index, or in the same one after a pack was added.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use blockproof_format::Id;
@@ -114,13 +115,15 @@ const QUEUE_BATCH: usize = if cfg!(test) { 100 } else { 1 << 21 };
 /// one walk along the table. An index in memory is marked at once.
 pub struct MarkQueue {
     deferred: Option<SortedIds>,
-    unknown: Vec<Id>,
+    /// Unknown ids met while marking at once: a set, so that a damaged repository's
+    /// missing blob referenced again and again is held once.
+    unknown: HashSet<Id>,
 }
 
 impl MarkQueue {
     pub fn new(index: &BlobIndex) -> Self {
         let deferred = index.scratch_base("marks").map(|base| SortedIds::new(base, QUEUE_BATCH));
-        MarkQueue { deferred, unknown: Vec::new() }
+        MarkQueue { deferred, unknown: HashSet::new() }
     }
 
     /// Queues the blob `id` to be marked in `marks` (or marks it now). Fails only if its
@@ -130,7 +133,7 @@ impl MarkQueue {
             Some(ids) => ids.push(id).map_err(|e| scratch_error(index, e)),
             None => {
                 if marks.mark(index, &id).is_none() {
-                    self.unknown.push(id);
+                    self.unknown.insert(id);
                 }
                 Ok(())
             }
@@ -140,7 +143,8 @@ impl MarkQueue {
     /// Marks every queued blob in `marks`; returns those the index does not know (each
     /// once).
     pub fn finish(self, index: &BlobIndex, marks: &mut Marks) -> Result<Vec<Id>, RepoError> {
-        let MarkQueue { deferred, mut unknown } = self;
+        let MarkQueue { deferred, unknown } = self;
+        let mut unknown: Vec<Id> = unknown.into_iter().collect();
         if let Some(ids) = deferred {
             let count = ids.pushed();
             let mut merged = ids.finish().map_err(|e| scratch_error(index, e))?;

@@ -124,6 +124,22 @@ fn assert_queue_agrees(index: &BlobIndex, ids: &[Id], dir: &Path) {
     assert!(left.iter().all(|n| n == CACHE_FILE), "{left:?}");
 }
 
+/// Looking `ids` up together ([`BlobIndex::stored_where_sorted`]: every page in order,
+/// or a page per id for a few) answers as a lookup each, with some packs not usable.
+fn assert_sorted_lookups_agree(index: &BlobIndex, ids: &[Id]) {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let usable = |pack: &Id| !pack.0[0].is_multiple_of(3);
+    let few = vec![sorted[0], sorted[sorted.len() / 2]];
+    for pick in [sorted, few] {
+        let mut got = Vec::new();
+        index.stored_where_sorted(pick.iter().copied(), pick.len() as u64, usable, |id, s| got.push((id, s)));
+        let want: Vec<_> = pick.iter().map(|id| (*id, index.stored_where(id, usable))).collect();
+        assert_eq!(got, want);
+    }
+}
+
 fn modified(path: &Path) -> (u64, std::time::SystemTime) {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).unwrap();
@@ -164,6 +180,15 @@ fn the_cache_agrees_with_memory_as_files_come_and_go() {
     assert_queue_agrees(&index, &many, dir.path());
     let few: Vec<Id> = pool.iter().step_by(997).chain(&absent[..3]).copied().collect();
     assert_queue_agrees(&index, &few, dir.path());
+    assert_sorted_lookups_agree(&index, &many);
+    let (mut usable, mut unusable) = (0, 0);
+    for id in &many {
+        match index.stored_where(id, |pack| !pack.0[0].is_multiple_of(3)) {
+            true => usable += 1,
+            false => unusable += 1,
+        }
+    }
+    assert!(usable > 1000 && unusable > 1000, "both answers are tried: {usable}, {unusable}");
     assert_queue_agrees(&index, &[], dir.path());
     assert_queue_agrees(&memory, &many, dir.path());
 
@@ -252,6 +277,16 @@ fn a_damaged_or_foreign_cache_is_never_believed() {
     assert!(marks.count() < memory.len());
     assert_eq!(marks.count() + unknown.len(), memory.len());
     assert!(index.damage().unwrap().to_string().contains("page 3 does not authenticate"));
+    // ... and by looking ids up together: none is found from the pages read with it on.
+    flip(HEADER_LEN + page * PAGE_SLOTS * SLOT_SIZE + 17);
+    let index = BlobIndex::load(&c).unwrap();
+    let mut ids: Vec<Id> = memory.iter().map(|(id, _, _)| id).collect();
+    ids.sort_unstable();
+    let mut found = Vec::new();
+    index.stored_where_sorted(ids.into_iter(), slots as u64, |_| true, |_, s| found.push(s));
+    let first_lost = found.iter().position(|s| !s).unwrap();
+    assert!(first_lost <= page * PAGE_SLOTS && found[first_lost..].iter().all(|s| !s), "{first_lost}");
+    assert!(index.damage().unwrap().to_string().contains("page 3 does not authenticate"));
 
     // The filter: a membership test falls back to the table, the damage is reported.
     std::fs::write(&file, &good).unwrap();
@@ -297,6 +332,8 @@ fn strictness_and_exclusion_are_kept() {
         assert_eq!(partial.contains(&id), !want.is_empty());
     }
     assert!(partial.iter_all().all(|(_, p, _)| !excluded.contains(&p)));
+    let ids: Vec<Id> = memory.iter().map(|(id, _, _)| id).collect();
+    assert_sorted_lookups_agree(&partial, &ids);
 
     // A damaged index file and a stray one, added after the cache was built.
     let bad = write_files(&repo, &mut rng, &pool, &mut packs, 1).pop().unwrap();
