@@ -174,21 +174,51 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &dyn Progress) ->
     // Index files: every one read and authenticated. With a local cache of the blob index
     // each is dropped once checked and the table comes from the cache (which a file
     // damaged since it was built does not change: the damage is reported here).
+    // They are read on one thread per core (more on a remote store), and taken in the
+    // order listed.
     let cached = repo.index_cache().is_some();
+    let (names, stray_index): (Vec<String>, Vec<String>) =
+        backend.list(Kind::Index)?.into_iter().partition(|n| Id::is_file_name(n));
+    stray.extend(stray_index.iter().map(|n| format!("{}/{n}", Kind::Index.dir())));
     let mut index = IndexBuilder::new();
-    for name in backend.list(Kind::Index)? {
-        if !Id::is_file_name(&name) {
-            stray.push(format!("{}/{name}", Kind::Index.dir()));
-            continue;
-        }
-        match repo.read_index_file(&name) {
-            Ok(_) if cached => {}
-            Ok(file) => index.add_file(name, &file),
-            // Replaced by a gc running at the same time: its successor is listed too.
-            Err(blockproof_repo::RepoError::Store(e)) if e.is_not_found() => {}
-            Err(e) => report.errors.push(e.to_string()),
-        }
-    }
+    let mut early: BTreeMap<usize, Result<Option<blockproof_format::IndexFile>, String>> = BTreeMap::new();
+    let mut next = 0;
+    fan_out(
+        repo.cancel(),
+        FanOut { workers: crate::readers(repo), queue: 4 },
+        |emit| {
+            for k in 0..names.len() {
+                if !emit.send(k) {
+                    break;
+                }
+            }
+            Ok::<(), CoreError>(())
+        },
+        || {
+            |k: usize| {
+                let read = match repo.read_index_file(&names[k]) {
+                    Ok(_) if cached => Ok(None),
+                    Ok(file) => Ok(Some(file)),
+                    // Replaced by a gc running at the same time: its successor is listed too.
+                    Err(blockproof_repo::RepoError::Store(e)) if e.is_not_found() => Ok(None),
+                    Err(e) => Err(e.to_string()),
+                };
+                Ok((k, read))
+            }
+        },
+        |(k, read)| {
+            early.insert(k, read);
+            while let Some(read) = early.remove(&next) {
+                match read {
+                    Ok(Some(file)) => index.add_file(names[next].clone(), &file),
+                    Ok(None) => {}
+                    Err(e) => report.errors.push(e),
+                }
+                next += 1;
+            }
+            Ok(())
+        },
+    )?;
     let index = if cached { BlobIndex::scan(repo, &Default::default())?.0 } else { index.finish() };
     report.index_files = index.files().len() as u64;
     report.blobs = index.len() as u64;
