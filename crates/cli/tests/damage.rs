@@ -208,6 +208,30 @@ fn any_damage_to_any_file_is_an_error_never_a_panic_or_wrong_bytes() {
     dir.repo_cmd("check").arg("--read-data").ok();
 }
 
+/// The index cache's header and slot sizes (FORMAT §22).
+const CACHE_HEADER: usize = 128;
+const CACHE_SLOT: usize = 54;
+
+/// The number of slots in the table of an index cache file (FORMAT §22).
+fn table_slots(cache: &[u8]) -> usize {
+    u64::from_le_bytes(cache[40..48].try_into().unwrap()) as usize
+}
+
+/// A repository holding vm `v` (disk `d`: a mixed image of `size` bytes from `seed`) and
+/// then vm `w` (other data), so that the index cache the second backup built covers the
+/// first, warmed by a restore of `v`; returns the image and the cache file.
+fn cached_repository(dir: &Dir, size: usize, seed: u64) -> (PathBuf, PathBuf) {
+    dir.init();
+    let img = dir.image("d.img", size, seed);
+    dir.backup("v", &[("d", &img)]);
+    let other = dir.image("e.img", 4 << 20, seed + 1);
+    dir.backup("w", &[("e", &other)]);
+    dir.restore("v:latest", "d", "warm.img");
+    let caches = harness::files(&dir.join("cache"));
+    let cache = caches.iter().find(|p| p.ends_with("blob-index")).expect("the index cache").clone();
+    (img, cache)
+}
+
 /// The blob index's local cache (FORMAT §22) is never believed when it is damaged: with
 /// every page of its table overwritten, a restore fails in one line naming the cache
 /// (which it removes), the next one rebuilds it and restores bit-exact; `check` reports
@@ -217,21 +241,12 @@ fn any_damage_to_any_file_is_an_error_never_a_panic_or_wrong_bytes() {
 #[test]
 fn a_damaged_index_cache_is_rebuilt_never_believed() {
     let dir = Dir::new();
-    dir.init();
-    let img = dir.image("d.img", 8 << 20, 71);
-    dir.backup("v", &[("d", &img)]);
-    // A second backup of other data, so that the cache built by it covers the first.
-    let other = dir.image("e.img", 4 << 20, 72);
-    dir.backup("w", &[("e", &other)]);
-    dir.restore("v:latest", "d", "warm.img");
-    let caches = harness::files(&dir.join("cache"));
-    let cache = caches.iter().find(|p| p.ends_with("blob-index")).expect("the index cache").clone();
+    let (img, cache) = cached_repository(&dir, 8 << 20, 71);
     let repo_before: Vec<_> = dir.repo_files().iter().map(|p| (p.clone(), fs::read(p).unwrap())).collect();
     let trash = |path: &Path| {
         let bytes = fs::read(path).unwrap();
-        let slots = u64::from_le_bytes(bytes[40..48].try_into().unwrap()) as usize;
         let f = fs::OpenOptions::new().write(true).open(path).unwrap();
-        f.write_all_at(&vec![0x5a; slots * 54], 128).unwrap();
+        f.write_all_at(&vec![0x5a; table_slots(&bytes) * CACHE_SLOT], CACHE_HEADER as u64).unwrap();
     };
 
     trash(&cache);
@@ -284,18 +299,10 @@ fn a_damaged_index_cache_is_rebuilt_never_believed() {
 #[test]
 fn gc_names_a_damaged_cache_page_that_only_chunks_needed() {
     let dir = Dir::new();
-    dir.init();
-    let img = dir.image("d.img", 128 << 20, 81);
-    dir.backup("v", &[("d", &img)]);
-    // A second backup, so that the cache built by it covers the first.
-    let other = dir.image("e.img", 1 << 20, 82);
-    dir.backup("w", &[("e", &other)]);
-    dir.restore("v:latest", "d", "warm.img");
-    let caches = harness::files(&dir.join("cache"));
-    let cache = caches.iter().find(|p| p.ends_with("blob-index")).expect("the index cache").clone();
+    let (img, cache) = cached_repository(&dir, 128 << 20, 81);
     let bytes = fs::read(&cache).unwrap();
-    let slots = u64::from_le_bytes(bytes[40..48].try_into().unwrap()) as usize;
-    let (header, slot, page) = (128, 54, 128);
+    let slots = table_slots(&bytes);
+    let (header, slot, page) = (CACHE_HEADER, CACHE_SLOT, 128);
     let kind = |s: usize| bytes[header + s * slot + 52];
     // A few index and confirmation pages among more than a thousand chunks: most
     // pages of the table hold chunk entries only.

@@ -12,7 +12,8 @@
 //! leaf page is the one the list names is known by its summed runs alone: its page ids
 //! and per-page runs are loaded only if this run needs them, and storing the state takes
 //! such a group's leaf page whole. A one-chunk incremental of a 64 TiB disk so handles
-//! the 64 groups and the one page it changes, not the 65 536 pages.
+//! the 64 groups and the one page it changes; of the other 65 535 pages it only looks up
+//! the ids (for a reusable copy), all together in one walk along the blob index.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -47,10 +47,10 @@ impl LiveBlobs {
 /// Blobs `repair` found in no pack and reported lost (`state/repair`) are the exception:
 /// repair read every pack, so no pack holds them, and a lost page's subtree can only come
 /// back with a backup that stores the same content again (which stores its chunks too).
-/// Marks what every snapshot references. A page of the index's local cache that failed
-/// its check during the walk is reported as that, whether the walk failed on it (a tree
-/// page not found) or not (the leaves it should have marked would otherwise look like
-/// blobs in no index file).
+///
+/// A page of the index's local cache that failed its check during the walk is reported
+/// as that, whether the walk failed on it (a tree page not found) or not (the leaves it
+/// should have marked would otherwise look like blobs in no index file).
 pub(crate) fn mark(repo: &Repository, index: &BlobIndex) -> Result<LiveBlobs, CoreError> {
     let lost = crate::repair::recorded_losses(repo);
     let live = mark_all(repo, index, &lost).map_err(|e| {

@@ -472,7 +472,6 @@ fn read_listed(
     }
 }
 
-/// The position of `id`'s first location in `runs` (one after the other).
 /// Whether `count` sorted lookups in `base` read every page in order
 /// ([`CachedTable::find_sorted`]): that costs less than a page per id once the ids touch
 /// about one page in eight.
@@ -480,6 +479,7 @@ fn dense(base: &CachedTable, count: u64) -> bool {
     count.saturating_mul(8) >= (base.len() / crate::index_cache::PAGE_SLOTS) as u64
 }
 
+/// The position of `id`'s first location in `runs` (one after the other).
 fn position_in(runs: &[Run], id: &Id) -> Option<usize> {
     let mut base = 0;
     for run in runs {
