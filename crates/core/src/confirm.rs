@@ -85,7 +85,7 @@ struct Batch {
 /// Which of `ids` have no copy that may be reused ([`BlobSink::reusable_sorted`]): looked
 /// up together, sorted, in one walk along the index rather than one lookup each.
 fn missing_among(sink: &BlobSink<'_, '_>, mut ids: Vec<Id>) -> HashSet<Id> {
-    ids.sort_unstable();
+    blockproof_format::id::sort_ids(&mut ids);
     ids.dedup();
     let reusable = sink.reusable_sorted(&ids);
     ids.into_iter().zip(reusable).filter(|(_, r)| !r).map(|(id, _)| id).collect()

@@ -31,6 +31,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -44,7 +45,7 @@ use crate::Repository;
 /// The cache file's name in the repository's cache directory.
 pub const CACHE_FILE: &str = "blob-index";
 pub(crate) const MAGIC: [u8; 4] = *b"BPIX";
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 2;
 /// Slots per page: a lookup reads and authenticates 6 912 bytes.
 pub(crate) const PAGE_SLOTS: usize = 128;
 const PAGE_BYTES: usize = PAGE_SLOTS * SLOT_SIZE;
@@ -55,8 +56,8 @@ const MAC_LEN: usize = 16;
 const BATCH_SLOTS: usize = if cfg!(test) { 1000 } else { 1 << 20 };
 /// Pages kept by lookups: 7 MiB.
 const CACHED_PAGES: usize = 1024;
-/// Pages read at once by a pass over the table.
-const PASS_PAGES: usize = 64;
+/// Pages read at once by a pass over the table: a window, which has a MAC of its own.
+pub(crate) const PASS_PAGES: usize = 64;
 
 /// One pack as the cache records it: its id and its layout (blobs listed, end of the last).
 pub(crate) type PackRecord = (Id, u64, u64);
@@ -73,6 +74,7 @@ pub(crate) struct CachedTable {
     file: File,
     path: PathBuf,
     keyed: blake3::Hasher,
+    page_key: blake3::Hasher,
     slots: usize,
     blobs: usize,
     filter_at: u64,
@@ -80,6 +82,8 @@ pub(crate) struct CachedTable {
     filter_mac: [u8; MAC_LEN],
     fences: Vec<Id>,
     macs: Vec<[u8; MAC_LEN]>,
+    /// Per window of [`PASS_PAGES`] pages (the last may be shorter): its MAC.
+    windows: Vec<[u8; MAC_LEN]>,
     filter: OnceLock<Option<Membership>>,
     pages: Mutex<PageCache>,
     damage: Mutex<Option<String>>,
@@ -89,6 +93,20 @@ pub(crate) struct CachedTable {
 struct PageCache {
     pages: HashMap<usize, Arc<[Slot]>>,
     order: VecDeque<usize>,
+}
+
+/// A page's MAC (FORMAT §22): its bytes first, so that they are hashed a whole chunk at a
+/// time, under a key of its own (`MAC("page key")`), then its number.
+fn page_mac(page_key: &blake3::Hasher, p: usize, bytes: &[u8]) -> [u8; MAC_LEN] {
+    let mut h = page_key.clone();
+    h.update(bytes);
+    h.update(&(p as u64).to_le_bytes());
+    short(*h.finalize().as_bytes())
+}
+
+/// The keyed hasher of page MACs, from the cache's key.
+fn page_key(keyed: &blake3::Hasher) -> blake3::Hasher {
+    blake3::Hasher::new_keyed(&mac(keyed, b"page key", &[]))
 }
 
 fn mac(keyed: &blake3::Hasher, domain: &[u8], parts: &[&[u8]]) -> [u8; 32] {
@@ -152,7 +170,7 @@ impl CachedTable {
         let mut header = [0u8; HEADER_LEN];
         file.read_exact_at(&mut header, 0).map_err(|e| format!("header: {e}"))?;
         if header[..4] != MAGIC || u32_at(&header, 4) != VERSION {
-            return Err("not a version 1 cache file".into());
+            return Err(format!("not a version {VERSION} cache file"));
         }
         if header[8..40] != repo.id().0 {
             return Err("the cache of another repository".into());
@@ -195,6 +213,7 @@ impl CachedTable {
         for _ in 0..pages {
             fences.push(c.id()?);
         }
+        let windows = (0..pages.div_ceil(PASS_PAGES)).map(|_| c.take::<MAC_LEN>()).collect::<Result<_, _>>()?;
         if c.left != 0 {
             return Err("meta section is long".into());
         }
@@ -204,6 +223,7 @@ impl CachedTable {
         let table = CachedTable {
             file,
             path: path.to_path_buf(),
+            page_key: page_key(&keyed),
             keyed,
             slots: slots as usize,
             blobs: blobs as usize,
@@ -212,6 +232,7 @@ impl CachedTable {
             filter_mac: header[80..96].try_into().expect("16 bytes"),
             fences,
             macs,
+            windows,
             filter: OnceLock::new(),
             pages: Mutex::new(PageCache::default()),
             damage: Mutex::new(None),
@@ -251,18 +272,33 @@ impl CachedTable {
         }
     }
 
-    /// Reads and authenticates pages `first..first + count`.
-    fn read_pages(&self, first: usize, count: usize) -> Result<Vec<Arc<[Slot]>>, String> {
+    /// Pages `first..first + count`, where a window of [`PASS_PAGES`] starts or ends.
+    fn window_of(&self, first: usize) -> Range<usize> {
+        let start = first - first % PASS_PAGES;
+        start..(start + PASS_PAGES).min(self.pages())
+    }
+
+    /// Reads and authenticates pages `first..first + count`: a whole window by its one
+    /// MAC (ten times cheaper than its pages' MACs), anything else page by page. `buf`
+    /// holds the bytes read (kept by callers that read window after window, so that its
+    /// memory is not mapped afresh each time).
+    fn read_pages(&self, first: usize, count: usize, buf: &mut Vec<u8>) -> Result<Vec<Arc<[Slot]>>, String> {
         let start = first * PAGE_SLOTS;
         let end = ((first + count) * PAGE_SLOTS).min(self.slots);
-        let mut buf = vec![0u8; (end - start) * SLOT_SIZE];
+        buf.resize((end - start) * SLOT_SIZE, 0);
+        let buf = &mut buf[..];
         self.file
-            .read_exact_at(&mut buf, HEADER_LEN as u64 + (start * SLOT_SIZE) as u64)
+            .read_exact_at(buf, HEADER_LEN as u64 + (start * SLOT_SIZE) as u64)
             .map_err(|e| format!("page {first}: {e}"))?;
+        let w = first / PASS_PAGES;
+        let whole = count > 1
+            && self.window_of(first) == (first..first + count)
+            && short(mac(&self.keyed, b"window", &[&(w as u64).to_le_bytes(), buf])) == self.windows[w];
         let mut out = Vec::with_capacity(count);
         for (k, bytes) in buf.chunks(PAGE_BYTES).enumerate() {
             let p = first + k;
-            if short(mac(&self.keyed, b"page", &[&(p as u64).to_le_bytes(), bytes])) != self.macs[p] {
+            // A window that fails its MAC is checked page by page, to name the page.
+            if !whole && page_mac(&self.page_key, p, bytes) != self.macs[p] {
                 return Err(format!("page {p} does not authenticate"));
             }
             let slots: Option<Arc<[Slot]>> = bytes.chunks_exact(SLOT_SIZE).map(Slot::decode).collect();
@@ -277,7 +313,7 @@ impl CachedTable {
         if let Some(page) = self.pages.lock().unwrap_or_else(|e| e.into_inner()).pages.get(&p) {
             return Some(page.clone());
         }
-        match self.read_pages(p, 1) {
+        match self.read_pages(p, 1, &mut Vec::new()) {
             Ok(mut v) => {
                 let page = v.pop().expect("one page");
                 let mut cache = self.pages.lock().unwrap_or_else(|e| e.into_inner());
@@ -299,6 +335,13 @@ impl CachedTable {
 
     /// The first position whose id is not below `id`, and the slots of `id` (its
     /// locations in load order; empty if absent, or when a page fails its check).
+    /// Whether the slots of `id`, which reach slot `end` of page `p` (of `len` slots),
+    /// go on onto the next page: only if they fill the page and the next page's first id
+    /// is `id` (its fence), so that page is not read for nothing.
+    fn continues(&self, end: usize, len: usize, p: usize, id: &Id) -> bool {
+        end == len && self.fences.get(p + 1) == Some(id)
+    }
+
     pub(crate) fn find(&self, id: &Id) -> (usize, Vec<Slot>) {
         let mut p = self.fences.partition_point(|f| f < id).saturating_sub(1);
         let (mut at, mut group) = (None, Vec::new());
@@ -314,7 +357,7 @@ impl CachedTable {
             }
             let same = page[from..].iter().take_while(|s| s.id == *id).count();
             group.extend_from_slice(&page[from..from + same]);
-            if from + same < page.len() {
+            if !self.continues(from + same, page.len(), p, id) {
                 break;
             }
             p += 1;
@@ -334,7 +377,7 @@ impl CachedTable {
         dense: bool,
         mut found: impl FnMut(Id, Option<usize>, &[Slot]),
     ) {
-        let mut window = Window { first: 0, pages: Vec::new(), dense, failed: false };
+        let mut window = Window { first: 0, pages: Vec::new(), dense, failed: false, buf: Vec::new() };
         let mut group = Vec::new();
         // Where the previous id's search ended (page, slot): the ids ascend, so the next
         // one lies there or after.
@@ -367,7 +410,7 @@ impl CachedTable {
                 }
                 let same = page[from..].iter().take_while(|s| s.id == id).count();
                 group.extend_from_slice(&page[from..from + same]);
-                if from + same < page.len() {
+                if !self.continues(from + same, page.len(), p, &id) {
                     break;
                 }
                 p += 1;
@@ -383,12 +426,10 @@ impl CachedTable {
             return None;
         }
         if !(window.first..window.first + window.pages.len()).contains(&p) {
-            // A window starts a page early: when `p` was reached from the page before it
-            // (the id's group opened `p`), the next id may still fall on that page,
-            // which is then not read a second time.
-            let start = if window.dense { p.saturating_sub(1) } else { p };
+            // Dense: the whole window of `p`, authenticated by its one MAC.
+            let start = if window.dense { self.window_of(p).start } else { p };
             let read = if window.dense {
-                self.read_pages(start, PASS_PAGES.min(self.pages() - start)).map_err(|e| self.damaged(e)).ok()
+                self.read_pages(start, self.window_of(p).len(), &mut window.buf).map_err(|e| self.damaged(e)).ok()
             } else {
                 self.page(p).map(|page| vec![page])
             };
@@ -408,6 +449,16 @@ impl CachedTable {
         filter.as_ref().is_none_or(|f| f.may_contain(id))
     }
 
+    /// The bytes a page read costs (its slots, read and authenticated whole).
+    pub(crate) fn page_bytes(&self) -> usize {
+        PAGE_BYTES
+    }
+
+    /// The bytes the filter's first use reads (and authenticates).
+    pub(crate) fn filter_bytes(&self) -> usize {
+        self.filter_blocks * BLOCK_BYTES
+    }
+
     /// Reads and authenticates the filter, 1 MiB at a time into its words (so that it is
     /// never held twice).
     fn read_filter(&self) -> Result<Membership, String> {
@@ -415,7 +466,7 @@ impl CachedTable {
         let mut words = Vec::with_capacity(len / 4);
         let mut h = self.keyed.clone();
         h.update(b"filter");
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = vec![0u8; len.min(1 << 20)];
         let mut at = 0;
         while at < len {
             let n = (len - at).min(buf.len());
@@ -433,7 +484,14 @@ impl CachedTable {
     /// Every slot in table order, read [`PASS_PAGES`] pages at a time (not through the
     /// page cache). A page that fails its check ends the pass and is recorded as damage.
     pub(crate) fn pass(&self) -> Pass<'_> {
-        Pass { table: self, next_page: 0, batch: VecDeque::new(), current: Arc::from(Vec::new()), k: 0 }
+        Pass {
+            table: self,
+            next_page: 0,
+            batch: VecDeque::new(),
+            current: Arc::from(Vec::new()),
+            k: 0,
+            buf: Vec::new(),
+        }
     }
 }
 
@@ -443,6 +501,8 @@ struct Window {
     pages: Vec<Arc<[Slot]>>,
     dense: bool,
     failed: bool,
+    /// The bytes of the last read, reused by the next.
+    buf: Vec<u8>,
 }
 
 impl Window {
@@ -471,6 +531,8 @@ pub(crate) struct Pass<'a> {
     batch: VecDeque<Arc<[Slot]>>,
     current: Arc<[Slot]>,
     k: usize,
+    /// The bytes of the last read, reused by the next.
+    buf: Vec<u8>,
 }
 
 impl Iterator for Pass<'_> {
@@ -488,7 +550,7 @@ impl Iterator for Pass<'_> {
                     return None;
                 }
                 let n = PASS_PAGES.min(pages - self.next_page);
-                match self.table.read_pages(self.next_page, n) {
+                match self.table.read_pages(self.next_page, n, &mut self.buf) {
                     Ok(v) => self.batch.extend(v),
                     Err(e) => {
                         self.table.damaged(e);

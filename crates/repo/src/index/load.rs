@@ -17,10 +17,6 @@ pub(crate) const DELTA_FILES: usize = 64;
 /// cache's, so a small repository's cache covers everything), and it is rebuilt first.
 const DELTA_SLOTS: usize = 1 << 18;
 
-/// Locations on top of the cache from which the membership filter is read to add them
-/// (1 byte per blob of the cache, against a page read per location).
-const FILTERED_DELTA: usize = 4096;
-
 /// The index files listed, against those a cache covers.
 struct Coverage {
     /// Covered and still listed.
@@ -109,8 +105,11 @@ impl BlobIndex {
         }
         index.excluded_base = excluded.iter().filter_map(|p| index.pack_pos.get(p).copied()).collect();
         index.blobs = table.blobs();
+        // Each location added is looked up in the table: through the membership filter
+        // (read whole, 1 byte per blob of the cache) when that reads less than a page per
+        // location would; most added locations are new blobs, which the filter rules out.
+        index.unfiltered_adds = slots(&delta).saturating_mul(table.page_bytes()) < table.filter_bytes();
         index.base = Some(table);
-        index.unfiltered_adds = slots(&delta) < FILTERED_DELTA;
         for (name, file) in delta {
             for (pack, entries) in file.packs.iter().filter(|(p, _)| !excluded.contains(p)) {
                 index.add_pack(*pack, entries);

@@ -10,7 +10,10 @@ use std::rc::Rc;
 
 use blockproof_format::{BlobEntry, Id};
 
-use super::{mac, short, CachedTable, Meta, PackRecord, BATCH_SLOTS, HEADER_LEN, MAC_LEN, MAGIC, PAGE_BYTES};
+use super::{
+    mac, page_key, page_mac, short, CachedTable, Meta, PackRecord, BATCH_SLOTS, HEADER_LEN, MAC_LEN, MAGIC, PAGE_BYTES,
+    PASS_PAGES,
+};
 use super::{PAGE_SLOTS, VERSION};
 use crate::blob_table::{settle, Slot};
 use crate::membership::Membership;
@@ -198,11 +201,15 @@ struct Writer {
     out: BufWriter<File>,
     tmp: PathBuf,
     keyed: blake3::Hasher,
+    page_key: blake3::Hasher,
     page: Vec<u8>,
     slots: u64,
     blobs: u64,
     fences: Vec<Id>,
     macs: Vec<[u8; MAC_LEN]>,
+    /// The MAC of the window of pages being written, and those of the windows before.
+    window: Option<blake3::Hasher>,
+    windows: Vec<[u8; MAC_LEN]>,
     filter: Membership,
 }
 
@@ -214,12 +221,15 @@ impl Writer {
         Ok(Writer {
             out,
             tmp: tmp.to_path_buf(),
+            page_key: page_key(&keyed),
             keyed,
             page,
             slots: 0,
             blobs: 0,
             fences: Vec::new(),
             macs: Vec::new(),
+            window: None,
+            windows: Vec::new(),
             filter,
         })
     }
@@ -241,17 +251,34 @@ impl Writer {
     }
 
     fn flush_page(&mut self) -> std::io::Result<()> {
-        let p = self.macs.len() as u64;
-        self.macs.push(short(mac(&self.keyed, b"page", &[&p.to_le_bytes(), &self.page])));
+        let p = self.macs.len();
+        self.macs.push(page_mac(&self.page_key, p, &self.page));
+        let window = self.window.get_or_insert_with(|| {
+            let mut h = self.keyed.clone();
+            h.update(b"window");
+            h.update(&((p / PASS_PAGES) as u64).to_le_bytes());
+            h
+        });
+        window.update(&self.page);
+        if (p + 1).is_multiple_of(PASS_PAGES) {
+            self.end_window();
+        }
         self.out.write_all(&self.page)?;
         self.page.clear();
         Ok(())
+    }
+
+    fn end_window(&mut self) {
+        if let Some(h) = self.window.take() {
+            self.windows.push(short(*h.finalize().as_bytes()));
+        }
     }
 
     fn finish(mut self, repo_id: Id, table: &Tables, path: &Path) -> Result<(), BuildError> {
         if !self.page.is_empty() {
             self.flush_page()?;
         }
+        self.end_window();
         let filter = self.filter.to_bytes();
         self.out.write_all(&filter)?;
         let mut meta = Vec::new();
@@ -270,6 +297,7 @@ impl Writer {
         }
         self.macs.iter().for_each(|m| meta.extend_from_slice(m));
         self.fences.iter().for_each(|f| meta.extend_from_slice(&f.0));
+        self.windows.iter().for_each(|m| meta.extend_from_slice(m));
         self.out.write_all(&meta)?;
         let mut header = [0u8; HEADER_LEN];
         header[..4].copy_from_slice(&MAGIC);

@@ -8,7 +8,7 @@ use std::path::Path;
 use blockproof_format::{BlobEntry, BlobKind, Compression, Id, IndexFile, KdfParams};
 use blockproof_store::{Kind, MemoryBackend};
 
-use super::{CACHE_FILE, HEADER_LEN, PAGE_SLOTS};
+use super::{mac, CachedTable, CACHE_FILE, HEADER_LEN, PAGE_SLOTS, PASS_PAGES};
 use crate::blob_table::SLOT_SIZE;
 use crate::index::tests::Rng;
 use crate::{BlobIndex, InitOptions, MarkQueue, Marks, Repository};
@@ -397,15 +397,62 @@ fn the_layout_is_pinned() {
     drop(BlobIndex::load(&cached(&store, dir.path())).unwrap());
     let b = std::fs::read(dir.path().join(CACHE_FILE)).unwrap();
     let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
-    assert_eq!(&b[..8], b"BPIX\x01\x00\x00\x00");
+    assert_eq!(&b[..8], b"BPIX\x02\x00\x00\x00");
     assert_eq!(&b[8..40], &repo.id().0);
     assert_eq!(u64_at(40) as usize, memory.table_len());
     assert_eq!(u64_at(48) as usize, memory.len());
     assert_eq!(&b[72..80], &[128, 0, 0, 0, 0, 0, 0, 0]);
     let pages = memory.table_len().div_ceil(128) as u64;
     let files: u64 = memory.file_packs().map(|(_, p)| 36 + 4 * p.len() as u64).sum();
-    let meta = 4 + 48 * memory.packs().len() as u64 + 4 + files + pages * (16 + 32);
+    let windows = pages.div_ceil(64);
+    let meta = 4 + 48 * memory.packs().len() as u64 + 4 + files + pages * (16 + 32) + windows * 16;
     assert_eq!(u64_at(64), meta);
     assert!(u64_at(56) >= (memory.len() as u64 * 8).div_ceil(256), "1 byte of filter per blob");
     assert_eq!(b.len() as u64, 128 + 54 * memory.table_len() as u64 + 32 * u64_at(56) + meta);
+    // The MACs: a page's, then (the meta section's last bytes) its window's.
+    let key = repo.keys().cache_hasher();
+    let table = &b[128..128 + 54 * memory.table_len()];
+    let meta_at = b.len() - meta as usize;
+    let page_key = blake3::Hasher::new_keyed(&mac(&key, b"page key", &[]));
+    let page_mac =
+        *page_key.clone().update(&table[..table.len().min(128 * 54)]).update(&0u64.to_le_bytes()).finalize().as_bytes();
+    let macs_at = meta_at + meta as usize - (windows * 16 + pages * 48) as usize;
+    assert_eq!(&b[macs_at..macs_at + 16], &page_mac[..16]);
+    let window_mac = mac(&key, b"window", &[&0u64.to_le_bytes(), table]);
+    assert_eq!(&b[b.len() - 16..], &window_mac[..16]);
+}
+
+/// A whole window of pages is believed by its one MAC (its pages' MACs are then not
+/// needed); a window that fails it, page by page; a single page, by its own MAC.
+#[test]
+fn a_window_is_read_by_its_own_mac() {
+    let (repo, store) = repo();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(5);
+    let pool: Vec<Id> = (0..20_000).map(|_| rng.id()).collect();
+    write_files(&repo, &mut rng, &pool, &mut Vec::new(), 40);
+    drop(BlobIndex::load(&cached(&store, dir.path())).unwrap());
+    let (mut table, _) = CachedTable::open(&dir.path().join(CACHE_FILE), &repo).unwrap();
+    let pages = table.pages();
+    assert!(pages > PASS_PAGES, "{pages} pages: more than one window");
+    let (first, last) = (table.window_of(0), table.window_of(pages - 1));
+    assert_eq!((first.clone(), last.end), (0..PASS_PAGES, pages));
+    // Page 3's MAC made wrong in memory: its window still reads whole, the page alone not.
+    let good = table.macs[3];
+    table.macs[3] = [0; 16];
+    assert_eq!(table.read_pages(0, PASS_PAGES, &mut Vec::new()).unwrap().len(), PASS_PAGES);
+    assert_eq!(table.read_pages(last.start, last.len(), &mut Vec::new()).unwrap().len(), last.len());
+    assert!(table.read_pages(3, 1, &mut Vec::new()).unwrap_err().contains("page 3 does not authenticate"));
+    assert!(
+        table.read_pages(1, 4, &mut Vec::new()).unwrap_err().contains("page 3"),
+        "not a whole window: page by page"
+    );
+    // The window's MAC made wrong: its pages are checked one by one, and all pass...
+    table.macs[3] = good;
+    table.windows[0] = [0; 16];
+    assert_eq!(table.read_pages(0, PASS_PAGES, &mut Vec::new()).unwrap().len(), PASS_PAGES);
+    // ... unless one fails, which is named.
+    table.macs[3] = [0; 16];
+    assert!(table.read_pages(0, PASS_PAGES, &mut Vec::new()).unwrap_err().contains("page 3 does not authenticate"));
+    assert!(table.damage().is_none(), "read_pages reports; its callers record");
 }
