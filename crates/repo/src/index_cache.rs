@@ -5,12 +5,14 @@
 //! One file per repository in the cache directory ([`CACHE_FILE`], FORMAT §22): the
 //! index's slots sorted by id in pages of [`PAGE_SLOTS`], a membership filter, and a
 //! meta section (the packs with their layouts, the index files it covers with the packs
-//! each lists, each page's first id and MAC). Opening reads and authenticates the header
-//! and the meta section only (about 0.4 bytes per blob); a lookup finds the page by its
-//! first id, reads it with one `pread` and checks its MAC before using it; a small cache
-//! keeps the pages read last. The filter (1 byte per blob) is read on the first
-//! membership test. So a process holds about 1.5 bytes per blob however large the
-//! repository, and starts without reading the index files.
+//! each lists, each page's first id and MAC, and a MAC per window of [`PASS_PAGES`]
+//! pages). Opening reads and authenticates the header and the meta section only (about
+//! 0.4 bytes per blob); a lookup finds the page by its first id, reads it with one `pread`
+//! and checks its MAC before using it; a small cache keeps the pages read last. Passes
+//! over the table and walks that touch most of it read whole windows, each checked by its
+//! one MAC (a tenth of the cost of its pages'). The filter (1 byte per blob) is read on
+//! the first membership test. So a process holds about 1.5 bytes per blob however large
+//! the repository, and starts without reading the index files.
 //!
 //! ## Invariants
 //!
@@ -272,9 +274,10 @@ impl CachedTable {
         }
     }
 
-    /// Pages `first..first + count`, where a window of [`PASS_PAGES`] starts or ends.
-    fn window_of(&self, first: usize) -> Range<usize> {
-        let start = first - first % PASS_PAGES;
+    /// The pages of the window that holds page `p`: [`PASS_PAGES`] of them from a multiple
+    /// of [`PASS_PAGES`] (the last window may be shorter).
+    fn window_of(&self, p: usize) -> Range<usize> {
+        let start = p - p % PASS_PAGES;
         start..(start + PASS_PAGES).min(self.pages())
     }
 
@@ -333,8 +336,6 @@ impl CachedTable {
         }
     }
 
-    /// The first position whose id is not below `id`, and the slots of `id` (its
-    /// locations in load order; empty if absent, or when a page fails its check).
     /// Whether the slots of `id`, which reach slot `end` of page `p` (of `len` slots),
     /// go on onto the next page: only if they fill the page and the next page's first id
     /// is `id` (its fence), so that page is not read for nothing.
@@ -342,6 +343,8 @@ impl CachedTable {
         end == len && self.fences.get(p + 1) == Some(id)
     }
 
+    /// The first position whose id is not below `id`, and the slots of `id` (its
+    /// locations in load order; empty if absent, or when a page fails its check).
     pub(crate) fn find(&self, id: &Id) -> (usize, Vec<Slot>) {
         let mut p = self.fences.partition_point(|f| f < id).saturating_sub(1);
         let (mut at, mut group) = (None, Vec::new());
