@@ -50,7 +50,7 @@ pub(crate) const MAGIC: [u8; 4] = *b"BPIX";
 pub(crate) const VERSION: u32 = 2;
 /// Slots per page: a lookup reads and authenticates 6 912 bytes.
 pub(crate) const PAGE_SLOTS: usize = 128;
-const PAGE_BYTES: usize = PAGE_SLOTS * SLOT_SIZE;
+pub(crate) const PAGE_BYTES: usize = PAGE_SLOTS * SLOT_SIZE;
 pub(crate) const HEADER_LEN: usize = 128;
 const MAC_LEN: usize = 16;
 /// Slots sorted in memory at once while building (54 MiB; small in tests, so that they
@@ -450,11 +450,6 @@ impl CachedTable {
     pub(crate) fn may_contain(&self, id: &Id) -> bool {
         let filter = self.filter.get_or_init(|| self.read_filter().map_err(|e| self.damaged(e)).ok());
         filter.as_ref().is_none_or(|f| f.may_contain(id))
-    }
-
-    /// The bytes a page read costs (its slots, read and authenticated whole).
-    pub(crate) fn page_bytes(&self) -> usize {
-        PAGE_BYTES
     }
 
     /// The bytes the filter's first use reads (and authenticates).

@@ -6,7 +6,7 @@ use std::path::Path;
 use blockproof_format::{Id, IndexFile};
 
 use super::{list_files, read_listed, BlobIndex, PackLayout};
-use crate::index_cache::{build, BuildError, CachedTable, Meta, CACHE_FILE};
+use crate::index_cache::{build, BuildError, CachedTable, Meta, CACHE_FILE, PAGE_BYTES};
 use crate::scan::Skipped;
 use crate::{RepoError, Repository};
 
@@ -108,7 +108,7 @@ impl BlobIndex {
         // Each location added is looked up in the table: through the membership filter
         // (read whole, 1 byte per blob of the cache) when that reads less than a page per
         // location would; most added locations are new blobs, which the filter rules out.
-        index.unfiltered_adds = slots(&delta).saturating_mul(table.page_bytes()) < table.filter_bytes();
+        index.unfiltered_adds = slots(&delta).saturating_mul(PAGE_BYTES) < table.filter_bytes();
         index.base = Some(table);
         for (name, file) in delta {
             for (pack, entries) in file.packs.iter().filter(|(p, _)| !excluded.contains(p)) {
