@@ -312,10 +312,19 @@ struct DiskOutcome {
 }
 
 /// After a commit: keeps each disk's page summaries for the next backup (a cache; a
-/// failure is a warning).
-fn keep_summaries(repo: &Repository, vm: &str, outcomes: &[&DiskOutcome], warnings: &mut Vec<String>) {
+/// failure is a warning), with the basis of this run's lookups: the index files it
+/// loaded and `written`, the ones it wrote.
+fn keep_summaries(
+    repo: &Repository,
+    index: &BlobIndex,
+    written: &[Id],
+    vm: &str,
+    outcomes: &[&DiskOutcome],
+    warnings: &mut Vec<String>,
+) {
+    let basis = index.basis(written);
     for o in outcomes {
-        crate::page_summaries::keep(repo, vm, &o.entry.id, &o.summaries, warnings);
+        crate::page_summaries::keep(repo, vm, &o.entry.id, &o.summaries, basis.as_ref(), warnings);
     }
 }
 
@@ -348,7 +357,8 @@ impl Ctx<'_, '_> {
         // run did not read, which hold what they held before it.
         let (mut state, warning) = match d.parent_entry() {
             Some(e) => {
-                ConfirmState::load_with(self.reader, e, n, crate::page_summaries::known(self.repo, &self.vm, &d.id))
+                let known = crate::page_summaries::known(self.repo, &self.vm, &d.id, |b| self.dedup.holds(b));
+                ConfirmState::load_with(self.reader, e, n, known)
             }
             None => (ConfirmState::never(n), None),
         };
@@ -804,7 +814,8 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
     }
     // Every pack and index file is durable (the writer finished): commit.
     let id = commit(repo, &lock, &snapshot)?;
-    keep_summaries(repo, &opts.vm, &outcomes.iter().collect::<Vec<_>>(), &mut ctx.warnings);
+    let mut written = stats.index_files.clone();
+    keep_summaries(repo, &index, &written, &opts.vm, &outcomes.iter().collect::<Vec<_>>(), &mut ctx.warnings);
     ctx.warnings.extend(crate::integrity::record_commit(repo, id, &snapshot));
     // A finding is recorded in the repository, not only printed (docs/VERIFICATION.md).
     let mut event = tainted.then(|| Event {
@@ -868,7 +879,9 @@ pub fn backup(repo: &Repository, mut opts: BackupOptions, progress: &dyn Progres
         let (entries, healed_outcomes) = entries;
         let healed = Snapshot { time: heal_time, status: SnapshotStatus::Ok, disks: entries, ..snapshot };
         let healed_id = commit(repo, &lock, &healed)?;
-        keep_summaries(repo, &opts.vm, &healed_outcomes.iter().collect::<Vec<_>>(), &mut ctx.warnings);
+        written.extend_from_slice(&heal_stats.index_files);
+        let healed_outcomes = healed_outcomes.iter().collect::<Vec<_>>();
+        keep_summaries(repo, &index, &written, &opts.vm, &healed_outcomes, &mut ctx.warnings);
         ctx.warnings.extend(crate::integrity::record_commit(repo, healed_id, &healed));
         report.healed_snapshot = Some(healed_id);
         if let Some(e) = event.as_mut() {

@@ -13,13 +13,18 @@
 //! and per-page runs are loaded only if this run needs them, and storing the state takes
 //! such a group's leaf page whole. A one-chunk incremental of a 64 TiB disk so handles
 //! the 64 groups and the one page it changes; of the other 65 535 pages it only looks up
-//! the ids (for a reusable copy), all together in one walk along the blob index.
+//! the ids (for a reusable copy), all together in one walk along the blob index — or,
+//! when the group list's basis still holds (the index files in which the backup that
+//! wrote it found those pages are all still loaded, whole, and every pack is usable),
+//! not even that: such a group's leaf page is kept by its id alone.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
-use blockproof_format::confirm::{decode_page, encode_page, group_count, page_count, ENTRIES_PER_PAGE, GROUP_PAGES};
+use blockproof_format::confirm::{
+    decode_page, encode_page, group_count, page_count, IndexBasis, ENTRIES_PER_PAGE, GROUP_PAGES,
+};
 use blockproof_format::tree::{chunk_count, DEFAULT_FANOUT};
 use blockproof_format::{BlobKind, DiskEntry, Id};
 use blockproof_repo::{BlobReader, TreeReader, TreeWriter};
@@ -72,8 +77,8 @@ const INHERIT_BATCH: u64 = 64;
 struct Batch {
     first: u64,
     /// Per group: the page ids its leaf page lists when it may be taken whole (empty for
-    /// a zero leaf), or `None` when it is stored page by page (loaded by this run, or its
-    /// leaf unreadable).
+    /// a zero leaf or one known reusable), or `None` when it is stored page by page
+    /// (loaded by this run, or its leaf unreadable).
     leaves: Vec<Option<Vec<Id>>>,
     /// Per group: whether its page ids were looked up (all but one whose leaf page could
     /// not be read).
@@ -97,17 +102,40 @@ pub(crate) enum Known<'r> {
     None,
     /// Page summaries by page id (FORMAT §19, version 1).
     Pages(HashMap<Id, Runs>),
-    /// A group list (version 2): per group its leaf page id and summed runs; `load` reads
-    /// one group's page summaries (empty when they cannot be read).
-    Groups { groups: Vec<(Id, Runs)>, load: Box<dyn Fn(u64) -> HashMap<Id, Runs> + 'r> },
+    /// A group list (version 2 or 3): per group its leaf page id and summed runs; `load`
+    /// reads one group's page summaries (empty when they cannot be read). `reusable`:
+    /// the list's basis holds, so every leaf page it names, and every page such a leaf
+    /// lists, may be reused without a lookup.
+    Groups { groups: Vec<(Id, Runs)>, load: Box<dyn Fn(u64) -> HashMap<Id, Runs> + 'r>, reusable: bool },
 }
 
 /// The summary documents of a stored state ([`ConfirmState::summaries`]).
 pub(crate) struct SummaryDocs {
-    /// The disk's document: page summaries for a disk of one group, else the group list.
-    pub list: Vec<u8>,
+    /// The disk's document, before its encoding ([`SummaryDocs::encode_list`]).
+    list: List,
     /// The page summaries of each group (by number) whose document must be (re)written.
     pub groups: Vec<(u64, Vec<u8>)>,
+}
+
+/// The disk's summary document: page summaries (encoded) for a disk of one group, else
+/// the group list.
+enum List {
+    Pages(Vec<u8>),
+    Groups(Vec<(Id, Runs)>),
+}
+
+impl SummaryDocs {
+    /// The disk's document; a group list with `basis`, the index files in which this
+    /// run found every page it kept or stored (FORMAT §19).
+    pub fn encode_list(&self, basis: Option<&IndexBasis>) -> Vec<u8> {
+        match &self.list {
+            List::Pages(bytes) => bytes.clone(),
+            List::Groups(groups) => {
+                let groups: Vec<(Id, &Runs)> = groups.iter().map(|(id, runs)| (*id, runs)).collect();
+                blockproof_format::confirm::encode_groups(&groups, basis)
+            }
+        }
+    }
 }
 
 /// Clean pages kept loaded at most (64 KiB each); changed pages stay until stored.
@@ -147,6 +175,9 @@ struct Group {
     pages: Option<Pages>,
     /// Whether its summary document is known to describe `leaf`.
     doc: bool,
+    /// Whether `leaf` and every page it lists may be reused without a lookup (the group
+    /// list named it, and its basis holds).
+    reusable: bool,
 }
 
 struct Pages {
@@ -179,7 +210,13 @@ impl<'r> ConfirmState<'r> {
             reader: None,
             inner: RefCell::new(Inner {
                 groups: (0..groups)
-                    .map(|g| Group { leaf: Id::ZERO, runs: vec![(0, group_len(chunks, g))], pages: None, doc: true })
+                    .map(|g| Group {
+                        leaf: Id::ZERO,
+                        runs: vec![(0, group_len(chunks, g))],
+                        pages: None,
+                        doc: true,
+                        reusable: false,
+                    })
                     .collect(),
                 pages: BTreeMap::new(),
                 warnings: Vec::new(),
@@ -238,9 +275,11 @@ impl<'r> ConfirmState<'r> {
         let mut s = Self::never(chunks);
         s.reader = Some(reader);
         let inner = s.inner.get_mut();
-        let listed = match &known {
-            Known::Groups { groups, .. } if groups.len() == inner.groups.len() => groups.as_slice(),
-            _ => &[],
+        let (listed, reusable) = match &known {
+            Known::Groups { groups, reusable, .. } if groups.len() == inner.groups.len() => {
+                (groups.as_slice(), *reusable)
+            }
+            _ => (&[][..], false),
         };
         let mut eager = Vec::new();
         for (g, group) in inner.groups.iter_mut().enumerate() {
@@ -252,6 +291,7 @@ impl<'r> ConfirmState<'r> {
             match listed.get(g as usize) {
                 Some((leaf, runs)) if *leaf == group.leaf && total(runs) == group_len(chunks, g) => {
                     group.runs = runs.clone();
+                    group.reusable = reusable;
                 }
                 _ => eager.push(g),
             }
@@ -383,7 +423,8 @@ impl<'r> ConfirmState<'r> {
     /// page this run did not change keeps its id when a copy of it may be reused (like an
     /// inherited chunk); otherwise it is read and stored again. A group this run did not
     /// load keeps its leaf page whole when every page it lists, and the leaf page itself,
-    /// may be reused (the ids are checked, the pages not read).
+    /// may be reused (the ids are checked, the pages not read; for a group known
+    /// reusable, [`Known::Groups`], neither).
     pub fn store(&mut self, sink: &mut BlobSink<'_, '_>) -> Result<Option<Id>, CoreError> {
         let pages = page_count(self.chunks);
         let mut tree = TreeWriter::new(pages, DEFAULT_FANOUT);
@@ -449,7 +490,8 @@ impl<'r> ConfirmState<'r> {
     /// Looks up the page ids of the groups of `range` together, sorted, in one walk along
     /// the index (65 536 for a 64 TiB disk) rather than one lookup each: for a group this
     /// run loaded, those of its pages it did not change; for one it did not, every page
-    /// its leaf page lists and the leaf page itself (the group may be taken whole).
+    /// its leaf page lists and the leaf page itself (the group may be taken whole) —
+    /// unless they are known reusable, when neither is read nor looked up.
     fn look_up(&mut self, range: Range<u64>, sink: &BlobSink<'_, '_>) -> Batch {
         let mut batch = Batch { first: range.start, ..Batch::default() };
         let mut all = Vec::with_capacity((range.end - range.start) as usize * (GROUP_PAGES as usize + 1));
@@ -459,7 +501,7 @@ impl<'r> ConfirmState<'r> {
             let (leaf, checked) = if group.pages.is_some() {
                 all.extend(self.unchanged_pages(g));
                 (None, true)
-            } else if group.leaf.is_zero() {
+            } else if group.leaf.is_zero() || group.reusable {
                 (Some(Vec::new()), true)
             } else {
                 let ids = inner.tree.as_mut().and_then(|t| t.leaf(g).ok()).map(<[Id]>::to_vec);
@@ -530,10 +572,11 @@ impl<'r> ConfirmState<'r> {
         };
         if inner.groups.len() <= 1 {
             if inner.groups.is_empty() {
-                return SummaryDocs { list: blockproof_format::confirm::encode_summaries(&[]), groups: Vec::new() };
+                let list = List::Pages(blockproof_format::confirm::encode_summaries(&[]));
+                return SummaryDocs { list, groups: Vec::new() };
             }
             self.ensure(&mut inner, 0);
-            return SummaryDocs { list: encode_group(&inner.groups[0]), groups: Vec::new() };
+            return SummaryDocs { list: List::Pages(encode_group(&inner.groups[0])), groups: Vec::new() };
         }
         let groups = inner
             .groups
@@ -542,8 +585,8 @@ impl<'r> ConfirmState<'r> {
             .filter(|(_, group)| group.pages.is_some() && !group.doc && !group.leaf.is_zero())
             .map(|(g, group)| (g as u64, encode_group(group)))
             .collect();
-        let list: Vec<(Id, &Runs)> = inner.groups.iter().map(|group| (group.leaf, &group.runs)).collect();
-        SummaryDocs { list: blockproof_format::confirm::encode_groups(&list), groups }
+        let list = inner.groups.iter().map(|group| (group.leaf, group.runs.clone())).collect();
+        SummaryDocs { list: List::Groups(list), groups }
     }
 
     /// Every chunk's run, in order (tests).
@@ -655,15 +698,38 @@ mod tests {
     /// Stores `state` into `repo`; returns the root and the blobs written.
     fn store_in(repo: &blockproof_repo::Repository, state: &mut ConfirmState<'_>) -> (Option<Id>, u64) {
         let index = blockproof_repo::BlobIndex::load(repo).unwrap();
-        let reader = BlobReader::new(repo, &index);
-        let avail = crate::availability::Availability::assess(repo, &index, &mut Vec::new()).unwrap();
+        let (root, stats) = store_on(repo, &index, state);
+        (root, stats.blobs)
+    }
+
+    /// Stores `state` into `repo`, deduplicating against `index`.
+    fn store_on(
+        repo: &blockproof_repo::Repository,
+        index: &blockproof_repo::BlobIndex,
+        state: &mut ConfirmState<'_>,
+    ) -> (Option<Id>, blockproof_repo::PackWriterStats) {
+        let reader = BlobReader::new(repo, index);
+        let avail = crate::availability::Availability::assess(repo, index, &mut Vec::new()).unwrap();
         let dedup = crate::pipeline::Dedup::new(&reader, &avail);
-        let (root, stats) = crate::pipeline::with_pack_writer(repo, |tx| {
+        crate::pipeline::with_pack_writer(repo, |tx| {
             let mut sink = BlobSink::new(repo, &dedup, tx);
             state.store(&mut sink)
         })
-        .unwrap();
-        (root, stats.blobs)
+        .unwrap()
+    }
+
+    /// Whether `basis` holds for `index` as a backup judges it.
+    fn holds(repo: &blockproof_repo::Repository, index: &blockproof_repo::BlobIndex, basis: &IndexBasis) -> bool {
+        let reader = BlobReader::new(repo, index);
+        let avail = crate::availability::Availability::assess(repo, index, &mut Vec::new()).unwrap();
+        crate::pipeline::Dedup::new(&reader, &avail).holds(basis)
+    }
+
+    fn group_list(docs: &SummaryDocs) -> Vec<(Id, Runs)> {
+        match blockproof_format::confirm::decode_any(&docs.encode_list(None)).unwrap() {
+            blockproof_format::confirm::Summaries::Groups(g, _) => g,
+            other => panic!("{other:?}"),
+        }
     }
 
     fn page_ids(repo: &blockproof_repo::Repository, root: Id, chunks: u64) -> Vec<Id> {
@@ -727,8 +793,10 @@ mod tests {
         // With the pages' summaries (the state document a backup keeps), no page is read
         // to load: an index without the pages still loads it, and the coverage is right;
         // a page then needed and not readable counts as never confirmed, with a warning.
-        let known: HashMap<Id, Runs> =
-            blockproof_format::confirm::decode_summaries(&s.summaries().list).unwrap().into_iter().collect();
+        let known: HashMap<Id, Runs> = blockproof_format::confirm::decode_summaries(&s.summaries().encode_list(None))
+            .unwrap()
+            .into_iter()
+            .collect();
         assert_eq!(known.len(), 3);
         let mut partial = blockproof_repo::BlobIndex::default();
         for (_, pack, entry) in index.iter().filter(|(id, _, _)| !ids2.contains(id)) {
@@ -794,11 +862,8 @@ mod tests {
         let root1 = store_in(&repo, &mut s).0.unwrap();
         let docs1 = s.summaries();
         assert_eq!(docs1.groups.iter().map(|(g, _)| *g).collect::<Vec<_>>(), vec![0, 1, 2], "every group is new");
+        let list = group_list(&docs1);
         let group_docs: HashMap<u64, Vec<u8>> = docs1.groups.into_iter().collect();
-        let list = match blockproof_format::confirm::decode_any(&docs1.list).unwrap() {
-            blockproof_format::confirm::Summaries::Groups(g) => g,
-            other => panic!("{other:?}"),
-        };
         assert_eq!(list.len(), 3);
         assert_eq!(list[1].1, vec![(0, group - 1), (1, 1)]);
         let loads = std::cell::Cell::new(0);
@@ -808,6 +873,7 @@ mod tests {
                 loads.set(loads.get() + 1);
                 blockproof_format::confirm::decode_summaries(&group_docs[&g]).unwrap().into_iter().collect()
             }),
+            reusable: false,
         };
 
         // Loaded with the list: no group's pages, the coverage from the sums.
@@ -827,10 +893,7 @@ mod tests {
         assert_eq!(written, 1 + 1 + 1, "the page, group 1's leaf page and the root");
         let docs2 = s2.summaries();
         assert_eq!(docs2.groups.iter().map(|(g, _)| *g).collect::<Vec<_>>(), vec![1], "only group 1 is rewritten");
-        let list2 = match blockproof_format::confirm::decode_any(&docs2.list).unwrap() {
-            blockproof_format::confirm::Summaries::Groups(g) => g,
-            other => panic!("{other:?}"),
-        };
+        let list2 = group_list(&docs2);
         assert_eq!((list2[0].0, list2[2].0), (list[0].0, list[2].0));
         assert_ne!(list2[1].0, list[1].0);
         assert_eq!(list2[1].1, vec![(0, group - 2), (1, 1), (2, 1)]);
@@ -865,7 +928,7 @@ mod tests {
             &reader,
             root2.unwrap(),
             n,
-            Known::Groups { groups: stale, load: Box::new(|_| HashMap::new()) },
+            Known::Groups { groups: stale, load: Box::new(|_| HashMap::new()), reusable: false },
         )
         .unwrap();
         let loaded: Vec<bool> = s3.inner.borrow().groups.iter().map(|g| g.pages.is_some()).collect();
@@ -894,11 +957,8 @@ mod tests {
         let confirmed: Vec<u64> = pages_confirmed.enumerate().map(|(k, p)| p * ENTRIES_PER_PAGE + k as u64).collect();
         confirmed.iter().for_each(|&c| s.confirm(c, 1));
         let root = store_in(&repo, &mut s).0.unwrap();
-        let list = match blockproof_format::confirm::decode_any(&s.summaries().list).unwrap() {
-            blockproof_format::confirm::Summaries::Groups(g) => g,
-            other => panic!("{other:?}"),
-        };
-        let known = || Known::Groups { groups: list.clone(), load: Box::new(|_| HashMap::new()) };
+        let list = group_list(&s.summaries());
+        let known = || Known::Groups { groups: list.clone(), load: Box::new(|_| HashMap::new()), reusable: false };
         let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
         let reader = BlobReader::new(&repo, &index);
 
@@ -919,5 +979,69 @@ mod tests {
         assert_eq!(pages, 11);
         assert_eq!(store_in(&repo, &mut repaired), (Some(root), pages as u64 + 3 + 1), "pages, leaf pages, root");
         assert_eq!(repaired.all(), s.all());
+    }
+
+    /// A group whose leaf page the group list names is kept by that id alone, neither
+    /// read nor looked up, when the list's basis holds; the basis holds while the index
+    /// files it names remain. Once the index file holding groups 0 and 2 is removed, it
+    /// does not, their leaf pages are looked up (and, unreadable, stored as never
+    /// confirmed, with warnings), and the stored tree names only blobs the index has.
+    #[test]
+    fn a_group_list_spares_lookups_only_while_its_basis_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = crate::test_repo::in_dir(dir.path());
+        let group = GROUP_PAGES * ENTRIES_PER_PAGE;
+        let n = 2 * group + 3 * ENTRIES_PER_PAGE;
+        let mut s = ConfirmState::never(n);
+        [1, group + 2, 2 * group + 3].iter().for_each(|&c| s.confirm(c, 1));
+        let (root1, first) = store_on(&repo, &blockproof_repo::BlobIndex::load(&repo).unwrap(), &mut s);
+        let list1 = group_list(&s.summaries());
+        // Run 2 changes group 1: its page, its leaf page and the root go to a file of
+        // their own; the basis names both files.
+        let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
+        let reader = BlobReader::new(&repo, &index);
+        let known = |list: &[(Id, Runs)], reusable| Known::Groups {
+            groups: list.to_vec(),
+            load: Box::new(|_| HashMap::new()),
+            reusable,
+        };
+        let mut s2 = ConfirmState::read(&reader, root1.unwrap(), n, known(&list1, false)).unwrap();
+        s2.confirm(group + 5, 2);
+        let (root2, second) = store_on(&repo, &index, &mut s2);
+        let root2 = root2.unwrap();
+        assert_eq!((first.index_files.len(), second.index_files.len()), (1, 1));
+        let basis = index.basis(&second.index_files).unwrap();
+        let list2 = group_list(&s2.summaries());
+
+        // It holds: on an index without groups 0 and 2's leaf and pages (so that a lookup
+        // would find them missing), they are kept by id; nothing is read or written.
+        let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
+        assert!(holds(&repo, &index, &basis));
+        let unlisted: HashSet<Id> =
+            [0, 2].iter().flat_map(|&g| [list1[g].0]).chain(page_ids(&repo, root1.unwrap(), n)).collect();
+        let mut partial = blockproof_repo::BlobIndex::default();
+        for (_, pack, entry) in index.iter().filter(|(id, _, _)| !unlisted.contains(id) || *id == list2[1].0) {
+            partial.add_pack(pack, std::slice::from_ref(&entry));
+        }
+        let reader = BlobReader::new(&repo, &partial);
+        let mut kept = ConfirmState::read(&reader, root2, n, known(&list2, true)).unwrap();
+        assert_eq!(store_on(&repo, &partial, &mut kept).0, Some(root2));
+        assert!(kept.take_warnings().is_empty() && kept.inner.borrow().groups.iter().all(|g| g.pages.is_none()));
+        let mut looked_up = ConfirmState::read(&reader, root2, n, known(&list2, false)).unwrap();
+        assert_ne!(store_on(&repo, &partial, &mut looked_up).0, Some(root2), "without the basis they are looked up");
+
+        // The first file removed: the basis no longer holds; groups 0 and 2 are looked
+        // up, their leaf pages cannot be read, and the tree stored names nothing missing.
+        repo.backend().remove(blockproof_store::Kind::Index, &first.index_files[0].to_hex()).unwrap();
+        let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
+        assert!(!holds(&repo, &index, &basis));
+        let reader = BlobReader::new(&repo, &index);
+        let mut s3 = ConfirmState::read(&reader, root2, n, known(&list2, false)).unwrap();
+        let root3 = store_on(&repo, &index, &mut s3).0.unwrap();
+        assert_eq!(s3.take_warnings().len(), 2, "groups 0 and 2");
+        let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
+        let reader = BlobReader::new(&repo, &index);
+        let s4 = ConfirmState::read(&reader, root3, n, Known::None).unwrap();
+        assert_eq!((s4.get(group + 2), s4.get(group + 5), s4.get(1), s4.get(2 * group + 3)), (1, 2, 0, 0));
     }
 }

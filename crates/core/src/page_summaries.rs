@@ -4,11 +4,13 @@
 //! page summaries are in `state/confirm-<hex>-<group>`. A backup reads them before it
 //! loads the parent's confirmation state and writes them after its commit (only the
 //! groups it stored anew); forget removes them once no snapshot of the disk remains.
-//! They are a cache: absent, unreadable or stale, the pages are read instead.
+//! They are a cache: absent, unreadable or stale, the pages are read instead. A group
+//! list carries its basis (the index files the writer's lookups rested on); only a
+//! backup whose index still holds it keeps listed groups without looking them up.
 
 use std::collections::{HashMap, HashSet};
 
-use blockproof_format::confirm::{decode_any, decode_summaries, Summaries};
+use blockproof_format::confirm::{decode_any, decode_summaries, IndexBasis, Summaries};
 use blockproof_format::{Id, ObjectMagic};
 use blockproof_repo::{Repository, SnapshotInfo};
 use blockproof_store::Kind;
@@ -27,14 +29,21 @@ fn group_name(list: &str, group: u64) -> String {
 
 /// What a backup of `vm` left for `disk` ([`Known::None`] when there is nothing or it
 /// cannot be read: the pages are then read). A group list reads a group's page summaries
-/// only when the group is needed.
-pub(crate) fn known<'a>(repo: &'a Repository, vm: &str, disk: &str) -> Known<'a> {
+/// only when the group is needed; its leaf pages may be reused without a lookup when it
+/// has a basis and `holds` says that basis still holds.
+pub(crate) fn known<'a>(
+    repo: &'a Repository,
+    vm: &str,
+    disk: &str,
+    holds: impl FnOnce(&IndexBasis) -> bool,
+) -> Known<'a> {
     let list = name(repo, vm, disk);
     match repo.read_doc(Kind::State, ObjectMagic::State, &list).ok().and_then(|b| decode_any(&b).ok()) {
         None => Known::None,
         Some(Summaries::Pages(pages)) => Known::Pages(pages.into_iter().collect()),
-        Some(Summaries::Groups(groups)) => Known::Groups {
+        Some(Summaries::Groups(groups, basis)) => Known::Groups {
             groups,
+            reusable: basis.as_ref().is_some_and(holds),
             load: Box::new(move |g| -> HashMap<Id, Runs> {
                 repo.read_doc(Kind::State, ObjectMagic::State, &group_name(&list, g))
                     .ok()
@@ -47,14 +56,21 @@ pub(crate) fn known<'a>(repo: &'a Repository, vm: &str, disk: &str) -> Known<'a>
 }
 
 /// After a commit: keeps a disk's summaries for the next backup, the groups' documents
-/// before the list naming them (a cache; a failure is a warning).
-pub(crate) fn keep(repo: &Repository, vm: &str, disk: &str, docs: &SummaryDocs, warnings: &mut Vec<String>) {
+/// before the list naming them, with `basis` (a cache; a failure is a warning).
+pub(crate) fn keep(
+    repo: &Repository,
+    vm: &str,
+    disk: &str,
+    docs: &SummaryDocs,
+    basis: Option<&IndexBasis>,
+    warnings: &mut Vec<String>,
+) {
     let list = name(repo, vm, disk);
     let written = docs
         .groups
         .iter()
         .try_for_each(|(g, bytes)| repo.write_doc(Kind::State, ObjectMagic::State, &group_name(&list, *g), bytes))
-        .and_then(|()| repo.write_doc(Kind::State, ObjectMagic::State, &list, &docs.list));
+        .and_then(|()| repo.write_doc(Kind::State, ObjectMagic::State, &list, &docs.encode_list(basis)));
     if let Err(e) = written {
         warnings.push(format!(
             "disk {disk}: the confirmation page summaries could not be kept ({e}); the next backup reads the pages"

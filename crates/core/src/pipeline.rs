@@ -18,6 +18,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use blockproof_format::confirm::IndexBasis;
 use blockproof_format::tree::{chunk_count, encode_page, DEFAULT_FANOUT};
 use blockproof_format::{BlobKind, Id};
 use blockproof_repo::{
@@ -81,6 +82,12 @@ impl<'a> Dedup<'a> {
             *stored = *stored || new.contains(id);
         }
         out
+    }
+
+    /// Whether every blob found in lookups on `basis` may still be reused without a
+    /// lookup: this index holds all its index files, and every pack may be reused.
+    pub(crate) fn holds(&self, basis: &IndexBasis) -> bool {
+        self.avail.all_usable() && self.reader.index().holds(basis)
     }
 
     /// Whether the index knows the blob at all: a blob it knows that must be stored

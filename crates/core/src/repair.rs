@@ -501,7 +501,7 @@ pub fn repair(repo: &Repository, opts: &RepairOptions, progress: &dyn Progress) 
         let (_, stats) = writer.finish()?;
         progress.end();
         report.packs_written = stats.packs;
-        report.index_files_written += stats.index_files;
+        report.index_files_written += stats.index_files.len() as u64;
     }
     // 2. Index files for the intact packs no kept index file lists.
     for group in to_index.chunks(64) {

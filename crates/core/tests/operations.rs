@@ -637,8 +637,9 @@ impl BlockSource for SparseDisk {
 
 /// A disk of more than one group of confirmation pages (1024 pages of 16 384 chunks):
 /// the backup keeps a group list and one document per group; an incremental changing
-/// one chunk rewrites that group's document only, and reports the coverage a backup
-/// reading every page reports.
+/// one chunk rewrites that group's document only; the next one keeps the untouched group
+/// by id (the list's basis holds); both report the coverage a backup reading every page
+/// reports.
 #[test]
 fn a_large_disks_page_summaries_are_kept_per_group() {
     use blockproof_store::Kind;
@@ -697,12 +698,26 @@ fn a_large_disks_page_summaries_are_kept_per_group() {
     assert_eq!(second[&format!("{list}-0")], first[&format!("{list}-0")], "group 0's document untouched");
     assert_ne!(second[&format!("{list}-1")], first[&format!("{list}-1")]);
     assert_ne!(second[&list], first[&list]);
+    // The list names the index files in which the backup found every page (version 3):
+    // while they all remain, the next backup keeps the groups it leaves alone by id.
+    use blockproof_format::confirm::{decode_any, Summaries};
+    let doc = repo.read_doc(Kind::State, blockproof_format::ObjectMagic::State, &list).unwrap();
+    match decode_any(&doc).unwrap() {
+        Summaries::Groups(groups, basis) => {
+            assert_eq!(groups.len(), 2);
+            assert!(basis.is_some_and(|b| !b.files.is_empty()), "the list has its basis");
+        }
+        other => panic!("{other:?}"),
+    }
+    let kept = backup(&repo, sparse(2, Some(vec![])), &NoProgress).unwrap();
+    assert!(kept.warnings.is_empty(), "{:?}", kept.warnings);
+    assert_eq!(kept.disks[0].coverage.never_confirmed, d.coverage.never_confirmed);
     // The same coverage as a backup that finds no summaries and reads every page.
-    for n in second.keys() {
+    for n in docs().keys() {
         std::fs::remove_file(dir.path().join("repo/state").join(n)).unwrap();
     }
     let again = backup(&repo, sparse(2, Some(vec![])), &NoProgress).unwrap();
-    let (a, b) = (&again.disks[0].coverage, &r.disks[0].coverage);
+    let (a, b) = (&again.disks[0].coverage, &kept.disks[0].coverage);
     assert_eq!((a.never_confirmed, a.oldest_confirmed_runs_ago), (b.never_confirmed, b.oldest_confirmed_runs_ago + 1));
     assert_eq!(docs().len(), 3);
     let c = check(&repo, &CheckOptions { read_data: Some(Default::default()) }, &NoProgress).unwrap();

@@ -17,7 +17,10 @@
 //! A disk of more than one **group** (the [`GROUP_PAGES`] pages one leaf page of the tree
 //! lists) keeps one such document per group and a **group list** ([`encode_groups`]):
 //! per group the id of its leaf page and its summed runs, so that a backup touching few
-//! groups reads and rewrites only those.
+//! groups reads and rewrites only those. Since version 3 the list ends with its
+//! **basis** ([`IndexBasis`]): the index files in which the backup that wrote it found
+//! every leaf page it lists, and every page those list, so that the next backup may keep
+//! such a leaf page without looking up its 1 024 pages while those files all remain.
 
 use crate::{FormatError, Id, Reader};
 
@@ -54,6 +57,23 @@ pub const SUMMARY_MAGIC: &[u8; 4] = b"BPCS";
 pub const SUMMARY_VERSION: u16 = 1;
 /// The version of a group list: the same layout, one entry per group.
 pub const GROUPS_VERSION: u16 = 2;
+/// The version of a group list followed by its [`IndexBasis`].
+pub const GROUPS_BASIS_VERSION: u16 = 3;
+/// Index files a basis names one by one at most.
+pub const BASIS_FILES: usize = 1024;
+
+/// The index files a set of lookups rests on: the first `cached` files of the local
+/// blob-index cache (in the cache's order, which only ever appends while no file it
+/// covers is removed), known by a digest of their ids, and `files` by id (those the
+/// process read beside the cache, and those it wrote). Every blob found in those lookups
+/// is listed in one of these files.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IndexBasis {
+    pub cached: u32,
+    /// BLAKE3 of the ids of the cache's first `cached` index files, in order.
+    pub digest: [u8; 32],
+    pub files: Vec<Id>,
+}
 
 /// Pages per group: the pages one leaf page of the confirmation tree lists.
 pub const GROUP_PAGES: u64 = crate::tree::DEFAULT_FANOUT as u64;
@@ -74,9 +94,18 @@ pub fn encode_summaries(pages: &[(Id, &PageRuns)]) -> Vec<u8> {
 
 /// Encodes a group list (version 2): the layout of [`encode_summaries`], per group (in
 /// order, every group of the disk) the id of its leaf page (zero: no page of the group is
-/// stored) and how many entries of the whole group hold each run.
-pub fn encode_groups(groups: &[(Id, &PageRuns)]) -> Vec<u8> {
-    encode(GROUPS_VERSION, groups)
+/// stored) and how many entries of the whole group hold each run. With a basis (version
+/// 3) the list is followed by `cached u32 | digest (32) | n u32 | n × file id (32)`.
+pub fn encode_groups(groups: &[(Id, &PageRuns)], basis: Option<&IndexBasis>) -> Vec<u8> {
+    let Some(basis) = basis else { return encode(GROUPS_VERSION, groups) };
+    let mut out = encode(GROUPS_BASIS_VERSION, groups);
+    out.extend_from_slice(&basis.cached.to_le_bytes());
+    out.extend_from_slice(&basis.digest);
+    out.extend_from_slice(&(basis.files.len() as u32).to_le_bytes());
+    for f in &basis.files {
+        out.extend_from_slice(&f.0);
+    }
+    out
 }
 
 fn encode(version: u16, pages: &[(Id, &PageRuns)]) -> Vec<u8> {
@@ -95,11 +124,12 @@ fn encode(version: u16, pages: &[(Id, &PageRuns)]) -> Vec<u8> {
     out
 }
 
-/// A decoded summary document: page summaries (version 1) or a group list (version 2).
+/// A decoded summary document: page summaries (version 1) or a group list (version 2, or
+/// 3 with its basis).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Summaries {
     Pages(Vec<(Id, PageRuns)>),
-    Groups(Vec<(Id, PageRuns)>),
+    Groups(Vec<(Id, PageRuns)>, Option<IndexBasis>),
 }
 
 /// Decodes page summaries (version 1 only); a page whose runs are not ascending, count
@@ -107,14 +137,15 @@ pub enum Summaries {
 pub fn decode_summaries(buf: &[u8]) -> Result<Vec<(Id, PageRuns)>, FormatError> {
     match decode_any(buf)? {
         Summaries::Pages(p) => Ok(p),
-        Summaries::Groups(_) => {
+        Summaries::Groups(..) => {
             Err(FormatError::Malformed { what: "confirmation page summaries", detail: "a group list".into() })
         }
     }
 }
 
-/// Decodes either version: page summaries (1) or a group list (2, whose entries may
-/// count up to a group's entries, [`GROUP_PAGES`] pages).
+/// Decodes any version: page summaries (1) or a group list (2 or 3, whose entries may
+/// count up to a group's entries, [`GROUP_PAGES`] pages; 3 with its basis, of at most
+/// [`BASIS_FILES`] files).
 pub fn decode_any(buf: &[u8]) -> Result<Summaries, FormatError> {
     let mut r = Reader::new(buf, "confirmation page summaries");
     if &r.array::<4>()? != SUMMARY_MAGIC {
@@ -123,7 +154,7 @@ pub fn decode_any(buf: &[u8]) -> Result<Summaries, FormatError> {
     let version = r.u16()?;
     let limit = match version {
         SUMMARY_VERSION => ENTRIES_PER_PAGE,
-        GROUPS_VERSION => ENTRIES_PER_PAGE * GROUP_PAGES,
+        GROUPS_VERSION | GROUPS_BASIS_VERSION => ENTRIES_PER_PAGE * GROUP_PAGES,
         _ => return Err(r.malformed(format!("version {version}"))),
     };
     let count = r.u32()?;
@@ -144,8 +175,21 @@ pub fn decode_any(buf: &[u8]) -> Result<Summaries, FormatError> {
         }
         out.push((id, runs));
     }
+    let basis = if version == GROUPS_BASIS_VERSION {
+        let (cached, digest, n) = (r.u32()?, r.array()?, r.u32()? as usize);
+        if n > BASIS_FILES {
+            return Err(r.malformed(format!("a basis of {n} index files")));
+        }
+        let files = (0..n).map(|_| r.array().map(Id)).collect::<Result<_, _>>()?;
+        Some(IndexBasis { cached, digest, files })
+    } else {
+        None
+    };
     r.finish()?;
-    Ok(if version == SUMMARY_VERSION { Summaries::Pages(out) } else { Summaries::Groups(out) })
+    Ok(match version {
+        SUMMARY_VERSION => Summaries::Pages(out),
+        _ => Summaries::Groups(out, basis),
+    })
 }
 
 #[cfg(test)]
@@ -175,7 +219,7 @@ mod tests {
     #[test]
     fn group_lists_are_pinned_and_both_versions_read() {
         let a: PageRuns = vec![(0, 5), (3, ENTRIES_PER_PAGE * GROUP_PAGES - 5)];
-        let enc = encode_groups(&[(Id([4; 32]), &a), (Id::ZERO, &vec![(0, 16384)])]);
+        let enc = encode_groups(&[(Id([4; 32]), &a), (Id::ZERO, &vec![(0, 16384)])], None);
         let mut want = b"BPCS\x02\x00\x02\x00\x00\x00".to_vec();
         want.extend_from_slice(&[4; 32]);
         want.extend_from_slice(&[
@@ -186,7 +230,7 @@ mod tests {
         assert_eq!(enc, want);
         assert_eq!(
             decode_any(&enc).unwrap(),
-            Summaries::Groups(vec![(Id([4; 32]), a.clone()), (Id::ZERO, vec![(0, 16384)])])
+            Summaries::Groups(vec![(Id([4; 32]), a.clone()), (Id::ZERO, vec![(0, 16384)])], None)
         );
         assert!(decode_summaries(&enc).is_err(), "a group list is not page summaries");
         let pages = encode_summaries(&[(Id([1; 32]), &vec![(1, 7)])]);
@@ -194,7 +238,7 @@ mod tests {
         // A page's summary may not count a group's entries.
         assert!(decode_any(&encode_summaries(&[(Id([1; 32]), &a)])).is_err());
         let too_many: PageRuns = vec![(1, ENTRIES_PER_PAGE * GROUP_PAGES + 1)];
-        assert!(decode_any(&encode_groups(&[(Id([1; 32]), &too_many)])).is_err());
+        assert!(decode_any(&encode_groups(&[(Id([1; 32]), &too_many)], None)).is_err());
         assert_eq!((GROUP_PAGES, group_count(0), group_count(1024), group_count(1025)), (1024, 0, 1, 2));
     }
 
@@ -207,5 +251,30 @@ mod tests {
         assert!(decode_page(&page[..11], 3).is_err());
         assert_eq!(ENTRIES_PER_PAGE * 4, 65536);
         assert_eq!((page_count(0), page_count(1), page_count(16384), page_count(16385)), (0, 1, 1, 2));
+    }
+
+    #[test]
+    fn a_group_list_with_its_basis_is_pinned() {
+        let a: PageRuns = vec![(2, 9)];
+        let basis = IndexBasis { cached: 7, digest: [5; 32], files: vec![Id([6; 32]), Id([8; 32])] };
+        let enc = encode_groups(&[(Id([4; 32]), &a)], Some(&basis));
+        let mut want = b"BPCS\x03\x00\x01\x00\x00\x00".to_vec();
+        want.extend_from_slice(&[4; 32]);
+        want.extend_from_slice(&[1, 0, 2, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0]);
+        want.extend_from_slice(&[7, 0, 0, 0]);
+        want.extend_from_slice(&[5; 32]);
+        want.extend_from_slice(&[2, 0, 0, 0]);
+        want.extend_from_slice(&[6; 32]);
+        want.extend_from_slice(&[8; 32]);
+        assert_eq!(enc, want);
+        assert_eq!(decode_any(&enc).unwrap(), Summaries::Groups(vec![(Id([4; 32]), a.clone())], Some(basis.clone())));
+        assert!(decode_any(&enc[..enc.len() - 1]).is_err(), "a file id cut short");
+        let mut longer = enc.clone();
+        longer.push(0);
+        assert!(decode_any(&longer).is_err(), "bytes after the basis");
+        let mut many = encode_groups(&[(Id([4; 32]), &a)], Some(&IndexBasis { files: vec![], ..basis }));
+        let at = many.len() - 4;
+        many[at..].copy_from_slice(&(BASIS_FILES as u32 + 1).to_le_bytes());
+        assert!(decode_any(&many).is_err(), "more files than a basis names");
     }
 }

@@ -153,7 +153,7 @@ fn generate(repo: &Repository, dir: &LocalBackend, blobs: u64, seed: u64) -> Res
     let root = tree.finish(&mut store)?;
     let (written, stats) = pages.finish()?;
     added.tree_packs = written.len() as u64;
-    added.index_files += stats.index_files;
+    added.index_files += stats.index_files.len() as u64;
 
     let disk = DiskEntry {
         id: DISK.into(),

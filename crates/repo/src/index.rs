@@ -67,6 +67,10 @@ pub struct BlobIndex {
     /// The index files this was loaded from, and the packs each lists.
     files: Vec<String>,
     file_packs: Vec<Vec<Id>>,
+    /// How many of `files`, first, the local cache covers (in the cache's order).
+    cached_files: usize,
+    /// Whether the loader left packs out ([`BlobIndex::load_excluding`]).
+    excluded_any: bool,
 }
 
 /// Builds a [`BlobIndex`] from index listings in bulk: every location is appended
@@ -176,6 +180,7 @@ impl BlobIndex {
             }
             builder.index.push_file(name, &file);
         }
+        builder.index.excluded_any = !excluded.is_empty();
         Ok((builder.finish(), skipped))
     }
 
@@ -697,6 +702,7 @@ impl<'a> BlobReader<'a> {
     }
 }
 
+mod basis;
 pub(crate) mod load;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -20,7 +20,8 @@ pub struct PackWriterStats {
     pub blobs: u64,
     /// Bytes of pack files written (headers included).
     pub pack_bytes: u64,
-    pub index_files: u64,
+    /// The index files written, by id (their names).
+    pub index_files: Vec<Id>,
 }
 
 /// Appends sealed blobs to a pack until it reaches the repository's pack size, then
@@ -223,8 +224,8 @@ impl<'a> PackWriter<'a> {
         // Every pack the index names must be durable first.
         self.uploads.drain()?;
         let index = IndexFile { packs: std::mem::take(&mut self.pending_index) };
-        self.repo.write_index_file(&index)?;
-        self.stats.index_files += 1;
+        let id = self.repo.write_index_file(&index)?;
+        self.stats.index_files.push(id);
         self.written.extend(index.packs);
         Ok(())
     }

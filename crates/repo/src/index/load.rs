@@ -103,6 +103,8 @@ impl BlobIndex {
             index.files.push(name);
             index.file_packs.push(listed.iter().map(|p| index.packs[*p as usize]).collect());
         }
+        index.cached_files = index.files.len();
+        index.excluded_any = !excluded.is_empty();
         index.excluded_base = excluded.iter().filter_map(|p| index.pack_pos.get(p).copied()).collect();
         index.blobs = table.blobs();
         // Each location added is looked up in the table: through the membership filter

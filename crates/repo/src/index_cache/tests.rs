@@ -456,3 +456,55 @@ fn a_window_is_read_by_its_own_mac() {
     assert!(table.read_pages(0, PASS_PAGES, &mut Vec::new()).unwrap_err().contains("page 3 does not authenticate"));
     assert!(table.damage().is_none(), "read_pages reports; its callers record");
 }
+
+/// A basis (the index files lookups rested on) holds while every file it names is loaded
+/// whole: through files added beside the cache and a rebuild that appends them; not once
+/// a file it names is removed (nor a file the cache covered: the rebuild drops it from
+/// the list the digest is of), not with packs excluded, not without the cache.
+#[test]
+fn a_basis_holds_while_its_files_remain() {
+    let (repo, store) = repo();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0xba515);
+    let pool: Vec<Id> = (0..2_000).map(|_| rng.id()).collect();
+    let mut packs = Vec::new();
+    write_files(&repo, &mut rng, &pool, &mut packs, 40);
+    let c = cached(&store, dir.path());
+    let first = BlobIndex::load(&c).unwrap();
+    // The process writes a file of its own; the next one reads it beside the cache.
+    let own = write_files(&repo, &mut rng, &pool, &mut packs, 1).pop().unwrap();
+    let own_id: Id = own.parse().unwrap();
+    let basis = first.basis(&[own_id]).unwrap();
+    assert_eq!((basis.cached, basis.files.clone()), (40, vec![own_id]));
+    let next = BlobIndex::load(&c).unwrap();
+    assert!(next.holds(&basis));
+    let beside = next.basis(&[]).unwrap();
+    assert_eq!((beside.cached, beside.files.clone()), (40, vec![own_id]), "read beside the cache");
+    assert!(next.basis(&vec![own_id; blockproof_format::confirm::BASIS_FILES]).is_none(), "too many files");
+
+    // Enough files for a rebuild, which appends them: both bases hold.
+    write_files(&repo, &mut rng, &pool, &mut packs, crate::index::load::DELTA_FILES + 1);
+    let rebuilt = BlobIndex::load(&c).unwrap();
+    assert!(rebuilt.layers().1 == 0, "everything is in the rebuilt cache");
+    assert!(rebuilt.holds(&basis) && rebuilt.holds(&beside));
+    let whole = rebuilt.basis(&[]).unwrap();
+    assert_eq!((whole.cached as usize, whole.files.len()), (rebuilt.files().len(), 0));
+    assert!(BlobIndex::load(&c).unwrap().holds(&whole));
+    let memory = BlobIndex::load(&repo).unwrap();
+    assert!(!memory.holds(&whole) && !memory.holds(&basis), "an index without the cache names none by digest");
+    assert!(memory.holds(&memory.basis(&[]).unwrap()));
+    let some: HashSet<Id> = rebuilt.packs()[..1].iter().copied().collect();
+    let excluded = BlobIndex::load_excluding(&c, &some).unwrap();
+    assert!(!excluded.holds(&whole) && excluded.basis(&[]).is_none(), "packs left out");
+
+    // The process's own file removed: the cache is rebuilt without it.
+    repo.backend().remove(Kind::Index, &own).unwrap();
+    let after = BlobIndex::load(&c).unwrap();
+    assert!(!after.holds(&basis) && !after.holds(&beside) && !after.holds(&whole));
+    let now = after.basis(&[]).unwrap();
+    assert!(BlobIndex::load(&c).unwrap().holds(&now));
+    // A file named only by the digest removed.
+    let covered = after.files()[0].clone();
+    repo.backend().remove(Kind::Index, &covered).unwrap();
+    assert!(!BlobIndex::load(&c).unwrap().holds(&now));
+}
