@@ -290,8 +290,14 @@ impl BlobIndex {
     /// The size the pack file must have, from its index listing ([`pack_size`]); `None`
     /// for a pack the index does not know.
     pub fn expected_pack_size(&self, pack: &Id) -> Option<u64> {
-        let l = self.layouts[*self.pack_pos.get(pack)? as usize];
-        Some(pack_size(l.blobs, l.end))
+        Some(self.expected_size_at(*self.pack_pos.get(pack)?))
+    }
+
+    /// [`BlobIndex::expected_pack_size`] of the pack at position `pos` of
+    /// [`BlobIndex::packs`].
+    pub fn expected_size_at(&self, pos: u32) -> u64 {
+        let l = self.layouts[pos as usize];
+        pack_size(l.blobs, l.end)
     }
 
     /// All packs the index knows.
