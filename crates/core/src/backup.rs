@@ -324,7 +324,8 @@ fn keep_summaries(
 ) {
     let basis = index.basis(written);
     for o in outcomes {
-        crate::page_summaries::keep(repo, vm, &o.entry.id, &o.summaries, basis.as_ref(), warnings);
+        let root = o.entry.index_root;
+        crate::page_summaries::keep(repo, vm, &o.entry.id, root, &o.summaries, basis.as_ref(), warnings);
     }
 }
 
@@ -353,6 +354,12 @@ impl Ctx<'_, '_> {
             Some(e) => Some(TreeReader::new(self.reader, e.index_root, n, e.index_fanout)?),
             None => None,
         };
+        // Every blob the parent's tree references was found or written by the backup
+        // that committed it, in index files this run's index still holds: its inherited
+        // chunks and pages are taken without a lookup each.
+        let parent_reusable = parent_entry
+            .as_ref()
+            .is_some_and(|e| crate::page_summaries::tree_reusable(self.repo, &self.vm, e, |b| self.dedup.holds(b)));
         // Loaded page by page as needed; not copied: the selection reads only chunks this
         // run did not read, which hold what they held before it.
         let (mut state, warning) = match d.parent_entry() {
@@ -382,6 +389,7 @@ impl Ctx<'_, '_> {
                 d.source.as_mut(),
                 &d.plan,
                 parent_tree.as_mut(),
+                parent_reusable,
                 blobs,
                 &counters,
                 self.progress,

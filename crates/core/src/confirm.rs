@@ -22,9 +22,8 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
-use blockproof_format::confirm::{
-    decode_page, encode_page, group_count, page_count, IndexBasis, ENTRIES_PER_PAGE, GROUP_PAGES,
-};
+use blockproof_format::basis::IndexBasis;
+use blockproof_format::confirm::{decode_page, encode_page, group_count, page_count, ENTRIES_PER_PAGE, GROUP_PAGES};
 use blockproof_format::tree::{chunk_count, DEFAULT_FANOUT};
 use blockproof_format::{BlobKind, DiskEntry, Id};
 use blockproof_repo::{BlobReader, TreeReader, TreeWriter};

@@ -7,11 +7,16 @@
 //! They are a cache: absent, unreadable or stale, the pages are read instead. A group
 //! list carries its basis (the index files the writer's lookups rested on); only a
 //! backup whose index still holds it keeps listed groups without looking them up.
+//! Beside them, `state/confirm-<hex>-tree` holds the disk's tree basis: the root of the
+//! data tree the writer committed and the basis on which every blob of that tree was
+//! found or written (FORMAT §19a), so that the next backup inherits from that tree
+//! without a lookup per chunk while the basis holds. It goes with the list.
 
 use std::collections::{HashMap, HashSet};
 
-use blockproof_format::confirm::{decode_any, decode_summaries, IndexBasis, Summaries};
-use blockproof_format::{Id, ObjectMagic};
+use blockproof_format::basis::{decode_tree_basis, encode_tree_basis, IndexBasis};
+use blockproof_format::confirm::{decode_any, decode_summaries, Summaries};
+use blockproof_format::{DiskEntry, Id, ObjectMagic};
 use blockproof_repo::{Repository, SnapshotInfo};
 use blockproof_store::Kind;
 
@@ -25,6 +30,26 @@ pub(crate) fn name(repo: &Repository, vm: &str, disk: &str) -> String {
 
 fn group_name(list: &str, group: u64) -> String {
     format!("{list}-{group}")
+}
+
+/// The disk's tree basis document (removed with the disk's list).
+fn tree_name(list: &str) -> String {
+    format!("{list}-tree")
+}
+
+/// Whether every blob the data tree of `entry` references may be reused without a lookup:
+/// the disk's tree basis document names that tree's root, and `holds` says its basis
+/// still holds.
+pub(crate) fn tree_reusable(
+    repo: &Repository,
+    vm: &str,
+    entry: &DiskEntry,
+    holds: impl FnOnce(&IndexBasis) -> bool,
+) -> bool {
+    repo.read_doc(Kind::State, ObjectMagic::State, &tree_name(&name(repo, vm, &entry.id)))
+        .ok()
+        .and_then(|b| decode_tree_basis(&b).ok())
+        .is_some_and(|(root, basis)| root == entry.index_root && holds(&basis))
 }
 
 /// What a backup of `vm` left for `disk` ([`Known::None`] when there is nothing or it
@@ -56,16 +81,26 @@ pub(crate) fn known<'a>(
 }
 
 /// After a commit: keeps a disk's summaries for the next backup, the groups' documents
-/// before the list naming them, with `basis` (a cache; a failure is a warning).
+/// before the list naming them, with `basis`, and the tree basis of the disk's data tree
+/// (`root`) on that basis (a cache; a failure is a warning).
 pub(crate) fn keep(
     repo: &Repository,
     vm: &str,
     disk: &str,
+    root: Id,
     docs: &SummaryDocs,
     basis: Option<&IndexBasis>,
     warnings: &mut Vec<String>,
 ) {
     let list = name(repo, vm, disk);
+    if let Some(basis) = basis {
+        let doc = encode_tree_basis(root, basis);
+        if let Err(e) = repo.write_doc(Kind::State, ObjectMagic::State, &tree_name(&list), &doc) {
+            warnings.push(format!(
+                "disk {disk}: the basis of its index pages could not be kept ({e}); the next backup looks their chunks up"
+            ));
+        }
+    }
     let written = docs
         .groups
         .iter()

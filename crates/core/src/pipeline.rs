@@ -18,7 +18,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use blockproof_format::confirm::IndexBasis;
+use blockproof_format::basis::IndexBasis;
 use blockproof_format::tree::{chunk_count, encode_page, DEFAULT_FANOUT};
 use blockproof_format::{BlobKind, Id};
 use blockproof_repo::{
@@ -337,6 +337,9 @@ struct Builder<'a, 'r, 's, 'd> {
     chunk_size: u64,
     size: u64,
     parent: Option<&'a mut TreeReader<'r>>,
+    /// Whether every blob `parent` references may be reused without a lookup (the disk's
+    /// tree basis holds, [`crate::page_summaries::tree_reusable`]).
+    parent_reusable: bool,
     tree: TreeWriter,
     sink: BlobSink<'s, 'd>,
     dedup: &'s Dedup<'d>,
@@ -426,7 +429,9 @@ impl Builder<'_, '_, '_, '_> {
     /// leaf page of inherited chunks. For the latter every chunk id it lists is looked up
     /// as chunk by chunk ([`Dedup::contains`]): one without a copy that may be reused is
     /// recorded as unavailable, so the page is never referenced while a blob it lists is
-    /// missing. Returns false when the chunks must be taken one by one.
+    /// missing — unless every blob of the parent's tree is known reusable, when the page
+    /// is only read for its count of zero chunks. Returns false when the chunks must be
+    /// taken one by one.
     fn page(
         &mut self,
         level: usize,
@@ -473,7 +478,7 @@ impl Builder<'_, '_, '_, '_> {
             for (j, c) in leaf.iter().enumerate() {
                 if c.is_zero() {
                     zeros += 1;
-                } else if !self.dedup.contains(c) {
+                } else if !self.parent_reusable && !self.dedup.contains(c) {
                     if !self.dedup.indexed(c) {
                         self.counters.repaired.fetch_add(1, Ordering::Relaxed);
                     }
@@ -483,7 +488,7 @@ impl Builder<'_, '_, '_, '_> {
             self.counters.zero_chunks.fetch_add(zeros, Ordering::Relaxed);
             // The page itself was read whole just now; without a copy that may be reused
             // (say, in a pack gc is about to delete) it is stored again.
-            if !self.dedup.contains(&id) {
+            if !self.parent_reusable && !self.dedup.contains(&id) {
                 let again = self.sink.page(leaf)?;
                 debug_assert_eq!(again, id);
             }
@@ -518,7 +523,7 @@ impl Builder<'_, '_, '_, '_> {
                 let id = self
                     .parent_chunk(i)?
                     .ok_or_else(|| CoreError::Internal("an incremental plan without a parent".into()))?;
-                if !id.is_zero() && !self.dedup.contains(&id) {
+                if !id.is_zero() && !self.parent_reusable && !self.dedup.contains(&id) {
                     if !self.dedup.indexed(&id) {
                         self.counters.repaired.fetch_add(1, Ordering::Relaxed);
                     }
@@ -558,6 +563,7 @@ pub(crate) fn store_disk(
     source: &mut dyn BlockSource,
     plan: &ChunkPlan,
     parent: Option<&mut TreeReader<'_>>,
+    parent_reusable: bool,
     blobs: &Sender<SealedBlob>,
     counters: &DiskCounters,
     progress: &dyn Progress,
@@ -573,6 +579,7 @@ pub(crate) fn store_disk(
         chunk_size,
         size,
         parent,
+        parent_reusable,
         tree: TreeWriter::new(n, DEFAULT_FANOUT),
         sink: BlobSink::new(repo, dedup, blobs),
         dedup,

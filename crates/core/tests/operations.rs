@@ -493,18 +493,79 @@ fn a_page_listing_a_missing_blob_is_not_inherited_blindly() {
     assert!(d.repaired_chunks >= 1 && d.bytes_read > cs, "{d:?}");
     assert_eq!(restored(&repo, dir.path(), &r.snapshot.to_hex()), data);
     // Every blob the new restore point references is there (the old one stays damaged).
-    let latest = repo.snapshots().unwrap().into_iter().find(|s| s.id == r.snapshot).unwrap();
     let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
     let reader = blockproof_repo::BlobReader::new(&repo, &index);
-    let e = &latest.snapshot.disks[0];
-    let mut tree = blockproof_repo::TreeReader::new(&reader, e.index_root, 3500, e.index_fanout).unwrap();
-    for c in 0..3500 {
-        let id = tree.chunk(c).unwrap();
+    for (c, id) in chunk_ids(&repo, &r.snapshot).into_iter().enumerate() {
         if !id.is_zero() {
             assert!(index.locations(&id).any(|(p, _)| p != pack), "chunk {c}: its only copy was in the removed pack");
             assert!(reader.read(&id, blockproof_format::BlobKind::Data).is_ok(), "chunk {c}");
         }
     }
+}
+
+/// A backup records the basis of its data tree (the index files every blob it references
+/// was found in or written to); the next backup takes the tree's inherited chunks without
+/// a lookup each only while that basis holds. Here the first backup's index file goes
+/// (its packs stay): the second backup's tree pages are still there, the chunks they
+/// inherit are no longer indexed, and the next backup reads them from the source again
+/// instead of referencing them.
+#[test]
+fn inherited_chunks_are_looked_up_once_their_index_file_is_gone() {
+    use blockproof_store::Kind;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = small_chunk_repo(dir.path());
+    let cs = 4096u64;
+    let (mut data, zero) = paged_disk();
+    let index_files =
+        || repo.backend().list(Kind::Index).unwrap().into_iter().collect::<std::collections::BTreeSet<_>>();
+    let quiet = |data: &Vec<u8>, changes: Vec<(u64, u64)>| {
+        let mut o = opts(tracked(data.clone(), Some(changes), zero.clone()));
+        o.verify = blockproof_core::Budget { nothing: true, ..Default::default() };
+        o
+    };
+    backup(&repo, opts(tracked(data.clone(), None, zero.clone())), &NoProgress).unwrap();
+    let first = index_files();
+    // A chunk of every leaf holding data changes: the leaf pages are stored anew, the
+    // chunks they inherit stay where the first backup put them.
+    let changed = [5, 1500, 3200];
+    changed.iter().for_each(|&c| data[(c * cs) as usize] ^= 0xff);
+    let second = backup(&repo, quiet(&data, changed.iter().map(|&c| (c * cs, 1)).collect()), &NoProgress).unwrap();
+    assert_eq!(second.disks[0].bytes_read, 3 * cs);
+    // Its tree basis names its tree and both index files.
+    let tree_doc: Vec<String> =
+        repo.backend().list(Kind::State).unwrap().into_iter().filter(|n| n.ends_with("-tree")).collect();
+    assert_eq!(tree_doc.len(), 1);
+    let doc = repo.read_doc(Kind::State, blockproof_format::ObjectMagic::State, &tree_doc[0]).unwrap();
+    let (root, basis) = blockproof_format::basis::decode_tree_basis(&doc).unwrap();
+    assert_eq!(root, entry_root(&repo, &second.snapshot));
+    assert_eq!(basis.files.len(), index_files().len());
+    // While it holds, an unchanged run inherits everything: nothing read, nothing repaired.
+    let kept = backup(&repo, quiet(&data, vec![]), &NoProgress).unwrap();
+    assert_eq!((kept.disks[0].bytes_read, kept.disks[0].repaired_chunks), (0, 0));
+
+    for name in &first {
+        repo.backend().remove(Kind::Index, name).unwrap();
+    }
+    let r = backup(&repo, quiet(&data, vec![]), &NoProgress).unwrap();
+    let d = &r.disks[0];
+    assert_eq!(d.mode, blockproof_format::manifest::ReadMode::Incremental, "{:?}", d.full_reason);
+    assert!(d.repaired_chunks > 1000, "the inherited chunks are read again: {d:?}");
+    assert_eq!(restored(&repo, dir.path(), &r.snapshot.to_hex()), data);
+    let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
+    for (c, id) in chunk_ids(&repo, &r.snapshot).into_iter().enumerate() {
+        assert!(id.is_zero() || index.contains(&id), "chunk {c} references a blob no index file lists");
+    }
+}
+
+/// The chunk ids of the first disk of `snapshot`, in disk order.
+fn chunk_ids(repo: &Repository, snapshot: &blockproof_format::Id) -> Vec<blockproof_format::Id> {
+    let s = repo.snapshots().unwrap().into_iter().find(|s| s.id == *snapshot).unwrap();
+    let e = &s.snapshot.disks[0];
+    let index = blockproof_repo::BlobIndex::load(repo).unwrap();
+    let reader = blockproof_repo::BlobReader::new(repo, &index);
+    let chunks = e.size.div_ceil(4096);
+    let mut tree = blockproof_repo::TreeReader::new(&reader, e.index_root, chunks, e.index_fanout).unwrap();
+    (0..chunks).map(|c| tree.chunk(c).unwrap()).collect()
 }
 
 /// The confirmation page summaries are a cache: damaged or gone, the next backup reads
@@ -517,7 +578,8 @@ fn damaged_page_summaries_only_cost_reading_the_pages() {
     let (data, zero) = paged_disk();
     backup(&repo, opts(tracked(data.clone(), None, zero.clone())), &NoProgress).unwrap();
     let docs = || -> Vec<String> {
-        repo.backend().list(Kind::State).unwrap().into_iter().filter(|n| n.starts_with("confirm-")).collect()
+        let listed = repo.backend().list(Kind::State).unwrap().into_iter();
+        listed.filter(|n| n.starts_with("confirm-") && !n.ends_with("-tree")).collect()
     };
     assert_eq!(docs().len(), 1, "one summary document per disk");
     let none = || {
@@ -557,7 +619,7 @@ fn forgetting_a_disks_last_snapshot_removes_its_page_summaries() {
         d
     };
     let all = docs();
-    assert_eq!(all.len(), 2, "one per vm and disk");
+    assert_eq!(all.len(), 4, "two per vm and disk: its summaries and its tree basis");
     let forget_one = |id: blockproof_format::Id| {
         let o = ForgetOptions {
             snapshots: vec![id.to_hex()],
@@ -573,9 +635,9 @@ fn forgetting_a_disks_last_snapshot_removes_its_page_summaries() {
     assert_eq!(docs(), all, "a snapshot of the disk remains");
     forget_one(a2.snapshot);
     let left = docs();
-    assert_eq!(left.len(), 1, "{left:?}");
-    // The one left is the other vm's: its next backup still finds its summaries.
-    assert!(all.contains(&left[0]));
+    assert_eq!(left.len(), 2, "{left:?}");
+    // Those left are the other vm's: its next backup still finds them.
+    assert!(left.iter().all(|d| all.contains(d)));
     assert!(repo.snapshots().unwrap().iter().all(|s| s.snapshot.vm == "other"));
 }
 
@@ -680,9 +742,9 @@ fn a_large_disks_page_summaries_are_kept_per_group() {
     assert_eq!(full.disks[0].coverage.never_confirmed, size / 4096 - 3);
     let first = docs();
     let names: Vec<&String> = first.keys().collect();
-    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(names.len(), 4, "{names:?}");
     let list = names[0].clone();
-    assert_eq!((names[1], names[2]), (&format!("{list}-0"), &format!("{list}-1")));
+    assert_eq!(names[1..], [&format!("{list}-0"), &format!("{list}-1"), &format!("{list}-tree")]);
     // The chunk in group 1 changes.
     let changed = group + 2 * 16384 + 1;
     let r = backup(&repo, sparse(2, Some(vec![(changed * 4096, 4096)])), &NoProgress).unwrap();
@@ -719,7 +781,7 @@ fn a_large_disks_page_summaries_are_kept_per_group() {
     let again = backup(&repo, sparse(2, Some(vec![])), &NoProgress).unwrap();
     let (a, b) = (&again.disks[0].coverage, &kept.disks[0].coverage);
     assert_eq!((a.never_confirmed, a.oldest_confirmed_runs_ago), (b.never_confirmed, b.oldest_confirmed_runs_ago + 1));
-    assert_eq!(docs().len(), 3);
+    assert_eq!(docs().len(), 4);
     let c = check(&repo, &CheckOptions { read_data: Some(Default::default()) }, &NoProgress).unwrap();
     assert!(c.ok, "{:?}", c.errors);
     assert_eq!(
@@ -761,7 +823,7 @@ fn a_policy_forgetting_a_dropped_disks_last_snapshot_removes_only_its_summaries(
     both.disks.push(second);
     backup(&repo, both, &NoProgress).unwrap();
     let docs = || repo.backend().list(Kind::State).unwrap().into_iter().filter(|n| n.starts_with("confirm-")).count();
-    assert_eq!(docs(), 2);
+    assert_eq!(docs(), 4, "per disk its summaries and its tree basis");
     backup(&repo, opts(disk(data, None)), &NoProgress).unwrap();
     let o = ForgetOptions {
         snapshots: vec![],
@@ -772,5 +834,5 @@ fn a_policy_forgetting_a_dropped_disks_last_snapshot_removes_only_its_summaries(
     };
     let r = forget(&repo, &o).unwrap();
     assert_eq!((r.removed.len(), r.kept.len()), (1, 1));
-    assert_eq!(docs(), 1, "d2's summaries went with its last snapshot, d's stay");
+    assert_eq!(docs(), 2, "d2's documents went with its last snapshot, d's stay");
 }

@@ -22,6 +22,7 @@
 //! every leaf page it lists, and every page those list, so that the next backup may keep
 //! such a leaf page without looking up its 1 024 pages while those files all remain.
 
+use crate::basis::IndexBasis;
 use crate::{FormatError, Id, Reader};
 
 /// Entries per page: 16384 × 4 bytes = 64 KiB of plaintext.
@@ -59,22 +60,6 @@ pub const SUMMARY_VERSION: u16 = 1;
 pub const GROUPS_VERSION: u16 = 2;
 /// The version of a group list followed by its [`IndexBasis`].
 pub const GROUPS_BASIS_VERSION: u16 = 3;
-/// Index files a basis names one by one at most.
-pub const BASIS_FILES: usize = 1024;
-
-/// The index files a set of lookups rests on: the first `cached` files of the local
-/// blob-index cache (in the cache's order, which only ever appends while no file it
-/// covers is removed), known by a digest of their ids, and `files` by id (those the
-/// process read beside the cache, and those it wrote). Every blob found in those lookups
-/// is listed in one of these files.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct IndexBasis {
-    pub cached: u32,
-    /// BLAKE3 of the ids of the cache's first `cached` index files, in order.
-    pub digest: [u8; 32],
-    pub files: Vec<Id>,
-}
-
 /// Pages per group: the pages one leaf page of the confirmation tree lists.
 pub const GROUP_PAGES: u64 = crate::tree::DEFAULT_FANOUT as u64;
 
@@ -99,12 +84,7 @@ pub fn encode_summaries(pages: &[(Id, &PageRuns)]) -> Vec<u8> {
 pub fn encode_groups(groups: &[(Id, &PageRuns)], basis: Option<&IndexBasis>) -> Vec<u8> {
     let Some(basis) = basis else { return encode(GROUPS_VERSION, groups) };
     let mut out = encode(GROUPS_BASIS_VERSION, groups);
-    out.extend_from_slice(&basis.cached.to_le_bytes());
-    out.extend_from_slice(&basis.digest);
-    out.extend_from_slice(&(basis.files.len() as u32).to_le_bytes());
-    for f in &basis.files {
-        out.extend_from_slice(&f.0);
-    }
+    basis.encode_into(&mut out);
     out
 }
 
@@ -145,7 +125,7 @@ pub fn decode_summaries(buf: &[u8]) -> Result<Vec<(Id, PageRuns)>, FormatError> 
 
 /// Decodes any version: page summaries (1) or a group list (2 or 3, whose entries may
 /// count up to a group's entries, [`GROUP_PAGES`] pages; 3 with its basis, of at most
-/// [`BASIS_FILES`] files).
+/// [`crate::basis::BASIS_FILES`] files).
 pub fn decode_any(buf: &[u8]) -> Result<Summaries, FormatError> {
     let mut r = Reader::new(buf, "confirmation page summaries");
     if &r.array::<4>()? != SUMMARY_MAGIC {
@@ -175,16 +155,7 @@ pub fn decode_any(buf: &[u8]) -> Result<Summaries, FormatError> {
         }
         out.push((id, runs));
     }
-    let basis = if version == GROUPS_BASIS_VERSION {
-        let (cached, digest, n) = (r.u32()?, r.array()?, r.u32()? as usize);
-        if n > BASIS_FILES {
-            return Err(r.malformed(format!("a basis of {n} index files")));
-        }
-        let files = (0..n).map(|_| r.array().map(Id)).collect::<Result<_, _>>()?;
-        Some(IndexBasis { cached, digest, files })
-    } else {
-        None
-    };
+    let basis = if version == GROUPS_BASIS_VERSION { Some(IndexBasis::decode_from(&mut r)?) } else { None };
     r.finish()?;
     Ok(match version {
         SUMMARY_VERSION => Summaries::Pages(out),
@@ -274,7 +245,7 @@ mod tests {
         assert!(decode_any(&longer).is_err(), "bytes after the basis");
         let mut many = encode_groups(&[(Id([4; 32]), &a)], Some(&IndexBasis { files: vec![], ..basis }));
         let at = many.len() - 4;
-        many[at..].copy_from_slice(&(BASIS_FILES as u32 + 1).to_le_bytes());
+        many[at..].copy_from_slice(&(crate::basis::BASIS_FILES as u32 + 1).to_le_bytes());
         assert!(decode_any(&many).is_err(), "more files than a basis names");
     }
 }

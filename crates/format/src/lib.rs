@@ -29,6 +29,7 @@
 //! - The all-zero id [`Id::ZERO`] is never the name of a stored blob: in a fixed index it
 //!   means "this chunk (or this whole subtree) is zeros".
 
+pub mod basis;
 pub mod config;
 pub mod confirm;
 pub mod envelope;

@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 use std::str::FromStr;
 
-use blockproof_format::confirm::{IndexBasis, BASIS_FILES};
+use blockproof_format::basis::{IndexBasis, BASIS_FILES};
 use blockproof_format::Id;
 
 use super::BlobIndex;

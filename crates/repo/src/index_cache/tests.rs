@@ -480,7 +480,7 @@ fn a_basis_holds_while_its_files_remain() {
     assert!(next.holds(&basis));
     let beside = next.basis(&[]).unwrap();
     assert_eq!((beside.cached, beside.files.clone()), (40, vec![own_id]), "read beside the cache");
-    assert!(next.basis(&vec![own_id; blockproof_format::confirm::BASIS_FILES]).is_none(), "too many files");
+    assert!(next.basis(&vec![own_id; blockproof_format::basis::BASIS_FILES]).is_none(), "too many files");
 
     // Enough files for a rebuild, which appends them: both bases hold.
     write_files(&repo, &mut rng, &pool, &mut packs, crate::index::load::DELTA_FILES + 1);
