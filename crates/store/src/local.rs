@@ -158,30 +158,40 @@ impl LocalBackend {
                 .map(|e| e.path())
                 .collect();
         }
-        if dirs.len() < 16 {
-            let mut out = Vec::new();
-            for d in &dirs {
+        // A repository of many packs has its (up to 256) pack directories read on one
+        // thread per core, 16 directories at a time: a backup lists every pack with its
+        // size before it reuses any (`Availability`), which at 220 000 packs was half of
+        // a one-chunk incremental. A small one (the first directory holds fewer than 16
+        // packs) is read on this thread, where threads would cost more than they save.
+        let Some((first, rest)) = dirs.split_first() else { return Ok(Vec::new()) };
+        let mut out = list_dir(first, sizes)?;
+        if rest.len() < 16 || out.len() < 16 {
+            for d in rest {
                 out.extend(list_dir(d, sizes)?);
             }
             return Ok(out);
         }
-        // The (up to 256) pack directories are read on one thread per core: a backup
-        // lists every pack with its size before it reuses any (`Availability`), which at
-        // 220 000 packs was half of a one-chunk incremental.
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(dirs.len());
-        let mut out = Vec::new();
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let listed = blockproof_work::fan_out(
             &blockproof_work::Cancel::new(),
             blockproof_work::FanOut { workers, queue: workers },
             |emit| {
-                for d in &dirs {
-                    if !emit.send(d) {
+                for batch in rest.chunks(16) {
+                    if !emit.send(batch) {
                         break;
                     }
                 }
                 Ok(())
             },
-            || |d: &PathBuf| list_dir(d, sizes).map_err(Failed::Store),
+            || {
+                |batch: &[PathBuf]| {
+                    let mut part = Vec::new();
+                    for d in batch {
+                        part.extend(list_dir(d, sizes).map_err(Failed::Store)?);
+                    }
+                    Ok(part)
+                }
+            },
             |part| {
                 out.extend(part);
                 Ok(())
@@ -363,31 +373,38 @@ mod tests {
         assert_eq!(reopened.read(Kind::Config, "x").unwrap(), b"cfg");
     }
 
-    /// Packs spread over more directories than the listing reads one by one: listed on
-    /// several threads, every pack once with its size; what is not a regular file left out.
+    /// Enough packs in every directory to be listed on several threads: every pack once
+    /// with its size; what is not a regular file left out. And one pack per directory:
+    /// listed on this thread, alike. (Written straight into place: only the listing is
+    /// under test.)
     #[test]
     fn packs_in_many_directories_are_listed_with_their_sizes() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("repo");
-        let b = LocalBackend::create(&root).unwrap();
-        let mut want: Vec<(String, u64)> = (1..41u8)
-            .map(|k| (format!("{:02x}", k.wrapping_mul(37)).repeat(32), k as u64))
-            .chain((0..3u8).map(|k| (format!("{:02x}{}", 0, format!("{k:02x}").repeat(31)), 100 + k as u64)))
-            .collect();
-        for (name, size) in &want {
-            b.write(Kind::Pack, name, &vec![7; *size as usize]).unwrap();
-        }
-        fs::create_dir(root.join("data/00/not-a-pack")).unwrap();
-        std::os::unix::fs::symlink(root.join("config"), root.join("data/25").join(format!("25{}", "ff".repeat(31))))
+        for per_dir in [16u16, 1] {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("repo");
+            let b = LocalBackend::create(&root).unwrap();
+            let mut want: Vec<(String, u64)> = (0..256u16)
+                .flat_map(|p| {
+                    (0..per_dir).map(move |j| (format!("{p:02x}{j:02x}{}", "ab".repeat(30)), (p + j) as u64 % 50))
+                })
+                .collect();
+            for (name, size) in &want {
+                fs::write(root.join("data").join(&name[..2]).join(name), vec![7; *size as usize]).unwrap();
+            }
+            fs::create_dir(root.join("data/25/not-a-pack")).unwrap();
+            std::os::unix::fs::symlink(
+                root.join("config"),
+                root.join("data/25").join(format!("25{}", "ff".repeat(31))),
+            )
             .unwrap();
-        let mut listed = b.list_sizes(Kind::Pack).unwrap();
-        listed.sort();
-        want.sort();
-        assert!(fs::read_dir(root.join("data")).unwrap().count() >= 16, "the parallel path");
-        assert_eq!(listed, want);
-        let mut names = b.list(Kind::Pack).unwrap();
-        names.sort();
-        assert_eq!(names, want.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
+            let mut listed = b.list_sizes(Kind::Pack).unwrap();
+            listed.sort();
+            want.sort();
+            assert_eq!(listed, want, "{per_dir} per directory");
+            let mut names = b.list(Kind::Pack).unwrap();
+            names.sort();
+            assert_eq!(names, want.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
+        }
     }
 
     #[test]
