@@ -311,9 +311,9 @@ struct DiskOutcome {
     summaries: SummaryDocs,
 }
 
-/// After a commit: keeps each disk's page summaries for the next backup (a cache; a
-/// failure is a warning), with the basis of this run's lookups: the index files it
-/// loaded and `written`, the ones it wrote.
+/// After a commit: keeps each disk's page summaries and tree basis for the next backup
+/// (a cache; a failure is a warning), with the basis of this run's lookups: the index
+/// files it loaded and `written`, the ones it wrote.
 fn keep_summaries(
     repo: &Repository,
     index: &BlobIndex,
