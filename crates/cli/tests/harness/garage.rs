@@ -250,14 +250,20 @@ impl Garage {
         );
     }
 
-    /// Bytes of object data the nodes store.
+    /// Bytes of object data the nodes store. Garage writes a block to a temporary file and
+    /// renames it while this walks, so an entry that vanished between the listing and its
+    /// stat counts as nothing (the renamed block is counted on the next poll).
     pub fn data_bytes(&self) -> u64 {
         fn walk(p: &Path) -> u64 {
             std::fs::read_dir(p)
                 .into_iter()
                 .flatten()
                 .flatten()
-                .map(|e| if e.file_type().unwrap().is_dir() { walk(&e.path()) } else { e.metadata().unwrap().len() })
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
                 .sum()
         }
         self.nodes.iter().map(|n| walk(&n.dir.path().join("data"))).sum()
