@@ -27,7 +27,7 @@ use crate::availability::Availability;
 use crate::confirm::{ConfirmState, SummaryDocs};
 use crate::events::{Cause, Event, EventDisk};
 use crate::integrity::Lineage;
-use crate::pipeline::{store_disk, with_pack_writer, BlobSink, Dedup, DiskCounters, Stored};
+use crate::pipeline::{store_disk, with_pack_writer, BlobSink, Dedup, DiskCounters, ReusableParent, Stored};
 use crate::plan::{Action, ChunkPlan};
 use crate::verification::{DiskCheck, Escalation};
 use crate::{Budget, CoreError, Progress};
@@ -356,10 +356,11 @@ impl Ctx<'_, '_> {
         };
         // Every blob the parent's tree references was found or written by the backup
         // that committed it, in index files this run's index still holds: its inherited
-        // chunks and pages are taken without a lookup each.
-        let parent_reusable = parent_entry
+        // chunks are taken without a lookup each, its unchanged pages without reading them.
+        let reusable = parent_entry
             .as_ref()
-            .is_some_and(|e| crate::page_summaries::tree_reusable(self.repo, &self.vm, e, |b| self.dedup.holds(b)));
+            .filter(|e| crate::page_summaries::tree_reusable(self.repo, &self.vm, e, |b| self.dedup.holds(b)))
+            .map(|e| ReusableParent { zero_chunks: e.stats.zero_chunks });
         // Loaded page by page as needed; not copied: the selection reads only chunks this
         // run did not read, which hold what they held before it.
         let (mut state, warning) = match d.parent_entry() {
@@ -389,7 +390,7 @@ impl Ctx<'_, '_> {
                 d.source.as_mut(),
                 &d.plan,
                 parent_tree.as_mut(),
-                parent_reusable,
+                reusable,
                 blobs,
                 &counters,
                 self.progress,

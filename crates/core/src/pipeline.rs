@@ -243,6 +243,17 @@ impl DiskCounters {
     }
 }
 
+/// A parent tree every blob of which may be reused without a lookup (the disk's tree basis
+/// holds, [`crate::page_summaries::tree_reusable`]), with the count of zero chunks the
+/// backup that committed it recorded (its [`blockproof_format::DiskStats::zero_chunks`]).
+/// Its unchanged pages are then taken whole at any level without being read: the new
+/// tree's zero chunks under them are the parent's count less the parent's zero chunks
+/// everywhere else, which the backup sees anyway ([`Builder::unread_zeros`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReusableParent {
+    pub zero_chunks: u64,
+}
+
 pub(crate) struct DiskResult {
     pub root: Id,
     pub chunks: u64,
@@ -337,9 +348,12 @@ struct Builder<'a, 'r, 's, 'd> {
     chunk_size: u64,
     size: u64,
     parent: Option<&'a mut TreeReader<'r>>,
-    /// Whether every blob `parent` references may be reused without a lookup (the disk's
-    /// tree basis holds, [`crate::page_summaries::tree_reusable`]).
-    parent_reusable: bool,
+    /// Set when every blob `parent` references may be reused without a lookup.
+    reusable: Option<ReusableParent>,
+    /// The parent's zero chunks among the chunks not taken by an unread page.
+    parent_zeros_seen: u64,
+    /// The parent's pages taken whole without being read (their chunks).
+    unread_pages: Vec<Range<u64>>,
     tree: TreeWriter,
     sink: BlobSink<'s, 'd>,
     dedup: &'s Dedup<'d>,
@@ -388,8 +402,12 @@ impl Builder<'_, '_, '_, '_> {
 
     /// A read chunk, hashed.
     fn read(&mut self, i: u64, id: Id) -> Result<(), CoreError> {
-        if self.parent_chunk(i)? == Some(id) {
+        let before = self.parent_chunk(i)?;
+        if before == Some(id) {
             self.counters.overreported.fetch_add(1, Ordering::Relaxed);
+        }
+        if before.is_some_and(|b| b.is_zero()) {
+            self.parent_zeros_seen += 1;
         }
         self.push(id)?;
         // A read chunk took a read: reported at once (the rate shown is the source's).
@@ -425,12 +443,12 @@ impl Builder<'_, '_, '_, '_> {
 
     /// Takes the parent's page of `level` covering `chunks` (all zero or inherited) whole
     /// when that gives the same tree and the same counts as chunk by chunk: a page that
-    /// was all zeros in the parent (or any page of zero chunks in a full backup), or a
-    /// leaf page of inherited chunks. For the latter every chunk id it lists is looked up
-    /// as chunk by chunk ([`Dedup::contains`]): one without a copy that may be reused is
-    /// recorded as unavailable, so the page is never referenced while a blob it lists is
-    /// missing — unless every blob of the parent's tree is known reusable, when the page
-    /// is only read for its count of zero chunks. Returns false when the chunks must be
+    /// was all zeros in the parent (or any page of zero chunks in a full backup), a page
+    /// of any level of inherited chunks when every blob of the parent's tree is known
+    /// reusable (not read: [`ReusableParent`]), or else a leaf page of inherited chunks,
+    /// every chunk id of which is looked up as chunk by chunk ([`Dedup::contains`]): one
+    /// without a copy that may be reused is recorded as unavailable, so the page is never
+    /// referenced while a blob it lists is missing. Returns false when the chunks must be
     /// taken one by one.
     fn page(
         &mut self,
@@ -469,6 +487,10 @@ impl Builder<'_, '_, '_, '_> {
             let over: u64 = zero_runs.iter().map(|r| overlap(self.reported, r.clone())).sum();
             self.counters.overreported.fetch_add(over, Ordering::Relaxed);
             self.counters.zero_chunks.fetch_add(count, Ordering::Relaxed);
+            self.parent_zeros_seen += count;
+        } else if zero_runs.is_empty() && self.reusable.is_some() {
+            // Every blob under it may be reused, and its zero chunks are counted at the end.
+            self.unread_pages.push(chunks);
         } else if level == 0 && zero_runs.is_empty() {
             let leaf = match parent.leaf(chunks.start / span) {
                 Ok(ids) => ids,
@@ -478,7 +500,7 @@ impl Builder<'_, '_, '_, '_> {
             for (j, c) in leaf.iter().enumerate() {
                 if c.is_zero() {
                     zeros += 1;
-                } else if !self.parent_reusable && !self.dedup.contains(c) {
+                } else if !self.dedup.contains(c) {
                     if !self.dedup.indexed(c) {
                         self.counters.repaired.fetch_add(1, Ordering::Relaxed);
                     }
@@ -486,9 +508,10 @@ impl Builder<'_, '_, '_, '_> {
                 }
             }
             self.counters.zero_chunks.fetch_add(zeros, Ordering::Relaxed);
+            self.parent_zeros_seen += zeros;
             // The page itself was read whole just now; without a copy that may be reused
             // (say, in a pack gc is about to delete) it is stored again.
-            if !self.parent_reusable && !self.dedup.contains(&id) {
+            if !self.dedup.contains(&id) {
                 let again = self.sink.page(leaf)?;
                 debug_assert_eq!(again, id);
             }
@@ -500,12 +523,37 @@ impl Builder<'_, '_, '_, '_> {
         Ok(true)
     }
 
+    /// The zero chunks under the pages taken without being read: the parent's recorded
+    /// count less its zero chunks everywhere else. Should that count not fit the tree (more
+    /// zero chunks seen than recorded, or more left than the pages hold), they are counted
+    /// by reading the pages' leaves.
+    fn unread_zeros(&mut self) -> Result<u64, CoreError> {
+        let Some(reusable) = self.reusable else { return Ok(0) };
+        let under: u64 = self.unread_pages.iter().map(|r| r.end - r.start).sum();
+        match reusable.zero_chunks.checked_sub(self.parent_zeros_seen) {
+            Some(z) if z <= under => return Ok(z),
+            _ => {}
+        }
+        let f = u64::from(DEFAULT_FANOUT);
+        let leaves: Vec<u64> = self.unread_pages.iter().flat_map(|r| r.start / f..r.end.div_ceil(f)).collect();
+        let mut zeros = 0;
+        for leaf in leaves {
+            let Some(parent) = self.parent.as_deref_mut() else { return Ok(0) };
+            match parent.leaf(leaf) {
+                Ok(ids) => zeros += ids.iter().filter(|c| c.is_zero()).count() as u64,
+                Err(e) => return Err(self.parent_error(e)),
+            }
+        }
+        Ok(zeros)
+    }
+
     /// One zero or inherited chunk.
     fn chunk(&mut self, i: u64, action: Action) -> Result<(), CoreError> {
         let id = match action {
             Action::Zero => {
                 // What the parent held here tells over-reporting from a missed write.
                 if let Some(before) = self.parent_chunk(i)? {
+                    self.parent_zeros_seen += u64::from(before.is_zero());
                     let was_reported = in_runs(self.reported, i);
                     if was_reported && before.is_zero() {
                         self.counters.overreported.fetch_add(1, Ordering::Relaxed);
@@ -523,7 +571,8 @@ impl Builder<'_, '_, '_, '_> {
                 let id = self
                     .parent_chunk(i)?
                     .ok_or_else(|| CoreError::Internal("an incremental plan without a parent".into()))?;
-                if !id.is_zero() && !self.parent_reusable && !self.dedup.contains(&id) {
+                self.parent_zeros_seen += u64::from(id.is_zero());
+                if !id.is_zero() && self.reusable.is_none() && !self.dedup.contains(&id) {
                     if !self.dedup.indexed(&id) {
                         self.counters.repaired.fetch_add(1, Ordering::Relaxed);
                     }
@@ -563,7 +612,7 @@ pub(crate) fn store_disk(
     source: &mut dyn BlockSource,
     plan: &ChunkPlan,
     parent: Option<&mut TreeReader<'_>>,
-    parent_reusable: bool,
+    reusable: Option<ReusableParent>,
     blobs: &Sender<SealedBlob>,
     counters: &DiskCounters,
     progress: &dyn Progress,
@@ -578,8 +627,10 @@ pub(crate) fn store_disk(
         n,
         chunk_size,
         size,
+        reusable: reusable.filter(|_| parent.is_some()),
         parent,
-        parent_reusable,
+        parent_zeros_seen: 0,
+        unread_pages: Vec::new(),
         tree: TreeWriter::new(n, DEFAULT_FANOUT),
         sink: BlobSink::new(repo, dedup, blobs),
         dedup,
@@ -646,6 +697,9 @@ pub(crate) fn store_disk(
         })
     };
     b.done(0, true);
+    let outcome = outcome.and_then(|()| b.unread_zeros()).map(|z| {
+        counters.zero_chunks.fetch_add(z, Ordering::Relaxed);
+    });
     if let Some(why) = b.parent_failed {
         return Ok(Stored::ParentUnreadable(why));
     }

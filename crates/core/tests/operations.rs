@@ -557,6 +557,76 @@ fn inherited_chunks_are_looked_up_once_their_index_file_is_gone() {
     }
 }
 
+/// While the parent's tree basis holds, an unchanged page of the parent's tree is taken
+/// whole without being read, and the zero chunks under it are still counted (from the
+/// parent's recorded count). Without the basis the same run reads those pages.
+#[test]
+fn unchanged_pages_are_not_read_while_the_tree_basis_holds() {
+    use blockproof_store::{FaultyBackend, Kind, Op};
+    let dir = tempfile::tempdir().unwrap();
+    let cs = 4096u64;
+    let (mut data, zero) = paged_disk();
+    let quiet = |data: &Vec<u8>, changes: Vec<(u64, u64)>| {
+        let mut o = opts(tracked(data.clone(), Some(changes), zero.clone()));
+        o.verify = blockproof_core::Budget { nothing: true, ..Default::default() };
+        o
+    };
+    let parent = {
+        let repo = small_chunk_repo(dir.path());
+        backup(&repo, opts(tracked(data.clone(), None, zero.clone())), &NoProgress).unwrap();
+        data[(1500 * cs) as usize] ^= 0xff;
+        backup(&repo, quiet(&data, vec![(1500 * cs, 1)]), &NoProgress).unwrap().snapshot
+    };
+    let faulty = FaultyBackend::new(Box::new(LocalBackend::open(dir.path().join("repo")).unwrap()));
+    let faults = faulty.faults();
+    let repo = Repository::open(Box::new(faulty), b"pw").unwrap();
+    // Where the parent's leaf pages are (leaves 0, 1 and 3 hold data).
+    let leaf_blobs: Vec<(String, std::ops::Range<u64>)> = {
+        let s = repo.snapshots().unwrap().into_iter().find(|s| s.id == parent).unwrap();
+        let e = &s.snapshot.disks[0];
+        let index = blockproof_repo::BlobIndex::load(&repo).unwrap();
+        let reader = blockproof_repo::BlobReader::new(&repo, &index);
+        let mut tree = blockproof_repo::TreeReader::new(&reader, e.index_root, 3500, e.index_fanout).unwrap();
+        let leaves: Vec<_> = (0..4).map(|l| tree.leaf_id(l).unwrap()).filter(|id| !id.is_zero()).collect();
+        assert_eq!(leaves.len(), 3);
+        let at = |id| index.get(id).map(|(p, b)| (p.to_hex(), b.offset..b.offset + u64::from(b.length))).unwrap();
+        leaves.iter().map(at).collect()
+    };
+    // Reads of those pages since call `from` of the log.
+    let leaf_reads = |from: usize| {
+        let log = faults.log();
+        let reads = log[from..].iter().filter(|c| c.op == Op::ReadAt && c.kind == Kind::Pack);
+        let overlaps = |c: &&blockproof_store::Call| {
+            let r = c.range.clone().unwrap();
+            leaf_blobs.iter().any(|(p, b)| *p == c.name && r.start < b.end && b.start < r.end)
+        };
+        reads.filter(overlaps).count()
+    };
+
+    let from = faults.log().len();
+    let r = backup(&repo, quiet(&data, vec![]), &NoProgress).unwrap();
+    let d = &r.disks[0];
+    assert_eq!(d.mode, blockproof_format::manifest::ReadMode::Incremental, "{:?}", d.full_reason);
+    assert_eq!((d.bytes_read, d.zero_chunks, d.repaired_chunks), (0, 1024 + 10, 0));
+    assert_eq!(leaf_reads(from), 0, "no leaf page of the parent was read");
+    assert_eq!(entry_root(&repo, &r.snapshot), entry_root(&repo, &parent));
+
+    // A chunk of leaf 3 changes: leaves 0 and 1 (its zero chunks) are still not read.
+    data[(3200 * cs) as usize] ^= 0xff;
+    let r = backup(&repo, quiet(&data, vec![(3200 * cs, 1)]), &NoProgress).unwrap();
+    assert_eq!((r.disks[0].bytes_read, r.disks[0].zero_chunks), (cs, 1024 + 10));
+    assert_eq!(restored(&repo, dir.path(), &r.snapshot.to_hex()), data);
+
+    // Without the basis, the unchanged pages are read (each chunk id looked up).
+    for name in repo.backend().list(Kind::State).unwrap().into_iter().filter(|n| n.ends_with("-tree")) {
+        repo.backend().remove(Kind::State, &name).unwrap();
+    }
+    let from = faults.log().len();
+    let r = backup(&repo, quiet(&data, vec![]), &NoProgress).unwrap();
+    assert_eq!((r.disks[0].bytes_read, r.disks[0].zero_chunks), (0, 1024 + 10));
+    assert!(leaf_reads(from) > 0, "the leaf pages are read without the basis");
+}
+
 /// The chunk ids of the first disk of `snapshot`, in disk order.
 fn chunk_ids(repo: &Repository, snapshot: &blockproof_format::Id) -> Vec<blockproof_format::Id> {
     let s = repo.snapshots().unwrap().into_iter().find(|s| s.id == *snapshot).unwrap();

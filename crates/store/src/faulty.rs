@@ -111,6 +111,8 @@ pub struct Call {
     pub name: String,
     /// Whether a fault or the crash hit it (delays excepted).
     pub hit: bool,
+    /// The bytes a `read_at` asked for (`None` for other calls).
+    pub range: Option<std::ops::Range<u64>>,
 }
 
 #[derive(Default)]
@@ -190,7 +192,7 @@ impl Faults {
         self.state().log.iter().filter(|c| c.hit).count()
     }
 
-    fn plan(&self, op: Op, kind: Kind, name: &str) -> Plan {
+    fn plan(&self, op: Op, kind: Kind, name: &str, range: Option<std::ops::Range<u64>>) -> Plan {
         let mut s = self.state();
         s.calls += 1;
         let number = s.calls;
@@ -218,7 +220,7 @@ impl Faults {
             }
         }
         let hit = crashed || fault.is_some();
-        s.log.push(Call { number, op, kind, name: name.to_string(), hit });
+        s.log.push(Call { number, op, kind, name: name.to_string(), hit, range });
         Plan { number, delay, fault, crashed }
     }
 }
@@ -273,7 +275,18 @@ impl FaultyBackend {
 
     /// Decides what the call does: fails at once (crash, [`Fault::Error`]) or waits.
     fn start(&self, op: Op, kind: Kind, name: &str) -> Result<Plan, StoreError> {
-        let plan = self.faults.plan(op, kind, name);
+        self.start_range(op, kind, name, None)
+    }
+
+    /// [`FaultyBackend::start`] of a call reading `range` of the file (logged with it).
+    fn start_range(
+        &self,
+        op: Op,
+        kind: Kind,
+        name: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<Plan, StoreError> {
+        let plan = self.faults.plan(op, kind, name, range);
         if plan.crashed || plan.fault == Some(Fault::Error) {
             return Err(self.injected(&plan, op, kind, name, false));
         }
@@ -351,7 +364,7 @@ impl Backend for FaultyBackend {
     }
 
     fn read_at(&self, kind: Kind, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        let plan = self.start(Op::ReadAt, kind, name)?;
+        let plan = self.start_range(Op::ReadAt, kind, name, Some(offset..offset + buf.len() as u64))?;
         self.inner.read_at(kind, name, offset, buf)?;
         self.finish(&plan, Op::ReadAt, kind, name)?;
         if let Some(f) = &plan.fault {
