@@ -627,6 +627,40 @@ fn unchanged_pages_are_not_read_while_the_tree_basis_holds() {
     assert!(leaf_reads(from) > 0, "the leaf pages are read without the basis");
 }
 
+/// The count of zero chunks under unread pages comes from the parent's recorded count;
+/// a recorded count that cannot be right (fewer zero chunks than the run saw elsewhere,
+/// or more than the unread pages hold) is not trusted: the pages are read to count.
+#[test]
+fn a_zero_count_that_does_not_fit_the_tree_is_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = small_chunk_repo(dir.path());
+    let cs = 4096u64;
+    let (mut data, zero) = paged_disk();
+    let quiet = |data: &Vec<u8>, changes: Vec<(u64, u64)>| {
+        let mut o = opts(tracked(data.clone(), Some(changes), zero.clone()));
+        o.verify = blockproof_core::Budget { nothing: true, ..Default::default() };
+        o
+    };
+    backup(&repo, opts(tracked(data.clone(), None, zero.clone())), &NoProgress).unwrap();
+    data[(1500 * cs) as usize] ^= 0xff;
+    backup(&repo, quiet(&data, vec![(1500 * cs, 1)]), &NoProgress).unwrap();
+    for wrong in [0, 1 << 40] {
+        // The latest restore point again, a microsecond later, with another count.
+        let mut forged = repo.snapshots().unwrap().pop().unwrap().snapshot;
+        let (head, fraction) = forged.time.trim_end_matches('Z').split_once('.').unwrap();
+        let micros: u64 = fraction.parse().unwrap();
+        assert!(micros < 999_999, "{}", forged.time);
+        forged.time = format!("{head}.{:06}Z", micros + 1);
+        forged.disks[0].stats.zero_chunks = wrong;
+        let id = repo.save_snapshot(&forged).unwrap();
+        assert_eq!(repo.snapshots().unwrap().pop().unwrap().id, id);
+        let r = backup(&repo, quiet(&data, vec![]), &NoProgress).unwrap();
+        let d = &r.disks[0];
+        assert_eq!(d.mode, blockproof_format::manifest::ReadMode::Incremental, "{:?}", d.full_reason);
+        assert_eq!((d.bytes_read, d.zero_chunks), (0, 1024 + 10), "recorded {wrong}");
+    }
+}
+
 /// The chunk ids of the first disk of `snapshot`, in disk order.
 fn chunk_ids(repo: &Repository, snapshot: &blockproof_format::Id) -> Vec<blockproof_format::Id> {
     let s = repo.snapshots().unwrap().into_iter().find(|s| s.id == *snapshot).unwrap();
