@@ -10,7 +10,8 @@
 //! Beside them, `state/confirm-<hex>-tree` holds the disk's tree basis: the root of the
 //! data tree the writer committed and the basis on which every blob of that tree was
 //! found or written (FORMAT §19a), so that the next backup inherits from that tree
-//! without a lookup per chunk while the basis holds. It goes with the list.
+//! without a lookup per chunk, and its unchanged pages without reading them, while the
+//! basis holds. It goes with the list.
 
 use std::collections::{HashMap, HashSet};
 

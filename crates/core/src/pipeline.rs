@@ -534,17 +534,14 @@ impl Builder<'_, '_, '_, '_> {
             Some(z) if z <= under => return Ok(z),
             _ => {}
         }
+        let Some(parent) = self.parent.as_deref_mut() else {
+            return Err(CoreError::Internal("pages taken unread without a parent".into()));
+        };
         let f = u64::from(DEFAULT_FANOUT);
-        let leaves: Vec<u64> = self.unread_pages.iter().flat_map(|r| r.start / f..r.end.div_ceil(f)).collect();
-        let mut zeros = 0;
-        for leaf in leaves {
-            let Some(parent) = self.parent.as_deref_mut() else { return Ok(0) };
-            match parent.leaf(leaf) {
-                Ok(ids) => zeros += ids.iter().filter(|c| c.is_zero()).count() as u64,
-                Err(e) => return Err(self.parent_error(e)),
-            }
-        }
-        Ok(zeros)
+        let leaves = self.unread_pages.iter().flat_map(|r| r.start / f..r.end.div_ceil(f));
+        let counted: Result<u64, _> =
+            leaves.map(|leaf| parent.leaf(leaf).map(|ids| ids.iter().filter(|c| c.is_zero()).count() as u64)).sum();
+        counted.map_err(|e| self.parent_error(e))
     }
 
     /// One zero or inherited chunk.

@@ -433,6 +433,14 @@ fn paged_disk() -> (Vec<u8>, Vec<(u64, u64)>) {
     (data, vec![(2048 * 4096, 1024 * 4096)])
 }
 
+/// Options of an incremental of `data` whose change tracking reports `changes` (the
+/// allocation map: `zero`), without verification.
+fn quiet(data: &[u8], changes: Vec<(u64, u64)>, zero: &[(u64, u64)]) -> BackupOptions {
+    let mut o = opts(tracked(data.to_vec(), Some(changes), zero.to_vec()));
+    o.verify = blockproof_core::Budget { nothing: true, ..Default::default() };
+    o
+}
+
 fn entry_root(repo: &Repository, snapshot: &blockproof_format::Id) -> blockproof_format::Id {
     let s = repo.snapshots().unwrap().into_iter().find(|s| s.id == *snapshot).unwrap();
     s.snapshot.disks[0].index_root
@@ -518,11 +526,7 @@ fn inherited_chunks_are_looked_up_once_their_index_file_is_gone() {
     let (mut data, zero) = paged_disk();
     let index_files =
         || repo.backend().list(Kind::Index).unwrap().into_iter().collect::<std::collections::BTreeSet<_>>();
-    let quiet = |data: &Vec<u8>, changes: Vec<(u64, u64)>| {
-        let mut o = opts(tracked(data.clone(), Some(changes), zero.clone()));
-        o.verify = blockproof_core::Budget { nothing: true, ..Default::default() };
-        o
-    };
+    let quiet = |data: &Vec<u8>, changes: Vec<(u64, u64)>| quiet(data, changes, &zero);
     backup(&repo, opts(tracked(data.clone(), None, zero.clone())), &NoProgress).unwrap();
     let first = index_files();
     // A chunk of every leaf holding data changes: the leaf pages are stored anew, the
@@ -566,11 +570,7 @@ fn unchanged_pages_are_not_read_while_the_tree_basis_holds() {
     let dir = tempfile::tempdir().unwrap();
     let cs = 4096u64;
     let (mut data, zero) = paged_disk();
-    let quiet = |data: &Vec<u8>, changes: Vec<(u64, u64)>| {
-        let mut o = opts(tracked(data.clone(), Some(changes), zero.clone()));
-        o.verify = blockproof_core::Budget { nothing: true, ..Default::default() };
-        o
-    };
+    let quiet = |data: &Vec<u8>, changes: Vec<(u64, u64)>| quiet(data, changes, &zero);
     let parent = {
         let repo = small_chunk_repo(dir.path());
         backup(&repo, opts(tracked(data.clone(), None, zero.clone())), &NoProgress).unwrap();
@@ -636,11 +636,7 @@ fn a_zero_count_that_does_not_fit_the_tree_is_not_trusted() {
     let repo = small_chunk_repo(dir.path());
     let cs = 4096u64;
     let (mut data, zero) = paged_disk();
-    let quiet = |data: &Vec<u8>, changes: Vec<(u64, u64)>| {
-        let mut o = opts(tracked(data.clone(), Some(changes), zero.clone()));
-        o.verify = blockproof_core::Budget { nothing: true, ..Default::default() };
-        o
-    };
+    let quiet = |data: &Vec<u8>, changes: Vec<(u64, u64)>| quiet(data, changes, &zero);
     backup(&repo, opts(tracked(data.clone(), None, zero.clone())), &NoProgress).unwrap();
     data[(1500 * cs) as usize] ^= 0xff;
     backup(&repo, quiet(&data, vec![(1500 * cs, 1)]), &NoProgress).unwrap();

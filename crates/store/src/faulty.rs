@@ -273,19 +273,9 @@ impl FaultyBackend {
         }
     }
 
-    /// Decides what the call does: fails at once (crash, [`Fault::Error`]) or waits.
-    fn start(&self, op: Op, kind: Kind, name: &str) -> Result<Plan, StoreError> {
-        self.start_range(op, kind, name, None)
-    }
-
-    /// [`FaultyBackend::start`] of a call reading `range` of the file (logged with it).
-    fn start_range(
-        &self,
-        op: Op,
-        kind: Kind,
-        name: &str,
-        range: Option<std::ops::Range<u64>>,
-    ) -> Result<Plan, StoreError> {
+    /// Decides what the call does: fails at once (crash, [`Fault::Error`]) or waits. `range`:
+    /// the bytes a `read_at` reads (logged with the call).
+    fn start(&self, op: Op, kind: Kind, name: &str, range: Option<std::ops::Range<u64>>) -> Result<Plan, StoreError> {
         let plan = self.faults.plan(op, kind, name, range);
         if plan.crashed || plan.fault == Some(Fault::Error) {
             return Err(self.injected(&plan, op, kind, name, false));
@@ -322,7 +312,7 @@ impl FaultyBackend {
         name: &str,
         call: impl FnOnce(&dyn Backend) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let plan = self.start(op, kind, name)?;
+        let plan = self.start(op, kind, name, None)?;
         let out = call(self.inner.as_ref())?;
         self.finish(&plan, op, kind, name)?;
         Ok(out)
@@ -353,7 +343,7 @@ impl Backend for FaultyBackend {
     }
 
     fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>, StoreError> {
-        let plan = self.start(Op::Read, kind, name)?;
+        let plan = self.start(Op::Read, kind, name, None)?;
         let mut data = self.inner.read(kind, name)?;
         self.finish(&plan, Op::Read, kind, name)?;
         if let Some(f) = &plan.fault {
@@ -364,7 +354,7 @@ impl Backend for FaultyBackend {
     }
 
     fn read_at(&self, kind: Kind, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        let plan = self.start_range(Op::ReadAt, kind, name, Some(offset..offset + buf.len() as u64))?;
+        let plan = self.start(Op::ReadAt, kind, name, Some(offset..offset + buf.len() as u64))?;
         self.inner.read_at(kind, name, offset, buf)?;
         self.finish(&plan, Op::ReadAt, kind, name)?;
         if let Some(f) = &plan.fault {
